@@ -1,0 +1,230 @@
+//! The command line: one `switchyard` binary with a subcommand per job.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::Config;
+use crate::control::{ops, watcher};
+use crate::error::{Error, Result};
+use crate::routing::{DeploymentSpec, Side, Strategy};
+use crate::service::{self, Roles};
+use crate::shutdown::{self, ShutdownTrigger};
+use crate::tools::{demo_model::DemoModel, loadgen::Loadgen, watch::Watch};
+
+#[derive(Debug, Parser)]
+#[command(name = "switchyard", version, about = "Shadow, canary and blue/green rollouts of ML models on Kafka")]
+pub struct Cli {
+    /// Kafka bootstrap servers (overrides the config file and SWITCHYARD_BOOTSTRAP_SERVERS).
+    #[arg(long, global = true)]
+    pub bootstrap_servers: Option<String>,
+    /// A TOML file layered over the built-in defaults (config/switchyard.toml).
+    #[arg(long, global = true, env = "SWITCHYARD_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the service: route and merge (or one of them).
+    Run {
+        #[arg(long, value_enum, default_value_t = Roles::All)]
+        only: Roles,
+        /// Address for /metrics, /healthz and /readyz.
+        #[arg(long)]
+        metrics_address: Option<String>,
+    },
+    /// Write a validated deployment record with the next version.
+    Deploy(DeployArgs),
+    /// Show deployments in force, their split, and rejected records.
+    Status { deployment: Option<String> },
+    /// Make the candidate serve (blue/green: switch; otherwise: candidate becomes control).
+    Promote { deployment: String },
+    /// Send traffic back to control.
+    Rollback { deployment: String },
+    /// Delete a deployment (tombstone).
+    Delete { deployment: String },
+    /// Create the service's topics.
+    CreateTopics,
+    /// A stand-in model worker.
+    DemoModel {
+        #[arg(long)]
+        model: String,
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+        /// Share of requests answered with an error, 0..1.
+        #[arg(long, default_value_t = 0.0)]
+        error_rate: f64,
+        /// Percentage of payloads on which this model's answer departs from the common one.
+        #[arg(long, default_value_t = 10.0)]
+        disagree_percent: f64,
+    },
+    /// Produce Avro requests.
+    Loadgen {
+        #[arg(long)]
+        deployment: String,
+        /// Requests per second.
+        #[arg(long, default_value_t = 100)]
+        rate: u64,
+        #[arg(long, default_value_t = 1000)]
+        count: u64,
+        /// Number of distinct users.
+        #[arg(long, default_value_t = 100)]
+        users: u64,
+        /// Prefix of the request ids (random if omitted).
+        #[arg(long, default_value = "")]
+        run_id: String,
+    },
+    /// Live view of decisions: split by model, cohort and status, and a sample.
+    Watch {
+        #[arg(long)]
+        deployment: Option<String>,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Print every Nth decision.
+        #[arg(long, default_value_t = 0)]
+        sample: u64,
+        #[arg(long)]
+        from_beginning: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    pub deployment: String,
+    #[arg(long, value_parser = parse_strategy)]
+    pub strategy: Strategy,
+    #[arg(long)]
+    pub control: String,
+    #[arg(long)]
+    pub candidate: Option<String>,
+    #[arg(long, default_value_t = 0.0)]
+    pub canary_percent: f64,
+    #[arg(long, default_value_t = 100.0)]
+    pub shadow_percent: f64,
+    #[arg(long, value_parser = parse_side, default_value = "control")]
+    pub active: Side,
+    /// A model that gets shadow copies (repeat for several).
+    #[arg(long)]
+    pub mirror: Vec<String>,
+    #[arg(long)]
+    pub salt: Option<String>,
+    #[arg(long, default_value_t = crate::routing::deployment::DEFAULT_TIMEOUT_MS)]
+    pub timeout_ms: u64,
+    /// USER=control|candidate (repeat for several).
+    #[arg(long = "override", value_parser = parse_override)]
+    pub overrides: Vec<(String, Side)>,
+}
+
+fn parse_json_enum<T: serde::de::DeserializeOwned>(s: &str) -> std::result::Result<T, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|e| e.to_string())
+}
+
+fn parse_strategy(s: &str) -> std::result::Result<Strategy, String> {
+    parse_json_enum(s)
+}
+
+fn parse_side(s: &str) -> std::result::Result<Side, String> {
+    parse_json_enum(s)
+}
+
+fn parse_override(s: &str) -> std::result::Result<(String, Side), String> {
+    let (user, side) = s.split_once('=').ok_or("expected USER=control|candidate")?;
+    Ok((user.to_string(), parse_side(side)?))
+}
+
+impl DeployArgs {
+    fn spec(self) -> DeploymentSpec {
+        DeploymentSpec {
+            version: 0,
+            strategy: self.strategy,
+            control: self.control,
+            candidate: self.candidate,
+            canary_percent: self.canary_percent,
+            shadow_percent: self.shadow_percent,
+            active: self.active,
+            mirror: self.mirror,
+            salt: self.salt,
+            timeout_ms: self.timeout_ms,
+            overrides: self.overrides.into_iter().collect(),
+        }
+    }
+}
+
+fn load_config(cli: &Cli) -> Result<Config> {
+    let mut config = Config::from_env(cli.config.as_deref())?;
+    if let Some(servers) = &cli.bootstrap_servers {
+        config.kafka.bootstrap_servers = servers.clone();
+    }
+    Ok(config)
+}
+
+/// Runs one command to completion.
+pub async fn run(cli: Cli) -> Result<()> {
+    let mut config = load_config(&cli)?;
+    let codec = config.codec.codec()?;
+    let (trigger, shutdown) = ShutdownTrigger::new();
+    match cli.command {
+        Command::Run { only, metrics_address } => {
+            if let Some(address) = metrics_address {
+                config.service.metrics_address = address;
+            }
+            shutdown::on_signals(trigger.clone());
+            service::run(config, only, trigger, shutdown).await
+        }
+        Command::Deploy(args) => {
+            let name = args.deployment.clone();
+            let d = ops::deploy(&config, &name, args.spec()).await?;
+            println!("{} version {} written: {}", d.name, d.version(), ops::describe_split(&d));
+            Ok(())
+        }
+        Command::Status { deployment } => {
+            let registry = watcher::snapshot(&config).await?;
+            print!("{}", ops::render_status(&registry, deployment.as_deref())?);
+            Ok(())
+        }
+        Command::Promote { deployment } => {
+            let d = ops::promote(&config, &deployment).await?;
+            println!("{} version {} written: {}", d.name, d.version(), ops::describe_split(&d));
+            Ok(())
+        }
+        Command::Rollback { deployment } => {
+            let d = ops::rollback(&config, &deployment).await?;
+            println!("{} version {} written: {}", d.name, d.version(), ops::describe_split(&d));
+            Ok(())
+        }
+        Command::Delete { deployment } => {
+            ops::delete(&config, &deployment).await?;
+            println!("{deployment} deleted");
+            Ok(())
+        }
+        Command::CreateTopics => service::ensure_core_topics(&config).await,
+        Command::DemoModel { model, latency_ms, error_rate, disagree_percent } => {
+            if !crate::routing::deployment::is_valid_name(&model) {
+                return Err(Error::Usage(format!("model name {model:?} must be 1-200 characters of [A-Za-z0-9._-]")));
+            }
+            if !(0.0..=1.0).contains(&error_rate) || !(0.0..=100.0).contains(&disagree_percent) {
+                return Err(Error::Usage("--error-rate takes 0..1 and --disagree-percent 0..100".into()));
+            }
+            shutdown::on_signals(trigger);
+            let worker = DemoModel { model, latency: Duration::from_millis(latency_ms), error_rate, disagree_percent };
+            worker.run(config, codec, shutdown).await
+        }
+        Command::Loadgen { deployment, rate, count, users, run_id } => {
+            if rate == 0 || users == 0 {
+                return Err(Error::Usage("--rate and --users must be at least 1".into()));
+            }
+            shutdown::on_signals(trigger);
+            let report = Loadgen { deployment, rate, count, users, run_id }.run(config, codec, shutdown).await?;
+            println!("sent {} requests in {:.2}s ({:.0}/s)", report.sent, report.elapsed.as_secs_f64(), report.sent as f64 / report.elapsed.as_secs_f64().max(1e-9));
+            Ok(())
+        }
+        Command::Watch { deployment, seconds, sample, from_beginning } => {
+            shutdown::on_signals(trigger);
+            Watch { deployment, duration: Duration::from_secs(seconds), sample, from_beginning }.run(config, codec, shutdown).await?;
+            Ok(())
+        }
+    }
+}

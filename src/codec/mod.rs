@@ -1,0 +1,285 @@
+//! The one codec: Avro binary for every record, plain or with Confluent Schema Registry framing.
+//!
+//! The schemas are the files in schemas/, compiled into the binary. Decoding checks that the bytes
+//! hold exactly one record of the expected schema (no trailing bytes), so garbage and records of another
+//! schema are errors with a reason instead of silently misread data.
+
+pub mod records;
+
+use std::sync::OnceLock;
+
+use apache_avro::Schema;
+use serde::Deserialize;
+
+pub use records::{
+    AvroRecord, Decision, DecisionStatus, Millis, ModelRequest, Prediction, Request, Role, Routed,
+    ShadowComparison,
+};
+
+/// Largest single allocation the Avro decoder may make: a corrupt length prefix in a hostile record must
+/// not be able to ask for gigabytes.
+const MAX_AVRO_ALLOCATION: usize = 16 * 1024 * 1024;
+
+/// The record types switchyard reads or writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordKind {
+    Request,
+    ModelRequest,
+    Prediction,
+    Decision,
+    ShadowComparison,
+    Routed,
+}
+
+impl RecordKind {
+    pub const ALL: [RecordKind; 6] = [
+        RecordKind::Request,
+        RecordKind::ModelRequest,
+        RecordKind::Prediction,
+        RecordKind::Decision,
+        RecordKind::ShadowComparison,
+        RecordKind::Routed,
+    ];
+
+    /// The schema file's text, as shipped in schemas/.
+    pub fn schema_text(self) -> &'static str {
+        match self {
+            RecordKind::Request => include_str!("../../schemas/Request.avsc"),
+            RecordKind::ModelRequest => include_str!("../../schemas/ModelRequest.avsc"),
+            RecordKind::Prediction => include_str!("../../schemas/Prediction.avsc"),
+            RecordKind::Decision => include_str!("../../schemas/Decision.avsc"),
+            RecordKind::ShadowComparison => include_str!("../../schemas/ShadowComparison.avsc"),
+            RecordKind::Routed => include_str!("../../schemas/Routed.avsc"),
+        }
+    }
+
+    pub fn schema(self) -> &'static Schema {
+        static SCHEMAS: OnceLock<Vec<Schema>> = OnceLock::new();
+        let schemas = SCHEMAS.get_or_init(|| {
+            // Set before the first decode; failing means another caller set it first, which is fine.
+            let _ = apache_avro::util::max_allocation_bytes(MAX_AVRO_ALLOCATION);
+            RecordKind::ALL
+                .iter()
+                .map(|kind| Schema::parse_str(kind.schema_text()).expect("schemas/ files are valid Avro"))
+                .collect()
+        });
+        &schemas[self as usize]
+    }
+}
+
+/// Why bytes could not be read as a record.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("empty value")]
+    Empty,
+    #[error("not Avro of the expected schema: {0}")]
+    Avro(String),
+    #[error("{0} trailing bytes after the record: wrong schema or corrupt value")]
+    Trailing(usize),
+    #[error("record does not match the schema: {0}")]
+    Shape(String),
+    #[error("Confluent framing: {0}")]
+    Framing(String),
+}
+
+/// Schema Registry ids written into (and expected in) framed records, one per record type.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchemaIds {
+    pub request: u32,
+    pub model_request: u32,
+    pub prediction: u32,
+    pub decision: u32,
+    pub shadow_comparison: u32,
+    pub routed: u32,
+}
+
+impl SchemaIds {
+    fn id(&self, kind: RecordKind) -> u32 {
+        match kind {
+            RecordKind::Request => self.request,
+            RecordKind::ModelRequest => self.model_request,
+            RecordKind::Prediction => self.prediction,
+            RecordKind::Decision => self.decision,
+            RecordKind::ShadowComparison => self.shadow_comparison,
+            RecordKind::Routed => self.routed,
+        }
+    }
+}
+
+/// How Avro bytes are wrapped on the wire.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Framing {
+    /// Bare Avro binary (the default).
+    #[default]
+    Plain,
+    /// Magic byte 0, a 4-byte big-endian schema id, then Avro binary.
+    Confluent(SchemaIds),
+}
+
+/// Encodes and decodes every record type with one framing.
+#[derive(Debug, Clone, Default)]
+pub struct Codec {
+    framing: Framing,
+}
+
+impl Codec {
+    pub fn new(framing: Framing) -> Self {
+        Codec { framing }
+    }
+
+    pub fn encode<T: AvroRecord>(&self, record: &T) -> Vec<u8> {
+        let body = apache_avro::to_avro_datum(T::KIND.schema(), record.to_value())
+            .expect("records built by switchyard always match their schema");
+        match &self.framing {
+            Framing::Plain => body,
+            Framing::Confluent(ids) => {
+                let mut framed = Vec::with_capacity(body.len() + 5);
+                framed.push(0);
+                framed.extend_from_slice(&ids.id(T::KIND).to_be_bytes());
+                framed.extend_from_slice(&body);
+                framed
+            }
+        }
+    }
+
+    pub fn decode<T: AvroRecord>(&self, bytes: &[u8]) -> Result<T, DecodeError> {
+        if bytes.is_empty() {
+            return Err(DecodeError::Empty);
+        }
+        let body = match &self.framing {
+            Framing::Plain => bytes,
+            Framing::Confluent(ids) => {
+                if bytes.len() < 5 {
+                    return Err(DecodeError::Framing(format!("{} bytes is shorter than the 5-byte header", bytes.len())));
+                }
+                if bytes[0] != 0 {
+                    return Err(DecodeError::Framing(format!("magic byte is {}, expected 0", bytes[0])));
+                }
+                let id = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
+                let expected = ids.id(T::KIND);
+                if id != expected {
+                    return Err(DecodeError::Framing(format!("schema id {id}, expected {expected}")));
+                }
+                &bytes[5..]
+            }
+        };
+        let mut reader = body;
+        let value = apache_avro::from_avro_datum(T::KIND.schema(), &mut reader, None)
+            .map_err(|e| DecodeError::Avro(e.to_string()))?;
+        if !reader.is_empty() {
+            return Err(DecodeError::Trailing(reader.len()));
+        }
+        T::from_value(value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn request() -> Request {
+        Request {
+            request_id: "r-1".into(),
+            user_id: "user-42".into(),
+            deployment: "fraud".into(),
+            sent_at: 1_700_000_000_123,
+            payload: vec![0, 1, 2, 255],
+            attributes: HashMap::from([("country".to_string(), "DE".to_string())]),
+        }
+    }
+
+    fn all_framings() -> Vec<Codec> {
+        let ids = SchemaIds { request: 1, model_request: 2, prediction: 3, decision: 4, shadow_comparison: 5, routed: 6 };
+        vec![Codec::default(), Codec::new(Framing::Confluent(ids))]
+    }
+
+    fn round_trip<T: AvroRecord + PartialEq + std::fmt::Debug>(record: T) {
+        for codec in all_framings() {
+            let bytes = codec.encode(&record);
+            assert_eq!(codec.decode::<T>(&bytes).unwrap(), record);
+        }
+    }
+
+    #[test]
+    fn every_schema_file_parses_and_is_compiled_in() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas");
+        let mut files = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            let schema = Schema::parse_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert!(RecordKind::ALL.iter().any(|k| k.schema() == &schema), "{} is not used", path.display());
+            files += 1;
+        }
+        assert_eq!(files, RecordKind::ALL.len());
+    }
+
+    #[test]
+    fn every_record_round_trips() {
+        round_trip(request());
+        round_trip(ModelRequest { request: request(), model: "fraud-v2".into(), role: Role::Shadow, config_version: 3, routed_at: 5 });
+        round_trip(Prediction { request_id: "r".into(), model: "m".into(), output: Some(b"0.5".to_vec()), error: None, produced_at: 9 });
+        round_trip(Prediction { request_id: "r".into(), model: "m".into(), output: None, error: Some("boom".into()), produced_at: 9 });
+        for status in [DecisionStatus::Ok, DecisionStatus::ModelError, DecisionStatus::Timeout, DecisionStatus::Fallback] {
+            round_trip(Decision {
+                request_id: "r".into(), user_id: "u".into(), deployment: "d".into(), model: "m".into(),
+                strategy: "canary".into(), cohort: "candidate".into(), bucket: 9999, config_version: 4,
+                status, output: None, error: Some("late".into()), latency_ms: 12, decided_at: 13,
+            });
+        }
+        round_trip(ShadowComparison {
+            request_id: "r".into(), deployment: "d".into(), serving_model: "a".into(), serving_output: None,
+            shadow_model: "b".into(), shadow_output: Some(vec![1]), agreed: false, serving_latency_ms: None,
+            shadow_latency_ms: 7, compared_at: 8,
+        });
+        round_trip(Routed {
+            request_id: "r".into(), user_id: "u".into(), deployment: "d".into(), strategy: "shadow".into(),
+            cohort: "control".into(), bucket: 1, config_version: 2, serving_model: "a".into(),
+            shadow_models: vec!["b".into(), "c".into()], timeout_ms: 500, sent_at: 1, routed_at: 2,
+        });
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        let codec = Codec::default();
+        assert_eq!(codec.decode::<Request>(&[]), Err(DecodeError::Empty));
+        let bytes = codec.encode(&request());
+        assert!(codec.decode::<Request>(&bytes[..bytes.len() - 3]).is_err(), "truncated");
+        let mut longer = bytes.clone();
+        longer.push(7);
+        assert_eq!(codec.decode::<Request>(&longer), Err(DecodeError::Trailing(1)));
+        // A Prediction is not a Request.
+        let prediction = codec.encode(&Prediction { request_id: "r".into(), model: "m".into(), output: None, error: None, produced_at: 1 });
+        assert!(codec.decode::<Request>(&prediction).is_err());
+        // A huge length prefix must not allocate it.
+        assert!(codec.decode::<Request>(&[0xfe, 0xff, 0xff, 0xff, 0x0f]).is_err());
+    }
+
+    #[test]
+    fn confluent_framing_checks_header() {
+        let framed = &all_framings()[1];
+        let bytes = framed.encode(&request());
+        assert_eq!(&bytes[..5], &[0, 0, 0, 0, 1]);
+        assert!(matches!(framed.decode::<Request>(&bytes[..3]), Err(DecodeError::Framing(_))));
+        let mut wrong_magic = bytes.clone();
+        wrong_magic[0] = 1;
+        assert!(matches!(framed.decode::<Request>(&wrong_magic), Err(DecodeError::Framing(_))));
+        let mut wrong_id = bytes.clone();
+        wrong_id[4] = 9;
+        assert!(matches!(framed.decode::<Request>(&wrong_id), Err(DecodeError::Framing(_))));
+        assert!(Codec::default().decode::<Request>(&bytes).is_err(), "framed bytes are not plain Avro");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
+            for codec in all_framings() {
+                let _ = codec.decode::<Request>(&bytes);
+                let _ = codec.decode::<Prediction>(&bytes);
+                let _ = codec.decode::<Routed>(&bytes);
+            }
+        }
+    }
+}

@@ -1,0 +1,502 @@
+//! The records of the contract as Rust types, and their mapping to Avro values.
+//!
+//! The mapping is written out by hand rather than through serde so that every logical type (timestamps,
+//! enums, nullable unions) is explicit and a record from outside can only fail with a [`DecodeError`].
+
+use std::collections::HashMap;
+
+use apache_avro::types::Value;
+
+use super::{DecodeError, RecordKind};
+
+/// Milliseconds since the Unix epoch.
+pub type Millis = i64;
+
+/// A prediction request from a producer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    pub request_id: String,
+    pub user_id: String,
+    pub deployment: String,
+    pub sent_at: Millis,
+    pub payload: Vec<u8>,
+    pub attributes: HashMap<String, String>,
+}
+
+/// Whether a model's answer is served or only compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Primary,
+    Shadow,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Primary => "PRIMARY",
+            Role::Shadow => "SHADOW",
+        }
+    }
+}
+
+/// A request as one model worker receives it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelRequest {
+    pub request: Request,
+    pub model: String,
+    pub role: Role,
+    pub config_version: i64,
+    pub routed_at: Millis,
+}
+
+/// A model worker's answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prediction {
+    pub request_id: String,
+    pub model: String,
+    pub output: Option<Vec<u8>>,
+    pub error: Option<String>,
+    pub produced_at: Millis,
+}
+
+/// How a decision came about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DecisionStatus {
+    Ok,
+    ModelError,
+    Timeout,
+    Fallback,
+}
+
+impl DecisionStatus {
+    const SYMBOLS: [&'static str; 4] = ["OK", "MODEL_ERROR", "TIMEOUT", "FALLBACK"];
+
+    pub fn as_str(self) -> &'static str {
+        Self::SYMBOLS[self as usize]
+    }
+}
+
+/// The one answer a request gets.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub request_id: String,
+    pub user_id: String,
+    pub deployment: String,
+    pub model: String,
+    pub strategy: String,
+    pub cohort: String,
+    pub bucket: i32,
+    pub config_version: i64,
+    pub status: DecisionStatus,
+    pub output: Option<Vec<u8>>,
+    pub error: Option<String>,
+    pub latency_ms: i64,
+    pub decided_at: Millis,
+}
+
+/// A shadow model's answer next to the served one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShadowComparison {
+    pub request_id: String,
+    pub deployment: String,
+    pub serving_model: String,
+    pub serving_output: Option<Vec<u8>>,
+    pub shadow_model: String,
+    pub shadow_output: Option<Vec<u8>>,
+    pub agreed: bool,
+    pub serving_latency_ms: Option<i64>,
+    pub shadow_latency_ms: i64,
+    pub compared_at: Millis,
+}
+
+/// Internal: what route did with a request; merge's join input.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Routed {
+    pub request_id: String,
+    pub user_id: String,
+    pub deployment: String,
+    pub strategy: String,
+    pub cohort: String,
+    pub bucket: i32,
+    pub config_version: i64,
+    pub serving_model: String,
+    pub shadow_models: Vec<String>,
+    pub timeout_ms: i64,
+    pub sent_at: Millis,
+    pub routed_at: Millis,
+}
+
+/// A record type with an Avro schema in schemas/.
+pub trait AvroRecord: Sized {
+    const KIND: RecordKind;
+    fn to_value(&self) -> Value;
+    fn from_value(value: Value) -> Result<Self, DecodeError>;
+}
+
+/// Reads named fields out of a decoded record.
+struct Fields(HashMap<String, Value>);
+
+impl Fields {
+    fn of(value: Value) -> Result<Self, DecodeError> {
+        match value {
+            Value::Record(fields) => Ok(Fields(fields.into_iter().collect())),
+            other => Err(DecodeError::Shape(format!("expected a record, found {other:?}"))),
+        }
+    }
+
+    fn take(&mut self, name: &'static str) -> Result<Value, DecodeError> {
+        self.0.remove(name).ok_or_else(|| DecodeError::Shape(format!("missing field {name}")))
+    }
+
+    fn string(&mut self, name: &'static str) -> Result<String, DecodeError> {
+        match self.take(name)? {
+            Value::String(s) => Ok(s),
+            other => Err(wrong(name, "string", &other)),
+        }
+    }
+
+    fn long(&mut self, name: &'static str) -> Result<i64, DecodeError> {
+        match self.take(name)? {
+            Value::Long(v) | Value::TimestampMillis(v) => Ok(v),
+            Value::Int(v) => Ok(i64::from(v)),
+            other => Err(wrong(name, "long", &other)),
+        }
+    }
+
+    fn int(&mut self, name: &'static str) -> Result<i32, DecodeError> {
+        match self.take(name)? {
+            Value::Int(v) => Ok(v),
+            other => Err(wrong(name, "int", &other)),
+        }
+    }
+
+    fn boolean(&mut self, name: &'static str) -> Result<bool, DecodeError> {
+        match self.take(name)? {
+            Value::Boolean(v) => Ok(v),
+            other => Err(wrong(name, "boolean", &other)),
+        }
+    }
+
+    fn bytes(&mut self, name: &'static str) -> Result<Vec<u8>, DecodeError> {
+        match self.take(name)? {
+            Value::Bytes(v) => Ok(v),
+            other => Err(wrong(name, "bytes", &other)),
+        }
+    }
+
+    fn symbol(&mut self, name: &'static str) -> Result<String, DecodeError> {
+        match self.take(name)? {
+            Value::Enum(_, symbol) => Ok(symbol),
+            other => Err(wrong(name, "enum", &other)),
+        }
+    }
+
+    fn nullable(&mut self, name: &'static str) -> Result<Option<Value>, DecodeError> {
+        match self.take(name)? {
+            Value::Union(_, inner) => match *inner {
+                Value::Null => Ok(None),
+                v => Ok(Some(v)),
+            },
+            Value::Null => Ok(None),
+            other => Ok(Some(other)),
+        }
+    }
+
+    fn opt_bytes(&mut self, name: &'static str) -> Result<Option<Vec<u8>>, DecodeError> {
+        match self.nullable(name)? {
+            None => Ok(None),
+            Some(Value::Bytes(v)) => Ok(Some(v)),
+            Some(other) => Err(wrong(name, "bytes", &other)),
+        }
+    }
+
+    fn opt_string(&mut self, name: &'static str) -> Result<Option<String>, DecodeError> {
+        match self.nullable(name)? {
+            None => Ok(None),
+            Some(Value::String(v)) => Ok(Some(v)),
+            Some(other) => Err(wrong(name, "string", &other)),
+        }
+    }
+
+    fn opt_long(&mut self, name: &'static str) -> Result<Option<i64>, DecodeError> {
+        match self.nullable(name)? {
+            None => Ok(None),
+            Some(Value::Long(v)) => Ok(Some(v)),
+            Some(other) => Err(wrong(name, "long", &other)),
+        }
+    }
+
+    fn string_map(&mut self, name: &'static str) -> Result<HashMap<String, String>, DecodeError> {
+        match self.take(name)? {
+            Value::Map(map) => map
+                .into_iter()
+                .map(|(k, v)| match v {
+                    Value::String(s) => Ok((k, s)),
+                    other => Err(wrong(name, "map of strings", &other)),
+                })
+                .collect(),
+            other => Err(wrong(name, "map", &other)),
+        }
+    }
+
+    fn strings(&mut self, name: &'static str) -> Result<Vec<String>, DecodeError> {
+        match self.take(name)? {
+            Value::Array(items) => items
+                .into_iter()
+                .map(|v| match v {
+                    Value::String(s) => Ok(s),
+                    other => Err(wrong(name, "array of strings", &other)),
+                })
+                .collect(),
+            other => Err(wrong(name, "array", &other)),
+        }
+    }
+}
+
+fn wrong(field: &str, expected: &str, found: &Value) -> DecodeError {
+    DecodeError::Shape(format!("field {field}: expected {expected}, found {found:?}"))
+}
+
+fn record(fields: Vec<(&str, Value)>) -> Value {
+    Value::Record(fields.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+}
+
+fn s(v: &str) -> Value {
+    Value::String(v.to_string())
+}
+
+fn opt_bytes(v: &Option<Vec<u8>>) -> Value {
+    match v {
+        None => Value::Union(0, Box::new(Value::Null)),
+        Some(b) => Value::Union(1, Box::new(Value::Bytes(b.clone()))),
+    }
+}
+
+fn opt_string(v: &Option<String>) -> Value {
+    match v {
+        None => Value::Union(0, Box::new(Value::Null)),
+        Some(b) => Value::Union(1, Box::new(Value::String(b.clone()))),
+    }
+}
+
+fn request_fields(r: &Request) -> Vec<(&'static str, Value)> {
+    vec![
+        ("request_id", s(&r.request_id)),
+        ("user_id", s(&r.user_id)),
+        ("deployment", s(&r.deployment)),
+        ("sent_at", Value::TimestampMillis(r.sent_at)),
+        ("payload", Value::Bytes(r.payload.clone())),
+        ("attributes", Value::Map(r.attributes.iter().map(|(k, v)| (k.clone(), s(v))).collect())),
+    ]
+}
+
+fn request_from(f: &mut Fields) -> Result<Request, DecodeError> {
+    Ok(Request {
+        request_id: f.string("request_id")?,
+        user_id: f.string("user_id")?,
+        deployment: f.string("deployment")?,
+        sent_at: f.long("sent_at")?,
+        payload: f.bytes("payload")?,
+        attributes: f.string_map("attributes")?,
+    })
+}
+
+impl AvroRecord for Request {
+    const KIND: RecordKind = RecordKind::Request;
+
+    fn to_value(&self) -> Value {
+        record(request_fields(self))
+    }
+
+    fn from_value(value: Value) -> Result<Self, DecodeError> {
+        request_from(&mut Fields::of(value)?)
+    }
+}
+
+impl AvroRecord for ModelRequest {
+    const KIND: RecordKind = RecordKind::ModelRequest;
+
+    fn to_value(&self) -> Value {
+        let mut fields = request_fields(&self.request);
+        let role_index = match self.role {
+            Role::Primary => 0,
+            Role::Shadow => 1,
+        };
+        fields.extend([
+            ("model", s(&self.model)),
+            ("role", Value::Enum(role_index, self.role.as_str().to_string())),
+            ("config_version", Value::Long(self.config_version)),
+            ("routed_at", Value::TimestampMillis(self.routed_at)),
+        ]);
+        record(fields)
+    }
+
+    fn from_value(value: Value) -> Result<Self, DecodeError> {
+        let mut f = Fields::of(value)?;
+        let request = request_from(&mut f)?;
+        let role = match f.symbol("role")?.as_str() {
+            "PRIMARY" => Role::Primary,
+            "SHADOW" => Role::Shadow,
+            other => return Err(DecodeError::Shape(format!("unknown role {other}"))),
+        };
+        Ok(ModelRequest {
+            request,
+            model: f.string("model")?,
+            role,
+            config_version: f.long("config_version")?,
+            routed_at: f.long("routed_at")?,
+        })
+    }
+}
+
+impl AvroRecord for Prediction {
+    const KIND: RecordKind = RecordKind::Prediction;
+
+    fn to_value(&self) -> Value {
+        record(vec![
+            ("request_id", s(&self.request_id)),
+            ("model", s(&self.model)),
+            ("output", opt_bytes(&self.output)),
+            ("error", opt_string(&self.error)),
+            ("produced_at", Value::TimestampMillis(self.produced_at)),
+        ])
+    }
+
+    fn from_value(value: Value) -> Result<Self, DecodeError> {
+        let mut f = Fields::of(value)?;
+        Ok(Prediction {
+            request_id: f.string("request_id")?,
+            model: f.string("model")?,
+            output: f.opt_bytes("output")?,
+            error: f.opt_string("error")?,
+            produced_at: f.long("produced_at")?,
+        })
+    }
+}
+
+impl AvroRecord for Decision {
+    const KIND: RecordKind = RecordKind::Decision;
+
+    fn to_value(&self) -> Value {
+        record(vec![
+            ("request_id", s(&self.request_id)),
+            ("user_id", s(&self.user_id)),
+            ("deployment", s(&self.deployment)),
+            ("model", s(&self.model)),
+            ("strategy", s(&self.strategy)),
+            ("cohort", s(&self.cohort)),
+            ("bucket", Value::Int(self.bucket)),
+            ("config_version", Value::Long(self.config_version)),
+            ("status", Value::Enum(self.status as u32, self.status.as_str().to_string())),
+            ("output", opt_bytes(&self.output)),
+            ("error", opt_string(&self.error)),
+            ("latency_ms", Value::Long(self.latency_ms)),
+            ("decided_at", Value::TimestampMillis(self.decided_at)),
+        ])
+    }
+
+    fn from_value(value: Value) -> Result<Self, DecodeError> {
+        let mut f = Fields::of(value)?;
+        let status_symbol = f.symbol("status")?;
+        let status = match status_symbol.as_str() {
+            "OK" => DecisionStatus::Ok,
+            "MODEL_ERROR" => DecisionStatus::ModelError,
+            "TIMEOUT" => DecisionStatus::Timeout,
+            "FALLBACK" => DecisionStatus::Fallback,
+            other => return Err(DecodeError::Shape(format!("unknown status {other}"))),
+        };
+        Ok(Decision {
+            request_id: f.string("request_id")?,
+            user_id: f.string("user_id")?,
+            deployment: f.string("deployment")?,
+            model: f.string("model")?,
+            strategy: f.string("strategy")?,
+            cohort: f.string("cohort")?,
+            bucket: f.int("bucket")?,
+            config_version: f.long("config_version")?,
+            status,
+            output: f.opt_bytes("output")?,
+            error: f.opt_string("error")?,
+            latency_ms: f.long("latency_ms")?,
+            decided_at: f.long("decided_at")?,
+        })
+    }
+}
+
+impl AvroRecord for ShadowComparison {
+    const KIND: RecordKind = RecordKind::ShadowComparison;
+
+    fn to_value(&self) -> Value {
+        let serving_latency = match self.serving_latency_ms {
+            None => Value::Union(0, Box::new(Value::Null)),
+            Some(v) => Value::Union(1, Box::new(Value::Long(v))),
+        };
+        record(vec![
+            ("request_id", s(&self.request_id)),
+            ("deployment", s(&self.deployment)),
+            ("serving_model", s(&self.serving_model)),
+            ("serving_output", opt_bytes(&self.serving_output)),
+            ("shadow_model", s(&self.shadow_model)),
+            ("shadow_output", opt_bytes(&self.shadow_output)),
+            ("agreed", Value::Boolean(self.agreed)),
+            ("serving_latency_ms", serving_latency),
+            ("shadow_latency_ms", Value::Long(self.shadow_latency_ms)),
+            ("compared_at", Value::TimestampMillis(self.compared_at)),
+        ])
+    }
+
+    fn from_value(value: Value) -> Result<Self, DecodeError> {
+        let mut f = Fields::of(value)?;
+        Ok(ShadowComparison {
+            request_id: f.string("request_id")?,
+            deployment: f.string("deployment")?,
+            serving_model: f.string("serving_model")?,
+            serving_output: f.opt_bytes("serving_output")?,
+            shadow_model: f.string("shadow_model")?,
+            shadow_output: f.opt_bytes("shadow_output")?,
+            agreed: f.boolean("agreed")?,
+            serving_latency_ms: f.opt_long("serving_latency_ms")?,
+            shadow_latency_ms: f.long("shadow_latency_ms")?,
+            compared_at: f.long("compared_at")?,
+        })
+    }
+}
+
+impl AvroRecord for Routed {
+    const KIND: RecordKind = RecordKind::Routed;
+
+    fn to_value(&self) -> Value {
+        record(vec![
+            ("request_id", s(&self.request_id)),
+            ("user_id", s(&self.user_id)),
+            ("deployment", s(&self.deployment)),
+            ("strategy", s(&self.strategy)),
+            ("cohort", s(&self.cohort)),
+            ("bucket", Value::Int(self.bucket)),
+            ("config_version", Value::Long(self.config_version)),
+            ("serving_model", s(&self.serving_model)),
+            ("shadow_models", Value::Array(self.shadow_models.iter().map(|m| s(m)).collect())),
+            ("timeout_ms", Value::Long(self.timeout_ms)),
+            ("sent_at", Value::TimestampMillis(self.sent_at)),
+            ("routed_at", Value::TimestampMillis(self.routed_at)),
+        ])
+    }
+
+    fn from_value(value: Value) -> Result<Self, DecodeError> {
+        let mut f = Fields::of(value)?;
+        Ok(Routed {
+            request_id: f.string("request_id")?,
+            user_id: f.string("user_id")?,
+            deployment: f.string("deployment")?,
+            strategy: f.string("strategy")?,
+            cohort: f.string("cohort")?,
+            bucket: f.int("bucket")?,
+            config_version: f.long("config_version")?,
+            serving_model: f.string("serving_model")?,
+            shadow_models: f.strings("shadow_models")?,
+            timeout_ms: f.long("timeout_ms")?,
+            sent_at: f.long("sent_at")?,
+            routed_at: f.long("routed_at")?,
+        })
+    }
+}

@@ -1,0 +1,275 @@
+//! The one config loader: built-in defaults (config/switchyard.toml), a file, environment variables and
+//! flags, in that order. Every section rejects unknown keys, so a typo is an error at start.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::codec::{Codec, Framing, SchemaIds};
+
+const DEFAULTS: &str = include_str!("../config/switchyard.toml");
+const ENV_SETTING_PREFIX: &str = "SWITCHYARD__";
+const ENV_KAFKA_PREFIX: &str = "SWITCHYARD_KAFKA_";
+
+/// librdkafka options that switchyard sets itself; setting them in `[kafka.options]` would silently
+/// change delivery guarantees, so it is an error.
+const MANAGED_OPTIONS: &[&str] = &[
+    "bootstrap.servers",
+    "group.id",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "isolation.level",
+    "auto.offset.reset",
+    "partitioner",
+    "enable.idempotence",
+    "transactional.id",
+    "partition.assignment.strategy",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{origin} is not valid TOML: {message}")]
+    Toml { origin: String, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub kafka: KafkaConfig,
+    pub topics: Topics,
+    pub service: ServiceConfig,
+    pub codec: CodecConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    pub bootstrap_servers: String,
+    /// Raw librdkafka settings for every client.
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Topics {
+    pub requests: String,
+    pub deployments: String,
+    pub routed: String,
+    pub decisions: String,
+    pub shadow_comparisons: String,
+    pub dead_letter: String,
+    pub model_requests: String,
+    pub model_predictions: String,
+    pub create: bool,
+    pub partitions: i32,
+    pub replication_factor: i32,
+}
+
+impl Topics {
+    pub fn model_requests(&self, model: &str) -> String {
+        self.model_requests.replace("{model}", model)
+    }
+
+    pub fn model_predictions(&self, model: &str) -> String {
+        self.model_predictions.replace("{model}", model)
+    }
+
+    /// A librdkafka subscription regex matching every per-model predictions topic.
+    pub fn model_predictions_regex(&self) -> String {
+        let (before, after) = self.model_predictions.split_once("{model}").unwrap_or((&self.model_predictions, ""));
+        format!("^{}[A-Za-z0-9._-]+{}$", regex_escape(before), regex_escape(after))
+    }
+}
+
+fn regex_escape(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c.to_string() } else { format!("\\{c}") })
+        .collect()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub group_id: String,
+    pub metrics_address: String,
+    pub batch_size: usize,
+    pub batch_wait_ms: u64,
+    pub max_pending: usize,
+    pub orphan_ttl_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CodecConfig {
+    pub framing: String,
+    pub schema_ids: SchemaIds,
+}
+
+impl CodecConfig {
+    pub fn codec(&self) -> Result<Codec, ConfigError> {
+        match self.framing.as_str() {
+            "plain" => Ok(Codec::new(Framing::Plain)),
+            "confluent" => Ok(Codec::new(Framing::Confluent(self.schema_ids.clone()))),
+            other => Err(ConfigError::Invalid(format!("codec.framing must be plain or confluent, got {other:?}"))),
+        }
+    }
+}
+
+fn parse_toml(text: &str, origin: &str) -> Result<toml::Table, ConfigError> {
+    text.parse::<toml::Table>().map_err(|e| ConfigError::Toml { origin: origin.to_string(), message: e.to_string() })
+}
+
+/// Deep-merges `overlay` into `base`.
+fn merge(base: &mut toml::Table, overlay: toml::Table) {
+    for (key, value) in overlay {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+/// Reads an environment value as a TOML scalar (number, boolean) where it is one, else as a string.
+fn env_value(raw: &str) -> toml::Value {
+    match format!("v = {raw}").parse::<toml::Table>() {
+        Ok(mut t) if !matches!(t.get("v"), Some(toml::Value::Table(_))) => t.remove("v").expect("just parsed"),
+        _ => toml::Value::String(raw.to_string()),
+    }
+}
+
+impl Config {
+    /// Loads defaults, then `file`, then the given environment.
+    pub fn load(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Config, ConfigError> {
+        let mut table = parse_toml(DEFAULTS, "built-in defaults")?;
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+            merge(&mut table, parse_toml(&text, &path.display().to_string())?);
+        }
+        for (key, raw) in env {
+            let overlay = if let Some(path) = key.strip_prefix(ENV_SETTING_PREFIX) {
+                let mut parts: Vec<String> = path.split("__").map(str::to_lowercase).collect();
+                let mut value = env_value(&raw);
+                while let Some(last) = parts.pop() {
+                    let mut t = toml::Table::new();
+                    t.insert(last, value);
+                    value = toml::Value::Table(t);
+                }
+                match value {
+                    toml::Value::Table(t) => t,
+                    _ => continue,
+                }
+            } else if key == "SWITCHYARD_BOOTSTRAP_SERVERS" {
+                parse_toml(&format!("kafka.bootstrap_servers = {}", toml::Value::String(raw)), &key)?
+            } else if let Some(option) = key.strip_prefix(ENV_KAFKA_PREFIX) {
+                let option = option.to_lowercase().replace('_', ".");
+                let mut options = toml::Table::new();
+                options.insert(option, toml::Value::String(raw));
+                let mut kafka = toml::Table::new();
+                kafka.insert("options".into(), toml::Value::Table(options));
+                let mut t = toml::Table::new();
+                t.insert("kafka".into(), toml::Value::Table(kafka));
+                t
+            } else {
+                continue;
+            };
+            merge(&mut table, overlay);
+        }
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Loads from the process environment.
+    pub fn from_env(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Config::load(file, std::env::vars())
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        for key in self.kafka.options.keys() {
+            if MANAGED_OPTIONS.contains(&key.as_str()) {
+                return Err(ConfigError::Invalid(format!(
+                    "kafka option {key:?} is managed by switchyard and cannot be set in [kafka.options]"
+                )));
+            }
+        }
+        for (name, pattern) in [("model_requests", &self.topics.model_requests), ("model_predictions", &self.topics.model_predictions)] {
+            if pattern.matches("{model}").count() != 1 {
+                return Err(ConfigError::Invalid(format!("topics.{name} must contain {{model}} exactly once, got {pattern:?}")));
+            }
+        }
+        if self.topics.partitions < 1 || self.topics.replication_factor < 1 {
+            return Err(ConfigError::Invalid("topics.partitions and topics.replication_factor must be at least 1".into()));
+        }
+        if self.service.batch_size == 0 || self.service.max_pending == 0 {
+            return Err(ConfigError::Invalid("service.batch_size and service.max_pending must be at least 1".into()));
+        }
+        self.codec.codec()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_load() {
+        let c = Config::load(None, env(&[])).unwrap();
+        assert_eq!(c.kafka.bootstrap_servers, "localhost:9092");
+        assert_eq!(c.topics.model_requests("fraud-v1"), "model.fraud-v1.requests");
+        assert_eq!(c.topics.model_predictions_regex(), r"^model\.[A-Za-z0-9._-]+\.predictions$");
+    }
+
+    #[test]
+    fn layers_override_in_order() {
+        let dir = std::env::temp_dir().join(format!("switchyard-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "[topics]\ndecisions = \"from-file\"\npartitions = 8\n[service]\nbatch_size = 7\n").unwrap();
+        let c = Config::load(
+            Some(&file),
+            env(&[
+                ("SWITCHYARD__SERVICE__BATCH_SIZE", "9"),
+                ("SWITCHYARD_BOOTSTRAP_SERVERS", "broker:1"),
+                ("SWITCHYARD_KAFKA_SECURITY_PROTOCOL", "SASL_SSL"),
+                ("UNRELATED", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.topics.decisions, "from-file");
+        assert_eq!(c.topics.partitions, 8);
+        assert_eq!(c.service.batch_size, 9);
+        assert_eq!(c.kafka.bootstrap_servers, "broker:1");
+        assert_eq!(c.kafka.options.get("security.protocol").map(String::as_str), Some("SASL_SSL"));
+        assert_eq!(c.topics.requests, "requests", "untouched defaults stay");
+    }
+
+    #[test]
+    fn mistakes_are_errors() {
+        let bad = [
+            ("SWITCHYARD__TOPICS__DECISONS", "typo"),
+            ("SWITCHYARD_KAFKA_GROUP_ID", "mine"),
+            ("SWITCHYARD__TOPICS__MODEL_REQUESTS", "no-placeholder"),
+            ("SWITCHYARD__CODEC__FRAMING", "protobuf"),
+            ("SWITCHYARD__SERVICE__BATCH_SIZE", "many"),
+        ];
+        for (key, value) in bad {
+            assert!(Config::load(None, env(&[(key, value)])).is_err(), "{key}={value} was accepted");
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! What the control-plane commands do: write validated deployment records with the next version, and
+//! describe what is in force.
+
+use std::fmt::Write as _;
+
+use rdkafka::producer::FutureProducer;
+
+use super::moves;
+use super::registry::Registry;
+use super::watcher;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::kafka::{self, OutRecord};
+use crate::routing::{Deployment, DeploymentSpec, Strategy};
+
+/// Validates `spec` against the record in force and writes it. Returns the deployment as written.
+pub async fn write(config: &Config, registry: &Registry, name: &str, spec: DeploymentSpec) -> Result<Deployment> {
+    if let Some(current) = registry.get(name) {
+        if spec.version <= current.version() {
+            return Err(crate::routing::InvalidDeployment::StaleVersion { got: spec.version, current: current.version() }.into());
+        }
+    }
+    let deployment = spec.validate(name)?;
+    let producer: FutureProducer = kafka::producer(config)?;
+    let record = OutRecord::new(config.topics.deployments.clone(), name.as_bytes(), deployment.spec.to_json().into_bytes());
+    kafka::send_all(&producer, &[record]).await?;
+    Ok(deployment)
+}
+
+/// Writes `spec` as the next version of `name` (the version in `spec` is replaced).
+pub async fn deploy(config: &Config, name: &str, mut spec: DeploymentSpec) -> Result<Deployment> {
+    let registry = watcher::snapshot(config).await?;
+    spec.version = registry.next_version(name);
+    write(config, &registry, name, spec).await
+}
+
+async fn apply_move(
+    config: &Config,
+    name: &str,
+    step: fn(&DeploymentSpec, u64) -> std::result::Result<DeploymentSpec, moves::MoveError>,
+) -> Result<Deployment> {
+    let registry = watcher::snapshot(config).await?;
+    let current = registry.get(name).ok_or_else(|| moves::MoveError::Unknown(name.to_string()))?;
+    let next = step(&current.spec, registry.next_version(name))?;
+    write(config, &registry, name, next).await
+}
+
+pub async fn promote(config: &Config, name: &str) -> Result<Deployment> {
+    apply_move(config, name, moves::promote).await
+}
+
+pub async fn rollback(config: &Config, name: &str) -> Result<Deployment> {
+    apply_move(config, name, moves::rollback).await
+}
+
+/// Deletes a deployment with a tombstone.
+pub async fn delete(config: &Config, name: &str) -> Result<()> {
+    let producer: FutureProducer = kafka::producer(config)?;
+    let mut record = OutRecord::new(config.topics.deployments.clone(), name.as_bytes(), Vec::new());
+    record.payload = None;
+    kafka::send_all(&producer, &[record]).await?;
+    Ok(())
+}
+
+/// How traffic is split under `d`, in words.
+pub fn describe_split(d: &Deployment) -> String {
+    let spec = &d.spec;
+    let candidate = spec.candidate.as_deref().unwrap_or("-");
+    let serving = match spec.strategy {
+        Strategy::Single => format!("100.00% -> {} (control)", spec.control),
+        Strategy::Shadow => format!("100.00% -> {} (control); {candidate} gets copies", spec.control),
+        Strategy::Canary => {
+            let share = f64::from(d.canary_threshold) / 100.0;
+            format!("{:.2}% -> {candidate} (candidate), {:.2}% -> {} (control)", share, 100.0 - share, spec.control)
+        }
+        Strategy::BlueGreen => format!("100.00% -> {} ({} active)", d.model_for(spec.active), spec.active),
+    };
+    let mut copies = Vec::new();
+    if spec.strategy == Strategy::Shadow {
+        copies.extend(spec.candidate.iter().cloned());
+    }
+    copies.extend(spec.mirror.iter().cloned());
+    let mut text = serving;
+    if !copies.is_empty() {
+        let _ = write!(text, "; shadow copies of {:.2}% of users -> {}", f64::from(d.shadow_threshold) / 100.0, copies.join(", "));
+    }
+    if !spec.overrides.is_empty() {
+        let _ = write!(text, "; {} user override(s)", spec.overrides.len());
+    }
+    text
+}
+
+/// The `status` report: deployments in force, their versions and split, and rejected records.
+pub fn render_status(registry: &Registry, only: Option<&str>) -> Result<String> {
+    let mut out = String::new();
+    let mut shown = 0;
+    for d in registry.deployments().filter(|d| only.is_none_or(|name| d.name == name)) {
+        shown += 1;
+        let _ = writeln!(out, "{}  version {}  strategy {}  timeout {} ms  salt {:?}", d.name, d.version(), d.strategy(), d.spec.timeout_ms, d.salt);
+        let _ = writeln!(out, "  split: {}", describe_split(d));
+        let _ = writeln!(out, "  record: {}", d.spec.to_json());
+    }
+    if let Some(name) = only {
+        if shown == 0 {
+            return Err(Error::Usage(format!("deployment {name:?} is not in force")));
+        }
+    } else if shown == 0 {
+        out.push_str("no deployments in force\n");
+    }
+    let rejected: Vec<_> = registry.rejected().filter(|r| only.is_none_or(|name| r.deployment == name)).collect();
+    if !rejected.is_empty() {
+        let _ = writeln!(out, "rejected records ({}):", rejected.len());
+        for r in rejected {
+            let version = r.version.map_or("-".to_string(), |v| v.to_string());
+            let _ = writeln!(out, "  {:?} version {version} at offset {}: {}", r.deployment, r.offset, r.reason);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_lists_split_and_rejections() {
+        let mut r = Registry::default();
+        r.apply(Some(b"fraud"), Some(br#"{"version":3,"strategy":"canary","control":"v1","candidate":"v2","canary_percent":10,"mirror":["v3"]}"#), 0);
+        r.apply(Some(b"fraud"), Some(br#"{"version":4,"strategy":"canary","control":"v1","candidate":"v2","canary_percent":300}"#), 1);
+        let text = render_status(&r, None).unwrap();
+        assert!(text.contains("fraud  version 3  strategy canary"), "{text}");
+        assert!(text.contains("10.00% -> v2 (candidate), 90.00% -> v1 (control); shadow copies of 100.00% of users -> v3"), "{text}");
+        assert!(text.contains("version 4 at offset 1: canary_percent must be between 0 and 100"), "{text}");
+        assert!(render_status(&r, Some("other")).is_err());
+    }
+}

@@ -1,0 +1,137 @@
+//! Reads the whole deployments topic at start and follows it live.
+//!
+//! Every instance reads every partition of the topic outside any consumer group, so all instances apply
+//! the same records in the same order. The watcher owns the authoritative [`Registry`] and publishes a
+//! copy to the [`SharedRegistry`] after each change, once the per-model topics of a new deployment
+//! exist — route never sees a deployment whose topics are missing.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::oneshot;
+
+use super::registry::{Outcome, Registry, SharedRegistry};
+use crate::config::Config;
+use crate::error::Error;
+use crate::kafka;
+use crate::shutdown::Shutdown;
+use crate::telemetry;
+
+/// How often the catch-up loop re-checks positions when no record arrives (positions also move past
+/// transaction markers, which are never delivered as records).
+const POSITION_POLL: Duration = Duration::from_millis(200);
+
+/// Opens a reader on every partition of the deployments topic, from the beginning. Creates the topic
+/// (compacted) if it is missing and topic creation is enabled.
+pub async fn open(config: &Config) -> Result<(StreamConsumer, HashMap<i32, i64>), Error> {
+    let topic = &config.topics.deployments;
+    let consumer = kafka::reader(config)?;
+    if kafka::partition_count(&consumer, topic)?.is_none() {
+        if !config.topics.create {
+            return Err(Error::MissingTopic(topic.clone()));
+        }
+        kafka::ensure_topics(config, std::slice::from_ref(topic), true).await?;
+    }
+    let partitions = kafka::partition_count(&consumer, topic)?.ok_or_else(|| Error::MissingTopic(topic.clone()))?;
+    let mut assignment = TopicPartitionList::new();
+    let mut targets = HashMap::new();
+    for partition in 0..partitions as i32 {
+        assignment.add_partition_offset(topic, partition, Offset::Beginning)?;
+        let (_, high) = consumer.fetch_watermarks(topic, partition, kafka::ADMIN_TIMEOUT)?;
+        targets.insert(partition, high);
+    }
+    consumer.assign(&assignment)?;
+    Ok((consumer, targets))
+}
+
+fn caught_up(consumer: &StreamConsumer, targets: &HashMap<i32, i64>) -> bool {
+    let Ok(positions) = consumer.position() else { return false };
+    targets.iter().all(|(partition, high)| {
+        *high == 0
+            || positions.elements().iter().any(|e| {
+                e.partition() == *partition && matches!(e.offset(), Offset::Offset(at) if at >= *high)
+            })
+    })
+}
+
+/// Reads records until every partition reached the end it had when `open` ran.
+pub async fn catch_up(consumer: &StreamConsumer, targets: &HashMap<i32, i64>, registry: &mut Registry) -> Result<(), Error> {
+    while !caught_up(consumer, targets) {
+        if let Ok(message) = tokio::time::timeout(POSITION_POLL, consumer.recv()).await {
+            let message = message?;
+            registry.apply(message.key(), message.payload(), message.offset());
+        }
+    }
+    Ok(())
+}
+
+/// Reads the deployments topic once to its end: what `status`, `deploy` and friends work from.
+pub async fn snapshot(config: &Config) -> Result<Registry, Error> {
+    let (consumer, targets) = open(config).await?;
+    let mut registry = Registry::default();
+    catch_up(&consumer, &targets, &mut registry).await?;
+    Ok(registry)
+}
+
+/// Logs and counts an outcome, and creates the per-model topics of an installed deployment.
+async fn settle(config: &Config, outcome: &Outcome) {
+    match outcome {
+        Outcome::Installed(d) => {
+            if config.topics.create {
+                let mut topics = Vec::new();
+                for model in d.models() {
+                    topics.push(config.topics.model_requests(model));
+                    topics.push(config.topics.model_predictions(model));
+                }
+                if let Err(error) = kafka::ensure_topics(config, &topics, false).await {
+                    tracing::error!(deployment = %d.name, %error, "cannot create per-model topics");
+                }
+            }
+            tracing::info!(deployment = %d.name, version = d.version(), strategy = %d.strategy(),
+                control = %d.spec.control, candidate = ?d.spec.candidate, "deployment in force");
+            telemetry::config_applied(&d.name, d.version());
+        }
+        Outcome::Deleted(name) => {
+            tracing::info!(deployment = %name, "deployment deleted");
+            telemetry::config_deleted(name);
+        }
+        Outcome::Rejected(r) => {
+            tracing::warn!(deployment = %r.deployment, version = ?r.version, offset = r.offset, reason = %r.reason,
+                "deployment record rejected; the last good config stays in force");
+            telemetry::config_rejected(&r.deployment);
+        }
+        Outcome::Unchanged => {}
+    }
+}
+
+/// Loads the topic, signals `loaded`, then follows it until shutdown.
+pub async fn run(config: Config, shared: SharedRegistry, loaded: oneshot::Sender<()>, mut shutdown: Shutdown) -> Result<(), Error> {
+    let (consumer, targets) = open(&config).await?;
+    let mut registry = Registry::default();
+    let mut loaded = Some(loaded);
+    loop {
+        if loaded.is_some() && caught_up(&consumer, &targets) {
+            tracing::info!(deployments = registry.deployments().count(), "deployments topic loaded");
+            let _ = loaded.take().expect("checked").send(());
+        }
+        let message = tokio::select! {
+            _ = shutdown.recv() => return Ok(()),
+            received = tokio::time::timeout(POSITION_POLL, consumer.recv()) => match received {
+                Err(_) => continue,
+                Ok(Ok(message)) => message,
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "deployments topic read failed; retrying");
+                    continue;
+                }
+            },
+        };
+        let outcome = registry.apply(message.key(), message.payload(), message.offset());
+        settle(&config, &outcome).await;
+        if !matches!(outcome, Outcome::Unchanged) {
+            *shared.write().expect("registry lock is never poisoned") = registry.clone();
+        }
+    }
+}

@@ -1,0 +1,29 @@
+//! The library's error type. Errors about data from outside (records, deployment records) never end
+//! up here: they are dead-lettered or rejected where they occur. What reaches this type stops a command
+//! or a service task.
+
+use rdkafka::error::KafkaError;
+
+use crate::config::ConfigError;
+use crate::control::moves::MoveError;
+use crate::routing::InvalidDeployment;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("Kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("topic {0:?} does not exist and topics.create is off")]
+    MissingTopic(String),
+    #[error("invalid deployment record: {0}")]
+    Deployment(#[from] InvalidDeployment),
+    #[error(transparent)]
+    Move(#[from] MoveError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Usage(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,411 @@
+//! The join state of merge, without I/O: routed records and predictions in, decisions and shadow
+//! comparisons out. Time is passed in, so every rule is testable without waiting.
+//!
+//! Rules:
+//! - the serving model's first prediction becomes the one decision (OK, or MODEL_ERROR if it carries an
+//!   error); a request with no serving answer by its deadline gets a TIMEOUT decision;
+//! - shadow predictions are compared with the served answer (once it exists) and never decided on;
+//! - anything else (a second answer, an answer after the decision, an answer from a model the request
+//!   was not routed to) is discarded and counted;
+//! - a prediction that arrives before its routed record waits (bounded, for `orphan_ttl_ms`).
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+
+use crate::codec::{Decision, DecisionStatus, Millis, Prediction, Routed, ShadowComparison};
+use crate::kafka::SourcePos;
+use crate::telemetry;
+
+/// A routed record read while merge catches up after a restart gets at least this long to meet its
+/// predictions, even if its deadline has already passed in wall-clock time.
+pub const REPLAY_GRACE_MS: Millis = 1_000;
+
+#[derive(Debug, Clone)]
+pub struct JoinConfig {
+    pub orphan_ttl_ms: Millis,
+    /// Cap on waiting orphans and on remembered decided request ids.
+    pub max_remembered: usize,
+}
+
+/// A record merge publishes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    Decision(Decision),
+    Comparison { user_id: String, comparison: ShadowComparison },
+}
+
+/// What one step of the join produced: records to publish, and input records no longer needed.
+#[derive(Debug, Default)]
+pub struct Effects {
+    pub outputs: Vec<Output>,
+    pub released: Vec<SourcePos>,
+}
+
+#[derive(Debug)]
+struct ShadowSlot {
+    model: String,
+    answer: Option<Prediction>,
+    compared: bool,
+}
+
+/// The served answer, once decided.
+#[derive(Debug, Clone)]
+struct Served {
+    output: Option<Vec<u8>>,
+    ok: bool,
+    latency_ms: Option<i64>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    routed: Routed,
+    deadline: Millis,
+    holds: Vec<SourcePos>,
+    served: Option<Served>,
+    shadows: Vec<ShadowSlot>,
+}
+
+impl Entry {
+    fn complete(&self) -> bool {
+        self.served.is_some() && self.shadows.iter().all(|s| s.compared)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Join {
+    config: Option<JoinConfig>,
+    entries: HashMap<String, Entry>,
+    deadlines: BTreeSet<(Millis, String)>,
+    orphans: HashMap<String, Vec<(Prediction, SourcePos)>>,
+    orphan_order: VecDeque<(Millis, String)>,
+    decided: HashMap<String, Millis>,
+    decided_order: VecDeque<(Millis, String)>,
+}
+
+fn latency(prediction: &Prediction, routed: &Routed) -> i64 {
+    (prediction.produced_at - routed.routed_at).max(0)
+}
+
+impl Join {
+    pub fn new(config: JoinConfig) -> Self {
+        Join { config: Some(config), ..Join::default() }
+    }
+
+    fn config(&self) -> &JoinConfig {
+        self.config.as_ref().expect("Join::new sets the config")
+    }
+
+    /// Requests waiting for an answer or for their shadows.
+    pub fn pending(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Predictions waiting for their routed record.
+    pub fn orphans(&self) -> usize {
+        self.orphans.values().map(Vec::len).sum()
+    }
+
+    pub fn on_routed(&mut self, routed: Routed, pos: SourcePos, now: Millis, fx: &mut Effects) {
+        let id = routed.request_id.clone();
+        if self.entries.contains_key(&id) || self.decided.contains_key(&id) {
+            // A duplicate routing record (a retried batch upstream): the request already has its decision.
+            fx.released.push(pos);
+            return;
+        }
+        let deadline = (routed.routed_at + routed.timeout_ms).max(now + REPLAY_GRACE_MS.min(routed.timeout_ms));
+        let shadows = routed.shadow_models.iter().map(|m| ShadowSlot { model: m.clone(), answer: None, compared: false }).collect();
+        self.deadlines.insert((deadline, id.clone()));
+        self.entries.insert(id.clone(), Entry { routed, deadline, holds: vec![pos], served: None, shadows });
+        for (prediction, pos) in self.orphans.remove(&id).unwrap_or_default() {
+            self.on_prediction(prediction, pos, now, fx);
+        }
+    }
+
+    pub fn on_prediction(&mut self, prediction: Prediction, pos: SourcePos, now: Millis, fx: &mut Effects) {
+        let id = prediction.request_id.clone();
+        let Some(entry) = self.entries.get_mut(&id) else {
+            if self.decided.contains_key(&id) {
+                telemetry::prediction_discarded(&prediction.model, "after_decision");
+                fx.released.push(pos);
+            } else {
+                self.orphan_order.push_back((now, id.clone()));
+                self.orphans.entry(id).or_default().push((prediction, pos));
+                self.evict_orphans(now, fx);
+            }
+            return;
+        };
+        entry.holds.push(pos);
+        if prediction.model == entry.routed.serving_model {
+            if entry.served.is_some() {
+                telemetry::prediction_discarded(&prediction.model, "duplicate");
+                return;
+            }
+            let status = if prediction.error.is_some() { DecisionStatus::ModelError } else { DecisionStatus::Ok };
+            telemetry::prediction_latency(&prediction.model, latency(&prediction, &entry.routed) as f64 / 1000.0);
+            let served = Served { ok: prediction.error.is_none(), latency_ms: Some(latency(&prediction, &entry.routed)), output: prediction.output.clone() };
+            fx.outputs.push(Output::Decision(decision(&entry.routed, status, prediction.output, prediction.error, now)));
+            entry.served = Some(served);
+            let served = entry.served.clone().expect("just set");
+            for slot in &mut entry.shadows {
+                if let Some(answer) = slot.answer.take() {
+                    compare(&entry.routed, &served, slot, answer, now, fx);
+                }
+            }
+        } else if let Some(slot) = entry.shadows.iter_mut().find(|s| s.model == prediction.model) {
+            if slot.compared || slot.answer.is_some() {
+                telemetry::prediction_discarded(&prediction.model, "duplicate");
+                return;
+            }
+            telemetry::prediction_latency(&prediction.model, latency(&prediction, &entry.routed) as f64 / 1000.0);
+            match entry.served.clone() {
+                Some(served) => compare(&entry.routed, &served, slot, prediction, now, fx),
+                None => slot.answer = Some(prediction),
+            }
+        } else {
+            telemetry::prediction_discarded(&prediction.model, "not_routed_to_model");
+            return;
+        }
+        if entry.complete() {
+            self.finish(&id, now, fx);
+        }
+    }
+
+    /// Decides every request whose deadline passed (TIMEOUT) and drops orphans past their time.
+    pub fn expire(&mut self, now: Millis, fx: &mut Effects) {
+        while let Some((deadline, id)) = self.deadlines.first().cloned() {
+            if deadline > now {
+                break;
+            }
+            self.deadlines.pop_first();
+            let Some(entry) = self.entries.get_mut(&id) else { continue };
+            if entry.served.is_none() {
+                let error = format!("{} did not answer within {} ms", entry.routed.serving_model, entry.routed.timeout_ms);
+                fx.outputs.push(Output::Decision(decision(&entry.routed, DecisionStatus::Timeout, None, Some(error), now)));
+                let served = Served { output: None, ok: false, latency_ms: None };
+                for slot in &mut entry.shadows {
+                    if let Some(answer) = slot.answer.take() {
+                        compare(&entry.routed, &served, slot, answer, now, fx);
+                    }
+                }
+                entry.served = Some(served);
+            }
+            for slot in entry.shadows.iter().filter(|s| !s.compared) {
+                telemetry::shadow_missing(&entry.routed.deployment, &slot.model);
+            }
+            self.finish(&id, now, fx);
+        }
+        self.evict_orphans(now, fx);
+        let keep_after = now - self.config().orphan_ttl_ms;
+        while let Some((at, _)) = self.decided_order.front() {
+            if *at >= keep_after && self.decided_order.len() <= self.config().max_remembered {
+                break;
+            }
+            let (at, id) = self.decided_order.pop_front().expect("front exists");
+            if self.decided.get(&id) == Some(&at) {
+                self.decided.remove(&id);
+            }
+        }
+    }
+
+    fn evict_orphans(&mut self, now: Millis, fx: &mut Effects) {
+        let keep_after = now - self.config().orphan_ttl_ms;
+        let max = self.config().max_remembered;
+        while let Some((at, _)) = self.orphan_order.front() {
+            if *at >= keep_after && self.orphan_order.len() <= max {
+                break;
+            }
+            let (_, id) = self.orphan_order.pop_front().expect("front exists");
+            if let Some(waiting) = self.orphans.remove(&id) {
+                for (prediction, pos) in waiting {
+                    tracing::warn!(request_id = %id, model = %prediction.model, "prediction for a request never routed; discarded");
+                    telemetry::prediction_discarded(&prediction.model, "unknown_request");
+                    fx.released.push(pos);
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self, id: &str, now: Millis, fx: &mut Effects) {
+        if let Some(entry) = self.entries.remove(id) {
+            self.deadlines.remove(&(entry.deadline, id.to_string()));
+            fx.released.extend(entry.holds);
+            self.decided.insert(id.to_string(), now);
+            self.decided_order.push_back((now, id.to_string()));
+        }
+    }
+}
+
+fn decision(routed: &Routed, status: DecisionStatus, output: Option<Vec<u8>>, error: Option<String>, now: Millis) -> Decision {
+    telemetry::decided(&routed.deployment, &routed.serving_model, &routed.cohort, status.as_str());
+    Decision {
+        request_id: routed.request_id.clone(),
+        user_id: routed.user_id.clone(),
+        deployment: routed.deployment.clone(),
+        model: routed.serving_model.clone(),
+        strategy: routed.strategy.clone(),
+        cohort: routed.cohort.clone(),
+        bucket: routed.bucket,
+        config_version: routed.config_version,
+        status,
+        output,
+        error,
+        latency_ms: (now - routed.sent_at).max(0),
+        decided_at: now,
+    }
+}
+
+fn compare(routed: &Routed, served: &Served, slot: &mut ShadowSlot, answer: Prediction, now: Millis, fx: &mut Effects) {
+    let agreed = served.ok && answer.error.is_none() && served.output == answer.output;
+    telemetry::shadow_compared(&routed.deployment, &slot.model, agreed);
+    slot.compared = true;
+    fx.outputs.push(Output::Comparison {
+        user_id: routed.user_id.clone(),
+        comparison: ShadowComparison {
+            request_id: routed.request_id.clone(),
+            deployment: routed.deployment.clone(),
+            serving_model: routed.serving_model.clone(),
+            serving_output: served.output.clone(),
+            shadow_model: slot.model.clone(),
+            shadow_latency_ms: latency(&answer, routed),
+            shadow_output: answer.output,
+            agreed,
+            serving_latency_ms: served.latency_ms,
+            compared_at: now,
+        },
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn join() -> Join {
+        Join::new(JoinConfig { orphan_ttl_ms: 10_000, max_remembered: 1000 })
+    }
+
+    fn routed(id: &str, shadows: &[&str]) -> Routed {
+        Routed {
+            request_id: id.into(), user_id: format!("user-{id}"), deployment: "d".into(), strategy: "shadow".into(),
+            cohort: "control".into(), bucket: 7, config_version: 2, serving_model: "v1".into(),
+            shadow_models: shadows.iter().map(|s| s.to_string()).collect(), timeout_ms: 500, sent_at: 900, routed_at: 1000,
+        }
+    }
+
+    fn answer(id: &str, model: &str, output: &str, at: Millis) -> Prediction {
+        Prediction { request_id: id.into(), model: model.into(), output: Some(output.as_bytes().to_vec()), error: None, produced_at: at }
+    }
+
+    fn pos(offset: i64) -> SourcePos {
+        SourcePos { topic: "t".into(), partition: 0, offset }
+    }
+
+    fn decisions(fx: &Effects) -> Vec<&Decision> {
+        fx.outputs.iter().filter_map(|o| if let Output::Decision(d) = o { Some(d) } else { None }).collect()
+    }
+
+    fn comparisons(fx: &Effects) -> Vec<&ShadowComparison> {
+        fx.outputs.iter().filter_map(|o| if let Output::Comparison { comparison, .. } = o { Some(comparison) } else { None }).collect()
+    }
+
+    #[test]
+    fn serving_answer_decides_and_shadow_is_compared_not_served() {
+        let mut j = join();
+        let mut fx = Effects::default();
+        j.on_routed(routed("a", &["v2"]), pos(0), 1000, &mut fx);
+        j.on_prediction(answer("a", "v2", "yes", 1010), pos(1), 1011, &mut fx);
+        assert!(fx.outputs.is_empty(), "a shadow answer alone decides nothing");
+        j.on_prediction(answer("a", "v1", "no", 1020), pos(2), 1021, &mut fx);
+        let d = decisions(&fx);
+        assert_eq!(d.len(), 1);
+        assert_eq!((d[0].model.as_str(), d[0].output.as_deref(), d[0].status), ("v1", Some(&b"no"[..]), DecisionStatus::Ok));
+        assert_eq!(d[0].latency_ms, 1021 - 900);
+        let c = comparisons(&fx);
+        assert_eq!(c.len(), 1);
+        assert!(!c[0].agreed);
+        assert_eq!((c[0].serving_latency_ms, c[0].shadow_latency_ms), (Some(20), 10));
+        assert_eq!(j.pending(), 0);
+        assert_eq!(fx.released.len(), 3, "all input records released once complete");
+    }
+
+    #[test]
+    fn agreement_and_late_duplicates() {
+        let mut j = join();
+        let mut fx = Effects::default();
+        j.on_routed(routed("a", &["v2"]), pos(0), 1000, &mut fx);
+        j.on_prediction(answer("a", "v1", "same", 1005), pos(1), 1006, &mut fx);
+        assert_eq!(j.pending(), 1, "waits for the shadow");
+        j.on_prediction(answer("a", "v2", "same", 1007), pos(2), 1008, &mut fx);
+        assert!(comparisons(&fx)[0].agreed);
+        j.on_prediction(answer("a", "v1", "again", 1009), pos(3), 1010, &mut fx);
+        j.on_routed(routed("a", &["v2"]), pos(4), 1011, &mut fx);
+        j.expire(5000, &mut fx);
+        assert_eq!(decisions(&fx).len(), 1, "one decision whatever arrives later");
+        assert_eq!(fx.released.len(), 5);
+    }
+
+    #[test]
+    fn timeout_gives_exactly_one_decision() {
+        let mut j = join();
+        let mut fx = Effects::default();
+        j.on_routed(routed("a", &["v2"]), pos(0), 1000, &mut fx);
+        j.on_prediction(answer("a", "v2", "s", 1100), pos(1), 1100, &mut fx);
+        j.expire(1499, &mut fx);
+        assert!(decisions(&fx).is_empty());
+        j.expire(1500, &mut fx);
+        let d = decisions(&fx);
+        assert_eq!((d.len(), d[0].status, d[0].output.is_none()), (1, DecisionStatus::Timeout, true));
+        assert!(d[0].error.as_deref().unwrap().contains("v1 did not answer within 500 ms"));
+        assert_eq!(comparisons(&fx).len(), 1, "the shadow answer is still compared");
+        assert!(!comparisons(&fx)[0].agreed);
+        j.on_prediction(answer("a", "v1", "late", 1600), pos(2), 1600, &mut fx);
+        assert_eq!(decisions(&fx).len(), 1, "a late answer is not a second decision");
+    }
+
+    #[test]
+    fn model_error_is_a_decision() {
+        let mut j = join();
+        let mut fx = Effects::default();
+        j.on_routed(routed("a", &[]), pos(0), 1000, &mut fx);
+        let mut failed = answer("a", "v1", "", 1001);
+        failed.output = None;
+        failed.error = Some("boom".into());
+        j.on_prediction(failed, pos(1), 1002, &mut fx);
+        let d = decisions(&fx);
+        assert_eq!((d[0].status, d[0].error.as_deref()), (DecisionStatus::ModelError, Some("boom")));
+    }
+
+    #[test]
+    fn prediction_before_routed_record_waits_and_unknown_ones_expire() {
+        let mut j = join();
+        let mut fx = Effects::default();
+        j.on_prediction(answer("a", "v1", "x", 1000), pos(1), 1000, &mut fx);
+        j.on_prediction(answer("ghost", "v1", "x", 1000), pos(2), 1000, &mut fx);
+        assert_eq!(j.orphans(), 2);
+        j.on_routed(routed("a", &[]), pos(0), 1001, &mut fx);
+        assert_eq!(decisions(&fx).len(), 1);
+        j.expire(1000 + 10_001, &mut fx);
+        assert_eq!(j.orphans(), 0);
+        assert_eq!(fx.released.len(), 3);
+    }
+
+    #[test]
+    fn answers_from_models_not_routed_to_are_ignored() {
+        let mut j = join();
+        let mut fx = Effects::default();
+        j.on_routed(routed("a", &["v2"]), pos(0), 1000, &mut fx);
+        j.on_prediction(answer("a", "v9", "x", 1001), pos(1), 1001, &mut fx);
+        assert!(fx.outputs.is_empty());
+        assert_eq!(j.pending(), 1);
+    }
+
+    #[test]
+    fn replayed_routed_record_gets_a_grace_period() {
+        let mut j = join();
+        let mut fx = Effects::default();
+        // Routed long ago (merge restarted); its answer is further down the predictions topic.
+        j.on_routed(routed("a", &[]), pos(0), 60_000, &mut fx);
+        j.expire(60_400, &mut fx);
+        assert!(decisions(&fx).is_empty());
+        j.on_prediction(answer("a", "v1", "x", 1100), pos(1), 60_400, &mut fx);
+        assert_eq!(decisions(&fx)[0].status, DecisionStatus::Ok);
+    }
+}

@@ -1,0 +1,190 @@
+//! route: requests in, per-model requests and one routing record out.
+//!
+//! For each request: decode, look up its deployment, apply the pure [`routing::route`] decision, then
+//! publish a PRIMARY copy to the serving model's topic, SHADOW copies to the shadow models' topics and a
+//! [`Routed`] record (what merge joins the answers to). Anything that cannot be routed is dead-lettered.
+//! Offsets are committed only after everything a batch produced is acknowledged.
+
+use std::time::Duration;
+
+use rdkafka::consumer::Consumer;
+use rdkafka::message::{Message, OwnedMessage};
+
+use crate::codec::{Codec, Millis, ModelRequest, Request, Role, Routed};
+use crate::config::Config;
+use crate::control::SharedRegistry;
+use crate::dead_letter::{self, Kind};
+use crate::error::Result;
+use crate::kafka::{self, OutRecord, Progress, SourcePos};
+use crate::routing::{self, Deployment};
+use crate::shutdown::Shutdown;
+use crate::telemetry;
+
+/// How long to wait for a request before checking for shutdown.
+const IDLE: Duration = Duration::from_millis(200);
+
+/// Largest request value accepted; larger ones are dead-lettered rather than copied to several topics.
+pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+
+/// Everything one request turns into.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub routed: Routed,
+    pub copies: Vec<ModelRequest>,
+}
+
+/// The routing of one decoded request under its deployment: pure.
+pub fn plan(request: Request, deployment: &Deployment, routed_at: Millis) -> Plan {
+    let route = routing::route(deployment, &request.user_id);
+    let version = deployment.version() as i64;
+    let routed = Routed {
+        request_id: request.request_id.clone(),
+        user_id: request.user_id.clone(),
+        deployment: request.deployment.clone(),
+        strategy: deployment.strategy().as_str().to_string(),
+        cohort: route.cohort.as_str().to_string(),
+        bucket: i32::from(route.bucket),
+        config_version: version,
+        serving_model: route.serving.to_string(),
+        shadow_models: route.shadows.iter().map(|m| m.to_string()).collect(),
+        timeout_ms: deployment.spec.timeout_ms as i64,
+        sent_at: request.sent_at,
+        routed_at,
+    };
+    let copy = |model: &str, role| ModelRequest { request: request.clone(), model: model.to_string(), role, config_version: version, routed_at };
+    let mut copies = vec![copy(route.serving, Role::Primary)];
+    copies.extend(route.shadows.iter().map(|m| copy(m, Role::Shadow)));
+    Plan { routed, copies }
+}
+
+/// Why a request was not routed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unroutable {
+    pub kind: Kind,
+    pub reason: String,
+}
+
+/// Decodes and checks one request value, and finds its deployment.
+pub fn admit(value: Option<&[u8]>, codec: &Codec, registry: &SharedRegistry) -> Result<(Request, std::sync::Arc<Deployment>), Unroutable> {
+    let value = value.unwrap_or_default();
+    if value.len() > MAX_REQUEST_BYTES {
+        return Err(Unroutable { kind: Kind::Oversized, reason: format!("value of {} bytes exceeds {MAX_REQUEST_BYTES}", value.len()) });
+    }
+    let request: Request = codec.decode(value).map_err(|e| Unroutable { kind: Kind::Undecodable, reason: e.to_string() })?;
+    if request.request_id.is_empty() {
+        return Err(Unroutable { kind: Kind::Invalid, reason: "request_id is empty".into() });
+    }
+    let deployment = registry.read().expect("registry lock is never poisoned").get(&request.deployment);
+    match deployment {
+        Some(d) => Ok((request, d)),
+        None => Err(Unroutable { kind: Kind::UnknownDeployment, reason: format!("deployment {:?} is not in force", request.deployment) }),
+    }
+}
+
+/// The records a plan is published as.
+pub fn records(plan: &Plan, config: &Config, codec: &Codec) -> Vec<OutRecord> {
+    let key = plan.routed.user_id.as_bytes();
+    let mut out: Vec<OutRecord> = plan
+        .copies
+        .iter()
+        .map(|copy| {
+            OutRecord::new(config.topics.model_requests(&copy.model), key, codec.encode(copy))
+                .header("role", copy.role.as_str())
+                .header("deployment", plan.routed.deployment.as_str())
+        })
+        .collect();
+    out.push(OutRecord::new(config.topics.routed.clone(), key, codec.encode(&plan.routed)));
+    out
+}
+
+fn process(message: &OwnedMessage, config: &Config, codec: &Codec, registry: &SharedRegistry, out: &mut Vec<OutRecord>) {
+    let source = SourcePos { topic: message.topic().to_string(), partition: message.partition(), offset: message.offset() };
+    match admit(message.payload(), codec, registry) {
+        Ok((request, deployment)) => {
+            let plan = plan(request, &deployment, kafka::now_millis());
+            for copy in &plan.copies {
+                telemetry::routed(&plan.routed.deployment, &copy.model, copy.role.as_str());
+            }
+            out.extend(records(&plan, config, codec));
+        }
+        Err(e) => out.push(dead_letter::letter(&config.topics.dead_letter, &source, message.key(), message.payload(), e.kind, &e.reason)),
+    }
+}
+
+/// Runs route until shutdown. Starts consuming only after `registry` holds the whole deployments topic.
+pub async fn run(config: Config, codec: Codec, registry: SharedRegistry, shutdown: Shutdown) -> Result<()> {
+    let group = format!("{}-route", config.service.group_id);
+    let consumer = kafka::group_consumer(&config, &group)?;
+    consumer.subscribe(&[config.topics.requests.as_str()])?;
+    let producer = kafka::producer(&config)?;
+    let mut progress = Progress::default();
+    tracing::info!(topic = %config.topics.requests, %group, "route consuming");
+    let wait = Duration::from_millis(config.service.batch_wait_ms);
+    while !shutdown.is_triggered() {
+        let batch = kafka::next_batch(&consumer, config.service.batch_size, wait, IDLE).await;
+        if batch.is_empty() {
+            continue;
+        }
+        let mut out = Vec::with_capacity(batch.len() * 3);
+        for message in &batch {
+            let source = SourcePos { topic: message.topic().to_string(), partition: message.partition(), offset: message.offset() };
+            if progress.accept(&source) {
+                process(message, &config, &codec, &registry, &mut out);
+            }
+        }
+        if !kafka::send_all_retrying(&producer, &out, &shutdown).await {
+            break;
+        }
+        kafka::commit(&consumer, &mut progress);
+    }
+    if let Some(list) = progress.to_commit() {
+        consumer.commit(&list, rdkafka::consumer::CommitMode::Sync)?;
+    }
+    tracing::info!("route stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::Registry;
+    use crate::routing::DeploymentSpec;
+
+    fn deployment(json: &str) -> Deployment {
+        DeploymentSpec::from_json(json.as_bytes()).unwrap().validate("fraud").unwrap()
+    }
+
+    fn request(user: &str) -> Request {
+        Request { request_id: format!("r-{user}"), user_id: user.into(), deployment: "fraud".into(), sent_at: 10, payload: vec![1], attributes: Default::default() }
+    }
+
+    #[test]
+    fn plan_sends_one_primary_and_the_shadows() {
+        let d = deployment(r#"{"version":3,"strategy":"shadow","control":"v1","candidate":"v2","mirror":["v3"],"timeout_ms":250}"#);
+        let p = plan(request("user-1"), &d, 20);
+        assert_eq!(p.routed.serving_model, "v1");
+        assert_eq!(p.routed.shadow_models, vec!["v2", "v3"]);
+        assert_eq!((p.routed.timeout_ms, p.routed.config_version, p.routed.bucket, p.routed.routed_at), (250, 3, 9090, 20));
+        let roles: Vec<_> = p.copies.iter().map(|c| (c.model.as_str(), c.role)).collect();
+        assert_eq!(roles, vec![("v1", Role::Primary), ("v2", Role::Shadow), ("v3", Role::Shadow)]);
+        assert!(p.copies.iter().all(|c| c.request == request("user-1") && c.config_version == 3));
+    }
+
+    #[test]
+    fn admit_sorts_bad_input() {
+        let codec = Codec::default();
+        let registry = Registry::shared();
+        registry.write().unwrap().apply(Some(b"fraud"), Some(br#"{"version":1,"strategy":"single","control":"v1"}"#), 0);
+        assert!(admit(Some(&codec.encode(&request("u"))), &codec, &registry).is_ok());
+        let kind = |value: Option<&[u8]>| admit(value, &codec, &registry).unwrap_err().kind;
+        assert_eq!(kind(None), Kind::Undecodable);
+        assert_eq!(kind(Some(b"\x01\x02garbage")), Kind::Undecodable);
+        let mut other = request("u");
+        other.deployment = "nope".into();
+        assert_eq!(kind(Some(&codec.encode(&other))), Kind::UnknownDeployment);
+        let mut empty_id = request("u");
+        empty_id.request_id.clear();
+        assert_eq!(kind(Some(&codec.encode(&empty_id))), Kind::Invalid);
+        assert_eq!(kind(Some(&vec![0u8; MAX_REQUEST_BYTES + 1])), Kind::Oversized);
+    }
+}

@@ -1,0 +1,337 @@
+//! The deployment record: what operators write to the compacted deployments topic, and its validation.
+//!
+//! A [`DeploymentSpec`] is the JSON as written; [`Deployment`] is a validated spec with its defaults
+//! resolved. Only a `Deployment` reaches the router, so routing never has to re-check anything.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::hash::threshold;
+
+/// Longest model name accepted; model names become part of Kafka topic names (max 249 characters).
+const MAX_MODEL_NAME: usize = 200;
+/// Upper bound on `timeout_ms`: a request held longer than this is a configuration mistake.
+pub const MAX_TIMEOUT_MS: u64 = 600_000;
+/// Deadline used when a record does not set `timeout_ms`.
+pub const DEFAULT_TIMEOUT_MS: u64 = 1_000;
+
+/// How a deployment chooses the serving model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// Control only.
+    Single,
+    /// Control serves everyone; the candidate gets copies.
+    Shadow,
+    /// A sticky share of users is served by the candidate.
+    Canary,
+    /// Everyone is served by the `active` side.
+    BlueGreen,
+}
+
+impl Strategy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::Single => "single",
+            Strategy::Shadow => "shadow",
+            Strategy::Canary => "canary",
+            Strategy::BlueGreen => "blue_green",
+        }
+    }
+}
+
+impl std::fmt::Display for Strategy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One of the two sides of a deployment: also the cohort name carried by decisions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Side {
+    #[default]
+    Control,
+    Candidate,
+}
+
+impl Side {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Control => "control",
+            Side::Candidate => "candidate",
+        }
+    }
+}
+
+impl std::fmt::Display for Side {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+fn default_shadow_percent() -> f64 {
+    100.0
+}
+
+fn default_timeout_ms() -> u64 {
+    DEFAULT_TIMEOUT_MS
+}
+
+/// The deployment record exactly as it travels on the deployments topic (JSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeploymentSpec {
+    /// Monotonic version; a record not above the version in force is ignored.
+    pub version: u64,
+    pub strategy: Strategy,
+    /// The current model; always required.
+    pub control: String,
+    /// The new model; required by every strategy but `single`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate: Option<String>,
+    /// Canary: share of users served by the candidate, 0–100 in steps of 0.01.
+    #[serde(default)]
+    pub canary_percent: f64,
+    /// Shadow and mirror: share of users whose requests are copied.
+    #[serde(default = "default_shadow_percent")]
+    pub shadow_percent: f64,
+    /// Blue/green: which side serves everyone.
+    #[serde(default)]
+    pub active: Side,
+    /// Extra models that get shadow copies under any strategy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mirror: Vec<String>,
+    /// Cohort salt; defaults to the deployment name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub salt: Option<String>,
+    /// Deadline for the serving model's prediction.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Users forced to one side (canary and blue/green).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub overrides: BTreeMap<String, Side>,
+}
+
+/// A validated deployment, ready for routing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Deployment {
+    pub name: String,
+    pub spec: DeploymentSpec,
+    /// `spec.salt`, or the deployment name.
+    pub salt: String,
+    /// Candidate buckets: `bucket < canary_threshold` serves the candidate.
+    pub canary_threshold: u16,
+    /// Shadow-sampling buckets: `shadow_bucket < shadow_threshold` gets copies.
+    pub shadow_threshold: u16,
+}
+
+impl Deployment {
+    pub fn version(&self) -> u64 {
+        self.spec.version
+    }
+
+    pub fn strategy(&self) -> Strategy {
+        self.spec.strategy
+    }
+
+    /// The model that serves `side`; `single` and a missing candidate fall back to control.
+    pub fn model_for(&self, side: Side) -> &str {
+        match (side, &self.spec.candidate) {
+            (Side::Candidate, Some(candidate)) => candidate,
+            _ => &self.spec.control,
+        }
+    }
+
+    /// Every model this deployment can send requests to (control, candidate, mirrors).
+    pub fn models(&self) -> Vec<&str> {
+        let mut models = vec![self.spec.control.as_str()];
+        models.extend(self.spec.candidate.as_deref());
+        models.extend(self.spec.mirror.iter().map(String::as_str));
+        models
+    }
+}
+
+/// Why a deployment record was not put in force.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum InvalidDeployment {
+    #[error("value is not valid JSON for a deployment record: {0}")]
+    Json(String),
+    #[error("deployment name {0:?} is invalid: use 1-200 characters of [A-Za-z0-9._-]")]
+    Name(String),
+    #[error("version must be at least 1")]
+    ZeroVersion,
+    #[error("version {got} is not greater than the version in force ({current})")]
+    StaleVersion { got: u64, current: u64 },
+    #[error("{field} {name:?} is not a valid model name: use 1-200 characters of [A-Za-z0-9._-]")]
+    ModelName { field: &'static str, name: String },
+    #[error("strategy {0} needs a candidate model")]
+    MissingCandidate(Strategy),
+    #[error("strategy single takes no candidate (got {0:?}); use shadow, canary or blue_green")]
+    UnexpectedCandidate(String),
+    #[error("candidate must differ from control ({0:?})")]
+    CandidateIsControl(String),
+    #[error("mirror model {0:?} is listed twice or is also control/candidate")]
+    DuplicateMirror(String),
+    #[error("{field} must be between 0 and 100 in steps of 0.01, got {value}")]
+    Percent { field: &'static str, value: f64 },
+    #[error("timeout_ms must be between 1 and {MAX_TIMEOUT_MS}, got {0}")]
+    Timeout(u64),
+    #[error("override for an empty user id")]
+    EmptyOverride,
+}
+
+/// Kafka topic names allow `[A-Za-z0-9._-]`; model and deployment names share that rule so every
+/// per-model topic name is legal.
+pub fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_MODEL_NAME
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+fn check_percent(field: &'static str, value: f64) -> Result<u16, InvalidDeployment> {
+    let scaled = value * 100.0;
+    if !(0.0..=100.0).contains(&value) || (scaled - scaled.round()).abs() > 1e-6 {
+        return Err(InvalidDeployment::Percent { field, value });
+    }
+    Ok(threshold(value))
+}
+
+fn check_model(field: &'static str, name: &str) -> Result<(), InvalidDeployment> {
+    if is_valid_name(name) {
+        Ok(())
+    } else {
+        Err(InvalidDeployment::ModelName { field, name: name.to_string() })
+    }
+}
+
+impl DeploymentSpec {
+    /// Parses the JSON value of a deployments-topic record.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, InvalidDeployment> {
+        serde_json::from_slice(bytes).map_err(|e| InvalidDeployment::Json(e.to_string()))
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a deployment spec always serialises")
+    }
+
+    /// Checks every rule of the contract except version ordering, which needs the record in force.
+    pub fn validate(self, name: &str) -> Result<Deployment, InvalidDeployment> {
+        if !is_valid_name(name) {
+            return Err(InvalidDeployment::Name(name.to_string()));
+        }
+        if self.version == 0 {
+            return Err(InvalidDeployment::ZeroVersion);
+        }
+        check_model("control", &self.control)?;
+        match (&self.candidate, self.strategy) {
+            (None, Strategy::Single) => {}
+            (Some(candidate), Strategy::Single) => {
+                return Err(InvalidDeployment::UnexpectedCandidate(candidate.clone()));
+            }
+            (None, strategy) => return Err(InvalidDeployment::MissingCandidate(strategy)),
+            (Some(candidate), _) => {
+                check_model("candidate", candidate)?;
+                if *candidate == self.control {
+                    return Err(InvalidDeployment::CandidateIsControl(candidate.clone()));
+                }
+            }
+        }
+        let mut seen: Vec<&str> = vec![&self.control];
+        seen.extend(self.candidate.as_deref());
+        for mirror in &self.mirror {
+            check_model("mirror", mirror)?;
+            if seen.contains(&mirror.as_str()) {
+                return Err(InvalidDeployment::DuplicateMirror(mirror.clone()));
+            }
+            seen.push(mirror);
+        }
+        let canary_threshold = check_percent("canary_percent", self.canary_percent)?;
+        let shadow_threshold = check_percent("shadow_percent", self.shadow_percent)?;
+        if self.timeout_ms == 0 || self.timeout_ms > MAX_TIMEOUT_MS {
+            return Err(InvalidDeployment::Timeout(self.timeout_ms));
+        }
+        if self.overrides.keys().any(String::is_empty) {
+            return Err(InvalidDeployment::EmptyOverride);
+        }
+        let salt = self.salt.clone().unwrap_or_else(|| name.to_string());
+        Ok(Deployment { name: name.to_string(), spec: self, salt, canary_threshold, shadow_threshold })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<Deployment, InvalidDeployment> {
+        DeploymentSpec::from_json(json.as_bytes())?.validate("fraud")
+    }
+
+    #[test]
+    fn contract_example_is_valid() {
+        let d = parse(
+            r#"{"version":3,"strategy":"canary","control":"fraud-v1","candidate":"fraud-v2",
+                "canary_percent":10.0,"shadow_percent":100.0,"active":"control","mirror":["fraud-v3"],
+                "salt":"fraud","timeout_ms":500,"overrides":{"user-42":"candidate"}}"#,
+        )
+        .unwrap();
+        assert_eq!(d.canary_threshold, 1000);
+        assert_eq!(d.shadow_threshold, 10_000);
+        assert_eq!(d.models(), vec!["fraud-v1", "fraud-v2", "fraud-v3"]);
+        assert_eq!(d.spec.overrides.get("user-42"), Some(&Side::Candidate));
+    }
+
+    #[test]
+    fn defaults_fill_in() {
+        let d = parse(r#"{"version":1,"strategy":"single","control":"m1"}"#).unwrap();
+        assert_eq!(d.salt, "fraud");
+        assert_eq!(d.spec.timeout_ms, DEFAULT_TIMEOUT_MS);
+        assert_eq!(d.shadow_threshold, 10_000);
+        assert_eq!(d.canary_threshold, 0);
+        assert_eq!(d.spec.active, Side::Control);
+    }
+
+    #[test]
+    fn rejects_each_broken_rule() {
+        let cases = [
+            (r#"{"version":1,"strategy":"single""#, "not valid JSON"),
+            (r#"{"version":1,"strategy":"single","control":"m","colour":"red"}"#, "unknown field"),
+            (r#"{"version":1,"strategy":"rainbow","control":"m"}"#, "unknown variant"),
+            (r#"{"version":0,"strategy":"single","control":"m"}"#, "at least 1"),
+            (r#"{"version":1,"strategy":"canary","control":"m"}"#, "needs a candidate"),
+            (r#"{"version":1,"strategy":"single","control":"m","candidate":"n"}"#, "takes no candidate"),
+            (r#"{"version":1,"strategy":"canary","control":"m","candidate":"m"}"#, "must differ"),
+            (r#"{"version":1,"strategy":"single","control":"a b"}"#, "not a valid model name"),
+            (r#"{"version":1,"strategy":"single","control":""}"#, "not a valid model name"),
+            (r#"{"version":1,"strategy":"canary","control":"m","candidate":"n","canary_percent":100.5}"#, "between 0 and 100"),
+            (r#"{"version":1,"strategy":"canary","control":"m","candidate":"n","canary_percent":-1}"#, "between 0 and 100"),
+            (r#"{"version":1,"strategy":"canary","control":"m","candidate":"n","canary_percent":10.005}"#, "steps of 0.01"),
+            (r#"{"version":1,"strategy":"shadow","control":"m","candidate":"n","shadow_percent":101}"#, "shadow_percent"),
+            (r#"{"version":1,"strategy":"single","control":"m","mirror":["m"]}"#, "listed twice"),
+            (r#"{"version":1,"strategy":"single","control":"m","mirror":["x","x"]}"#, "listed twice"),
+            (r#"{"version":1,"strategy":"single","control":"m","timeout_ms":0}"#, "timeout_ms"),
+            (r#"{"version":1,"strategy":"single","control":"m","overrides":{"":"control"}}"#, "empty user"),
+            (r#"{"version":1,"strategy":"single","control":"m","overrides":{"u":"blue"}}"#, "unknown variant"),
+        ];
+        for (json, reason) in cases {
+            let err = parse(json).expect_err(json).to_string();
+            assert!(err.contains(reason), "{json}: {err:?} lacks {reason:?}");
+        }
+    }
+
+    #[test]
+    fn rejects_bad_deployment_names() {
+        let spec = DeploymentSpec::from_json(br#"{"version":1,"strategy":"single","control":"m"}"#).unwrap();
+        assert!(matches!(spec.clone().validate("has space"), Err(InvalidDeployment::Name(_))));
+        assert!(matches!(spec.validate(""), Err(InvalidDeployment::Name(_))));
+    }
+
+    #[test]
+    fn json_round_trip_keeps_meaning() {
+        let d = parse(r#"{"version":7,"strategy":"blue_green","control":"a","candidate":"b","active":"candidate"}"#)
+            .unwrap();
+        let again = DeploymentSpec::from_json(d.spec.to_json().as_bytes()).unwrap();
+        assert_eq!(again, d.spec);
+    }
+}

@@ -1,0 +1,219 @@
+//! The routing decision: a pure function from (deployment, user id) to the serving model and the shadow
+//! copies. No I/O here; the route service wraps it with Kafka.
+
+pub mod deployment;
+pub mod hash;
+
+pub use deployment::{Deployment, DeploymentSpec, InvalidDeployment, Side, Strategy};
+
+/// Where one request goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route<'a> {
+    /// The model whose answer becomes the decision.
+    pub serving: &'a str,
+    /// The side the serving model belongs to (`control` / `candidate`).
+    pub cohort: Side,
+    /// The user's canary bucket (0..10000), carried on the decision for audits.
+    pub bucket: u16,
+    /// Models that get a SHADOW copy; their answers are compared, never served.
+    pub shadows: Vec<&'a str>,
+}
+
+/// Decides where a request from `user_id` goes under `deployment`.
+///
+/// - single: control serves.
+/// - shadow: control serves; the candidate gets a copy if the user is in the shadow sample.
+/// - canary: the candidate serves users with `bucket < round(canary_percent * 100)`.
+/// - blue_green: the `active` side serves everyone.
+/// - overrides pin a user to a side under canary and blue/green (the strategies where the candidate
+///   serves anyone); under single and shadow nobody but control is ever served.
+/// - mirror models get a copy under every strategy, sampled like shadow.
+pub fn route<'a>(deployment: &'a Deployment, user_id: &str) -> Route<'a> {
+    let spec = &deployment.spec;
+    let bucket = hash::bucket(&deployment.salt, user_id);
+    let pinned = spec.overrides.get(user_id).copied();
+    let cohort = match spec.strategy {
+        Strategy::Single | Strategy::Shadow => Side::Control,
+        Strategy::Canary => pinned.unwrap_or(if bucket < deployment.canary_threshold {
+            Side::Candidate
+        } else {
+            Side::Control
+        }),
+        Strategy::BlueGreen => pinned.unwrap_or(spec.active),
+    };
+
+    let mut shadows = Vec::new();
+    let wants_copies = spec.strategy == Strategy::Shadow || !spec.mirror.is_empty();
+    if wants_copies && hash::shadow_bucket(&deployment.salt, user_id) < deployment.shadow_threshold {
+        if spec.strategy == Strategy::Shadow {
+            shadows.extend(spec.candidate.as_deref());
+        }
+        shadows.extend(spec.mirror.iter().map(String::as_str));
+    }
+
+    Route { serving: deployment.model_for(cohort), cohort, bucket, shadows }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn deployment(json: &str) -> Deployment {
+        DeploymentSpec::from_json(json.as_bytes()).unwrap().validate("fraud").unwrap()
+    }
+
+    fn canary(percent: f64) -> Deployment {
+        deployment(&format!(
+            r#"{{"version":1,"strategy":"canary","control":"v1","candidate":"v2","canary_percent":{percent}}}"#
+        ))
+    }
+
+    #[test]
+    fn single_serves_control_without_copies() {
+        let d = deployment(r#"{"version":1,"strategy":"single","control":"v1"}"#);
+        for user in ["user-1", "user-42", "", "ünïcode"] {
+            let r = route(&d, user);
+            assert_eq!((r.serving, r.cohort), ("v1", Side::Control));
+            assert!(r.shadows.is_empty());
+        }
+    }
+
+    #[test]
+    fn canary_follows_the_published_buckets() {
+        // bucket("fraud", "user-1") = 9090, bucket("fraud", "user-42") = 5290.
+        let d = canary(90.91);
+        assert_eq!(route(&d, "user-1").serving, "v2");
+        assert_eq!(route(&d, "user-1").bucket, 9090);
+        let d = canary(90.90);
+        assert_eq!(route(&d, "user-1").serving, "v1");
+        assert_eq!(route(&d, "user-42").serving, "v2");
+        assert_eq!(route(&canary(52.90), "user-42").cohort, Side::Control);
+        assert_eq!(route(&canary(52.91), "user-42").cohort, Side::Candidate);
+    }
+
+    #[test]
+    fn canary_zero_and_hundred_are_absolute() {
+        for i in 0..2000 {
+            let user = format!("u{i}");
+            assert_eq!(route(&canary(0.0), &user).serving, "v1");
+            assert_eq!(route(&canary(100.0), &user).serving, "v2");
+        }
+    }
+
+    #[test]
+    fn canary_share_is_close_to_the_percent() {
+        let d = canary(10.0);
+        let n = 20_000;
+        let served = (0..n).filter(|i| route(&d, &format!("user-{i}")).cohort == Side::Candidate).count();
+        let share = served as f64 / n as f64;
+        assert!((0.09..0.11).contains(&share), "share {share}");
+    }
+
+    #[test]
+    fn overrides_pin_users_under_canary_and_blue_green_only() {
+        let d = deployment(
+            r#"{"version":1,"strategy":"canary","control":"v1","candidate":"v2","canary_percent":0,
+                "overrides":{"vip":"candidate"}}"#,
+        );
+        assert_eq!(route(&d, "vip").serving, "v2");
+        assert_eq!(route(&d, "other").serving, "v1");
+        let d = deployment(
+            r#"{"version":1,"strategy":"blue_green","control":"v1","candidate":"v2","active":"candidate",
+                "overrides":{"vip":"control"}}"#,
+        );
+        assert_eq!(route(&d, "vip").serving, "v1");
+        assert_eq!(route(&d, "other").serving, "v2");
+        let d = deployment(
+            r#"{"version":1,"strategy":"shadow","control":"v1","candidate":"v2","overrides":{"vip":"candidate"}}"#,
+        );
+        assert_eq!(route(&d, "vip").serving, "v1");
+    }
+
+    #[test]
+    fn blue_green_switches_everyone() {
+        let green = deployment(r#"{"version":1,"strategy":"blue_green","control":"b","candidate":"g","active":"candidate"}"#);
+        let blue = deployment(r#"{"version":2,"strategy":"blue_green","control":"b","candidate":"g"}"#);
+        for i in 0..500 {
+            let user = format!("user-{i}");
+            assert_eq!(route(&green, &user).serving, "g");
+            assert_eq!(route(&green, &user).cohort, Side::Candidate);
+            assert_eq!(route(&blue, &user).serving, "b");
+            assert!(route(&blue, &user).shadows.is_empty());
+        }
+    }
+
+    #[test]
+    fn shadow_copies_sampled_users_to_candidate_and_mirrors() {
+        let d = deployment(
+            r#"{"version":1,"strategy":"shadow","control":"v1","candidate":"v2","shadow_percent":23.72,"mirror":["v3"]}"#,
+        );
+        // shadow_bucket("fraud", "user-1") = 2372: just outside 23.72%.
+        let r = route(&d, "user-1");
+        assert_eq!(r.serving, "v1");
+        assert!(r.shadows.is_empty());
+        let d = deployment(
+            r#"{"version":1,"strategy":"shadow","control":"v1","candidate":"v2","shadow_percent":23.73,"mirror":["v3"]}"#,
+        );
+        assert_eq!(route(&d, "user-1").shadows, vec!["v2", "v3"]);
+    }
+
+    #[test]
+    fn mirror_works_with_every_strategy() {
+        let d = deployment(
+            r#"{"version":1,"strategy":"canary","control":"v1","candidate":"v2","canary_percent":50,"mirror":["v3"]}"#,
+        );
+        let mut served = std::collections::HashSet::new();
+        for i in 0..200 {
+            let r = route(&d, &format!("u{i}"));
+            assert_eq!(r.shadows, vec!["v3"]);
+            assert_ne!(r.serving, "v3");
+            served.insert(r.serving);
+        }
+        assert_eq!(served.len(), 2);
+        let d = deployment(
+            r#"{"version":1,"strategy":"blue_green","control":"v1","candidate":"v2","active":"candidate","mirror":["v3"]}"#,
+        );
+        assert_eq!(route(&d, "x").shadows, vec!["v3"]);
+        assert_eq!(route(&d, "x").serving, "v2");
+    }
+
+    #[test]
+    fn salt_reshuffles_cohorts() {
+        let a = canary(50.0);
+        let mut b = a.clone();
+        b.salt = "other".into();
+        let moved = (0..1000).filter(|i| {
+            let u = format!("u{i}");
+            route(&a, &u).cohort != route(&b, &u).cohort
+        });
+        assert!(moved.count() > 300);
+    }
+
+    proptest! {
+        #[test]
+        fn ramp_up_is_monotone(user in ".{0,40}", low in 0u32..=10_000, high in 0u32..=10_000) {
+            let (low, high) = (low.min(high), low.max(high));
+            let a = canary(f64::from(low) / 100.0);
+            let b = canary(f64::from(high) / 100.0);
+            if route(&a, &user).cohort == Side::Candidate {
+                prop_assert_eq!(route(&b, &user).cohort, Side::Candidate);
+            }
+        }
+
+        #[test]
+        fn serving_model_is_never_a_shadow(user in ".{0,40}", percent in 0u32..=10_000, strategy in 0usize..4) {
+            let strategy = ["single", "shadow", "canary", "blue_green"][strategy];
+            let candidate = if strategy == "single" { "" } else { r#","candidate":"v2""# };
+            let d = deployment(&format!(
+                r#"{{"version":1,"strategy":"{strategy}","control":"v1"{candidate},"canary_percent":{},"mirror":["v3"]}}"#,
+                f64::from(percent) / 100.0
+            ));
+            let r = route(&d, &user);
+            prop_assert!(!r.shadows.contains(&r.serving));
+            prop_assert_eq!(r.serving, d.model_for(r.cohort));
+            prop_assert_eq!(r.bucket, hash::bucket("fraud", &user));
+            prop_assert!(r.bucket < 10_000);
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! `switchyard run`: wires the deployments watcher, route, merge and the metrics endpoint together, and
+//! waits for all of them on shutdown.
+
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+use crate::config::Config;
+use crate::control::{Registry, watcher};
+use crate::error::{Error, Result};
+use crate::shutdown::{Shutdown, ShutdownTrigger};
+use crate::telemetry::{self, http::Health};
+use crate::{kafka, merge, route};
+
+/// Which halves of the service this process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Roles {
+    #[default]
+    All,
+    Route,
+    Merge,
+}
+
+/// Creates the topics the service reads and writes (per-model topics are created per deployment).
+pub async fn ensure_core_topics(config: &Config) -> Result<()> {
+    let t = &config.topics;
+    let topics = [&t.requests, &t.routed, &t.decisions, &t.shadow_comparisons, &t.dead_letter].map(|s| s.to_string());
+    kafka::ensure_topics(config, &topics, false).await?;
+    kafka::ensure_topics(config, std::slice::from_ref(&t.deployments), true).await?;
+    Ok(())
+}
+
+/// Runs until `trigger` fires (or a task fails, which triggers it for the others).
+pub async fn run(config: Config, roles: Roles, trigger: ShutdownTrigger, shutdown: Shutdown) -> Result<()> {
+    let codec = config.codec.codec()?;
+    let metrics = telemetry::install();
+    let health = Health::default();
+    let listener = TcpListener::bind(&config.service.metrics_address)
+        .await
+        .map_err(|e| Error::Usage(format!("cannot listen on {} for metrics: {e}", config.service.metrics_address)))?;
+    tracing::info!(address = %config.service.metrics_address, "serving /metrics, /healthz, /readyz");
+    let http = tokio::spawn(telemetry::http::serve(listener, metrics, health.clone(), shutdown.clone()));
+
+    if config.topics.create {
+        ensure_core_topics(&config).await?;
+    }
+    let registry = Registry::shared();
+    let (loaded_tx, loaded_rx) = oneshot::channel();
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(watcher::run(config.clone(), registry.clone(), loaded_tx, shutdown.clone()));
+    let mut early_exit = shutdown.clone();
+    tokio::select! {
+        loaded = loaded_rx => if loaded.is_err() {
+            // The watcher ended before loading: its error is reported below.
+            trigger.trigger();
+        },
+        _ = early_exit.recv() => {}
+    }
+    if !shutdown.is_triggered() {
+        if roles != Roles::Merge {
+            tasks.spawn(route::run(config.clone(), codec.clone(), registry.clone(), shutdown.clone()));
+        }
+        if roles != Roles::Route {
+            tasks.spawn(merge::run(config.clone(), codec.clone(), shutdown.clone()));
+        }
+        health.set_ready(true);
+        tracing::info!(?roles, "switchyard running");
+    }
+    let mut result = Ok(());
+    while let Some(joined) = tasks.join_next().await {
+        let outcome = joined.unwrap_or_else(|e| Err(Error::Usage(format!("task panicked: {e}"))));
+        if let Err(error) = outcome {
+            tracing::error!(%error, "task failed; shutting down");
+            trigger.trigger();
+            if result.is_ok() {
+                result = Err(error);
+            }
+        }
+    }
+    health.set_ready(false);
+    trigger.trigger();
+    let _ = http.await;
+    result
+}

@@ -1,0 +1,132 @@
+//! `switchyard demo-model`: a stand-in model worker that honours the worker contract — read
+//! `model.<m>.requests`, answer with a Prediction carrying the same request_id and record key on
+//! `model.<m>.predictions`.
+//!
+//! Its answer is a deterministic function of model name and payload ([`output`]), so a test can tell
+//! which model answered; its failures are a deterministic function of model and request id ([`fails`]).
+
+use std::time::Duration;
+
+use rdkafka::consumer::Consumer;
+use rdkafka::message::Message;
+
+use crate::codec::{Codec, ModelRequest, Prediction};
+use crate::config::Config;
+use crate::error::Result;
+use crate::kafka::{self, OutRecord, Progress, SourcePos};
+use crate::routing::hash::murmur3_x86_32;
+use crate::shutdown::Shutdown;
+
+#[derive(Debug, Clone)]
+pub struct DemoModel {
+    pub model: String,
+    /// Time each batch of requests takes to answer.
+    pub latency: Duration,
+    /// Share (0..=1) of requests answered with an error instead of an output.
+    pub error_rate: f64,
+    /// Percentage (0..=100) of payloads on which this model departs from the shared base answer.
+    pub disagree_percent: f64,
+}
+
+fn unit(hash: u32) -> f64 {
+    f64::from(hash % 10_000) / 10_000.0
+}
+
+/// The demo model's answer: a score in [0, 1) as text. Models share the base score of a payload except
+/// on a model-specific `disagree_percent` of payloads, where the score is the model's own.
+pub fn output(model: &str, payload: &[u8], disagree_percent: f64) -> Vec<u8> {
+    let own = murmur3_x86_32(&[model.as_bytes(), b":", payload].concat(), 0);
+    let disagree = f64::from(own % 10_000) < disagree_percent * 100.0;
+    let score = if disagree { unit(own.rotate_left(16)) } else { unit(murmur3_x86_32(payload, 0)) };
+    format!("{score:.4}").into_bytes()
+}
+
+/// Whether the demo model fails on `request_id`.
+pub fn fails(model: &str, request_id: &str, error_rate: f64) -> bool {
+    f64::from(murmur3_x86_32(format!("{model}:error:{request_id}").as_bytes(), 0) % 10_000) < error_rate * 10_000.0
+}
+
+impl DemoModel {
+    pub fn answer(&self, request: &ModelRequest) -> Prediction {
+        let produced_at = kafka::now_millis();
+        if fails(&self.model, &request.request.request_id, self.error_rate) {
+            return Prediction { request_id: request.request.request_id.clone(), model: self.model.clone(), output: None, error: Some("demo model failure".into()), produced_at };
+        }
+        Prediction {
+            request_id: request.request.request_id.clone(),
+            model: self.model.clone(),
+            output: Some(output(&self.model, &request.request.payload, self.disagree_percent)),
+            error: None,
+            produced_at,
+        }
+    }
+
+    pub async fn run(self, config: Config, codec: Codec, shutdown: Shutdown) -> Result<()> {
+        let input = config.topics.model_requests(&self.model);
+        let output_topic = config.topics.model_predictions(&self.model);
+        if config.topics.create {
+            kafka::ensure_topics(&config, &[input.clone(), output_topic.clone()], false).await?;
+        }
+        let consumer = kafka::group_consumer(&config, &format!("{}-model-{}", config.service.group_id, self.model))?;
+        consumer.subscribe(&[input.as_str()])?;
+        let producer = kafka::producer(&config)?;
+        let mut progress = Progress::default();
+        tracing::info!(model = %self.model, %input, output = %output_topic, "demo model answering");
+        while !shutdown.is_triggered() {
+            let batch = kafka::next_batch(&consumer, 500, Duration::from_millis(5), Duration::from_millis(200)).await;
+            if batch.is_empty() {
+                continue;
+            }
+            tokio::time::sleep(self.latency).await;
+            let mut out = Vec::with_capacity(batch.len());
+            for message in &batch {
+                let source = SourcePos { topic: message.topic().to_string(), partition: message.partition(), offset: message.offset() };
+                if !progress.accept(&source) {
+                    continue;
+                }
+                match codec.decode::<ModelRequest>(message.payload().unwrap_or_default()) {
+                    Ok(request) => out.push(OutRecord::new(output_topic.clone(), message.key().unwrap_or_default(), codec.encode(&self.answer(&request)))),
+                    Err(error) => tracing::warn!(offset = message.offset(), %error, "skipping a request that does not decode"),
+                }
+            }
+            if !kafka::send_all_retrying(&producer, &out, &shutdown).await {
+                break;
+            }
+            kafka::commit(&consumer, &mut progress);
+        }
+        if let Some(list) = progress.to_commit() {
+            consumer.commit(&list, rdkafka::consumer::CommitMode::Sync)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outputs_depend_on_model_and_payload() {
+        let same = (0..1000).filter(|i| {
+            let p = format!("payload-{i}");
+            output("v1", p.as_bytes(), 0.0) == output("v2", p.as_bytes(), 0.0)
+        });
+        assert_eq!(same.count(), 1000, "0% disagreement: models agree everywhere");
+        let differ = (0..1000)
+            .filter(|i| {
+                let p = format!("payload-{i}");
+                output("v1", p.as_bytes(), 0.0) != output("v2", p.as_bytes(), 100.0)
+            })
+            .count();
+        assert!(differ > 990, "100% disagreement tells the models apart ({differ}/1000)");
+        let some = (0..10_000).filter(|i| output("v1", format!("{i}").as_bytes(), 0.0) != output("v3", format!("{i}").as_bytes(), 10.0)).count();
+        assert!((800..1200).contains(&some), "{some}");
+    }
+
+    #[test]
+    fn failures_follow_the_rate() {
+        let n = (0..10_000).filter(|i| fails("m", &format!("r{i}"), 0.2)).count();
+        assert!((1800..2200).contains(&n), "{n}");
+        assert!(!(0..1000).any(|i| fails("m", &format!("r{i}"), 0.0)));
+    }
+}
