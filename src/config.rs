@@ -101,6 +101,7 @@ pub struct ServiceConfig {
     pub batch_size: usize,
     pub batch_wait_ms: u64,
     pub max_pending: usize,
+    pub max_request_bytes: usize,
     pub orphan_ttl_ms: u64,
 }
 
@@ -230,7 +231,7 @@ mod tests {
     #[test]
     fn defaults_load() {
         let c = Config::load(None, env(&[])).unwrap();
-        assert_eq!(c.kafka.bootstrap_servers, "localhost:9092");
+        assert_eq!(c.kafka.bootstrap_servers, "127.0.0.1:9092");
         assert_eq!(c.topics.model_requests("fraud-v1"), "model.fraud-v1.requests");
         assert_eq!(c.topics.model_predictions_regex(), r"^model\.[A-Za-z0-9._-]+\.predictions$");
     }

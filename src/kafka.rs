@@ -9,7 +9,7 @@ use futures::future::join_all;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{Consumer, ConsumerContext, DefaultConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -47,6 +47,11 @@ pub fn producer(config: &Config) -> Result<FutureProducer, KafkaError> {
 /// data, and assigns partition N of every subscribed topic to the same member (range assignor), which
 /// is what lets merge join co-partitioned topics locally.
 pub fn group_consumer(config: &Config, group: &str) -> Result<StreamConsumer, KafkaError> {
+    group_consumer_with(config, group, DefaultConsumerContext)
+}
+
+/// [`group_consumer`] with a context that sees rebalances.
+pub fn group_consumer_with<C: ConsumerContext + 'static>(config: &Config, group: &str, context: C) -> Result<StreamConsumer<C>, KafkaError> {
     base(config)
         .set("group.id", group)
         .set("enable.auto.commit", "false")
@@ -55,10 +60,10 @@ pub fn group_consumer(config: &Config, group: &str) -> Result<StreamConsumer, Ka
         .set("isolation.level", "read_committed")
         .set("partition.assignment.strategy", "range")
         // Regex subscriptions pick up new per-model topics at the next metadata refresh.
-        .set_if_absent("topic.metadata.refresh.interval.ms", "5000")
+        .set_if_absent("topic.metadata.refresh.interval.ms", "1000")
         // Bounds what the consumer prefetches while merge applies backpressure.
         .set_if_absent("queued.max.messages.kbytes", "16384")
-        .create()
+        .create_with_context(context)
 }
 
 /// A consumer outside any group, for reading whole topics (the deployments topic, tests, status).
@@ -168,7 +173,7 @@ pub fn partition_count(consumer: &StreamConsumer, topic: &str) -> Result<Option<
 /// Waits up to `idle` for a first record, then takes what arrives within `wait`, up to `max`. An empty
 /// batch means nothing arrived; callers check for shutdown between batches. Consumer errors are logged
 /// and waited out: librdkafka reconnects by itself, and a broken batch is never half-processed.
-pub async fn next_batch(consumer: &StreamConsumer, max: usize, wait: Duration, idle: Duration) -> Vec<rdkafka::message::OwnedMessage> {
+pub async fn next_batch<C: ConsumerContext + 'static>(consumer: &StreamConsumer<C>, max: usize, wait: Duration, idle: Duration) -> Vec<rdkafka::message::OwnedMessage> {
     let mut batch = Vec::new();
     match tokio::time::timeout(idle, consumer.recv()).await {
         Err(_) => return batch,
@@ -261,7 +266,7 @@ impl Progress {
 }
 
 /// Commits what `progress` says is safe. A failed commit only means more redelivery after a crash.
-pub fn commit(consumer: &StreamConsumer, progress: &mut Progress) {
+pub fn commit<C: ConsumerContext + 'static>(consumer: &StreamConsumer<C>, progress: &mut Progress) {
     if let Some(list) = progress.to_commit() {
         if let Err(error) = consumer.commit(&list, rdkafka::consumer::CommitMode::Async) {
             tracing::warn!(%error, "offset commit failed; records since the last commit may be redelivered");

@@ -3,7 +3,9 @@
 //!
 //! Rules:
 //! - the serving model's first prediction becomes the one decision (OK, or MODEL_ERROR if it carries an
-//!   error); a request with no serving answer by its deadline gets a TIMEOUT decision;
+//!   error) if it was written by the deadline (`routed_at + timeout_ms`, judged by the prediction
+//!   record's timestamp, so the outcome does not depend on how far behind merge is); a request with no
+//!   answer written by its deadline gets a TIMEOUT decision;
 //! - shadow predictions are compared with the served answer (once it exists) and never decided on;
 //! - anything else (a second answer, an answer after the decision, an answer from a model the request
 //!   was not routed to) is discarded and counted;
@@ -18,6 +20,13 @@ use crate::telemetry;
 /// A routed record read while merge catches up after a restart gets at least this long to meet its
 /// predictions, even if its deadline has already passed in wall-clock time.
 pub const REPLAY_GRACE_MS: Millis = 1_000;
+
+/// Longest a request waits past its deadline while its serving model's predictions topic is not (yet)
+/// assigned to this instance — a deployment's new topics take a metadata refresh to be subscribed.
+pub const MAX_DISCOVERY_MS: Millis = 30_000;
+
+/// How often a request waiting for its predictions topic to be assigned is looked at again.
+const DISCOVERY_RECHECK_MS: Millis = 100;
 
 #[derive(Debug, Clone)]
 pub struct JoinConfig {
@@ -75,7 +84,7 @@ pub struct Join {
     config: Option<JoinConfig>,
     entries: HashMap<String, Entry>,
     deadlines: BTreeSet<(Millis, String)>,
-    orphans: HashMap<String, Vec<(Prediction, SourcePos)>>,
+    orphans: HashMap<String, Vec<(Prediction, SourcePos, Millis)>>,
     orphan_order: VecDeque<(Millis, String)>,
     decided: HashMap<String, Millis>,
     decided_order: VecDeque<(Millis, String)>,
@@ -115,12 +124,13 @@ impl Join {
         let shadows = routed.shadow_models.iter().map(|m| ShadowSlot { model: m.clone(), answer: None, compared: false }).collect();
         self.deadlines.insert((deadline, id.clone()));
         self.entries.insert(id.clone(), Entry { routed, deadline, holds: vec![pos], served: None, shadows });
-        for (prediction, pos) in self.orphans.remove(&id).unwrap_or_default() {
-            self.on_prediction(prediction, pos, now, fx);
+        for (prediction, pos, written_at) in self.orphans.remove(&id).unwrap_or_default() {
+            self.on_prediction(prediction, pos, written_at, now, fx);
         }
     }
 
-    pub fn on_prediction(&mut self, prediction: Prediction, pos: SourcePos, now: Millis, fx: &mut Effects) {
+    /// `written_at` is when the prediction was written (the record's timestamp).
+    pub fn on_prediction(&mut self, prediction: Prediction, pos: SourcePos, written_at: Millis, now: Millis, fx: &mut Effects) {
         let id = prediction.request_id.clone();
         let Some(entry) = self.entries.get_mut(&id) else {
             if self.decided.contains_key(&id) {
@@ -128,7 +138,7 @@ impl Join {
                 fx.released.push(pos);
             } else {
                 self.orphan_order.push_back((now, id.clone()));
-                self.orphans.entry(id).or_default().push((prediction, pos));
+                self.orphans.entry(id).or_default().push((prediction, pos, written_at));
                 self.evict_orphans(now, fx);
             }
             return;
@@ -139,10 +149,19 @@ impl Join {
                 telemetry::prediction_discarded(&prediction.model, "duplicate");
                 return;
             }
-            let status = if prediction.error.is_some() { DecisionStatus::ModelError } else { DecisionStatus::Ok };
             telemetry::prediction_latency(&prediction.model, latency(&prediction, &entry.routed) as f64 / 1000.0);
-            let served = Served { ok: prediction.error.is_none(), latency_ms: Some(latency(&prediction, &entry.routed)), output: prediction.output.clone() };
-            fx.outputs.push(Output::Decision(decision(&entry.routed, status, prediction.output, prediction.error, now)));
+            let deadline = entry.routed.routed_at + entry.routed.timeout_ms;
+            let served = if written_at > deadline {
+                telemetry::prediction_discarded(&prediction.model, "late");
+                let error = format!("{} answered {} ms after routing, past the {} ms deadline", prediction.model, written_at - entry.routed.routed_at, entry.routed.timeout_ms);
+                fx.outputs.push(Output::Decision(decision(&entry.routed, DecisionStatus::Timeout, None, Some(error), now)));
+                Served { output: None, ok: false, latency_ms: None }
+            } else {
+                let status = if prediction.error.is_some() { DecisionStatus::ModelError } else { DecisionStatus::Ok };
+                let served = Served { ok: prediction.error.is_none(), latency_ms: Some(latency(&prediction, &entry.routed)), output: prediction.output.clone() };
+                fx.outputs.push(Output::Decision(decision(&entry.routed, status, prediction.output, prediction.error, now)));
+                served
+            };
             entry.served = Some(served);
             let served = entry.served.clone().expect("just set");
             for slot in &mut entry.shadows {
@@ -170,13 +189,21 @@ impl Join {
     }
 
     /// Decides every request whose deadline passed (TIMEOUT) and drops orphans past their time.
-    pub fn expire(&mut self, now: Millis, fx: &mut Effects) {
+    /// `visible(model)` says whether that model's predictions can reach this instance at all; a request
+    /// whose serving model is not visible yet waits (up to [`MAX_DISCOVERY_MS`]) instead of timing out.
+    pub fn expire(&mut self, now: Millis, visible: impl Fn(&str) -> bool, fx: &mut Effects) {
         while let Some((deadline, id)) = self.deadlines.first().cloned() {
             if deadline > now {
                 break;
             }
             self.deadlines.pop_first();
             let Some(entry) = self.entries.get_mut(&id) else { continue };
+            let discovery_limit = entry.routed.routed_at + entry.routed.timeout_ms + MAX_DISCOVERY_MS;
+            if entry.served.is_none() && !visible(&entry.routed.serving_model) && now < discovery_limit {
+                entry.deadline = now + DISCOVERY_RECHECK_MS;
+                self.deadlines.insert((entry.deadline, id));
+                continue;
+            }
             if entry.served.is_none() {
                 let error = format!("{} did not answer within {} ms", entry.routed.serving_model, entry.routed.timeout_ms);
                 fx.outputs.push(Output::Decision(decision(&entry.routed, DecisionStatus::Timeout, None, Some(error), now)));
@@ -215,7 +242,7 @@ impl Join {
             }
             let (_, id) = self.orphan_order.pop_front().expect("front exists");
             if let Some(waiting) = self.orphans.remove(&id) {
-                for (prediction, pos) in waiting {
+                for (prediction, pos, _) in waiting {
                     tracing::warn!(request_id = %id, model = %prediction.model, "prediction for a request never routed; discarded");
                     telemetry::prediction_discarded(&prediction.model, "unknown_request");
                     fx.released.push(pos);
@@ -311,9 +338,9 @@ mod tests {
         let mut j = join();
         let mut fx = Effects::default();
         j.on_routed(routed("a", &["v2"]), pos(0), 1000, &mut fx);
-        j.on_prediction(answer("a", "v2", "yes", 1010), pos(1), 1011, &mut fx);
+        j.on_prediction(answer("a", "v2", "yes", 1010), pos(1), 1010, 1011, &mut fx);
         assert!(fx.outputs.is_empty(), "a shadow answer alone decides nothing");
-        j.on_prediction(answer("a", "v1", "no", 1020), pos(2), 1021, &mut fx);
+        j.on_prediction(answer("a", "v1", "no", 1020), pos(2), 1020, 1021, &mut fx);
         let d = decisions(&fx);
         assert_eq!(d.len(), 1);
         assert_eq!((d[0].model.as_str(), d[0].output.as_deref(), d[0].status), ("v1", Some(&b"no"[..]), DecisionStatus::Ok));
@@ -331,13 +358,13 @@ mod tests {
         let mut j = join();
         let mut fx = Effects::default();
         j.on_routed(routed("a", &["v2"]), pos(0), 1000, &mut fx);
-        j.on_prediction(answer("a", "v1", "same", 1005), pos(1), 1006, &mut fx);
+        j.on_prediction(answer("a", "v1", "same", 1005), pos(1), 1005, 1006, &mut fx);
         assert_eq!(j.pending(), 1, "waits for the shadow");
-        j.on_prediction(answer("a", "v2", "same", 1007), pos(2), 1008, &mut fx);
+        j.on_prediction(answer("a", "v2", "same", 1007), pos(2), 1007, 1008, &mut fx);
         assert!(comparisons(&fx)[0].agreed);
-        j.on_prediction(answer("a", "v1", "again", 1009), pos(3), 1010, &mut fx);
+        j.on_prediction(answer("a", "v1", "again", 1009), pos(3), 1009, 1010, &mut fx);
         j.on_routed(routed("a", &["v2"]), pos(4), 1011, &mut fx);
-        j.expire(5000, &mut fx);
+        j.expire(5000, |_| true, &mut fx);
         assert_eq!(decisions(&fx).len(), 1, "one decision whatever arrives later");
         assert_eq!(fx.released.len(), 5);
     }
@@ -347,17 +374,31 @@ mod tests {
         let mut j = join();
         let mut fx = Effects::default();
         j.on_routed(routed("a", &["v2"]), pos(0), 1000, &mut fx);
-        j.on_prediction(answer("a", "v2", "s", 1100), pos(1), 1100, &mut fx);
-        j.expire(1499, &mut fx);
+        j.on_prediction(answer("a", "v2", "s", 1100), pos(1), 1100, 1100, &mut fx);
+        j.expire(1499, |_| true, &mut fx);
         assert!(decisions(&fx).is_empty());
-        j.expire(1500, &mut fx);
+        j.expire(1500, |_| true, &mut fx);
         let d = decisions(&fx);
         assert_eq!((d.len(), d[0].status, d[0].output.is_none()), (1, DecisionStatus::Timeout, true));
         assert!(d[0].error.as_deref().unwrap().contains("v1 did not answer within 500 ms"));
         assert_eq!(comparisons(&fx).len(), 1, "the shadow answer is still compared");
         assert!(!comparisons(&fx)[0].agreed);
-        j.on_prediction(answer("a", "v1", "late", 1600), pos(2), 1600, &mut fx);
+        j.on_prediction(answer("a", "v1", "late", 1600), pos(2), 1600, 1600, &mut fx);
         assert_eq!(decisions(&fx).len(), 1, "a late answer is not a second decision");
+    }
+
+    #[test]
+    fn an_answer_written_after_the_deadline_is_a_timeout_however_early_merge_reads_it() {
+        let mut j = join();
+        let mut fx = Effects::default();
+        j.on_routed(routed("a", &[]), pos(0), 1000, &mut fx);
+        j.on_prediction(answer("a", "v1", "x", 1501), pos(1), 1501, 1100, &mut fx);
+        let d = decisions(&fx);
+        assert_eq!((d.len(), d[0].status, d[0].output.is_none()), (1, DecisionStatus::Timeout, true));
+        assert!(d[0].error.as_deref().unwrap().contains("past the 500 ms deadline"));
+        j.on_routed(routed("b", &[]), pos(2), 1000, &mut fx);
+        j.on_prediction(answer("b", "v1", "x", 1500), pos(3), 1500, 1600, &mut fx);
+        assert_eq!(decisions(&fx)[1].status, DecisionStatus::Ok, "written exactly at the deadline is on time");
     }
 
     #[test]
@@ -368,7 +409,7 @@ mod tests {
         let mut failed = answer("a", "v1", "", 1001);
         failed.output = None;
         failed.error = Some("boom".into());
-        j.on_prediction(failed, pos(1), 1002, &mut fx);
+        j.on_prediction(failed, pos(1), 1001, 1002, &mut fx);
         let d = decisions(&fx);
         assert_eq!((d[0].status, d[0].error.as_deref()), (DecisionStatus::ModelError, Some("boom")));
     }
@@ -377,12 +418,12 @@ mod tests {
     fn prediction_before_routed_record_waits_and_unknown_ones_expire() {
         let mut j = join();
         let mut fx = Effects::default();
-        j.on_prediction(answer("a", "v1", "x", 1000), pos(1), 1000, &mut fx);
-        j.on_prediction(answer("ghost", "v1", "x", 1000), pos(2), 1000, &mut fx);
+        j.on_prediction(answer("a", "v1", "x", 1000), pos(1), 1000, 1000, &mut fx);
+        j.on_prediction(answer("ghost", "v1", "x", 1000), pos(2), 1000, 1000, &mut fx);
         assert_eq!(j.orphans(), 2);
         j.on_routed(routed("a", &[]), pos(0), 1001, &mut fx);
         assert_eq!(decisions(&fx).len(), 1);
-        j.expire(1000 + 10_001, &mut fx);
+        j.expire(1000 + 10_001, |_| true, &mut fx);
         assert_eq!(j.orphans(), 0);
         assert_eq!(fx.released.len(), 3);
     }
@@ -392,9 +433,23 @@ mod tests {
         let mut j = join();
         let mut fx = Effects::default();
         j.on_routed(routed("a", &["v2"]), pos(0), 1000, &mut fx);
-        j.on_prediction(answer("a", "v9", "x", 1001), pos(1), 1001, &mut fx);
+        j.on_prediction(answer("a", "v9", "x", 1001), pos(1), 1001, 1001, &mut fx);
         assert!(fx.outputs.is_empty());
         assert_eq!(j.pending(), 1);
+    }
+
+    #[test]
+    fn waits_for_an_unassigned_predictions_topic_but_not_forever() {
+        let mut j = join();
+        let mut fx = Effects::default();
+        j.on_routed(routed("a", &[]), pos(0), 1000, &mut fx);
+        j.expire(1600, |model| model != "v1", &mut fx);
+        assert!(decisions(&fx).is_empty(), "v1's topic is not assigned yet: no timeout");
+        j.on_prediction(answer("a", "v1", "x", 1450), pos(1), 1450, 1800, &mut fx);
+        assert_eq!(decisions(&fx)[0].status, DecisionStatus::Ok);
+        j.on_routed(routed("b", &[]), pos(2), 1000, &mut fx);
+        j.expire(1000 + 500 + MAX_DISCOVERY_MS, |model| model != "v1", &mut fx);
+        assert_eq!(decisions(&fx)[1].status, DecisionStatus::Timeout);
     }
 
     #[test]
@@ -403,9 +458,9 @@ mod tests {
         let mut fx = Effects::default();
         // Routed long ago (merge restarted); its answer is further down the predictions topic.
         j.on_routed(routed("a", &[]), pos(0), 60_000, &mut fx);
-        j.expire(60_400, &mut fx);
+        j.expire(60_400, |_| true, &mut fx);
         assert!(decisions(&fx).is_empty());
-        j.on_prediction(answer("a", "v1", "x", 1100), pos(1), 60_400, &mut fx);
+        j.on_prediction(answer("a", "v1", "x", 1100), pos(1), 1100, 60_400, &mut fx);
         assert_eq!(decisions(&fx)[0].status, DecisionStatus::Ok);
     }
 }

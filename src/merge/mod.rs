@@ -10,11 +10,15 @@ pub mod join;
 
 use std::time::Duration;
 
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::TopicPartitionList;
 
-use crate::codec::{Codec, Prediction, Routed};
+use crate::codec::{Codec, Millis, Prediction, Routed};
 use crate::config::Config;
 use crate::dead_letter::{self, Kind};
 use crate::error::Result;
@@ -25,6 +29,38 @@ use join::{Effects, Join, JoinConfig, Output};
 
 /// How often deadlines are checked when no record arrives.
 const TICK: Duration = Duration::from_millis(50);
+
+/// Sees rebalances: while one is under way, and for a grace period after each assignment (the fetchers
+/// catch up from committed offsets), deadlines are not enforced — otherwise a rebalance would turn
+/// answers that are merely not fetched yet into TIMEOUT decisions.
+#[derive(Default)]
+pub struct RebalanceWatch {
+    rebalancing: AtomicBool,
+    assigned_at: AtomicI64,
+}
+
+impl RebalanceWatch {
+    fn deadlines_enforced(&self, now: Millis) -> bool {
+        !self.rebalancing.load(Ordering::SeqCst) && now >= self.assigned_at.load(Ordering::SeqCst) + join::REPLAY_GRACE_MS
+    }
+}
+
+impl ClientContext for RebalanceWatch {}
+
+impl ConsumerContext for RebalanceWatch {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        tracing::info!(?rebalance, "merge rebalance starting");
+        self.rebalancing.store(true, Ordering::SeqCst);
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(partitions) = rebalance {
+            tracing::info!(partitions = partitions.count(), "merge partitions assigned");
+            self.assigned_at.store(kafka::now_millis(), Ordering::SeqCst);
+        }
+        self.rebalancing.store(false, Ordering::SeqCst);
+    }
+}
 
 /// The model a predictions topic belongs to, from the configured pattern.
 pub fn model_of_topic(pattern: &str, topic: &str) -> Option<String> {
@@ -78,7 +114,8 @@ fn feed(message: &OwnedMessage, config: &Config, codec: &Codec, join: &mut Join,
         }
         Ok(prediction) => {
             progress.hold(&source);
-            join.on_prediction(prediction, source.clone(), now, fx);
+            let written_at = message.timestamp().to_millis().unwrap_or(prediction.produced_at);
+            join.on_prediction(prediction, source.clone(), written_at, now, fx);
         }
         Err(e) => reject(Kind::Undecodable, format!("prediction: {e}")),
     }
@@ -86,7 +123,7 @@ fn feed(message: &OwnedMessage, config: &Config, codec: &Codec, join: &mut Join,
 
 /// Pauses the routed topic while too many requests are pending (predictions keep flowing, so the
 /// pending set drains), and resumes below 90%.
-fn apply_backpressure(consumer: &StreamConsumer, config: &Config, join: &Join, paused: &mut bool) {
+fn apply_backpressure(consumer: &StreamConsumer<RebalanceWatch>, config: &Config, join: &Join, paused: &mut bool) {
     let pending = join.pending() + join.orphans();
     let over = pending >= config.service.max_pending;
     let under = pending < config.service.max_pending * 9 / 10;
@@ -114,7 +151,7 @@ fn apply_backpressure(consumer: &StreamConsumer, config: &Config, join: &Join, p
 /// Runs merge until shutdown.
 pub async fn run(config: Config, codec: Codec, shutdown: Shutdown) -> Result<()> {
     let group = format!("{}-merge", config.service.group_id);
-    let consumer = kafka::group_consumer(&config, &group)?;
+    let consumer = kafka::group_consumer_with(&config, &group, RebalanceWatch::default())?;
     let predictions = config.topics.model_predictions_regex();
     consumer.subscribe(&[config.topics.routed.as_str(), predictions.as_str()])?;
     let producer = kafka::producer(&config)?;
@@ -136,7 +173,11 @@ pub async fn run(config: Config, codec: Codec, shutdown: Shutdown) -> Result<()>
                 feed(message, &config, &codec, &mut join, &mut progress, &mut fx, &mut letters);
             }
         }
-        join.expire(kafka::now_millis(), &mut fx);
+        let now = kafka::now_millis();
+        if consumer.context().deadlines_enforced(now) {
+            let assigned: HashSet<String> = consumer.assignment().map(|a| a.elements().iter().map(|e| e.topic().to_string()).collect()).unwrap_or_default();
+            join.expire(now, |model| assigned.contains(&config.topics.model_predictions(model)), &mut fx);
+        }
         let mut out = records(std::mem::take(&mut fx.outputs), &config, &codec);
         out.extend(letters);
         if !kafka::send_all_retrying(&producer, &out, &shutdown).await {

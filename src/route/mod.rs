@@ -23,9 +23,6 @@ use crate::telemetry;
 /// How long to wait for a request before checking for shutdown.
 const IDLE: Duration = Duration::from_millis(200);
 
-/// Largest request value accepted; larger ones are dead-lettered rather than copied to several topics.
-pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
-
 /// Everything one request turns into.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
@@ -65,10 +62,10 @@ pub struct Unroutable {
 }
 
 /// Decodes and checks one request value, and finds its deployment.
-pub fn admit(value: Option<&[u8]>, codec: &Codec, registry: &SharedRegistry) -> Result<(Request, std::sync::Arc<Deployment>), Unroutable> {
+pub fn admit(value: Option<&[u8]>, max_bytes: usize, codec: &Codec, registry: &SharedRegistry) -> Result<(Request, std::sync::Arc<Deployment>), Unroutable> {
     let value = value.unwrap_or_default();
-    if value.len() > MAX_REQUEST_BYTES {
-        return Err(Unroutable { kind: Kind::Oversized, reason: format!("value of {} bytes exceeds {MAX_REQUEST_BYTES}", value.len()) });
+    if value.len() > max_bytes {
+        return Err(Unroutable { kind: Kind::Oversized, reason: format!("value of {} bytes exceeds service.max_request_bytes = {max_bytes}", value.len()) });
     }
     let request: Request = codec.decode(value).map_err(|e| Unroutable { kind: Kind::Undecodable, reason: e.to_string() })?;
     if request.request_id.is_empty() {
@@ -99,7 +96,7 @@ pub fn records(plan: &Plan, config: &Config, codec: &Codec) -> Vec<OutRecord> {
 
 fn process(message: &OwnedMessage, config: &Config, codec: &Codec, registry: &SharedRegistry, out: &mut Vec<OutRecord>) {
     let source = SourcePos { topic: message.topic().to_string(), partition: message.partition(), offset: message.offset() };
-    match admit(message.payload(), codec, registry) {
+    match admit(message.payload(), config.service.max_request_bytes, codec, registry) {
         Ok((request, deployment)) => {
             let plan = plan(request, &deployment, kafka::now_millis());
             for copy in &plan.copies {
@@ -175,8 +172,8 @@ mod tests {
         let codec = Codec::default();
         let registry = Registry::shared();
         registry.write().unwrap().apply(Some(b"fraud"), Some(br#"{"version":1,"strategy":"single","control":"v1"}"#), 0);
-        assert!(admit(Some(&codec.encode(&request("u"))), &codec, &registry).is_ok());
-        let kind = |value: Option<&[u8]>| admit(value, &codec, &registry).unwrap_err().kind;
+        assert!(admit(Some(&codec.encode(&request("u"))), 1000, &codec, &registry).is_ok());
+        let kind = |value: Option<&[u8]>| admit(value, 1000, &codec, &registry).unwrap_err().kind;
         assert_eq!(kind(None), Kind::Undecodable);
         assert_eq!(kind(Some(b"\x01\x02garbage")), Kind::Undecodable);
         let mut other = request("u");
@@ -185,6 +182,6 @@ mod tests {
         let mut empty_id = request("u");
         empty_id.request_id.clear();
         assert_eq!(kind(Some(&codec.encode(&empty_id))), Kind::Invalid);
-        assert_eq!(kind(Some(&vec![0u8; MAX_REQUEST_BYTES + 1])), Kind::Oversized);
+        assert_eq!(kind(Some(&vec![0u8; 1001])), Kind::Oversized);
     }
 }

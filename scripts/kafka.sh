@@ -1,0 +1,172 @@
+#!/usr/bin/env bash
+# A local single-node Apache Kafka (KRaft) for development, demos, tests and CI — no Docker needed.
+#
+#   scripts/kafka.sh fetch     resolve the broker and CLI tool jars from Maven Central (cached)
+#   scripts/kafka.sh start     format storage if needed, start the broker, wait until it answers
+#   scripts/kafka.sh stop      stop the broker started by this script
+#   scripts/kafka.sh status    say whether it runs
+#   scripts/kafka.sh tool CLASS ARGS...   run a Kafka CLI tool, e.g.
+#       scripts/kafka.sh tool kafka.tools.ConsoleConsumer ... (see docs/operations.md)
+#
+# Environment: KAFKA_PORT (9092), KAFKA_CONTROLLER_PORT (9093), KAFKA_STATE (.kafka in the repo: config,
+# data, logs, pid), SWITCHYARD_CACHE (~/.cache/switchyard: the jars), KAFKA_HEAP (1g), KAFKA_FRESH=1 to
+# wipe the data directory before starting.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(dirname "$here")"
+pom="$here/kafka/pom.xml"
+version="$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$pom")"
+cache="${SWITCHYARD_CACHE:-$HOME/.cache/switchyard}"
+lib="$cache/kafka-$version/lib"
+state="${KAFKA_STATE:-$repo/.kafka}"
+port="${KAFKA_PORT:-9092}"
+controller_port="${KAFKA_CONTROLLER_PORT:-9093}"
+pidfile="$state/kafka.pid"
+log="$state/logs/server.log"
+
+say() { printf 'kafka.sh: %s\n' "$*" >&2; }
+die() { say "error: $*"; exit 1; }
+
+need_java() {
+  command -v java >/dev/null || die "java not found: Kafka $version needs Java 17 or newer (apt-get install openjdk-17-jre-headless)"
+  local major
+  major="$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -1)"
+  [ "${major:-0}" -ge 17 ] || die "java $major found; Kafka $version needs Java 17 or newer"
+}
+
+fetch() {
+  if [ -f "$lib/.complete" ]; then return 0; fi
+  command -v mvn >/dev/null || die "mvn not found: it fetches Kafka's jars (apt-get install maven)"
+  say "fetching Kafka $version jars from Maven Central into $lib"
+  rm -rf "$lib"; mkdir -p "$lib"
+  if ! mvn -B -q -f "$pom" dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$lib" >"$cache/mvn-$version.log" 2>&1; then
+    tail -30 "$cache/mvn-$version.log" >&2
+    die "Maven could not resolve Kafka $version (full log: $cache/mvn-$version.log)"
+  fi
+  ls "$lib"/kafka_2.13-"$version".jar >/dev/null 2>&1 || die "kafka_2.13-$version.jar missing after fetch"
+  touch "$lib/.complete"
+}
+
+running_pid() {
+  [ -f "$pidfile" ] || return 1
+  local pid; pid="$(cat "$pidfile")"
+  if kill -0 "$pid" 2>/dev/null && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q 'kafka.Kafka'; then
+    echo "$pid"; return 0
+  fi
+  return 1
+}
+
+port_owner() { # prints "pid command" of the listener on $1, if any
+  ss -ltnpH "sport = :$1" 2>/dev/null | sed -n 's/.*pid=\([0-9]*\).*/\1/p' | head -1 | while read -r pid; do
+    echo "$pid $(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | cut -c1-120)"
+  done
+}
+
+answering() { (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; }
+
+write_config() {
+  mkdir -p "$state/data" "$state/logs"
+  cat >"$state/server.properties" <<PROPS
+process.roles=broker,controller
+node.id=1
+controller.quorum.bootstrap.servers=127.0.0.1:$controller_port
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$controller_port
+advertised.listeners=PLAINTEXT://127.0.0.1:$port
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+log.dirs=$state/data
+num.partitions=4
+auto.create.topics.enable=false
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=4
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=4
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+log.cleaner.min.compaction.lag.ms=0
+PROPS
+  cat >"$state/log4j2.properties" <<PROPS
+status = warn
+appender.file.type = File
+appender.file.name = file
+appender.file.fileName = $log
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = info
+rootLogger.appenderRef.file.ref = file
+logger.kafka.name = kafka
+logger.kafka.level = info
+logger.org.name = org.apache.kafka
+logger.org.level = info
+PROPS
+}
+
+java_cmd() { java -Xms256m -Xmx"${KAFKA_HEAP:-1g}" -XX:+UseG1GC -Dlog4j2.configurationFile="$state/log4j2.properties" -cp "$lib/*" "$@"; }
+
+start() {
+  need_java
+  fetch
+  if pid="$(running_pid)"; then
+    if answering; then say "broker already running (pid $pid) on 127.0.0.1:$port; reusing it"; return 0; fi
+    die "a broker from an earlier run (pid $pid) holds $state but does not answer on port $port: run scripts/kafka.sh stop"
+  fi
+  rm -f "$pidfile"
+  for p in "$port" "$controller_port"; do
+    owner="$(port_owner "$p")"
+    [ -z "$owner" ] || die "port $p is already in use by pid $owner; stop it or choose KAFKA_PORT/KAFKA_CONTROLLER_PORT"
+  done
+  [ "${KAFKA_FRESH:-0}" = 1 ] && rm -rf "$state/data"
+  write_config
+  if [ ! -f "$state/data/meta.properties" ]; then
+    local id; id="$(java_cmd kafka.tools.StorageTool random-uuid 2>/dev/null | tail -1)"
+    [ -n "$id" ] || die "kafka.tools.StorageTool random-uuid printed nothing"
+    java_cmd kafka.tools.StorageTool format --standalone -t "$id" -c "$state/server.properties" >"$state/logs/format.log" 2>&1 \
+      || { cat "$state/logs/format.log" >&2; die "formatting storage in $state/data failed"; }
+  fi
+  : >"$log"
+  nohup java -Xms256m -Xmx"${KAFKA_HEAP:-1g}" -XX:+UseG1GC -Dlog4j2.configurationFile="$state/log4j2.properties" \
+    -cp "$lib/*" kafka.Kafka "$state/server.properties" >"$state/logs/stdout.log" 2>&1 &
+  echo $! >"$pidfile"
+  local pid; pid="$(cat "$pidfile")"
+  say "starting Kafka $version (pid $pid), logs in $state/logs"
+  for _ in $(seq 1 120); do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      tail -40 "$log" "$state/logs/stdout.log" >&2 || true
+      rm -f "$pidfile"
+      die "the broker exited during startup (see above and $state/logs)"
+    fi
+    if grep -q "Kafka Server started" "$log" 2>/dev/null && answering; then
+      say "broker ready on 127.0.0.1:$port"
+      return 0
+    fi
+    sleep 0.5
+  done
+  tail -40 "$log" >&2 || true
+  die "the broker did not become ready within 60 s (pid $pid still running; see $log)"
+}
+
+stop() {
+  local pid
+  if ! pid="$(running_pid)"; then rm -f "$pidfile"; say "no broker running from $state"; return 0; fi
+  kill -TERM "$pid"
+  for _ in $(seq 1 60); do
+    kill -0 "$pid" 2>/dev/null || { rm -f "$pidfile"; say "broker stopped"; return 0; }
+    sleep 0.5
+  done
+  say "broker did not stop within 30 s; killing it"
+  kill -KILL "$pid" 2>/dev/null || true
+  rm -f "$pidfile"
+}
+
+case "${1:-}" in
+  fetch) need_java; fetch ;;
+  start) start ;;
+  stop) stop ;;
+  status) if pid="$(running_pid)" && answering; then say "running (pid $pid) on 127.0.0.1:$port"; else say "not running"; exit 1; fi ;;
+  tool) shift; need_java; fetch; [ -f "$state/log4j2.properties" ] || write_config; java_cmd "$@" ;;
+  *) sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 2 ;;
+esac

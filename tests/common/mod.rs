@@ -1,0 +1,175 @@
+//! Test harness for integration tests against a real Kafka broker (scripts/kafka.sh start; address in
+//! SWITCHYARD_TEST_BOOTSTRAP, default 127.0.0.1:9092). Every test gets its own topics and groups, runs
+//! its own switchyard service and demo models in-process, and asserts on records read back from Kafka.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use switchyard::codec::{AvroRecord, Codec, Request};
+use switchyard::config::Config;
+use switchyard::control::ops;
+use switchyard::kafka::{self, OutRecord};
+use switchyard::routing::DeploymentSpec;
+use switchyard::service::{self, Roles};
+use switchyard::shutdown::{Shutdown, ShutdownTrigger};
+use switchyard::tools::demo_model::DemoModel;
+
+pub fn bootstrap() -> String {
+    std::env::var("SWITCHYARD_TEST_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:9092".to_string())
+}
+
+fn require_broker() {
+    let address = bootstrap();
+    let first = address.split(',').next().unwrap_or_default().to_string();
+    if std::net::TcpStream::connect_timeout(&first.parse().expect("SWITCHYARD_TEST_BOOTSTRAP is host:port"), Duration::from_secs(2)).is_err() {
+        panic!("no Kafka broker at {address}: start one with `scripts/kafka.sh start` (or run scripts/test.sh)");
+    }
+}
+
+/// A record read back, with its headers.
+#[derive(Debug, Clone)]
+pub struct Read<T> {
+    pub key: Vec<u8>,
+    pub headers: HashMap<String, String>,
+    pub value: T,
+}
+
+/// One test's private switchyard: topics, service, models.
+pub struct Env {
+    pub config: Config,
+    pub codec: Codec,
+    trigger: ShutdownTrigger,
+    shutdown: Shutdown,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Env {
+    /// Fresh topics named `<test>-<random>.*`; nothing running yet.
+    pub async fn new(test: &str) -> Env {
+        require_broker();
+        let prefix = format!("{test}-{:08x}", rand::random::<u32>());
+        let env: Vec<(String, String)> = vec![
+            ("SWITCHYARD_BOOTSTRAP_SERVERS".into(), bootstrap()),
+            ("SWITCHYARD__TOPICS__REQUESTS".into(), format!("{prefix}.requests")),
+            ("SWITCHYARD__TOPICS__DEPLOYMENTS".into(), format!("{prefix}.deployments")),
+            ("SWITCHYARD__TOPICS__ROUTED".into(), format!("{prefix}.routed")),
+            ("SWITCHYARD__TOPICS__DECISIONS".into(), format!("{prefix}.decisions")),
+            ("SWITCHYARD__TOPICS__SHADOW_COMPARISONS".into(), format!("{prefix}.shadow")),
+            ("SWITCHYARD__TOPICS__DEAD_LETTER".into(), format!("{prefix}.dlq")),
+            ("SWITCHYARD__TOPICS__MODEL_REQUESTS".into(), format!("{prefix}.model.{{model}}.requests")),
+            ("SWITCHYARD__TOPICS__MODEL_PREDICTIONS".into(), format!("{prefix}.model.{{model}}.predictions")),
+            ("SWITCHYARD__TOPICS__PARTITIONS".into(), "3".into()),
+            ("SWITCHYARD__SERVICE__GROUP_ID".into(), prefix.clone()),
+            ("SWITCHYARD__SERVICE__METRICS_ADDRESS".into(), "127.0.0.1:0".into()),
+        ];
+        let config = Config::load(None, env).expect("test config is valid");
+        service::ensure_core_topics(&config).await.expect("topics can be created");
+        let (trigger, shutdown) = ShutdownTrigger::new();
+        Env { codec: config.codec.codec().unwrap(), config, trigger, shutdown, tasks: Vec::new() }
+    }
+
+    /// Starts route and merge in this process.
+    pub fn start_service(&mut self) {
+        let (config, trigger, shutdown) = (self.config.clone(), self.trigger.clone(), self.shutdown.clone());
+        self.tasks.push(tokio::spawn(async move {
+            service::run(config, Roles::All, trigger, shutdown).await.expect("service runs");
+        }));
+    }
+
+    /// Starts a demo model worker.
+    pub fn start_model(&mut self, model: &str, latency_ms: u64, error_rate: f64, disagree_percent: f64) {
+        let worker = DemoModel { model: model.into(), latency: Duration::from_millis(latency_ms), error_rate, disagree_percent };
+        let (config, codec, shutdown) = (self.config.clone(), self.codec.clone(), self.shutdown.clone());
+        self.tasks.push(tokio::spawn(async move {
+            worker.run(config, codec, shutdown).await.expect("demo model runs");
+        }));
+    }
+
+    /// Writes a deployment record (JSON without a version) as the next version, like `switchyard deploy`.
+    pub async fn deploy(&self, name: &str, json: &str) -> u64 {
+        let mut value: serde_json::Value = serde_json::from_str(json).unwrap();
+        value["version"] = 1.into();
+        let spec: DeploymentSpec = serde_json::from_value(value).unwrap();
+        ops::deploy(&self.config, name, spec).await.expect("deploy").version()
+    }
+
+    pub async fn produce(&self, records: Vec<OutRecord>) {
+        let producer = kafka::producer(&self.config).unwrap();
+        kafka::send_all(&producer, &records).await.expect("records produced");
+    }
+
+    pub async fn send(&self, requests: &[Request]) {
+        let records = requests
+            .iter()
+            .map(|r| OutRecord::new(self.config.topics.requests.clone(), r.user_id.as_bytes(), self.codec.encode(r)))
+            .collect();
+        self.produce(records).await;
+    }
+
+    /// Reads `topic` from the beginning until `expected` records arrived, then keeps reading for
+    /// `settle` so that extra (duplicate) records would be seen too. Panics after `limit`.
+    pub async fn read_raw(&self, topic: &str, expected: usize, limit: Duration, settle: Duration) -> Vec<Read<Vec<u8>>> {
+        let consumer: StreamConsumer = kafka::reader(&self.config).unwrap();
+        let partitions = kafka::partition_count(&consumer, topic).unwrap().expect("topic exists");
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions as i32 {
+            tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+        }
+        consumer.assign(&tpl).unwrap();
+        let start = Instant::now();
+        let mut out = Vec::new();
+        let mut reached: Option<Instant> = None;
+        loop {
+            if out.len() >= expected && reached.is_none() {
+                reached = Some(Instant::now());
+            }
+            if reached.is_some_and(|at| at.elapsed() >= settle) {
+                return out;
+            }
+            if start.elapsed() > limit {
+                panic!("{topic}: {} of {expected} records after {limit:?}", out.len());
+            }
+            let Ok(message) = tokio::time::timeout(Duration::from_millis(100), consumer.recv()).await else { continue };
+            let message = message.expect("read");
+            let headers = message
+                .headers()
+                .map(|h| h.iter().map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())).collect())
+                .unwrap_or_default();
+            out.push(Read { key: message.key().unwrap_or_default().to_vec(), headers, value: message.payload().unwrap_or_default().to_vec() });
+        }
+    }
+
+    pub async fn read<T: AvroRecord>(&self, topic: &str, expected: usize, limit: Duration, settle: Duration) -> Vec<Read<T>> {
+        self.read_raw(topic, expected, limit, settle)
+            .await
+            .into_iter()
+            .map(|r| Read { value: self.codec.decode::<T>(&r.value).expect("switchyard wrote a valid record"), key: r.key, headers: r.headers })
+            .collect()
+    }
+
+    pub async fn stop(self) {
+        self.trigger.trigger();
+        for task in self.tasks {
+            task.await.expect("task ended cleanly");
+        }
+    }
+}
+
+/// Requests for `deployment` from `users` distinct users, `count` in all.
+pub fn requests(deployment: &str, run: &str, count: usize, users: usize) -> Vec<Request> {
+    (0..count)
+        .map(|i| Request {
+            request_id: format!("{run}-{i}"),
+            user_id: format!("user-{}", i % users),
+            deployment: deployment.to_string(),
+            sent_at: kafka::now_millis(),
+            payload: format!("payload-{run}-{i}").into_bytes(),
+            attributes: HashMap::new(),
+        })
+        .collect()
+}
