@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The router end to end on a local broker: a canary of fraud-v2 next to fraud-v1 (fraud-v3 gets shadow
+# copies via mirror), three demo model workers, load, the live split and sample decisions, then a
+# blue/green switch to fraud-v2 and back. Stops everything it started.
+#
+# DEMO_RATE (requests/s, default 200) and DEMO_SECONDS (per phase, default 8) tune it.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+rate="${DEMO_RATE:-200}"
+seconds="${DEMO_SECONDS:-8}"
+count=$((rate * seconds))
+logs=".demo"
+mkdir -p "$logs"
+bin="target/debug/switchyard"
+pids=()
+started_broker=0
+
+cleanup() {
+  echo; echo "== stopping demo processes"
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  if [ "$started_broker" = 1 ]; then scripts/kafka.sh stop || true; fi
+}
+trap cleanup EXIT
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "building switchyard"
+cargo build --locked --quiet
+
+step "starting a local Kafka broker (KRaft, single node)"
+if ! scripts/kafka.sh status 2>/dev/null; then
+  KAFKA_FRESH=1 scripts/kafka.sh start
+  started_broker=1
+fi
+
+export SWITCHYARD_BOOTSTRAP_SERVERS="127.0.0.1:${KAFKA_PORT:-9092}"
+export RUST_LOG="${RUST_LOG:-info,rdkafka=warn}"
+
+step "creating topics and a canary deployment: 10% of users on fraud-v2, fraud-v3 mirrored"
+$bin create-topics
+$bin deploy fraud --strategy canary --control fraud-v1 --candidate fraud-v2 --canary-percent 10 \
+  --mirror fraud-v3 --timeout-ms 1000 --override user-42=candidate
+
+step "starting switchyard (route + merge, metrics on 127.0.0.1:9898) and three demo models"
+$bin run >"$logs/switchyard.log" 2>&1 & pids+=($!)
+for model in fraud-v1 fraud-v2 fraud-v3; do
+  $bin demo-model --model "$model" --latency-ms 15 --error-rate 0.01 >"$logs/$model.log" 2>&1 & pids+=($!)
+done
+for _ in $(seq 1 60); do curl -fs 127.0.0.1:9898/readyz >/dev/null 2>&1 && break; sleep 0.5; done
+curl -fs 127.0.0.1:9898/readyz
+
+$bin status fraud
+
+phase() { # name: load at $rate for $seconds and show the live split with sample decisions
+  step "$1: $count requests at $rate/s from 1000 users"
+  $bin loadgen --deployment fraud --rate "$rate" --count "$count" --users 1000 >"$logs/loadgen.log" 2>&1 &
+  local load=$!
+  $bin watch --deployment fraud --seconds "$((seconds + 3))" --sample "$((rate * 2))"
+  wait "$load"
+  cat "$logs/loadgen.log" | grep -v INFO || true
+}
+
+phase "canary at 10%"
+
+step "blue/green: fraud-v1 active, then switch everyone to fraud-v2"
+$bin deploy fraud --strategy blue_green --control fraud-v1 --candidate fraud-v2 --active control --mirror fraud-v3 --timeout-ms 1000
+$bin promote fraud
+phase "after the switch (fraud-v2 serves everyone)"
+
+step "rollback: switch back to fraud-v1"
+$bin rollback fraud
+phase "after the switch back (fraud-v1 serves everyone)"
+
+step "what Prometheus sees (excerpt of 127.0.0.1:9898/metrics)"
+curl -fs 127.0.0.1:9898/metrics | grep -E '^switchyard_(decisions_total|shadow_comparisons_total|config_version|pending_requests|dead_letters_total)' | sort
+
+$bin status fraud
+step "demo done (logs in $logs/)"
