@@ -41,6 +41,8 @@ pub struct Read<T> {
 
 /// One test's private switchyard: topics, service, models.
 pub struct Env {
+    /// The environment variables that give a `switchyard` process this test's topics and groups.
+    pub vars: Vec<(String, String)>,
     pub config: Config,
     pub codec: Codec,
     trigger: ShutdownTrigger,
@@ -67,10 +69,10 @@ impl Env {
             ("SWITCHYARD__SERVICE__GROUP_ID".into(), prefix.clone()),
             ("SWITCHYARD__SERVICE__METRICS_ADDRESS".into(), "127.0.0.1:0".into()),
         ];
-        let config = Config::load(None, env).expect("test config is valid");
+        let config = Config::load(None, env.clone()).expect("test config is valid");
         service::ensure_core_topics(&config).await.expect("topics can be created");
         let (trigger, shutdown) = ShutdownTrigger::new();
-        Env { codec: config.codec.codec().unwrap(), config, trigger, shutdown, tasks: Vec::new() }
+        Env { vars: env, codec: config.codec.codec().unwrap(), config, trigger, shutdown, tasks: Vec::new() }
     }
 
     /// Starts route and merge in this process.
@@ -150,6 +152,17 @@ impl Env {
             .into_iter()
             .map(|r| Read { value: self.codec.decode::<T>(&r.value).expect("switchyard wrote a valid record"), key: r.key, headers: r.headers })
             .collect()
+    }
+
+    /// Runs the `switchyard` binary with this test's environment; returns (success, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(args)
+            .envs(self.vars.iter().cloned())
+            .env("RUST_LOG", "error")
+            .output()
+            .expect("switchyard binary runs");
+        (output.status.success(), String::from_utf8_lossy(&output.stdout).into_owned(), String::from_utf8_lossy(&output.stderr).into_owned())
     }
 
     pub async fn stop(self) {

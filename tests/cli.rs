@@ -1,0 +1,51 @@
+//! The control-plane commands as an operator uses them: the `switchyard` binary against a real broker.
+
+mod common;
+
+use common::Env;
+use switchyard::kafka::OutRecord;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_status_promote_rollback_and_rejections() {
+    let env = Env::new("cli").await;
+
+    let (ok, out, err) = env.cli(&["deploy", "fraud", "--strategy", "canary", "--control", "v1", "--candidate", "v2", "--canary-percent", "10"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("fraud version 1 written: 10.00% -> v2 (candidate), 90.00% -> v1 (control)"), "{out}");
+
+    // Invalid input is refused before anything is written.
+    let (ok, _, err) = env.cli(&["deploy", "fraud", "--strategy", "canary", "--control", "v1", "--candidate", "v2", "--canary-percent", "150"]);
+    assert!(!ok);
+    assert!(err.contains("canary_percent must be between 0 and 100"), "{err}");
+    let (ok, _, err) = env.cli(&["deploy", "fraud", "--strategy", "rainbow", "--control", "v1"]);
+    assert!(!ok);
+    assert!(err.contains("rainbow"), "{err}");
+
+    // A bad record written around the CLI (e.g. with kcat) is rejected, and the last good one stays.
+    let raw = br#"{"version":5,"strategy":"single","control":"v9","colour":"red"}"#.to_vec();
+    env.produce(vec![OutRecord::new(env.config.topics.deployments.clone(), "fraud", raw)]).await;
+    let (ok, out, err) = env.cli(&["status", "fraud"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("fraud  version 1  strategy canary"), "{out}");
+    assert!(out.contains("rejected records (1)") && out.contains("unknown field `colour`"), "{out}");
+
+    let (ok, out, err) = env.cli(&["promote", "fraud"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("fraud version 2 written: 100.00% -> v2 (control)"), "{out}");
+    let (ok, _, err) = env.cli(&["rollback", "fraud"]);
+    assert!(!ok, "a single deployment has nothing to roll back");
+    assert!(err.contains("nothing to roll back") || err.contains("no candidate"), "{err}");
+
+    let (ok, out, _) = env.cli(&["status"]);
+    assert!(ok);
+    assert!(out.contains("fraud  version 2  strategy single"), "{out}");
+    let (ok, _, err) = env.cli(&["status", "missing"]);
+    assert!(!ok);
+    assert!(err.contains("\"missing\" is not in force"), "{err}");
+
+    let (ok, _, _) = env.cli(&["delete", "fraud"]);
+    assert!(ok);
+    let (_, out, _) = env.cli(&["status"]);
+    assert!(out.contains("no deployments in force"), "{out}");
+    env.stop().await;
+}
