@@ -15,4 +15,13 @@ if [ -z "${SWITCHYARD_TEST_BOOTSTRAP:-}" ]; then
     started=1
   fi
 fi
-cargo test --locked "$@"
+log="$(mktemp)"
+status=0
+cargo test --locked "$@" 2>&1 | tee "$log" || status=$?
+cleanup
+started=0
+# One closing line for the whole run: the sum of every test binary's summary.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+rm -f "$log"
+exit "$status"

@@ -61,6 +61,7 @@ pub struct Topics {
     pub requests: String,
     pub deployments: String,
     pub routed: String,
+    pub merge_changelog: String,
     pub decisions: String,
     pub shadow_comparisons: String,
     pub dead_letter: String,
@@ -97,6 +98,7 @@ fn regex_escape(text: &str) -> String {
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
     pub group_id: String,
+    pub instance_id: String,
     pub metrics_address: String,
     pub batch_size: usize,
     pub batch_wait_ms: u64,
@@ -110,6 +112,26 @@ pub struct ServiceConfig {
 pub struct CodecConfig {
     pub framing: String,
     pub schema_ids: SchemaIds,
+}
+
+impl ServiceConfig {
+    /// The configured instance id, or the host name.
+    pub fn instance(&self) -> String {
+        if !self.instance_id.is_empty() {
+            return self.instance_id.clone();
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "switchyard".to_string())
+    }
+
+    /// The transactional id of one stage of this instance.
+    pub fn transactional_id(&self, stage: &str) -> String {
+        format!("{}-{stage}-{}", self.group_id, self.instance())
+    }
 }
 
 impl CodecConfig {

@@ -39,6 +39,7 @@ pub fn letter(topic: &str, source: &SourcePos, key: Option<&[u8]>, value: Option
     telemetry::dead_lettered(kind.as_str());
     OutRecord {
         topic: topic.to_string(),
+        partition: None,
         key: key.unwrap_or_default().to_vec(),
         payload: value.map(<[u8]>::to_vec),
         headers: vec![

@@ -12,8 +12,8 @@ use apache_avro::Schema;
 use serde::Deserialize;
 
 pub use records::{
-    AvroRecord, Decision, DecisionStatus, Millis, ModelRequest, Prediction, Request, Role, Routed,
-    ShadowComparison,
+    AvroRecord, Decision, DecisionStatus, MergeState, Millis, ModelRequest, Prediction, Request, Role,
+    Routed, ShadowComparison,
 };
 
 /// Largest single allocation the Avro decoder may make: a corrupt length prefix in a hostile record must
@@ -29,16 +29,18 @@ pub enum RecordKind {
     Decision,
     ShadowComparison,
     Routed,
+    MergeState,
 }
 
 impl RecordKind {
-    pub const ALL: [RecordKind; 6] = [
+    pub const ALL: [RecordKind; 7] = [
         RecordKind::Request,
         RecordKind::ModelRequest,
         RecordKind::Prediction,
         RecordKind::Decision,
         RecordKind::ShadowComparison,
         RecordKind::Routed,
+        RecordKind::MergeState,
     ];
 
     /// The schema file's text, as shipped in schemas/.
@@ -50,6 +52,7 @@ impl RecordKind {
             RecordKind::Decision => include_str!("../../schemas/Decision.avsc"),
             RecordKind::ShadowComparison => include_str!("../../schemas/ShadowComparison.avsc"),
             RecordKind::Routed => include_str!("../../schemas/Routed.avsc"),
+            RecordKind::MergeState => include_str!("../../schemas/MergeState.avsc"),
         }
     }
 
@@ -92,6 +95,7 @@ pub struct SchemaIds {
     pub decision: u32,
     pub shadow_comparison: u32,
     pub routed: u32,
+    pub merge_state: u32,
 }
 
 impl SchemaIds {
@@ -103,6 +107,7 @@ impl SchemaIds {
             RecordKind::Decision => self.decision,
             RecordKind::ShadowComparison => self.shadow_comparison,
             RecordKind::Routed => self.routed,
+            RecordKind::MergeState => self.merge_state,
         }
     }
 }
@@ -191,7 +196,7 @@ mod tests {
     }
 
     fn all_framings() -> Vec<Codec> {
-        let ids = SchemaIds { request: 1, model_request: 2, prediction: 3, decision: 4, shadow_comparison: 5, routed: 6 };
+        let ids = SchemaIds { request: 1, model_request: 2, prediction: 3, decision: 4, shadow_comparison: 5, routed: 6, merge_state: 7 };
         vec![Codec::default(), Codec::new(Framing::Confluent(ids))]
     }
 
@@ -239,6 +244,8 @@ mod tests {
             cohort: "control".into(), bucket: 1, config_version: 2, serving_model: "a".into(),
             shadow_models: vec!["b".into(), "c".into()], timeout_ms: 500, sent_at: 1, routed_at: 2,
         });
+        round_trip(MergeState { request_id: "r".into(), served_ok: true, served_output: Some(vec![1]), served_latency_ms: Some(3), compared: vec!["b".into()], finished: false });
+        round_trip(MergeState { request_id: "r".into(), ..MergeState::default() });
     }
 
     #[test]

@@ -126,6 +126,17 @@ pub struct Routed {
     pub routed_at: Millis,
 }
 
+/// Internal: how far merge got with one request (its changelog record).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct MergeState {
+    pub request_id: String,
+    pub served_ok: bool,
+    pub served_output: Option<Vec<u8>>,
+    pub served_latency_ms: Option<i64>,
+    pub compared: Vec<String>,
+    pub finished: bool,
+}
+
 /// A record type with an Avro schema in schemas/.
 pub trait AvroRecord: Sized {
     const KIND: RecordKind;
@@ -427,10 +438,6 @@ impl AvroRecord for ShadowComparison {
     const KIND: RecordKind = RecordKind::ShadowComparison;
 
     fn to_value(&self) -> Value {
-        let serving_latency = match self.serving_latency_ms {
-            None => Value::Union(0, Box::new(Value::Null)),
-            Some(v) => Value::Union(1, Box::new(Value::Long(v))),
-        };
         record(vec![
             ("request_id", s(&self.request_id)),
             ("deployment", s(&self.deployment)),
@@ -439,7 +446,7 @@ impl AvroRecord for ShadowComparison {
             ("shadow_model", s(&self.shadow_model)),
             ("shadow_output", opt_bytes(&self.shadow_output)),
             ("agreed", Value::Boolean(self.agreed)),
-            ("serving_latency_ms", serving_latency),
+            ("serving_latency_ms", opt_long(self.serving_latency_ms)),
             ("shadow_latency_ms", Value::Long(self.shadow_latency_ms)),
             ("compared_at", Value::TimestampMillis(self.compared_at)),
         ])
@@ -497,6 +504,40 @@ impl AvroRecord for Routed {
             timeout_ms: f.long("timeout_ms")?,
             sent_at: f.long("sent_at")?,
             routed_at: f.long("routed_at")?,
+        })
+    }
+}
+
+fn opt_long(v: Option<i64>) -> Value {
+    match v {
+        None => Value::Union(0, Box::new(Value::Null)),
+        Some(v) => Value::Union(1, Box::new(Value::Long(v))),
+    }
+}
+
+impl AvroRecord for MergeState {
+    const KIND: RecordKind = RecordKind::MergeState;
+
+    fn to_value(&self) -> Value {
+        record(vec![
+            ("request_id", s(&self.request_id)),
+            ("served_ok", Value::Boolean(self.served_ok)),
+            ("served_output", opt_bytes(&self.served_output)),
+            ("served_latency_ms", opt_long(self.served_latency_ms)),
+            ("compared", Value::Array(self.compared.iter().map(|m| s(m)).collect())),
+            ("finished", Value::Boolean(self.finished)),
+        ])
+    }
+
+    fn from_value(value: Value) -> Result<Self, DecodeError> {
+        let mut f = Fields::of(value)?;
+        Ok(MergeState {
+            request_id: f.string("request_id")?,
+            served_ok: f.boolean("served_ok")?,
+            served_output: f.opt_bytes("served_output")?,
+            served_latency_ms: f.opt_long("served_latency_ms")?,
+            compared: f.strings("compared")?,
+            finished: f.boolean("finished")?,
         })
     }
 }

@@ -47,19 +47,10 @@ pub async fn open(config: &Config) -> Result<(StreamConsumer, HashMap<i32, i64>)
     Ok((consumer, targets))
 }
 
-fn caught_up(consumer: &StreamConsumer, targets: &HashMap<i32, i64>) -> bool {
-    let Ok(positions) = consumer.position() else { return false };
-    targets.iter().all(|(partition, high)| {
-        *high == 0
-            || positions.elements().iter().any(|e| {
-                e.partition() == *partition && matches!(e.offset(), Offset::Offset(at) if at >= *high)
-            })
-    })
-}
 
 /// Reads records until every partition reached the end it had when `open` ran.
-pub async fn catch_up(consumer: &StreamConsumer, targets: &HashMap<i32, i64>, registry: &mut Registry) -> Result<(), Error> {
-    while !caught_up(consumer, targets) {
+pub async fn catch_up(consumer: &StreamConsumer, topic: &str, targets: &HashMap<i32, i64>, registry: &mut Registry) -> Result<(), Error> {
+    while !kafka::batch::caught_up(consumer, topic, targets) {
         if let Ok(message) = tokio::time::timeout(POSITION_POLL, consumer.recv()).await {
             let message = message?;
             registry.apply(message.key(), message.payload(), message.offset());
@@ -72,7 +63,7 @@ pub async fn catch_up(consumer: &StreamConsumer, targets: &HashMap<i32, i64>, re
 pub async fn snapshot(config: &Config) -> Result<Registry, Error> {
     let (consumer, targets) = open(config).await?;
     let mut registry = Registry::default();
-    catch_up(&consumer, &targets, &mut registry).await?;
+    catch_up(&consumer, &config.topics.deployments, &targets, &mut registry).await?;
     Ok(registry)
 }
 
@@ -113,7 +104,7 @@ pub async fn run(config: Config, shared: SharedRegistry, loaded: oneshot::Sender
     let mut registry = Registry::default();
     let mut loaded = Some(loaded);
     loop {
-        if loaded.is_some() && caught_up(&consumer, &targets) {
+        if loaded.is_some() && kafka::batch::caught_up(&consumer, &config.topics.deployments, &targets) {
             tracing::info!(deployments = registry.deployments().count(), "deployments topic loaded");
             let _ = loaded.take().expect("checked").send(());
         }

@@ -1,5 +1,5 @@
-//! The join state of merge, without I/O: routed records and predictions in, decisions and shadow
-//! comparisons out. Time is passed in, so every rule is testable without waiting.
+//! The join state of merge, without I/O: routed records and predictions in, decisions, shadow
+//! comparisons and changelog records out. Time is passed in, so every rule is testable without waiting.
 //!
 //! Rules:
 //! - the serving model's first prediction becomes the one decision (OK, or MODEL_ERROR if it carries an
@@ -9,11 +9,14 @@
 //! - shadow predictions are compared with the served answer (once it exists) and never decided on;
 //! - anything else (a second answer, an answer after the decision, an answer from a model the request
 //!   was not routed to) is discarded and counted;
-//! - a prediction that arrives before its routed record waits (bounded, for `orphan_ttl_ms`).
+//! - a prediction that arrives before its routed record waits (bounded, for `orphan_ttl_ms`);
+//! - every step that publishes something also publishes the request's [`MergeState`] to the changelog,
+//!   in the same transaction. After a restart or rebalance, [`Join::restore`] loads those states, and
+//!   routed records read again are resumed where they were instead of being decided twice.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
-use crate::codec::{Decision, DecisionStatus, Millis, Prediction, Routed, ShadowComparison};
+use crate::codec::{Decision, DecisionStatus, MergeState, Millis, Prediction, Routed, ShadowComparison};
 use crate::kafka::SourcePos;
 use crate::telemetry;
 
@@ -28,10 +31,13 @@ pub const MAX_DISCOVERY_MS: Millis = 30_000;
 /// How often a request waiting for its predictions topic to be assigned is looked at again.
 const DISCOVERY_RECHECK_MS: Millis = 100;
 
+/// How long restored states wait for their routed record to be read again.
+const RESTORED_TTL_MS: Millis = 15 * 60 * 1000;
+
 #[derive(Debug, Clone)]
 pub struct JoinConfig {
     pub orphan_ttl_ms: Millis,
-    /// Cap on waiting orphans and on remembered decided request ids.
+    /// Cap on waiting orphans and on remembered finished request ids.
     pub max_remembered: usize,
 }
 
@@ -40,6 +46,8 @@ pub struct JoinConfig {
 pub enum Output {
     Decision(Decision),
     Comparison { user_id: String, comparison: ShadowComparison },
+    /// Changelog: how far the request got; goes to the changelog partition of its routed record.
+    State { user_id: String, partition: i32, state: MergeState },
 }
 
 /// What one step of the join produced: records to publish, and input records no longer needed.
@@ -67,6 +75,8 @@ struct Served {
 #[derive(Debug)]
 struct Entry {
     routed: Routed,
+    /// Partition of the routed record, and so of the request's changelog records.
+    partition: i32,
     deadline: Millis,
     holds: Vec<SourcePos>,
     served: Option<Served>,
@@ -77,17 +87,37 @@ impl Entry {
     fn complete(&self) -> bool {
         self.served.is_some() && self.shadows.iter().all(|s| s.compared)
     }
+
+    fn state(&self, finished: bool) -> Output {
+        let served = self.served.clone().unwrap_or(Served { output: None, ok: false, latency_ms: None });
+        Output::State {
+            user_id: self.routed.user_id.clone(),
+            partition: self.partition,
+            state: MergeState {
+                request_id: self.routed.request_id.clone(),
+                served_ok: served.ok,
+                served_output: served.output,
+                served_latency_ms: served.latency_ms,
+                compared: self.shadows.iter().filter(|s| s.compared).map(|s| s.model.clone()).collect(),
+                finished,
+            },
+        }
+    }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Join {
-    config: Option<JoinConfig>,
+    config: JoinConfig,
     entries: HashMap<String, Entry>,
     deadlines: BTreeSet<(Millis, String)>,
     orphans: HashMap<String, Vec<(Prediction, SourcePos, Millis)>>,
     orphan_order: VecDeque<(Millis, String)>,
-    decided: HashMap<String, Millis>,
-    decided_order: VecDeque<(Millis, String)>,
+    /// Recently finished requests: later answers to them are discarded at once.
+    finished: HashMap<String, Millis>,
+    finished_order: VecDeque<(Millis, String)>,
+    /// Progress restored from the changelog, waiting for the routed record to be read again.
+    restored: HashMap<String, MergeState>,
+    restored_at: Millis,
 }
 
 fn latency(prediction: &Prediction, routed: &Routed) -> i64 {
@@ -96,11 +126,17 @@ fn latency(prediction: &Prediction, routed: &Routed) -> i64 {
 
 impl Join {
     pub fn new(config: JoinConfig) -> Self {
-        Join { config: Some(config), ..Join::default() }
-    }
-
-    fn config(&self) -> &JoinConfig {
-        self.config.as_ref().expect("Join::new sets the config")
+        Join {
+            config,
+            entries: HashMap::new(),
+            deadlines: BTreeSet::new(),
+            orphans: HashMap::new(),
+            orphan_order: VecDeque::new(),
+            finished: HashMap::new(),
+            finished_order: VecDeque::new(),
+            restored: HashMap::new(),
+            restored_at: 0,
+        }
     }
 
     /// Requests waiting for an answer or for their shadows.
@@ -113,17 +149,41 @@ impl Join {
         self.orphans.values().map(Vec::len).sum()
     }
 
+    /// Loads changelog states (in changelog order: the last state of a request wins).
+    pub fn restore(&mut self, states: impl IntoIterator<Item = MergeState>, now: Millis) {
+        for state in states {
+            self.restored.insert(state.request_id.clone(), state);
+        }
+        self.restored_at = now;
+    }
+
     pub fn on_routed(&mut self, routed: Routed, pos: SourcePos, now: Millis, fx: &mut Effects) {
         let id = routed.request_id.clone();
-        if self.entries.contains_key(&id) || self.decided.contains_key(&id) {
-            // A duplicate routing record (a retried batch upstream): the request already has its decision.
+        if self.entries.contains_key(&id) || self.finished.contains_key(&id) {
             fx.released.push(pos);
             return;
         }
+        let restored = self.restored.remove(&id);
+        if restored.as_ref().is_some_and(|state| state.finished) {
+            // Finished before the restart: its decision and comparisons are already out.
+            fx.released.push(pos);
+            self.remember_finished(id, now);
+            return;
+        }
         let deadline = (routed.routed_at + routed.timeout_ms).max(now + REPLAY_GRACE_MS.min(routed.timeout_ms));
-        let shadows = routed.shadow_models.iter().map(|m| ShadowSlot { model: m.clone(), answer: None, compared: false }).collect();
+        let mut shadows: Vec<ShadowSlot> =
+            routed.shadow_models.iter().map(|m| ShadowSlot { model: m.clone(), answer: None, compared: false }).collect();
+        let mut served = None;
+        if let Some(state) = restored {
+            // Decided before the restart, with shadows still open: resume without deciding again.
+            served = Some(Served { output: state.served_output, ok: state.served_ok, latency_ms: state.served_latency_ms });
+            for slot in &mut shadows {
+                slot.compared = state.compared.contains(&slot.model);
+            }
+        }
         self.deadlines.insert((deadline, id.clone()));
-        self.entries.insert(id.clone(), Entry { routed, deadline, holds: vec![pos], served: None, shadows });
+        let partition = pos.partition;
+        self.entries.insert(id.clone(), Entry { routed, partition, deadline, holds: vec![pos], served, shadows });
         for (prediction, pos, written_at) in self.orphans.remove(&id).unwrap_or_default() {
             self.on_prediction(prediction, pos, written_at, now, fx);
         }
@@ -133,7 +193,7 @@ impl Join {
     pub fn on_prediction(&mut self, prediction: Prediction, pos: SourcePos, written_at: Millis, now: Millis, fx: &mut Effects) {
         let id = prediction.request_id.clone();
         let Some(entry) = self.entries.get_mut(&id) else {
-            if self.decided.contains_key(&id) {
+            if self.finished.contains_key(&id) {
                 telemetry::prediction_discarded(&prediction.model, "after_decision");
                 fx.released.push(pos);
             } else {
@@ -162,22 +222,24 @@ impl Join {
                 fx.outputs.push(Output::Decision(decision(&entry.routed, status, prediction.output, prediction.error, now)));
                 served
             };
-            entry.served = Some(served);
-            let served = entry.served.clone().expect("just set");
             for slot in &mut entry.shadows {
                 if let Some(answer) = slot.answer.take() {
                     compare(&entry.routed, &served, slot, answer, now, fx);
                 }
             }
+            entry.served = Some(served);
         } else if let Some(slot) = entry.shadows.iter_mut().find(|s| s.model == prediction.model) {
             if slot.compared || slot.answer.is_some() {
                 telemetry::prediction_discarded(&prediction.model, "duplicate");
                 return;
             }
             telemetry::prediction_latency(&prediction.model, latency(&prediction, &entry.routed) as f64 / 1000.0);
-            match entry.served.clone() {
-                Some(served) => compare(&entry.routed, &served, slot, prediction, now, fx),
-                None => slot.answer = Some(prediction),
+            match &entry.served {
+                Some(served) => compare(&entry.routed, served, slot, prediction, now, fx),
+                None => {
+                    slot.answer = Some(prediction);
+                    return;
+                }
             }
         } else {
             telemetry::prediction_discarded(&prediction.model, "not_routed_to_model");
@@ -185,6 +247,8 @@ impl Join {
         }
         if entry.complete() {
             self.finish(&id, now, fx);
+        } else {
+            fx.outputs.push(entry.state(false));
         }
     }
 
@@ -221,23 +285,26 @@ impl Join {
             self.finish(&id, now, fx);
         }
         self.evict_orphans(now, fx);
-        let keep_after = now - self.config().orphan_ttl_ms;
-        while let Some((at, _)) = self.decided_order.front() {
-            if *at >= keep_after && self.decided_order.len() <= self.config().max_remembered {
+        let keep_after = now - self.config.orphan_ttl_ms;
+        while let Some((at, _)) = self.finished_order.front() {
+            if *at >= keep_after && self.finished_order.len() <= self.config.max_remembered {
                 break;
             }
-            let (at, id) = self.decided_order.pop_front().expect("front exists");
-            if self.decided.get(&id) == Some(&at) {
-                self.decided.remove(&id);
+            let (at, id) = self.finished_order.pop_front().expect("front exists");
+            if self.finished.get(&id) == Some(&at) {
+                self.finished.remove(&id);
             }
+        }
+        if !self.restored.is_empty() && now > self.restored_at + RESTORED_TTL_MS {
+            tracing::info!(states = self.restored.len(), "dropping restored states whose requests were not read again");
+            self.restored.clear();
         }
     }
 
     fn evict_orphans(&mut self, now: Millis, fx: &mut Effects) {
-        let keep_after = now - self.config().orphan_ttl_ms;
-        let max = self.config().max_remembered;
+        let keep_after = now - self.config.orphan_ttl_ms;
         while let Some((at, _)) = self.orphan_order.front() {
-            if *at >= keep_after && self.orphan_order.len() <= max {
+            if *at >= keep_after && self.orphan_order.len() <= self.config.max_remembered {
                 break;
             }
             let (_, id) = self.orphan_order.pop_front().expect("front exists");
@@ -254,10 +321,15 @@ impl Join {
     fn finish(&mut self, id: &str, now: Millis, fx: &mut Effects) {
         if let Some(entry) = self.entries.remove(id) {
             self.deadlines.remove(&(entry.deadline, id.to_string()));
+            fx.outputs.push(entry.state(true));
             fx.released.extend(entry.holds);
-            self.decided.insert(id.to_string(), now);
-            self.decided_order.push_back((now, id.to_string()));
+            self.remember_finished(id.to_string(), now);
         }
+    }
+
+    fn remember_finished(&mut self, id: String, now: Millis) {
+        self.finished.insert(id.clone(), now);
+        self.finished_order.push_back((now, id));
     }
 }
 
@@ -450,6 +522,56 @@ mod tests {
         j.on_routed(routed("b", &[]), pos(2), 1000, &mut fx);
         j.expire(1000 + 500 + MAX_DISCOVERY_MS, |model| model != "v1", &mut fx);
         assert_eq!(decisions(&fx)[1].status, DecisionStatus::Timeout);
+    }
+
+    fn states(fx: &Effects) -> Vec<MergeState> {
+        fx.outputs.iter().filter_map(|o| if let Output::State { state, .. } = o { Some(state.clone()) } else { None }).collect()
+    }
+
+    #[test]
+    fn restored_states_prevent_a_second_decision_and_resume_open_shadows() {
+        // First life: "a" finishes, "b" is decided while its shadow is still open; then a crash.
+        let mut first = join();
+        let mut fx = Effects::default();
+        first.on_routed(routed("a", &[]), pos(0), 1000, &mut fx);
+        first.on_routed(routed("b", &["v2"]), pos(1), 1000, &mut fx);
+        first.on_prediction(answer("a", "v1", "x", 1010), pos(2), 1010, 1011, &mut fx);
+        first.on_prediction(answer("b", "v1", "y", 1010), pos(3), 1010, 1011, &mut fx);
+        assert_eq!(decisions(&fx).len(), 2);
+        let changelog = states(&fx);
+        assert!(changelog.iter().any(|s| s.request_id == "a" && s.finished));
+        assert!(changelog.iter().any(|s| s.request_id == "b" && !s.finished && s.served_output.as_deref() == Some(&b"y"[..])));
+
+        // Second life: the same inputs are read again from the committed offsets.
+        let mut second = join();
+        second.restore(changelog, 2000);
+        let mut fx = Effects::default();
+        second.on_routed(routed("a", &[]), pos(0), 2000, &mut fx);
+        second.on_routed(routed("b", &["v2"]), pos(1), 2000, &mut fx);
+        second.on_prediction(answer("a", "v1", "x", 1010), pos(2), 1010, 2001, &mut fx);
+        second.on_prediction(answer("b", "v1", "y", 1010), pos(3), 1010, 2001, &mut fx);
+        assert!(decisions(&fx).is_empty(), "nothing is decided twice");
+        second.on_prediction(answer("b", "v2", "y", 1020), pos(4), 1020, 2002, &mut fx);
+        let c = comparisons(&fx);
+        assert_eq!(c.len(), 1);
+        assert!(c[0].agreed, "compared with the answer served before the restart");
+        assert_eq!(second.pending(), 0);
+        assert_eq!(fx.released.len(), 5);
+    }
+
+    #[test]
+    fn every_published_step_is_in_the_changelog() {
+        let mut j = join();
+        let mut fx = Effects::default();
+        j.on_routed(routed("a", &["v2"]), pos(0), 1000, &mut fx);
+        j.on_prediction(answer("a", "v1", "x", 1010), pos(1), 1010, 1011, &mut fx);
+        assert_eq!(states(&fx).len(), 1);
+        j.on_prediction(answer("a", "v2", "x", 1010), pos(2), 1010, 1012, &mut fx);
+        let s = states(&fx);
+        assert_eq!((s.len(), s[1].finished, s[1].compared.clone()), (2, true, vec!["v2".to_string()]));
+        j.on_routed(routed("t", &[]), pos(3), 1000, &mut fx);
+        j.expire(1500, |_| true, &mut fx);
+        assert!(states(&fx).last().unwrap().finished, "a timeout is recorded too");
     }
 
     #[test]

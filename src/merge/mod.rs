@@ -3,64 +3,31 @@
 //! The consumer reads the routed topic and every per-model predictions topic (by regex) in one group
 //! with the range assignor. All of them are keyed by user id and have the same partition count, so a
 //! request's routed record and its predictions land in the same partition number and thus on the same
-//! instance. The [`join::Join`] decides; this loop feeds it, publishes its outputs and commits offsets
-//! only below the oldest record the join still needs.
+//! instance. The [`join::Join`] decides; this loop feeds it and commits its outputs, its changelog
+//! records and the input offsets below the oldest record it still needs in one transaction.
 
 pub mod join;
-
-use std::time::Duration;
+pub mod restore;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::Duration;
 
-use rdkafka::client::ClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::TopicPartitionList;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Message, OwnedMessage};
 
-use crate::codec::{Codec, Millis, Prediction, Routed};
+use crate::codec::{Codec, Prediction, Routed};
 use crate::config::Config;
 use crate::dead_letter::{self, Kind};
 use crate::error::Result;
-use crate::kafka::{self, OutRecord, Progress, SourcePos};
+use crate::kafka::txn::TxnProducer;
+use crate::kafka::{self, GroupWatch, OutRecord, Progress, SourcePos};
 use crate::shutdown::Shutdown;
 use crate::telemetry;
 use join::{Effects, Join, JoinConfig, Output};
 
 /// How often deadlines are checked when no record arrives.
 const TICK: Duration = Duration::from_millis(50);
-
-/// Sees rebalances: while one is under way, and for a grace period after each assignment (the fetchers
-/// catch up from committed offsets), deadlines are not enforced — otherwise a rebalance would turn
-/// answers that are merely not fetched yet into TIMEOUT decisions.
-#[derive(Default)]
-pub struct RebalanceWatch {
-    rebalancing: AtomicBool,
-    assigned_at: AtomicI64,
-}
-
-impl RebalanceWatch {
-    fn deadlines_enforced(&self, now: Millis) -> bool {
-        !self.rebalancing.load(Ordering::SeqCst) && now >= self.assigned_at.load(Ordering::SeqCst) + join::REPLAY_GRACE_MS
-    }
-}
-
-impl ClientContext for RebalanceWatch {}
-
-impl ConsumerContext for RebalanceWatch {
-    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        tracing::info!(?rebalance, "merge rebalance starting");
-        self.rebalancing.store(true, Ordering::SeqCst);
-    }
-
-    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(partitions) = rebalance {
-            tracing::info!(partitions = partitions.count(), "merge partitions assigned");
-            self.assigned_at.store(kafka::now_millis(), Ordering::SeqCst);
-        }
-        self.rebalancing.store(false, Ordering::SeqCst);
-    }
-}
 
 /// The model a predictions topic belongs to, from the configured pattern.
 pub fn model_of_topic(pattern: &str, topic: &str) -> Option<String> {
@@ -84,13 +51,51 @@ pub fn records(outputs: Vec<Output>, config: &Config, codec: &Codec) -> Vec<OutR
                     .header("shadow_model", comparison.shadow_model.as_str())
                     .header("agreed", if comparison.agreed { "true" } else { "false" })
             }
+            Output::State { user_id, partition, state } => {
+                let mut record = OutRecord::new(config.topics.merge_changelog.clone(), user_id.into_bytes(), codec.encode(&state));
+                record.partition = Some(partition);
+                record
+            }
         })
         .collect()
 }
 
+/// merge's working state; all of it can be rebuilt from committed offsets and the changelog.
+struct Stage {
+    join: Join,
+    progress: Progress,
+    /// Consumer-group generation the state was built for.
+    generation: Option<u64>,
+    /// Offsets committed by the last transaction, to skip empty ones.
+    committed: Option<TopicPartitionList>,
+}
+
+impl Stage {
+    fn new(config: &Config) -> Self {
+        let join = Join::new(JoinConfig { orphan_ttl_ms: config.service.orphan_ttl_ms as i64, max_remembered: config.service.max_pending });
+        Stage { join, progress: Progress::default(), generation: None, committed: None }
+    }
+
+    /// Drops everything in memory, rewinds to the committed offsets and restores the changelog: after a
+    /// rebalance (partitions may have moved) or a failed transaction (its effects are gone).
+    async fn rebuild(&mut self, consumer: &StreamConsumer<GroupWatch>, config: &Config, codec: &Codec, shutdown: &Shutdown) -> Result<()> {
+        let generation = consumer.context().generation();
+        *self = Stage::new(config);
+        if !kafka::rewind(consumer, shutdown).await {
+            return Ok(());
+        }
+        let committed = kafka::batch::committed(consumer)?;
+        let states = restore::load(config, codec, &committed).await?;
+        self.join.restore(states, kafka::now_millis());
+        self.generation = Some(generation);
+        Ok(())
+    }
+}
+
 /// Feeds one input record to the join, or dead-letters it.
-fn feed(message: &OwnedMessage, config: &Config, codec: &Codec, join: &mut Join, progress: &mut Progress, fx: &mut Effects, letters: &mut Vec<OutRecord>) {
-    let source = SourcePos { topic: message.topic().to_string(), partition: message.partition(), offset: message.offset() };
+fn feed(message: &OwnedMessage, config: &Config, codec: &Codec, stage: &mut Stage, fx: &mut Effects, letters: &mut Vec<OutRecord>) {
+    let source = SourcePos::of(message);
+    stage.progress.seen(&source);
     let now = kafka::now_millis();
     let mut reject = |kind, reason: String| {
         letters.push(dead_letter::letter(&config.topics.dead_letter, &source, message.key(), message.payload(), kind, &reason));
@@ -98,8 +103,8 @@ fn feed(message: &OwnedMessage, config: &Config, codec: &Codec, join: &mut Join,
     if message.topic() == config.topics.routed {
         match codec.decode::<Routed>(message.payload().unwrap_or_default()) {
             Ok(routed) => {
-                progress.hold(&source);
-                join.on_routed(routed, source.clone(), now, fx);
+                stage.progress.hold(&source);
+                stage.join.on_routed(routed, source.clone(), now, fx);
             }
             Err(e) => reject(Kind::Undecodable, format!("routed record: {e}")),
         }
@@ -113,9 +118,9 @@ fn feed(message: &OwnedMessage, config: &Config, codec: &Codec, join: &mut Join,
             reject(Kind::Invalid, format!("prediction names model {:?} but came from the topic of {topic_model:?}", prediction.model))
         }
         Ok(prediction) => {
-            progress.hold(&source);
+            stage.progress.hold(&source);
             let written_at = message.timestamp().to_millis().unwrap_or(prediction.produced_at);
-            join.on_prediction(prediction, source.clone(), written_at, now, fx);
+            stage.join.on_prediction(prediction, source.clone(), written_at, now, fx);
         }
         Err(e) => reject(Kind::Undecodable, format!("prediction: {e}")),
     }
@@ -123,7 +128,7 @@ fn feed(message: &OwnedMessage, config: &Config, codec: &Codec, join: &mut Join,
 
 /// Pauses the routed topic while too many requests are pending (predictions keep flowing, so the
 /// pending set drains), and resumes below 90%.
-fn apply_backpressure(consumer: &StreamConsumer<RebalanceWatch>, config: &Config, join: &Join, paused: &mut bool) {
+fn apply_backpressure(consumer: &StreamConsumer<GroupWatch>, config: &Config, join: &Join, paused: &mut bool) {
     let pending = join.pending() + join.orphans();
     let over = pending >= config.service.max_pending;
     let under = pending < config.service.max_pending * 9 / 10;
@@ -141,7 +146,7 @@ fn apply_backpressure(consumer: &StreamConsumer<RebalanceWatch>, config: &Config
         }
         let _ = consumer.pause(&routed);
         *paused = true;
-    } else if *paused && under {
+    } else {
         tracing::info!(pending, "pending below limit: resuming intake");
         let _ = consumer.resume(&routed);
         *paused = false;
@@ -149,51 +154,60 @@ fn apply_backpressure(consumer: &StreamConsumer<RebalanceWatch>, config: &Config
 }
 
 /// Runs merge until shutdown.
+///
+/// Each batch is one transaction: decisions, comparisons, changelog records, dead letters and the input
+/// offsets that are safe to commit (never past a request still open). After a rebalance or a failed
+/// transaction the state is rebuilt from committed offsets and the changelog.
 pub async fn run(config: Config, codec: Codec, shutdown: Shutdown) -> Result<()> {
     let group = format!("{}-merge", config.service.group_id);
-    let consumer = kafka::group_consumer_with(&config, &group, RebalanceWatch::default())?;
+    let consumer = kafka::group_consumer_with(&config, &group, GroupWatch::default())?;
     let predictions = config.topics.model_predictions_regex();
     consumer.subscribe(&[config.topics.routed.as_str(), predictions.as_str()])?;
-    let producer = kafka::producer(&config)?;
-    let mut join = Join::new(JoinConfig {
-        orphan_ttl_ms: config.service.orphan_ttl_ms as i64,
-        max_remembered: config.service.max_pending,
-    });
-    let mut progress = Progress::default();
+    let mut producer = TxnProducer::new(&config, config.service.transactional_id("merge"), shutdown.clone())?;
+    let mut stage = Stage::new(&config);
     let mut paused = false;
     tracing::info!(routed = %config.topics.routed, %predictions, %group, "merge consuming");
     let wait = Duration::from_millis(config.service.batch_wait_ms);
     while !shutdown.is_triggered() {
+        let generation = consumer.context().generation();
+        if stage.generation != Some(generation) {
+            stage.rebuild(&consumer, &config, &codec, &shutdown).await?;
+            paused = false;
+            continue;
+        }
         let batch = kafka::next_batch(&consumer, config.service.batch_size, wait, TICK).await;
+        if consumer.context().generation() != generation {
+            continue; // rebuilt at the top of the loop
+        }
         let mut fx = Effects::default();
         let mut letters = Vec::new();
         for message in &batch {
-            let source = SourcePos { topic: message.topic().to_string(), partition: message.partition(), offset: message.offset() };
-            if progress.accept(&source) {
-                feed(message, &config, &codec, &mut join, &mut progress, &mut fx, &mut letters);
-            }
+            feed(message, &config, &codec, &mut stage, &mut fx, &mut letters);
         }
         let now = kafka::now_millis();
-        if consumer.context().deadlines_enforced(now) {
-            let assigned: HashSet<String> = consumer.assignment().map(|a| a.elements().iter().map(|e| e.topic().to_string()).collect()).unwrap_or_default();
-            join.expire(now, |model| assigned.contains(&config.topics.model_predictions(model)), &mut fx);
+        if consumer.context().settled(now, join::REPLAY_GRACE_MS) {
+            let assigned: HashSet<String> =
+                consumer.assignment().map(|a| a.elements().iter().map(|e| e.topic().to_string()).collect()).unwrap_or_default();
+            stage.join.expire(now, |model| assigned.contains(&config.topics.model_predictions(model)), &mut fx);
+        }
+        for pos in &fx.released {
+            stage.progress.release(pos);
         }
         let mut out = records(std::mem::take(&mut fx.outputs), &config, &codec);
         out.extend(letters);
-        if !kafka::send_all_retrying(&producer, &out, &shutdown).await {
-            break;
+        let offsets = stage.progress.offsets();
+        let unchanged = stage.committed.as_ref().is_some_and(|c| c.to_topic_map() == offsets.to_topic_map());
+        if out.is_empty() && unchanged {
+            continue;
         }
-        for pos in &fx.released {
-            progress.release(pos);
+        match producer.commit(&out, &offsets, consumer.group_metadata()).await {
+            Ok(()) => stage.committed = Some(offsets),
+            Err(_) => stage.generation = None, // rebuild: this batch's effects were discarded
         }
-        kafka::commit(&consumer, &mut progress);
-        telemetry::pending(join.pending());
-        apply_backpressure(&consumer, &config, &join, &mut paused);
+        telemetry::pending(stage.join.pending());
+        apply_backpressure(&consumer, &config, &stage.join, &mut paused);
     }
-    if let Some(list) = progress.to_commit() {
-        consumer.commit(&list, rdkafka::consumer::CommitMode::Sync)?;
-    }
-    tracing::info!(pending = join.pending(), "merge stopped; pending requests resume from committed offsets");
+    tracing::info!(pending = stage.join.pending(), "merge stopped; open requests resume from the committed offsets");
     Ok(())
 }
 

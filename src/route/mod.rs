@@ -3,7 +3,7 @@
 //! For each request: decode, look up its deployment, apply the pure [`routing::route`] decision, then
 //! publish a PRIMARY copy to the serving model's topic, SHADOW copies to the shadow models' topics and a
 //! [`Routed`] record (what merge joins the answers to). Anything that cannot be routed is dead-lettered.
-//! Offsets are committed only after everything a batch produced is acknowledged.
+//! Each batch and its input offsets are committed in one Kafka transaction.
 
 use std::time::Duration;
 
@@ -15,7 +15,8 @@ use crate::config::Config;
 use crate::control::SharedRegistry;
 use crate::dead_letter::{self, Kind};
 use crate::error::Result;
-use crate::kafka::{self, OutRecord, Progress, SourcePos};
+use crate::kafka::txn::TxnProducer;
+use crate::kafka::{self, GroupWatch, OutRecord, SourcePos};
 use crate::routing::{self, Deployment};
 use crate::shutdown::Shutdown;
 use crate::telemetry;
@@ -95,7 +96,6 @@ pub fn records(plan: &Plan, config: &Config, codec: &Codec) -> Vec<OutRecord> {
 }
 
 fn process(message: &OwnedMessage, config: &Config, codec: &Codec, registry: &SharedRegistry, out: &mut Vec<OutRecord>) {
-    let source = SourcePos { topic: message.topic().to_string(), partition: message.partition(), offset: message.offset() };
     match admit(message.payload(), config.service.max_request_bytes, codec, registry) {
         Ok((request, deployment)) => {
             let plan = plan(request, &deployment, kafka::now_millis());
@@ -104,38 +104,43 @@ fn process(message: &OwnedMessage, config: &Config, codec: &Codec, registry: &Sh
             }
             out.extend(records(&plan, config, codec));
         }
-        Err(e) => out.push(dead_letter::letter(&config.topics.dead_letter, &source, message.key(), message.payload(), e.kind, &e.reason)),
+        Err(e) => {
+            let source = SourcePos::of(message);
+            out.push(dead_letter::letter(&config.topics.dead_letter, &source, message.key(), message.payload(), e.kind, &e.reason))
+        }
     }
 }
 
 /// Runs route until shutdown. Starts consuming only after `registry` holds the whole deployments topic.
+///
+/// Each batch is one transaction: its per-model requests, routing records and dead letters, and the
+/// requests' offsets. A batch that straddles a rebalance, or whose transaction fails, is discarded and
+/// read again from the committed offsets.
 pub async fn run(config: Config, codec: Codec, registry: SharedRegistry, shutdown: Shutdown) -> Result<()> {
     let group = format!("{}-route", config.service.group_id);
-    let consumer = kafka::group_consumer(&config, &group)?;
+    let consumer = kafka::group_consumer_with(&config, &group, GroupWatch::default())?;
     consumer.subscribe(&[config.topics.requests.as_str()])?;
-    let producer = kafka::producer(&config)?;
-    let mut progress = Progress::default();
+    let mut producer = TxnProducer::new(&config, config.service.transactional_id("route"), shutdown.clone())?;
     tracing::info!(topic = %config.topics.requests, %group, "route consuming");
     let wait = Duration::from_millis(config.service.batch_wait_ms);
     while !shutdown.is_triggered() {
+        let generation = consumer.context().generation();
         let batch = kafka::next_batch(&consumer, config.service.batch_size, wait, IDLE).await;
         if batch.is_empty() {
             continue;
         }
+        if consumer.context().generation() != generation {
+            // Part of the batch may belong to partitions this instance no longer owns.
+            kafka::rewind(&consumer, &shutdown).await;
+            continue;
+        }
         let mut out = Vec::with_capacity(batch.len() * 3);
         for message in &batch {
-            let source = SourcePos { topic: message.topic().to_string(), partition: message.partition(), offset: message.offset() };
-            if progress.accept(&source) {
-                process(message, &config, &codec, &registry, &mut out);
-            }
+            process(message, &config, &codec, &registry, &mut out);
         }
-        if !kafka::send_all_retrying(&producer, &out, &shutdown).await {
-            break;
+        if producer.commit(&out, &kafka::batch_offsets(&batch), consumer.group_metadata()).await.is_err() {
+            kafka::rewind(&consumer, &shutdown).await;
         }
-        kafka::commit(&consumer, &mut progress);
-    }
-    if let Some(list) = progress.to_commit() {
-        consumer.commit(&list, rdkafka::consumer::CommitMode::Sync)?;
     }
     tracing::info!("route stopped");
     Ok(())

@@ -60,6 +60,7 @@ impl Env {
             ("SWITCHYARD__TOPICS__REQUESTS".into(), format!("{prefix}.requests")),
             ("SWITCHYARD__TOPICS__DEPLOYMENTS".into(), format!("{prefix}.deployments")),
             ("SWITCHYARD__TOPICS__ROUTED".into(), format!("{prefix}.routed")),
+            ("SWITCHYARD__TOPICS__MERGE_CHANGELOG".into(), format!("{prefix}.merge-state")),
             ("SWITCHYARD__TOPICS__DECISIONS".into(), format!("{prefix}.decisions")),
             ("SWITCHYARD__TOPICS__SHADOW_COMPARISONS".into(), format!("{prefix}.shadow")),
             ("SWITCHYARD__TOPICS__DEAD_LETTER".into(), format!("{prefix}.dlq")),

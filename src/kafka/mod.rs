@@ -2,6 +2,14 @@
 //!
 //! Every client gets the bootstrap servers and the pass-through `[kafka.options]`; switchyard then sets
 //! the options its guarantees depend on (see `config::MANAGED_OPTIONS`).
+//!
+//! - [`batch`]: consuming in batches, offset tracking, rebalances, rewinding.
+//! - [`txn`]: transactional output — records and input offsets committed together.
+
+pub mod batch;
+pub mod txn;
+
+pub use batch::{GroupWatch, Progress, SourcePos, batch_offsets, next_batch, rewind};
 
 use std::time::Duration;
 
@@ -39,6 +47,21 @@ pub fn producer(config: &Config) -> Result<FutureProducer, KafkaError> {
         .set("linger.ms", "5")
         .set("compression.type", "lz4")
         // Bounds what a stalled broker can make us buffer.
+        .set_if_absent("queue.buffering.max.kbytes", "65536")
+        .create()
+}
+
+/// A producer for transactions (see [`txn`]): the settings of [`producer`] plus a stable
+/// transactional id and a short transaction timeout — an instance that dies with a transaction open
+/// blocks read_committed readers of its output partitions until then, unless it comes back first.
+pub fn transactional_producer(config: &Config, transactional_id: &str) -> Result<FutureProducer, KafkaError> {
+    base(config)
+        .set("transactional.id", transactional_id)
+        .set("enable.idempotence", "true")
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4")
+        .set_if_absent("transaction.timeout.ms", "10000")
         .set_if_absent("queue.buffering.max.kbytes", "65536")
         .create()
 }
@@ -93,6 +116,8 @@ impl SetIfAbsent for ClientConfig {
 #[derive(Debug, Clone)]
 pub struct OutRecord {
     pub topic: String,
+    /// An explicit partition; None lets the murmur2 partitioner choose by key.
+    pub partition: Option<i32>,
     pub key: Vec<u8>,
     pub payload: Option<Vec<u8>>,
     pub headers: Vec<(&'static str, Vec<u8>)>,
@@ -100,7 +125,7 @@ pub struct OutRecord {
 
 impl OutRecord {
     pub fn new(topic: impl Into<String>, key: impl Into<Vec<u8>>, payload: Vec<u8>) -> Self {
-        OutRecord { topic: topic.into(), key: key.into(), payload: Some(payload), headers: Vec::new() }
+        OutRecord { topic: topic.into(), partition: None, key: key.into(), payload: Some(payload), headers: Vec::new() }
     }
 
     pub fn header(mut self, name: &'static str, value: impl Into<Vec<u8>>) -> Self {
@@ -121,6 +146,9 @@ pub async fn send_all(producer: &FutureProducer, records: &[OutRecord]) -> Resul
         let mut future = FutureRecord::<Vec<u8>, Vec<u8>>::to(&record.topic).key(&record.key).headers(headers);
         if let Some(payload) = &record.payload {
             future = future.payload(payload);
+        }
+        if let Some(partition) = record.partition {
+            future = future.partition(partition);
         }
         producer.send(future, Timeout::Never)
     });
@@ -170,110 +198,6 @@ pub fn partition_count(consumer: &StreamConsumer, topic: &str) -> Result<Option<
         .filter(|n| *n > 0))
 }
 
-/// Waits up to `idle` for a first record, then takes what arrives within `wait`, up to `max`. An empty
-/// batch means nothing arrived; callers check for shutdown between batches. Consumer errors are logged
-/// and waited out: librdkafka reconnects by itself, and a broken batch is never half-processed.
-pub async fn next_batch<C: ConsumerContext + 'static>(consumer: &StreamConsumer<C>, max: usize, wait: Duration, idle: Duration) -> Vec<rdkafka::message::OwnedMessage> {
-    let mut batch = Vec::new();
-    match tokio::time::timeout(idle, consumer.recv()).await {
-        Err(_) => return batch,
-        Ok(Ok(message)) => batch.push(message.detach()),
-        Ok(Err(error)) => {
-            tracing::warn!(%error, "consumer error");
-            return batch;
-        }
-    }
-    let deadline = tokio::time::Instant::now() + wait;
-    while batch.len() < max {
-        match tokio::time::timeout_at(deadline, consumer.recv()).await {
-            Ok(Ok(message)) => batch.push(message.detach()),
-            Ok(Err(error)) => {
-                tracing::warn!(%error, "consumer error");
-                break;
-            }
-            Err(_) => break,
-        }
-    }
-    batch
-}
-
-/// Tracks, per input partition, what has been processed and what is still needed (held), so that the
-/// committed offset never passes a record whose effects are not yet durable, and so that records
-/// redelivered after a rebalance rewinds the fetch position are recognised and skipped.
-#[derive(Debug, Default)]
-pub struct Progress {
-    partitions: std::collections::HashMap<(String, i32), PartitionProgress>,
-}
-
-#[derive(Debug, Default)]
-struct PartitionProgress {
-    /// Next offset not yet processed.
-    next: i64,
-    /// Offsets whose effects are not durable yet, with a count of holders.
-    held: std::collections::BTreeMap<i64, usize>,
-    /// Last offset committed, to skip redundant commits.
-    committed: i64,
-}
-
-/// Where a record came from.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct SourcePos {
-    pub topic: String,
-    pub partition: i32,
-    pub offset: i64,
-}
-
-impl Progress {
-    /// Marks a record processed; false if it was processed before (a redelivery to skip).
-    pub fn accept(&mut self, pos: &SourcePos) -> bool {
-        let p = self.partitions.entry((pos.topic.clone(), pos.partition)).or_default();
-        if pos.offset < p.next {
-            return false;
-        }
-        p.next = pos.offset + 1;
-        true
-    }
-
-    /// Keeps the committed offset at or below `pos` until [`Progress::release`].
-    pub fn hold(&mut self, pos: &SourcePos) {
-        let p = self.partitions.entry((pos.topic.clone(), pos.partition)).or_default();
-        *p.held.entry(pos.offset).or_default() += 1;
-    }
-
-    pub fn release(&mut self, pos: &SourcePos) {
-        if let Some(p) = self.partitions.get_mut(&(pos.topic.clone(), pos.partition)) {
-            if let Some(count) = p.held.get_mut(&pos.offset) {
-                *count -= 1;
-                if *count == 0 {
-                    p.held.remove(&pos.offset);
-                }
-            }
-        }
-    }
-
-    /// Offsets safe to commit that moved since the last call.
-    pub fn to_commit(&mut self) -> Option<rdkafka::TopicPartitionList> {
-        let mut list = rdkafka::TopicPartitionList::new();
-        for ((topic, partition), p) in &mut self.partitions {
-            let safe = p.held.keys().next().copied().unwrap_or(p.next);
-            if safe > p.committed {
-                p.committed = safe;
-                list.add_partition_offset(topic, *partition, rdkafka::Offset::Offset(safe)).ok()?;
-            }
-        }
-        (list.count() > 0).then_some(list)
-    }
-}
-
-/// Commits what `progress` says is safe. A failed commit only means more redelivery after a crash.
-pub fn commit<C: ConsumerContext + 'static>(consumer: &StreamConsumer<C>, progress: &mut Progress) {
-    if let Some(list) = progress.to_commit() {
-        if let Err(error) = consumer.commit(&list, rdkafka::consumer::CommitMode::Async) {
-            tracing::warn!(%error, "offset commit failed; records since the last commit may be redelivered");
-        }
-    }
-}
-
 /// Sends `records`, retrying with backoff until the broker takes them or shutdown is requested.
 /// Returns false if it gave up because of shutdown (the caller must then not commit).
 pub async fn send_all_retrying(producer: &FutureProducer, records: &[OutRecord], shutdown: &crate::shutdown::Shutdown) -> bool {
@@ -300,26 +224,3 @@ pub fn now_millis() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn pos(offset: i64) -> SourcePos {
-        SourcePos { topic: "t".into(), partition: 0, offset }
-    }
-
-    #[test]
-    fn progress_commits_below_held_records_and_skips_redeliveries() {
-        let mut p = Progress::default();
-        for o in 0..5 {
-            assert!(p.accept(&pos(o)));
-        }
-        p.hold(&pos(2));
-        let list = p.to_commit().unwrap();
-        assert_eq!(list.elements()[0].offset(), rdkafka::Offset::Offset(2));
-        assert!(p.to_commit().is_none(), "nothing moved");
-        assert!(!p.accept(&pos(3)), "redelivered record is skipped");
-        p.release(&pos(2));
-        assert_eq!(p.to_commit().unwrap().elements()[0].offset(), rdkafka::Offset::Offset(5));
-    }
-}

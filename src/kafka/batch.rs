@@ -1,0 +1,244 @@
+//! Consuming in batches: collecting a batch, tracking which input offsets are safe to commit, seeing
+//! rebalances, and rewinding to the committed offsets after a failed transaction.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::{ADMIN_TIMEOUT, now_millis};
+use crate::shutdown::Shutdown;
+
+/// Waits up to `idle` for a first record, then takes what arrives within `wait`, up to `max`. An empty
+/// batch means nothing arrived; callers check for shutdown between batches. Consumer errors are logged
+/// and waited out: librdkafka reconnects by itself, and a broken batch is never half-processed.
+pub async fn next_batch<C: ConsumerContext + 'static>(consumer: &StreamConsumer<C>, max: usize, wait: Duration, idle: Duration) -> Vec<OwnedMessage> {
+    let mut batch = Vec::new();
+    match tokio::time::timeout(idle, consumer.recv()).await {
+        Err(_) => return batch,
+        Ok(Ok(message)) => batch.push(message.detach()),
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "consumer error");
+            return batch;
+        }
+    }
+    let deadline = tokio::time::Instant::now() + wait;
+    while batch.len() < max {
+        match tokio::time::timeout_at(deadline, consumer.recv()).await {
+            Ok(Ok(message)) => batch.push(message.detach()),
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "consumer error");
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    batch
+}
+
+/// Where a record came from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SourcePos {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+impl SourcePos {
+    pub fn of(message: &OwnedMessage) -> Self {
+        SourcePos { topic: message.topic().to_string(), partition: message.partition(), offset: message.offset() }
+    }
+}
+
+/// Tracks, per input partition, what has been processed and which records are still needed (held), so
+/// that the committed offset never passes a record whose effects are not yet durable.
+#[derive(Debug, Default)]
+pub struct Progress {
+    partitions: HashMap<(String, i32), PartitionProgress>,
+}
+
+#[derive(Debug, Default)]
+struct PartitionProgress {
+    /// Next offset not yet processed.
+    next: i64,
+    /// Offsets whose effects are not durable yet, with a count of holders.
+    held: BTreeMap<i64, usize>,
+}
+
+impl Progress {
+    /// Marks a record processed.
+    pub fn seen(&mut self, pos: &SourcePos) {
+        let p = self.partitions.entry((pos.topic.clone(), pos.partition)).or_default();
+        p.next = p.next.max(pos.offset + 1);
+    }
+
+    /// Keeps the committed offset at or below `pos` until [`Progress::release`].
+    pub fn hold(&mut self, pos: &SourcePos) {
+        let p = self.partitions.entry((pos.topic.clone(), pos.partition)).or_default();
+        *p.held.entry(pos.offset).or_default() += 1;
+    }
+
+    pub fn release(&mut self, pos: &SourcePos) {
+        if let Some(p) = self.partitions.get_mut(&(pos.topic.clone(), pos.partition)) {
+            if let Some(count) = p.held.get_mut(&pos.offset) {
+                *count -= 1;
+                if *count == 0 {
+                    p.held.remove(&pos.offset);
+                }
+            }
+        }
+    }
+
+    /// The offset safe to commit for every partition seen: the oldest held record, or the next one.
+    pub fn offsets(&self) -> TopicPartitionList {
+        let mut list = TopicPartitionList::new();
+        for ((topic, partition), p) in &self.partitions {
+            let safe = p.held.keys().next().copied().unwrap_or(p.next);
+            list.add_partition_offset(topic, *partition, Offset::Offset(safe)).expect("a valid offset");
+        }
+        list
+    }
+}
+
+/// Counts rebalances, so a loop can tell that a batch straddles one, and remembers when partitions were
+/// last assigned, so deadlines wait while the fetchers catch up.
+#[derive(Debug, Default)]
+pub struct GroupWatch {
+    generation: AtomicU64,
+    rebalancing: AtomicBool,
+    assigned_at: AtomicI64,
+}
+
+impl GroupWatch {
+    /// Changes at every assignment and revocation.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// True outside rebalances once `grace_ms` have passed since the last assignment.
+    pub fn settled(&self, now: i64, grace_ms: i64) -> bool {
+        !self.rebalancing.load(Ordering::SeqCst) && now >= self.assigned_at.load(Ordering::SeqCst) + grace_ms
+    }
+}
+
+impl ClientContext for GroupWatch {}
+
+impl ConsumerContext for GroupWatch {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        self.rebalancing.store(true, Ordering::SeqCst);
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        if let Rebalance::Revoke(partitions) = rebalance {
+            tracing::info!(partitions = partitions.count(), "partitions revoked");
+        }
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(partitions) = rebalance {
+            tracing::info!(partitions = partitions.count(), "partitions assigned");
+            self.assigned_at.store(now_millis(), Ordering::SeqCst);
+        }
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.rebalancing.store(false, Ordering::SeqCst);
+    }
+}
+
+/// The next offset of every partition in `batch`: what a transaction commits for a stateless stage.
+pub fn batch_offsets(batch: &[OwnedMessage]) -> TopicPartitionList {
+    let mut next: HashMap<(&str, i32), i64> = HashMap::new();
+    for message in batch {
+        let entry = next.entry((message.topic(), message.partition())).or_default();
+        *entry = (*entry).max(message.offset() + 1);
+    }
+    let mut list = TopicPartitionList::new();
+    for ((topic, partition), offset) in next {
+        list.add_partition_offset(topic, partition, Offset::Offset(offset)).expect("a valid offset");
+    }
+    list
+}
+
+/// The committed offsets of the current assignment, as stored by the group coordinator (with
+/// read_committed, librdkafka waits for pending transactional commits to settle).
+pub fn committed<C: ConsumerContext + 'static>(consumer: &StreamConsumer<C>) -> Result<TopicPartitionList, KafkaError> {
+    let assignment = consumer.assignment()?;
+    consumer.committed_offsets(assignment, ADMIN_TIMEOUT)
+}
+
+fn try_rewind<C: ConsumerContext + 'static>(consumer: &StreamConsumer<C>) -> Result<(), KafkaError> {
+    for element in committed(consumer)?.elements() {
+        let offset = match element.offset() {
+            Offset::Offset(n) => Offset::Offset(n),
+            _ => Offset::Beginning,
+        };
+        consumer.seek(element.topic(), element.partition(), offset, ADMIN_TIMEOUT)?;
+    }
+    Ok(())
+}
+
+/// Moves every assigned partition back to its committed offset (or the start, if none), so that records
+/// whose processing was not committed are read again. Retries while the broker cannot answer; gives up
+/// only on shutdown (returning false).
+pub async fn rewind<C: ConsumerContext + 'static>(consumer: &StreamConsumer<C>, shutdown: &Shutdown) -> bool {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match try_rewind(consumer) {
+            Ok(()) => return true,
+            Err(error) if shutdown.is_triggered() => {
+                tracing::warn!(%error, "cannot rewind to the committed offsets during shutdown");
+                return false;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot rewind to the committed offsets yet; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// True once the consumer's position in every partition of `targets` reached the offset given there.
+/// Positions also move past transaction markers, which are never delivered as records.
+pub fn caught_up<C: ConsumerContext + 'static>(consumer: &StreamConsumer<C>, topic: &str, targets: &HashMap<i32, i64>) -> bool {
+    let Ok(positions) = consumer.position() else { return false };
+    targets.iter().all(|(partition, target)| {
+        *target <= 0
+            || positions.elements().iter().any(|e| {
+                e.topic() == topic && e.partition() == *partition && matches!(e.offset(), Offset::Offset(at) if at >= *target)
+            })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pos(offset: i64) -> SourcePos {
+        SourcePos { topic: "t".into(), partition: 0, offset }
+    }
+
+    fn offset_of(list: &TopicPartitionList) -> Offset {
+        list.elements()[0].offset()
+    }
+
+    #[test]
+    fn progress_never_commits_past_a_held_record() {
+        let mut p = Progress::default();
+        for o in 0..5 {
+            p.seen(&pos(o));
+        }
+        p.hold(&pos(2));
+        p.hold(&pos(2));
+        p.hold(&pos(4));
+        assert_eq!(offset_of(&p.offsets()), Offset::Offset(2));
+        p.release(&pos(2));
+        assert_eq!(offset_of(&p.offsets()), Offset::Offset(2), "still held once");
+        p.release(&pos(2));
+        assert_eq!(offset_of(&p.offsets()), Offset::Offset(4));
+        p.release(&pos(4));
+        assert_eq!(offset_of(&p.offsets()), Offset::Offset(5));
+    }
+}

@@ -1,0 +1,109 @@
+//! Transactional output: the records a batch produced and the input offsets it consumed are committed
+//! in one Kafka transaction (consume-transform-produce). Consumers reading with read_committed see
+//! either all of a batch's records, exactly once, or none.
+//!
+//! The transactional id is stable per instance (`<group>-<stage>-<instance_id>`): when an instance
+//! restarts, its new producer fences the old one and settles its open transaction at once, instead of
+//! leaving read_committed consumers blocked until the transaction times out. A zombie instance (paused
+//! past its session timeout) is fenced by the consumer-group generation in `send_offsets_to_transaction`
+//! (KIP-447): its commit fails and its records stay invisible.
+
+use std::time::Duration;
+
+use rdkafka::TopicPartitionList;
+use rdkafka::consumer::ConsumerGroupMetadata;
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{FutureProducer, Producer};
+use tokio::task::block_in_place;
+
+use super::{OutRecord, send_all, transactional_producer};
+use crate::config::Config;
+use crate::shutdown::Shutdown;
+
+/// Bound on each transactional call (init, send offsets, commit, abort).
+const TXN_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a commit that failed with a retriable error is retried before giving up on it.
+const COMMIT_RETRIES: usize = 3;
+
+/// A producer that commits batches transactionally, and recovers from failed transactions.
+pub struct TxnProducer {
+    config: Config,
+    id: String,
+    producer: FutureProducer,
+    shutdown: Shutdown,
+}
+
+fn create(config: &Config, id: &str) -> Result<FutureProducer, KafkaError> {
+    let producer = transactional_producer(config, id)?;
+    block_in_place(|| producer.init_transactions(TXN_CALL_TIMEOUT))?;
+    Ok(producer)
+}
+
+impl TxnProducer {
+    /// Creates the producer and registers its transactional id (fencing any earlier incarnation).
+    pub fn new(config: &Config, id: String, shutdown: Shutdown) -> Result<Self, KafkaError> {
+        let producer = create(config, &id)?;
+        tracing::info!(transactional_id = %id, "transactional producer ready");
+        Ok(TxnProducer { config: config.clone(), id, producer, shutdown })
+    }
+
+    /// Produces `records` and commits them together with `offsets` for the consumer group. On error the
+    /// transaction has been aborted, or the producer replaced (which settles it): nothing of it is visible
+    /// to read_committed consumers and the caller must rewind its inputs to the committed offsets.
+    pub async fn commit(&mut self, records: &[OutRecord], offsets: &TopicPartitionList, group: Option<ConsumerGroupMetadata>) -> Result<(), KafkaError> {
+        let result = match group {
+            Some(group) => self.try_commit(records, offsets, &group).await,
+            None => Err(KafkaError::Canceled),
+        };
+        if let Err(error) = &result {
+            tracing::warn!(%error, records = records.len(), "transaction failed; its records are discarded and inputs rewound");
+            self.recover(error).await;
+        }
+        result
+    }
+
+    async fn try_commit(&self, records: &[OutRecord], offsets: &TopicPartitionList, group: &ConsumerGroupMetadata) -> Result<(), KafkaError> {
+        let producer = &self.producer;
+        block_in_place(|| producer.begin_transaction())?;
+        send_all(producer, records).await?;
+        if offsets.count() > 0 {
+            block_in_place(|| producer.send_offsets_to_transaction(offsets, group, TXN_CALL_TIMEOUT))?;
+        }
+        let mut attempt = 0;
+        loop {
+            match block_in_place(|| producer.commit_transaction(TXN_CALL_TIMEOUT)) {
+                Err(KafkaError::Transaction(e)) if e.is_retriable() && attempt < COMMIT_RETRIES => attempt += 1,
+                other => return other,
+            }
+        }
+    }
+
+    /// Aborts the open transaction, or — when the error is fatal, the producer was fenced, or the abort
+    /// itself fails (e.g. the commit's outcome is unknown) — replaces the producer: re-initialising the same
+    /// transactional id completes or aborts whatever the old one left open.
+    async fn recover(&mut self, error: &KafkaError) {
+        let fatal = matches!(error, KafkaError::Transaction(e) if e.is_fatal());
+        if !fatal && block_in_place(|| self.producer.abort_transaction(TXN_CALL_TIMEOUT)).is_ok() {
+            return;
+        }
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match create(&self.config, &self.id) {
+                Ok(producer) => {
+                    tracing::info!(transactional_id = %self.id, "transactional producer re-created");
+                    self.producer = producer;
+                    return;
+                }
+                Err(error) if self.shutdown.is_triggered() => {
+                    tracing::error!(%error, "cannot re-create the transactional producer; shutting down");
+                    return;
+                }
+                Err(error) => {
+                    tracing::error!(%error, "cannot re-create the transactional producer; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
