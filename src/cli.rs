@@ -35,6 +35,9 @@ pub enum Command {
         /// Address for /metrics, /healthz and /readyz.
         #[arg(long)]
         metrics_address: Option<String>,
+        /// This instance's stable, unique name (names its transactional ids; default: the host name).
+        #[arg(long)]
+        instance_id: Option<String>,
     },
     /// Write a validated deployment record with the next version.
     Deploy(DeployArgs),
@@ -167,9 +170,12 @@ pub async fn run(cli: Cli) -> Result<()> {
     let codec = config.codec.codec()?;
     let (trigger, shutdown) = ShutdownTrigger::new();
     match cli.command {
-        Command::Run { only, metrics_address } => {
+        Command::Run { only, metrics_address, instance_id } => {
             if let Some(address) = metrics_address {
                 config.service.metrics_address = address;
+            }
+            if let Some(instance_id) = instance_id {
+                config.service.instance_id = instance_id;
             }
             shutdown::on_signals(trigger.clone());
             service::run(config, only, trigger, shutdown).await

@@ -108,11 +108,14 @@ class Scenario:
             "RUST_LOG": "info,rdkafka=warn",
         })
         self.instances = {}
+        self.stopped = set()     # instances deliberately stopped and not restarted
         self.models = {}
         self.sent = []          # (request_id, user_id, payload) in send order
         self.garbage = 0
         self.rss_samples = []
+        self.notes = {}
         self.deployment = "fraud"
+        self.instance_env = {}
 
     # processes -------------------------------------------------------------------------------------
     def _spawn(self, name, args, extra_env=None):
@@ -123,7 +126,8 @@ class Scenario:
 
     def start_instance(self, i):
         self.instances[i] = self._spawn(f"switchyard-{i}", ["run", "--metrics-address", "127.0.0.1:0"],
-                                        {"SWITCHYARD__SERVICE__INSTANCE_ID": f"i{i}"})
+                                        {"SWITCHYARD__SERVICE__INSTANCE_ID": f"i{i}", **self.instance_env})
+        self.stopped.discard(i)
         log(f"  instance {i} started (pid {self.instances[i].pid})")
 
     def signal_instance(self, i, sig):
@@ -131,6 +135,7 @@ class Scenario:
         p.send_signal(sig)
         log(f"  instance {i} (pid {p.pid}) <- {signal.Signals(sig).name}")
         if sig in (signal.SIGKILL, signal.SIGTERM):
+            self.stopped.add(i)
             try:
                 p.wait(timeout=60)
             except subprocess.TimeoutExpired:
@@ -173,7 +178,7 @@ class Scenario:
     def produce(self, count, rate, users, events=(), garbage_every=0):
         """Sends `count` requests at `rate`/s; `events` is [(at_second, callable)] run on the way."""
         producer = Producer({"bootstrap.servers": BOOTSTRAP, "enable.idempotence": True, "linger.ms": 5,
-                             "message.timeout.ms": 300000})
+                             "message.timeout.ms": 300000, "log_level": 2})
         failures = []
         def delivered(err, msg):
             if err is not None:
@@ -199,11 +204,12 @@ class Scenario:
                                  on_delivery=delivered)
                 self.garbage += 1
             producer.poll(0)
-            if n % 200 == 0:
+            if n % 50 == 0:
                 for i, p in self.instances.items():
                     if p.poll() is None:
                         self.rss_samples.append(rss_kib(p.pid))
-        for _, action in events:
+        for at, action in events:
+            time.sleep(max(0.0, start + at - time.time()))
             action()
         remaining = producer.flush(120)
         if remaining or failures:
@@ -211,7 +217,7 @@ class Scenario:
         log(f"  sent {count} requests ({self.garbage} garbage records) in {time.time() - start:.1f} s")
 
     def read_all(self, topic, expected, limit_s, settle_s=3.0, group_suffix="check"):
-        consumer = Consumer({"bootstrap.servers": BOOTSTRAP, "group.id": f"{self.prefix}-{group_suffix}-{random.random()}",
+        consumer = Consumer({"bootstrap.servers": BOOTSTRAP, "group.id": f"{self.prefix}-{group_suffix}-{random.random()}", "log_level": 2,
                              "isolation.level": "read_committed", "enable.auto.commit": False,
                              "auto.offset.reset": "earliest"})
         metadata = consumer.list_topics(topic, timeout=30)
@@ -286,6 +292,7 @@ class Scenario:
 def ok(result):
     good = (result["missing"] == 0 and result["duplicates"] == 0 and result["unknown"] == 0 and result["wrong_model"] == 0
             and result["shadow_served"] == 0 and result["order_violations"] == 0)
+    good = good and result.get("instances_running_at_end", True)
     if "dead_letters" in result:
         good = good and result["dead_letters"] == result["dead_letters_with_reason"] == result.get("garbage", result["dead_letters"])
     return good
@@ -350,8 +357,27 @@ def sigstop_instance(s, a):
         s.signal_instance(0, signal.SIGSTOP)
     def cont():
         s.signal_instance(0, signal.SIGCONT)
-    # 12 s paused: past the 6 s session timeout; instance 1 takes over, instance 0 must be fenced.
-    s.produce(a.count, a.rate, a.users, events=[(a.duration * 0.25, pause), (a.duration * 0.25 + 12, cont)])
+    # 10 s paused: past the 6 s session timeout; instance 1 takes over, instance 0 must be fenced.
+    s.produce(a.count, a.rate, a.users, events=[(a.duration * 0.25, pause), (a.duration * 0.25 + 10, cont)])
+    time.sleep(5)
+    with open(os.path.join(s.dir, "switchyard-0.log"), errors="replace") as f:
+        s.notes["zombie_transactions_refused"] = sum(1 for line in f if "transaction failed" in line)
+
+
+def stalled_backpressure(s, a):
+    # A long deadline and a small pending limit: while the serving model is stalled, merge must stop
+    # taking in routed requests at the limit instead of holding them all in memory.
+    s.instance_env = {"SWITCHYARD__SERVICE__MAX_PENDING": "300"}
+    s.setup(instances=1, timeout_ms=8000)
+    def stall():
+        s.models[CONTROL].send_signal(signal.SIGSTOP)
+        log(f"  model {CONTROL} <- SIGSTOP (stops answering)")
+    def resume():
+        s.models[CONTROL].send_signal(signal.SIGCONT)
+        log(f"  model {CONTROL} <- SIGCONT")
+    s.produce(a.count, a.rate, a.users, events=[(a.duration * 0.2, stall), (a.duration * 0.8, resume)])
+    with open(os.path.join(s.dir, "switchyard-0.log"), errors="replace") as f:
+        s.notes["intake_paused"] = sum(1 for line in f if "pausing intake" in line)
 
 
 def garbage_mix(s, a):
@@ -360,7 +386,7 @@ def garbage_mix(s, a):
 
 
 SCENARIOS = {f.__name__: f for f in (kill9_instance, sigterm_bounce, scale_1_3_1, broker_kill9, model_stall,
-                                     sigstop_instance, garbage_mix)}
+                                     sigstop_instance, stalled_backpressure, garbage_mix)}
 
 
 def main():
@@ -380,9 +406,10 @@ def main():
         s = Scenario(name, a.workdir)
         try:
             SCENARIOS[name](s, a)
-            alive = all(p.poll() is None for p in s.instances.values())
+            alive = all(p.poll() is None for i, p in s.instances.items() if i not in s.stopped)
             result = s.check()
             result["instances_running_at_end"] = alive
+            result.update(s.notes)
             if s.garbage:
                 result["garbage"] = s.garbage
         finally:
@@ -390,13 +417,13 @@ def main():
         results[name] = result
         log(f"  {'PASS' if ok(result) else 'FAIL'} {json.dumps(result)}")
     print()
-    print(f"{'scenario':<18} {'sent':>6} {'decided':>7} {'missing':>7} {'dupes':>5} {'wrong':>5} {'shadow':>6} {'order':>5}  statuses / extra")
+    print(f"{'scenario':<22} {'sent':>6} {'decided':>7} {'missing':>7} {'dupes':>5} {'wrong':>5} {'shadow':>6} {'order':>5}  statuses / extra")
     for name, r in results.items():
         extra = dict(r["statuses"])
-        for k in ("dead_letters", "garbage", "rss_mib_max"):
+        for k in ("dead_letters", "garbage", "rss_mib_max", "zombie_transactions_refused", "intake_paused"):
             if k in r:
                 extra[k] = r[k]
-        print(f"{name:<18} {r['sent']:>6} {r['decided']:>7} {r['missing']:>7} {r['duplicates']:>5} {r['wrong_model']:>5} "
+        print(f"{name:<22} {r['sent']:>6} {r['decided']:>7} {r['missing']:>7} {r['duplicates']:>5} {r['wrong_model']:>5} "
               f"{r['shadow_served']:>6} {r['order_violations']:>5}  {json.dumps(extra)}")
     passed = sum(1 for r in results.values() if ok(r))
     print(f"faults: {passed} passed, {len(results) - passed} failed")

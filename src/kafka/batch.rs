@@ -105,8 +105,8 @@ impl Progress {
     }
 }
 
-/// Counts rebalances, so a loop can tell that a batch straddles one, and remembers when partitions were
-/// last assigned, so deadlines wait while the fetchers catch up.
+/// Counts rebalances, so a loop can tell that a batch straddles one, remembers when partitions were
+/// last assigned, so deadlines wait while the fetchers catch up, and reports consumer lag.
 #[derive(Debug, Default)]
 pub struct GroupWatch {
     generation: AtomicU64,
@@ -126,7 +126,18 @@ impl GroupWatch {
     }
 }
 
-impl ClientContext for GroupWatch {}
+impl ClientContext for GroupWatch {
+    /// librdkafka's periodic statistics (`statistics.interval.ms`) carry each assigned partition's lag.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                if *partition >= 0 && p.consumer_lag >= 0 {
+                    crate::telemetry::consumer_lag(topic, *partition, p.consumer_lag);
+                }
+            }
+        }
+    }
+}
 
 impl ConsumerContext for GroupWatch {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {

@@ -17,7 +17,7 @@ use futures::future::join_all;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{Consumer, ConsumerContext, DefaultConsumerContext, StreamConsumer};
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -69,12 +69,8 @@ pub fn transactional_producer(config: &Config, transactional_id: &str) -> Result
 /// A consumer in `group` that commits offsets only when told to, reads only committed transactional
 /// data, and assigns partition N of every subscribed topic to the same member (range assignor), which
 /// is what lets merge join co-partitioned topics locally.
-pub fn group_consumer(config: &Config, group: &str) -> Result<StreamConsumer, KafkaError> {
-    group_consumer_with(config, group, DefaultConsumerContext)
-}
-
-/// [`group_consumer`] with a context that sees rebalances.
-pub fn group_consumer_with<C: ConsumerContext + 'static>(config: &Config, group: &str, context: C) -> Result<StreamConsumer<C>, KafkaError> {
+/// Its [`GroupWatch`] context sees rebalances and reports consumer lag.
+pub fn group_consumer(config: &Config, group: &str) -> Result<StreamConsumer<GroupWatch>, KafkaError> {
     base(config)
         .set("group.id", group)
         .set("enable.auto.commit", "false")
@@ -86,7 +82,9 @@ pub fn group_consumer_with<C: ConsumerContext + 'static>(config: &Config, group:
         .set_if_absent("topic.metadata.refresh.interval.ms", "1000")
         // Bounds what the consumer prefetches while merge applies backpressure.
         .set_if_absent("queued.max.messages.kbytes", "16384")
-        .create_with_context(context)
+        // Statistics feed the consumer-lag gauge.
+        .set_if_absent("statistics.interval.ms", "5000")
+        .create_with_context(GroupWatch::default())
 }
 
 /// A consumer outside any group, for reading whole topics (the deployments topic, tests, status).

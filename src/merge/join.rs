@@ -37,8 +37,10 @@ const RESTORED_TTL_MS: Millis = 15 * 60 * 1000;
 #[derive(Debug, Clone)]
 pub struct JoinConfig {
     pub orphan_ttl_ms: Millis,
-    /// Cap on waiting orphans and on remembered finished request ids.
+    /// Cap on remembered finished request ids.
     pub max_remembered: usize,
+    /// Hard cap on predictions waiting for their routed record; past it the oldest are discarded.
+    pub max_orphans: usize,
 }
 
 /// A record merge publishes.
@@ -199,7 +201,9 @@ impl Join {
             } else {
                 self.orphan_order.push_back((now, id.clone()));
                 self.orphans.entry(id).or_default().push((prediction, pos, written_at));
-                self.evict_orphans(now, fx);
+                if self.orphan_order.len() > self.config.max_orphans {
+                    self.evict_orphans(now, true, fx);
+                }
             }
             return;
         };
@@ -252,10 +256,11 @@ impl Join {
         }
     }
 
-    /// Decides every request whose deadline passed (TIMEOUT) and drops orphans past their time.
+    /// Decides every request whose deadline passed (TIMEOUT) and, if `routed_flowing`, drops orphans
+    /// past their time (while the routed topic is paused, their routed records are merely not read yet).
     /// `visible(model)` says whether that model's predictions can reach this instance at all; a request
     /// whose serving model is not visible yet waits (up to [`MAX_DISCOVERY_MS`]) instead of timing out.
-    pub fn expire(&mut self, now: Millis, visible: impl Fn(&str) -> bool, fx: &mut Effects) {
+    pub fn expire(&mut self, now: Millis, visible: impl Fn(&str) -> bool, routed_flowing: bool, fx: &mut Effects) {
         while let Some((deadline, id)) = self.deadlines.first().cloned() {
             if deadline > now {
                 break;
@@ -284,7 +289,9 @@ impl Join {
             }
             self.finish(&id, now, fx);
         }
-        self.evict_orphans(now, fx);
+        if routed_flowing {
+            self.evict_orphans(now, false, fx);
+        }
         let keep_after = now - self.config.orphan_ttl_ms;
         while let Some((at, _)) = self.finished_order.front() {
             if *at >= keep_after && self.finished_order.len() <= self.config.max_remembered {
@@ -301,10 +308,11 @@ impl Join {
         }
     }
 
-    fn evict_orphans(&mut self, now: Millis, fx: &mut Effects) {
+    /// Drops orphans older than their TTL, and with `over_cap` also the oldest beyond `max_orphans`.
+    fn evict_orphans(&mut self, now: Millis, over_cap: bool, fx: &mut Effects) {
         let keep_after = now - self.config.orphan_ttl_ms;
         while let Some((at, _)) = self.orphan_order.front() {
-            if *at >= keep_after && self.orphan_order.len() <= self.config.max_remembered {
+            if *at >= keep_after && !(over_cap && self.orphan_order.len() > self.config.max_orphans) {
                 break;
             }
             let (_, id) = self.orphan_order.pop_front().expect("front exists");
@@ -378,7 +386,7 @@ mod tests {
     use super::*;
 
     fn join() -> Join {
-        Join::new(JoinConfig { orphan_ttl_ms: 10_000, max_remembered: 1000 })
+        Join::new(JoinConfig { orphan_ttl_ms: 10_000, max_remembered: 1000, max_orphans: 1000 })
     }
 
     fn routed(id: &str, shadows: &[&str]) -> Routed {
@@ -436,7 +444,7 @@ mod tests {
         assert!(comparisons(&fx)[0].agreed);
         j.on_prediction(answer("a", "v1", "again", 1009), pos(3), 1009, 1010, &mut fx);
         j.on_routed(routed("a", &["v2"]), pos(4), 1011, &mut fx);
-        j.expire(5000, |_| true, &mut fx);
+        j.expire(5000, |_| true, true, &mut fx);
         assert_eq!(decisions(&fx).len(), 1, "one decision whatever arrives later");
         assert_eq!(fx.released.len(), 5);
     }
@@ -447,9 +455,9 @@ mod tests {
         let mut fx = Effects::default();
         j.on_routed(routed("a", &["v2"]), pos(0), 1000, &mut fx);
         j.on_prediction(answer("a", "v2", "s", 1100), pos(1), 1100, 1100, &mut fx);
-        j.expire(1499, |_| true, &mut fx);
+        j.expire(1499, |_| true, true, &mut fx);
         assert!(decisions(&fx).is_empty());
-        j.expire(1500, |_| true, &mut fx);
+        j.expire(1500, |_| true, true, &mut fx);
         let d = decisions(&fx);
         assert_eq!((d.len(), d[0].status, d[0].output.is_none()), (1, DecisionStatus::Timeout, true));
         assert!(d[0].error.as_deref().unwrap().contains("v1 did not answer within 500 ms"));
@@ -495,9 +503,20 @@ mod tests {
         assert_eq!(j.orphans(), 2);
         j.on_routed(routed("a", &[]), pos(0), 1001, &mut fx);
         assert_eq!(decisions(&fx).len(), 1);
-        j.expire(1000 + 10_001, |_| true, &mut fx);
+        j.expire(1000 + 10_001, |_| true, true, &mut fx);
         assert_eq!(j.orphans(), 0);
         assert_eq!(fx.released.len(), 3);
+    }
+
+    #[test]
+    fn orphans_wait_while_the_routed_topic_is_paused() {
+        let mut j = join();
+        let mut fx = Effects::default();
+        j.on_prediction(answer("a", "v1", "x", 1000), pos(1), 1000, 1000, &mut fx);
+        j.expire(1000 + 20_000, |_| true, false, &mut fx);
+        assert_eq!(j.orphans(), 1, "kept past its TTL while routed records are not being read");
+        j.on_routed(routed("a", &[]), pos(0), 21_000, &mut fx);
+        assert_eq!(decisions(&fx)[0].status, DecisionStatus::Ok);
     }
 
     #[test]
@@ -515,12 +534,12 @@ mod tests {
         let mut j = join();
         let mut fx = Effects::default();
         j.on_routed(routed("a", &[]), pos(0), 1000, &mut fx);
-        j.expire(1600, |model| model != "v1", &mut fx);
+        j.expire(1600, |model| model != "v1", true, &mut fx);
         assert!(decisions(&fx).is_empty(), "v1's topic is not assigned yet: no timeout");
         j.on_prediction(answer("a", "v1", "x", 1450), pos(1), 1450, 1800, &mut fx);
         assert_eq!(decisions(&fx)[0].status, DecisionStatus::Ok);
         j.on_routed(routed("b", &[]), pos(2), 1000, &mut fx);
-        j.expire(1000 + 500 + MAX_DISCOVERY_MS, |model| model != "v1", &mut fx);
+        j.expire(1000 + 500 + MAX_DISCOVERY_MS, |model| model != "v1", true, &mut fx);
         assert_eq!(decisions(&fx)[1].status, DecisionStatus::Timeout);
     }
 
@@ -570,7 +589,7 @@ mod tests {
         let s = states(&fx);
         assert_eq!((s.len(), s[1].finished, s[1].compared.clone()), (2, true, vec!["v2".to_string()]));
         j.on_routed(routed("t", &[]), pos(3), 1000, &mut fx);
-        j.expire(1500, |_| true, &mut fx);
+        j.expire(1500, |_| true, true, &mut fx);
         assert!(states(&fx).last().unwrap().finished, "a timeout is recorded too");
     }
 
@@ -580,7 +599,7 @@ mod tests {
         let mut fx = Effects::default();
         // Routed long ago (merge restarted); its answer is further down the predictions topic.
         j.on_routed(routed("a", &[]), pos(0), 60_000, &mut fx);
-        j.expire(60_400, |_| true, &mut fx);
+        j.expire(60_400, |_| true, true, &mut fx);
         assert!(decisions(&fx).is_empty());
         j.on_prediction(answer("a", "v1", "x", 1100), pos(1), 1100, 60_400, &mut fx);
         assert_eq!(decisions(&fx)[0].status, DecisionStatus::Ok);

@@ -72,7 +72,11 @@ struct Stage {
 
 impl Stage {
     fn new(config: &Config) -> Self {
-        let join = Join::new(JoinConfig { orphan_ttl_ms: config.service.orphan_ttl_ms as i64, max_remembered: config.service.max_pending });
+        let join = Join::new(JoinConfig {
+            orphan_ttl_ms: config.service.orphan_ttl_ms as i64,
+            max_remembered: config.service.max_pending,
+            max_orphans: config.service.max_pending * 4,
+        });
         Stage { join, progress: Progress::default(), generation: None, committed: None }
     }
 
@@ -126,30 +130,40 @@ fn feed(message: &OwnedMessage, config: &Config, codec: &Codec, stage: &mut Stag
     }
 }
 
-/// Pauses the routed topic while too many requests are pending (predictions keep flowing, so the
-/// pending set drains), and resumes below 90%.
-fn apply_backpressure(consumer: &StreamConsumer<GroupWatch>, config: &Config, join: &Join, paused: &mut bool) {
-    let pending = join.pending() + join.orphans();
-    let over = pending >= config.service.max_pending;
-    let under = pending < config.service.max_pending * 9 / 10;
-    if !over && !(*paused && under) {
-        return;
-    }
-    let Ok(assignment) = consumer.assignment() else { return };
-    let mut routed = TopicPartitionList::new();
-    for element in assignment.elements().iter().filter(|e| e.topic() == config.topics.routed) {
-        let _ = routed.add_partition(element.topic(), element.partition());
-    }
-    if over {
-        if !*paused {
-            tracing::warn!(pending, max = config.service.max_pending, "pending limit reached: pausing intake");
+/// Flow control that keeps memory bounded: the routed topic pauses while `max_pending` requests are
+/// open (they drain by answer or deadline) and resumes below 90%; the backlog waits in Kafka.
+/// Predictions are never paused: an answer held back could turn into a false TIMEOUT. Those that arrive
+/// before their routed record (which the pause makes more likely) wait in memory, bounded by
+/// answer rate × pause time, which the deadlines bound; a hard cap of 4 × `max_pending` guards the rest.
+#[derive(Debug, Default)]
+struct FlowControl {
+    routed_paused: bool,
+}
+
+impl FlowControl {
+    fn apply(&mut self, consumer: &StreamConsumer<GroupWatch>, config: &Config, join: &Join) {
+        let (count, max) = (join.pending(), config.service.max_pending);
+        let pause = count >= max;
+        let resume = self.routed_paused && count < max * 9 / 10;
+        if !(pause || resume) {
+            return;
         }
-        let _ = consumer.pause(&routed);
-        *paused = true;
-    } else {
-        tracing::info!(pending, "pending below limit: resuming intake");
-        let _ = consumer.resume(&routed);
-        *paused = false;
+        let Ok(assignment) = consumer.assignment() else { return };
+        let mut routed = TopicPartitionList::new();
+        for element in assignment.elements().iter().filter(|e| e.topic() == config.topics.routed) {
+            let _ = routed.add_partition(element.topic(), element.partition());
+        }
+        if pause {
+            if !self.routed_paused {
+                tracing::warn!(pending = count, max, "pending limit reached: pausing intake");
+            }
+            let _ = consumer.pause(&routed);
+            self.routed_paused = true;
+        } else {
+            tracing::info!(pending = count, "pending below limit: resuming intake");
+            let _ = consumer.resume(&routed);
+            self.routed_paused = false;
+        }
     }
 }
 
@@ -160,19 +174,19 @@ fn apply_backpressure(consumer: &StreamConsumer<GroupWatch>, config: &Config, jo
 /// transaction the state is rebuilt from committed offsets and the changelog.
 pub async fn run(config: Config, codec: Codec, shutdown: Shutdown) -> Result<()> {
     let group = format!("{}-merge", config.service.group_id);
-    let consumer = kafka::group_consumer_with(&config, &group, GroupWatch::default())?;
+    let consumer = kafka::group_consumer(&config, &group)?;
     let predictions = config.topics.model_predictions_regex();
     consumer.subscribe(&[config.topics.routed.as_str(), predictions.as_str()])?;
     let mut producer = TxnProducer::new(&config, config.service.transactional_id("merge"), shutdown.clone())?;
     let mut stage = Stage::new(&config);
-    let mut paused = false;
+    let mut flow = FlowControl::default();
     tracing::info!(routed = %config.topics.routed, %predictions, %group, "merge consuming");
     let wait = Duration::from_millis(config.service.batch_wait_ms);
     while !shutdown.is_triggered() {
         let generation = consumer.context().generation();
         if stage.generation != Some(generation) {
             stage.rebuild(&consumer, &config, &codec, &shutdown).await?;
-            paused = false;
+            flow = FlowControl::default(); // a new assignment starts unpaused
             continue;
         }
         let batch = kafka::next_batch(&consumer, config.service.batch_size, wait, TICK).await;
@@ -188,7 +202,8 @@ pub async fn run(config: Config, codec: Codec, shutdown: Shutdown) -> Result<()>
         if consumer.context().settled(now, join::REPLAY_GRACE_MS) {
             let assigned: HashSet<String> =
                 consumer.assignment().map(|a| a.elements().iter().map(|e| e.topic().to_string()).collect()).unwrap_or_default();
-            stage.join.expire(now, |model| assigned.contains(&config.topics.model_predictions(model)), &mut fx);
+            let visible = |model: &str| assigned.contains(&config.topics.model_predictions(model));
+            stage.join.expire(now, visible, !flow.routed_paused, &mut fx);
         }
         for pos in &fx.released {
             stage.progress.release(pos);
@@ -197,15 +212,17 @@ pub async fn run(config: Config, codec: Codec, shutdown: Shutdown) -> Result<()>
         out.extend(letters);
         let offsets = stage.progress.offsets();
         let unchanged = stage.committed.as_ref().is_some_and(|c| c.to_topic_map() == offsets.to_topic_map());
-        if out.is_empty() && unchanged {
-            continue;
-        }
-        match producer.commit(&out, &offsets, consumer.group_metadata()).await {
-            Ok(()) => stage.committed = Some(offsets),
-            Err(_) => stage.generation = None, // rebuild: this batch's effects were discarded
+        if !out.is_empty() || !unchanged {
+            match producer.commit(&out, &offsets, consumer.group_metadata()).await {
+                Ok(()) => stage.committed = Some(offsets),
+                Err(_) => {
+                    stage.generation = None; // rebuild: this batch's effects were discarded
+                    continue;
+                }
+            }
         }
         telemetry::pending(stage.join.pending());
-        apply_backpressure(&consumer, &config, &stage.join, &mut paused);
+        flow.apply(&consumer, &config, &stage.join);
     }
     tracing::info!(pending = stage.join.pending(), "merge stopped; open requests resume from the committed offsets");
     Ok(())

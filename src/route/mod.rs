@@ -16,7 +16,7 @@ use crate::control::SharedRegistry;
 use crate::dead_letter::{self, Kind};
 use crate::error::Result;
 use crate::kafka::txn::TxnProducer;
-use crate::kafka::{self, GroupWatch, OutRecord, SourcePos};
+use crate::kafka::{self, OutRecord, SourcePos};
 use crate::routing::{self, Deployment};
 use crate::shutdown::Shutdown;
 use crate::telemetry;
@@ -118,7 +118,7 @@ fn process(message: &OwnedMessage, config: &Config, codec: &Codec, registry: &Sh
 /// read again from the committed offsets.
 pub async fn run(config: Config, codec: Codec, registry: SharedRegistry, shutdown: Shutdown) -> Result<()> {
     let group = format!("{}-route", config.service.group_id);
-    let consumer = kafka::group_consumer_with(&config, &group, GroupWatch::default())?;
+    let consumer = kafka::group_consumer(&config, &group)?;
     consumer.subscribe(&[config.topics.requests.as_str()])?;
     let mut producer = TxnProducer::new(&config, config.service.transactional_id("route"), shutdown.clone())?;
     tracing::info!(topic = %config.topics.requests, %group, "route consuming");
