@@ -1,27 +1,34 @@
 #!/usr/bin/env bash
-# Runs every test: unit and property tests, the published cohort-hash vectors, and the integration tests
-# against a real Kafka broker. Starts the local broker (scripts/kafka.sh) unless SWITCHYARD_TEST_BOOTSTRAP
-# points at one, and stops what it started.
+# Runs every test: unit and property tests, the published cohort-hash vectors, the decoder corpus, the
+# integration tests against a real Kafka broker, and the fault suite (scripts/faults.sh: crashes,
+# restarts, rebalances, broker failure, checked by an independent client). Starts the local broker
+# (scripts/kafka.sh) unless SWITCHYARD_TEST_BOOTSTRAP points at one, and stops what it started.
+# SWITCHYARD_SKIP_FAULTS=1 leaves the fault suite out.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 started=0
-cleanup() { if [ "$started" = 1 ]; then scripts/kafka.sh stop || true; fi; }
+cleanup() { if [ "$started" = 1 ]; then scripts/kafka.sh stop || true; started=0; fi; }
 trap cleanup EXIT
 
-if [ -z "${SWITCHYARD_TEST_BOOTSTRAP:-}" ]; then
-  if ! scripts/kafka.sh status 2>/dev/null; then
-    KAFKA_FRESH=1 scripts/kafka.sh start
-    started=1
-  fi
+if [ -n "${SWITCHYARD_TEST_BOOTSTRAP:-}" ]; then
+  export SWITCHYARD_BOOTSTRAP_SERVERS="$SWITCHYARD_TEST_BOOTSTRAP"
+elif ! scripts/kafka.sh status 2>/dev/null; then
+  KAFKA_FRESH=1 scripts/kafka.sh start
+  started=1
 fi
+
 log="$(mktemp)"
 status=0
 cargo test --locked "$@" 2>&1 | tee "$log" || status=$?
+if [ "${SWITCHYARD_SKIP_FAULTS:-0}" != 1 ]; then
+  scripts/faults.sh --duration 12 2>&1 | tee -a "$log" || status=1
+fi
 cleanup
-started=0
-# One closing line for the whole run: the sum of every test binary's summary.
+
+# One closing line for the whole run: every cargo test binary's summary plus the fault scenarios.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     /^faults: [0-9]+ passed, [0-9]+ failed$/ { p += $2; f += $4 }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
 rm -f "$log"
 exit "$status"
