@@ -148,16 +148,29 @@ class Scenario:
         self.models[model] = self._spawn(f"model-{model}", ["demo-model", "--model", model, "--latency-ms", str(latency_ms),
                                                             "--disagree-percent", str(DISAGREE[model])])
 
+    def signal_model(self, model, sig):
+        self.models[model].send_signal(sig)
+        log(f"  model {model} <- {signal.Signals(sig).name}")
+
+    def count_in_log(self, process, text):
+        with open(os.path.join(self.dir, f"{process}.log"), errors="replace") as f:
+            return sum(1 for line in f if text in line)
+
     def cli(self, *args):
         out = subprocess.run([BIN] + list(args), env=self.env, capture_output=True, text=True, timeout=120)
         if out.returncode != 0:
             raise RuntimeError(f"switchyard {' '.join(args)} failed: {out.stderr}")
         return out.stdout
 
-    def setup(self, instances=1, timeout_ms=5000):
+    def expected_model(self, user, decision):
+        """The serving model the contract gives this user (default deployment: canary 30% + mirror)."""
+        return CANDIDATE if bucket(self.deployment, user) < CANARY_PERCENT * 100 else CONTROL
+
+    def setup(self, instances=1, timeout_ms=5000, deploy=None):
         self.cli("create-topics")
-        self.cli("deploy", self.deployment, "--strategy", "canary", "--control", CONTROL, "--candidate", CANDIDATE,
-                 "--canary-percent", str(CANARY_PERCENT), "--mirror", MIRROR, "--timeout-ms", str(timeout_ms))
+        deploy = deploy or ["--strategy", "canary", "--control", CONTROL, "--candidate", CANDIDATE,
+                            "--canary-percent", str(CANARY_PERCENT), "--mirror", MIRROR]
+        self.cli("deploy", self.deployment, *deploy, "--timeout-ms", str(timeout_ms))
         for model in (CONTROL, CANDIDATE, MIRROR):
             self.start_model(model)
         for i in range(instances):
@@ -252,14 +265,15 @@ class Scenario:
         unknown = len(by_id.keys() - sent_ids)
         wrong_model = shadow_served = 0
         statuses = Counter()
+        versions = Counter()
         for rid, ds in by_id.items():
             if rid not in payloads:
                 continue
             user, payload = payloads[rid]
-            expected = CANDIDATE if bucket(self.deployment, user) < CANARY_PERCENT * 100 else CONTROL
             for d in ds:
                 statuses[d["status"]] += 1
-                if d["model"] != expected:
+                versions[d["config_version"]] += 1
+                if d["model"] != self.expected_model(user, d):
                     wrong_model += 1
                 if d["status"] == "OK" and d["output"] != demo_output(d["model"], payload):
                     shadow_served += 1
@@ -278,6 +292,8 @@ class Scenario:
             "duplicates": duplicates, "unknown": unknown, "wrong_model": wrong_model, "shadow_served": shadow_served,
             "order_violations": order_violations, "statuses": dict(statuses),
         }
+        if len(versions) > 1:
+            result["versions"] = {str(v): n for v, n in sorted(versions.items())}
         if self.garbage:
             letters = self.read_all(self.topics["DEAD_LETTER"], self.garbage, 60)
             reasons = [dict(m.headers() or []).get("dlq.reason") for m in letters]
@@ -292,7 +308,7 @@ class Scenario:
 def ok(result):
     good = (result["missing"] == 0 and result["duplicates"] == 0 and result["unknown"] == 0 and result["wrong_model"] == 0
             and result["shadow_served"] == 0 and result["order_violations"] == 0)
-    good = good and result.get("instances_running_at_end", True)
+    good = good and result.get("instances_running_at_end", True) and "failed" not in result
     if "dead_letters" in result:
         good = good and result["dead_letters"] == result["dead_letters_with_reason"] == result.get("garbage", result["dead_letters"])
     return good
@@ -342,13 +358,8 @@ def broker_kill9(s, a):
 
 def model_stall(s, a):
     s.setup(instances=1, timeout_ms=1000)
-    def stall():
-        s.models[CONTROL].send_signal(signal.SIGSTOP)
-        log(f"  model {CONTROL} <- SIGSTOP (stops answering)")
-    def resume():
-        s.models[CONTROL].send_signal(signal.SIGCONT)
-        log(f"  model {CONTROL} <- SIGCONT")
-    s.produce(a.count, a.rate, a.users, events=[(a.duration * 0.3, stall), (a.duration * 0.7, resume)])
+    s.produce(a.count, a.rate, a.users, events=[(a.duration * 0.3, lambda: s.signal_model(CONTROL, signal.SIGSTOP)),
+                                                (a.duration * 0.7, lambda: s.signal_model(CONTROL, signal.SIGCONT))])
 
 
 def sigstop_instance(s, a):
@@ -360,8 +371,7 @@ def sigstop_instance(s, a):
     # 10 s paused: past the 6 s session timeout; instance 1 takes over, instance 0 must be fenced.
     s.produce(a.count, a.rate, a.users, events=[(a.duration * 0.25, pause), (a.duration * 0.25 + 10, cont)])
     time.sleep(5)
-    with open(os.path.join(s.dir, "switchyard-0.log"), errors="replace") as f:
-        s.notes["zombie_transactions_refused"] = sum(1 for line in f if "transaction failed" in line)
+    s.notes["zombie_transactions_refused"] = s.count_in_log("switchyard-0", "transaction failed")
 
 
 def stalled_backpressure(s, a):
@@ -369,15 +379,36 @@ def stalled_backpressure(s, a):
     # taking in routed requests at the limit instead of holding them all in memory.
     s.instance_env = {"SWITCHYARD__SERVICE__MAX_PENDING": "300"}
     s.setup(instances=1, timeout_ms=8000)
-    def stall():
-        s.models[CONTROL].send_signal(signal.SIGSTOP)
-        log(f"  model {CONTROL} <- SIGSTOP (stops answering)")
-    def resume():
-        s.models[CONTROL].send_signal(signal.SIGCONT)
-        log(f"  model {CONTROL} <- SIGCONT")
-    s.produce(a.count, a.rate, a.users, events=[(a.duration * 0.2, stall), (a.duration * 0.8, resume)])
-    with open(os.path.join(s.dir, "switchyard-0.log"), errors="replace") as f:
-        s.notes["intake_paused"] = sum(1 for line in f if "pausing intake" in line)
+    s.produce(a.count, a.rate, a.users, events=[(a.duration * 0.2, lambda: s.signal_model(CONTROL, signal.SIGSTOP)),
+                                                (a.duration * 0.8, lambda: s.signal_model(CONTROL, signal.SIGCONT))])
+    s.notes["intake_paused"] = s.count_in_log("switchyard-0", "pausing intake")
+
+
+def canary_10(s, a):
+    """Contract: a 10% canary; every user on the side the hash gives."""
+    s.setup(deploy=["--strategy", "canary", "--control", CONTROL, "--candidate", CANDIDATE, "--canary-percent", "10"])
+    s.expected_model = lambda user, d: CANDIDATE if bucket(s.deployment, user) < 1000 else CONTROL
+    s.produce(a.count, a.rate, a.users)
+
+
+def shadow(s, a):
+    """Contract: shadow; control serves everyone, the candidate's answers are only compared."""
+    s.setup(deploy=["--strategy", "shadow", "--control", CONTROL, "--candidate", CANDIDATE])
+    s.expected_model = lambda user, d: CONTROL
+    s.produce(a.count, a.rate, a.users)
+    comparisons = s.read_all(s.topics["SHADOW_COMPARISONS"], len(s.sent), 120)
+    s.notes["shadow_comparisons"] = len(comparisons)
+    if len(comparisons) != len(s.sent):
+        s.notes["failed"] = f"{len(comparisons)} comparisons for {len(s.sent)} requests"
+
+
+def blue_green(s, a):
+    """Contract: blue/green switched to the candidate and back, live, while traffic flows."""
+    s.setup(deploy=["--strategy", "blue_green", "--control", CONTROL, "--candidate", CANDIDATE, "--active", "control"])
+    serving = {1: CONTROL, 2: CANDIDATE, 3: CONTROL}
+    s.expected_model = lambda user, d: serving.get(d["config_version"], "?")
+    s.produce(a.count, a.rate, a.users, events=[(a.duration * 0.33, lambda: s.cli("promote", s.deployment)),
+                                                (a.duration * 0.66, lambda: s.cli("rollback", s.deployment))])
 
 
 def garbage_mix(s, a):
@@ -385,7 +416,7 @@ def garbage_mix(s, a):
     s.produce(a.count, a.rate, a.users, garbage_every=10)
 
 
-SCENARIOS = {f.__name__: f for f in (kill9_instance, sigterm_bounce, scale_1_3_1, broker_kill9, model_stall,
+SCENARIOS = {f.__name__: f for f in (canary_10, shadow, blue_green, kill9_instance, sigterm_bounce, scale_1_3_1, broker_kill9, model_stall,
                                      sigstop_instance, stalled_backpressure, garbage_mix)}
 
 
@@ -420,7 +451,8 @@ def main():
     print(f"{'scenario':<22} {'sent':>6} {'decided':>7} {'missing':>7} {'dupes':>5} {'wrong':>5} {'shadow':>6} {'order':>5}  statuses / extra")
     for name, r in results.items():
         extra = dict(r["statuses"])
-        for k in ("dead_letters", "garbage", "rss_mib_max", "zombie_transactions_refused", "intake_paused"):
+        for k in ("dead_letters", "garbage", "rss_mib_max", "zombie_transactions_refused", "intake_paused",
+                  "shadow_comparisons", "versions", "failed"):
             if k in r:
                 extra[k] = r[k]
         print(f"{name:<22} {r['sent']:>6} {r['decided']:>7} {r['missing']:>7} {r['duplicates']:>5} {r['wrong_model']:>5} "

@@ -169,6 +169,10 @@ impl Join {
         if restored.as_ref().is_some_and(|state| state.finished) {
             // Finished before the restart: its decision and comparisons are already out.
             fx.released.push(pos);
+            for (prediction, pos, _) in self.orphans.remove(&id).unwrap_or_default() {
+                telemetry::prediction_discarded(&prediction.model, "after_decision");
+                fx.released.push(pos);
+            }
             self.remember_finished(id, now);
             return;
         }
@@ -195,7 +199,7 @@ impl Join {
     pub fn on_prediction(&mut self, prediction: Prediction, pos: SourcePos, written_at: Millis, now: Millis, fx: &mut Effects) {
         let id = prediction.request_id.clone();
         let Some(entry) = self.entries.get_mut(&id) else {
-            if self.finished.contains_key(&id) {
+            if self.finished.contains_key(&id) || self.restored.get(&id).is_some_and(|state| state.finished) {
                 telemetry::prediction_discarded(&prediction.model, "after_decision");
                 fx.released.push(pos);
             } else {
@@ -565,9 +569,10 @@ mod tests {
         let mut second = join();
         second.restore(changelog, 2000);
         let mut fx = Effects::default();
+        second.on_prediction(answer("a", "v1", "x", 1010), pos(2), 1010, 2000, &mut fx);
+        assert_eq!(second.orphans(), 0, "an answer to a finished request is not kept waiting");
         second.on_routed(routed("a", &[]), pos(0), 2000, &mut fx);
         second.on_routed(routed("b", &["v2"]), pos(1), 2000, &mut fx);
-        second.on_prediction(answer("a", "v1", "x", 1010), pos(2), 1010, 2001, &mut fx);
         second.on_prediction(answer("b", "v1", "y", 1010), pos(3), 1010, 2001, &mut fx);
         assert!(decisions(&fx).is_empty(), "nothing is decided twice");
         second.on_prediction(answer("b", "v2", "y", 1020), pos(4), 1020, 2002, &mut fx);

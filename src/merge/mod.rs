@@ -185,8 +185,11 @@ pub async fn run(config: Config, codec: Codec, shutdown: Shutdown) -> Result<()>
     while !shutdown.is_triggered() {
         let generation = consumer.context().generation();
         if stage.generation != Some(generation) {
-            stage.rebuild(&consumer, &config, &codec, &shutdown).await?;
             flow = FlowControl::default(); // a new assignment starts unpaused
+            if let Err(error) = stage.rebuild(&consumer, &config, &codec, &shutdown).await {
+                tracing::warn!(%error, "cannot rebuild merge state yet; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
             continue;
         }
         let batch = kafka::next_batch(&consumer, config.service.batch_size, wait, TICK).await;
