@@ -36,7 +36,7 @@ if ! scripts/kafka.sh status 2>/dev/null; then
 fi
 
 export SWITCHYARD_BOOTSTRAP_SERVERS="127.0.0.1:${KAFKA_PORT:-9092}"
-export RUST_LOG="${RUST_LOG:-info,rdkafka=warn}"
+export RUST_LOG="${RUST_LOG:-info,rdkafka=warn,librdkafka=error}"
 
 step "creating topics and a canary deployment: 10% of users on fraud-v2, fraud-v3 mirrored"
 $bin create-topics

@@ -219,10 +219,20 @@ async fn bad_input_is_dead_lettered_and_valid_traffic_flows_around_it() {
             }
         }
     }
+    // Bad output from a model worker: garbage, and an answer claiming to come from another model.
+    let predictions = env.config.topics.model_predictions("v1");
+    let impostor = Prediction { request_id: "ok-3".into(), model: "v2".into(), output: Some(b"0.9".to_vec()), error: None, produced_at: 1 };
+    records.push(OutRecord::new(predictions.clone(), "user-3", b"not avro".to_vec()));
+    records.push(OutRecord::new(predictions.clone(), "user-3", env.codec.encode(&impostor)));
     env.produce(records).await;
     let decisions = env.read::<Decision>(&env.config.topics.decisions, valid.len(), LIMIT, SETTLE).await;
-    one_each(&valid, &decisions);
-    let letters = env.read_raw(&env.config.topics.dead_letter, bad.len(), LIMIT, SETTLE).await;
+    let by_id = one_each(&valid, &decisions);
+    assert_ne!(by_id["ok-3"].value.output.as_deref(), Some(&b"0.9"[..]), "the impostor's answer is not served");
+    let letters = env.read_raw(&env.config.topics.dead_letter, bad.len() + 2, LIMIT, SETTLE).await;
+    let (from_model, letters): (Vec<_>, Vec<_>) = letters.into_iter().partition(|l| l.headers["dlq.topic"] == predictions);
+    assert_eq!(from_model.len(), 2);
+    assert!(from_model.iter().any(|l| l.headers["dlq.kind"] == "undecodable" && l.value == b"not avro"));
+    assert!(from_model.iter().any(|l| l.headers["dlq.kind"] == "invalid" && l.headers["dlq.reason"].contains("names model \"v2\"")));
     assert_eq!(letters.len(), bad.len());
     for letter in &letters {
         assert!(!letter.headers["dlq.reason"].is_empty());

@@ -35,7 +35,7 @@ pub async fn open(config: &Config) -> Result<(StreamConsumer, HashMap<i32, i64>)
         }
         kafka::ensure_topics(config, std::slice::from_ref(topic), true).await?;
     }
-    let partitions = kafka::partition_count(&consumer, topic)?.ok_or_else(|| Error::MissingTopic(topic.clone()))?;
+    let partitions = kafka::wait_for_topic(&consumer, topic).await?.ok_or_else(|| Error::MissingTopic(topic.clone()))?;
     let mut assignment = TopicPartitionList::new();
     let mut targets = HashMap::new();
     for partition in 0..partitions as i32 {

@@ -185,6 +185,25 @@ pub async fn ensure_topics(config: &Config, names: &[String], compacted: bool) -
     Ok(())
 }
 
+/// Waits (up to [`ADMIN_TIMEOUT`]) until `topic` exists with a leader for every partition — a topic
+/// created a moment ago may not be in the metadata yet — and returns its partition count.
+pub async fn wait_for_topic(consumer: &StreamConsumer, topic: &str) -> Result<Option<usize>, KafkaError> {
+    let deadline = std::time::Instant::now() + ADMIN_TIMEOUT;
+    loop {
+        let metadata = consumer.fetch_metadata(Some(topic), ADMIN_TIMEOUT)?;
+        let ready = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic && t.error().is_none())
+            .filter(|t| !t.partitions().is_empty() && t.partitions().iter().all(|p| p.leader() >= 0 && p.error().is_none()))
+            .map(|t| t.partitions().len());
+        if ready.is_some() || std::time::Instant::now() > deadline {
+            return Ok(ready);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Partition count of `topic`, or `None` if it does not exist.
 pub fn partition_count(consumer: &StreamConsumer, topic: &str) -> Result<Option<usize>, KafkaError> {
     let metadata = consumer.fetch_metadata(Some(topic), ADMIN_TIMEOUT)?;

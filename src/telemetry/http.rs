@@ -64,3 +64,37 @@ pub async fn serve(listener: TcpListener, metrics: PrometheusHandle, health: Hea
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shutdown::ShutdownTrigger;
+
+    async fn get(address: std::net::SocketAddr, path: &str) -> String {
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        stream.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        response
+    }
+
+    #[tokio::test]
+    async fn serves_health_readiness_and_metrics() {
+        let metrics = crate::telemetry::install();
+        crate::telemetry::dead_lettered("undecodable");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let health = Health::default();
+        let (trigger, shutdown) = ShutdownTrigger::new();
+        let server = tokio::spawn(serve(listener, metrics, health.clone(), shutdown));
+        assert!(get(address, "/healthz").await.starts_with("HTTP/1.1 200"));
+        assert!(get(address, "/readyz").await.starts_with("HTTP/1.1 503"));
+        health.set_ready(true);
+        assert!(get(address, "/readyz").await.starts_with("HTTP/1.1 200"));
+        let body = get(address, "/metrics").await;
+        assert!(body.contains("switchyard_dead_letters_total{reason=\"undecodable\"}"), "{body}");
+        assert!(get(address, "/nope").await.starts_with("HTTP/1.1 404"));
+        trigger.trigger();
+        server.await.unwrap();
+    }
+}
