@@ -127,12 +127,22 @@ impl GroupWatch {
 }
 
 impl ClientContext for GroupWatch {
-    /// librdkafka's periodic statistics (`statistics.interval.ms`) carry each assigned partition's lag.
-    fn stats(&self, statistics: rdkafka::Statistics) {
-        for (topic, t) in &statistics.topics {
-            for (partition, p) in &t.partitions {
-                if *partition >= 0 && p.consumer_lag >= 0 {
-                    crate::telemetry::consumer_lag(topic, *partition, p.consumer_lag);
+    /// librdkafka's periodic statistics (`statistics.interval.ms`) give each assigned partition's
+    /// last stable offset and the next offset the application will get; their difference is the lag.
+    /// (librdkafka's own `consumer_lag` is relative to offsets it committed, and switchyard commits
+    /// offsets through transactions, which it does not track.)
+    fn stats_raw(&self, statistics: &[u8]) {
+        let Ok(stats) = serde_json::from_slice::<serde_json::Value>(statistics) else { return };
+        let Some(topics) = stats.get("topics").and_then(|t| t.as_object()) else { return };
+        for (topic, t) in topics {
+            let Some(partitions) = t.get("partitions").and_then(|p| p.as_object()) else { continue };
+            for (partition, p) in partitions {
+                let offset = |name: &str| p.get(name).and_then(serde_json::Value::as_i64).unwrap_or(-1);
+                let (end, next) = (offset("ls_offset"), offset("app_offset"));
+                if let (Ok(partition), true) = (partition.parse::<i32>(), end >= 0 && next >= 0) {
+                    if partition >= 0 {
+                        crate::telemetry::consumer_lag(topic, partition, (end - next).max(0));
+                    }
                 }
             }
         }
