@@ -21,14 +21,7 @@ pub async fn write(config: &Config, registry: &Registry, name: &str, spec: Deplo
         }
     }
     let deployment = spec.validate(name)?;
-    if config.topics.create {
-        let topics: Vec<String> = deployment
-            .models()
-            .iter()
-            .flat_map(|m| [config.topics.model_requests(m), config.topics.model_predictions(m)])
-            .collect();
-        kafka::ensure_topics(config, &topics, false).await?;
-    }
+    super::ensure_model_topics(config, [&deployment]).await?;
     let producer: FutureProducer = kafka::producer(config)?;
     let record = OutRecord::new(config.topics.deployments.clone(), name.as_bytes(), deployment.spec.to_json().into_bytes());
     kafka::send_all(&producer, &[record]).await?;

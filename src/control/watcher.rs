@@ -2,8 +2,8 @@
 //!
 //! Every instance reads every partition of the topic outside any consumer group, so all instances apply
 //! the same records in the same order. The watcher owns the authoritative [`Registry`] and publishes a
-//! copy to the [`SharedRegistry`] after each change, once the per-model topics of a new deployment
-//! exist — route never sees a deployment whose topics are missing.
+//! copy to the [`SharedRegistry`] once the topic is loaded and after each change later, once the
+//! per-model topics of a new deployment exist — route never sees a deployment whose topics are missing.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -67,20 +67,10 @@ pub async fn snapshot(config: &Config) -> Result<Registry, Error> {
     Ok(registry)
 }
 
-/// Logs and counts an outcome, and creates the per-model topics of an installed deployment.
-async fn settle(config: &Config, outcome: &Outcome) {
+/// Logs and counts an outcome.
+fn report(outcome: &Outcome) {
     match outcome {
         Outcome::Installed(d) => {
-            if config.topics.create {
-                let mut topics = Vec::new();
-                for model in d.models() {
-                    topics.push(config.topics.model_requests(model));
-                    topics.push(config.topics.model_predictions(model));
-                }
-                if let Err(error) = kafka::ensure_topics(config, &topics, false).await {
-                    tracing::error!(deployment = %d.name, %error, "cannot create per-model topics");
-                }
-            }
             tracing::info!(deployment = %d.name, version = d.version(), strategy = %d.strategy(),
                 control = %d.spec.control, candidate = ?d.spec.candidate, "deployment in force");
             telemetry::config_applied(&d.name, d.version());
@@ -98,13 +88,19 @@ async fn settle(config: &Config, outcome: &Outcome) {
     }
 }
 
-/// Loads the topic, signals `loaded`, then follows it until shutdown.
+/// Loads the topic, signals `loaded`, then follows it until shutdown. The per-model topics of what is
+/// in force are created before route sees it: once for everything after the initial load, then for each
+/// new deployment record.
 pub async fn run(config: Config, shared: SharedRegistry, loaded: oneshot::Sender<()>, mut shutdown: Shutdown) -> Result<(), Error> {
     let (consumer, targets) = open(&config).await?;
     let mut registry = Registry::default();
     let mut loaded = Some(loaded);
     loop {
         if loaded.is_some() && kafka::batch::caught_up(&consumer, &config.topics.deployments, &targets) {
+            if let Err(error) = super::ensure_model_topics(&config, registry.deployments().map(|d| d.as_ref())).await {
+                tracing::error!(%error, "cannot create per-model topics");
+            }
+            *shared.write().expect("registry lock is never poisoned") = registry.clone();
             tracing::info!(deployments = registry.deployments().count(), "deployments topic loaded");
             let _ = loaded.take().expect("checked").send(());
         }
@@ -120,8 +116,13 @@ pub async fn run(config: Config, shared: SharedRegistry, loaded: oneshot::Sender
             },
         };
         let outcome = registry.apply(message.key(), message.payload(), message.offset());
-        settle(&config, &outcome).await;
-        if !matches!(outcome, Outcome::Unchanged) {
+        report(&outcome);
+        if loaded.is_none() && !matches!(outcome, Outcome::Unchanged) {
+            if let Outcome::Installed(d) = &outcome {
+                if let Err(error) = super::ensure_model_topics(&config, [d.as_ref()]).await {
+                    tracing::error!(deployment = %d.name, %error, "cannot create per-model topics");
+                }
+            }
             *shared.write().expect("registry lock is never poisoned") = registry.clone();
         }
     }
