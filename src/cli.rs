@@ -224,12 +224,19 @@ pub async fn run(cli: Cli) -> Result<()> {
             }
             shutdown::on_signals(trigger);
             let report = Loadgen { deployment, rate, count, users, run_id }.run(config, codec, shutdown).await?;
-            println!("sent {} requests in {:.2}s ({:.0}/s)", report.sent, report.elapsed.as_secs_f64(), report.sent as f64 / report.elapsed.as_secs_f64().max(1e-9));
+            println!(
+                "sent {} requests in {:.2}s ({:.0}/s)",
+                report.sent,
+                report.elapsed.as_secs_f64(),
+                report.sent as f64 / report.elapsed.as_secs_f64().max(1e-9)
+            );
             Ok(())
         }
         Command::Watch { deployment, seconds, sample, from_beginning } => {
             shutdown::on_signals(trigger);
-            Watch { deployment, duration: Duration::from_secs(seconds), sample, from_beginning }.run(config, codec, shutdown).await?;
+            Watch { deployment, duration: Duration::from_secs(seconds), sample, from_beginning }
+                .run(config, codec, shutdown)
+                .await?;
             Ok(())
         }
     }

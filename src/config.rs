@@ -206,9 +206,8 @@ impl Config {
             };
             merge(&mut table, overlay);
         }
-        let config: Config = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
+        let config: Config =
+            toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
         config.check()?;
         Ok(config)
     }
@@ -226,13 +225,19 @@ impl Config {
                 )));
             }
         }
-        for (name, pattern) in [("model_requests", &self.topics.model_requests), ("model_predictions", &self.topics.model_predictions)] {
+        for (name, pattern) in
+            [("model_requests", &self.topics.model_requests), ("model_predictions", &self.topics.model_predictions)]
+        {
             if pattern.matches("{model}").count() != 1 {
-                return Err(ConfigError::Invalid(format!("topics.{name} must contain {{model}} exactly once, got {pattern:?}")));
+                return Err(ConfigError::Invalid(format!(
+                    "topics.{name} must contain {{model}} exactly once, got {pattern:?}"
+                )));
             }
         }
         if self.topics.partitions < 1 || self.topics.replication_factor < 1 {
-            return Err(ConfigError::Invalid("topics.partitions and topics.replication_factor must be at least 1".into()));
+            return Err(ConfigError::Invalid(
+                "topics.partitions and topics.replication_factor must be at least 1".into(),
+            ));
         }
         if self.service.batch_size == 0 || self.service.max_pending == 0 {
             return Err(ConfigError::Invalid("service.batch_size and service.max_pending must be at least 1".into()));
@@ -263,7 +268,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("switchyard-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("c.toml");
-        std::fs::write(&file, "[topics]\ndecisions = \"from-file\"\npartitions = 8\n[service]\nbatch_size = 7\n").unwrap();
+        std::fs::write(&file, "[topics]\ndecisions = \"from-file\"\npartitions = 8\n[service]\nbatch_size = 7\n")
+            .unwrap();
         let c = Config::load(
             Some(&file),
             env(&[

@@ -34,7 +34,14 @@ impl Kind {
 }
 
 /// Builds the dead letter for one input record and counts it.
-pub fn letter(topic: &str, source: &SourcePos, key: Option<&[u8]>, value: Option<&[u8]>, kind: Kind, reason: &str) -> OutRecord {
+pub fn letter(
+    topic: &str,
+    source: &SourcePos,
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+    kind: Kind,
+    reason: &str,
+) -> OutRecord {
     tracing::warn!(topic = %source.topic, partition = source.partition, offset = source.offset, kind = kind.as_str(), %reason, "dead-lettered");
     telemetry::dead_lettered(kind.as_str());
     OutRecord {

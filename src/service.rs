@@ -23,7 +23,8 @@ pub enum Roles {
 /// Creates the topics the service reads and writes (per-model topics are created per deployment).
 pub async fn ensure_core_topics(config: &Config) -> Result<()> {
     let t = &config.topics;
-    let topics = [&t.requests, &t.routed, &t.merge_changelog, &t.decisions, &t.shadow_comparisons, &t.dead_letter].map(|s| s.to_string());
+    let topics = [&t.requests, &t.routed, &t.merge_changelog, &t.decisions, &t.shadow_comparisons, &t.dead_letter]
+        .map(|s| s.to_string());
     kafka::ensure_topics(config, &topics, false).await?;
     kafka::ensure_topics(config, std::slice::from_ref(&t.deployments), true).await?;
     Ok(())

@@ -9,12 +9,34 @@ use switchyard::kafka::OutRecord;
 async fn deploy_status_promote_rollback_and_rejections() {
     let env = Env::new("cli").await;
 
-    let (ok, out, err) = env.cli(&["deploy", "fraud", "--strategy", "canary", "--control", "v1", "--candidate", "v2", "--canary-percent", "10"]);
+    let (ok, out, err) = env.cli(&[
+        "deploy",
+        "fraud",
+        "--strategy",
+        "canary",
+        "--control",
+        "v1",
+        "--candidate",
+        "v2",
+        "--canary-percent",
+        "10",
+    ]);
     assert!(ok, "{err}");
     assert!(out.contains("fraud version 1 written: 10.00% -> v2 (candidate), 90.00% -> v1 (control)"), "{out}");
 
     // Invalid input is refused before anything is written.
-    let (ok, _, err) = env.cli(&["deploy", "fraud", "--strategy", "canary", "--control", "v1", "--candidate", "v2", "--canary-percent", "150"]);
+    let (ok, _, err) = env.cli(&[
+        "deploy",
+        "fraud",
+        "--strategy",
+        "canary",
+        "--control",
+        "v1",
+        "--candidate",
+        "v2",
+        "--canary-percent",
+        "150",
+    ]);
     assert!(!ok);
     assert!(err.contains("canary_percent must be between 0 and 100"), "{err}");
     let (ok, _, err) = env.cli(&["deploy", "fraud", "--strategy", "rainbow", "--control", "v1"]);

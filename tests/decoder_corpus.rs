@@ -21,11 +21,25 @@ fn request() -> Request {
 }
 
 fn prediction() -> Prediction {
-    Prediction { request_id: "req-0001".into(), model: "fraud-v2".into(), output: Some(b"0.42".to_vec()), error: None, produced_at: 5 }
+    Prediction {
+        request_id: "req-0001".into(),
+        model: "fraud-v2".into(),
+        output: Some(b"0.42".to_vec()),
+        error: None,
+        produced_at: 5,
+    }
 }
 
 fn codecs() -> Vec<Codec> {
-    let ids = SchemaIds { request: 1, model_request: 2, prediction: 3, decision: 4, shadow_comparison: 5, routed: 6, merge_state: 7 };
+    let ids = SchemaIds {
+        request: 1,
+        model_request: 2,
+        prediction: 3,
+        decision: 4,
+        shadow_comparison: 5,
+        routed: 6,
+        merge_state: 7,
+    };
     vec![Codec::default(), Codec::new(Framing::Confluent(ids))]
 }
 
@@ -68,11 +82,11 @@ fn every_bit_flip_is_an_error_or_a_consistent_record() {
 fn hostile_length_prefixes_are_refused_without_allocating_them() {
     let codec = Codec::default();
     let cases: Vec<Vec<u8>> = vec![
-        vec![0xfe, 0xff, 0xff, 0xff, 0x0f],             // string length ~2^31
+        vec![0xfe, 0xff, 0xff, 0xff, 0x0f], // string length ~2^31
         vec![0xfe, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01], // length near i64::MAX
-        vec![0x01],                                     // negative length (-1)
+        vec![0x01],                         // negative length (-1)
         vec![0x02, b'a', 0xfe, 0xff, 0xff, 0xff, 0x0f], // second field huge
-        vec![0xff; 16],                                 // unterminated varint
+        vec![0xff; 16],                     // unterminated varint
     ];
     for bytes in &cases {
         assert!(codec.decode::<Request>(bytes).is_err(), "{bytes:?}");
@@ -90,9 +104,19 @@ fn hostile_length_prefixes_are_refused_without_allocating_them() {
 fn records_of_another_schema_are_refused() {
     let codec = Codec::default();
     let decision = Decision {
-        request_id: "r".into(), user_id: "u".into(), deployment: "d".into(), model: "m".into(), strategy: "canary".into(),
-        cohort: "control".into(), bucket: 1, config_version: 1, status: DecisionStatus::Ok, output: None, error: None,
-        latency_ms: 1, decided_at: 1,
+        request_id: "r".into(),
+        user_id: "u".into(),
+        deployment: "d".into(),
+        model: "m".into(),
+        strategy: "canary".into(),
+        cohort: "control".into(),
+        bucket: 1,
+        config_version: 1,
+        status: DecisionStatus::Ok,
+        output: None,
+        error: None,
+        latency_ms: 1,
+        decided_at: 1,
     };
     assert!(codec.decode::<Request>(&codec.encode(&decision)).is_err());
     assert!(codec.decode::<Request>(&codec.encode(&prediction())).is_err());

@@ -29,7 +29,11 @@ fn expected_output(model: &str, request: &Request) -> Vec<u8> {
 fn one_each<'a>(sent: &'a [Request], decisions: &'a [Read<Decision>]) -> HashMap<&'a str, &'a Read<Decision>> {
     let mut by_id: HashMap<&str, &Read<Decision>> = HashMap::new();
     for d in decisions {
-        assert!(by_id.insert(d.value.request_id.as_str(), d).is_none(), "duplicate decision for {}", d.value.request_id);
+        assert!(
+            by_id.insert(d.value.request_id.as_str(), d).is_none(),
+            "duplicate decision for {}",
+            d.value.request_id
+        );
     }
     let sent_ids: HashSet<&str> = sent.iter().map(|r| r.request_id.as_str()).collect();
     let decided: HashSet<&str> = by_id.keys().copied().collect();
@@ -63,14 +67,18 @@ async fn canary_with_mirror_and_override() {
         candidates += usize::from(in_candidate);
         assert_eq!(d.value.model, model, "{} (bucket {b})", request.user_id);
         assert_eq!(d.value.cohort, if in_candidate { "candidate" } else { "control" });
-        assert_eq!((d.value.bucket, d.value.status, d.value.strategy.as_str()), (i32::from(b), DecisionStatus::Ok, "canary"));
+        assert_eq!(
+            (d.value.bucket, d.value.status, d.value.strategy.as_str()),
+            (i32::from(b), DecisionStatus::Ok, "canary")
+        );
         assert_eq!(d.value.output.as_deref(), Some(&expected_output(model, request)[..]), "answer came from {model}");
         assert_eq!((d.headers["model"].as_str(), d.headers["cohort"].as_str()), (model, d.value.cohort.as_str()));
         assert_eq!(d.key, request.user_id.as_bytes());
     }
     assert!(candidates > 20 && candidates < 120, "about 10% in the canary, got {candidates}/600");
 
-    let comparisons = env.read::<ShadowComparison>(&env.config.topics.shadow_comparisons, sent.len(), LIMIT, SETTLE).await;
+    let comparisons =
+        env.read::<ShadowComparison>(&env.config.topics.shadow_comparisons, sent.len(), LIMIT, SETTLE).await;
     assert_eq!(comparisons.len(), sent.len(), "the mirror sees every request once");
     let by_request: HashMap<&str, &Request> = sent.iter().map(|r| (r.request_id.as_str(), r)).collect();
     for c in &comparisons {
@@ -86,7 +94,11 @@ async fn canary_with_mirror_and_override() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shadow_copies_a_sample_and_never_serves_it() {
     let mut env = Env::new("shadow").await;
-    env.deploy("recs", r#"{"strategy":"shadow","control":"v1","candidate":"v2","shadow_percent":50,"timeout_ms":10000}"#).await;
+    env.deploy(
+        "recs",
+        r#"{"strategy":"shadow","control":"v1","candidate":"v2","shadow_percent":50,"timeout_ms":10000}"#,
+    )
+    .await;
     env.start_service();
     env.start_model("v1", 0, 0.0, disagree("v1"));
     env.start_model("v2", 0, 0.0, disagree("v2"));
@@ -101,7 +113,8 @@ async fn shadow_copies_a_sample_and_never_serves_it() {
     }
     let sampled: Vec<&Request> = sent.iter().filter(|r| shadow_bucket("recs", &r.user_id) < 5000).collect();
     assert!(!sampled.is_empty() && sampled.len() < sent.len());
-    let comparisons = env.read::<ShadowComparison>(&env.config.topics.shadow_comparisons, sampled.len(), LIMIT, SETTLE).await;
+    let comparisons =
+        env.read::<ShadowComparison>(&env.config.topics.shadow_comparisons, sampled.len(), LIMIT, SETTLE).await;
     let compared: HashSet<&str> = comparisons.iter().map(|c| c.value.request_id.as_str()).collect();
     let expected: HashSet<&str> = sampled.iter().map(|r| r.request_id.as_str()).collect();
     assert_eq!(comparisons.len(), sampled.len());
@@ -113,7 +126,11 @@ async fn shadow_copies_a_sample_and_never_serves_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blue_green_switches_and_switches_back() {
     let mut env = Env::new("bluegreen").await;
-    env.deploy("pricing", r#"{"strategy":"blue_green","control":"v1","candidate":"v2","active":"control","timeout_ms":10000}"#).await;
+    env.deploy(
+        "pricing",
+        r#"{"strategy":"blue_green","control":"v1","candidate":"v2","active":"control","timeout_ms":10000}"#,
+    )
+    .await;
     env.start_service();
     env.start_model("v1", 0, 0.0, disagree("v1"));
     env.start_model("v2", 0, 0.0, disagree("v2"));
@@ -174,7 +191,10 @@ async fn timeouts_and_model_errors_still_give_exactly_one_decision() {
             }
             _ if demo_model::fails("v1", &request.request_id, 0.3) => {
                 errors += 1;
-                assert_eq!((d.status, d.error.as_deref(), d.output.as_deref()), (DecisionStatus::ModelError, Some("demo model failure"), None));
+                assert_eq!(
+                    (d.status, d.error.as_deref(), d.output.as_deref()),
+                    (DecisionStatus::ModelError, Some("demo model failure"), None)
+                );
             }
             _ => {
                 assert_eq!(d.status, DecisionStatus::Ok);
@@ -200,7 +220,13 @@ async fn bad_input_is_dead_lettered_and_valid_traffic_flows_around_it() {
     let mut unknown = requests("nope", "unknown", 1, 1).remove(0);
     unknown.deployment = "no-such-deployment".into();
     let encoded = env.codec.encode(&valid[0]);
-    let prediction = env.codec.encode(&Prediction { request_id: "p".into(), model: "v1".into(), output: None, error: None, produced_at: 1 });
+    let prediction = env.codec.encode(&Prediction {
+        request_id: "p".into(),
+        model: "v1".into(),
+        output: None,
+        error: None,
+        produced_at: 1,
+    });
     let bad: Vec<(&str, Vec<u8>)> = vec![
         ("undecodable", Vec::new()),
         ("undecodable", b"\xde\xad\xbe\xef random bytes".to_vec()),
@@ -221,7 +247,13 @@ async fn bad_input_is_dead_lettered_and_valid_traffic_flows_around_it() {
     }
     // Bad output from a model worker: garbage, and an answer claiming to come from another model.
     let predictions = env.config.topics.model_predictions("v1");
-    let impostor = Prediction { request_id: "ok-3".into(), model: "v2".into(), output: Some(b"0.9".to_vec()), error: None, produced_at: 1 };
+    let impostor = Prediction {
+        request_id: "ok-3".into(),
+        model: "v2".into(),
+        output: Some(b"0.9".to_vec()),
+        error: None,
+        produced_at: 1,
+    };
     records.push(OutRecord::new(predictions.clone(), "user-3", b"not avro".to_vec()));
     records.push(OutRecord::new(predictions.clone(), "user-3", env.codec.encode(&impostor)));
     env.produce(records).await;
@@ -229,16 +261,22 @@ async fn bad_input_is_dead_lettered_and_valid_traffic_flows_around_it() {
     let by_id = one_each(&valid, &decisions);
     assert_ne!(by_id["ok-3"].value.output.as_deref(), Some(&b"0.9"[..]), "the impostor's answer is not served");
     let letters = env.read_raw(&env.config.topics.dead_letter, bad.len() + 2, LIMIT, SETTLE).await;
-    let (from_model, letters): (Vec<_>, Vec<_>) = letters.into_iter().partition(|l| l.headers["dlq.topic"] == predictions);
+    let (from_model, letters): (Vec<_>, Vec<_>) =
+        letters.into_iter().partition(|l| l.headers["dlq.topic"] == predictions);
     assert_eq!(from_model.len(), 2);
     assert!(from_model.iter().any(|l| l.headers["dlq.kind"] == "undecodable" && l.value == b"not avro"));
-    assert!(from_model.iter().any(|l| l.headers["dlq.kind"] == "invalid" && l.headers["dlq.reason"].contains("names model \"v2\"")));
+    assert!(
+        from_model
+            .iter()
+            .any(|l| l.headers["dlq.kind"] == "invalid" && l.headers["dlq.reason"].contains("names model \"v2\""))
+    );
     assert_eq!(letters.len(), bad.len());
     for letter in &letters {
         assert!(!letter.headers["dlq.reason"].is_empty());
         assert_eq!(letter.headers["dlq.topic"], topic);
     }
-    let mut got: Vec<(String, Vec<u8>)> = letters.iter().map(|l| (l.headers["dlq.kind"].clone(), l.value.clone())).collect();
+    let mut got: Vec<(String, Vec<u8>)> =
+        letters.iter().map(|l| (l.headers["dlq.kind"].clone(), l.value.clone())).collect();
     let mut want: Vec<(String, Vec<u8>)> = bad.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
     got.sort();
     want.sort();

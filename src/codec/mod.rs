@@ -12,8 +12,8 @@ use apache_avro::Schema;
 use serde::Deserialize;
 
 pub use records::{
-    AvroRecord, Decision, DecisionStatus, MergeState, Millis, ModelRequest, Prediction, Request, Role,
-    Routed, ShadowComparison,
+    AvroRecord, Decision, DecisionStatus, MergeState, Millis, ModelRequest, Prediction, Request, Role, Routed,
+    ShadowComparison,
 };
 
 /// Largest single allocation the Avro decoder may make: a corrupt length prefix in a hostile record must
@@ -156,7 +156,10 @@ impl Codec {
             Framing::Plain => bytes,
             Framing::Confluent(ids) => {
                 if bytes.len() < 5 {
-                    return Err(DecodeError::Framing(format!("{} bytes is shorter than the 5-byte header", bytes.len())));
+                    return Err(DecodeError::Framing(format!(
+                        "{} bytes is shorter than the 5-byte header",
+                        bytes.len()
+                    )));
                 }
                 if bytes[0] != 0 {
                     return Err(DecodeError::Framing(format!("magic byte is {}, expected 0", bytes[0])));
@@ -196,7 +199,15 @@ mod tests {
     }
 
     fn all_framings() -> Vec<Codec> {
-        let ids = SchemaIds { request: 1, model_request: 2, prediction: 3, decision: 4, shadow_comparison: 5, routed: 6, merge_state: 7 };
+        let ids = SchemaIds {
+            request: 1,
+            model_request: 2,
+            prediction: 3,
+            decision: 4,
+            shadow_comparison: 5,
+            routed: 6,
+            merge_state: 7,
+        };
         vec![Codec::default(), Codec::new(Framing::Confluent(ids))]
     }
 
@@ -224,27 +235,80 @@ mod tests {
     #[test]
     fn every_record_round_trips() {
         round_trip(request());
-        round_trip(ModelRequest { request: request(), model: "fraud-v2".into(), role: Role::Shadow, config_version: 3, routed_at: 5 });
-        round_trip(Prediction { request_id: "r".into(), model: "m".into(), output: Some(b"0.5".to_vec()), error: None, produced_at: 9 });
-        round_trip(Prediction { request_id: "r".into(), model: "m".into(), output: None, error: Some("boom".into()), produced_at: 9 });
-        for status in [DecisionStatus::Ok, DecisionStatus::ModelError, DecisionStatus::Timeout, DecisionStatus::Fallback] {
+        round_trip(ModelRequest {
+            request: request(),
+            model: "fraud-v2".into(),
+            role: Role::Shadow,
+            config_version: 3,
+            routed_at: 5,
+        });
+        round_trip(Prediction {
+            request_id: "r".into(),
+            model: "m".into(),
+            output: Some(b"0.5".to_vec()),
+            error: None,
+            produced_at: 9,
+        });
+        round_trip(Prediction {
+            request_id: "r".into(),
+            model: "m".into(),
+            output: None,
+            error: Some("boom".into()),
+            produced_at: 9,
+        });
+        for status in
+            [DecisionStatus::Ok, DecisionStatus::ModelError, DecisionStatus::Timeout, DecisionStatus::Fallback]
+        {
             round_trip(Decision {
-                request_id: "r".into(), user_id: "u".into(), deployment: "d".into(), model: "m".into(),
-                strategy: "canary".into(), cohort: "candidate".into(), bucket: 9999, config_version: 4,
-                status, output: None, error: Some("late".into()), latency_ms: 12, decided_at: 13,
+                request_id: "r".into(),
+                user_id: "u".into(),
+                deployment: "d".into(),
+                model: "m".into(),
+                strategy: "canary".into(),
+                cohort: "candidate".into(),
+                bucket: 9999,
+                config_version: 4,
+                status,
+                output: None,
+                error: Some("late".into()),
+                latency_ms: 12,
+                decided_at: 13,
             });
         }
         round_trip(ShadowComparison {
-            request_id: "r".into(), deployment: "d".into(), serving_model: "a".into(), serving_output: None,
-            shadow_model: "b".into(), shadow_output: Some(vec![1]), agreed: false, serving_latency_ms: None,
-            shadow_latency_ms: 7, compared_at: 8,
+            request_id: "r".into(),
+            deployment: "d".into(),
+            serving_model: "a".into(),
+            serving_output: None,
+            shadow_model: "b".into(),
+            shadow_output: Some(vec![1]),
+            agreed: false,
+            serving_latency_ms: None,
+            shadow_latency_ms: 7,
+            compared_at: 8,
         });
         round_trip(Routed {
-            request_id: "r".into(), user_id: "u".into(), deployment: "d".into(), strategy: "shadow".into(),
-            cohort: "control".into(), bucket: 1, config_version: 2, serving_model: "a".into(),
-            shadow_models: vec!["b".into(), "c".into()], timeout_ms: 500, sent_at: 1, routed_at: 2,
+            request_id: "r".into(),
+            user_id: "u".into(),
+            deployment: "d".into(),
+            strategy: "shadow".into(),
+            cohort: "control".into(),
+            bucket: 1,
+            config_version: 2,
+            serving_model: "a".into(),
+            shadow_models: vec!["b".into(), "c".into()],
+            timeout_ms: 500,
+            sent_at: 1,
+            routed_at: 2,
         });
-        round_trip(MergeState { request_id: "r".into(), served_ok: true, served_output: Some(vec![1]), served_latency_ms: Some(3), compared: vec!["b".into()], finished: false });
+        round_trip(MergeState {
+            request_id: "r".into(),
+            served_ok: true,
+            served_output: Some(vec![1]),
+            served_latency_ms: Some(3),
+            compared: vec!["b".into()],
+            finished: false,
+        });
         round_trip(MergeState { request_id: "r".into(), ..MergeState::default() });
     }
 
@@ -258,7 +322,13 @@ mod tests {
         longer.push(7);
         assert_eq!(codec.decode::<Request>(&longer), Err(DecodeError::Trailing(1)));
         // A Prediction is not a Request.
-        let prediction = codec.encode(&Prediction { request_id: "r".into(), model: "m".into(), output: None, error: None, produced_at: 1 });
+        let prediction = codec.encode(&Prediction {
+            request_id: "r".into(),
+            model: "m".into(),
+            output: None,
+            error: None,
+            produced_at: 1,
+        });
         assert!(codec.decode::<Request>(&prediction).is_err());
         // A huge length prefix must not allocate it.
         assert!(codec.decode::<Request>(&[0xfe, 0xff, 0xff, 0xff, 0x0f]).is_err());

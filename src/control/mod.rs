@@ -26,7 +26,9 @@ pub async fn ensure_model_topics<'a>(
     }
     let topics: Vec<String> = deployments
         .into_iter()
-        .flat_map(|d| d.models().into_iter().flat_map(|m| [config.topics.model_requests(m), config.topics.model_predictions(m)]))
+        .flat_map(|d| {
+            d.models().into_iter().flat_map(|m| [config.topics.model_requests(m), config.topics.model_predictions(m)])
+        })
         .collect();
     kafka::ensure_topics(config, &topics, false).await
 }

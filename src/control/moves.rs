@@ -71,8 +71,10 @@ mod tests {
 
     #[test]
     fn canary_moves() {
-        let c = spec(r#"{"version":5,"strategy":"canary","control":"v1","candidate":"v2","canary_percent":20,
-                        "mirror":["v3"],"overrides":{"a":"candidate","b":"control"}}"#);
+        let c = spec(
+            r#"{"version":5,"strategy":"canary","control":"v1","candidate":"v2","canary_percent":20,
+                        "mirror":["v3"],"overrides":{"a":"candidate","b":"control"}}"#,
+        );
         let rolled = rollback(&c, 6).unwrap();
         assert_eq!(rolled.canary_percent, 0.0);
         assert_eq!(rolled.overrides.len(), 1, "nobody stays pinned to the candidate");

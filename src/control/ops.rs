@@ -17,13 +17,18 @@ use crate::routing::{Deployment, DeploymentSpec, Strategy};
 pub async fn write(config: &Config, registry: &Registry, name: &str, spec: DeploymentSpec) -> Result<Deployment> {
     if let Some(current) = registry.get(name) {
         if spec.version <= current.version() {
-            return Err(crate::routing::InvalidDeployment::StaleVersion { got: spec.version, current: current.version() }.into());
+            return Err(crate::routing::InvalidDeployment::StaleVersion {
+                got: spec.version,
+                current: current.version(),
+            }
+            .into());
         }
     }
     let deployment = spec.validate(name)?;
     super::ensure_model_topics(config, [&deployment]).await?;
     let producer: FutureProducer = kafka::producer(config)?;
-    let record = OutRecord::new(config.topics.deployments.clone(), name.as_bytes(), deployment.spec.to_json().into_bytes());
+    let record =
+        OutRecord::new(config.topics.deployments.clone(), name.as_bytes(), deployment.spec.to_json().into_bytes());
     kafka::send_all(&producer, &[record]).await?;
     Ok(deployment)
 }
@@ -83,7 +88,12 @@ pub fn describe_split(d: &Deployment) -> String {
     copies.extend(spec.mirror.iter().cloned());
     let mut text = serving;
     if !copies.is_empty() {
-        let _ = write!(text, "; shadow copies of {:.2}% of users -> {}", f64::from(d.shadow_threshold) / 100.0, copies.join(", "));
+        let _ = write!(
+            text,
+            "; shadow copies of {:.2}% of users -> {}",
+            f64::from(d.shadow_threshold) / 100.0,
+            copies.join(", ")
+        );
     }
     if !spec.overrides.is_empty() {
         let _ = write!(text, "; {} user override(s)", spec.overrides.len());
@@ -97,7 +107,15 @@ pub fn render_status(registry: &Registry, only: Option<&str>) -> Result<String> 
     let mut shown = 0;
     for d in registry.deployments().filter(|d| only.is_none_or(|name| d.name == name)) {
         shown += 1;
-        let _ = writeln!(out, "{}  version {}  strategy {}  timeout {} ms  salt {:?}", d.name, d.version(), d.strategy(), d.spec.timeout_ms, d.salt);
+        let _ = writeln!(
+            out,
+            "{}  version {}  strategy {}  timeout {} ms  salt {:?}",
+            d.name,
+            d.version(),
+            d.strategy(),
+            d.spec.timeout_ms,
+            d.salt
+        );
         let _ = writeln!(out, "  split: {}", describe_split(d));
         let _ = writeln!(out, "  record: {}", d.spec.to_json());
     }
@@ -127,10 +145,17 @@ mod tests {
     fn status_lists_split_and_rejections() {
         let mut r = Registry::default();
         r.apply(Some(b"fraud"), Some(br#"{"version":3,"strategy":"canary","control":"v1","candidate":"v2","canary_percent":10,"mirror":["v3"]}"#), 0);
-        r.apply(Some(b"fraud"), Some(br#"{"version":4,"strategy":"canary","control":"v1","candidate":"v2","canary_percent":300}"#), 1);
+        r.apply(
+            Some(b"fraud"),
+            Some(br#"{"version":4,"strategy":"canary","control":"v1","candidate":"v2","canary_percent":300}"#),
+            1,
+        );
         let text = render_status(&r, None).unwrap();
         assert!(text.contains("fraud  version 3  strategy canary"), "{text}");
-        assert!(text.contains("10.00% -> v2 (candidate), 90.00% -> v1 (control); shadow copies of 100.00% of users -> v3"), "{text}");
+        assert!(
+            text.contains("10.00% -> v2 (candidate), 90.00% -> v1 (control); shadow copies of 100.00% of users -> v3"),
+            "{text}"
+        );
         assert!(text.contains("version 4 at offset 1: canary_percent must be between 0 and 100"), "{text}");
         assert!(render_status(&r, Some("other")).is_err());
     }

@@ -66,8 +66,22 @@ impl Registry {
     pub fn apply(&mut self, key: Option<&[u8]>, value: Option<&[u8]>, offset: i64) -> Outcome {
         let name = match key.map(std::str::from_utf8) {
             Some(Ok(name)) => name.to_string(),
-            Some(Err(_)) => return self.reject(String::from_utf8_lossy(key.unwrap_or_default()).into_owned(), None, "key is not UTF-8".into(), offset),
-            None => return self.reject(String::new(), None, "record has no key (the key is the deployment name)".into(), offset),
+            Some(Err(_)) => {
+                return self.reject(
+                    String::from_utf8_lossy(key.unwrap_or_default()).into_owned(),
+                    None,
+                    "key is not UTF-8".into(),
+                    offset,
+                );
+            }
+            None => {
+                return self.reject(
+                    String::new(),
+                    None,
+                    "record has no key (the key is the deployment name)".into(),
+                    offset,
+                );
+            }
         };
         let Some(value) = value else {
             return match self.deployments.remove(&name) {
@@ -125,7 +139,10 @@ mod tests {
         let v1 = r#"{"version":1,"strategy":"single","control":"a"}"#;
         assert!(matches!(apply(&mut r, "d", v1), Outcome::Installed(_)));
         assert_eq!(apply(&mut r, "d", v1), Outcome::Unchanged);
-        assert!(matches!(apply(&mut r, "d", r#"{"version":2,"strategy":"single","control":"b"}"#), Outcome::Installed(_)));
+        assert!(matches!(
+            apply(&mut r, "d", r#"{"version":2,"strategy":"single","control":"b"}"#),
+            Outcome::Installed(_)
+        ));
         let stale = apply(&mut r, "d", r#"{"version":2,"strategy":"single","control":"c"}"#);
         assert!(matches!(&stale, Outcome::Rejected(rej) if rej.reason.contains("not greater")), "{stale:?}");
         assert_eq!(r.get("d").unwrap().spec.control, "b");
@@ -136,7 +153,11 @@ mod tests {
     fn invalid_records_keep_the_last_good_config() {
         let mut r = Registry::default();
         apply(&mut r, "d", r#"{"version":1,"strategy":"single","control":"a"}"#);
-        for bad in ["not json", r#"{"version":5,"strategy":"canary","control":"a"}"#, r#"{"version":6,"strategy":"single","control":"a","x":1}"#] {
+        for bad in [
+            "not json",
+            r#"{"version":5,"strategy":"canary","control":"a"}"#,
+            r#"{"version":6,"strategy":"single","control":"a","x":1}"#,
+        ] {
             assert!(matches!(apply(&mut r, "d", bad), Outcome::Rejected(_)));
         }
         assert_eq!(r.get("d").unwrap().version(), 1);

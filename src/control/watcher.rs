@@ -35,7 +35,8 @@ pub async fn open(config: &Config) -> Result<(StreamConsumer, HashMap<i32, i64>)
         }
         kafka::ensure_topics(config, std::slice::from_ref(topic), true).await?;
     }
-    let partitions = kafka::wait_for_topic(&consumer, topic).await?.ok_or_else(|| Error::MissingTopic(topic.clone()))?;
+    let partitions =
+        kafka::wait_for_topic(&consumer, topic).await?.ok_or_else(|| Error::MissingTopic(topic.clone()))?;
     let mut assignment = TopicPartitionList::new();
     let mut targets = HashMap::new();
     for partition in 0..partitions as i32 {
@@ -47,9 +48,13 @@ pub async fn open(config: &Config) -> Result<(StreamConsumer, HashMap<i32, i64>)
     Ok((consumer, targets))
 }
 
-
 /// Reads records until every partition reached the end it had when `open` ran.
-pub async fn catch_up(consumer: &StreamConsumer, topic: &str, targets: &HashMap<i32, i64>, registry: &mut Registry) -> Result<(), Error> {
+pub async fn catch_up(
+    consumer: &StreamConsumer,
+    topic: &str,
+    targets: &HashMap<i32, i64>,
+    registry: &mut Registry,
+) -> Result<(), Error> {
     while !kafka::batch::caught_up(consumer, topic, targets) {
         if let Ok(message) = tokio::time::timeout(POSITION_POLL, consumer.recv()).await {
             let message = message?;
@@ -91,7 +96,12 @@ fn report(outcome: &Outcome) {
 /// Loads the topic, signals `loaded`, then follows it until shutdown. The per-model topics of what is
 /// in force are created before route sees it: once for everything after the initial load, then for each
 /// new deployment record.
-pub async fn run(config: Config, shared: SharedRegistry, loaded: oneshot::Sender<()>, mut shutdown: Shutdown) -> Result<(), Error> {
+pub async fn run(
+    config: Config,
+    shared: SharedRegistry,
+    loaded: oneshot::Sender<()>,
+    mut shutdown: Shutdown,
+) -> Result<(), Error> {
     let (consumer, targets) = open(&config).await?;
     let mut registry = Registry::default();
     let mut loaded = Some(loaded);

@@ -17,7 +17,12 @@ use crate::shutdown::Shutdown;
 /// Waits up to `idle` for a first record, then takes what arrives within `wait`, up to `max`. An empty
 /// batch means nothing arrived; callers check for shutdown between batches. Consumer errors are logged
 /// and waited out: librdkafka reconnects by itself, and a broken batch is never half-processed.
-pub async fn next_batch<C: ConsumerContext + 'static>(consumer: &StreamConsumer<C>, max: usize, wait: Duration, idle: Duration) -> Vec<OwnedMessage> {
+pub async fn next_batch<C: ConsumerContext + 'static>(
+    consumer: &StreamConsumer<C>,
+    max: usize,
+    wait: Duration,
+    idle: Duration,
+) -> Vec<OwnedMessage> {
     let mut batch = Vec::new();
     match tokio::time::timeout(idle, consumer.recv()).await {
         Err(_) => return batch,
@@ -223,12 +228,18 @@ pub async fn rewind<C: ConsumerContext + 'static>(consumer: &StreamConsumer<C>, 
 
 /// True once the consumer's position in every partition of `targets` reached the offset given there.
 /// Positions also move past transaction markers, which are never delivered as records.
-pub fn caught_up<C: ConsumerContext + 'static>(consumer: &StreamConsumer<C>, topic: &str, targets: &HashMap<i32, i64>) -> bool {
+pub fn caught_up<C: ConsumerContext + 'static>(
+    consumer: &StreamConsumer<C>,
+    topic: &str,
+    targets: &HashMap<i32, i64>,
+) -> bool {
     let Ok(positions) = consumer.position() else { return false };
     targets.iter().all(|(partition, target)| {
         *target <= 0
             || positions.elements().iter().any(|e| {
-                e.topic() == topic && e.partition() == *partition && matches!(e.offset(), Offset::Offset(at) if at >= *target)
+                e.topic() == topic
+                    && e.partition() == *partition
+                    && matches!(e.offset(), Offset::Offset(at) if at >= *target)
             })
     })
 }

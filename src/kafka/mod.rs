@@ -178,7 +178,8 @@ pub async fn ensure_topics(config: &Config, names: &[String], compacted: bool) -
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((name, code)) => {
-                return Err(KafkaError::AdminOp(code)).inspect_err(|_| tracing::error!(topic = %name, %code, "cannot create topic"));
+                return Err(KafkaError::AdminOp(code))
+                    .inspect_err(|_| tracing::error!(topic = %name, %code, "cannot create topic"));
             }
         }
     }
@@ -195,7 +196,9 @@ pub async fn wait_for_topic(consumer: &StreamConsumer, topic: &str) -> Result<Op
             .topics()
             .iter()
             .find(|t| t.name() == topic && t.error().is_none())
-            .filter(|t| !t.partitions().is_empty() && t.partitions().iter().all(|p| p.leader() >= 0 && p.error().is_none()))
+            .filter(|t| {
+                !t.partitions().is_empty() && t.partitions().iter().all(|p| p.leader() >= 0 && p.error().is_none())
+            })
             .map(|t| t.partitions().len());
         if ready.is_some() || std::time::Instant::now() > deadline {
             return Ok(ready);
@@ -217,7 +220,11 @@ pub fn partition_count(consumer: &StreamConsumer, topic: &str) -> Result<Option<
 
 /// Sends `records`, retrying with backoff until the broker takes them or shutdown is requested.
 /// Returns false if it gave up because of shutdown (the caller must then not commit).
-pub async fn send_all_retrying(producer: &FutureProducer, records: &[OutRecord], shutdown: &crate::shutdown::Shutdown) -> bool {
+pub async fn send_all_retrying(
+    producer: &FutureProducer,
+    records: &[OutRecord],
+    shutdown: &crate::shutdown::Shutdown,
+) -> bool {
     let mut backoff = Duration::from_millis(100);
     loop {
         match send_all(producer, records).await {
@@ -236,8 +243,5 @@ pub async fn send_all_retrying(producer: &FutureProducer, records: &[OutRecord],
 
 /// Milliseconds since the Unix epoch, from the wall clock.
 pub fn now_millis() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
-

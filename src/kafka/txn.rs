@@ -50,7 +50,12 @@ impl TxnProducer {
     /// Produces `records` and commits them together with `offsets` for the consumer group. On error the
     /// transaction has been aborted, or the producer replaced (which settles it): nothing of it is visible
     /// to read_committed consumers and the caller must rewind its inputs to the committed offsets.
-    pub async fn commit(&mut self, records: &[OutRecord], offsets: &TopicPartitionList, group: Option<ConsumerGroupMetadata>) -> Result<(), KafkaError> {
+    pub async fn commit(
+        &mut self,
+        records: &[OutRecord],
+        offsets: &TopicPartitionList,
+        group: Option<ConsumerGroupMetadata>,
+    ) -> Result<(), KafkaError> {
         let result = match group {
             Some(group) => self.try_commit(records, offsets, &group).await,
             None => Err(KafkaError::Canceled),
@@ -62,7 +67,12 @@ impl TxnProducer {
         result
     }
 
-    async fn try_commit(&self, records: &[OutRecord], offsets: &TopicPartitionList, group: &ConsumerGroupMetadata) -> Result<(), KafkaError> {
+    async fn try_commit(
+        &self,
+        records: &[OutRecord],
+        offsets: &TopicPartitionList,
+        group: &ConsumerGroupMetadata,
+    ) -> Result<(), KafkaError> {
         let producer = &self.producer;
         block_in_place(|| producer.begin_transaction())?;
         send_all(producer, records).await?;

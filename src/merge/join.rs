@@ -47,9 +47,16 @@ pub struct JoinConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Output {
     Decision(Decision),
-    Comparison { user_id: String, comparison: ShadowComparison },
+    Comparison {
+        user_id: String,
+        comparison: ShadowComparison,
+    },
     /// Changelog: how far the request got; goes to the changelog partition of its routed record.
-    State { user_id: String, partition: i32, state: MergeState },
+    State {
+        user_id: String,
+        partition: i32,
+        state: MergeState,
+    },
 }
 
 /// What one step of the join produced: records to publish, and input records no longer needed.
@@ -177,12 +184,16 @@ impl Join {
             return;
         }
         let deadline = (routed.routed_at + routed.timeout_ms).max(now + REPLAY_GRACE_MS.min(routed.timeout_ms));
-        let mut shadows: Vec<ShadowSlot> =
-            routed.shadow_models.iter().map(|m| ShadowSlot { model: m.clone(), answer: None, compared: false }).collect();
+        let mut shadows: Vec<ShadowSlot> = routed
+            .shadow_models
+            .iter()
+            .map(|m| ShadowSlot { model: m.clone(), answer: None, compared: false })
+            .collect();
         let mut served = None;
         if let Some(state) = restored {
             // Decided before the restart, with shadows still open: resume without deciding again.
-            served = Some(Served { output: state.served_output, ok: state.served_ok, latency_ms: state.served_latency_ms });
+            served =
+                Some(Served { output: state.served_output, ok: state.served_ok, latency_ms: state.served_latency_ms });
             for slot in &mut shadows {
                 slot.compared = state.compared.contains(&slot.model);
             }
@@ -196,7 +207,14 @@ impl Join {
     }
 
     /// `written_at` is when the prediction was written (the record's timestamp).
-    pub fn on_prediction(&mut self, prediction: Prediction, pos: SourcePos, written_at: Millis, now: Millis, fx: &mut Effects) {
+    pub fn on_prediction(
+        &mut self,
+        prediction: Prediction,
+        pos: SourcePos,
+        written_at: Millis,
+        now: Millis,
+        fx: &mut Effects,
+    ) {
         let id = prediction.request_id.clone();
         let Some(entry) = self.entries.get_mut(&id) else {
             if self.finished.contains_key(&id) || self.restored.get(&id).is_some_and(|state| state.finished) {
@@ -221,13 +239,34 @@ impl Join {
             let deadline = entry.routed.routed_at + entry.routed.timeout_ms;
             let served = if written_at > deadline {
                 telemetry::prediction_discarded(&prediction.model, "late");
-                let error = format!("{} answered {} ms after routing, past the {} ms deadline", prediction.model, written_at - entry.routed.routed_at, entry.routed.timeout_ms);
-                fx.outputs.push(Output::Decision(decision(&entry.routed, DecisionStatus::Timeout, None, Some(error), now)));
+                let error = format!(
+                    "{} answered {} ms after routing, past the {} ms deadline",
+                    prediction.model,
+                    written_at - entry.routed.routed_at,
+                    entry.routed.timeout_ms
+                );
+                fx.outputs.push(Output::Decision(decision(
+                    &entry.routed,
+                    DecisionStatus::Timeout,
+                    None,
+                    Some(error),
+                    now,
+                )));
                 Served { output: None, ok: false, latency_ms: None }
             } else {
                 let status = if prediction.error.is_some() { DecisionStatus::ModelError } else { DecisionStatus::Ok };
-                let served = Served { ok: prediction.error.is_none(), latency_ms: Some(latency(&prediction, &entry.routed)), output: prediction.output.clone() };
-                fx.outputs.push(Output::Decision(decision(&entry.routed, status, prediction.output, prediction.error, now)));
+                let served = Served {
+                    ok: prediction.error.is_none(),
+                    latency_ms: Some(latency(&prediction, &entry.routed)),
+                    output: prediction.output.clone(),
+                };
+                fx.outputs.push(Output::Decision(decision(
+                    &entry.routed,
+                    status,
+                    prediction.output,
+                    prediction.error,
+                    now,
+                )));
                 served
             };
             for slot in &mut entry.shadows {
@@ -278,8 +317,15 @@ impl Join {
                 continue;
             }
             if entry.served.is_none() {
-                let error = format!("{} did not answer within {} ms", entry.routed.serving_model, entry.routed.timeout_ms);
-                fx.outputs.push(Output::Decision(decision(&entry.routed, DecisionStatus::Timeout, None, Some(error), now)));
+                let error =
+                    format!("{} did not answer within {} ms", entry.routed.serving_model, entry.routed.timeout_ms);
+                fx.outputs.push(Output::Decision(decision(
+                    &entry.routed,
+                    DecisionStatus::Timeout,
+                    None,
+                    Some(error),
+                    now,
+                )));
                 let served = Served { output: None, ok: false, latency_ms: None };
                 for slot in &mut entry.shadows {
                     if let Some(answer) = slot.answer.take() {
@@ -345,7 +391,13 @@ impl Join {
     }
 }
 
-fn decision(routed: &Routed, status: DecisionStatus, output: Option<Vec<u8>>, error: Option<String>, now: Millis) -> Decision {
+fn decision(
+    routed: &Routed,
+    status: DecisionStatus,
+    output: Option<Vec<u8>>,
+    error: Option<String>,
+    now: Millis,
+) -> Decision {
     telemetry::decided(&routed.deployment, &routed.serving_model, &routed.cohort, status.as_str());
     Decision {
         request_id: routed.request_id.clone(),
@@ -395,14 +447,29 @@ mod tests {
 
     fn routed(id: &str, shadows: &[&str]) -> Routed {
         Routed {
-            request_id: id.into(), user_id: format!("user-{id}"), deployment: "d".into(), strategy: "shadow".into(),
-            cohort: "control".into(), bucket: 7, config_version: 2, serving_model: "v1".into(),
-            shadow_models: shadows.iter().map(|s| s.to_string()).collect(), timeout_ms: 500, sent_at: 900, routed_at: 1000,
+            request_id: id.into(),
+            user_id: format!("user-{id}"),
+            deployment: "d".into(),
+            strategy: "shadow".into(),
+            cohort: "control".into(),
+            bucket: 7,
+            config_version: 2,
+            serving_model: "v1".into(),
+            shadow_models: shadows.iter().map(|s| s.to_string()).collect(),
+            timeout_ms: 500,
+            sent_at: 900,
+            routed_at: 1000,
         }
     }
 
     fn answer(id: &str, model: &str, output: &str, at: Millis) -> Prediction {
-        Prediction { request_id: id.into(), model: model.into(), output: Some(output.as_bytes().to_vec()), error: None, produced_at: at }
+        Prediction {
+            request_id: id.into(),
+            model: model.into(),
+            output: Some(output.as_bytes().to_vec()),
+            error: None,
+            produced_at: at,
+        }
     }
 
     fn pos(offset: i64) -> SourcePos {
@@ -414,7 +481,10 @@ mod tests {
     }
 
     fn comparisons(fx: &Effects) -> Vec<&ShadowComparison> {
-        fx.outputs.iter().filter_map(|o| if let Output::Comparison { comparison, .. } = o { Some(comparison) } else { None }).collect()
+        fx.outputs
+            .iter()
+            .filter_map(|o| if let Output::Comparison { comparison, .. } = o { Some(comparison) } else { None })
+            .collect()
     }
 
     #[test]
@@ -427,7 +497,10 @@ mod tests {
         j.on_prediction(answer("a", "v1", "no", 1020), pos(2), 1020, 1021, &mut fx);
         let d = decisions(&fx);
         assert_eq!(d.len(), 1);
-        assert_eq!((d[0].model.as_str(), d[0].output.as_deref(), d[0].status), ("v1", Some(&b"no"[..]), DecisionStatus::Ok));
+        assert_eq!(
+            (d[0].model.as_str(), d[0].output.as_deref(), d[0].status),
+            ("v1", Some(&b"no"[..]), DecisionStatus::Ok)
+        );
         assert_eq!(d[0].latency_ms, 1021 - 900);
         let c = comparisons(&fx);
         assert_eq!(c.len(), 1);
@@ -548,7 +621,10 @@ mod tests {
     }
 
     fn states(fx: &Effects) -> Vec<MergeState> {
-        fx.outputs.iter().filter_map(|o| if let Output::State { state, .. } = o { Some(state.clone()) } else { None }).collect()
+        fx.outputs
+            .iter()
+            .filter_map(|o| if let Output::State { state, .. } = o { Some(state.clone()) } else { None })
+            .collect()
     }
 
     #[test]
@@ -563,7 +639,11 @@ mod tests {
         assert_eq!(decisions(&fx).len(), 2);
         let changelog = states(&fx);
         assert!(changelog.iter().any(|s| s.request_id == "a" && s.finished));
-        assert!(changelog.iter().any(|s| s.request_id == "b" && !s.finished && s.served_output.as_deref() == Some(&b"y"[..])));
+        assert!(
+            changelog
+                .iter()
+                .any(|s| s.request_id == "b" && !s.finished && s.served_output.as_deref() == Some(&b"y"[..]))
+        );
 
         // Second life: the same inputs are read again from the committed offsets.
         let mut second = join();

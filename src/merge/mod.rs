@@ -41,18 +41,23 @@ pub fn records(outputs: Vec<Output>, config: &Config, codec: &Codec) -> Vec<OutR
     outputs
         .into_iter()
         .map(|output| match output {
-            Output::Decision(d) => OutRecord::new(config.topics.decisions.clone(), d.user_id.as_bytes(), codec.encode(&d))
-                .header("model", d.model.as_str())
-                .header("cohort", d.cohort.as_str())
-                .header("status", d.status.as_str())
-                .header("deployment", d.deployment.as_str()),
-            Output::Comparison { user_id, comparison } => {
-                OutRecord::new(config.topics.shadow_comparisons.clone(), user_id.into_bytes(), codec.encode(&comparison))
-                    .header("shadow_model", comparison.shadow_model.as_str())
-                    .header("agreed", if comparison.agreed { "true" } else { "false" })
+            Output::Decision(d) => {
+                OutRecord::new(config.topics.decisions.clone(), d.user_id.as_bytes(), codec.encode(&d))
+                    .header("model", d.model.as_str())
+                    .header("cohort", d.cohort.as_str())
+                    .header("status", d.status.as_str())
+                    .header("deployment", d.deployment.as_str())
             }
+            Output::Comparison { user_id, comparison } => OutRecord::new(
+                config.topics.shadow_comparisons.clone(),
+                user_id.into_bytes(),
+                codec.encode(&comparison),
+            )
+            .header("shadow_model", comparison.shadow_model.as_str())
+            .header("agreed", if comparison.agreed { "true" } else { "false" }),
             Output::State { user_id, partition, state } => {
-                let mut record = OutRecord::new(config.topics.merge_changelog.clone(), user_id.into_bytes(), codec.encode(&state));
+                let mut record =
+                    OutRecord::new(config.topics.merge_changelog.clone(), user_id.into_bytes(), codec.encode(&state));
                 record.partition = Some(partition);
                 record
             }
@@ -82,7 +87,13 @@ impl Stage {
 
     /// Drops everything in memory, rewinds to the committed offsets and restores the changelog: after a
     /// rebalance (partitions may have moved) or a failed transaction (its effects are gone).
-    async fn rebuild(&mut self, consumer: &StreamConsumer<GroupWatch>, config: &Config, codec: &Codec, shutdown: &Shutdown) -> Result<()> {
+    async fn rebuild(
+        &mut self,
+        consumer: &StreamConsumer<GroupWatch>,
+        config: &Config,
+        codec: &Codec,
+        shutdown: &Shutdown,
+    ) -> Result<()> {
         let generation = consumer.context().generation();
         *self = Stage::new(config);
         if !kafka::rewind(consumer, shutdown).await {
@@ -97,12 +108,26 @@ impl Stage {
 }
 
 /// Feeds one input record to the join, or dead-letters it.
-fn feed(message: &OwnedMessage, config: &Config, codec: &Codec, stage: &mut Stage, fx: &mut Effects, letters: &mut Vec<OutRecord>) {
+fn feed(
+    message: &OwnedMessage,
+    config: &Config,
+    codec: &Codec,
+    stage: &mut Stage,
+    fx: &mut Effects,
+    letters: &mut Vec<OutRecord>,
+) {
     let source = SourcePos::of(message);
     stage.progress.seen(&source);
     let now = kafka::now_millis();
     let mut reject = |kind, reason: String| {
-        letters.push(dead_letter::letter(&config.topics.dead_letter, &source, message.key(), message.payload(), kind, &reason));
+        letters.push(dead_letter::letter(
+            &config.topics.dead_letter,
+            &source,
+            message.key(),
+            message.payload(),
+            kind,
+            &reason,
+        ));
     };
     if message.topic() == config.topics.routed {
         match codec.decode::<Routed>(message.payload().unwrap_or_default()) {
@@ -118,9 +143,10 @@ fn feed(message: &OwnedMessage, config: &Config, codec: &Codec, stage: &mut Stag
         return reject(Kind::Invalid, format!("topic {} matches no configured input", message.topic()));
     };
     match codec.decode::<Prediction>(message.payload().unwrap_or_default()) {
-        Ok(prediction) if prediction.model != topic_model => {
-            reject(Kind::Invalid, format!("prediction names model {:?} but came from the topic of {topic_model:?}", prediction.model))
-        }
+        Ok(prediction) if prediction.model != topic_model => reject(
+            Kind::Invalid,
+            format!("prediction names model {:?} but came from the topic of {topic_model:?}", prediction.model),
+        ),
         Ok(prediction) => {
             stage.progress.hold(&source);
             let written_at = message.timestamp().to_millis().unwrap_or(prediction.produced_at);
@@ -203,8 +229,10 @@ pub async fn run(config: Config, codec: Codec, shutdown: Shutdown) -> Result<()>
         }
         let now = kafka::now_millis();
         if consumer.context().settled(now, join::REPLAY_GRACE_MS) {
-            let assigned: HashSet<String> =
-                consumer.assignment().map(|a| a.elements().iter().map(|e| e.topic().to_string()).collect()).unwrap_or_default();
+            let assigned: HashSet<String> = consumer
+                .assignment()
+                .map(|a| a.elements().iter().map(|e| e.topic().to_string()).collect())
+                .unwrap_or_default();
             let visible = |model: &str| assigned.contains(&config.topics.model_predictions(model));
             stage.join.expire(now, visible, !flow.routed_paused, &mut fx);
         }
@@ -237,7 +265,10 @@ mod tests {
 
     #[test]
     fn model_of_topic_inverts_the_pattern() {
-        assert_eq!(model_of_topic("model.{model}.predictions", "model.fraud-v2.predictions").as_deref(), Some("fraud-v2"));
+        assert_eq!(
+            model_of_topic("model.{model}.predictions", "model.fraud-v2.predictions").as_deref(),
+            Some("fraud-v2")
+        );
         assert_eq!(model_of_topic("model.{model}.predictions", "model.a.b.predictions").as_deref(), Some("a.b"));
         assert_eq!(model_of_topic("model.{model}.predictions", "switchyard.routed"), None);
         assert_eq!(model_of_topic("{model}-out", "x-out").as_deref(), Some("x"));

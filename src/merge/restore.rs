@@ -40,7 +40,11 @@ pub async fn load(config: &Config, codec: &Codec, committed: &TopicPartitionList
                 let Some(timestamp) = record_timestamp(&reader, &config.topics.routed, partition, offset).await? else {
                     continue; // only aborted records or markers remain: nothing committed will be read again
                 };
-                by_time.add_partition_offset(&config.topics.merge_changelog, partition, Offset::Offset(timestamp - CLOCK_SKEW_MARGIN_MS))?;
+                by_time.add_partition_offset(
+                    &config.topics.merge_changelog,
+                    partition,
+                    Offset::Offset(timestamp - CLOCK_SKEW_MARGIN_MS),
+                )?;
             }
             _ => start.add_partition_offset(&config.topics.merge_changelog, partition, Offset::Beginning)?,
         }
@@ -80,10 +84,17 @@ pub async fn load(config: &Config, codec: &Codec, committed: &TopicPartitionList
         let message = message?;
         match codec.decode::<MergeState>(message.payload().unwrap_or_default()) {
             Ok(state) => states.push(state),
-            Err(error) => tracing::error!(offset = message.offset(), %error, "unreadable merge changelog record skipped"),
+            Err(error) => {
+                tracing::error!(offset = message.offset(), %error, "unreadable merge changelog record skipped")
+            }
         }
     }
-    tracing::info!(states = states.len(), partitions = targets.len(), ms = begun.elapsed().as_millis() as u64, "merge changelog restored");
+    tracing::info!(
+        states = states.len(),
+        partitions = targets.len(),
+        ms = begun.elapsed().as_millis() as u64,
+        "merge changelog restored"
+    );
     Ok(states)
 }
 

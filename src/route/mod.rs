@@ -49,7 +49,13 @@ pub fn plan(request: Request, deployment: &Deployment, routed_at: Millis) -> Pla
         sent_at: request.sent_at,
         routed_at,
     };
-    let copy = |model: &str, role| ModelRequest { request: request.clone(), model: model.to_string(), role, config_version: version, routed_at };
+    let copy = |model: &str, role| ModelRequest {
+        request: request.clone(),
+        model: model.to_string(),
+        role,
+        config_version: version,
+        routed_at,
+    };
     let mut copies = vec![copy(route.serving, Role::Primary)];
     copies.extend(route.shadows.iter().map(|m| copy(m, Role::Shadow)));
     Plan { routed, copies }
@@ -63,19 +69,31 @@ pub struct Unroutable {
 }
 
 /// Decodes and checks one request value, and finds its deployment.
-pub fn admit(value: Option<&[u8]>, max_bytes: usize, codec: &Codec, registry: &SharedRegistry) -> Result<(Request, std::sync::Arc<Deployment>), Unroutable> {
+pub fn admit(
+    value: Option<&[u8]>,
+    max_bytes: usize,
+    codec: &Codec,
+    registry: &SharedRegistry,
+) -> Result<(Request, std::sync::Arc<Deployment>), Unroutable> {
     let value = value.unwrap_or_default();
     if value.len() > max_bytes {
-        return Err(Unroutable { kind: Kind::Oversized, reason: format!("value of {} bytes exceeds service.max_request_bytes = {max_bytes}", value.len()) });
+        return Err(Unroutable {
+            kind: Kind::Oversized,
+            reason: format!("value of {} bytes exceeds service.max_request_bytes = {max_bytes}", value.len()),
+        });
     }
-    let request: Request = codec.decode(value).map_err(|e| Unroutable { kind: Kind::Undecodable, reason: e.to_string() })?;
+    let request: Request =
+        codec.decode(value).map_err(|e| Unroutable { kind: Kind::Undecodable, reason: e.to_string() })?;
     if request.request_id.is_empty() {
         return Err(Unroutable { kind: Kind::Invalid, reason: "request_id is empty".into() });
     }
     let deployment = registry.read().expect("registry lock is never poisoned").get(&request.deployment);
     match deployment {
         Some(d) => Ok((request, d)),
-        None => Err(Unroutable { kind: Kind::UnknownDeployment, reason: format!("deployment {:?} is not in force", request.deployment) }),
+        None => Err(Unroutable {
+            kind: Kind::UnknownDeployment,
+            reason: format!("deployment {:?} is not in force", request.deployment),
+        }),
     }
 }
 
@@ -95,7 +113,13 @@ pub fn records(plan: &Plan, config: &Config, codec: &Codec) -> Vec<OutRecord> {
     out
 }
 
-fn process(message: &OwnedMessage, config: &Config, codec: &Codec, registry: &SharedRegistry, out: &mut Vec<OutRecord>) {
+fn process(
+    message: &OwnedMessage,
+    config: &Config,
+    codec: &Codec,
+    registry: &SharedRegistry,
+    out: &mut Vec<OutRecord>,
+) {
     match admit(message.payload(), config.service.max_request_bytes, codec, registry) {
         Ok((request, deployment)) => {
             let plan = plan(request, &deployment, kafka::now_millis());
@@ -106,7 +130,14 @@ fn process(message: &OwnedMessage, config: &Config, codec: &Codec, registry: &Sh
         }
         Err(e) => {
             let source = SourcePos::of(message);
-            out.push(dead_letter::letter(&config.topics.dead_letter, &source, message.key(), message.payload(), e.kind, &e.reason))
+            out.push(dead_letter::letter(
+                &config.topics.dead_letter,
+                &source,
+                message.key(),
+                message.payload(),
+                e.kind,
+                &e.reason,
+            ))
         }
     }
 }
@@ -157,16 +188,28 @@ mod tests {
     }
 
     fn request(user: &str) -> Request {
-        Request { request_id: format!("r-{user}"), user_id: user.into(), deployment: "fraud".into(), sent_at: 10, payload: vec![1], attributes: Default::default() }
+        Request {
+            request_id: format!("r-{user}"),
+            user_id: user.into(),
+            deployment: "fraud".into(),
+            sent_at: 10,
+            payload: vec![1],
+            attributes: Default::default(),
+        }
     }
 
     #[test]
     fn plan_sends_one_primary_and_the_shadows() {
-        let d = deployment(r#"{"version":3,"strategy":"shadow","control":"v1","candidate":"v2","mirror":["v3"],"timeout_ms":250}"#);
+        let d = deployment(
+            r#"{"version":3,"strategy":"shadow","control":"v1","candidate":"v2","mirror":["v3"],"timeout_ms":250}"#,
+        );
         let p = plan(request("user-1"), &d, 20);
         assert_eq!(p.routed.serving_model, "v1");
         assert_eq!(p.routed.shadow_models, vec!["v2", "v3"]);
-        assert_eq!((p.routed.timeout_ms, p.routed.config_version, p.routed.bucket, p.routed.routed_at), (250, 3, 9090, 20));
+        assert_eq!(
+            (p.routed.timeout_ms, p.routed.config_version, p.routed.bucket, p.routed.routed_at),
+            (250, 3, 9090, 20)
+        );
         let roles: Vec<_> = p.copies.iter().map(|c| (c.model.as_str(), c.role)).collect();
         assert_eq!(roles, vec![("v1", Role::Primary), ("v2", Role::Shadow), ("v3", Role::Shadow)]);
         assert!(p.copies.iter().all(|c| c.request == request("user-1") && c.config_version == 3));
@@ -176,7 +219,11 @@ mod tests {
     fn admit_sorts_bad_input() {
         let codec = Codec::default();
         let registry = Registry::shared();
-        registry.write().unwrap().apply(Some(b"fraud"), Some(br#"{"version":1,"strategy":"single","control":"v1"}"#), 0);
+        registry.write().unwrap().apply(
+            Some(b"fraud"),
+            Some(br#"{"version":1,"strategy":"single","control":"v1"}"#),
+            0,
+        );
         assert!(admit(Some(&codec.encode(&request("u"))), 1000, &codec, &registry).is_ok());
         let kind = |value: Option<&[u8]>| admit(value, 1000, &codec, &registry).unwrap_err().kind;
         assert_eq!(kind(None), Kind::Undecodable);

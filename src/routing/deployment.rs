@@ -199,11 +199,7 @@ fn check_percent(field: &'static str, value: f64) -> Result<u16, InvalidDeployme
 }
 
 fn check_model(field: &'static str, name: &str) -> Result<(), InvalidDeployment> {
-    if is_valid_name(name) {
-        Ok(())
-    } else {
-        Err(InvalidDeployment::ModelName { field, name: name.to_string() })
-    }
+    if is_valid_name(name) { Ok(()) } else { Err(InvalidDeployment::ModelName { field, name: name.to_string() }) }
 }
 
 impl DeploymentSpec {
@@ -304,10 +300,22 @@ mod tests {
             (r#"{"version":1,"strategy":"canary","control":"m","candidate":"m"}"#, "must differ"),
             (r#"{"version":1,"strategy":"single","control":"a b"}"#, "not a valid model name"),
             (r#"{"version":1,"strategy":"single","control":""}"#, "not a valid model name"),
-            (r#"{"version":1,"strategy":"canary","control":"m","candidate":"n","canary_percent":100.5}"#, "between 0 and 100"),
-            (r#"{"version":1,"strategy":"canary","control":"m","candidate":"n","canary_percent":-1}"#, "between 0 and 100"),
-            (r#"{"version":1,"strategy":"canary","control":"m","candidate":"n","canary_percent":10.005}"#, "steps of 0.01"),
-            (r#"{"version":1,"strategy":"shadow","control":"m","candidate":"n","shadow_percent":101}"#, "shadow_percent"),
+            (
+                r#"{"version":1,"strategy":"canary","control":"m","candidate":"n","canary_percent":100.5}"#,
+                "between 0 and 100",
+            ),
+            (
+                r#"{"version":1,"strategy":"canary","control":"m","candidate":"n","canary_percent":-1}"#,
+                "between 0 and 100",
+            ),
+            (
+                r#"{"version":1,"strategy":"canary","control":"m","candidate":"n","canary_percent":10.005}"#,
+                "steps of 0.01",
+            ),
+            (
+                r#"{"version":1,"strategy":"shadow","control":"m","candidate":"n","shadow_percent":101}"#,
+                "shadow_percent",
+            ),
             (r#"{"version":1,"strategy":"single","control":"m","mirror":["m"]}"#, "listed twice"),
             (r#"{"version":1,"strategy":"single","control":"m","mirror":["x","x"]}"#, "listed twice"),
             (r#"{"version":1,"strategy":"single","control":"m","timeout_ms":0}"#, "timeout_ms"),

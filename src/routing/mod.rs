@@ -34,11 +34,9 @@ pub fn route<'a>(deployment: &'a Deployment, user_id: &str) -> Route<'a> {
     let pinned = spec.overrides.get(user_id).copied();
     let cohort = match spec.strategy {
         Strategy::Single | Strategy::Shadow => Side::Control,
-        Strategy::Canary => pinned.unwrap_or(if bucket < deployment.canary_threshold {
-            Side::Candidate
-        } else {
-            Side::Control
-        }),
+        Strategy::Canary => {
+            pinned.unwrap_or(if bucket < deployment.canary_threshold { Side::Candidate } else { Side::Control })
+        }
         Strategy::BlueGreen => pinned.unwrap_or(spec.active),
     };
 
@@ -132,7 +130,8 @@ mod tests {
 
     #[test]
     fn blue_green_switches_everyone() {
-        let green = deployment(r#"{"version":1,"strategy":"blue_green","control":"b","candidate":"g","active":"candidate"}"#);
+        let green =
+            deployment(r#"{"version":1,"strategy":"blue_green","control":"b","candidate":"g","active":"candidate"}"#);
         let blue = deployment(r#"{"version":2,"strategy":"blue_green","control":"b","candidate":"g"}"#);
         for i in 0..500 {
             let user = format!("user-{i}");

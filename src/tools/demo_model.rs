@@ -50,7 +50,13 @@ impl DemoModel {
     pub fn answer(&self, request: &ModelRequest) -> Prediction {
         let produced_at = kafka::now_millis();
         if fails(&self.model, &request.request.request_id, self.error_rate) {
-            return Prediction { request_id: request.request.request_id.clone(), model: self.model.clone(), output: None, error: Some("demo model failure".into()), produced_at };
+            return Prediction {
+                request_id: request.request.request_id.clone(),
+                model: self.model.clone(),
+                output: None,
+                error: Some("demo model failure".into()),
+                produced_at,
+            };
         }
         Prediction {
             request_id: request.request.request_id.clone(),
@@ -80,8 +86,14 @@ impl DemoModel {
             let mut out = Vec::with_capacity(batch.len());
             for message in &batch {
                 match codec.decode::<ModelRequest>(message.payload().unwrap_or_default()) {
-                    Ok(request) => out.push(OutRecord::new(output_topic.clone(), message.key().unwrap_or_default(), codec.encode(&self.answer(&request)))),
-                    Err(error) => tracing::warn!(offset = message.offset(), %error, "skipping a request that does not decode"),
+                    Ok(request) => out.push(OutRecord::new(
+                        output_topic.clone(),
+                        message.key().unwrap_or_default(),
+                        codec.encode(&self.answer(&request)),
+                    )),
+                    Err(error) => {
+                        tracing::warn!(offset = message.offset(), %error, "skipping a request that does not decode")
+                    }
                 }
             }
             if !kafka::send_all_retrying(&producer, &out, &shutdown).await {
@@ -114,7 +126,9 @@ mod tests {
             })
             .count();
         assert!(differ > 990, "100% disagreement tells the models apart ({differ}/1000)");
-        let some = (0..10_000).filter(|i| output("v1", format!("{i}").as_bytes(), 0.0) != output("v3", format!("{i}").as_bytes(), 10.0)).count();
+        let some = (0..10_000)
+            .filter(|i| output("v1", format!("{i}").as_bytes(), 0.0) != output("v3", format!("{i}").as_bytes(), 10.0))
+            .count();
         assert!((800..1200).contains(&some), "{some}");
     }
 

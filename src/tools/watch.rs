@@ -48,7 +48,11 @@ impl Watch {
         let partitions = kafka::partition_count(&consumer, topic)?.unwrap_or(0);
         let mut assignment = TopicPartitionList::new();
         for p in 0..partitions as i32 {
-            assignment.add_partition_offset(topic, p, if self.from_beginning { Offset::Beginning } else { Offset::End })?;
+            assignment.add_partition_offset(
+                topic,
+                p,
+                if self.from_beginning { Offset::Beginning } else { Offset::End },
+            )?;
         }
         consumer.assign(&assignment)?;
         let mut split = Split::new();
@@ -58,7 +62,9 @@ impl Watch {
                 println!("decisions so far ({seen}):\n{}", render(&split));
                 last_print = Instant::now();
             }
-            let Ok(Ok(message)) = tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await else { continue };
+            let Ok(Ok(message)) = tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await else {
+                continue;
+            };
             let Ok(d) = codec.decode::<Decision>(message.payload().unwrap_or_default()) else { continue };
             if self.deployment.as_ref().is_some_and(|name| *name != d.deployment) {
                 continue;
@@ -67,8 +73,15 @@ impl Watch {
             if self.sample > 0 && seen % self.sample == 0 {
                 println!(
                     "  decision {} user={} bucket={} -> {} ({}, v{}) {} output={} latency={}ms",
-                    d.request_id, d.user_id, d.bucket, d.model, d.cohort, d.config_version, d.status.as_str(),
-                    d.output.as_deref().map(String::from_utf8_lossy).unwrap_or_default(), d.latency_ms
+                    d.request_id,
+                    d.user_id,
+                    d.bucket,
+                    d.model,
+                    d.cohort,
+                    d.config_version,
+                    d.status.as_str(),
+                    d.output.as_deref().map(String::from_utf8_lossy).unwrap_or_default(),
+                    d.latency_ms
                 );
             }
             *split.entry((d.deployment, d.model, d.cohort, d.status.as_str().to_string())).or_default() += 1;

@@ -26,7 +26,12 @@ pub fn bootstrap() -> String {
 fn require_broker() {
     let address = bootstrap();
     let first = address.split(',').next().unwrap_or_default().to_string();
-    if std::net::TcpStream::connect_timeout(&first.parse().expect("SWITCHYARD_TEST_BOOTSTRAP is host:port"), Duration::from_secs(2)).is_err() {
+    if std::net::TcpStream::connect_timeout(
+        &first.parse().expect("SWITCHYARD_TEST_BOOTSTRAP is host:port"),
+        Duration::from_secs(2),
+    )
+    .is_err()
+    {
         panic!("no Kafka broker at {address}: start one with `scripts/kafka.sh start` (or run scripts/test.sh)");
     }
 }
@@ -86,7 +91,8 @@ impl Env {
 
     /// Starts a demo model worker.
     pub fn start_model(&mut self, model: &str, latency_ms: u64, error_rate: f64, disagree_percent: f64) {
-        let worker = DemoModel { model: model.into(), latency: Duration::from_millis(latency_ms), error_rate, disagree_percent };
+        let worker =
+            DemoModel { model: model.into(), latency: Duration::from_millis(latency_ms), error_rate, disagree_percent };
         let (config, codec, shutdown) = (self.config.clone(), self.codec.clone(), self.shutdown.clone());
         self.tasks.push(tokio::spawn(async move {
             worker.run(config, codec, shutdown).await.expect("demo model runs");
@@ -116,7 +122,13 @@ impl Env {
 
     /// Reads `topic` from the beginning until `expected` records arrived, then keeps reading for
     /// `settle` so that extra (duplicate) records would be seen too. Panics after `limit`.
-    pub async fn read_raw(&self, topic: &str, expected: usize, limit: Duration, settle: Duration) -> Vec<Read<Vec<u8>>> {
+    pub async fn read_raw(
+        &self,
+        topic: &str,
+        expected: usize,
+        limit: Duration,
+        settle: Duration,
+    ) -> Vec<Read<Vec<u8>>> {
         let consumer: StreamConsumer = kafka::reader(&self.config).unwrap();
         let partitions = kafka::partition_count(&consumer, topic).unwrap().expect("topic exists");
         let mut tpl = TopicPartitionList::new();
@@ -141,17 +153,35 @@ impl Env {
             let message = message.expect("read");
             let headers = message
                 .headers()
-                .map(|h| h.iter().map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())).collect())
+                .map(|h| {
+                    h.iter()
+                        .map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                        .collect()
+                })
                 .unwrap_or_default();
-            out.push(Read { key: message.key().unwrap_or_default().to_vec(), headers, value: message.payload().unwrap_or_default().to_vec() });
+            out.push(Read {
+                key: message.key().unwrap_or_default().to_vec(),
+                headers,
+                value: message.payload().unwrap_or_default().to_vec(),
+            });
         }
     }
 
-    pub async fn read<T: AvroRecord>(&self, topic: &str, expected: usize, limit: Duration, settle: Duration) -> Vec<Read<T>> {
+    pub async fn read<T: AvroRecord>(
+        &self,
+        topic: &str,
+        expected: usize,
+        limit: Duration,
+        settle: Duration,
+    ) -> Vec<Read<T>> {
         self.read_raw(topic, expected, limit, settle)
             .await
             .into_iter()
-            .map(|r| Read { value: self.codec.decode::<T>(&r.value).expect("switchyard wrote a valid record"), key: r.key, headers: r.headers })
+            .map(|r| Read {
+                value: self.codec.decode::<T>(&r.value).expect("switchyard wrote a valid record"),
+                key: r.key,
+                headers: r.headers,
+            })
             .collect()
     }
 
@@ -163,7 +193,11 @@ impl Env {
             .env("RUST_LOG", "error")
             .output()
             .expect("switchyard binary runs");
-        (output.status.success(), String::from_utf8_lossy(&output.stdout).into_owned(), String::from_utf8_lossy(&output.stderr).into_owned())
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
     }
 
     pub async fn stop(self) {
