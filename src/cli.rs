@@ -116,6 +116,9 @@ pub struct DeployArgs {
     pub salt: Option<String>,
     #[arg(long, default_value_t = crate::routing::deployment::DEFAULT_TIMEOUT_MS)]
     pub timeout_ms: u64,
+    /// Answer served (status FALLBACK) when the serving model misses the deadline.
+    #[arg(long)]
+    pub fallback: Option<String>,
     /// USER=control|candidate (repeat for several).
     #[arg(long = "override", value_parser = parse_override)]
     pub overrides: Vec<(String, Side)>,
@@ -151,6 +154,7 @@ impl DeployArgs {
             mirror: self.mirror,
             salt: self.salt,
             timeout_ms: self.timeout_ms,
+            fallback: self.fallback,
             overrides: self.overrides.into_iter().collect(),
         }
     }

@@ -167,12 +167,16 @@ async fn timeouts_and_model_errors_still_give_exactly_one_decision() {
     let mut env = Env::new("faults").await;
     env.deploy("silent", r#"{"strategy":"single","control":"ghost","timeout_ms":300}"#).await;
     env.deploy("slow", r#"{"strategy":"single","control":"sloth","timeout_ms":300}"#).await;
+    // Shares its model with "silent": creating a model's topics for two deployments at once once crashed
+    // the service (duplicate names in one CreateTopics request).
+    env.deploy("guarded", r#"{"strategy":"single","control":"ghost","timeout_ms":300,"fallback":"0.5"}"#).await;
     env.deploy("flaky", r#"{"strategy":"shadow","control":"v1","candidate":"v2","timeout_ms":10000}"#).await;
     env.start_service();
     env.start_model("sloth", 1500, 0.0, 0.0);
     env.start_model("v1", 0, 0.3, disagree("v1"));
     env.start_model("v2", 0, 0.0, disagree("v2"));
     let mut sent = requests("silent", "silent", 50, 50);
+    sent.extend(requests("guarded", "guarded", 50, 50));
     sent.extend(requests("slow", "slow", 50, 50));
     sent.extend(requests("flaky", "flaky", 200, 100));
     env.send(&sent).await;
@@ -183,6 +187,10 @@ async fn timeouts_and_model_errors_still_give_exactly_one_decision() {
     for request in &sent {
         let d = &by_id[request.request_id.as_str()].value;
         match request.deployment.as_str() {
+            "guarded" => {
+                assert_eq!((d.status, d.output.as_deref()), (DecisionStatus::Fallback, Some(&b"0.5"[..])), "{d:?}");
+                assert!(d.error.as_deref().unwrap().contains("did not answer within 300 ms"));
+            }
             "silent" | "slow" => {
                 assert_eq!(d.status, DecisionStatus::Timeout, "{d:?}");
                 assert!(d.output.is_none());

@@ -300,6 +300,7 @@ mod tests {
             timeout_ms: 500,
             sent_at: 1,
             routed_at: 2,
+            fallback: Some(b"0.5".to_vec()),
         });
         round_trip(MergeState {
             request_id: "r".into(),

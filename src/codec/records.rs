@@ -124,6 +124,7 @@ pub struct Routed {
     pub timeout_ms: i64,
     pub sent_at: Millis,
     pub routed_at: Millis,
+    pub fallback: Option<Vec<u8>>,
 }
 
 /// Internal: how far merge got with one request (its changelog record).
@@ -486,6 +487,7 @@ impl AvroRecord for Routed {
             ("timeout_ms", Value::Long(self.timeout_ms)),
             ("sent_at", Value::TimestampMillis(self.sent_at)),
             ("routed_at", Value::TimestampMillis(self.routed_at)),
+            ("fallback", opt_bytes(&self.fallback)),
         ])
     }
 
@@ -504,6 +506,7 @@ impl AvroRecord for Routed {
             timeout_ms: f.long("timeout_ms")?,
             sent_at: f.long("sent_at")?,
             routed_at: f.long("routed_at")?,
+            fallback: f.opt_bytes("fallback")?,
         })
     }
 }

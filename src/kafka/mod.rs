@@ -158,6 +158,9 @@ pub async fn send_all(producer: &FutureProducer, records: &[OutRecord]) -> Resul
 
 /// Creates the topics that do not exist yet. `compacted` topics get `cleanup.policy=compact`.
 pub async fn ensure_topics(config: &Config, names: &[String], compacted: bool) -> Result<(), KafkaError> {
+    // One request must not name a topic twice (two deployments sharing a model do): librdkafka then
+    // returns fewer results than topics and rdkafka 0.39 reads past them (a segfault, seen here).
+    let names: std::collections::BTreeSet<&String> = names.iter().collect();
     if names.is_empty() {
         return Ok(());
     }

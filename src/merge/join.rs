@@ -245,14 +245,7 @@ impl Join {
                     written_at - entry.routed.routed_at,
                     entry.routed.timeout_ms
                 );
-                fx.outputs.push(Output::Decision(decision(
-                    &entry.routed,
-                    DecisionStatus::Timeout,
-                    None,
-                    Some(error),
-                    now,
-                )));
-                Served { output: None, ok: false, latency_ms: None }
+                missed_deadline(&entry.routed, error, now, fx)
             } else {
                 let status = if prediction.error.is_some() { DecisionStatus::ModelError } else { DecisionStatus::Ok };
                 let served = Served {
@@ -319,14 +312,7 @@ impl Join {
             if entry.served.is_none() {
                 let error =
                     format!("{} did not answer within {} ms", entry.routed.serving_model, entry.routed.timeout_ms);
-                fx.outputs.push(Output::Decision(decision(
-                    &entry.routed,
-                    DecisionStatus::Timeout,
-                    None,
-                    Some(error),
-                    now,
-                )));
-                let served = Served { output: None, ok: false, latency_ms: None };
+                let served = missed_deadline(&entry.routed, error, now, fx);
                 for slot in &mut entry.shadows {
                     if let Some(answer) = slot.answer.take() {
                         compare(&entry.routed, &served, slot, answer, now, fx);
@@ -416,6 +402,14 @@ fn decision(
     }
 }
 
+/// The decision for a request whose serving model missed the deadline: the deployment's fallback answer
+/// (FALLBACK) if it has one, else TIMEOUT. Returns what counts as served, for shadow comparisons.
+fn missed_deadline(routed: &Routed, error: String, now: Millis, fx: &mut Effects) -> Served {
+    let status = if routed.fallback.is_some() { DecisionStatus::Fallback } else { DecisionStatus::Timeout };
+    fx.outputs.push(Output::Decision(decision(routed, status, routed.fallback.clone(), Some(error), now)));
+    Served { output: routed.fallback.clone(), ok: false, latency_ms: None }
+}
+
 fn compare(routed: &Routed, served: &Served, slot: &mut ShadowSlot, answer: Prediction, now: Millis, fx: &mut Effects) {
     let agreed = served.ok && answer.error.is_none() && served.output == answer.output;
     telemetry::shadow_compared(&routed.deployment, &slot.model, agreed);
@@ -459,6 +453,7 @@ mod tests {
             timeout_ms: 500,
             sent_at: 900,
             routed_at: 1000,
+            fallback: None,
         }
     }
 
@@ -556,6 +551,26 @@ mod tests {
         j.on_routed(routed("b", &[]), pos(2), 1000, &mut fx);
         j.on_prediction(answer("b", "v1", "x", 1500), pos(3), 1500, 1600, &mut fx);
         assert_eq!(decisions(&fx)[1].status, DecisionStatus::Ok, "written exactly at the deadline is on time");
+    }
+
+    #[test]
+    fn a_configured_fallback_replaces_the_timeout() {
+        let mut j = join();
+        let mut fx = Effects::default();
+        let mut with_fallback = routed("a", &[]);
+        with_fallback.fallback = Some(b"0.5".to_vec());
+        j.on_routed(with_fallback.clone(), pos(0), 1000, &mut fx);
+        j.expire(1500, |_| true, true, &mut fx);
+        let mut late = with_fallback;
+        late.request_id = "b".into();
+        j.on_routed(late, pos(1), 1000, &mut fx);
+        j.on_prediction(answer("b", "v1", "x", 1600), pos(2), 1600, 1600, &mut fx);
+        let d = decisions(&fx);
+        assert_eq!(d.len(), 2);
+        for d in d {
+            assert_eq!((d.status, d.output.as_deref(), d.model.as_str()), (DecisionStatus::Fallback, Some(&b"0.5"[..]), "v1"));
+            assert!(d.error.is_some(), "the reason stays visible");
+        }
     }
 
     #[test]

@@ -48,6 +48,7 @@ pub fn plan(request: Request, deployment: &Deployment, routed_at: Millis) -> Pla
         timeout_ms: deployment.spec.timeout_ms as i64,
         sent_at: request.sent_at,
         routed_at,
+        fallback: deployment.spec.fallback.as_ref().map(|f| f.clone().into_bytes()),
     };
     let copy = |model: &str, role| ModelRequest {
         request: request.clone(),

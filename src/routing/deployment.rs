@@ -109,6 +109,10 @@ pub struct DeploymentSpec {
     /// Deadline for the serving model's prediction.
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
+    /// Served (status FALLBACK) when the serving model does not answer by the deadline; without it
+    /// such a request gets a TIMEOUT decision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
     /// Users forced to one side (canary and blue/green).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub overrides: BTreeMap<String, Side>,
