@@ -7,7 +7,8 @@
 use std::collections::HashMap;
 
 use proptest::prelude::*;
-use switchyard::codec::{AvroRecord, Codec, Decision, DecisionStatus, Framing, Prediction, Request, Routed, SchemaIds};
+use switchyard::codec::{AvroRecord, Codec, Decision, DecisionStatus, Framing, Prediction, Request, Routed};
+use switchyard::config::Config;
 
 fn request() -> Request {
     Request {
@@ -30,16 +31,9 @@ fn prediction() -> Prediction {
     }
 }
 
+/// Plain Avro, and Confluent framing with the default schema ids of config/switchyard.toml.
 fn codecs() -> Vec<Codec> {
-    let ids = SchemaIds {
-        request: 1,
-        model_request: 2,
-        prediction: 3,
-        decision: 4,
-        shadow_comparison: 5,
-        routed: 6,
-        merge_state: 7,
-    };
+    let ids = Config::load(None, Vec::new()).expect("defaults load").codec.schema_ids;
     vec![Codec::default(), Codec::new(Framing::Confluent(ids))]
 }
 

@@ -349,15 +349,4 @@ mod tests {
         assert!(matches!(framed.decode::<Request>(&wrong_id), Err(DecodeError::Framing(_))));
         assert!(Codec::default().decode::<Request>(&bytes).is_err(), "framed bytes are not plain Avro");
     }
-
-    proptest::proptest! {
-        #[test]
-        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
-            for codec in all_framings() {
-                let _ = codec.decode::<Request>(&bytes);
-                let _ = codec.decode::<Prediction>(&bytes);
-                let _ = codec.decode::<Routed>(&bytes);
-            }
-        }
-    }
 }

@@ -37,32 +37,33 @@ fn base(config: &Config) -> ClientConfig {
     client
 }
 
-/// A producer for records that must not be lost or reordered: idempotent, acks=all, and the murmur2
-/// partitioner of the Java client, so that a key lands on the same partition whichever client wrote it
-/// (model workers in any language must agree with switchyard for merge's co-partitioned join).
-pub fn producer(config: &Config) -> Result<FutureProducer, KafkaError> {
-    base(config)
+/// Settings shared by every producer: idempotent, acks=all, and the murmur2 partitioner of the Java
+/// client, so that a key lands on the same partition whichever client wrote it (model workers in any
+/// language must agree with switchyard for merge's co-partitioned join).
+fn producer_settings(config: &Config) -> ClientConfig {
+    let mut settings = base(config);
+    settings
         .set("enable.idempotence", "true")
         .set("partitioner", "murmur2_random")
         .set("linger.ms", "5")
         .set("compression.type", "lz4")
         // Bounds what a stalled broker can make us buffer.
-        .set_if_absent("queue.buffering.max.kbytes", "65536")
-        .create()
+        .set_if_absent("queue.buffering.max.kbytes", "65536");
+    settings
 }
 
-/// A producer for transactions (see [`txn`]): the settings of [`producer`] plus a stable
-/// transactional id and a short transaction timeout — an instance that dies with a transaction open
-/// blocks read_committed readers of its output partitions until then, unless it comes back first.
+/// A producer for records that must not be lost or reordered (tools and control-plane writes).
+pub fn producer(config: &Config) -> Result<FutureProducer, KafkaError> {
+    producer_settings(config).create()
+}
+
+/// A producer for transactions (see [`txn`]): a stable transactional id and a short transaction
+/// timeout — an instance that dies with a transaction open blocks read_committed readers of its output
+/// partitions until then, unless it comes back first.
 pub fn transactional_producer(config: &Config, transactional_id: &str) -> Result<FutureProducer, KafkaError> {
-    base(config)
+    producer_settings(config)
         .set("transactional.id", transactional_id)
-        .set("enable.idempotence", "true")
-        .set("partitioner", "murmur2_random")
-        .set("linger.ms", "5")
-        .set("compression.type", "lz4")
         .set_if_absent("transaction.timeout.ms", "10000")
-        .set_if_absent("queue.buffering.max.kbytes", "65536")
         .create()
 }
 

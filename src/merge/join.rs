@@ -568,7 +568,10 @@ mod tests {
         let d = decisions(&fx);
         assert_eq!(d.len(), 2);
         for d in d {
-            assert_eq!((d.status, d.output.as_deref(), d.model.as_str()), (DecisionStatus::Fallback, Some(&b"0.5"[..]), "v1"));
+            assert_eq!(
+                (d.status, d.output.as_deref(), d.model.as_str()),
+                (DecisionStatus::Fallback, Some(&b"0.5"[..]), "v1")
+            );
             assert!(d.error.is_some(), "the reason stays visible");
         }
     }

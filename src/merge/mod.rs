@@ -73,6 +73,8 @@ struct Stage {
     generation: Option<u64>,
     /// Offsets committed by the last transaction, to skip empty ones.
     committed: Option<TopicPartitionList>,
+    /// Topics of the assignment the state was built for (it changes only with the generation).
+    assigned: HashSet<String>,
 }
 
 impl Stage {
@@ -82,7 +84,7 @@ impl Stage {
             max_remembered: config.service.max_pending,
             max_orphans: config.service.max_pending * 4,
         });
-        Stage { join, progress: Progress::default(), generation: None, committed: None }
+        Stage { join, progress: Progress::default(), generation: None, committed: None, assigned: HashSet::new() }
     }
 
     /// Drops everything in memory, rewinds to the committed offsets and restores the changelog: after a
@@ -100,6 +102,7 @@ impl Stage {
             return Ok(());
         }
         let committed = kafka::batch::committed(consumer)?;
+        self.assigned = committed.elements().iter().map(|e| e.topic().to_string()).collect();
         let states = restore::load(config, codec, &committed).await?;
         self.join.restore(states, kafka::now_millis());
         self.generation = Some(generation);
@@ -229,11 +232,7 @@ pub async fn run(config: Config, codec: Codec, shutdown: Shutdown) -> Result<()>
         }
         let now = kafka::now_millis();
         if consumer.context().settled(now, join::REPLAY_GRACE_MS) {
-            let assigned: HashSet<String> = consumer
-                .assignment()
-                .map(|a| a.elements().iter().map(|e| e.topic().to_string()).collect())
-                .unwrap_or_default();
-            let visible = |model: &str| assigned.contains(&config.topics.model_predictions(model));
+            let visible = |model: &str| stage.assigned.contains(&config.topics.model_predictions(model));
             stage.join.expire(now, visible, !flow.routed_paused, &mut fx);
         }
         for pos in &fx.released {
