@@ -88,6 +88,8 @@ share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
 log.cleaner.min.compaction.lag.ms=0
+# Compaction tests need the cleaner to look often (default 15 s).
+log.cleaner.backoff.ms=1000
 PROPS
   cat >"$state/log4j2.properties" <<PROPS
 status = warn

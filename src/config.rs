@@ -25,7 +25,12 @@ const MANAGED_OPTIONS: &[&str] = &[
     "enable.idempotence",
     "transactional.id",
     "partition.assignment.strategy",
+    "group.instance.id",
 ];
+
+/// Room a model request needs beyond its request (model name up to 200 bytes, role, version, routing
+/// time, framing), and a decision, comparison or changelog record beyond the answers it carries.
+const RECORD_OVERHEAD: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -62,6 +67,7 @@ pub struct Topics {
     pub deployments: String,
     pub routed: String,
     pub merge_changelog: String,
+    pub forwarded_predictions: String,
     pub decisions: String,
     pub shadow_comparisons: String,
     pub dead_letter: String,
@@ -104,6 +110,7 @@ pub struct ServiceConfig {
     pub batch_wait_ms: u64,
     pub max_pending: usize,
     pub max_request_bytes: usize,
+    pub max_prediction_bytes: usize,
     pub orphan_ttl_ms: u64,
 }
 
@@ -239,10 +246,40 @@ impl Config {
                 "topics.partitions and topics.replication_factor must be at least 1".into(),
             ));
         }
+        self.check_record_sizes()?;
         if self.service.batch_size == 0 || self.service.max_pending == 0 {
             return Err(ConfigError::Invalid("service.batch_size and service.max_pending must be at least 1".into()));
         }
         self.codec.codec()?;
+        Ok(())
+    }
+}
+
+impl Config {
+    /// The producers' record limit: `message.max.bytes` from `[kafka.options]`, or switchyard's default.
+    pub fn record_limit(&self) -> Result<usize, ConfigError> {
+        match self.kafka.options.get("message.max.bytes") {
+            None => Ok(crate::kafka::RECORD_LIMIT),
+            Some(text) => text
+                .parse()
+                .map_err(|_| ConfigError::Invalid(format!("kafka option message.max.bytes is not a number: {text:?}"))),
+        }
+    }
+
+    /// Every request switchyard admits must fit into its model requests, and every answer into the
+    /// decision, comparison (two answers) and changelog records made from it; otherwise a record the
+    /// service accepted could never be written.
+    fn check_record_sizes(&self) -> Result<(), ConfigError> {
+        let limit = self.record_limit()?;
+        let s = &self.service;
+        if s.max_request_bytes + RECORD_OVERHEAD > limit || 2 * s.max_prediction_bytes + RECORD_OVERHEAD > limit {
+            return Err(ConfigError::Invalid(format!(
+                "service.max_request_bytes ({}) + {RECORD_OVERHEAD} and 2 x service.max_prediction_bytes ({}) + \
+                 {RECORD_OVERHEAD} must not exceed the producer's message.max.bytes ({limit}): lower them or raise \
+                 message.max.bytes (and the topics' max.message.bytes)",
+                s.max_request_bytes, s.max_prediction_bytes
+            )));
+        }
         Ok(())
     }
 }
@@ -296,6 +333,10 @@ mod tests {
             ("SWITCHYARD__TOPICS__MODEL_REQUESTS", "no-placeholder"),
             ("SWITCHYARD__CODEC__FRAMING", "protobuf"),
             ("SWITCHYARD__SERVICE__BATCH_SIZE", "many"),
+            ("SWITCHYARD_KAFKA_GROUP_INSTANCE_ID", "x"),
+            ("SWITCHYARD__SERVICE__MAX_REQUEST_BYTES", "2097152"),
+            ("SWITCHYARD__SERVICE__MAX_PREDICTION_BYTES", "1048576"),
+            ("SWITCHYARD_KAFKA_MESSAGE_MAX_BYTES", "1000000"),
         ];
         for (key, value) in bad {
             assert!(Config::load(None, env(&[(key, value)])).is_err(), "{key}={value} was accepted");

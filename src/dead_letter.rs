@@ -1,13 +1,16 @@
 //! Dead letters: an input record that cannot be processed goes, byte for byte, to the dead-letter topic
 //! with the reason and its origin in headers. Nothing is dropped silently.
 
+use crate::kafka::stage::Refusal;
 use crate::kafka::{OutRecord, SourcePos};
-use crate::telemetry;
+use crate::telemetry::Event;
 
 /// Header with the human-readable reason.
 pub const REASON_HEADER: &str = "dlq.reason";
 /// Header with the machine-readable kind of failure (see [`Kind::as_str`]).
 pub const KIND_HEADER: &str = "dlq.kind";
+/// Header present (value `dropped`) on a dead letter that could not carry its value.
+pub const VALUE_HEADER: &str = "dlq.value";
 
 /// What was wrong with a record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,6 +23,8 @@ pub enum Kind {
     Invalid,
     /// The value is larger than switchyard accepts.
     Oversized,
+    /// The broker refused what the record turned into (e.g. larger than an output topic allows).
+    Unwritable,
 }
 
 impl Kind {
@@ -29,32 +34,63 @@ impl Kind {
             Kind::UnknownDeployment => "unknown_deployment",
             Kind::Invalid => "invalid",
             Kind::Oversized => "oversized",
+            Kind::Unwritable => "unwritable",
         }
     }
 }
 
-/// Builds the dead letter for one input record and counts it.
-pub fn letter(
-    topic: &str,
-    source: &SourcePos,
-    key: Option<&[u8]>,
-    value: Option<&[u8]>,
-    kind: Kind,
-    reason: &str,
-) -> OutRecord {
-    tracing::warn!(topic = %source.topic, partition = source.partition, offset = source.offset, kind = kind.as_str(), %reason, "dead-lettered");
-    telemetry::dead_lettered(kind.as_str());
-    OutRecord {
-        topic: topic.to_string(),
-        partition: None,
-        key: key.unwrap_or_default().to_vec(),
-        payload: value.map(<[u8]>::to_vec),
-        headers: vec![
-            (REASON_HEADER, reason.as_bytes().to_vec()),
-            (KIND_HEADER, kind.as_str().as_bytes().to_vec()),
-            ("dlq.topic", source.topic.as_bytes().to_vec()),
-            ("dlq.partition", source.partition.to_string().into_bytes()),
-            ("dlq.offset", source.offset.to_string().into_bytes()),
-        ],
+/// A dead letter in the making: the input record and why it is one.
+pub struct Letter<'a> {
+    pub source: SourcePos,
+    pub key: Option<&'a [u8]>,
+    pub value: Option<&'a [u8]>,
+    pub kind: Kind,
+    pub reason: String,
+}
+
+impl Letter<'_> {
+    /// The dead letter for this input, and the event that counts it once it is committed.
+    pub fn record(self, topic: &str) -> (OutRecord, Event) {
+        tracing::warn!(topic = %self.source.topic, partition = self.source.partition, offset = self.source.offset,
+            kind = self.kind.as_str(), reason = %self.reason, "dead-lettered");
+        let record = OutRecord {
+            topic: topic.to_string(),
+            partition: None,
+            key: self.key.unwrap_or_default().to_vec(),
+            payload: self.value.map(<[u8]>::to_vec),
+            headers: vec![
+                (REASON_HEADER, self.reason.into_bytes()),
+                (KIND_HEADER, self.kind.as_str().as_bytes().to_vec()),
+                ("dlq.topic", self.source.topic.as_bytes().to_vec()),
+                ("dlq.partition", self.source.partition.to_string().into_bytes()),
+                ("dlq.offset", self.source.offset.to_string().into_bytes()),
+            ],
+            timestamp: None,
+            origin: None,
+        };
+        (record, Event::DeadLettered { kind: self.kind.as_str() })
+    }
+
+    /// The dead letter for an input whose outputs the broker refused. On the second refusal (the dead
+    /// letter itself was too large) it goes without its value: the original stays readable at
+    /// `dlq.topic`/`dlq.partition`/`dlq.offset` for the topic's retention. After that, nothing can be
+    /// written for it: `None`, logged.
+    pub fn refused(mut self, refusal: &Refusal, topic: &str) -> Option<(OutRecord, Event)> {
+        self.kind = Kind::Unwritable;
+        self.reason = refusal.reason.clone();
+        match refusal.strikes {
+            0 | 1 => Some(self.record(topic)),
+            2 => {
+                self.value = None;
+                self.reason.push_str("; the dead letter was refused too, so it carries no value");
+                let (record, event) = self.record(topic);
+                Some((record.header(VALUE_HEADER, "dropped"), event))
+            }
+            _ => {
+                tracing::error!(topic = %self.source.topic, partition = self.source.partition, offset = self.source.offset,
+                    reason = %refusal.reason, "not even a dead letter could be written for this record; skipped");
+                None
+            }
+        }
     }
 }

@@ -20,8 +20,8 @@ pub enum Error {
     Deployment(#[from] InvalidDeployment),
     #[error(transparent)]
     Move(#[from] MoveError),
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
+    #[error("{context}: {source}")]
+    Io { context: String, source: std::io::Error },
     #[error("{0}")]
     Usage(String),
 }

@@ -23,8 +23,16 @@ pub enum Roles {
 /// Creates the topics the service reads and writes (per-model topics are created per deployment).
 pub async fn ensure_core_topics(config: &Config) -> Result<()> {
     let t = &config.topics;
-    let topics = [&t.requests, &t.routed, &t.merge_changelog, &t.decisions, &t.shadow_comparisons, &t.dead_letter]
-        .map(|s| s.to_string());
+    let topics = [
+        &t.requests,
+        &t.routed,
+        &t.merge_changelog,
+        &t.forwarded_predictions,
+        &t.decisions,
+        &t.shadow_comparisons,
+        &t.dead_letter,
+    ]
+    .map(|s| s.to_string());
     kafka::ensure_topics(config, &topics, false).await?;
     kafka::ensure_topics(config, std::slice::from_ref(&t.deployments), true).await?;
     Ok(())
@@ -35,9 +43,10 @@ pub async fn run(config: Config, roles: Roles, trigger: ShutdownTrigger, shutdow
     let codec = config.codec.codec()?;
     let metrics = telemetry::install();
     let health = Health::default();
-    let listener = TcpListener::bind(&config.service.metrics_address)
-        .await
-        .map_err(|e| Error::Usage(format!("cannot listen on {} for metrics: {e}", config.service.metrics_address)))?;
+    let listener = TcpListener::bind(&config.service.metrics_address).await.map_err(|source| Error::Io {
+        context: format!("cannot listen on {} for metrics", config.service.metrics_address),
+        source,
+    })?;
     tracing::info!(address = %config.service.metrics_address, "serving /metrics, /healthz, /readyz");
     let http = tokio::spawn(telemetry::http::serve(listener, metrics, health.clone(), shutdown.clone()));
 

@@ -1,7 +1,7 @@
 //! Consuming in batches: collecting a batch, tracking which input offsets are safe to commit, seeing
 //! rebalances, and rewinding to the committed offsets after a failed transaction.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -16,34 +16,42 @@ use crate::shutdown::Shutdown;
 
 /// Waits up to `idle` for a first record, then takes what arrives within `wait`, up to `max`. An empty
 /// batch means nothing arrived; callers check for shutdown between batches. Consumer errors are logged
-/// and waited out: librdkafka reconnects by itself, and a broken batch is never half-processed.
+/// and waited out: librdkafka reconnects by itself, and a broken batch is never half-processed. A fatal
+/// error (the consumer is unusable, e.g. another process joined the group under this instance id) is
+/// returned.
 pub async fn next_batch<C: ConsumerContext + 'static>(
     consumer: &StreamConsumer<C>,
     max: usize,
     wait: Duration,
     idle: Duration,
-) -> Vec<OwnedMessage> {
+) -> Result<Vec<OwnedMessage>, KafkaError> {
     let mut batch = Vec::new();
     match tokio::time::timeout(idle, consumer.recv()).await {
-        Err(_) => return batch,
+        Err(_) => return Ok(batch),
         Ok(Ok(message)) => batch.push(message.detach()),
-        Ok(Err(error)) => {
-            tracing::warn!(%error, "consumer error");
-            return batch;
-        }
+        Ok(Err(error)) => return consumer_error(error).map(|()| batch),
     }
     let deadline = tokio::time::Instant::now() + wait;
     while batch.len() < max {
         match tokio::time::timeout_at(deadline, consumer.recv()).await {
             Ok(Ok(message)) => batch.push(message.detach()),
             Ok(Err(error)) => {
-                tracing::warn!(%error, "consumer error");
+                consumer_error(error)?;
                 break;
             }
             Err(_) => break,
         }
     }
-    batch
+    Ok(batch)
+}
+
+fn consumer_error(error: KafkaError) -> Result<(), KafkaError> {
+    if let KafkaError::MessageConsumptionFatal(code) = error {
+        tracing::error!(%code, "the consumer cannot go on; is another instance running with this instance id?");
+        return Err(error);
+    }
+    tracing::warn!(%error, "consumer error");
+    Ok(())
 }
 
 /// Where a record came from.
@@ -57,56 +65,6 @@ pub struct SourcePos {
 impl SourcePos {
     pub fn of(message: &OwnedMessage) -> Self {
         SourcePos { topic: message.topic().to_string(), partition: message.partition(), offset: message.offset() }
-    }
-}
-
-/// Tracks, per input partition, what has been processed and which records are still needed (held), so
-/// that the committed offset never passes a record whose effects are not yet durable.
-#[derive(Debug, Default)]
-pub struct Progress {
-    partitions: HashMap<(String, i32), PartitionProgress>,
-}
-
-#[derive(Debug, Default)]
-struct PartitionProgress {
-    /// Next offset not yet processed.
-    next: i64,
-    /// Offsets whose effects are not durable yet, with a count of holders.
-    held: BTreeMap<i64, usize>,
-}
-
-impl Progress {
-    /// Marks a record processed.
-    pub fn seen(&mut self, pos: &SourcePos) {
-        let p = self.partitions.entry((pos.topic.clone(), pos.partition)).or_default();
-        p.next = p.next.max(pos.offset + 1);
-    }
-
-    /// Keeps the committed offset at or below `pos` until [`Progress::release`].
-    pub fn hold(&mut self, pos: &SourcePos) {
-        let p = self.partitions.entry((pos.topic.clone(), pos.partition)).or_default();
-        *p.held.entry(pos.offset).or_default() += 1;
-    }
-
-    pub fn release(&mut self, pos: &SourcePos) {
-        if let Some(p) = self.partitions.get_mut(&(pos.topic.clone(), pos.partition)) {
-            if let Some(count) = p.held.get_mut(&pos.offset) {
-                *count -= 1;
-                if *count == 0 {
-                    p.held.remove(&pos.offset);
-                }
-            }
-        }
-    }
-
-    /// The offset safe to commit for every partition seen: the oldest held record, or the next one.
-    pub fn offsets(&self) -> TopicPartitionList {
-        let mut list = TopicPartitionList::new();
-        for ((topic, partition), p) in &self.partitions {
-            let safe = p.held.keys().next().copied().unwrap_or(p.next);
-            list.add_partition_offset(topic, *partition, Offset::Offset(safe)).expect("a valid offset");
-        }
-        list
     }
 }
 
@@ -242,35 +200,4 @@ pub fn caught_up<C: ConsumerContext + 'static>(
                     && matches!(e.offset(), Offset::Offset(at) if at >= *target)
             })
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn pos(offset: i64) -> SourcePos {
-        SourcePos { topic: "t".into(), partition: 0, offset }
-    }
-
-    fn offset_of(list: &TopicPartitionList) -> Offset {
-        list.elements()[0].offset()
-    }
-
-    #[test]
-    fn progress_never_commits_past_a_held_record() {
-        let mut p = Progress::default();
-        for o in 0..5 {
-            p.seen(&pos(o));
-        }
-        p.hold(&pos(2));
-        p.hold(&pos(2));
-        p.hold(&pos(4));
-        assert_eq!(offset_of(&p.offsets()), Offset::Offset(2));
-        p.release(&pos(2));
-        assert_eq!(offset_of(&p.offsets()), Offset::Offset(2), "still held once");
-        p.release(&pos(2));
-        assert_eq!(offset_of(&p.offsets()), Offset::Offset(4));
-        p.release(&pos(4));
-        assert_eq!(offset_of(&p.offsets()), Offset::Offset(5));
-    }
 }

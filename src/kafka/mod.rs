@@ -7,9 +7,12 @@
 //! - [`txn`]: transactional output — records and input offsets committed together.
 
 pub mod batch;
+pub mod partitioner;
+pub mod stage;
 pub mod txn;
 
-pub use batch::{GroupWatch, Progress, SourcePos, batch_offsets, next_batch, rewind};
+pub use batch::{GroupWatch, SourcePos, batch_offsets};
+pub use stage::{Commit, Outbox, TxnStage};
 
 use std::time::Duration;
 
@@ -17,7 +20,7 @@ use futures::future::join_all;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -27,6 +30,14 @@ use crate::config::Config;
 
 /// How long a metadata or admin call may take before the caller reports the broker as unreachable.
 pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Largest record switchyard's producers write (librdkafka `message.max.bytes`, unless set in
+/// `[kafka.options]`). Above Kafka's 1 MiB default on purpose: a request the broker accepted (up to
+/// about 1 MiB) must fit into a dead letter byte for byte, and a shadow comparison carries two answers.
+pub const RECORD_LIMIT: usize = 2 * 1024 * 1024;
+
+/// `max.message.bytes` of the topics switchyard creates: the producer limit plus room for batch headers.
+pub const TOPIC_RECORD_LIMIT: usize = RECORD_LIMIT + 64 * 1024;
 
 fn base(config: &Config) -> ClientConfig {
     let mut client = ClientConfig::new();
@@ -45,8 +56,9 @@ fn producer_settings(config: &Config) -> ClientConfig {
     settings
         .set("enable.idempotence", "true")
         .set("partitioner", "murmur2_random")
-        .set("linger.ms", "5")
-        .set("compression.type", "lz4")
+        .set_if_absent("linger.ms", "5")
+        .set_if_absent("compression.type", "lz4")
+        .set_if_absent("message.max.bytes", &RECORD_LIMIT.to_string())
         // Bounds what a stalled broker can make us buffer.
         .set_if_absent("queue.buffering.max.kbytes", "65536");
     settings
@@ -70,10 +82,26 @@ pub fn transactional_producer(config: &Config, transactional_id: &str) -> Result
 /// A consumer in `group` that commits offsets only when told to, reads only committed transactional
 /// data, and assigns partition N of every subscribed topic to the same member (range assignor), which
 /// is what lets merge join co-partitioned topics locally.
+///
+/// With `instance` it is a static member (KIP-345) named by the instance id: an instance that crashes and restarts
+/// under the same id gets its partitions back at once, without waiting for the group to time the old
+/// member out. A static member does not leave the group when it closes, so a graceful stop must leave
+/// explicitly ([`TxnStage::close`]). An instance that dies for good is removed after the session
+/// timeout (10 s by default, 6 s at least on a broker with default settings).
 /// Its [`GroupWatch`] context sees rebalances and reports consumer lag.
-pub fn group_consumer(config: &Config, group: &str) -> Result<StreamConsumer<GroupWatch>, KafkaError> {
-    base(config)
+pub fn group_consumer(
+    config: &Config,
+    group: &str,
+    instance: Option<&str>,
+) -> Result<StreamConsumer<GroupWatch>, KafkaError> {
+    let mut settings = base(config);
+    if let Some(instance) = instance {
+        settings.set("group.instance.id", instance);
+    }
+    settings
         .set("group.id", group)
+        .set_if_absent("session.timeout.ms", "10000")
+        .set_if_absent("heartbeat.interval.ms", "2000")
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
@@ -120,11 +148,24 @@ pub struct OutRecord {
     pub key: Vec<u8>,
     pub payload: Option<Vec<u8>>,
     pub headers: Vec<(&'static str, Vec<u8>)>,
+    /// An explicit record timestamp (ms); None lets the producer stamp it.
+    pub timestamp: Option<i64>,
+    /// Index of the input record (in its batch) this record was made from, if one was: when the broker
+    /// refuses the record, that input is dead-lettered instead (see [`TxnStage`]).
+    pub origin: Option<usize>,
 }
 
 impl OutRecord {
     pub fn new(topic: impl Into<String>, key: impl Into<Vec<u8>>, payload: Vec<u8>) -> Self {
-        OutRecord { topic: topic.into(), partition: None, key: key.into(), payload: Some(payload), headers: Vec::new() }
+        OutRecord {
+            topic: topic.into(),
+            partition: None,
+            key: key.into(),
+            payload: Some(payload),
+            headers: Vec::new(),
+            timestamp: None,
+            origin: None,
+        }
     }
 
     pub fn header(mut self, name: &'static str, value: impl Into<Vec<u8>>) -> Self {
@@ -133,10 +174,12 @@ impl OutRecord {
     }
 }
 
-/// Produces every record and waits until the broker has acknowledged all of them. A full local queue is
-/// waited out, not reported; the first delivery error is returned (the caller then must not commit the
-/// input offsets that produced these records).
-pub async fn send_all(producer: &FutureProducer, records: &[OutRecord]) -> Result<(), KafkaError> {
+/// Where the broker put a record: (partition, offset).
+pub type Placed = (i32, i64);
+
+/// Produces every record and waits for the broker's answer to each, in the order given. A full local
+/// queue is waited out, not reported.
+pub async fn send_each(producer: &FutureProducer, records: &[OutRecord]) -> Vec<Result<Placed, KafkaError>> {
     let sends = records.iter().map(|record| {
         let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
         for (name, value) in &record.headers {
@@ -149,12 +192,38 @@ pub async fn send_all(producer: &FutureProducer, records: &[OutRecord]) -> Resul
         if let Some(partition) = record.partition {
             future = future.partition(partition);
         }
+        if let Some(timestamp) = record.timestamp {
+            future = future.timestamp(timestamp);
+        }
         producer.send(future, Timeout::Never)
     });
-    for result in join_all(sends).await {
-        result.map_err(|(error, _)| error)?;
-    }
-    Ok(())
+    join_all(sends)
+        .await
+        .into_iter()
+        .map(|result| result.map(|d| (d.partition, d.offset)).map_err(|(error, _)| error))
+        .collect()
+}
+
+/// Produces every record and waits until the broker has acknowledged all of them; returns the first
+/// error (the caller then must not commit the input offsets that produced these records).
+pub async fn send_all(producer: &FutureProducer, records: &[OutRecord]) -> Result<(), KafkaError> {
+    send_each(producer, records).await.into_iter().find_map(Result::err).map_or(Ok(()), Err)
+}
+
+/// Whether the broker (or the client, before sending) refused this one record for what it is — too
+/// large, invalid — so that sending it again can never succeed. Such a record's input is dead-lettered;
+/// every other error (a broker away, a timeout, a fenced producer, missing rights) is retried as a whole.
+pub fn refuses_record(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::InvalidMessageSize
+                | RDKafkaErrorCode::InvalidRecord
+                | RDKafkaErrorCode::InvalidTimestamp
+                | RDKafkaErrorCode::InvalidMessage
+        )
+    )
 }
 
 /// Creates the topics that do not exist yet. `compacted` topics get `cleanup.policy=compact`.
@@ -166,6 +235,7 @@ pub async fn ensure_topics(config: &Config, names: &[String], compacted: bool) -
         return Ok(());
     }
     let admin: AdminClient<DefaultClientContext> = base(config).create()?;
+    let record_limit = TOPIC_RECORD_LIMIT.to_string();
     let topics: Vec<NewTopic> = names
         .iter()
         .map(|name| {
@@ -174,6 +244,7 @@ pub async fn ensure_topics(config: &Config, names: &[String], compacted: bool) -
                 if compacted { 1 } else { config.topics.partitions },
                 TopicReplication::Fixed(config.topics.replication_factor),
             );
+            let topic = topic.set("max.message.bytes", &record_limit);
             if compacted { topic.set("cleanup.policy", "compact") } else { topic }
         })
         .collect();
@@ -192,7 +263,10 @@ pub async fn ensure_topics(config: &Config, names: &[String], compacted: bool) -
 
 /// Waits (up to [`ADMIN_TIMEOUT`]) until `topic` exists with a leader for every partition — a topic
 /// created a moment ago may not be in the metadata yet — and returns its partition count.
-pub async fn wait_for_topic(consumer: &StreamConsumer, topic: &str) -> Result<Option<usize>, KafkaError> {
+pub async fn wait_for_topic<C: ConsumerContext + 'static>(
+    consumer: &StreamConsumer<C>,
+    topic: &str,
+) -> Result<Option<usize>, KafkaError> {
     let deadline = std::time::Instant::now() + ADMIN_TIMEOUT;
     loop {
         let metadata = consumer.fetch_metadata(Some(topic), ADMIN_TIMEOUT)?;
@@ -212,7 +286,10 @@ pub async fn wait_for_topic(consumer: &StreamConsumer, topic: &str) -> Result<Op
 }
 
 /// Partition count of `topic`, or `None` if it does not exist.
-pub fn partition_count(consumer: &StreamConsumer, topic: &str) -> Result<Option<usize>, KafkaError> {
+pub fn partition_count<C: ConsumerContext + 'static>(
+    consumer: &StreamConsumer<C>,
+    topic: &str,
+) -> Result<Option<usize>, KafkaError> {
     let metadata = consumer.fetch_metadata(Some(topic), ADMIN_TIMEOUT)?;
     Ok(metadata
         .topics()

@@ -16,7 +16,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, Producer};
 use tokio::task::block_in_place;
 
-use super::{OutRecord, send_all, transactional_producer};
+use super::{OutRecord, Placed, refuses_record, send_each, transactional_producer};
 use crate::config::Config;
 use crate::shutdown::Shutdown;
 
@@ -24,6 +24,15 @@ use crate::shutdown::Shutdown;
 const TXN_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often a commit that failed with a retriable error is retried before giving up on it.
 const COMMIT_RETRIES: usize = 3;
+
+/// Why a transaction did not commit. It has been aborted (or the producer replaced): nothing of it is
+/// visible to read_committed consumers.
+#[derive(Debug)]
+pub struct TxnFailure {
+    pub error: KafkaError,
+    /// Records the broker refused for what they are (see [`super::refuses_record`]): (index, reason).
+    pub refused: Vec<(usize, String)>,
+}
 
 /// A producer that commits batches transactionally, and recovers from failed transactions.
 pub struct TxnProducer {
@@ -47,22 +56,24 @@ impl TxnProducer {
         Ok(TxnProducer { config: config.clone(), id, producer, shutdown })
     }
 
-    /// Produces `records` and commits them together with `offsets` for the consumer group. On error the
-    /// transaction has been aborted, or the producer replaced (which settles it): nothing of it is visible
-    /// to read_committed consumers and the caller must rewind its inputs to the committed offsets.
+    /// Produces `records` and commits them together with `offsets` for the consumer group; returns where
+    /// each record was placed. On error the transaction has been aborted, or the producer replaced (which
+    /// settles it): nothing of it is visible to read_committed consumers and the caller must rewind its
+    /// inputs to the committed offsets.
     pub async fn commit(
         &mut self,
         records: &[OutRecord],
         offsets: &TopicPartitionList,
         group: Option<ConsumerGroupMetadata>,
-    ) -> Result<(), KafkaError> {
+    ) -> Result<Vec<Placed>, TxnFailure> {
         let result = match group {
             Some(group) => self.try_commit(records, offsets, &group).await,
-            None => Err(KafkaError::Canceled),
+            None => Err(TxnFailure { error: KafkaError::Canceled, refused: Vec::new() }),
         };
-        if let Err(error) = &result {
-            tracing::warn!(%error, records = records.len(), "transaction failed; its records are discarded and inputs rewound");
-            self.recover(error).await;
+        if let Err(failure) = &result {
+            tracing::warn!(error = %failure.error, records = records.len(), refused = failure.refused.len(),
+                "transaction failed; its records are discarded and inputs rewound");
+            self.recover(&failure.error).await;
         }
         result
     }
@@ -72,18 +83,39 @@ impl TxnProducer {
         records: &[OutRecord],
         offsets: &TopicPartitionList,
         group: &ConsumerGroupMetadata,
-    ) -> Result<(), KafkaError> {
+    ) -> Result<Vec<Placed>, TxnFailure> {
+        let failed = |error| TxnFailure { error, refused: Vec::new() };
         let producer = &self.producer;
-        block_in_place(|| producer.begin_transaction())?;
-        send_all(producer, records).await?;
+        block_in_place(|| producer.begin_transaction()).map_err(failed)?;
+        // Every record's outcome, not just the first error: one refused record fails the whole
+        // transaction, and the caller needs to know all of them to redo the rest.
+        let mut placed = Vec::with_capacity(records.len());
+        let mut first_error = None;
+        let mut refused = Vec::new();
+        for (index, result) in send_each(producer, records).await.into_iter().enumerate() {
+            match result {
+                Ok(at) => placed.push(at),
+                Err(error) => {
+                    if refuses_record(&error) {
+                        refused.push((index, error.to_string()));
+                    }
+                    first_error.get_or_insert(error);
+                }
+            }
+        }
+        if let Some(error) = first_error {
+            return Err(TxnFailure { error, refused });
+        }
         if offsets.count() > 0 {
-            block_in_place(|| producer.send_offsets_to_transaction(offsets, group, TXN_CALL_TIMEOUT))?;
+            block_in_place(|| producer.send_offsets_to_transaction(offsets, group, TXN_CALL_TIMEOUT))
+                .map_err(failed)?;
         }
         let mut attempt = 0;
         loop {
             match block_in_place(|| producer.commit_transaction(TXN_CALL_TIMEOUT)) {
                 Err(KafkaError::Transaction(e)) if e.is_retriable() && attempt < COMMIT_RETRIES => attempt += 1,
-                other => return other,
+                Err(error) => return Err(failed(error)),
+                Ok(()) => return Ok(placed),
             }
         }
     }

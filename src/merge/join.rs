@@ -18,7 +18,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use crate::codec::{Decision, DecisionStatus, MergeState, Millis, Prediction, Routed, ShadowComparison};
 use crate::kafka::SourcePos;
-use crate::telemetry;
+use crate::telemetry::Event;
 
 /// A routed record read while merge catches up after a restart gets at least this long to meet its
 /// predictions, even if its deadline has already passed in wall-clock time.
@@ -59,11 +59,16 @@ pub enum Output {
     },
 }
 
-/// What one step of the join produced: records to publish, and input records no longer needed.
+/// What one step of the join produced: records to publish, input records no longer needed, and the
+/// events that count them once they are committed.
 #[derive(Debug, Default)]
 pub struct Effects {
     pub outputs: Vec<Output>,
+    /// For each output (where known), the index of the input record in its batch that caused it.
+    /// Filled by the caller, which knows the batch; may be shorter than `outputs` (None for the rest).
+    pub origins: Vec<Option<usize>>,
     pub released: Vec<SourcePos>,
+    pub events: Vec<Event>,
 }
 
 #[derive(Debug)]
@@ -177,7 +182,8 @@ impl Join {
             // Finished before the restart: its decision and comparisons are already out.
             fx.released.push(pos);
             for (prediction, pos, _) in self.orphans.remove(&id).unwrap_or_default() {
-                telemetry::prediction_discarded(&prediction.model, "after_decision");
+                fx.events
+                    .push(Event::PredictionDiscarded { model: prediction.model.clone(), reason: "after_decision" });
                 fx.released.push(pos);
             }
             self.remember_finished(id, now);
@@ -218,7 +224,8 @@ impl Join {
         let id = prediction.request_id.clone();
         let Some(entry) = self.entries.get_mut(&id) else {
             if self.finished.contains_key(&id) || self.restored.get(&id).is_some_and(|state| state.finished) {
-                telemetry::prediction_discarded(&prediction.model, "after_decision");
+                fx.events
+                    .push(Event::PredictionDiscarded { model: prediction.model.clone(), reason: "after_decision" });
                 fx.released.push(pos);
             } else {
                 self.orphan_order.push_back((now, id.clone()));
@@ -232,13 +239,16 @@ impl Join {
         entry.holds.push(pos);
         if prediction.model == entry.routed.serving_model {
             if entry.served.is_some() {
-                telemetry::prediction_discarded(&prediction.model, "duplicate");
+                fx.events.push(Event::PredictionDiscarded { model: prediction.model.clone(), reason: "duplicate" });
                 return;
             }
-            telemetry::prediction_latency(&prediction.model, latency(&prediction, &entry.routed) as f64 / 1000.0);
+            fx.events.push(Event::PredictionLatency {
+                model: prediction.model.clone(),
+                seconds: latency(&prediction, &entry.routed) as f64 / 1000.0,
+            });
             let deadline = entry.routed.routed_at + entry.routed.timeout_ms;
             let served = if written_at > deadline {
-                telemetry::prediction_discarded(&prediction.model, "late");
+                fx.events.push(Event::PredictionDiscarded { model: prediction.model.clone(), reason: "late" });
                 let error = format!(
                     "{} answered {} ms after routing, past the {} ms deadline",
                     prediction.model,
@@ -270,10 +280,13 @@ impl Join {
             entry.served = Some(served);
         } else if let Some(slot) = entry.shadows.iter_mut().find(|s| s.model == prediction.model) {
             if slot.compared || slot.answer.is_some() {
-                telemetry::prediction_discarded(&prediction.model, "duplicate");
+                fx.events.push(Event::PredictionDiscarded { model: prediction.model.clone(), reason: "duplicate" });
                 return;
             }
-            telemetry::prediction_latency(&prediction.model, latency(&prediction, &entry.routed) as f64 / 1000.0);
+            fx.events.push(Event::PredictionLatency {
+                model: prediction.model.clone(),
+                seconds: latency(&prediction, &entry.routed) as f64 / 1000.0,
+            });
             match &entry.served {
                 Some(served) => compare(&entry.routed, served, slot, prediction, now, fx),
                 None => {
@@ -282,7 +295,8 @@ impl Join {
                 }
             }
         } else {
-            telemetry::prediction_discarded(&prediction.model, "not_routed_to_model");
+            fx.events
+                .push(Event::PredictionDiscarded { model: prediction.model.clone(), reason: "not_routed_to_model" });
             return;
         }
         if entry.complete() {
@@ -321,7 +335,10 @@ impl Join {
                 entry.served = Some(served);
             }
             for slot in entry.shadows.iter().filter(|s| !s.compared) {
-                telemetry::shadow_missing(&entry.routed.deployment, &slot.model);
+                fx.events.push(Event::ShadowMissing {
+                    deployment: entry.routed.deployment.clone(),
+                    shadow_model: slot.model.clone(),
+                });
             }
             self.finish(&id, now, fx);
         }
@@ -355,7 +372,10 @@ impl Join {
             if let Some(waiting) = self.orphans.remove(&id) {
                 for (prediction, pos, _) in waiting {
                     tracing::warn!(request_id = %id, model = %prediction.model, "prediction for a request never routed; discarded");
-                    telemetry::prediction_discarded(&prediction.model, "unknown_request");
+                    fx.events.push(Event::PredictionDiscarded {
+                        model: prediction.model.clone(),
+                        reason: "unknown_request",
+                    });
                     fx.released.push(pos);
                 }
             }
@@ -384,7 +404,6 @@ fn decision(
     error: Option<String>,
     now: Millis,
 ) -> Decision {
-    telemetry::decided(&routed.deployment, &routed.serving_model, &routed.cohort, status.as_str());
     Decision {
         request_id: routed.request_id.clone(),
         user_id: routed.user_id.clone(),
@@ -412,7 +431,11 @@ fn missed_deadline(routed: &Routed, error: String, now: Millis, fx: &mut Effects
 
 fn compare(routed: &Routed, served: &Served, slot: &mut ShadowSlot, answer: Prediction, now: Millis, fx: &mut Effects) {
     let agreed = served.ok && answer.error.is_none() && served.output == answer.output;
-    telemetry::shadow_compared(&routed.deployment, &slot.model, agreed);
+    fx.events.push(Event::ShadowCompared {
+        deployment: routed.deployment.clone(),
+        shadow_model: slot.model.clone(),
+        agreed,
+    });
     slot.compared = true;
     fx.outputs.push(Output::Comparison {
         user_id: routed.user_id.clone(),

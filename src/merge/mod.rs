@@ -7,6 +7,7 @@
 //! records and the input offsets below the oldest record it still needs in one transaction.
 
 pub mod join;
+mod progress;
 pub mod restore;
 
 use std::collections::HashSet;
@@ -14,20 +15,24 @@ use std::time::Duration;
 
 use rdkafka::TopicPartitionList;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::message::{Headers, Message, OwnedMessage};
 
 use crate::codec::{Codec, Prediction, Routed};
 use crate::config::Config;
-use crate::dead_letter::{self, Kind};
-use crate::error::Result;
-use crate::kafka::txn::TxnProducer;
-use crate::kafka::{self, GroupWatch, OutRecord, Progress, SourcePos};
+use crate::dead_letter::{Kind, Letter};
+use crate::error::{Error, Result};
+use crate::kafka::partitioner::partition_for_key;
+use crate::kafka::{self, Commit, GroupWatch, OutRecord, Outbox, SourcePos, TxnStage};
 use crate::shutdown::Shutdown;
-use crate::telemetry;
+use crate::telemetry::{self, Event};
 use join::{Effects, Join, JoinConfig, Output};
+use progress::Progress;
 
 /// How often deadlines are checked when no record arrives.
 const TICK: Duration = Duration::from_millis(50);
+
+/// Header naming the model of a forwarded prediction (its original topic named it).
+const MODEL_HEADER: &str = "model";
 
 /// The model a predictions topic belongs to, from the configured pattern.
 pub fn model_of_topic(pattern: &str, topic: &str) -> Option<String> {
@@ -36,12 +41,18 @@ pub fn model_of_topic(pattern: &str, topic: &str) -> Option<String> {
     (!model.is_empty()).then(|| model.to_string())
 }
 
-/// Turns the join's outputs into records.
-pub fn records(outputs: Vec<Output>, config: &Config, codec: &Codec) -> Vec<OutRecord> {
+/// Turns the join's outputs into records, and counts each decision once they are committed.
+pub fn records(outputs: Vec<Output>, config: &Config, codec: &Codec, events: &mut Vec<Event>) -> Vec<OutRecord> {
     outputs
         .into_iter()
         .map(|output| match output {
             Output::Decision(d) => {
+                events.push(Event::Decided {
+                    deployment: d.deployment.clone(),
+                    model: d.model.clone(),
+                    cohort: d.cohort.clone(),
+                    status: d.status.as_str(),
+                });
                 OutRecord::new(config.topics.decisions.clone(), d.user_id.as_bytes(), codec.encode(&d))
                     .header("model", d.model.as_str())
                     .header("cohort", d.cohort.as_str())
@@ -66,7 +77,7 @@ pub fn records(outputs: Vec<Output>, config: &Config, codec: &Codec) -> Vec<OutR
 }
 
 /// merge's working state; all of it can be rebuilt from committed offsets and the changelog.
-struct Stage {
+struct State {
     join: Join,
     progress: Progress,
     /// Consumer-group generation the state was built for.
@@ -77,32 +88,33 @@ struct Stage {
     assigned: HashSet<String>,
 }
 
-impl Stage {
+impl State {
     fn new(config: &Config) -> Self {
         let join = Join::new(JoinConfig {
             orphan_ttl_ms: config.service.orphan_ttl_ms as i64,
             max_remembered: config.service.max_pending,
             max_orphans: config.service.max_pending * 4,
         });
-        Stage { join, progress: Progress::default(), generation: None, committed: None, assigned: HashSet::new() }
+        State { join, progress: Progress::default(), generation: None, committed: None, assigned: HashSet::new() }
     }
 
     /// Drops everything in memory, rewinds to the committed offsets and restores the changelog: after a
     /// rebalance (partitions may have moved) or a failed transaction (its effects are gone).
     async fn rebuild(
         &mut self,
-        consumer: &StreamConsumer<GroupWatch>,
+        stage: &TxnStage,
+        topology: &mut Topology,
         config: &Config,
         codec: &Codec,
-        shutdown: &Shutdown,
     ) -> Result<()> {
-        let generation = consumer.context().generation();
-        *self = Stage::new(config);
-        if !kafka::rewind(consumer, shutdown).await {
+        let generation = stage.generation();
+        *self = State::new(config);
+        if !stage.rewind().await {
             return Ok(());
         }
-        let committed = kafka::batch::committed(consumer)?;
+        let committed = kafka::batch::committed(stage.consumer())?;
         self.assigned = committed.elements().iter().map(|e| e.topic().to_string()).collect();
+        topology.check_predictions_topics(stage.consumer(), &self.assigned, config);
         let states = restore::load(config, codec, &committed).await?;
         self.join.restore(states, kafka::now_millis());
         self.generation = Some(generation);
@@ -110,55 +122,187 @@ impl Stage {
     }
 }
 
-/// Feeds one input record to the join, or dead-letters it.
-fn feed(
-    message: &OwnedMessage,
-    config: &Config,
-    codec: &Codec,
-    stage: &mut Stage,
-    fx: &mut Effects,
-    letters: &mut Vec<OutRecord>,
-) {
-    let source = SourcePos::of(message);
-    stage.progress.seen(&source);
-    let now = kafka::now_millis();
-    let mut reject = |kind, reason: String| {
-        letters.push(dead_letter::letter(
-            &config.topics.dead_letter,
-            &source,
-            message.key(),
-            message.payload(),
-            kind,
-            &reason,
-        ));
-    };
-    if message.topic() == config.topics.routed {
-        match codec.decode::<Routed>(message.payload().unwrap_or_default()) {
-            Ok(routed) => {
-                stage.progress.hold(&source);
-                stage.join.on_routed(routed, source.clone(), now, fx);
-            }
-            Err(e) => reject(Kind::Undecodable, format!("routed record: {e}")),
+/// What merge knows about its topics' partitions: the join is by partition number.
+struct Topology {
+    /// Partition count of the routed topic (and of the changelog and forwarded-predictions topics).
+    partitions: usize,
+    /// Predictions topics already checked, and models already reported as writing to foreign partitions.
+    checked: HashSet<String>,
+    reported: HashSet<String>,
+}
+
+impl Topology {
+    /// Reads the partition counts of the topics merge joins by partition, which must be equal.
+    async fn load(consumer: &StreamConsumer<GroupWatch>, config: &Config) -> Result<Topology> {
+        let t = &config.topics;
+        let mut counts = Vec::new();
+        for topic in [&t.routed, &t.merge_changelog, &t.forwarded_predictions] {
+            let count =
+                kafka::wait_for_topic(consumer, topic).await?.ok_or_else(|| Error::MissingTopic(topic.clone()))?;
+            counts.push((topic.as_str(), count));
         }
-        return;
+        if counts.iter().any(|(_, n)| *n != counts[0].1) {
+            let list: Vec<String> = counts.iter().map(|(topic, n)| format!("{topic} has {n}")).collect();
+            return Err(Error::Usage(format!(
+                "merge joins by partition, so these topics need the same partition count: {}",
+                list.join(", ")
+            )));
+        }
+        Ok(Topology { partitions: counts[0].1, checked: HashSet::new(), reported: HashSet::new() })
     }
-    let Some(topic_model) = model_of_topic(&config.topics.model_predictions, message.topic()) else {
-        return reject(Kind::Invalid, format!("topic {} matches no configured input", message.topic()));
-    };
-    match codec.decode::<Prediction>(message.payload().unwrap_or_default()) {
-        Ok(prediction) if prediction.model != topic_model => reject(
-            Kind::Invalid,
-            format!("prediction names model {:?} but came from the topic of {topic_model:?}", prediction.model),
-        ),
-        Ok(prediction) => {
-            stage.progress.hold(&source);
-            let written_at = message.timestamp().to_millis().unwrap_or(prediction.produced_at);
-            stage.join.on_prediction(prediction, source.clone(), written_at, now, fx);
+
+    /// Reports, once per topic, an assigned predictions topic whose partition count differs from the
+    /// routed topic's: its answers still reach their requests, forwarded (one extra hop).
+    fn check_predictions_topics(
+        &mut self,
+        consumer: &StreamConsumer<GroupWatch>,
+        assigned: &HashSet<String>,
+        config: &Config,
+    ) {
+        for topic in assigned {
+            if model_of_topic(&config.topics.model_predictions, topic).is_none() || self.checked.contains(topic) {
+                continue;
+            }
+            if let Ok(Some(n)) = kafka::partition_count(consumer, topic) {
+                if n != self.partitions {
+                    tracing::warn!(%topic, partitions = n, routed_partitions = self.partitions,
+                        "predictions topic has another partition count than the routed topic; its answers are forwarded (one extra hop)");
+                }
+                self.checked.insert(topic.clone());
+            }
         }
-        Err(e) => reject(Kind::Undecodable, format!("prediction: {e}")),
+    }
+
+    /// The partition a prediction with `key` is joined on.
+    fn home(&self, key: &[u8]) -> i32 {
+        partition_for_key(key, self.partitions)
+    }
+
+    /// Names a model whose worker writes predictions to other partitions than their keys' (once).
+    fn report_foreign_partitioner(&mut self, model: &str, topic: &str) {
+        if self.reported.insert(model.to_string()) {
+            tracing::warn!(%model, %topic,
+                "this model's worker writes predictions to other partitions than their keys' (its client's partitioner is not Kafka's murmur2); merge forwards them, one extra hop each — set partitioner=murmur2_random in the worker");
+        }
     }
 }
 
+/// One batch's worth of work, shared by every input record's step.
+#[derive(Default)]
+struct Batch {
+    fx: Effects,
+    /// Dead letters and forwarded predictions, with the events that count them.
+    out: Outbox,
+}
+
+/// Feeds the input record at `index` of the batch to the join, forwards it, or dead-letters it.
+#[allow(clippy::too_many_arguments)]
+fn feed(
+    index: usize,
+    message: &OwnedMessage,
+    stage: &TxnStage,
+    config: &Config,
+    codec: &Codec,
+    state: &mut State,
+    topology: &mut Topology,
+    batch: &mut Batch,
+) {
+    let source = SourcePos::of(message);
+    state.progress.seen(&source);
+    let now = kafka::now_millis();
+    let letter = |kind, reason: String| Letter {
+        source: source.clone(),
+        key: message.key(),
+        value: message.payload(),
+        kind,
+        reason,
+    };
+    let mut reject = |letter: Letter, refused: Option<&kafka::stage::Refusal>| {
+        let dead = match refused {
+            Some(refusal) => letter.refused(refusal, &config.topics.dead_letter),
+            None => Some(letter.record(&config.topics.dead_letter)),
+        };
+        if let Some(dead) = dead {
+            batch.out.push(dead);
+        }
+    };
+    if let Some(refusal) = stage.refusal(&source) {
+        return reject(letter(Kind::Unwritable, String::new()), Some(refusal));
+    }
+    let value = message.payload().unwrap_or_default();
+    if message.topic() == config.topics.routed {
+        match codec.decode::<Routed>(value) {
+            Ok(routed) => {
+                state.progress.hold(&source);
+                let first = batch.fx.outputs.len();
+                state.join.on_routed(routed, source.clone(), now, &mut batch.fx);
+                mark_origin(&mut batch.fx, first, index);
+            }
+            Err(e) => reject(letter(Kind::Undecodable, format!("routed record: {e}")), None),
+        }
+        return;
+    }
+    let forwarded = message.topic() == config.topics.forwarded_predictions;
+    let topic_model = if forwarded {
+        message
+            .headers()
+            .and_then(|h| h.iter().find(|h| h.key == MODEL_HEADER))
+            .and_then(|h| h.value)
+            .map(|m| String::from_utf8_lossy(m).into_owned())
+    } else {
+        model_of_topic(&config.topics.model_predictions, message.topic())
+    };
+    let Some(topic_model) = topic_model else {
+        return reject(letter(Kind::Invalid, format!("topic {} matches no configured input", message.topic())), None);
+    };
+    if value.len() > config.service.max_prediction_bytes {
+        let reason = format!(
+            "prediction of {} bytes exceeds service.max_prediction_bytes = {}; its request is decided at its deadline",
+            value.len(),
+            config.service.max_prediction_bytes
+        );
+        return reject(letter(Kind::Oversized, reason), None);
+    }
+    let prediction = match codec.decode::<Prediction>(value) {
+        Ok(prediction) => prediction,
+        Err(e) => return reject(letter(Kind::Undecodable, format!("prediction: {e}")), None),
+    };
+    if prediction.model != topic_model {
+        let reason =
+            format!("prediction names model {:?} but came from the topic of {topic_model:?}", prediction.model);
+        return reject(letter(Kind::Invalid, reason), None);
+    }
+    let written_at = message.timestamp().to_millis().unwrap_or(prediction.produced_at);
+    if let (false, Some(key)) = (forwarded, message.key()) {
+        let home = topology.home(key);
+        if home != message.partition() {
+            // Not where its request is joined (nor, with range assignment, necessarily on this
+            // instance): forward it there, keeping its timestamp, which its deadline is judged by.
+            topology.report_foreign_partitioner(&topic_model, message.topic());
+            batch.out.events.push(Event::PredictionForwarded { model: topic_model.clone() });
+            batch.out.records.push(OutRecord {
+                topic: config.topics.forwarded_predictions.clone(),
+                partition: Some(home),
+                key: key.to_vec(),
+                payload: Some(value.to_vec()),
+                headers: vec![(MODEL_HEADER, topic_model.into_bytes())],
+                timestamp: Some(written_at),
+                origin: Some(index),
+            });
+            return;
+        }
+    }
+    state.progress.hold(&source);
+    let first = batch.fx.outputs.len();
+    state.join.on_prediction(prediction, source, written_at, now, &mut batch.fx);
+    mark_origin(&mut batch.fx, first, index);
+}
+
+/// The join's outputs from `first` on were made from input `index` (see [`OutRecord::origin`]).
+fn mark_origin(fx: &mut Effects, first: usize, index: usize) {
+    fx.origins.resize(first, None);
+    fx.origins.resize(fx.outputs.len(), Some(index));
+}
 /// Flow control that keeps memory bounded: the routed topic pauses while `max_pending` requests are
 /// open (they drain by answer or deadline) and resumes below 90%; the backlog waits in Kafka.
 /// Predictions are never paused: an answer held back could turn into a false TIMEOUT. Those that arrive
@@ -198,63 +342,67 @@ impl FlowControl {
 
 /// Runs merge until shutdown.
 ///
-/// Each batch is one transaction: decisions, comparisons, changelog records, dead letters and the input
-/// offsets that are safe to commit (never past a request still open). After a rebalance or a failed
-/// transaction the state is rebuilt from committed offsets and the changelog.
+/// Each batch is one transaction: decisions, comparisons, changelog records, dead letters, forwarded
+/// predictions and the input offsets that are safe to commit (never past a request still open). After
+/// a rebalance or a failed transaction the state is rebuilt from committed offsets and the changelog.
 pub async fn run(config: Config, codec: Codec, shutdown: Shutdown) -> Result<()> {
-    let group = format!("{}-merge", config.service.group_id);
-    let consumer = kafka::group_consumer(&config, &group)?;
     let predictions = config.topics.model_predictions_regex();
-    consumer.subscribe(&[config.topics.routed.as_str(), predictions.as_str()])?;
-    let mut producer = TxnProducer::new(&config, config.service.transactional_id("merge"), shutdown.clone())?;
-    let mut stage = Stage::new(&config);
+    let topics = [config.topics.routed.as_str(), config.topics.forwarded_predictions.as_str(), predictions.as_str()];
+    let mut stage = TxnStage::new(&config, "merge", &topics, shutdown.clone())?;
+    let mut topology = Topology::load(stage.consumer(), &config).await?;
+    let mut state = State::new(&config);
     let mut flow = FlowControl::default();
-    tracing::info!(routed = %config.topics.routed, %predictions, %group, "merge consuming");
     let wait = Duration::from_millis(config.service.batch_wait_ms);
     while !shutdown.is_triggered() {
-        let generation = consumer.context().generation();
-        if stage.generation != Some(generation) {
+        let generation = stage.generation();
+        if state.generation != Some(generation) {
             flow = FlowControl::default(); // a new assignment starts unpaused
-            if let Err(error) = stage.rebuild(&consumer, &config, &codec, &shutdown).await {
+            if let Err(error) = state.rebuild(&stage, &mut topology, &config, &codec).await {
                 tracing::warn!(%error, "cannot rebuild merge state yet; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
             continue;
         }
-        let batch = kafka::next_batch(&consumer, config.service.batch_size, wait, TICK).await;
-        if consumer.context().generation() != generation {
+        let messages = stage.next_batch(config.service.batch_size, wait, TICK).await?;
+        if stage.generation() != generation {
             continue; // rebuilt at the top of the loop
         }
-        let mut fx = Effects::default();
-        let mut letters = Vec::new();
-        for message in &batch {
-            feed(message, &config, &codec, &mut stage, &mut fx, &mut letters);
+        let mut batch = Batch::default();
+        for (index, message) in messages.iter().enumerate() {
+            feed(index, message, &stage, &config, &codec, &mut state, &mut topology, &mut batch);
         }
         let now = kafka::now_millis();
-        if consumer.context().settled(now, join::REPLAY_GRACE_MS) {
-            let visible = |model: &str| stage.assigned.contains(&config.topics.model_predictions(model));
-            stage.join.expire(now, visible, !flow.routed_paused, &mut fx);
+        if stage.consumer().context().settled(now, join::REPLAY_GRACE_MS) {
+            let visible = |model: &str| state.assigned.contains(&config.topics.model_predictions(model));
+            state.join.expire(now, visible, !flow.routed_paused, &mut batch.fx);
         }
-        for pos in &fx.released {
-            stage.progress.release(pos);
+        for pos in &batch.fx.released {
+            state.progress.release(pos);
         }
-        let mut out = records(std::mem::take(&mut fx.outputs), &config, &codec);
-        out.extend(letters);
-        let offsets = stage.progress.offsets();
-        let unchanged = stage.committed.as_ref().is_some_and(|c| c.to_topic_map() == offsets.to_topic_map());
-        if !out.is_empty() || !unchanged {
-            match producer.commit(&out, &offsets, consumer.group_metadata()).await {
-                Ok(()) => stage.committed = Some(offsets),
-                Err(_) => {
-                    stage.generation = None; // rebuild: this batch's effects were discarded
+        let Batch { fx, out: extra } = batch;
+        let mut out = Outbox { events: fx.events, ..Outbox::default() };
+        out.records = records(fx.outputs, &config, &codec, &mut out.events);
+        for (record, origin) in out.records.iter_mut().zip(fx.origins) {
+            record.origin = origin;
+        }
+        out.records.extend(extra.records);
+        out.events.extend(extra.events);
+        let offsets = state.progress.offsets();
+        let unchanged = state.committed.as_ref().is_some_and(|c| c.to_topic_map() == offsets.to_topic_map());
+        if !out.records.is_empty() || !unchanged {
+            match stage.commit(&messages, out, &offsets).await {
+                Commit::Done(_) => state.committed = Some(offsets),
+                Commit::Failed => {
+                    state.generation = None; // rebuild: this batch's effects were discarded
                     continue;
                 }
             }
         }
-        telemetry::pending(stage.join.pending());
-        flow.apply(&consumer, &config, &stage.join);
+        telemetry::pending(state.join.pending());
+        flow.apply(stage.consumer(), &config, &state.join);
     }
-    tracing::info!(pending = stage.join.pending(), "merge stopped; open requests resume from the committed offsets");
+    tracing::info!(pending = state.join.pending(), "merge stopped; open requests resume from the committed offsets");
+    stage.close().await;
     Ok(())
 }
 

@@ -7,19 +7,17 @@
 
 use std::time::Duration;
 
-use rdkafka::consumer::Consumer;
 use rdkafka::message::{Message, OwnedMessage};
 
 use crate::codec::{Codec, Millis, ModelRequest, Request, Role, Routed};
 use crate::config::Config;
 use crate::control::SharedRegistry;
-use crate::dead_letter::{self, Kind};
+use crate::dead_letter::{Kind, Letter};
 use crate::error::Result;
-use crate::kafka::txn::TxnProducer;
-use crate::kafka::{self, OutRecord, SourcePos};
+use crate::kafka::{self, Commit, OutRecord, Outbox, SourcePos, TxnStage};
 use crate::routing::{self, Deployment};
 use crate::shutdown::Shutdown;
-use crate::telemetry;
+use crate::telemetry::Event;
 
 /// How long to wait for a request before checking for shutdown.
 const IDLE: Duration = Duration::from_millis(200);
@@ -114,32 +112,43 @@ pub fn records(plan: &Plan, config: &Config, codec: &Codec) -> Vec<OutRecord> {
     out
 }
 
+/// Turns one request into its records (or a dead letter) and the events that count them.
 fn process(
+    index: usize,
     message: &OwnedMessage,
+    stage: &TxnStage,
     config: &Config,
     codec: &Codec,
     registry: &SharedRegistry,
-    out: &mut Vec<OutRecord>,
+    out: &mut Outbox,
 ) {
+    let letter = |kind, reason| Letter {
+        source: SourcePos::of(message),
+        key: message.key(),
+        value: message.payload(),
+        kind,
+        reason,
+    };
+    if let Some(refusal) = stage.refusal(&SourcePos::of(message)) {
+        if let Some(dead) = letter(Kind::Unwritable, String::new()).refused(refusal, &config.topics.dead_letter) {
+            out.push(dead);
+        }
+        return;
+    }
     match admit(message.payload(), config.service.max_request_bytes, codec, registry) {
         Ok((request, deployment)) => {
             let plan = plan(request, &deployment, kafka::now_millis());
-            for copy in &plan.copies {
-                telemetry::routed(&plan.routed.deployment, &copy.model, copy.role.as_str());
-            }
-            out.extend(records(&plan, config, codec));
+            out.events.extend(plan.copies.iter().map(|copy| Event::Routed {
+                deployment: plan.routed.deployment.clone(),
+                model: copy.model.clone(),
+                role: copy.role.as_str(),
+            }));
+            out.records.extend(records(&plan, config, codec).into_iter().map(|mut record| {
+                record.origin = Some(index);
+                record
+            }));
         }
-        Err(e) => {
-            let source = SourcePos::of(message);
-            out.push(dead_letter::letter(
-                &config.topics.dead_letter,
-                &source,
-                message.key(),
-                message.payload(),
-                e.kind,
-                &e.reason,
-            ))
-        }
+        Err(e) => out.push(letter(e.kind, e.reason).record(&config.topics.dead_letter)),
     }
 }
 
@@ -149,31 +158,28 @@ fn process(
 /// requests' offsets. A batch that straddles a rebalance, or whose transaction fails, is discarded and
 /// read again from the committed offsets.
 pub async fn run(config: Config, codec: Codec, registry: SharedRegistry, shutdown: Shutdown) -> Result<()> {
-    let group = format!("{}-route", config.service.group_id);
-    let consumer = kafka::group_consumer(&config, &group)?;
-    consumer.subscribe(&[config.topics.requests.as_str()])?;
-    let mut producer = TxnProducer::new(&config, config.service.transactional_id("route"), shutdown.clone())?;
-    tracing::info!(topic = %config.topics.requests, %group, "route consuming");
+    let mut stage = TxnStage::new(&config, "route", &[config.topics.requests.as_str()], shutdown.clone())?;
     let wait = Duration::from_millis(config.service.batch_wait_ms);
     while !shutdown.is_triggered() {
-        let generation = consumer.context().generation();
-        let batch = kafka::next_batch(&consumer, config.service.batch_size, wait, IDLE).await;
+        let generation = stage.generation();
+        let batch = stage.next_batch(config.service.batch_size, wait, IDLE).await?;
         if batch.is_empty() {
             continue;
         }
-        if consumer.context().generation() != generation {
+        if stage.generation() != generation {
             // Part of the batch may belong to partitions this instance no longer owns.
-            kafka::rewind(&consumer, &shutdown).await;
+            stage.rewind().await;
             continue;
         }
-        let mut out = Vec::with_capacity(batch.len() * 3);
-        for message in &batch {
-            process(message, &config, &codec, &registry, &mut out);
+        let mut out = Outbox::default();
+        for (index, message) in batch.iter().enumerate() {
+            process(index, message, &stage, &config, &codec, &registry, &mut out);
         }
-        if producer.commit(&out, &kafka::batch_offsets(&batch), consumer.group_metadata()).await.is_err() {
-            kafka::rewind(&consumer, &shutdown).await;
+        if let Commit::Failed = stage.commit(&batch, out, &kafka::batch_offsets(&batch)).await {
+            stage.rewind().await;
         }
     }
+    stage.close().await;
     tracing::info!("route stopped");
     Ok(())
 }

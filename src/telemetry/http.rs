@@ -26,7 +26,7 @@ impl Health {
     }
 }
 
-/// Serves until shutdown. Binding errors are returned so a taken port is reported at start.
+/// Serves on `listener` until shutdown. The caller binds it, so that a taken port stops the service at start.
 pub async fn serve(listener: TcpListener, metrics: PrometheusHandle, health: Health, mut shutdown: Shutdown) {
     loop {
         let (mut stream, _) = tokio::select! {
@@ -81,7 +81,7 @@ mod tests {
     #[tokio::test]
     async fn serves_health_readiness_and_metrics() {
         let metrics = crate::telemetry::install();
-        crate::telemetry::dead_lettered("undecodable");
+        crate::telemetry::record([crate::telemetry::Event::DeadLettered { kind: "undecodable" }]);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let health = Health::default();

@@ -25,45 +25,60 @@ pub fn install() -> PrometheusHandle {
         .clone()
 }
 
-/// A request was published to a model's input topic.
-pub fn routed(deployment: &str, model: &str, role: &'static str) {
-    counter!("switchyard_requests_routed_total", "deployment" => deployment.to_string(), "model" => model.to_string(), "role" => role)
-        .increment(1);
+/// Something the data path did that counters count. Events are collected with a batch and recorded
+/// only once its transaction has committed ([`record`]): a batch that is aborted and read again must
+/// not count twice.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A request was published to a model's input topic.
+    Routed { deployment: String, model: String, role: &'static str },
+    /// A record went to the dead-letter topic.
+    DeadLettered { kind: &'static str },
+    /// A decision was published.
+    Decided { deployment: String, model: String, cohort: String, status: &'static str },
+    /// A model answered, `seconds` after the request was routed.
+    PredictionLatency { model: String, seconds: f64 },
+    /// A shadow answer was compared with the served one.
+    ShadowCompared { deployment: String, shadow_model: String, agreed: bool },
+    /// A shadow model did not answer before the deadline.
+    ShadowMissing { deployment: String, shadow_model: String },
+    /// A prediction arrived for a request already decided or unknown; it is counted, never served.
+    PredictionDiscarded { model: String, reason: &'static str },
+    /// A prediction arrived on a partition other than its key's (its worker does not use the murmur2
+    /// partitioner) and was forwarded to the partition its request is joined on.
+    PredictionForwarded { model: String },
 }
 
-/// A record went to the dead-letter topic.
-pub fn dead_lettered(reason: &'static str) {
-    counter!("switchyard_dead_letters_total", "reason" => reason).increment(1);
-}
-
-/// A decision was published.
-pub fn decided(deployment: &str, model: &str, cohort: &str, status: &'static str) {
-    counter!("switchyard_decisions_total", "deployment" => deployment.to_string(), "model" => model.to_string(),
-        "cohort" => cohort.to_string(), "status" => status)
-    .increment(1);
-}
-
-/// A model answered, `seconds` after the request was routed.
-pub fn prediction_latency(model: &str, seconds: f64) {
-    histogram!("switchyard_prediction_latency_seconds", "model" => model.to_string()).record(seconds);
-}
-
-/// A shadow answer was compared with the served one.
-pub fn shadow_compared(deployment: &str, shadow_model: &str, agreed: bool) {
-    counter!("switchyard_shadow_comparisons_total", "deployment" => deployment.to_string(),
-        "shadow_model" => shadow_model.to_string(), "agreed" => if agreed { "true" } else { "false" })
-    .increment(1);
-}
-
-/// A shadow model did not answer before the deadline.
-pub fn shadow_missing(deployment: &str, shadow_model: &str) {
-    counter!("switchyard_shadow_missing_total", "deployment" => deployment.to_string(), "shadow_model" => shadow_model.to_string())
-        .increment(1);
-}
-
-/// A prediction arrived for a request already decided or unknown; it is counted, never served.
-pub fn prediction_discarded(model: &str, reason: &'static str) {
-    counter!("switchyard_predictions_discarded_total", "model" => model.to_string(), "reason" => reason).increment(1);
+/// Records committed events: each metric is named here, and only here.
+pub fn record(events: impl IntoIterator<Item = Event>) {
+    for event in events {
+        match event {
+            Event::Routed { deployment, model, role } => {
+                counter!("switchyard_requests_routed_total", "deployment" => deployment, "model" => model, "role" => role)
+                    .increment(1)
+            }
+            Event::DeadLettered { kind } => counter!("switchyard_dead_letters_total", "reason" => kind).increment(1),
+            Event::Decided { deployment, model, cohort, status } => counter!("switchyard_decisions_total",
+                "deployment" => deployment, "model" => model, "cohort" => cohort, "status" => status)
+            .increment(1),
+            Event::PredictionLatency { model, seconds } => {
+                histogram!("switchyard_prediction_latency_seconds", "model" => model).record(seconds)
+            }
+            Event::ShadowCompared { deployment, shadow_model, agreed } => counter!("switchyard_shadow_comparisons_total",
+                "deployment" => deployment, "shadow_model" => shadow_model, "agreed" => if agreed { "true" } else { "false" })
+            .increment(1),
+            Event::ShadowMissing { deployment, shadow_model } => {
+                counter!("switchyard_shadow_missing_total", "deployment" => deployment, "shadow_model" => shadow_model)
+                    .increment(1)
+            }
+            Event::PredictionDiscarded { model, reason } => {
+                counter!("switchyard_predictions_discarded_total", "model" => model, "reason" => reason).increment(1)
+            }
+            Event::PredictionForwarded { model } => {
+                counter!("switchyard_predictions_forwarded_total", "model" => model).increment(1)
+            }
+        }
+    }
 }
 
 /// Requests waiting for their serving model (merge's join state).

@@ -73,12 +73,14 @@ impl DemoModel {
         if config.topics.create {
             kafka::ensure_topics(&config, &[input.clone(), output_topic.clone()], false).await?;
         }
-        let consumer = kafka::group_consumer(&config, &format!("{}-model-{}", config.service.group_id, self.model))?;
+        let consumer =
+            kafka::group_consumer(&config, &format!("{}-model-{}", config.service.group_id, self.model), None)?;
         consumer.subscribe(&[input.as_str()])?;
         let producer = kafka::producer(&config)?;
         tracing::info!(model = %self.model, %input, output = %output_topic, "demo model answering");
         while !shutdown.is_triggered() {
-            let batch = kafka::next_batch(&consumer, 500, Duration::from_millis(5), Duration::from_millis(200)).await;
+            let batch =
+                kafka::batch::next_batch(&consumer, 500, Duration::from_millis(5), Duration::from_millis(200)).await?;
             if batch.is_empty() {
                 continue;
             }

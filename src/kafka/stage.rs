@@ -1,0 +1,176 @@
+//! The transactional stage route and merge are built on: consume a batch, notice a rebalance under it,
+//! produce what the batch turned into and commit it with the input offsets in one transaction, or
+//! rewind and read again.
+//!
+//! One record the broker refuses for what it is (too large for its topic, invalid) fails its whole
+//! transaction, and would fail every retry of it: the partition would stall for good. So the input it
+//! was made from is remembered across the rewind, and when that input is read again the caller
+//! dead-letters it instead of processing it ([`TxnStage::refusal`]); the rest of the batch goes through.
+//! If the dead letter is refused too (larger than the dead-letter topic allows), it goes out without
+//! its value, naming where the original still is.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rdkafka::TopicPartitionList;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::OwnedMessage;
+
+use super::batch::{self, GroupWatch, SourcePos};
+use super::txn::TxnProducer;
+use super::{OutRecord, Placed, group_consumer};
+use crate::config::Config;
+use crate::shutdown::Shutdown;
+use crate::telemetry::{self, Event};
+
+/// Why the broker refused what an input record turned into, and how often.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub reason: String,
+    /// 1: its outputs were refused (dead-letter it); 2: its dead letter was refused too (dead-letter it
+    /// without the value); more: not even that could be written (skip it, logged).
+    pub strikes: u32,
+}
+
+/// What a batch turned into: records to write and the events that count them once written.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    pub records: Vec<OutRecord>,
+    pub events: Vec<Event>,
+}
+
+impl Outbox {
+    pub fn push(&mut self, (record, event): (OutRecord, Event)) {
+        self.records.push(record);
+        self.events.push(event);
+    }
+}
+
+/// The outcome of [`TxnStage::commit`].
+#[derive(Debug)]
+pub enum Commit {
+    /// Committed; where each record was placed, in the order given.
+    Done(Vec<Placed>),
+    /// Nothing of the batch is visible; the caller must read its inputs again (rewind or rebuild).
+    Failed,
+}
+
+/// A consumer in the stage's group and a transactional producer, with what the broker refused.
+pub struct TxnStage {
+    consumer: StreamConsumer<GroupWatch>,
+    producer: TxnProducer,
+    refused: HashMap<SourcePos, Refusal>,
+    /// Failed transactions in a row, for backing off when the cause is not a refused record.
+    failures: u32,
+    shutdown: Shutdown,
+}
+
+impl TxnStage {
+    /// Joins the group `<group_id>-<stage>` as this instance, subscribed to `topics` (names or `^regex`),
+    /// and registers the transactional id `<group_id>-<stage>-<instance_id>`, fencing any earlier
+    /// incarnation of this instance.
+    pub fn new(config: &Config, stage: &str, topics: &[&str], shutdown: Shutdown) -> Result<Self, KafkaError> {
+        let group = format!("{}-{stage}", config.service.group_id);
+        let consumer = group_consumer(config, &group, Some(&config.service.instance()))?;
+        consumer.subscribe(topics)?;
+        let producer = TxnProducer::new(config, config.service.transactional_id(stage), shutdown.clone())?;
+        tracing::info!(%group, ?topics, instance = %config.service.instance(), "{stage} consuming");
+        Ok(TxnStage { consumer, producer, refused: HashMap::new(), failures: 0, shutdown })
+    }
+
+    pub fn consumer(&self) -> &StreamConsumer<GroupWatch> {
+        &self.consumer
+    }
+
+    /// Changes at every rebalance: a batch read across a change may hold records of lost partitions.
+    pub fn generation(&self) -> u64 {
+        self.consumer.context().generation()
+    }
+
+    /// The next batch (see [`batch::next_batch`]); an error means the consumer cannot go on.
+    pub async fn next_batch(
+        &self,
+        max: usize,
+        wait: Duration,
+        idle: Duration,
+    ) -> Result<Vec<OwnedMessage>, KafkaError> {
+        batch::next_batch(&self.consumer, max, wait, idle).await
+    }
+
+    /// Why the broker refused what the input at `pos` turned into, if it did: the caller dead-letters
+    /// that input instead of processing it.
+    pub fn refusal(&self, pos: &SourcePos) -> Option<&Refusal> {
+        if self.refused.is_empty() { None } else { self.refused.get(pos) }
+    }
+
+    /// Produces the outbox's records (made from `batch`) and commits them with `offsets`; then, and only
+    /// then, records its events. On failure, the inputs of records the broker refused are remembered
+    /// (see the module docs).
+    pub async fn commit(&mut self, batch: &[OwnedMessage], outbox: Outbox, offsets: &TopicPartitionList) -> Commit {
+        let records = &outbox.records;
+        match self.producer.commit(records, offsets, self.consumer.group_metadata()).await {
+            Ok(placed) => {
+                telemetry::record(outbox.events);
+                if !self.refused.is_empty() {
+                    // Their dead letters were in this batch.
+                    for message in batch {
+                        self.refused.remove(&SourcePos::of(message));
+                    }
+                }
+                self.failures = 0;
+                Commit::Done(placed)
+            }
+            Err(failure) => {
+                for (index, reason) in &failure.refused {
+                    let record = &records[*index];
+                    match record.origin.and_then(|i| batch.get(i)) {
+                        Some(message) => {
+                            let pos = SourcePos::of(message);
+                            tracing::warn!(topic = %pos.topic, partition = pos.partition, offset = pos.offset,
+                                output_topic = %record.topic, %reason, "the broker refused a record made from this input; it will be dead-lettered");
+                            let refusal =
+                                self.refused.entry(pos).or_insert(Refusal { reason: String::new(), strikes: 0 });
+                            refusal.strikes += 1;
+                            if refusal.reason.is_empty() {
+                                refusal.reason =
+                                    format!("its output to {} could not be written: {reason}", record.topic);
+                            }
+                        }
+                        None => tracing::error!(topic = %record.topic, %reason,
+                            "the broker refused a record not made from a single input; retrying"),
+                    }
+                }
+                if failure.refused.is_empty() {
+                    // Not the data: the broker, the network or our rights. Back off instead of spinning.
+                    self.failures += 1;
+                    let backoff = Duration::from_millis(100 << self.failures.min(6)).min(Duration::from_secs(5));
+                    if self.failures > 1 && !self.shutdown.is_triggered() {
+                        tokio::time::sleep(backoff).await;
+                    }
+                }
+                Commit::Failed
+            }
+        }
+    }
+
+    /// Moves every assigned partition back to its committed offset (see [`batch::rewind`]).
+    pub async fn rewind(&self) -> bool {
+        batch::rewind(&self.consumer, &self.shutdown).await
+    }
+
+    /// Leaves the group so that the partitions move to the other instances at once. A static member
+    /// that just closes stays in the group until its session times out; one that unsubscribes first
+    /// is revoked and sends LeaveGroup (librdkafka skips that only for a member that is terminating).
+    pub async fn close(self) {
+        let before = self.generation();
+        self.consumer.unsubscribe();
+        // The revocation is served by polling; LeaveGroup follows it on librdkafka's thread.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while self.generation() < before + 2 && tokio::time::Instant::now() < deadline {
+            let _ = tokio::time::timeout(Duration::from_millis(100), self.consumer.recv()).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        tracing::info!("left the consumer group");
+    }
+}
