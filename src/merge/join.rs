@@ -31,9 +31,6 @@ pub const MAX_DISCOVERY_MS: Millis = 30_000;
 /// How often a request waiting for its predictions topic to be assigned is looked at again.
 const DISCOVERY_RECHECK_MS: Millis = 100;
 
-/// How long restored states wait for their routed record to be read again.
-const RESTORED_TTL_MS: Millis = 15 * 60 * 1000;
-
 #[derive(Debug, Clone)]
 pub struct JoinConfig {
     pub orphan_ttl_ms: Millis,
@@ -131,7 +128,6 @@ pub struct Join {
     finished_order: VecDeque<(Millis, String)>,
     /// Progress restored from the changelog, waiting for the routed record to be read again.
     restored: HashMap<String, MergeState>,
-    restored_at: Millis,
 }
 
 fn latency(prediction: &Prediction, routed: &Routed) -> i64 {
@@ -149,7 +145,6 @@ impl Join {
             finished: HashMap::new(),
             finished_order: VecDeque::new(),
             restored: HashMap::new(),
-            restored_at: 0,
         }
     }
 
@@ -164,11 +159,24 @@ impl Join {
     }
 
     /// Loads changelog states (in changelog order: the last state of a request wins).
-    pub fn restore(&mut self, states: impl IntoIterator<Item = MergeState>, now: Millis) {
+    pub fn restore(&mut self, states: impl IntoIterator<Item = MergeState>) {
         for state in states {
             self.restored.insert(state.request_id.clone(), state);
         }
-        self.restored_at = now;
+    }
+
+    /// Whether restored states still wait for their routed records.
+    pub fn restoring(&self) -> bool {
+        !self.restored.is_empty()
+    }
+
+    /// Forgets the restored states not resumed: called once every routed record that existed at the
+    /// restore has been read again, so theirs were before the committed offset (finished long ago).
+    pub fn end_restore(&mut self) {
+        if !self.restored.is_empty() {
+            tracing::debug!(states = self.restored.len(), "restored states of requests not read again dropped");
+            self.restored = HashMap::new();
+        }
     }
 
     pub fn on_routed(&mut self, routed: Routed, pos: SourcePos, now: Millis, fx: &mut Effects) {
@@ -354,10 +362,6 @@ impl Join {
             if self.finished.get(&id) == Some(&at) {
                 self.finished.remove(&id);
             }
-        }
-        if !self.restored.is_empty() && now > self.restored_at + RESTORED_TTL_MS {
-            tracing::info!(states = self.restored.len(), "dropping restored states whose requests were not read again");
-            self.restored.clear();
         }
     }
 
@@ -688,7 +692,7 @@ mod tests {
 
         // Second life: the same inputs are read again from the committed offsets.
         let mut second = join();
-        second.restore(changelog, 2000);
+        second.restore(changelog);
         let mut fx = Effects::default();
         second.on_prediction(answer("a", "v1", "x", 1010), pos(2), 1010, 2000, &mut fx);
         assert_eq!(second.orphans(), 0, "an answer to a finished request is not kept waiting");

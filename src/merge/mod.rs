@@ -10,7 +10,7 @@ pub mod join;
 mod progress;
 pub mod restore;
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use rdkafka::TopicPartitionList;
@@ -27,6 +27,7 @@ use crate::shutdown::Shutdown;
 use crate::telemetry::{self, Event};
 use join::{Effects, Join, JoinConfig, Output};
 use progress::Progress;
+use restore::Restored;
 
 /// How often deadlines are checked when no record arrives.
 const TICK: Duration = Duration::from_millis(50);
@@ -76,10 +77,75 @@ pub fn records(outputs: Vec<Output>, config: &Config, codec: &Codec, events: &mu
         .collect()
 }
 
+/// Where in the changelog a restore must start, per routed partition: the offset before which no
+/// changelog record of any request at or after the committed routed offset lies. Committed as offset
+/// metadata (see [`restore::METADATA_PREFIX`]), it keeps a restart's re-reading proportional to the
+/// requests still open, not to the traffic rate.
+#[derive(Debug, Default)]
+struct ChangelogMarks {
+    /// Changelog end as far as known: every record written from now on lies at or after it.
+    next: HashMap<i32, i64>,
+    /// Where the last restore read from; binding while restored states may still be resumed.
+    restored_from: HashMap<i32, i64>,
+    /// Routed end at the last restore: once read this far, every restored state had its chance.
+    routed_end: HashMap<i32, i64>,
+    /// Open routed records per partition: routed offset -> changelog end when it was read. Both grow
+    /// in reading order, so the first entry has the smallest mark.
+    open: HashMap<i32, BTreeMap<i64, i64>>,
+}
+
+impl ChangelogMarks {
+    fn new(restored: &Restored) -> Self {
+        ChangelogMarks {
+            next: restored.changelog_end.clone(),
+            restored_from: restored.start.clone(),
+            routed_end: restored.routed_end.clone(),
+            open: HashMap::new(),
+        }
+    }
+
+    /// A routed record was read and is held. One that may resume a restored state gets that state's
+    /// (earlier) offset as its mark.
+    fn opened(&mut self, pos: &SourcePos, restoring: bool) {
+        let p = pos.partition;
+        let next = self.next.get(&p).copied().unwrap_or(0);
+        let mark = if restoring { self.restored_from.get(&p).map_or(next, |from| (*from).min(next)) } else { next };
+        self.open.entry(p).or_default().insert(pos.offset, mark);
+    }
+
+    fn released(&mut self, pos: &SourcePos) {
+        if let Some(open) = self.open.get_mut(&pos.partition) {
+            open.remove(&pos.offset);
+        }
+    }
+
+    fn written(&mut self, partition: i32, offset: i64) {
+        let next = self.next.entry(partition).or_default();
+        *next = (*next).max(offset + 1);
+    }
+
+    /// Writes each routed partition's mark into `offsets` as commit metadata.
+    fn annotate(&self, offsets: &mut TopicPartitionList, routed: &str, restoring: bool) {
+        for (partition, next) in &self.next {
+            let mut mark = *next;
+            if let Some((_, first)) = self.open.get(partition).and_then(|open| open.first_key_value()) {
+                mark = mark.min(*first);
+            }
+            if restoring {
+                mark = self.restored_from.get(partition).map_or(mark, |from| mark.min(*from));
+            }
+            if let Some(mut element) = offsets.find_partition(routed, *partition) {
+                element.set_metadata(format!("{}{mark}", restore::METADATA_PREFIX));
+            }
+        }
+    }
+}
+
 /// merge's working state; all of it can be rebuilt from committed offsets and the changelog.
 struct State {
     join: Join,
     progress: Progress,
+    marks: ChangelogMarks,
     /// Consumer-group generation the state was built for.
     generation: Option<u64>,
     /// Offsets committed by the last transaction, to skip empty ones.
@@ -95,7 +161,14 @@ impl State {
             max_remembered: config.service.max_pending,
             max_orphans: config.service.max_pending * 4,
         });
-        State { join, progress: Progress::default(), generation: None, committed: None, assigned: HashSet::new() }
+        State {
+            join,
+            progress: Progress::default(),
+            marks: ChangelogMarks::default(),
+            generation: None,
+            committed: None,
+            assigned: HashSet::new(),
+        }
     }
 
     /// Drops everything in memory, rewinds to the committed offsets and restores the changelog: after a
@@ -115,8 +188,9 @@ impl State {
         let committed = kafka::batch::committed(stage.consumer())?;
         self.assigned = committed.elements().iter().map(|e| e.topic().to_string()).collect();
         topology.check_predictions_topics(stage.consumer(), &self.assigned, config);
-        let states = restore::load(config, codec, &committed).await?;
-        self.join.restore(states, kafka::now_millis());
+        let restored = restore::load(config, codec, &committed).await?;
+        self.marks = ChangelogMarks::new(&restored);
+        self.join.restore(restored.states);
         self.generation = Some(generation);
         Ok(())
     }
@@ -234,6 +308,7 @@ fn feed(
         match codec.decode::<Routed>(value) {
             Ok(routed) => {
                 state.progress.hold(&source);
+                state.marks.opened(&source, state.join.restoring());
                 let first = batch.fx.outputs.len();
                 state.join.on_routed(routed, source.clone(), now, &mut batch.fx);
                 mark_origin(&mut batch.fx, first, index);
@@ -378,6 +453,14 @@ pub async fn run(config: Config, codec: Codec, shutdown: Shutdown) -> Result<()>
         }
         for pos in &batch.fx.released {
             state.progress.release(pos);
+            if pos.topic == config.topics.routed {
+                state.marks.released(pos);
+            }
+        }
+        if state.join.restoring()
+            && kafka::batch::caught_up(stage.consumer(), &config.topics.routed, &state.marks.routed_end)
+        {
+            state.join.end_restore();
         }
         let Batch { fx, out: extra } = batch;
         let mut out = Outbox { events: fx.events, ..Outbox::default() };
@@ -387,11 +470,22 @@ pub async fn run(config: Config, codec: Codec, shutdown: Shutdown) -> Result<()>
         }
         out.records.extend(extra.records);
         out.events.extend(extra.events);
-        let offsets = state.progress.offsets();
+        let mut offsets = state.progress.offsets();
+        state.marks.annotate(&mut offsets, &config.topics.routed, state.join.restoring());
         let unchanged = state.committed.as_ref().is_some_and(|c| c.to_topic_map() == offsets.to_topic_map());
         if !out.records.is_empty() || !unchanged {
+            let changelog: Vec<usize> = (out.records.iter().enumerate())
+                .filter(|(_, r)| r.topic == config.topics.merge_changelog)
+                .map(|(i, _)| i)
+                .collect();
             match stage.commit(&messages, out, &offsets).await {
-                Commit::Done(_) => state.committed = Some(offsets),
+                Commit::Done(placed) => {
+                    for i in changelog {
+                        let (partition, offset) = placed[i];
+                        state.marks.written(partition, offset);
+                    }
+                    state.committed = Some(offsets);
+                }
                 Commit::Failed => {
                     state.generation = None; // rebuild: this batch's effects were discarded
                     continue;

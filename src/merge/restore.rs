@@ -1,9 +1,11 @@
 //! Reading merge's changelog back after a restart or rebalance.
 //!
 //! For each routed partition this instance now owns, the routed records at and after the committed
-//! offset will be read again. Their changelog records were written after those routed records, so the
-//! changelog is read from the committed routed record's timestamp (less a margin for clock skew between
-//! hosts) to its end.
+//! offset will be read again, and their changelog records must be loaded first. merge commits, with
+//! each routed offset, the changelog offset before which none of those records lie (see
+//! [`METADATA_PREFIX`]), so a restore reads only what it needs, whatever the traffic rate. For a
+//! commit without it (written by an older version), the changelog is read from the committed routed
+//! record's timestamp, less a margin for clock skew between hosts.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -23,20 +25,53 @@ const RECORD_WAIT: Duration = Duration::from_secs(15);
 /// Allowance for clocks of route and merge hosts that disagree.
 const CLOCK_SKEW_MARGIN_MS: i64 = 5 * 60 * 1000;
 
-/// The changelog states relevant to the routed partitions in `committed` (routed topic offsets).
-pub async fn load(config: &Config, codec: &Codec, committed: &TopicPartitionList) -> Result<Vec<MergeState>> {
+/// What a restore found, per routed partition of the assignment.
+#[derive(Debug, Default)]
+pub struct Restored {
+    /// Changelog states, in changelog order (the last state of a request wins).
+    pub states: Vec<MergeState>,
+    /// Changelog offset the states were read from: what the next commits must not pass while
+    /// restored states may still be resumed.
+    pub start: HashMap<i32, i64>,
+    /// Changelog end at restore time: every changelog record written from now on lies at or after it.
+    pub changelog_end: HashMap<i32, i64>,
+    /// Routed end at restore time: once merge has read this far, every request with a restored state
+    /// has been read again (its routed record existed before the restore).
+    pub routed_end: HashMap<i32, i64>,
+}
+
+/// Prefix of the offset-commit metadata in which merge records, with each routed partition's committed
+/// offset, where in the changelog a restore must start: no request at or after the committed offset
+/// has a changelog record before it. Commits without it (older versions) are restored by timestamp.
+pub const METADATA_PREFIX: &str = "changelog:";
+
+/// The changelog states relevant to the routed partitions in `committed` (routed topic offsets and
+/// their metadata).
+pub async fn load(config: &Config, codec: &Codec, committed: &TopicPartitionList) -> Result<Restored> {
     let reader: StreamConsumer = kafka::reader(config)?;
+    let mut restored = Restored::default();
     let mut start = TopicPartitionList::new();
     let mut by_time = TopicPartitionList::new();
-    let routed: Vec<(i32, Offset)> =
-        committed.elements_for_topic(&config.topics.routed).iter().map(|e| (e.partition(), e.offset())).collect();
-    for (partition, committed_offset) in routed {
-        match committed_offset {
-            Offset::Offset(offset) => {
-                let (_, high) = reader.fetch_watermarks(&config.topics.routed, partition, ADMIN_TIMEOUT)?;
-                if offset >= high {
-                    continue; // nothing will be read again from this partition
-                }
+    let routed: Vec<(i32, Offset, Option<i64>)> = committed
+        .elements_for_topic(&config.topics.routed)
+        .iter()
+        .map(|e| (e.partition(), e.offset(), e.metadata().strip_prefix(METADATA_PREFIX).and_then(|m| m.parse().ok())))
+        .collect();
+    for (partition, committed_offset, from_metadata) in routed {
+        let (_, routed_high) = reader.fetch_watermarks(&config.topics.routed, partition, ADMIN_TIMEOUT)?;
+        let (_, changelog_high) = reader.fetch_watermarks(&config.topics.merge_changelog, partition, ADMIN_TIMEOUT)?;
+        restored.routed_end.insert(partition, routed_high);
+        restored.changelog_end.insert(partition, changelog_high);
+        match (committed_offset, from_metadata) {
+            (Offset::Offset(offset), _) if offset >= routed_high => {} // nothing will be read again
+            (Offset::Offset(_), Some(changelog_offset)) => {
+                start.add_partition_offset(
+                    &config.topics.merge_changelog,
+                    partition,
+                    Offset::Offset(changelog_offset),
+                )?;
+            }
+            (Offset::Offset(offset), None) => {
                 let Some(timestamp) = record_timestamp(&reader, &config.topics.routed, partition, offset).await? else {
                     continue; // only aborted records or markers remain: nothing committed will be read again
                 };
@@ -60,17 +95,21 @@ pub async fn load(config: &Config, codec: &Codec, committed: &TopicPartitionList
             start.add_partition_offset(&config.topics.merge_changelog, partition, offset)?;
         }
     }
+    for element in start.elements() {
+        let end = restored.changelog_end[&element.partition()];
+        let from = match element.offset() {
+            Offset::Offset(n) => n.min(end),
+            Offset::End => end,
+            _ => 0,
+        };
+        restored.start.insert(element.partition(), from);
+    }
     if start.count() == 0 {
-        return Ok(Vec::new());
+        return Ok(restored);
     }
-    let mut targets = HashMap::new();
-    let partitions: Vec<i32> = start.elements().iter().map(|e| e.partition()).collect();
-    for partition in partitions {
-        let (_, high) = reader.fetch_watermarks(&config.topics.merge_changelog, partition, ADMIN_TIMEOUT)?;
-        targets.insert(partition, high);
-    }
+    let targets: HashMap<i32, i64> =
+        start.elements().iter().map(|e| (e.partition(), restored.changelog_end[&e.partition()])).collect();
     reader.assign(&start)?;
-    let mut states = Vec::new();
     let begun = Instant::now();
     let mut last_report = Instant::now();
     // Until the end: an open transaction of the previous owner holds read_committed readers back until
@@ -83,19 +122,19 @@ pub async fn load(config: &Config, codec: &Codec, committed: &TopicPartitionList
         let Ok(message) = tokio::time::timeout(Duration::from_millis(200), reader.recv()).await else { continue };
         let message = message?;
         match codec.decode::<MergeState>(message.payload().unwrap_or_default()) {
-            Ok(state) => states.push(state),
+            Ok(state) => restored.states.push(state),
             Err(error) => {
                 tracing::error!(offset = message.offset(), %error, "unreadable merge changelog record skipped")
             }
         }
     }
     tracing::info!(
-        states = states.len(),
+        states = restored.states.len(),
         partitions = targets.len(),
         ms = begun.elapsed().as_millis() as u64,
         "merge changelog restored"
     );
-    Ok(states)
+    Ok(restored)
 }
 
 /// The timestamp of the first committed record at or after `offset`, if one arrives within
