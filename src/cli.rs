@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::Config;
 use crate::control::{ops, watcher};
 use crate::error::{Error, Result};
+use crate::kafka;
 use crate::routing::{DeploymentSpec, Side, Strategy};
 use crate::service::{self, Roles};
 use crate::shutdown::{self, ShutdownTrigger};
@@ -173,6 +174,17 @@ pub async fn run(cli: Cli) -> Result<()> {
     let mut config = load_config(&cli)?;
     let codec = config.codec.codec()?;
     let (trigger, shutdown) = ShutdownTrigger::new();
+    if matches!(
+        cli.command,
+        Command::Deploy(_)
+            | Command::Status { .. }
+            | Command::Promote { .. }
+            | Command::Rollback { .. }
+            | Command::Delete { .. }
+            | Command::CreateTopics
+    ) {
+        kafka::check_reachable(&config).await?;
+    }
     match cli.command {
         Command::Run { only, metrics_address, instance_id } => {
             if let Some(address) = metrics_address {

@@ -14,6 +14,12 @@ pub enum Error {
     Config(#[from] ConfigError),
     #[error("Kafka: {0}")]
     Kafka(#[from] KafkaError),
+    #[error(
+        "cannot reach Kafka at {servers} within 5 s ({detail}): check --bootstrap-servers (or \
+         SWITCHYARD_BOOTSTRAP_SERVERS / kafka.bootstrap_servers), that the broker runs, that its advertised \
+         listeners are reachable from here, and the security settings under [kafka.options]"
+    )]
+    Unreachable { servers: String, detail: String },
     #[error("topic {0:?} does not exist and topics.create is off")]
     MissingTopic(String),
     #[error("invalid deployment record: {0}")]

@@ -2,12 +2,18 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn")))
         .with_writer(std::io::stderr)
         .init();
     let cli = switchyard::cli::Cli::parse();
-    switchyard::cli::run(cli).await?;
-    Ok(())
+    match switchyard::cli::run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            // The message says what went wrong and what to check; a backtrace would only bury it.
+            eprintln!("error: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

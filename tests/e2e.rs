@@ -43,7 +43,7 @@ fn one_each<'a>(sent: &'a [Request], decisions: &'a [Read<Decision>]) -> HashMap
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn canary_with_mirror_and_override() {
-    let mut env = Env::new("canary").await;
+    let Some(mut env) = Env::new("canary").await else { return };
     env.deploy(
         "fraud",
         r#"{"strategy":"canary","control":"v1","candidate":"v2","canary_percent":10,"mirror":["v3"],
@@ -93,7 +93,7 @@ async fn canary_with_mirror_and_override() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shadow_copies_a_sample_and_never_serves_it() {
-    let mut env = Env::new("shadow").await;
+    let Some(mut env) = Env::new("shadow").await else { return };
     env.deploy(
         "recs",
         r#"{"strategy":"shadow","control":"v1","candidate":"v2","shadow_percent":50,"timeout_ms":10000}"#,
@@ -125,7 +125,7 @@ async fn shadow_copies_a_sample_and_never_serves_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blue_green_switches_and_switches_back() {
-    let mut env = Env::new("bluegreen").await;
+    let Some(mut env) = Env::new("bluegreen").await else { return };
     env.deploy(
         "pricing",
         r#"{"strategy":"blue_green","control":"v1","candidate":"v2","active":"control","timeout_ms":10000}"#,
@@ -164,7 +164,7 @@ async fn blue_green_switches_and_switches_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timeouts_and_model_errors_still_give_exactly_one_decision() {
-    let mut env = Env::new("faults").await;
+    let Some(mut env) = Env::new("faults").await else { return };
     env.deploy("silent", r#"{"strategy":"single","control":"ghost","timeout_ms":300}"#).await;
     env.deploy("slow", r#"{"strategy":"single","control":"sloth","timeout_ms":300}"#).await;
     // Shares its model with "silent": creating a model's topics for two deployments at once once crashed
@@ -219,7 +219,7 @@ async fn timeouts_and_model_errors_still_give_exactly_one_decision() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_dead_lettered_and_valid_traffic_flows_around_it() {
-    let mut env = Env::new("dlq").await;
+    let Some(mut env) = Env::new("dlq").await else { return };
     env.deploy("fraud", r#"{"strategy":"single","control":"v1","timeout_ms":10000}"#).await;
     env.config.service.max_request_bytes = 10_000;
     env.start_service();

@@ -56,6 +56,16 @@ impl Registry {
         self.rejected.iter()
     }
 
+    /// The record that puts the config in force for `name` back at the end of the deployments topic.
+    ///
+    /// Compaction keeps only the last record per key. When that record was rejected (bad JSON, a stale
+    /// version, the same version with other content), a reader starting after compaction would see only
+    /// it, and disagree with the instances that rejected it. Writing the config in force again after a
+    /// rejection makes the last record the one in force; applying it is a harmless replay.
+    pub fn record_in_force(&self, name: &str) -> Option<Vec<u8>> {
+        self.deployments.get(name).map(|d| d.spec.to_json().into_bytes())
+    }
+
     /// The version a new record for `name` must at least have.
     pub fn next_version(&self, name: &str) -> u64 {
         let in_force = self.deployments.get(name).map_or(0, |d| d.version());
@@ -164,6 +174,25 @@ mod tests {
         assert_eq!(r.rejected().count(), 3);
         assert_eq!(r.next_version("d"), 6, "next version goes above rejected (but parsed) ones too");
         assert!(matches!(r.apply(None, Some(b"{}"), 9), Outcome::Rejected(_)));
+    }
+
+    #[test]
+    fn the_record_in_force_written_again_is_a_harmless_replay() {
+        let mut r = Registry::default();
+        apply(&mut r, "d", r#"{"version":2,"strategy":"canary","control":"a","candidate":"b","canary_percent":10}"#);
+        let rejected = apply(
+            &mut r,
+            "d",
+            r#"{"version":2,"strategy":"canary","control":"a","candidate":"b","canary_percent":50}"#,
+        );
+        assert!(matches!(rejected, Outcome::Rejected(_)));
+        let again = r.record_in_force("d").expect("d is in force");
+        assert_eq!(r.apply(Some(b"d"), Some(&again), 9), Outcome::Unchanged);
+        // What a reader that sees only the written-back record (after compaction) puts in force.
+        let mut fresh = Registry::default();
+        assert!(matches!(fresh.apply(Some(b"d"), Some(&again), 9), Outcome::Installed(_)));
+        assert_eq!(fresh.get("d").unwrap().spec, r.get("d").unwrap().spec);
+        assert_eq!(r.record_in_force("other"), None);
     }
 
     #[test]

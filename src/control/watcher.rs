@@ -5,18 +5,19 @@
 //! copy to the [`SharedRegistry`] once the topic is loaded and after each change later, once the
 //! per-model topics of a new deployment exist — route never sees a deployment whose topics are missing.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
+use rdkafka::producer::FutureProducer;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::oneshot;
 
 use super::registry::{Outcome, Registry, SharedRegistry};
 use crate::config::Config;
 use crate::error::Error;
-use crate::kafka;
+use crate::kafka::{self, OutRecord};
 use crate::shutdown::Shutdown;
 use crate::telemetry;
 
@@ -93,9 +94,31 @@ fn report(outcome: &Outcome) {
     }
 }
 
+/// Writes the config in force for each of `names` again (see [`Registry::record_in_force`]).
+async fn write_back(
+    config: &Config,
+    producer: &FutureProducer,
+    registry: &Registry,
+    names: impl IntoIterator<Item = String>,
+) {
+    let records: Vec<OutRecord> = names
+        .into_iter()
+        .filter_map(|name| {
+            let value = registry.record_in_force(&name)?;
+            tracing::info!(deployment = %name, "writing the config in force again after a rejected record");
+            Some(OutRecord::new(config.topics.deployments.clone(), name.into_bytes(), value))
+        })
+        .collect();
+    if let Err(error) = kafka::send_all(producer, &records).await {
+        tracing::error!(%error, "cannot write the config in force back to the deployments topic");
+    }
+}
+
 /// Loads the topic, signals `loaded`, then follows it until shutdown. The per-model topics of what is
 /// in force are created before route sees it: once for everything after the initial load, then for each
-/// new deployment record.
+/// new deployment record. After a rejected record (during the load: where a deployment's last record
+/// was rejected) the config in force is written again, so that the last record per key — all that
+/// compaction keeps — is always the one in force.
 pub async fn run(
     config: Config,
     shared: SharedRegistry,
@@ -103,8 +126,11 @@ pub async fn run(
     mut shutdown: Shutdown,
 ) -> Result<(), Error> {
     let (consumer, targets) = open(&config).await?;
+    let producer = kafka::producer(&config)?;
     let mut registry = Registry::default();
     let mut loaded = Some(loaded);
+    // Deployments whose last record so far was rejected, during the initial load.
+    let mut last_rejected = BTreeSet::new();
     loop {
         if loaded.is_some() && kafka::batch::caught_up(&consumer, &config.topics.deployments, &targets) {
             if let Err(error) = super::ensure_model_topics(&config, registry.deployments().map(|d| d.as_ref())).await {
@@ -113,6 +139,7 @@ pub async fn run(
             *shared.write().expect("registry lock is never poisoned") = registry.clone();
             tracing::info!(deployments = registry.deployments().count(), "deployments topic loaded");
             let _ = loaded.take().expect("checked").send(());
+            write_back(&config, &producer, &registry, std::mem::take(&mut last_rejected)).await;
         }
         let message = tokio::select! {
             _ = shutdown.recv() => return Ok(()),
@@ -127,6 +154,18 @@ pub async fn run(
         };
         let outcome = registry.apply(message.key(), message.payload(), message.offset());
         report(&outcome);
+        if let Some(name) = message.key().and_then(|k| std::str::from_utf8(k).ok()) {
+            match (&outcome, loaded.is_some()) {
+                (Outcome::Rejected(_), true) => {
+                    last_rejected.insert(name.to_string());
+                }
+                (Outcome::Rejected(_), false) => write_back(&config, &producer, &registry, [name.to_string()]).await,
+                (_, true) => {
+                    last_rejected.remove(name);
+                }
+                (_, false) => {}
+            }
+        }
         if loaded.is_none() && !matches!(outcome, Outcome::Unchanged) {
             if let Outcome::Installed(d) = &outcome {
                 if let Err(error) = super::ensure_model_topics(&config, [d.as_ref()]).await {

@@ -226,6 +226,22 @@ pub fn refuses_record(error: &KafkaError) -> bool {
     )
 }
 
+/// How long a one-shot command waits for the broker before saying it cannot reach it.
+pub const REACH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Checks within [`REACH_TIMEOUT`] that a broker of `kafka.bootstrap_servers` answers, so that a wrong
+/// address is named at once instead of after a 30 s metadata timeout.
+pub async fn check_reachable(config: &Config) -> Result<(), crate::error::Error> {
+    let client: AdminClient<DefaultClientContext> = base(config).set("log_level", "2").create()?;
+    let outcome = tokio::task::spawn_blocking(move || client.inner().fetch_metadata(None, REACH_TIMEOUT)).await;
+    let detail = match outcome {
+        Ok(Ok(_)) => return Ok(()),
+        Ok(Err(error)) => error.to_string(),
+        Err(error) => error.to_string(),
+    };
+    Err(crate::error::Error::Unreachable { servers: config.kafka.bootstrap_servers.clone(), detail })
+}
+
 /// Creates the topics that do not exist yet. `compacted` topics get `cleanup.policy=compact`.
 pub async fn ensure_topics(config: &Config, names: &[String], compacted: bool) -> Result<(), KafkaError> {
     // One request must not name a topic twice (two deployments sharing a model do): librdkafka then

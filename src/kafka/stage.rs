@@ -58,6 +58,8 @@ pub enum Commit {
 
 /// A consumer in the stage's group and a transactional producer, with what the broker refused.
 pub struct TxnStage {
+    /// `route` or `merge`, for metrics.
+    name: &'static str,
     consumer: StreamConsumer<GroupWatch>,
     producer: TxnProducer,
     refused: HashMap<SourcePos, Refusal>,
@@ -70,13 +72,13 @@ impl TxnStage {
     /// Joins the group `<group_id>-<stage>` as this instance, subscribed to `topics` (names or `^regex`),
     /// and registers the transactional id `<group_id>-<stage>-<instance_id>`, fencing any earlier
     /// incarnation of this instance.
-    pub fn new(config: &Config, stage: &str, topics: &[&str], shutdown: Shutdown) -> Result<Self, KafkaError> {
+    pub fn new(config: &Config, stage: &'static str, topics: &[&str], shutdown: Shutdown) -> Result<Self, KafkaError> {
         let group = format!("{}-{stage}", config.service.group_id);
         let consumer = group_consumer(config, &group, Some(&config.service.instance()))?;
         consumer.subscribe(topics)?;
         let producer = TxnProducer::new(config, config.service.transactional_id(stage), shutdown.clone())?;
         tracing::info!(%group, ?topics, instance = %config.service.instance(), "{stage} consuming");
-        Ok(TxnStage { consumer, producer, refused: HashMap::new(), failures: 0, shutdown })
+        Ok(TxnStage { name: stage, consumer, producer, refused: HashMap::new(), failures: 0, shutdown })
     }
 
     pub fn consumer(&self) -> &StreamConsumer<GroupWatch> {
@@ -122,6 +124,7 @@ impl TxnStage {
                 Commit::Done(placed)
             }
             Err(failure) => {
+                telemetry::transaction_failed(self.name);
                 for (index, reason) in &failure.refused {
                     let record = &records[*index];
                     match record.origin.and_then(|i| batch.get(i)) {

@@ -66,16 +66,47 @@ impl TxnProducer {
         offsets: &TopicPartitionList,
         group: Option<ConsumerGroupMetadata>,
     ) -> Result<Vec<Placed>, TxnFailure> {
-        let result = match group {
+        let mut result = match group {
             Some(group) => self.try_commit(records, offsets, &group).await,
             None => Err(TxnFailure { error: KafkaError::Canceled, refused: Vec::new() }),
         };
-        if let Err(failure) = &result {
+        if let Err(failure) = &mut result {
             tracing::warn!(error = %failure.error, records = records.len(), refused = failure.refused.len(),
                 "transaction failed; its records are discarded and inputs rewound");
             self.recover(&failure.error).await;
+            if failure.refused.len() > 1 {
+                failure.refused = self.probe(records, std::mem::take(&mut failure.refused)).await;
+            }
         }
         result
+    }
+
+    /// Finds which of `suspects` the broker refuses on its own. The broker refuses a whole produce
+    /// request when one record in it is too large, so every record batched with the culprit reports
+    /// the same error. Sends the suspects one at a time, largest first, in a transaction that is always
+    /// aborted, and returns the first one refused alone (or, if none is, the largest: the batch as a
+    /// whole was too large). One culprit per failed transaction: the next attempt finds the next one.
+    async fn probe(&mut self, records: &[OutRecord], mut suspects: Vec<(usize, String)>) -> Vec<(usize, String)> {
+        let size = |r: &OutRecord| r.key.len() + r.payload.as_ref().map_or(0, Vec::len);
+        suspects.sort_by_key(|(i, _)| std::cmp::Reverse(size(&records[*i])));
+        let mut culprit = None;
+        if block_in_place(|| self.producer.begin_transaction()).is_ok() {
+            for (index, reason) in &suspects {
+                match send_each(&self.producer, std::slice::from_ref(&records[*index])).await.pop() {
+                    Some(Err(error)) if refuses_record(&error) => {
+                        culprit = Some((*index, reason.clone()));
+                        break;
+                    }
+                    Some(Ok(_)) => {}
+                    _ => break, // another error: not the record; keep the largest as the suspect
+                }
+            }
+            let aborted = block_in_place(|| self.producer.abort_transaction(TXN_CALL_TIMEOUT));
+            if culprit.is_some() || aborted.is_err() {
+                self.replace().await;
+            }
+        }
+        vec![culprit.unwrap_or_else(|| suspects.swap_remove(0))]
     }
 
     async fn try_commit(
@@ -123,11 +154,21 @@ impl TxnProducer {
     /// Aborts the open transaction, or — when the error is fatal, the producer was fenced, or the abort
     /// itself fails (e.g. the commit's outcome is unknown) — replaces the producer: re-initialising the same
     /// transactional id completes or aborts whatever the old one left open.
+    ///
+    /// A producer whose records the broker refused is always replaced: librdkafka's idempotence state
+    /// for the partition of a refused batch can leave the next transaction's records waiting until they
+    /// time out (seen here: 10 s), while a new producer starts clean.
     async fn recover(&mut self, error: &KafkaError) {
-        let fatal = matches!(error, KafkaError::Transaction(e) if e.is_fatal());
+        let fatal = matches!(error, KafkaError::Transaction(e) if e.is_fatal()) || refuses_record(error);
         if !fatal && block_in_place(|| self.producer.abort_transaction(TXN_CALL_TIMEOUT)).is_ok() {
             return;
         }
+        self.replace().await;
+    }
+
+    /// Replaces the producer; re-initialising the same transactional id settles whatever the old one
+    /// left open. Retries until it works or shutdown is requested.
+    async fn replace(&mut self) {
         let mut backoff = Duration::from_millis(200);
         loop {
             match create(&self.config, &self.id) {

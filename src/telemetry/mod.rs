@@ -81,6 +81,11 @@ pub fn record(events: impl IntoIterator<Item = Event>) {
     }
 }
 
+/// A stage's transaction failed: its records were discarded and its inputs are read again.
+pub fn transaction_failed(stage: &str) {
+    counter!("switchyard_transactions_failed_total", "stage" => stage.to_string()).increment(1);
+}
+
 /// Requests waiting for their serving model (merge's join state).
 pub fn pending(count: usize) {
     gauge!("switchyard_pending_requests").set(count as f64);

@@ -1,0 +1,245 @@
+//! What no single record or worker may do to a partition, on a real broker: a record the broker refuses,
+//! a request near Kafka's size limit, a worker on another partitioner, a forced abort. Every test reads
+//! the topics back and compares them with what was sent (and with the counters).
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use common::{Env, counter, requests};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use switchyard::codec::{Decision, DecisionStatus, ModelRequest, Prediction, Request};
+use switchyard::kafka::{self, OutRecord};
+use switchyard::tools::demo_model;
+
+const LIMIT: Duration = Duration::from_secs(90);
+const SETTLE: Duration = Duration::from_secs(2);
+
+async fn create_topic(env: &Env, name: &str, max_message_bytes: usize) {
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", &env.config.kafka.bootstrap_servers).create().unwrap();
+    let limit = max_message_bytes.to_string();
+    let topic =
+        NewTopic::new(name, env.config.topics.partitions, TopicReplication::Fixed(1)).set("max.message.bytes", &limit);
+    let results = admin.create_topics([&topic], &AdminOptions::new()).await.unwrap();
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+}
+
+fn request(run: &str, i: usize, payload_bytes: usize) -> Request {
+    let mut r = requests("fraud", run, i + 1, 50).pop().unwrap();
+    // Random bytes: compression must not shrink it below the limits under test.
+    r.payload = (0..payload_bytes).map(|_| rand::random::<u8>()).collect();
+    r
+}
+
+/// A request routed fine whose model copy its topic refuses (a topic with a smaller limit than
+/// switchyard's), and a request over `max_request_bytes`: each becomes one dead letter carrying its
+/// value byte for byte, and every other request is decided.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_the_broker_refuses_are_dead_lettered_and_the_rest_decided() {
+    let Some(mut env) = Env::new("refused").await else { return };
+    // v1's input topic takes at most 20 kB per record.
+    create_topic(&env, &env.config.topics.model_requests("v1"), 20_000).await;
+    env.deploy("fraud", r#"{"strategy":"single","control":"v1","timeout_ms":10000}"#).await;
+    env.start_service();
+    env.start_model("v1", 0, 0.0, 0.0);
+
+    let mut sent = requests("fraud", "refused", 300, 100);
+    let refused: Vec<Request> = (0..3).map(|i| request("refused-big", i, 30_000)).collect();
+    let oversized = request("oversized", 0, 1_040_000);
+    for (at, big) in [(50, &refused[0]), (51, &refused[1]), (200, &refused[2]), (120, &oversized)] {
+        sent.insert(at, big.clone());
+    }
+    env.send(&sent).await;
+
+    let big_ids: HashSet<&str> = refused.iter().chain([&oversized]).map(|r| r.request_id.as_str()).collect();
+    let normal: Vec<&Request> = sent.iter().filter(|r| !big_ids.contains(r.request_id.as_str())).collect();
+    let decisions = env.read::<Decision>(&env.config.topics.decisions, normal.len(), LIMIT, SETTLE).await;
+    let decided: HashMap<&str, usize> = decisions.iter().fold(HashMap::new(), |mut m, d| {
+        *m.entry(d.value.request_id.as_str()).or_default() += 1;
+        m
+    });
+    assert_eq!(decisions.len(), normal.len(), "one decision per normal request, none for the refused ones");
+    assert!(normal.iter().all(|r| decided.get(r.request_id.as_str()) == Some(&1)));
+    assert!(decisions.iter().all(|d| d.value.status == DecisionStatus::Ok));
+
+    let letters = env.read_raw(&env.config.topics.dead_letter, 4, LIMIT, SETTLE).await;
+    assert_eq!(letters.len(), 4, "exactly one dead letter per refused or oversized request");
+    let by_value: HashMap<Vec<u8>, &common::Read<Vec<u8>>> = letters.iter().map(|l| (l.value.clone(), l)).collect();
+    for (big, kind) in refused.iter().map(|r| (r, "unwritable")).chain([(&oversized, "oversized")]) {
+        let letter = by_value
+            .get(&env.codec.encode(big))
+            .unwrap_or_else(|| panic!("{} dead-lettered byte for byte", big.request_id));
+        assert_eq!(letter.headers["dlq.kind"], kind);
+        assert!(!letter.headers["dlq.reason"].is_empty());
+        assert_eq!(letter.key, big.user_id.as_bytes());
+    }
+    for letter in letters.iter().filter(|l| l.headers["dlq.kind"] == "unwritable") {
+        let reason = &letter.headers["dlq.reason"];
+        assert!(
+            reason.contains(&env.config.topics.model_requests("v1")) && reason.contains("could not be written"),
+            "{reason}"
+        );
+    }
+    assert!(
+        counter("switchyard_transactions_failed_total", &["stage=\"route\""]) >= 1.0,
+        "the refusal aborted a transaction"
+    );
+    env.stop().await;
+}
+
+/// A model worker written from the contract on a client whose default partitioner is not Kafka's
+/// murmur2 (librdkafka's `consistent_random`, as confluent-kafka and most non-Java clients): with two
+/// instances, every answer is still joined, and the forwarding is counted per model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_on_foreign_partitions_are_forwarded_and_joined() {
+    let Some(mut env) = Env::new("partitioner").await else { return };
+    env.deploy(
+        "fraud",
+        r#"{"strategy":"canary","control":"p1","candidate":"p2","canary_percent":30,"timeout_ms":20000}"#,
+    )
+    .await;
+    env.start_instance("a");
+    env.start_instance("b");
+    let workers: Vec<_> =
+        ["p1", "p2"].into_iter().map(|model| tokio::spawn(foreign_worker(env.config.clone(), model))).collect();
+    let sent = requests("fraud", "partitioner", 600, 200);
+    env.send(&sent).await;
+    let decisions = env.read::<Decision>(&env.config.topics.decisions, sent.len(), LIMIT, SETTLE).await;
+    assert_eq!(decisions.len(), sent.len());
+    let ids: HashSet<&str> = decisions.iter().map(|d| d.value.request_id.as_str()).collect();
+    assert_eq!(ids.len(), sent.len(), "one decision each");
+    let by_id: HashMap<&str, &Request> = sent.iter().map(|r| (r.request_id.as_str(), r)).collect();
+    for d in &decisions {
+        assert_eq!(d.value.status, DecisionStatus::Ok, "{} was not joined: {:?}", d.value.request_id, d.value.error);
+        let request = by_id[d.value.request_id.as_str()];
+        assert_eq!(d.value.output.as_deref(), Some(&demo_model::output(&d.value.model, &request.payload, 0.0)[..]));
+    }
+    let forwarded = env.read_raw(&env.config.topics.forwarded_predictions, 1, LIMIT, SETTLE).await;
+    assert!(forwarded.len() > 100, "about 3/4 of the answers land on a foreign partition, got {}", forwarded.len());
+    let counted = counter("switchyard_predictions_forwarded_total", &["model=\"p1\""])
+        + counter("switchyard_predictions_forwarded_total", &["model=\"p2\""]);
+    assert!(counted >= forwarded.len() as f64, "forwarding is counted per model: {counted} < {}", forwarded.len());
+    env.stop().await;
+    workers.into_iter().for_each(|w| w.abort());
+}
+
+/// A worker as a team writes it from the documented contract: read_committed, same key, and the
+/// client's default (non-murmur2) partitioner.
+async fn foreign_worker(config: switchyard::config::Config, model: &'static str) {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &config.kafka.bootstrap_servers)
+        .set("group.id", format!("{}-worker-{model}", config.service.group_id))
+        .set("isolation.level", "read_committed")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[config.topics.model_requests(model).as_str()]).unwrap();
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &config.kafka.bootstrap_servers)
+        .set("partitioner", "consistent_random")
+        .create()
+        .unwrap();
+    let codec = config.codec.codec().unwrap();
+    let topic = config.topics.model_predictions(model);
+    loop {
+        let message = consumer.recv().await.unwrap();
+        let request: ModelRequest = codec.decode(message.payload().unwrap()).unwrap();
+        let prediction = Prediction {
+            request_id: request.request.request_id.clone(),
+            model: model.to_string(),
+            output: Some(demo_model::output(model, &request.request.payload, 0.0)),
+            error: None,
+            produced_at: kafka::now_millis(),
+        };
+        let value = codec.encode(&prediction);
+        let record = FutureRecord::to(&topic).key(message.key().unwrap()).payload(&value);
+        producer.send(record, Duration::from_secs(30)).await.unwrap();
+    }
+}
+
+/// Counters are recorded when a transaction commits: after transactions aborted by fencing the
+/// service's producers mid-stream, the counters still equal what the topics hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_equal_the_topics_after_aborted_transactions() {
+    let Some(mut env) = Env::new("abort").await else { return };
+    let deployment = format!("abort-{:08x}", rand::random::<u32>());
+    env.deploy(
+        &deployment,
+        r#"{"strategy":"canary","control":"a1","candidate":"a2","canary_percent":50,"timeout_ms":20000}"#,
+    )
+    .await;
+    env.start_service();
+    env.start_model("a1", 0, 0.0, 0.0);
+    env.start_model("a2", 0, 0.0, 0.0);
+    let failed_before = counter("switchyard_transactions_failed_total", &[]);
+    let sent = requests(&deployment, "abort", 1200, 300);
+    for (round, chunk) in sent.chunks(200).enumerate() {
+        env.send(chunk).await;
+        if round % 2 == 1 {
+            // A producer with a service producer's transactional id fences it: the batch in hand is aborted.
+            let stage = if round % 4 == 1 { "route" } else { "merge" };
+            fence(&env, &env.config.service.transactional_id(stage));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let decisions = env.read::<Decision>(&env.config.topics.decisions, sent.len(), LIMIT, SETTLE).await;
+    assert_eq!(decisions.len(), sent.len(), "exactly one decision each, aborts or not");
+    assert!(
+        counter("switchyard_transactions_failed_total", &[]) - failed_before >= 2.0,
+        "the fencing aborted transactions"
+    );
+
+    let label = format!("deployment=\"{deployment}\"");
+    assert_eq!(counter("switchyard_decisions_total", &[&label]), decisions.len() as f64, "decisions counted once each");
+    let mut copies = 0;
+    for model in ["a1", "a2"] {
+        let topic = env.config.topics.model_requests(model);
+        let records = env.read_raw(&topic, 1, LIMIT, SETTLE).await;
+        let counted = counter("switchyard_requests_routed_total", &[&label, &format!("model=\"{model}\"")]);
+        assert_eq!(counted, records.len() as f64, "routed to {model} counted once each");
+        copies += records.len();
+    }
+    assert_eq!(copies, sent.len());
+    env.stop().await;
+}
+
+fn fence(env: &Env, transactional_id: &str) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &env.config.kafka.bootstrap_servers)
+        .set("transactional.id", transactional_id)
+        .create()
+        .unwrap();
+    tokio::task::block_in_place(|| producer.init_transactions(Duration::from_secs(30))).unwrap();
+}
+
+/// The oversized-request check covers the inputs; this covers what goes out: a request just under
+/// `max_request_bytes` is routed and decided (its model copy, a little larger, still fits).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_just_under_the_limit_is_decided() {
+    let Some(mut env) = Env::new("nearlimit").await else { return };
+    env.deploy("fraud", r#"{"strategy":"shadow","control":"n1","candidate":"n2","timeout_ms":20000}"#).await;
+    env.start_service();
+    env.start_model("n1", 0, 0.0, 0.0);
+    env.start_model("n2", 0, 0.0, 0.0);
+    let big = request("nearlimit-big", 0, env.config.service.max_request_bytes - 200);
+    assert!(env.codec.encode(&big).len() <= env.config.service.max_request_bytes);
+    let mut sent = requests("fraud", "nearlimit", 50, 10);
+    sent.insert(25, big.clone());
+    env.produce(
+        sent.iter()
+            .map(|r| OutRecord::new(env.config.topics.requests.clone(), r.user_id.as_bytes(), env.codec.encode(r)))
+            .collect(),
+    )
+    .await;
+    let decisions = env.read::<Decision>(&env.config.topics.decisions, sent.len(), LIMIT, SETTLE).await;
+    assert_eq!(decisions.len(), sent.len());
+    assert!(decisions.iter().any(|d| d.value.request_id == big.request_id && d.value.status == DecisionStatus::Ok));
+    env.stop().await;
+}
