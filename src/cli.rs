@@ -161,17 +161,31 @@ impl DeployArgs {
     }
 }
 
+/// The configuration of this invocation: the flags join the one loader as its last layer.
 fn load_config(cli: &Cli) -> Result<Config> {
-    let mut config = Config::from_env(cli.config.as_deref())?;
+    let mut flags = Vec::new();
     if let Some(servers) = &cli.bootstrap_servers {
-        config.kafka.bootstrap_servers = servers.clone();
+        flags.push(("SWITCHYARD_BOOTSTRAP_SERVERS".to_string(), servers.clone()));
     }
-    Ok(config)
+    if let Command::Run { metrics_address, instance_id, .. } = &cli.command {
+        if let Some(address) = metrics_address {
+            flags.push(("SWITCHYARD__SERVICE__METRICS_ADDRESS".to_string(), quoted(address)));
+        }
+        if let Some(id) = instance_id {
+            flags.push(("SWITCHYARD__SERVICE__INSTANCE_ID".to_string(), quoted(id)));
+        }
+    }
+    Ok(Config::load(cli.config.as_deref(), std::env::vars().chain(flags))?)
+}
+
+/// A TOML string literal: an id like `123` stays a string.
+fn quoted(text: &str) -> String {
+    toml::Value::String(text.to_string()).to_string()
 }
 
 /// Runs one command to completion.
 pub async fn run(cli: Cli) -> Result<()> {
-    let mut config = load_config(&cli)?;
+    let config = load_config(&cli)?;
     let codec = config.codec.codec()?;
     let (trigger, shutdown) = ShutdownTrigger::new();
     if matches!(
@@ -186,13 +200,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         kafka::check_reachable(&config).await?;
     }
     match cli.command {
-        Command::Run { only, metrics_address, instance_id } => {
-            if let Some(address) = metrics_address {
-                config.service.metrics_address = address;
-            }
-            if let Some(instance_id) = instance_id {
-                config.service.instance_id = instance_id;
-            }
+        Command::Run { only, .. } => {
             shutdown::on_signals(trigger.clone());
             service::run(config, only, trigger, shutdown).await
         }

@@ -117,7 +117,7 @@ pub struct ServiceConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CodecConfig {
-    pub framing: String,
+    pub framing: FramingKind,
     pub schema_ids: SchemaIds,
 }
 
@@ -141,13 +141,22 @@ impl ServiceConfig {
     }
 }
 
+/// `codec.framing`: how record values are framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FramingKind {
+    /// Avro binary.
+    Plain,
+    /// Magic byte 0, the 4-byte schema id from `[codec.schema_ids]`, Avro binary.
+    Confluent,
+}
+
 impl CodecConfig {
     pub fn codec(&self) -> Result<Codec, ConfigError> {
-        match self.framing.as_str() {
-            "plain" => Ok(Codec::new(Framing::Plain)),
-            "confluent" => Ok(Codec::new(Framing::Confluent(self.schema_ids.clone()))),
-            other => Err(ConfigError::Invalid(format!("codec.framing must be plain or confluent, got {other:?}"))),
-        }
+        Ok(match self.framing {
+            FramingKind::Plain => Codec::new(Framing::Plain),
+            FramingKind::Confluent => Codec::new(Framing::Confluent(self.schema_ids.clone())),
+        })
     }
 }
 
@@ -217,11 +226,6 @@ impl Config {
             toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
         config.check()?;
         Ok(config)
-    }
-
-    /// Loads from the process environment.
-    pub fn from_env(file: Option<&Path>) -> Result<Config, ConfigError> {
-        Config::load(file, std::env::vars())
     }
 
     fn check(&self) -> Result<(), ConfigError> {
