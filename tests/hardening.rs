@@ -243,3 +243,39 @@ async fn a_request_just_under_the_limit_is_decided() {
     assert!(decisions.iter().any(|d| d.value.request_id == big.request_id && d.value.status == DecisionStatus::Ok));
     env.stop().await;
 }
+
+/// A prediction larger than `max_prediction_bytes` is dead-lettered byte for byte; its request is
+/// decided at its deadline, and the other answers are joined.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_prediction_is_dead_lettered_and_its_request_times_out() {
+    let Some(mut env) = Env::new("bigprediction").await else { return };
+    env.deploy("fraud", r#"{"strategy":"single","control":"b1","timeout_ms":3000}"#).await;
+    env.start_service();
+    let sent = requests("fraud", "bigprediction", 3, 3);
+    env.send(&sent).await;
+    let answer = |r: &Request, output: Vec<u8>| {
+        let prediction = Prediction {
+            request_id: r.request_id.clone(),
+            model: "b1".into(),
+            output: Some(output),
+            error: None,
+            produced_at: kafka::now_millis(),
+        };
+        OutRecord::new(env.config.topics.model_predictions("b1"), r.user_id.as_bytes(), env.codec.encode(&prediction))
+    };
+    let big = answer(&sent[1], (0..1_100_000).map(|_| rand::random::<u8>()).collect());
+    let big_value = big.payload.clone().unwrap();
+    env.produce(vec![answer(&sent[0], b"0.5".to_vec()), big, answer(&sent[2], b"0.7".to_vec())]).await;
+    let decisions = env.read::<Decision>(&env.config.topics.decisions, 3, LIMIT, SETTLE).await;
+    let status: HashMap<&str, DecisionStatus> =
+        decisions.iter().map(|d| (d.value.request_id.as_str(), d.value.status)).collect();
+    assert_eq!(decisions.len(), 3);
+    assert_eq!(status[sent[0].request_id.as_str()], DecisionStatus::Ok);
+    assert_eq!(status[sent[1].request_id.as_str()], DecisionStatus::Timeout);
+    assert_eq!(status[sent[2].request_id.as_str()], DecisionStatus::Ok);
+    let letters = env.read_raw(&env.config.topics.dead_letter, 1, LIMIT, SETTLE).await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].value, big_value, "dead-lettered byte for byte");
+    assert_eq!(letters[0].headers["dlq.kind"], "oversized");
+    env.stop().await;
+}

@@ -504,6 +504,36 @@ pub async fn run(config: Config, codec: Codec, shutdown: Shutdown) -> Result<()>
 mod tests {
     use super::*;
 
+    fn mark(marks: &ChangelogMarks, restoring: bool) -> String {
+        let mut offsets = TopicPartitionList::new();
+        offsets.add_partition_offset("routed", 0, rdkafka::Offset::Offset(7)).unwrap();
+        marks.annotate(&mut offsets, "routed", restoring);
+        offsets.find_partition("routed", 0).unwrap().metadata().to_string()
+    }
+
+    #[test]
+    fn the_changelog_mark_never_passes_an_open_request_or_a_restored_state() {
+        let pos = |offset| SourcePos { topic: "routed".into(), partition: 0, offset };
+        let restored = Restored {
+            start: HashMap::from([(0, 100)]),
+            changelog_end: HashMap::from([(0, 150)]),
+            ..Restored::default()
+        };
+        let mut marks = ChangelogMarks::new(&restored);
+        assert_eq!(mark(&marks, true), "changelog:100", "restored states may still be resumed");
+        assert_eq!(mark(&marks, false), "changelog:150");
+        marks.opened(&pos(7), true); // may resume a restored state: its records lie from 100 on
+        marks.written(0, 170);
+        assert_eq!(mark(&marks, false), "changelog:100", "an open request resumed from the restore");
+        marks.opened(&pos(8), false);
+        marks.released(&pos(7));
+        assert_eq!(mark(&marks, false), "changelog:171", "opened after the last write");
+        marks.written(0, 180);
+        assert_eq!(mark(&marks, false), "changelog:171", "still open");
+        marks.released(&pos(8));
+        assert_eq!(mark(&marks, false), "changelog:181");
+    }
+
     #[test]
     fn model_of_topic_inverts_the_pattern() {
         assert_eq!(
