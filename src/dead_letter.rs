@@ -1,6 +1,8 @@
 //! Dead letters: an input record that cannot be processed goes, byte for byte, to the dead-letter topic
 //! with the reason and its origin in headers. Nothing is dropped silently.
 
+use rdkafka::message::{Message, OwnedMessage};
+
 use crate::kafka::stage::Refusal;
 use crate::kafka::{OutRecord, SourcePos};
 use crate::telemetry::Event;
@@ -48,7 +50,12 @@ pub struct Letter<'a> {
     pub reason: String,
 }
 
-impl Letter<'_> {
+impl<'a> Letter<'a> {
+    /// The dead letter of `message`, which keeps its key and value.
+    pub fn of(message: &'a OwnedMessage, kind: Kind, reason: String) -> Self {
+        Letter { source: SourcePos::of(message), key: message.key(), value: message.payload(), kind, reason }
+    }
+
     /// The dead letter for this input, and the event that counts it once it is committed.
     pub fn record(self, topic: &str) -> (OutRecord, Event) {
         tracing::warn!(topic = %self.source.topic, partition = self.source.partition, offset = self.source.offset,
@@ -75,19 +82,18 @@ impl Letter<'_> {
     /// letter itself was too large) it goes without its value: the original stays readable at
     /// `dlq.topic`/`dlq.partition`/`dlq.offset` for the topic's retention. After that, nothing can be
     /// written for it: `None`, logged.
-    pub fn refused(mut self, refusal: &Refusal, topic: &str) -> Option<(OutRecord, Event)> {
-        self.kind = Kind::Unwritable;
-        self.reason = refusal.reason.clone();
+    pub fn refused(message: &'a OwnedMessage, refusal: &Refusal, topic: &str) -> Option<(OutRecord, Event)> {
+        let mut this = Letter::of(message, Kind::Unwritable, refusal.reason.clone());
         match refusal.strikes {
-            0 | 1 => Some(self.record(topic)),
+            0 | 1 => Some(this.record(topic)),
             2 => {
-                self.value = None;
-                self.reason.push_str("; the dead letter was refused too, so it carries no value");
-                let (record, event) = self.record(topic);
+                this.value = None;
+                this.reason.push_str("; the dead letter was refused too, so it carries no value");
+                let (record, event) = this.record(topic);
                 Some((record.header(VALUE_HEADER, "dropped"), event))
             }
             _ => {
-                tracing::error!(topic = %self.source.topic, partition = self.source.partition, offset = self.source.offset,
+                tracing::error!(topic = %this.source.topic, partition = this.source.partition, offset = this.source.offset,
                     reason = %refusal.reason, "not even a dead letter could be written for this record; skipped");
                 None
             }

@@ -47,6 +47,14 @@ impl Outbox {
     }
 }
 
+impl Extend<(OutRecord, Event)> for Outbox {
+    fn extend<I: IntoIterator<Item = (OutRecord, Event)>>(&mut self, items: I) {
+        for item in items {
+            self.push(item);
+        }
+    }
+}
+
 /// The outcome of [`TxnStage::commit`].
 #[derive(Debug)]
 pub enum Commit {
@@ -100,10 +108,10 @@ impl TxnStage {
         batch::next_batch(&self.consumer, max, wait, idle).await
     }
 
-    /// Why the broker refused what the input at `pos` turned into, if it did: the caller dead-letters
-    /// that input instead of processing it.
-    pub fn refusal(&self, pos: &SourcePos) -> Option<&Refusal> {
-        if self.refused.is_empty() { None } else { self.refused.get(pos) }
+    /// Why the broker refused what this input turned into, if it did: the caller dead-letters it
+    /// instead of processing it.
+    pub fn refusal(&self, message: &OwnedMessage) -> Option<&Refusal> {
+        if self.refused.is_empty() { None } else { self.refused.get(&SourcePos::of(message)) }
     }
 
     /// Produces the outbox's records (made from `batch`) and commits them with `offsets`; then, and only

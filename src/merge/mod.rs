@@ -284,25 +284,12 @@ fn feed(
     let source = SourcePos::of(message);
     state.progress.seen(&source);
     let now = kafka::now_millis();
-    let letter = |kind, reason: String| Letter {
-        source: source.clone(),
-        key: message.key(),
-        value: message.payload(),
-        kind,
-        reason,
-    };
-    let mut reject = |letter: Letter, refused: Option<&kafka::stage::Refusal>| {
-        let dead = match refused {
-            Some(refusal) => letter.refused(refusal, &config.topics.dead_letter),
-            None => Some(letter.record(&config.topics.dead_letter)),
-        };
-        if let Some(dead) = dead {
-            batch.out.push(dead);
-        }
-    };
-    if let Some(refusal) = stage.refusal(&source) {
-        return reject(letter(Kind::Unwritable, String::new()), Some(refusal));
+    if let Some(refusal) = stage.refusal(message) {
+        return batch.out.extend(Letter::refused(message, refusal, &config.topics.dead_letter));
     }
+    let mut reject = |kind, reason: String| {
+        batch.out.push(Letter::of(message, kind, reason).record(&config.topics.dead_letter));
+    };
     let value = message.payload().unwrap_or_default();
     if message.topic() == config.topics.routed {
         match codec.decode::<Routed>(value) {
@@ -313,7 +300,7 @@ fn feed(
                 state.join.on_routed(routed, source.clone(), now, &mut batch.fx);
                 mark_origin(&mut batch.fx, first, index);
             }
-            Err(e) => reject(letter(Kind::Undecodable, format!("routed record: {e}")), None),
+            Err(e) => reject(Kind::Undecodable, format!("routed record: {e}")),
         }
         return;
     }
@@ -328,7 +315,7 @@ fn feed(
         model_of_topic(&config.topics.model_predictions, message.topic())
     };
     let Some(topic_model) = topic_model else {
-        return reject(letter(Kind::Invalid, format!("topic {} matches no configured input", message.topic())), None);
+        return reject(Kind::Invalid, format!("topic {} matches no configured input", message.topic()));
     };
     if value.len() > config.service.max_prediction_bytes {
         let reason = format!(
@@ -336,16 +323,16 @@ fn feed(
             value.len(),
             config.service.max_prediction_bytes
         );
-        return reject(letter(Kind::Oversized, reason), None);
+        return reject(Kind::Oversized, reason);
     }
     let prediction = match codec.decode::<Prediction>(value) {
         Ok(prediction) => prediction,
-        Err(e) => return reject(letter(Kind::Undecodable, format!("prediction: {e}")), None),
+        Err(e) => return reject(Kind::Undecodable, format!("prediction: {e}")),
     };
     if prediction.model != topic_model {
         let reason =
             format!("prediction names model {:?} but came from the topic of {topic_model:?}", prediction.model);
-        return reject(letter(Kind::Invalid, reason), None);
+        return reject(Kind::Invalid, reason);
     }
     let written_at = message.timestamp().to_millis().unwrap_or(prediction.produced_at);
     if let (false, Some(key)) = (forwarded, message.key()) {

@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::control::SharedRegistry;
 use crate::dead_letter::{Kind, Letter};
 use crate::error::Result;
-use crate::kafka::{self, Commit, OutRecord, Outbox, SourcePos, TxnStage};
+use crate::kafka::{self, Commit, OutRecord, Outbox, TxnStage};
 use crate::routing::{self, Deployment};
 use crate::shutdown::Shutdown;
 use crate::telemetry::Event;
@@ -122,17 +122,8 @@ fn process(
     registry: &SharedRegistry,
     out: &mut Outbox,
 ) {
-    let letter = |kind, reason| Letter {
-        source: SourcePos::of(message),
-        key: message.key(),
-        value: message.payload(),
-        kind,
-        reason,
-    };
-    if let Some(refusal) = stage.refusal(&SourcePos::of(message)) {
-        if let Some(dead) = letter(Kind::Unwritable, String::new()).refused(refusal, &config.topics.dead_letter) {
-            out.push(dead);
-        }
+    if let Some(refusal) = stage.refusal(message) {
+        out.extend(Letter::refused(message, refusal, &config.topics.dead_letter));
         return;
     }
     match admit(message.payload(), config.service.max_request_bytes, codec, registry) {
@@ -148,7 +139,7 @@ fn process(
                 record
             }));
         }
-        Err(e) => out.push(letter(e.kind, e.reason).record(&config.topics.dead_letter)),
+        Err(e) => out.push(Letter::of(message, e.kind, e.reason).record(&config.topics.dead_letter)),
     }
 }
 
