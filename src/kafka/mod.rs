@@ -3,8 +3,11 @@
 //! Every client gets the bootstrap servers and the pass-through `[kafka.options]`; switchyard then sets
 //! the options its guarantees depend on (see `config::MANAGED_OPTIONS`).
 //!
-//! - [`batch`]: consuming in batches, offset tracking, rebalances, rewinding.
+//! - [`batch`]: consuming in batches, rebalances, rewinding.
 //! - [`txn`]: transactional output — records and input offsets committed together.
+//! - [`stage`]: the consume → produce → commit-or-rewind loop of route and merge, and what to do with a
+//!   record the broker refuses.
+//! - [`partitioner`]: Kafka's default partitioner, to tell where a keyed record belongs.
 
 pub mod batch;
 pub mod partitioner;
