@@ -1,19 +1,25 @@
 #!/usr/bin/env python3
 """switchyard fault suite: drives a real broker and real switchyard processes through crashes, restarts,
-rebalances, broker failure, stalled models and paused instances, then checks the delivery invariants on
-what a read_committed consumer sees.
+rebalances, broker failure, stalled models, paused instances, oversized input, foreign model workers and
+log compaction, then checks the delivery invariants on what a read_committed consumer sees.
 
 It is an independent client written from the contract (docs/operations.md, schemas/, docs/cohort-hash.md):
 it produces Avro requests with fastavro, reads decisions with confluent-kafka, and computes cohorts with
 mmh3. Run it through scripts/faults.sh, which installs its dependencies and starts the broker.
 
+Every scenario runs switchyard with its shipped defaults (session timeout, transaction timeout, ...): only
+topic names, the consumer group and the instance ids are set, plus what a scenario is about.
+
 Invariants checked per scenario:
-  - every request sent has exactly one decision (none lost, none duplicated, none invented);
+  - every request sent has exactly one outcome: one decision, or (where the scenario reads the dead-letter
+    topic) one dead letter — never both, never neither; no decision for a request never sent;
   - the serving model of every decision is the one the cohort hash gives;
   - no shadow answer is ever served (each OK decision's output is the serving model's own answer);
   - per-user order: a user's decisions appear in the order of the user's requests (users that had a
     TIMEOUT are exempt: a timeout is decided at its deadline, after later answers);
   - bad input: every garbage record is dead-lettered with a reason, the service keeps running.
+Measured per scenario: stall_s (the longest gap between consecutive decisions on a decisions partition
+while requests were being sent) and delay_p99_s / delay_max_s (decision timestamp minus send time).
 """
 
 import argparse
@@ -24,22 +30,26 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
+import traceback
 from collections import Counter, defaultdict
 
 import fastavro
 import mmh3
 from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BIN = os.path.join(REPO, "target", "debug", "switchyard")
+DEFAULT_BIN = os.environ.get("SWITCHYARD_BIN", os.path.join(REPO, "target", "debug", "switchyard"))
 BOOTSTRAP = os.environ.get("SWITCHYARD_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
 SCHEMAS = {name: fastavro.parse_schema(json.load(open(os.path.join(REPO, "schemas", f"{name}.avsc"))))
-           for name in ("Request", "Decision")}
+           for name in ("Request", "Decision", "ModelRequest", "Prediction")}
 
 CONTROL, CANDIDATE, MIRROR = "v1", "v2", "v3"
 CANARY_PERCENT = 30
 DISAGREE = {CONTROL: 0.0, CANDIDATE: 100.0, MIRROR: 100.0}
+MAX_REQUEST_BYTES = 1_000_000      # service.max_request_bytes, shipped default
 
 
 def log(*args):
@@ -71,6 +81,17 @@ def decode(schema, data):
     return fastavro.schemaless_reader(io.BytesIO(data), SCHEMAS[schema])
 
 
+def try_decode(schema, data):
+    try:
+        return decode(schema, data or b"")
+    except Exception:
+        return None
+
+
+def headers_of(msg):
+    return {k: (v.decode(errors="replace") if isinstance(v, bytes) else v) for k, v in (msg.headers() or [])}
+
+
 def rss_kib(pid):
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -82,11 +103,49 @@ def rss_kib(pid):
     return None
 
 
+def murmur2_partition(key, partitions):
+    """Kafka's default partitioner for a keyed record (Java client, librdkafka murmur2): which partition
+    of `partitions` the key goes to."""
+    m, length = 0x5BD1E995, len(key)
+    h = (0x9747B28C ^ length) & 0xFFFFFFFF
+    for i in range(0, length - length % 4, 4):
+        k = int.from_bytes(key[i:i + 4], "little")
+        k = (k * m) & 0xFFFFFFFF
+        k ^= k >> 24
+        k = (k * m) & 0xFFFFFFFF
+        h = ((h * m) & 0xFFFFFFFF) ^ k
+    tail, rest = length - length % 4, length % 4
+    if rest >= 3:
+        h ^= key[tail + 2] << 16
+    if rest >= 2:
+        h ^= key[tail + 1] << 8
+    if rest >= 1:
+        h ^= key[tail]
+        h = (h * m) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * m) & 0xFFFFFFFF
+    h ^= h >> 15
+    return (h & 0x7FFFFFFF) % partitions
+
+
+def percentile(values, q):
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+class ScenarioTimeout(BaseException):
+    """Raised by the watchdog alarm when a scenario overruns its time limit."""
+
+
 class Scenario:
     """One scenario's private topics, processes and records."""
 
-    def __init__(self, name, workdir, instances_env=None):
+    def __init__(self, name, workdir, binary, legacy=False):
         self.name = name
+        self.bin = binary
+        self.legacy = legacy
         self.prefix = f"faults-{name}-{random.randrange(16**6):06x}"
         self.dir = os.path.join(workdir, name)
         os.makedirs(self.dir, exist_ok=True)
@@ -97,37 +156,58 @@ class Scenario:
             "SHADOW_COMPARISONS": f"{t}.shadow", "DEAD_LETTER": f"{t}.dlq",
             "MODEL_REQUESTS": f"{t}.model.{{model}}.requests", "MODEL_PREDICTIONS": f"{t}.model.{{model}}.predictions",
         }
+        if not legacy:
+            # Added by the hardening release; the old binary rejects settings it does not know.
+            self.topics["FORWARDED_PREDICTIONS"] = f"{t}.forwarded"
         self.env = dict(os.environ)
         self.env.update({f"SWITCHYARD__TOPICS__{k}": v for k, v in self.topics.items()})
+        # Shipped defaults everywhere: no session, heartbeat or transaction timeouts are set here.
         self.env.update({
             "SWITCHYARD_BOOTSTRAP_SERVERS": BOOTSTRAP,
             "SWITCHYARD__SERVICE__GROUP_ID": t,
-            # Short sessions so that a paused or killed instance leaves the group within seconds.
-            "SWITCHYARD_KAFKA_SESSION_TIMEOUT_MS": "6000",
-            "SWITCHYARD_KAFKA_HEARTBEAT_INTERVAL_MS": "1000",
             "RUST_LOG": "info,rdkafka=warn",
         })
         self.instances = {}
         self.stopped = set()     # instances deliberately stopped and not restarted
+        self.exit_codes = {}     # instance -> exit code of its last stop
         self.models = {}
-        self.sent = []          # (request_id, user_id, payload) in send order
+        self.workers = []        # (thread, stop event) of in-process model workers
+        self.sent = []           # (request_id, user_id, payload) in send order
+        self.values = {}         # request_id -> the request value as sent (bytes)
+        self.sent_at = {}        # request_id -> send time (ms since the epoch, float)
+        self.big = {}            # request_id -> value size of deliberately big requests
         self.garbage = 0
         self.rss_samples = []
         self.notes = {}
+        self.after_check = []    # callables(result) run after the standard check
         self.deployment = "fraud"
         self.instance_env = {}
+        self.closing = False
+        self.lock = threading.RLock()
+        self.event_thread = None
+        # filled by check()
+        self.decided_ids = set()
+        self.dead_by_id = {}
+        self.partition_counts = {}
+
+    def fail(self, message):
+        log(f"  failure: {message}")
+        self.notes["failed"] = f"{self.notes['failed']}; {message}" if "failed" in self.notes else message
 
     # processes -------------------------------------------------------------------------------------
     def _spawn(self, name, args, extra_env=None):
         env = dict(self.env)
         env.update(extra_env or {})
         out = open(os.path.join(self.dir, f"{name}.log"), "ab")
-        return subprocess.Popen([BIN] + args, env=env, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen([self.bin] + args, env=env, stdout=out, stderr=subprocess.STDOUT)
 
     def start_instance(self, i):
-        self.instances[i] = self._spawn(f"switchyard-{i}", ["run", "--metrics-address", "127.0.0.1:0"],
-                                        {"SWITCHYARD__SERVICE__INSTANCE_ID": f"i{i}", **self.instance_env})
-        self.stopped.discard(i)
+        with self.lock:
+            if self.closing:
+                raise RuntimeError(f"scenario is closing; instance {i} not started")
+            self.instances[i] = self._spawn(f"switchyard-{i}", ["run", "--metrics-address", "127.0.0.1:0"],
+                                            {"SWITCHYARD__SERVICE__INSTANCE_ID": f"i{i}", **self.instance_env})
+            self.stopped.discard(i)
         log(f"  instance {i} started (pid {self.instances[i].pid})")
 
     def signal_instance(self, i, sig):
@@ -142,22 +222,69 @@ class Scenario:
                 log(f"  instance {i} did not stop within 60 s; killing")
                 p.kill()
                 p.wait()
+            self.exit_codes[i] = p.returncode
             log(f"  instance {i} exited with {p.returncode}")
 
     def start_model(self, model, latency_ms=5):
-        self.models[model] = self._spawn(f"model-{model}", ["demo-model", "--model", model, "--latency-ms", str(latency_ms),
-                                                            "--disagree-percent", str(DISAGREE[model])])
+        with self.lock:
+            if self.closing:
+                raise RuntimeError(f"scenario is closing; model {model} not started")
+            self.models[model] = self._spawn(f"model-{model}", ["demo-model", "--model", model, "--latency-ms", str(latency_ms),
+                                                                "--disagree-percent", str(DISAGREE[model])])
 
     def signal_model(self, model, sig):
         self.models[model].send_signal(sig)
         log(f"  model {model} <- {signal.Signals(sig).name}")
 
-    def count_in_log(self, process, text):
+    def start_worker(self, model):
+        """A model worker written from the documented contract, as another team would: confluent-kafka with
+        its default partitioner (not murmur2), read_committed input, same key and request_id."""
+        stop = threading.Event()
+        thread = threading.Thread(target=self._worker, args=(model, stop), name=f"worker-{model}", daemon=True)
+        thread.start()
+        self.workers.append((thread, stop))
+
+    def _worker(self, model, stop):
+        source = self.topics["MODEL_REQUESTS"].replace("{model}", model)
+        target = self.topics["MODEL_PREDICTIONS"].replace("{model}", model)
+        consumer = Consumer({"bootstrap.servers": BOOTSTRAP, "group.id": f"{self.prefix}-worker-{model}", "log_level": 2,
+                             "isolation.level": "read_committed", "auto.offset.reset": "earliest"})
+        producer = Producer({"bootstrap.servers": BOOTSTRAP, "linger.ms": 5, "log_level": 2})
+        answered = 0
+        try:
+            consumer.subscribe([source])
+            while not stop.is_set():
+                for msg in consumer.consume(500, 0.2):
+                    if msg.error():
+                        continue
+                    request = try_decode("ModelRequest", msg.value())
+                    if request is None:
+                        continue
+                    prediction = {"request_id": request["request_id"], "model": model,
+                                  "output": demo_output(model, request["payload"]), "error": None,
+                                  "produced_at": int(time.time() * 1000)}
+                    while True:
+                        try:
+                            producer.produce(target, key=msg.key(), value=encode("Prediction", prediction))
+                            break
+                        except BufferError:
+                            producer.poll(0.1)
+                    answered += 1
+                producer.poll(0)
+        except Exception as e:
+            log(f"  worker {model} failed: {e}")
+            self.fail(f"model worker {model} failed: {e}")
+        finally:
+            producer.flush(10)
+            consumer.close()
+            log(f"  worker {model} answered {answered} requests")
+
+    def count_in_log(self, process, *texts):
         with open(os.path.join(self.dir, f"{process}.log"), errors="replace") as f:
-            return sum(1 for line in f if text in line)
+            return sum(1 for line in f if any(text in line for text in texts))
 
     def cli(self, *args):
-        out = subprocess.run([BIN] + list(args), env=self.env, capture_output=True, text=True, timeout=120)
+        out = subprocess.run([self.bin] + list(args), env=self.env, capture_output=True, text=True, timeout=120)
         if out.returncode != 0:
             raise RuntimeError(f"switchyard {' '.join(args)} failed: {out.stderr}")
         return out.stdout
@@ -166,17 +293,22 @@ class Scenario:
         """The serving model the contract gives this user (default deployment: canary 30% + mirror)."""
         return CANDIDATE if bucket(self.deployment, user) < CANARY_PERCENT * 100 else CONTROL
 
-    def setup(self, instances=1, timeout_ms=5000, deploy=None):
+    def setup(self, instances=1, timeout_ms=5000, deploy=None, models=True):
         self.cli("create-topics")
         deploy = deploy or ["--strategy", "canary", "--control", CONTROL, "--candidate", CANDIDATE,
                             "--canary-percent", str(CANARY_PERCENT), "--mirror", MIRROR]
         self.cli("deploy", self.deployment, *deploy, "--timeout-ms", str(timeout_ms))
-        for model in (CONTROL, CANDIDATE, MIRROR):
-            self.start_model(model)
+        if models:
+            for model in (CONTROL, CANDIDATE, MIRROR):
+                self.start_model(model)
         for i in range(instances):
             self.start_instance(i)
 
     def stop_all(self):
+        with self.lock:
+            self.closing = True
+        for _, stop in self.workers:
+            stop.set()
         for p in list(self.instances.values()) + list(self.models.values()):
             if p.poll() is None:
                 try:
@@ -186,82 +318,208 @@ class Scenario:
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
+        for thread, _ in self.workers:
+            thread.join(30)
+        if self.event_thread is not None:
+            self.event_thread.join(130)
 
     # traffic ---------------------------------------------------------------------------------------
-    def produce(self, count, rate, users, events=(), garbage_every=0):
-        """Sends `count` requests at `rate`/s; `events` is [(at_second, callable)] run on the way."""
-        producer = Producer({"bootstrap.servers": BOOTSTRAP, "enable.idempotence": True, "linger.ms": 5,
-                             "message.timeout.ms": 300000, "log_level": 2})
+    def _run_events(self, events, start, errors):
+        """Runs the events in order, each at its time, off the traffic thread: traffic keeps flowing."""
+        for at, action in events:
+            while not self.closing and time.time() < start + at:
+                time.sleep(min(0.05, max(0.0, start + at - time.time())))
+            if self.closing:
+                return
+            try:
+                action()
+            except Exception as e:
+                log(f"  event at {at:.1f} s failed: {e}")
+                errors.append(e)
+
+    def big_request(self, request_id, user, size):
+        """A Request whose value is exactly `size` bytes."""
+        record = {"request_id": request_id, "user_id": user, "deployment": self.deployment,
+                  "sent_at": int(time.time() * 1000), "payload": b"", "attributes": {}}
+        length = max(0, size - len(encode("Request", record)))
+        for _ in range(4):
+            record["payload"] = random.randbytes(length)
+            value = encode("Request", record)
+            if len(value) == size:
+                break
+            length += size - len(value)
+        return record["payload"], value
+
+    def produce(self, count, rate, users, events=(), garbage_every=0, big=None):
+        """Sends `count` requests at `rate`/s; `events` is [(at_second, callable)], run in order on a
+        separate thread while traffic flows; `big` is {n: value size} for deliberately big requests."""
+        big = big or {}
+        config = {"bootstrap.servers": BOOTSTRAP, "enable.idempotence": True, "linger.ms": 5,
+                  "message.timeout.ms": 300000, "log_level": 2}
+        if big:
+            # What a Java producer can write by default (max.request.size); the broker accepts it.
+            config["message.max.bytes"] = 1048576
+        producer = Producer(config)
         failures = []
         def delivered(err, msg):
             if err is not None:
                 failures.append(err)
         events = sorted(events, key=lambda e: e[0])
+        errors = []
         start = time.time()
+        self.event_thread = threading.Thread(target=self._run_events, args=(events, start, errors), daemon=True)
+        self.event_thread.start()
         for n in range(count):
             due = start + n / rate
-            while events and time.time() - start >= events[0][0]:
-                events.pop(0)[1]()
             now = time.time()
             if due > now:
                 time.sleep(due - now)
-            user = f"user-{random.randrange(users)}"
             request_id = f"{self.prefix}-{n}"
-            payload = f'{{"n":{n},"amount":{random.randrange(100000)}}}'.encode()
-            record = {"request_id": request_id, "user_id": user, "deployment": self.deployment,
-                      "sent_at": int(time.time() * 1000), "payload": payload, "attributes": {}}
-            producer.produce(self.topics["REQUESTS"], key=user.encode(), value=encode("Request", record), on_delivery=delivered)
+            if n in big:
+                user = f"big-user-{n}"
+                payload, value = self.big_request(request_id, user, big[n])
+                self.big[request_id] = len(value)
+            else:
+                user = f"user-{random.randrange(users)}"
+                payload = f'{{"n":{n},"amount":{random.randrange(100000)}}}'.encode()
+                record = {"request_id": request_id, "user_id": user, "deployment": self.deployment,
+                          "sent_at": int(time.time() * 1000), "payload": payload, "attributes": {}}
+                value = encode("Request", record)
+            while True:
+                try:
+                    producer.produce(self.topics["REQUESTS"], key=user.encode(), value=value, on_delivery=delivered)
+                    break
+                except BufferError:
+                    producer.poll(0.1)
+            self.sent_at[request_id] = time.time() * 1000
             self.sent.append((request_id, user, payload))
+            self.values[request_id] = value
             if garbage_every and n % garbage_every == garbage_every // 2:
                 producer.produce(self.topics["REQUESTS"], key=b"garbage", value=random.randbytes(random.randrange(0, 64)),
                                  on_delivery=delivered)
                 self.garbage += 1
             producer.poll(0)
             if n % 50 == 0:
-                for i, p in self.instances.items():
+                for i, p in list(self.instances.items()):
                     if p.poll() is None:
                         self.rss_samples.append(rss_kib(p.pid))
-        for at, action in events:
-            time.sleep(max(0.0, start + at - time.time()))
-            action()
+        log(f"  sent {count} requests ({self.garbage} garbage records) in {time.time() - start:.1f} s")
+        while self.event_thread.is_alive():
+            self.event_thread.join(0.5)
+            producer.poll(0)
         remaining = producer.flush(120)
         if remaining or failures:
             raise RuntimeError(f"{remaining} requests not delivered, {len(failures)} failed: {failures[:3]}")
-        log(f"  sent {count} requests ({self.garbage} garbage records) in {time.time() - start:.1f} s")
+        if errors:
+            raise RuntimeError(f"{len(errors)} fault events failed: {errors[0]}")
 
-    def read_all(self, topic, expected, limit_s, settle_s=3.0, group_suffix="check"):
-        consumer = Consumer({"bootstrap.servers": BOOTSTRAP, "group.id": f"{self.prefix}-{group_suffix}-{random.random()}", "log_level": 2,
-                             "isolation.level": "read_committed", "enable.auto.commit": False,
-                             "auto.offset.reset": "earliest"})
+    def _consumer(self, group_suffix, isolation="read_committed"):
+        return Consumer({"bootstrap.servers": BOOTSTRAP, "group.id": f"{self.prefix}-{group_suffix}-{random.random()}",
+                         "log_level": 2, "isolation.level": isolation, "enable.auto.commit": False,
+                         "auto.offset.reset": "earliest"})
+
+    def read_all(self, topic, expected, limit_s, settle_s=3.0, group_suffix="check", idle_s=None):
+        """Reads `topic` from the beginning until `expected` records (then `settle_s` more), `limit_s`, or
+        `idle_s` without a new record, whichever comes first."""
+        consumer = self._consumer(group_suffix)
         metadata = consumer.list_topics(topic, timeout=30)
-        partitions = [TopicPartition(topic, p, 0) for p in metadata.topics[topic].partitions]
-        consumer.assign(partitions)
+        info = metadata.topics.get(topic)
+        if info is None or info.error is not None or not info.partitions:
+            consumer.close()
+            return []
+        self.partition_counts[topic] = len(info.partitions)
+        consumer.assign([TopicPartition(topic, p, 0) for p in info.partitions])
         records = []
         deadline = time.time() + limit_s
         reached = None
+        last_new = time.time()
         while time.time() < deadline:
             if len(records) >= expected and reached is None:
                 reached = time.time()
             if reached is not None and time.time() - reached >= settle_s:
                 break
+            if idle_s is not None and time.time() - last_new >= idle_s:
+                if expected != float("inf"):
+                    log(f"  nothing new on {topic} for {idle_s} s; {len(records)} of {expected} records read")
+                break
             msg = consumer.poll(0.2)
             if msg is None or msg.error():
                 continue
             records.append(msg)
+            last_new = time.time()
         consumer.close()
         return records
 
+    def read_snapshot(self, topic, limit_s=20):
+        """Every record now on `topic` (read_uncommitted), from its first offset to its end."""
+        consumer = self._consumer("snapshot", isolation="read_uncommitted")
+        try:
+            info = consumer.list_topics(topic, timeout=30).topics.get(topic)
+            if info is None or info.error is not None:
+                return []
+            ends = {}
+            for p in info.partitions:
+                low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)
+                if high > low:
+                    ends[p] = high
+            consumer.assign([TopicPartition(topic, p, -2) for p in ends])    # -2: OFFSET_BEGINNING
+            records = []
+            deadline = time.time() + limit_s
+            while ends and time.time() < deadline:
+                msg = consumer.poll(0.2)
+                if msg is None or msg.error():
+                    continue
+                records.append(msg)
+                if msg.offset() + 1 >= ends.get(msg.partition(), 0):
+                    ends.pop(msg.partition(), None)
+            return records
+        finally:
+            consumer.close()
+
+    def count_records(self, topic, idle_s=5, limit_s=60):
+        """How many records a read_committed consumer sees on `topic` (None if the topic does not exist)."""
+        consumer = self._consumer("count")
+        try:
+            info = consumer.list_topics(topic, timeout=30).topics.get(topic)
+            if info is None or info.error is not None or not info.partitions:
+                return None
+        finally:
+            consumer.close()
+        return len(self.read_all(topic, float("inf"), limit_s, group_suffix="count", idle_s=idle_s))
+
     # checks ----------------------------------------------------------------------------------------
     def check(self, limit_s=240):
-        messages = self.read_all(self.topics["DECISIONS"], len(self.sent), limit_s)
-        decisions = [(m.partition(), m.offset(), decode("Decision", m.value())) for m in messages]
-        by_id = defaultdict(list)
-        for p, o, d in decisions:
-            by_id[d["request_id"]].append(d)
         sent_ids = {r for r, _, _ in self.sent}
         payloads = {r: (u, p) for r, u, p in self.sent}
-        missing = len(sent_ids - by_id.keys())
-        duplicates = sum(len(v) - 1 for v in by_id.values() if len(v) > 1)
+        result = {}
+        # Dead letters first, where the scenario sends input that must be dead-lettered: a dead-lettered
+        # request counts as settled (its one outcome), and then needs no decision.
+        dead = defaultdict(list)
+        if self.garbage or self.big:
+            over = sum(1 for size in self.big.values() if size > MAX_REQUEST_BYTES)
+            letters = self.read_all(self.topics["DEAD_LETTER"], self.garbage + over, 60, group_suffix="dlq")
+            garbage_letters = 0
+            for m in letters:
+                request = try_decode("Request", m.value())
+                if request is not None and request["request_id"] in sent_ids:
+                    dead[request["request_id"]].append(m)
+                else:
+                    garbage_letters += 1
+            result["dead_letters"] = len(letters)
+            result["dead_letters_with_reason"] = sum(1 for m in letters if headers_of(m).get("dlq.reason"))
+            result["garbage_dead_letters"] = garbage_letters
+            result["dead_lettered"] = len(dead)
+        self.dead_by_id = dict(dead)
+        messages = self.read_all(self.topics["DECISIONS"], len(self.sent) - len(dead), limit_s, idle_s=90)
+        read_end = time.time() * 1000
+        decisions = [(m.partition(), m.offset(), m.timestamp()[1], decode("Decision", m.value())) for m in messages]
+        by_id = defaultdict(list)
+        for p, o, ts, d in decisions:
+            by_id[d["request_id"]].append(d)
+        self.decided_ids = by_id.keys() & sent_ids
+        missing_ids = sent_ids - by_id.keys() - dead.keys()
+        missing = len(missing_ids)
+        duplicates = sum(len(v) - 1 for v in by_id.values() if len(v) > 1) + sum(len(v) - 1 for v in dead.values())
         unknown = len(by_id.keys() - sent_ids)
         wrong_model = shadow_served = 0
         statuses = Counter()
@@ -281,36 +539,74 @@ class Scenario:
         sequence = {r: n for n, (r, _, _) in enumerate(self.sent)}
         per_user = defaultdict(list)
         timed_out_users = set()
-        for p, o, d in sorted(decisions, key=lambda x: (x[0], x[1])):
+        for p, o, ts, d in sorted(decisions, key=lambda x: (x[0], x[1])):
             if d["request_id"] in sequence:
                 per_user[d["user_id"]].append(sequence[d["request_id"]])
                 if d["status"] == "TIMEOUT":
                     timed_out_users.add(d["user_id"])
         order_violations = sum(1 for u, seq in per_user.items() if u not in timed_out_users and seq != sorted(seq))
-        result = {
-            "sent": len(self.sent), "decided": len(by_id.keys() & sent_ids), "missing": missing,
+        result.update({
+            "sent": len(self.sent), "decided": len(self.decided_ids), "missing": missing,
             "duplicates": duplicates, "unknown": unknown, "wrong_model": wrong_model, "shadow_served": shadow_served,
             "order_violations": order_violations, "statuses": dict(statuses),
-        }
+        })
+        if dead:
+            result["decided_and_dead_lettered"] = len(self.decided_ids & dead.keys())
         if len(versions) > 1:
             result["versions"] = {str(v): n for v, n in sorted(versions.items())}
-        if self.garbage:
-            letters = self.read_all(self.topics["DEAD_LETTER"], self.garbage, 60)
-            reasons = [dict(m.headers() or []).get("dlq.reason") for m in letters]
-            result["dead_letters"] = len(letters)
-            result["dead_letters_with_reason"] = sum(1 for r in reasons if r)
+        partitions = self.partition_counts.get(self.topics["DECISIONS"], 0)
+        stalled = {murmur2_partition(payloads[r][0].encode(), partitions) for r in missing_ids} if partitions else set()
+        result.update(self.timing([(p, ts, d["request_id"]) for p, o, ts, d in decisions], read_end, stalled))
         if self.rss_samples:
             samples = [s for s in self.rss_samples if s]
             result["rss_mib_max"] = round(max(samples) / 1024, 1) if samples else None
         return result
 
+    def timing(self, decisions, read_end, stalled=()):
+        """stall_s: the largest gap between consecutive decision timestamps on any decisions partition, among
+        the gaps that overlap the sending interval (first send to last send), counted whole; a partition
+        whose last decision came before the last send counts the gap to the last send. A partition that
+        still owes decisions when reading stopped (`stalled`: missing requests' partitions, by the key's
+        murmur2 partition) counts the gap from its last decision to then, and stall_open is set: the stall
+        had not ended. delay_*: decision timestamp minus the request's send time."""
+        if not self.sent_at:
+            return {}
+        first, last = min(self.sent_at.values()), max(self.sent_at.values())
+        per_partition = defaultdict(list)
+        delays = []
+        for p, ts, rid in decisions:
+            per_partition[p].append(ts)
+            if rid in self.sent_at:
+                delays.append((ts - self.sent_at[rid]) / 1000)
+        stall = 0.0
+        for ts in per_partition.values():
+            ts.sort()
+            for a, b in zip(ts, ts[1:]):
+                if b > first and a < last:
+                    stall = max(stall, b - a)
+            if ts[-1] < last:
+                stall = max(stall, last - ts[-1])
+        for p in stalled:
+            since = max([first] + [t for t in per_partition.get(p, []) if t < read_end])
+            stall = max(stall, read_end - since)
+        out = {"stall_s": round(stall / 1000, 2)}
+        if stalled:
+            out["stall_open"] = True
+        if delays:
+            out["delay_p99_s"] = round(percentile(delays, 0.99), 2)
+            out["delay_max_s"] = round(max(delays), 2)
+        return out
+
 
 def ok(result):
-    good = (result["missing"] == 0 and result["duplicates"] == 0 and result["unknown"] == 0 and result["wrong_model"] == 0
-            and result["shadow_served"] == 0 and result["order_violations"] == 0)
+    good = (result.get("missing", 1) == 0 and result.get("duplicates", 1) == 0 and result.get("unknown", 1) == 0
+            and result.get("wrong_model", 1) == 0 and result.get("shadow_served", 1) == 0
+            and result.get("order_violations", 1) == 0)
     good = good and result.get("instances_running_at_end", True) and "failed" not in result
+    good = good and result.get("decided_and_dead_lettered", 0) == 0
     if "dead_letters" in result:
-        good = good and result["dead_letters"] == result["dead_letters_with_reason"] == result.get("garbage", result["dead_letters"])
+        good = good and result["dead_letters"] == result["dead_letters_with_reason"]
+        good = good and result["garbage_dead_letters"] == result.get("garbage", 0)
     return good
 
 
@@ -362,16 +658,22 @@ def model_stall(s, a):
                                                 (a.duration * 0.7, lambda: s.signal_model(CONTROL, signal.SIGCONT))])
 
 
+SIGSTOP_PAUSE_S = 16    # past the shipped 10 s session timeout
+
+
 def sigstop_instance(s, a):
     s.setup(instances=2)
     def pause():
         s.signal_instance(0, signal.SIGSTOP)
     def cont():
         s.signal_instance(0, signal.SIGCONT)
-    # 10 s paused: past the 6 s session timeout; instance 1 takes over, instance 0 must be fenced.
-    s.produce(a.count, a.rate, a.users, events=[(a.duration * 0.25, pause), (a.duration * 0.25 + 10, cont)])
+    # Paused past the (shipped default) session timeout: instance 1 takes over, instance 0 must be fenced.
+    s.produce(a.count, a.rate, a.users, events=[(a.duration * 0.25, pause), (a.duration * 0.25 + SIGSTOP_PAUSE_S, cont)])
     time.sleep(5)
-    s.notes["zombie_transactions_refused"] = s.count_in_log("switchyard-0", "transaction failed")
+    refused = s.count_in_log("switchyard-0", "transaction failed", "fenced")
+    s.notes["zombie_transactions_refused"] = refused
+    if refused == 0:
+        s.fail(f"the zombie was not fenced: no refused transaction in its log after a {SIGSTOP_PAUSE_S} s pause")
 
 
 def stalled_backpressure(s, a):
@@ -381,7 +683,10 @@ def stalled_backpressure(s, a):
     s.setup(instances=1, timeout_ms=8000)
     s.produce(a.count, a.rate, a.users, events=[(a.duration * 0.2, lambda: s.signal_model(CONTROL, signal.SIGSTOP)),
                                                 (a.duration * 0.8, lambda: s.signal_model(CONTROL, signal.SIGCONT))])
-    s.notes["intake_paused"] = s.count_in_log("switchyard-0", "pausing intake")
+    paused = s.count_in_log("switchyard-0", "pausing intake")
+    s.notes["intake_paused"] = paused
+    if paused == 0:
+        s.fail("intake never paused while the serving model was stalled")
 
 
 def canary_10(s, a):
@@ -399,7 +704,7 @@ def shadow(s, a):
     comparisons = s.read_all(s.topics["SHADOW_COMPARISONS"], len(s.sent), 120)
     s.notes["shadow_comparisons"] = len(comparisons)
     if len(comparisons) != len(s.sent):
-        s.notes["failed"] = f"{len(comparisons)} comparisons for {len(s.sent)} requests"
+        s.fail(f"{len(comparisons)} comparisons for {len(s.sent)} requests")
 
 
 def blue_green(s, a):
@@ -416,8 +721,250 @@ def garbage_mix(s, a):
     s.produce(a.count, a.rate, a.users, garbage_every=10)
 
 
+# hardening scenarios ----------------------------------------------------------------------------------
+def stall_at_most(s, limit_s, goal_s=None):
+    """Fails the scenario when its stall_s reaches `limit_s`."""
+    def check(result):
+        stall = result.get("stall_s")
+        if stall is None:
+            s.fail("no decisions: stall not measurable")
+        elif stall >= limit_s:
+            goal = f" (goal {goal_s} s)" if goal_s else ""
+            s.fail(f"decisions stalled {stall} s, limit {limit_s} s{goal}")
+    s.after_check.append(check)
+
+
+def restart_gap(s, a, rate, duration):
+    """kill -9 of the only instance at 40%, restarted at once with the same instance id: the restarted
+    incarnation must take over its own partitions within seconds, not after a session timeout."""
+    s.setup(instances=1)
+    def crash_and_restart():
+        s.signal_instance(0, signal.SIGKILL)
+        s.start_instance(0)
+    stall_at_most(s, 10, goal_s=5)
+    s.produce(int(rate * duration), rate, a.users, events=[(duration * 0.4, crash_and_restart)])
+
+
+def restart_gap_100(s, a):
+    restart_gap(s, a, 100, a.duration)
+
+
+def restart_gap_1000(s, a):
+    restart_gap(s, a, 1000, min(a.duration, 12))
+
+
+def sigterm_handover(s, a):
+    """Scale-in: SIGTERM one of two instances; the other takes over its partitions without a stall and the
+    stopped one exits 0."""
+    s.setup(instances=2)
+    stall_at_most(s, 5)
+    s.produce(a.count, a.rate, a.users, events=[(a.duration * 0.4, lambda: s.signal_instance(1, signal.SIGTERM))])
+    s.notes["exit_code"] = s.exit_codes.get(1)
+    if s.exit_codes.get(1) != 0:
+        s.fail(f"instance 1 exited with {s.exit_codes.get(1)} after SIGTERM, not 0")
+
+
+def dead_instance(s, a):
+    """kill -9 of one of two instances, never restarted: the survivor takes over after the session timeout."""
+    s.setup(instances=2)
+    stall_at_most(s, 20)
+    s.produce(a.count, a.rate, a.users, events=[(a.duration * 0.3, lambda: s.signal_instance(1, signal.SIGKILL))])
+
+
+OVERSIZED_COUNT = 400
+BIG_SIZES = (999_000, 1_000_500, 1_020_000, 1_040_000)
+
+
+def oversized_mix(s, a):
+    """Normal traffic with four big requests around service.max_request_bytes (1,000,000): each has exactly
+    one outcome (a decision, or a byte-for-byte dead letter with a reason); those over the limit are
+    dead-lettered as oversized; the normal requests are all decided."""
+    s.setup(instances=1)
+    big = {OVERSIZED_COUNT * (k + 1) // (len(BIG_SIZES) + 1): size for k, size in enumerate(BIG_SIZES)}
+    s.produce(OVERSIZED_COUNT, a.rate, a.users, big=big)
+
+    def check(result):
+        outcomes = {}
+        for rid, size in sorted(s.big.items(), key=lambda x: x[1]):
+            letters = s.dead_by_id.get(rid, [])
+            decided = rid in s.decided_ids
+            kinds = [headers_of(m).get("dlq.kind") for m in letters]
+            parts = (["decision"] if decided else []) + [f"dead letter ({kind})" for kind in kinds]
+            outcomes[str(size)] = " + ".join(parts) or "none"
+            if decided and letters:
+                s.fail(f"request of {size} bytes was both decided and dead-lettered")
+            if not decided and not letters:
+                s.fail(f"request of {size} bytes has no outcome (neither decision nor dead letter)")
+            if len(letters) > 1:
+                s.fail(f"request of {size} bytes was dead-lettered {len(letters)} times")
+            for m in letters:
+                if m.value() != s.values[rid]:
+                    s.fail(f"dead letter of the {size}-byte request is not the request byte for byte "
+                           f"({len(m.value() or b'')} bytes)")
+                if not headers_of(m).get("dlq.reason"):
+                    s.fail(f"dead letter of the {size}-byte request has no dlq.reason")
+            if size > MAX_REQUEST_BYTES:
+                if decided:
+                    s.fail(f"request of {size} bytes (> {MAX_REQUEST_BYTES}) was decided, not dead-lettered")
+                elif letters and kinds[0] != "oversized":
+                    s.fail(f"request of {size} bytes dead-lettered as {kinds[0]!r}, not 'oversized'")
+        normal_dead = [rid for rid in s.dead_by_id if rid not in s.big]
+        if normal_dead:
+            s.fail(f"{len(normal_dead)} normal requests were dead-lettered")
+        s.notes["big_outcomes"] = outcomes
+    s.after_check.append(check)
+
+
+def foreign_partitioner_worker(s, a):
+    """Model workers written from the contract with confluent-kafka's default partitioner (consistent_random,
+    not murmur2): predictions land on other partitions than their requests; every request must still be
+    answered OK (merge forwards such predictions to the partition it joins on)."""
+    s.setup(instances=2, models=False)
+    for model in (CONTROL, CANDIDATE, MIRROR):
+        s.start_worker(model)
+    s.produce(a.count, a.rate, a.users)
+
+    def check(result):
+        statuses = result.get("statuses", {})
+        not_ok = sum(n for status, n in statuses.items() if status != "OK")
+        if not_ok:
+            s.fail(f"{not_ok} of {sum(statuses.values())} decisions not OK")
+        if "FORWARDED_PREDICTIONS" in s.topics:
+            s.notes["forwarded"] = s.count_records(s.topics["FORWARDED_PREDICTIONS"])
+        else:
+            s.notes["forwarded"] = "n/a (legacy)"
+    s.after_check.append(check)
+
+
+COMPACTION_LIMIT_S = 90
+
+
+def compaction(s, a):
+    """A hand-written record with the version in force but another split is rejected; compaction must not
+    bring it back: after the deployments topic is compacted, status and a new instance still use 10%."""
+    s.setup(instances=1, deploy=["--strategy", "canary", "--control", CONTROL, "--candidate", CANDIDATE,
+                                 "--canary-percent", "10"])
+    s.expected_model = lambda user, d: CANDIDATE if bucket(s.deployment, user) < 1000 else CONTROL
+    topic = s.topics["DEPLOYMENTS"]
+    key = s.deployment.encode()
+    current = [m for m in s.read_snapshot(topic) if m.key() == key and m.value()]
+    if not current:
+        raise RuntimeError(f"no record for {s.deployment} on {topic}")
+    first = current[-1]
+    spec = json.loads(first.value())
+    spec["canary_percent"] = 50.0 if isinstance(spec.get("canary_percent"), float) else 50
+    time.sleep(3)   # let the instance load the deployment first
+
+    producer = Producer({"bootstrap.servers": BOOTSTRAP, "log_level": 2})
+    offsets = {}
+    def delivered(err, msg):
+        offsets[msg.key()] = (err, msg.partition(), msg.offset())
+    producer.produce(topic, key=key, value=json.dumps(spec).encode(), on_delivery=delivered)
+    producer.flush(30)
+    err, partition, hand = offsets[key]
+    if err is not None:
+        raise RuntimeError(f"hand-written record not written: {err}")
+    log(f"  hand-written record (version {spec['version']}, canary_percent 50) at offset {hand}")
+
+    # The running instance rejects it; the hardened one writes the config in force back.
+    written_back = None
+    deadline = time.time() + 15
+    while time.time() < deadline and written_back is None:
+        later = [m for m in s.read_snapshot(topic) if m.key() == key and m.partition() == partition and m.offset() > hand]
+        if later:
+            written_back = later[0]
+        else:
+            time.sleep(1)
+    s.notes["written_back"] = written_back is not None
+    log(f"  config in force written back: {written_back.value().decode() if written_back else 'no (within 15 s)'}")
+
+    admin = AdminClient({"bootstrap.servers": BOOTSTRAP, "log_level": 2})
+    entries = [ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET)
+               for k, v in (("segment.ms", "100"), ("min.cleanable.dirty.ratio", "0.001"), ("delete.retention.ms", "100"))]
+    for future in admin.incremental_alter_configs([ConfigResource(ResourceType.TOPIC, topic, incremental_configs=entries)]).values():
+        future.result(30)
+    time.sleep(1)
+    # Roll the segment with a harmless record: a valid deployment under another, unused name.
+    producer.produce(topic, key=b"compaction-roll", value=b'{"version":1,"strategy":"single","control":"v1"}')
+    producer.flush(30)
+
+    started = time.time()
+    state = None
+    while time.time() - started < COMPACTION_LIMIT_S:
+        present = {(m.partition(), m.offset()) for m in s.read_snapshot(topic)}
+        if (partition, hand) not in present:
+            state = "removed"
+            break
+        if (first.partition(), first.offset()) not in present:
+            state = "kept"
+            break
+        time.sleep(1)
+    s.notes["compaction_s"] = round(time.time() - started, 1)
+    if state is None:
+        s.fail(f"compaction did not remove the hand-written record (offset {hand}) within {COMPACTION_LIMIT_S} s")
+    elif state == "kept":
+        s.fail(f"compaction removed the original record (offset {first.offset()}) but kept the hand-written "
+               f"50% record (offset {hand}): nothing superseded it")
+    log(f"  compaction: hand-written record {state or 'still there'} after {s.notes['compaction_s']} s")
+
+    status = s.cli("status", s.deployment)
+    split = next((line for line in status.splitlines() if "split:" in line), "")
+    percent = split.split("split:", 1)[1].split("%")[0].strip() if "%" in split else None
+    s.notes["status_candidate_percent"] = percent
+    log(f"  status: {split.strip()}")
+    if percent != "10.00":
+        s.fail(f"status shows {percent}% for the candidate after compaction, not 10.00%")
+
+    s.start_instance(1)
+    s.signal_instance(0, signal.SIGTERM)
+    s.produce(a.count, a.rate, a.users)
+
+
 SCENARIOS = {f.__name__: f for f in (canary_10, shadow, blue_green, kill9_instance, sigterm_bounce, scale_1_3_1, broker_kill9, model_stall,
-                                     sigstop_instance, stalled_backpressure, garbage_mix)}
+                                     sigstop_instance, stalled_backpressure, garbage_mix, restart_gap_100, restart_gap_1000,
+                                     sigterm_handover, dead_instance, oversized_mix, foreign_partitioner_worker, compaction)}
+
+EXTRAS = ("stall_s", "stall_open", "delay_max_s", "dead_letters", "dead_lettered", "garbage", "rss_mib_max", "zombie_transactions_refused",
+          "intake_paused", "shadow_comparisons", "versions", "exit_code", "big_outcomes", "forwarded", "written_back",
+          "status_candidate_percent", "decided_and_dead_lettered", "instances_running_at_end", "failed")
+
+
+def run_scenario(name, a):
+    s = Scenario(name, a.workdir, a.bin, legacy=a.legacy)
+    result = {}
+    def overrun(signum, frame):
+        raise ScenarioTimeout()
+    signal.signal(signal.SIGALRM, overrun)
+    signal.alarm(int(a.scenario_timeout))
+    try:
+        try:
+            SCENARIOS[name](s, a)
+        except Exception as e:
+            traceback.print_exc()
+            s.fail(f"scenario error: {type(e).__name__}: {e}")
+        def alive():
+            return all(p.poll() is None for i, p in list(s.instances.items()) if i not in s.stopped)
+        running = alive()
+        if s.sent:
+            result = s.check()
+            for after in s.after_check:
+                after(result)
+        else:
+            s.fail("no requests were sent")
+        # Checked when traffic ends and again after the decisions were read (an instance may die late).
+        result["instances_running_at_end"] = running and alive()
+    except ScenarioTimeout:
+        s.fail(f"scenario did not finish within {a.scenario_timeout} s")
+    except Exception as e:
+        traceback.print_exc()
+        s.fail(f"check error: {type(e).__name__}: {e}")
+    finally:
+        signal.alarm(0)
+        s.stop_all()
+    if s.garbage:
+        result["garbage"] = s.garbage
+    result.update(s.notes)
+    return result
 
 
 def main():
@@ -427,36 +974,37 @@ def main():
     parser.add_argument("--duration", type=float, default=20, help="seconds of traffic per scenario")
     parser.add_argument("--users", type=int, default=500)
     parser.add_argument("--workdir", default=os.path.join(REPO, ".faults"))
+    parser.add_argument("--bin", default=DEFAULT_BIN, help="switchyard binary (default: $SWITCHYARD_BIN or target/debug/switchyard)")
+    parser.add_argument("--legacy", action="store_true",
+                        help="do not pass settings the pre-hardening binary does not know (topics.forwarded_predictions)")
+    parser.add_argument("--scenario-timeout", type=float, default=900, help="a scenario still running after this many seconds fails")
     a = parser.parse_args()
     a.count = int(a.rate * a.duration)
-    results = {}
+    a.bin = os.path.abspath(a.bin)
     for name in a.scenarios:
         if name not in SCENARIOS:
             parser.error(f"unknown scenario {name}")
-        log(f"scenario {name}: {a.count} requests at {a.rate}/s")
-        s = Scenario(name, a.workdir)
-        try:
-            SCENARIOS[name](s, a)
-            alive = all(p.poll() is None for i, p in s.instances.items() if i not in s.stopped)
-            result = s.check()
-            result["instances_running_at_end"] = alive
-            result.update(s.notes)
-            if s.garbage:
-                result["garbage"] = s.garbage
-        finally:
-            s.stop_all()
+    if not os.access(a.bin, os.X_OK):
+        parser.error(f"{a.bin} is not an executable switchyard binary")
+    log(f"binary {a.bin}{' (legacy settings)' if a.legacy else ''}")
+    results = {}
+    for name in a.scenarios:
+        log(f"scenario {name}")
+        started = time.time()
+        result = run_scenario(name, a)
+        result["scenario_s"] = round(time.time() - started)
         results[name] = result
         log(f"  {'PASS' if ok(result) else 'FAIL'} {json.dumps(result)}")
     print()
-    print(f"{'scenario':<22} {'sent':>6} {'decided':>7} {'missing':>7} {'dupes':>5} {'wrong':>5} {'shadow':>6} {'order':>5}  statuses / extra")
+    print(f"{'scenario':<27} {'sent':>6} {'decided':>7} {'missing':>7} {'dupes':>5} {'wrong':>5} {'shadow':>6} {'order':>5}  statuses / extra")
     for name, r in results.items():
-        extra = dict(r["statuses"])
-        for k in ("dead_letters", "garbage", "rss_mib_max", "zombie_transactions_refused", "intake_paused",
-                  "shadow_comparisons", "versions", "failed"):
-            if k in r:
+        extra = dict(r.get("statuses", {}))
+        for k in EXTRAS:
+            if k in r and not (k == "instances_running_at_end" and r[k]):
                 extra[k] = r[k]
-        print(f"{name:<22} {r['sent']:>6} {r['decided']:>7} {r['missing']:>7} {r['duplicates']:>5} {r['wrong_model']:>5} "
-              f"{r['shadow_served']:>6} {r['order_violations']:>5}  {json.dumps(extra)}")
+        cells = [r.get(k, "-") for k in ("sent", "decided", "missing", "duplicates", "wrong_model", "shadow_served", "order_violations")]
+        print(f"{name:<27} {cells[0]:>6} {cells[1]:>7} {cells[2]:>7} {cells[3]:>5} {cells[4]:>5} "
+              f"{cells[5]:>6} {cells[6]:>5}  {json.dumps(extra)}")
     passed = sum(1 for r in results.values() if ok(r))
     print(f"faults: {passed} passed, {len(results) - passed} failed")
     sys.exit(0 if passed == len(results) else 1)
