@@ -47,7 +47,7 @@ pub async fn next_batch<C: ConsumerContext + 'static>(
 
 fn consumer_error(error: KafkaError) -> Result<(), KafkaError> {
     if let KafkaError::MessageConsumptionFatal(code) = error {
-        tracing::error!(%code, "the consumer cannot go on; is another instance running with this instance id?");
+        tracing::error!(%code, "the consumer cannot go on");
         return Err(error);
     }
     tracing::warn!(%error, "consumer error");

@@ -69,6 +69,14 @@ pub struct TxnStage {
     /// `route` or `merge`, for metrics.
     name: &'static str,
     consumer: StreamConsumer<GroupWatch>,
+    /// Added to the consumer's generation, so that generations keep growing across a new consumer.
+    generation_base: u64,
+    /// What a new consumer needs (see [`TxnStage::next_batch`]).
+    config: Config,
+    group: String,
+    topics: Vec<String>,
+    /// When consumers became unusable lately.
+    lost_consumers: Vec<std::time::Instant>,
     producer: TxnProducer,
     refused: HashMap<SourcePos, Refusal>,
     /// Failed transactions in a row, for backing off when the cause is not a refused record.
@@ -86,7 +94,19 @@ impl TxnStage {
         consumer.subscribe(topics)?;
         let producer = TxnProducer::new(config, config.service.transactional_id(stage), shutdown.clone())?;
         tracing::info!(%group, ?topics, instance = %config.service.instance(), "{stage} consuming");
-        Ok(TxnStage { name: stage, consumer, producer, refused: HashMap::new(), failures: 0, shutdown })
+        Ok(TxnStage {
+            name: stage,
+            consumer,
+            generation_base: 0,
+            config: config.clone(),
+            group,
+            topics: topics.iter().map(|t| t.to_string()).collect(),
+            lost_consumers: Vec::new(),
+            producer,
+            refused: HashMap::new(),
+            failures: 0,
+            shutdown,
+        })
     }
 
     pub fn consumer(&self) -> &StreamConsumer<GroupWatch> {
@@ -95,17 +115,41 @@ impl TxnStage {
 
     /// Changes at every rebalance: a batch read across a change may hold records of lost partitions.
     pub fn generation(&self) -> u64 {
-        self.consumer.context().generation()
+        self.generation_base + self.consumer.context().generation()
     }
 
-    /// The next batch (see [`batch::next_batch`]); an error means the consumer cannot go on.
+    /// The next batch (see [`batch::next_batch`]).
+    ///
+    /// A consumer that became unusable (librdkafka's fatal errors: e.g. `FENCED_INSTANCE_ID`, seen
+    /// after the group coordinator restarted) is replaced by a new one that joins again under the same
+    /// instance id; its first batch starts from the committed offsets. Three such losses within five
+    /// minutes mean another process runs under this instance id: that error is returned.
     pub async fn next_batch(
-        &self,
+        &mut self,
         max: usize,
         wait: Duration,
         idle: Duration,
     ) -> Result<Vec<OwnedMessage>, KafkaError> {
-        batch::next_batch(&self.consumer, max, wait, idle).await
+        let error = match batch::next_batch(&self.consumer, max, wait, idle).await {
+            Ok(batch) => return Ok(batch),
+            Err(error) => error,
+        };
+        let now = std::time::Instant::now();
+        self.lost_consumers.retain(|at| now.duration_since(*at) < Duration::from_secs(300));
+        self.lost_consumers.push(now);
+        if self.lost_consumers.len() >= 3 {
+            tracing::error!(%error, "consumer lost three times in five minutes: is another process running with this instance id?");
+            return Err(error);
+        }
+        tracing::error!(%error, group = %self.group, "the consumer cannot go on; joining the group again with a new one");
+        let consumer = group_consumer(&self.config, &self.group, Some(&self.config.service.instance()))?;
+        let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics)?;
+        self.generation_base = self.generation() + 2;
+        let old = std::mem::replace(&mut self.consumer, consumer);
+        // Closing an unusable consumer may wait on the broker; not on this task.
+        tokio::task::spawn_blocking(move || drop(old));
+        Ok(Vec::new())
     }
 
     /// Why the broker refused what this input turned into, if it did: the caller dead-letters it
