@@ -279,3 +279,38 @@ async fn an_oversized_prediction_is_dead_lettered_and_its_request_times_out() {
     assert_eq!(letters[0].headers["dlq.kind"], "oversized");
     env.stop().await;
 }
+
+/// A dead letter the dead-letter topic refuses (it allows less than the input topic) goes out without
+/// its value, naming where the original is; the service does not stall on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_too_large_for_its_topic_goes_without_its_value() {
+    let Some(mut env) = Env::new("dlqlimit").await else { return };
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", &env.config.kafka.bootstrap_servers).create().unwrap();
+    let dlq = env.config.topics.dead_letter.clone();
+    let change = rdkafka::admin::AlterConfig::new(rdkafka::admin::ResourceSpecifier::Topic(&dlq))
+        .set("max.message.bytes", "20000");
+    let altered = admin.alter_configs([&change], &AdminOptions::new()).await.unwrap();
+    assert!(altered.iter().all(Result::is_ok), "{altered:?}");
+    env.deploy("fraud", r#"{"strategy":"single","control":"d1","timeout_ms":10000}"#).await;
+    env.start_service();
+    env.start_model("d1", 0, 0.0, 0.0);
+    let sent = requests("fraud", "dlqlimit", 100, 20);
+    let garbage: Vec<u8> = (0..50_000).map(|_| rand::random::<u8>()).collect();
+    let mut records: Vec<OutRecord> = sent
+        .iter()
+        .map(|r| OutRecord::new(env.config.topics.requests.clone(), r.user_id.as_bytes(), env.codec.encode(r)))
+        .collect();
+    records.insert(40, OutRecord::new(env.config.topics.requests.clone(), "garbage", garbage));
+    env.produce(records).await;
+    let decisions = env.read::<Decision>(&env.config.topics.decisions, sent.len(), LIMIT, SETTLE).await;
+    assert_eq!(decisions.len(), sent.len(), "the rest is decided");
+    let letters = env.read_raw(&dlq, 1, LIMIT, SETTLE).await;
+    assert_eq!(letters.len(), 1, "one dead letter");
+    let letter = &letters[0];
+    assert_eq!((letter.headers["dlq.kind"].as_str(), letter.headers["dlq.value"].as_str()), ("unwritable", "dropped"));
+    assert!(letter.value.is_empty() && letter.key == b"garbage");
+    assert_eq!(letter.headers["dlq.topic"], env.config.topics.requests);
+    assert!(letter.headers["dlq.offset"].parse::<i64>().is_ok());
+    env.stop().await;
+}

@@ -767,7 +767,7 @@ def sigterm_handover(s, a):
 def dead_instance(s, a):
     """kill -9 of one of two instances, never restarted: the survivor takes over after the session timeout."""
     s.setup(instances=2)
-    stall_at_most(s, 20)
+    stall_at_most(s, 15)
     s.produce(a.count, a.rate, a.users, events=[(a.duration * 0.3, lambda: s.signal_instance(1, signal.SIGKILL))])
 
 

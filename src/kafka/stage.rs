@@ -45,12 +45,13 @@ impl Outbox {
         self.records.push(record);
         self.events.push(event);
     }
-}
 
-impl Extend<(OutRecord, Event)> for Outbox {
-    fn extend<I: IntoIterator<Item = (OutRecord, Event)>>(&mut self, items: I) {
-        for item in items {
-            self.push(item);
+    /// Adds a record made from the input at `index` of the batch (a dead letter, say): if the broker
+    /// refuses it, that input's next dead letter goes without its value.
+    pub fn push_from(&mut self, index: usize, item: Option<(OutRecord, Event)>) {
+        if let Some((mut record, event)) = item {
+            record.origin = Some(index);
+            self.push((record, event));
         }
     }
 }

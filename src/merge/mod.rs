@@ -285,10 +285,10 @@ fn feed(
     state.progress.seen(&source);
     let now = kafka::now_millis();
     if let Some(refusal) = stage.refusal(message) {
-        return batch.out.extend(Letter::refused(message, refusal, &config.topics.dead_letter));
+        return batch.out.push_from(index, Letter::refused(message, refusal, &config.topics.dead_letter));
     }
     let mut reject = |kind, reason: String| {
-        batch.out.push(Letter::of(message, kind, reason).record(&config.topics.dead_letter));
+        batch.out.push_from(index, Some(Letter::of(message, kind, reason).record(&config.topics.dead_letter)));
     };
     let value = message.payload().unwrap_or_default();
     if message.topic() == config.topics.routed {

@@ -123,7 +123,7 @@ fn process(
     out: &mut Outbox,
 ) {
     if let Some(refusal) = stage.refusal(message) {
-        out.extend(Letter::refused(message, refusal, &config.topics.dead_letter));
+        out.push_from(index, Letter::refused(message, refusal, &config.topics.dead_letter));
         return;
     }
     match admit(message.payload(), config.service.max_request_bytes, codec, registry) {
@@ -139,7 +139,7 @@ fn process(
                 record
             }));
         }
-        Err(e) => out.push(Letter::of(message, e.kind, e.reason).record(&config.topics.dead_letter)),
+        Err(e) => out.push_from(index, Some(Letter::of(message, e.kind, e.reason).record(&config.topics.dead_letter))),
     }
 }
 
