@@ -73,7 +73,7 @@ impl TxnProducer {
         if let Err(failure) = &mut result {
             tracing::warn!(error = %failure.error, records = records.len(), refused = failure.refused.len(),
                 "transaction failed; its records are discarded and inputs rewound");
-            self.recover(&failure.error).await;
+            self.recover(&failure.error, !failure.refused.is_empty()).await;
             if failure.refused.len() > 1 {
                 failure.refused = self.probe(records, std::mem::take(&mut failure.refused)).await;
             }
@@ -158,9 +158,9 @@ impl TxnProducer {
     /// A producer whose records the broker refused is always replaced: librdkafka's idempotence state
     /// for the partition of a refused batch can leave the next transaction's records waiting until they
     /// time out (seen here: 10 s), while a new producer starts clean.
-    async fn recover(&mut self, error: &KafkaError) {
-        let fatal = matches!(error, KafkaError::Transaction(e) if e.is_fatal()) || refuses_record(error);
-        if !fatal && block_in_place(|| self.producer.abort_transaction(TXN_CALL_TIMEOUT)).is_ok() {
+    async fn recover(&mut self, error: &KafkaError, refused: bool) {
+        let fatal = matches!(error, KafkaError::Transaction(e) if e.is_fatal());
+        if !fatal && !refused && block_in_place(|| self.producer.abort_transaction(TXN_CALL_TIMEOUT)).is_ok() {
             return;
         }
         self.replace().await;
