@@ -1,0 +1,250 @@
+//! Guards that may be checked after every batch without inflating false alarms.
+//!
+//! Each guard keeps an e-process: `E_0 = 1`, multiplied after each block of data by a factor whose
+//! expected value is at most 1 while the candidate is not worse. By Ville's inequality the chance that
+//! `E` ever reaches `1/α` is at most `α`, however often it is looked at; a guard fires there. Everything a
+//! factor uses (plug-in estimates) comes from blocks before it. Values are kept as logarithms.
+//!
+//! Validity assumes independent observations: feed users, not requests (e.g. each user's first
+//! decision in a step), since one user's requests are correlated; leave out users who were not
+//! randomised (overrides, attribute rules); run one e-process per ramp step; and form blocks in routing
+//! order, scoring a block once all its decisions are final (a timeout arrives at its deadline, so
+//! arrival order depends on the outcome). `../shared/GUARDS.md` in the project's steering notes has the
+//! formulas and their sources; the simulations below check them.
+
+/// Outcomes of one arm in one block: `n` observations, `bad` of them bad.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Block {
+    pub n: u64,
+    pub bad: u64,
+}
+
+/// One-sided test that the candidate's rate of bad outcomes (errors, timeouts, answers slower than a
+/// threshold fixed when the step starts) is higher than control's: the exact 2×2 e-process of Turner,
+/// Ly & Grünwald (2024), with plug-in estimates from earlier blocks and the null point at their
+/// weighted mean. A block in which the candidate does not look worse so far contributes a factor of 1.
+#[derive(Debug, Clone)]
+pub struct RateGuard {
+    /// Pseudo-counts of the plug-in estimates before any data.
+    prior_bad: f64,
+    prior_good: f64,
+    /// Totals so far: index 0 control, 1 candidate.
+    n: [f64; 2],
+    bad: [f64; 2],
+    log_e: f64,
+}
+
+impl Default for RateGuard {
+    fn default() -> Self {
+        RateGuard::with_prior(0.5, 0.5)
+    }
+}
+
+impl RateGuard {
+    pub fn with_prior(prior_bad: f64, prior_good: f64) -> Self {
+        RateGuard { prior_bad, prior_good, n: [0.0; 2], bad: [0.0; 2], log_e: 0.0 }
+    }
+
+    fn plug_in(&self, arm: usize) -> f64 {
+        (self.prior_bad + self.bad[arm]) / (self.prior_bad + self.prior_good + self.n[arm])
+    }
+
+    /// Scores one block (sizes fixed by routing, not by outcomes).
+    pub fn observe(&mut self, control: Block, candidate: Block) {
+        let (pa, pb) = (self.plug_in(0), self.plug_in(1));
+        let (na, nb) = (control.n as f64, candidate.n as f64);
+        if pb > pa && na + nb > 0.0 {
+            let (ya, yb) = (control.bad as f64, candidate.bad as f64);
+            let p0 = (na * pa + nb * pb) / (na + nb);
+            let log_likelihood = |p: f64, bad: f64, n: f64| bad * p.ln() + (n - bad) * (1.0 - p).ln();
+            self.log_e +=
+                log_likelihood(pa, ya, na) + log_likelihood(pb, yb, nb) - log_likelihood(p0, ya + yb, na + nb);
+        }
+        self.n[0] += na;
+        self.n[1] += nb;
+        self.bad[0] += control.bad as f64;
+        self.bad[1] += candidate.bad as f64;
+    }
+
+    pub fn log_e(&self) -> f64 {
+        self.log_e
+    }
+
+    /// Observed rates so far: (control, candidate).
+    pub fn rates(&self) -> (f64, f64) {
+        (self.bad[0] / self.n[0].max(1.0), self.bad[1] / self.n[1].max(1.0))
+    }
+
+    /// Observations so far: (control, candidate).
+    pub fn samples(&self) -> (u64, u64) {
+        (self.n[0] as u64, self.n[1] as u64)
+    }
+}
+
+/// Is the split what was configured? The Dirichlet-multinomial e-process of Lindon & Malek (2022) for
+/// two arms: under the null an observation lands in the candidate arm with the configured share.
+/// Two-sided. Count users, not requests: the cohort hash controls the share of users.
+#[derive(Debug, Clone)]
+pub struct SampleRatioGuard {
+    /// Configured candidate share, in (0, 1).
+    share: f64,
+    /// Prior concentration of the mixture (larger: slower, more sensitive to small deviations).
+    concentration: f64,
+    n: [u64; 2],
+}
+
+impl SampleRatioGuard {
+    pub fn new(share: f64, concentration: f64) -> Self {
+        SampleRatioGuard { share, concentration, n: [0; 2] }
+    }
+
+    pub fn observe(&mut self, control: u64, candidate: u64) {
+        self.n[0] += control;
+        self.n[1] += candidate;
+    }
+
+    pub fn log_e(&self) -> f64 {
+        let (ra, rb) = (1.0 - self.share, self.share);
+        let (ka, kb) = (self.concentration * ra, self.concentration * rb);
+        let (na, nb) = (self.n[0] as f64, self.n[1] as f64);
+        ln_beta(ka + na, kb + nb) - ln_beta(ka, kb) - na * ra.ln() - nb * rb.ln()
+    }
+}
+
+fn ln_beta(x: f64, y: f64) -> f64 {
+    libm::lgamma(x) + libm::lgamma(y) - libm::lgamma(x + y)
+}
+
+/// The false-alarm budget α of a whole rollout, split evenly over its guards and steps: each guard in
+/// each step fires when its e-process reaches `guards · steps / α`.
+#[derive(Debug, Clone, Copy)]
+pub struct Budget {
+    pub alpha: f64,
+    pub guards: usize,
+    pub steps: usize,
+}
+
+impl Budget {
+    /// The log of the e-value at which one guard in one step fires.
+    pub fn log_threshold(&self) -> f64 {
+        ((self.guards.max(1) * self.steps.max(1)) as f64 / self.alpha).ln()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    /// Users with a realistic skew of risk: most rarely fail, a few often (mean 1% at `scale` 1). One
+    /// observation per user (its first decision in the step).
+    fn user_bad(rng: &mut StdRng, scale: f64) -> bool {
+        let p = if rng.random::<f64>() < 0.9 { 0.005 } else { 0.055 };
+        rng.random::<f64>() < p * scale
+    }
+
+    /// Runs a rate guard over `users` users in blocks of `block`, the candidate arm getting `share` of
+    /// them; returns the number of users seen when it fired, if it did.
+    fn run_rate(
+        rng: &mut StdRng,
+        share: f64,
+        candidate_scale: f64,
+        users: usize,
+        block: usize,
+        log_threshold: f64,
+    ) -> Option<usize> {
+        let mut guard = RateGuard::default();
+        let mut seen = 0;
+        while seen < users {
+            let (mut a, mut b) = (Block::default(), Block::default());
+            for _ in 0..block {
+                if rng.random::<f64>() < share {
+                    b.n += 1;
+                    b.bad += u64::from(user_bad(rng, candidate_scale));
+                } else {
+                    a.n += 1;
+                    a.bad += u64::from(user_bad(rng, 1.0));
+                }
+            }
+            seen += block;
+            guard.observe(a, b);
+            if guard.log_e() >= log_threshold {
+                return Some(seen);
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn equal_arms_raise_false_alarms_at_most_alpha_when_checked_after_every_block() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let alpha: f64 = 0.05;
+        let threshold = (1.0 / alpha).ln();
+        let runs = 1000;
+        let alarms = (0..runs).filter(|_| run_rate(&mut rng, 0.1, 1.0, 20_000, 100, threshold).is_some()).count();
+        eprintln!(
+            "rate guard, equal arms, 10% canary, 20,000 users checked every 100: {alarms} alarms in {runs} rollouts"
+        );
+        assert!(alarms as f64 <= alpha * runs as f64, "{alarms} false alarms in {runs}");
+    }
+
+    #[test]
+    fn a_doubled_error_rate_is_caught() {
+        let mut rng = StdRng::seed_from_u64(11);
+        let threshold = Budget { alpha: 0.05, guards: 4, steps: 5 }.log_threshold();
+        let mut needed: Vec<usize> =
+            (0..200).filter_map(|_| run_rate(&mut rng, 0.1, 2.0, 400_000, 100, threshold)).collect();
+        assert!(needed.len() >= 190, "fired in {} of 200 rollouts", needed.len());
+        needed.sort_unstable();
+        let median = needed[needed.len() / 2];
+        eprintln!("rate guard, 1% -> 2% at a 10% canary, alpha 0.05/20: median {median} users (both arms) to fire");
+        assert!(median < 200_000);
+    }
+
+    #[test]
+    fn a_better_candidate_fires_even_less() {
+        let mut rng = StdRng::seed_from_u64(13);
+        let alarms = (0..300).filter(|_| run_rate(&mut rng, 0.1, 0.5, 20_000, 100, (20.0f64).ln()).is_some()).count();
+        assert!(alarms <= 5, "{alarms}");
+    }
+
+    #[test]
+    fn sample_ratio_holds_alpha_and_catches_a_skewed_split() {
+        let mut rng = StdRng::seed_from_u64(17);
+        let threshold = (20.0f64).ln();
+        let mut alarms = 0;
+        for _ in 0..500 {
+            let mut guard = SampleRatioGuard::new(0.1, 100.0);
+            for _ in 0..200 {
+                let b = (0..100).filter(|_| rng.random::<f64>() < 0.1).count() as u64;
+                guard.observe(100 - b, b);
+                if guard.log_e() >= threshold {
+                    alarms += 1;
+                    break;
+                }
+            }
+        }
+        assert!(alarms <= 25, "{alarms} false alarms in 500");
+        let mut skewed = SampleRatioGuard::new(0.1, 100.0);
+        let mut fired_at = None;
+        for block in 1..=200 {
+            let b = (0..100).filter(|_| rng.random::<f64>() < 0.12).count() as u64;
+            skewed.observe(100 - b, b);
+            if skewed.log_e() >= threshold {
+                fired_at = Some(block * 100);
+                break;
+            }
+        }
+        assert!(fired_at.is_some(), "12% observed against 10% configured goes unnoticed in 20,000 users");
+    }
+
+    #[test]
+    fn budget_splits_alpha_over_guards_and_steps() {
+        let b = Budget { alpha: 0.05, guards: 4, steps: 5 };
+        assert!((b.log_threshold() - 400f64.ln()).abs() < 1e-12);
+        let mut g = RateGuard::default();
+        g.observe(Block { n: 0, bad: 0 }, Block { n: 0, bad: 0 });
+        assert_eq!(g.log_e(), 0.0, "no data, no evidence");
+    }
+}

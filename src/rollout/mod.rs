@@ -1,0 +1,8 @@
+//! Rollouts that drive themselves (issue: ramp plans, anytime-valid guards, automatic promotion and
+//! rollback). This is its first part: the guard statistics, pure and simulated in tests. The plan in the
+//! deployment record, the controller inside `switchyard run` and the history topic build on it.
+//!
+//! - [`guard`]: e-processes that stay valid when checked after every batch: the exact one-sided 2×2
+//!   rate test (errors, timeouts, latency exceedances), the sample-ratio test, and the false-alarm budget.
+
+pub mod guard;
