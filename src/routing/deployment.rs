@@ -184,7 +184,13 @@ pub enum InvalidDeployment {
     Timeout(u64),
     #[error("override for an empty user id")]
     EmptyOverride,
+    #[error("fallback is {0} bytes; at most {MAX_FALLBACK_BYTES} (it is carried in routing records and decisions)")]
+    Fallback(usize),
 }
+
+/// Largest fallback answer: it travels in every routing record of the deployment and in each decision
+/// that serves it, which must stay far below the record limit.
+pub const MAX_FALLBACK_BYTES: usize = 65_536;
 
 /// Kafka topic names allow `[A-Za-z0-9._-]`; model and deployment names share that rule so every
 /// per-model topic name is legal.
@@ -252,6 +258,9 @@ impl DeploymentSpec {
         if self.timeout_ms == 0 || self.timeout_ms > MAX_TIMEOUT_MS {
             return Err(InvalidDeployment::Timeout(self.timeout_ms));
         }
+        if let Some(fallback) = self.fallback.as_ref().filter(|f| f.len() > MAX_FALLBACK_BYTES) {
+            return Err(InvalidDeployment::Fallback(fallback.len()));
+        }
         if self.overrides.keys().any(String::is_empty) {
             return Err(InvalidDeployment::EmptyOverride);
         }
@@ -294,6 +303,8 @@ mod tests {
 
     #[test]
     fn rejects_each_broken_rule() {
+        let big_fallback =
+            format!(r#"{{"version":1,"strategy":"single","control":"m","fallback":"{}"}}"#, "x".repeat(70_000));
         let cases = [
             (r#"{"version":1,"strategy":"single""#, "not valid JSON"),
             (r#"{"version":1,"strategy":"single","control":"m","colour":"red"}"#, "unknown field"),
@@ -324,6 +335,7 @@ mod tests {
             (r#"{"version":1,"strategy":"single","control":"m","mirror":["x","x"]}"#, "listed twice"),
             (r#"{"version":1,"strategy":"single","control":"m","timeout_ms":0}"#, "timeout_ms"),
             (r#"{"version":1,"strategy":"single","control":"m","overrides":{"":"control"}}"#, "empty user"),
+            (&big_fallback, "at most 65536"),
             (r#"{"version":1,"strategy":"single","control":"m","overrides":{"u":"blue"}}"#, "unknown variant"),
         ];
         for (json, reason) in cases {
