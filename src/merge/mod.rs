@@ -365,6 +365,7 @@ fn mark_origin(fx: &mut Effects, first: usize, index: usize) {
     fx.origins.resize(first, None);
     fx.origins.resize(fx.outputs.len(), Some(index));
 }
+
 /// Flow control that keeps memory bounded: the routed topic pauses while `max_pending` requests are
 /// open (they drain by answer or deadline) and resumes below 90%; the backlog waits in Kafka.
 /// Predictions are never paused: an answer held back could turn into a false TIMEOUT. Those that arrive
