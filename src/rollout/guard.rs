@@ -198,7 +198,10 @@ mod tests {
         assert!(needed.len() >= 190, "fired in {} of 200 rollouts", needed.len());
         needed.sort_unstable();
         let median = needed[needed.len() / 2];
-        eprintln!("rate guard, 1% -> 2% at a 10% canary, alpha 0.05/20: median {median} users (both arms) to fire");
+        eprintln!(
+            "rate guard, 1% -> 2% at a 10% canary, alpha 0.05/20: fired in {} of 200, median {median} users (both arms)",
+            needed.len()
+        );
         assert!(median < 200_000);
     }
 
