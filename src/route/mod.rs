@@ -11,7 +11,7 @@ use rdkafka::message::{Message, OwnedMessage};
 
 use crate::codec::{Codec, Millis, ModelRequest, Request, Role, Routed};
 use crate::config::Config;
-use crate::control::SharedRegistry;
+use crate::control::{Registry, SharedRegistry};
 use crate::dead_letter::{Kind, Letter};
 use crate::error::Result;
 use crate::kafka::{self, Commit, OutRecord, Outbox, TxnStage};
@@ -72,7 +72,7 @@ pub fn admit(
     value: Option<&[u8]>,
     max_bytes: usize,
     codec: &Codec,
-    registry: &SharedRegistry,
+    registry: &Registry,
 ) -> Result<(Request, std::sync::Arc<Deployment>), Unroutable> {
     let value = value.unwrap_or_default();
     if value.len() > max_bytes {
@@ -86,7 +86,7 @@ pub fn admit(
     if request.request_id.is_empty() {
         return Err(Unroutable { kind: Kind::Invalid, reason: "request_id is empty".into() });
     }
-    let deployment = registry.read().expect("registry lock is never poisoned").get(&request.deployment);
+    let deployment = registry.get(&request.deployment);
     match deployment {
         Some(d) => Ok((request, d)),
         None => Err(Unroutable {
@@ -119,7 +119,7 @@ fn process(
     stage: &TxnStage,
     config: &Config,
     codec: &Codec,
-    registry: &SharedRegistry,
+    registry: &Registry,
     out: &mut Outbox,
 ) {
     if let Some(refusal) = stage.refusal(message) {
@@ -163,8 +163,12 @@ pub async fn run(config: Config, codec: Codec, registry: SharedRegistry, shutdow
             continue;
         }
         let mut out = Outbox::default();
-        for (index, message) in batch.iter().enumerate() {
-            process(index, message, &stage, &config, &codec, &registry, &mut out);
+        {
+            // One read of the deployments in force per batch; the watcher's next update waits for it.
+            let registry = registry.read().expect("registry lock is never poisoned");
+            for (index, message) in batch.iter().enumerate() {
+                process(index, message, &stage, &config, &codec, &registry, &mut out);
+            }
         }
         if let Commit::Failed = stage.commit(&batch, out, &kafka::batch_offsets(&batch)).await {
             stage.rewind().await;
@@ -222,6 +226,7 @@ mod tests {
             Some(br#"{"version":1,"strategy":"single","control":"v1"}"#),
             0,
         );
+        let registry = registry.read().unwrap();
         assert!(admit(Some(&codec.encode(&request("u"))), 1000, &codec, &registry).is_ok());
         let kind = |value: Option<&[u8]>| admit(value, 1000, &codec, &registry).unwrap_err().kind;
         assert_eq!(kind(None), Kind::Undecodable);
