@@ -215,7 +215,18 @@ fn check_model(field: &'static str, name: &str) -> Result<(), InvalidDeployment>
 impl DeploymentSpec {
     /// Parses the JSON value of a deployments-topic record.
     pub fn from_json(bytes: &[u8]) -> Result<Self, InvalidDeployment> {
-        serde_json::from_slice(bytes).map_err(|e| InvalidDeployment::Json(e.to_string()))
+        serde_json::from_slice(bytes).map_err(|e| {
+            let mut message = e.to_string();
+            if message.starts_with("unknown field") {
+                // A field a newer switchyard knows: records using it need every instance upgraded first.
+                message.push_str(&format!(
+                    " (switchyard {} does not know it: if a newer version wrote it, upgrade every instance \
+                     before writing records that use it)",
+                    env!("CARGO_PKG_VERSION")
+                ));
+            }
+            InvalidDeployment::Json(message)
+        })
     }
 
     pub fn to_json(&self) -> String {
@@ -308,6 +319,7 @@ mod tests {
         let cases = [
             (r#"{"version":1,"strategy":"single""#, "not valid JSON"),
             (r#"{"version":1,"strategy":"single","control":"m","colour":"red"}"#, "unknown field"),
+            (r#"{"version":1,"strategy":"single","control":"m","colour":"red"}"#, "upgrade every instance"),
             (r#"{"version":1,"strategy":"rainbow","control":"m"}"#, "unknown variant"),
             (r#"{"version":0,"strategy":"single","control":"m"}"#, "at least 1"),
             (r#"{"version":1,"strategy":"canary","control":"m"}"#, "needs a candidate"),
