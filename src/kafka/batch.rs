@@ -113,11 +113,17 @@ impl ClientContext for GroupWatch {
 }
 
 impl ConsumerContext for GroupWatch {
-    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         self.rebalancing.store(true, Ordering::SeqCst);
         self.generation.fetch_add(1, Ordering::SeqCst);
         if let Rebalance::Revoke(partitions) = rebalance {
-            tracing::info!(partitions = partitions.count(), "partitions revoked");
+            if consumer.assignment_lost() {
+                // Evicted (e.g. paused past the session timeout): other instances own these partitions
+                // now, and whatever this one had in flight is refused (KIP-447).
+                tracing::warn!(partitions = partitions.count(), "partitions lost: this instance was out of the group; fenced");
+            } else {
+                tracing::info!(partitions = partitions.count(), "partitions revoked");
+            }
         }
     }
 
