@@ -120,7 +120,10 @@ impl ConsumerContext for GroupWatch {
             if consumer.assignment_lost() {
                 // Evicted (e.g. paused past the session timeout): other instances own these partitions
                 // now, and whatever this one had in flight is refused (KIP-447).
-                tracing::warn!(partitions = partitions.count(), "partitions lost: this instance was out of the group; fenced");
+                tracing::warn!(
+                    partitions = partitions.count(),
+                    "partitions lost: this instance was out of the group; fenced"
+                );
             } else {
                 tracing::info!(partitions = partitions.count(), "partitions revoked");
             }
