@@ -1,5 +1,6 @@
 //! The command line: one `switchyard` binary with a subcommand per job.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -8,11 +9,12 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::Config;
 use crate::control::{ops, watcher};
 use crate::error::{Error, Result};
-use crate::kafka;
+use crate::rollout::plan::{Plan, PlanState};
 use crate::routing::{DeploymentSpec, Side, Strategy};
 use crate::service::{self, Roles};
 use crate::shutdown::{self, ShutdownTrigger};
 use crate::tools::{demo_model::DemoModel, loadgen::Loadgen, watch::Watch};
+use crate::{kafka, rollout};
 
 #[derive(Debug, Parser)]
 #[command(name = "switchyard", version, about = "Shadow, canary and blue/green rollouts of ML models on Kafka")]
@@ -42,12 +44,34 @@ pub enum Command {
     },
     /// Write a validated deployment record with the next version.
     Deploy(DeployArgs),
-    /// Show deployments in force, their split, and rejected records.
+    /// Show deployments in force, their split, rejected records, and each plan's step and guards.
     Status { deployment: Option<String> },
-    /// Make the candidate serve (blue/green: switch; otherwise: candidate becomes control).
-    Promote { deployment: String },
-    /// Send traffic back to control.
-    Rollback { deployment: String },
+    /// Make the candidate serve (blue/green: switch; otherwise: candidate becomes control). Ends a plan.
+    Promote {
+        deployment: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Send traffic back to control. Ends a plan.
+    Rollback {
+        deployment: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Hold a running rollout plan at its step (the split stays).
+    Pause {
+        deployment: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Continue a paused rollout plan: its step starts again with fresh evidence.
+    Resume {
+        deployment: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Every change of a deployment (or of all), accepted or rejected: by whom, why, with the evidence.
+    History { deployment: Option<String> },
     /// Delete a deployment (tombstone).
     Delete { deployment: String },
     /// Create the service's topics.
@@ -123,6 +147,14 @@ pub struct DeployArgs {
     /// USER=control|candidate (repeat for several).
     #[arg(long = "override", value_parser = parse_override)]
     pub overrides: Vec<(String, Side)>,
+    /// A rollout plan (canary): a JSON file, or the JSON itself, e.g.
+    /// '{"steps":[{"canary_percent":1,"bake_ms":60000,"min_sample":500,"max_ms":3600000}, ...]}'.
+    /// The canary starts at the first step's share; the controller does the rest.
+    #[arg(long)]
+    pub plan: Option<String>,
+    /// Why (shown by `history`).
+    #[arg(long)]
+    pub reason: Option<String>,
 }
 
 fn parse_json_enum<T: serde::de::DeserializeOwned>(s: &str) -> std::result::Result<T, String> {
@@ -142,14 +174,36 @@ fn parse_override(s: &str) -> std::result::Result<(String, Side), String> {
     Ok((user.to_string(), parse_side(side)?))
 }
 
+/// A plan from `--plan`: a file, or JSON when it starts with `{`; it starts at its first step now.
+fn parse_plan(text: &str) -> Result<Plan> {
+    let json = if text.trim_start().starts_with('{') {
+        text.to_string()
+    } else {
+        std::fs::read_to_string(text)
+            .map_err(|source| Error::Io { context: format!("cannot read the plan file {text:?}"), source })?
+    };
+    let mut plan: Plan = serde_json::from_str(&json).map_err(|e| Error::Usage(format!("--plan: {e}")))?;
+    plan.step = 0;
+    plan.step_started_at = kafka::now_millis();
+    plan.state = PlanState::Running;
+    plan.validate().map_err(|e| Error::Usage(format!("--plan: {e}")))?;
+    Ok(plan)
+}
+
 impl DeployArgs {
-    fn spec(self) -> DeploymentSpec {
-        DeploymentSpec {
+    fn spec(self) -> Result<DeploymentSpec> {
+        let plan = self.plan.as_deref().map(parse_plan).transpose()?;
+        let canary_percent = plan.as_ref().map_or(self.canary_percent, |p| p.current().canary_percent);
+        let reason = self.reason.unwrap_or_else(|| match &plan {
+            Some(p) => format!("deploy with a plan of {} steps", p.steps.len()),
+            None => "deploy".to_string(),
+        });
+        Ok(DeploymentSpec {
             version: 0,
             strategy: self.strategy,
             control: self.control,
             candidate: self.candidate,
-            canary_percent: self.canary_percent,
+            canary_percent,
             shadow_percent: self.shadow_percent,
             active: self.active,
             mirror: self.mirror,
@@ -157,8 +211,16 @@ impl DeployArgs {
             timeout_ms: self.timeout_ms,
             fallback: self.fallback,
             overrides: self.overrides.into_iter().collect(),
-        }
+            plan,
+            change: Some(ops::operator_change(reason)),
+        })
     }
+}
+
+async fn moved(config: &Config, name: &str, what: ops::Move, reason: Option<String>) -> Result<()> {
+    let d = ops::apply_move(config, name, what, reason).await?;
+    println!("{} version {} written: {}", d.name, d.version(), ops::describe_split(&d));
+    Ok(())
 }
 
 /// The configuration of this invocation: the flags join the one loader as its last layer.
@@ -194,6 +256,9 @@ pub async fn run(cli: Cli) -> Result<()> {
             | Command::Status { .. }
             | Command::Promote { .. }
             | Command::Rollback { .. }
+            | Command::Pause { .. }
+            | Command::Resume { .. }
+            | Command::History { .. }
             | Command::Delete { .. }
             | Command::CreateTopics
     ) {
@@ -206,23 +271,26 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Deploy(args) => {
             let name = args.deployment.clone();
-            let d = ops::deploy(&config, &name, args.spec()).await?;
+            let d = ops::deploy(&config, &name, args.spec()?).await?;
             println!("{} version {} written: {}", d.name, d.version(), ops::describe_split(&d));
             Ok(())
         }
         Command::Status { deployment } => {
             let registry = watcher::snapshot(&config).await?;
-            print!("{}", ops::render_status(&registry, deployment.as_deref())?);
+            let mut plans = BTreeMap::new();
+            for d in registry.deployments().filter(|d| deployment.as_ref().is_none_or(|name| d.name == *name)) {
+                plans.insert(d.name.clone(), rollout::report::plan_status(&config, &codec, d).await?);
+            }
+            print!("{}", ops::render_status(&registry, deployment.as_deref(), &plans)?);
             Ok(())
         }
-        Command::Promote { deployment } => {
-            let d = ops::promote(&config, &deployment).await?;
-            println!("{} version {} written: {}", d.name, d.version(), ops::describe_split(&d));
-            Ok(())
-        }
-        Command::Rollback { deployment } => {
-            let d = ops::rollback(&config, &deployment).await?;
-            println!("{} version {} written: {}", d.name, d.version(), ops::describe_split(&d));
+        Command::Promote { deployment, reason } => moved(&config, &deployment, ops::Move::Promote, reason).await,
+        Command::Rollback { deployment, reason } => moved(&config, &deployment, ops::Move::Rollback, reason).await,
+        Command::Pause { deployment, reason } => moved(&config, &deployment, ops::Move::Pause, reason).await,
+        Command::Resume { deployment, reason } => moved(&config, &deployment, ops::Move::Resume, reason).await,
+        Command::History { deployment } => {
+            let entries = rollout::report::read_history(&config, deployment.as_deref()).await?;
+            print!("{}", rollout::report::render_history(&entries));
             Ok(())
         }
         Command::Delete { deployment } => {

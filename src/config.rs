@@ -65,6 +65,7 @@ pub struct KafkaConfig {
 pub struct Topics {
     pub requests: String,
     pub deployments: String,
+    pub history: String,
     pub routed: String,
     pub merge_changelog: String,
     pub forwarded_predictions: String,

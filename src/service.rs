@@ -7,9 +7,10 @@ use tokio::sync::oneshot;
 use crate::config::Config;
 use crate::control::{Registry, watcher};
 use crate::error::{Error, Result};
+use crate::kafka::TopicKind;
 use crate::shutdown::{Shutdown, ShutdownTrigger};
 use crate::telemetry::{self, http::Health};
-use crate::{kafka, merge, route};
+use crate::{kafka, merge, rollout, route};
 
 /// Which halves of the service this process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -33,8 +34,9 @@ pub async fn ensure_core_topics(config: &Config) -> Result<()> {
         &t.dead_letter,
     ]
     .map(|s| s.to_string());
-    kafka::ensure_topics(config, &topics, false).await?;
-    kafka::ensure_topics(config, std::slice::from_ref(&t.deployments), true).await?;
+    kafka::ensure_topics(config, &topics, TopicKind::Stream).await?;
+    kafka::ensure_topics(config, std::slice::from_ref(&t.deployments), TopicKind::Compacted).await?;
+    kafka::ensure_topics(config, std::slice::from_ref(&t.history), TopicKind::Audit).await?;
     Ok(())
 }
 
@@ -72,6 +74,8 @@ pub async fn run(config: Config, roles: Roles, trigger: ShutdownTrigger, shutdow
         if roles != Roles::Route {
             tasks.spawn(merge::run(config.clone(), codec.clone(), shutdown.clone()));
         }
+        // Every instance is a candidate controller; one at a time leads.
+        tasks.spawn(rollout::controller::run(config.clone(), codec.clone(), shutdown.clone()));
         health.set_ready(true);
         tracing::info!(?roles, "switchyard running");
     }

@@ -138,8 +138,21 @@ async fn blue_green_switches_and_switches_back() {
     let mut sent = Vec::new();
     for (phase, expect_model) in [("blue", "v1"), ("green", "v2"), ("back", "v1")] {
         match phase {
-            "green" => drop(switchyard::control::ops::promote(&config, "pricing").await.unwrap()),
-            "back" => drop(switchyard::control::ops::rollback(&config, "pricing").await.unwrap()),
+            "green" => drop(
+                switchyard::control::ops::apply_move(&config, "pricing", switchyard::control::ops::Move::Promote, None)
+                    .await
+                    .unwrap(),
+            ),
+            "back" => drop(
+                switchyard::control::ops::apply_move(
+                    &config,
+                    "pricing",
+                    switchyard::control::ops::Move::Rollback,
+                    None,
+                )
+                .await
+                .unwrap(),
+            ),
             _ => {}
         }
         // Every instance follows the deployments topic within milliseconds; give it ample time.

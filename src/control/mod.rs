@@ -30,5 +30,5 @@ pub async fn ensure_model_topics<'a>(
             d.models().into_iter().flat_map(|m| [config.topics.model_requests(m), config.topics.model_predictions(m)])
         })
         .collect();
-    kafka::ensure_topics(config, &topics, false).await
+    kafka::ensure_topics(config, &topics, kafka::TopicKind::Stream).await
 }

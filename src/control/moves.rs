@@ -5,7 +5,13 @@
 //!   deployment. Mirrors stay.
 //! - rollback: traffic back to control. canary → `canary_percent` 0; blue/green → `active` control;
 //!   shadow → single (copies stop).
+//!
+//! Both end a rollout plan. A plan's own moves: advance to a step, pause, resume.
+//!
+//! Every move returns the next record without a `change`; whoever writes it says who and why.
 
+use crate::codec::Millis;
+use crate::rollout::plan::PlanState;
 use crate::routing::{DeploymentSpec, Side, Strategy};
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -14,12 +20,24 @@ pub enum MoveError {
     Unknown(String),
     #[error("deployment uses strategy single: there is no candidate to {0}")]
     NothingToMove(&'static str),
+    #[error("deployment has no rollout plan to {0}")]
+    NoPlan(&'static str),
+    #[error("the plan is {state}; only a {want} plan can be {verb}")]
+    PlanState { state: &'static str, want: &'static str, verb: &'static str },
+}
+
+/// The record as it stands, as the next version, before a move changes it.
+fn next_of(current: &DeploymentSpec, version: u64) -> DeploymentSpec {
+    let mut next = current.clone();
+    next.version = version;
+    next.change = None;
+    next
 }
 
 pub fn promote(current: &DeploymentSpec, version: u64) -> Result<DeploymentSpec, MoveError> {
     let candidate = current.candidate.clone().ok_or(MoveError::NothingToMove("promote"))?;
-    let mut next = current.clone();
-    next.version = version;
+    let mut next = next_of(current, version);
+    next.plan = None;
     if current.strategy == Strategy::BlueGreen && current.active == Side::Control {
         next.active = Side::Candidate;
     } else {
@@ -34,8 +52,8 @@ pub fn promote(current: &DeploymentSpec, version: u64) -> Result<DeploymentSpec,
 }
 
 pub fn rollback(current: &DeploymentSpec, version: u64) -> Result<DeploymentSpec, MoveError> {
-    let mut next = current.clone();
-    next.version = version;
+    let mut next = next_of(current, version);
+    next.plan = None;
     match current.strategy {
         Strategy::Single => return Err(MoveError::NothingToMove("roll back")),
         Strategy::Canary => next.canary_percent = 0.0,
@@ -47,6 +65,50 @@ pub fn rollback(current: &DeploymentSpec, version: u64) -> Result<DeploymentSpec
     }
     next.overrides.retain(|_, side| *side == Side::Control);
     Ok(next)
+}
+
+/// The plan goes to step `index` (started `now`) and the canary to that step's share.
+pub fn advance(current: &DeploymentSpec, version: u64, index: usize, now: Millis) -> Result<DeploymentSpec, MoveError> {
+    let mut next = next_of(current, version);
+    let plan = next.plan.as_mut().ok_or(MoveError::NoPlan("advance"))?;
+    plan.step = index;
+    plan.step_started_at = now;
+    plan.state = PlanState::Running;
+    next.canary_percent = plan.current().canary_percent;
+    Ok(next)
+}
+
+fn set_state(
+    current: &DeploymentSpec,
+    version: u64,
+    want: PlanState,
+    to: PlanState,
+    verb: &'static str,
+) -> Result<DeploymentSpec, MoveError> {
+    let mut next = next_of(current, version);
+    let plan = next.plan.as_mut().ok_or(MoveError::NoPlan(verb))?;
+    if plan.state != want {
+        return Err(MoveError::PlanState { state: plan.state.as_str(), want: want.as_str(), verb });
+    }
+    plan.state = to;
+    Ok(next)
+}
+
+/// Holds a running plan at its step; the split stays.
+pub fn pause(current: &DeploymentSpec, version: u64) -> Result<DeploymentSpec, MoveError> {
+    set_state(current, version, PlanState::Running, PlanState::Paused, "paused")
+}
+
+/// Continues a paused plan: its step starts again `now`, with fresh evidence.
+pub fn resume(current: &DeploymentSpec, version: u64, now: Millis) -> Result<DeploymentSpec, MoveError> {
+    let mut next = set_state(current, version, PlanState::Paused, PlanState::Running, "resumed")?;
+    next.plan.as_mut().expect("checked").step_started_at = now;
+    Ok(next)
+}
+
+/// The last step is done and the plan holds there.
+pub fn finish(current: &DeploymentSpec, version: u64) -> Result<DeploymentSpec, MoveError> {
+    set_state(current, version, PlanState::Running, PlanState::Done, "finished")
 }
 
 #[cfg(test)]
@@ -83,6 +145,37 @@ mod tests {
         assert_eq!(promoted.mirror, vec!["v3".to_string()]);
         promoted.clone().validate("d").unwrap();
         rolled.clone().validate("d").unwrap();
+    }
+
+    #[test]
+    fn plan_moves_walk_the_steps_and_operator_moves_end_the_plan() {
+        let planned = spec(
+            r#"{"version":3,"strategy":"canary","control":"v1","candidate":"v2","canary_percent":1,
+                "change":{"actor":"operator","reason":"start"},
+                "plan":{"steps":[{"canary_percent":1,"bake_ms":0,"min_sample":1,"max_ms":10},
+                                 {"canary_percent":20,"bake_ms":0,"min_sample":1,"max_ms":10}],
+                        "step_started_at":5}}"#,
+        );
+        planned.clone().validate("d").unwrap();
+        let next = advance(&planned, 4, 1, 99).unwrap();
+        assert_eq!((next.canary_percent, next.change.as_ref()), (20.0, None), "a move carries no one's change");
+        let plan = next.plan.as_ref().unwrap();
+        assert_eq!((plan.step, plan.step_started_at), (1, 99));
+        next.clone().validate("d").unwrap();
+        let paused = pause(&next, 5).unwrap();
+        assert_eq!(paused.plan.as_ref().unwrap().state, PlanState::Paused);
+        assert!(pause(&paused, 6).unwrap_err().to_string().contains("plan is paused"));
+        let resumed = resume(&paused, 6, 200).unwrap();
+        let plan = resumed.plan.as_ref().unwrap();
+        assert_eq!((plan.state, plan.step, plan.step_started_at), (PlanState::Running, 1, 200));
+        assert!(resume(&resumed, 7, 1).is_err(), "only a paused plan resumes");
+        assert_eq!(finish(&resumed, 7).unwrap().plan.unwrap().state, PlanState::Done);
+        for ended in [promote(&resumed, 7).unwrap(), rollback(&resumed, 7).unwrap()] {
+            assert_eq!(ended.plan, None, "an operator's move ends the plan");
+            ended.clone().validate("d").unwrap();
+        }
+        let bare = spec(r#"{"version":1,"strategy":"canary","control":"v1","candidate":"v2"}"#);
+        assert!(matches!(pause(&bare, 2), Err(MoveError::NoPlan(_))));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! What the control-plane commands do: write validated deployment records with the next version, and
 //! describe what is in force.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use rdkafka::producer::FutureProducer;
@@ -11,7 +12,7 @@ use super::watcher;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::kafka::{self, OutRecord};
-use crate::routing::{Deployment, DeploymentSpec, Strategy};
+use crate::routing::{Change, Deployment, DeploymentSpec, Strategy};
 
 /// Validates `spec` against the record in force and writes it. Returns the deployment as written.
 pub async fn write(config: &Config, registry: &Registry, name: &str, spec: DeploymentSpec) -> Result<Deployment> {
@@ -33,6 +34,15 @@ pub async fn write(config: &Config, registry: &Registry, name: &str, spec: Deplo
     Ok(deployment)
 }
 
+/// An operator's change: `operator:<login>` (from `USER`), and why.
+pub fn operator_change(reason: String) -> Change {
+    let actor = match std::env::var("USER") {
+        Ok(user) if !user.is_empty() => format!("operator:{user}"),
+        _ => "operator".to_string(),
+    };
+    Change { actor, reason, figures: None }
+}
+
 /// Writes `spec` as the next version of `name` (the version in `spec` is replaced).
 pub async fn deploy(config: &Config, name: &str, mut spec: DeploymentSpec) -> Result<Deployment> {
     let registry = watcher::snapshot(config).await?;
@@ -40,23 +50,39 @@ pub async fn deploy(config: &Config, name: &str, mut spec: DeploymentSpec) -> Re
     write(config, &registry, name, spec).await
 }
 
-async fn apply_move(
-    config: &Config,
-    name: &str,
-    step: fn(&DeploymentSpec, u64) -> std::result::Result<DeploymentSpec, moves::MoveError>,
-) -> Result<Deployment> {
+/// An operator's move on a deployment in force.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Move {
+    Promote,
+    Rollback,
+    Pause,
+    Resume,
+}
+
+impl Move {
+    fn as_str(self) -> &'static str {
+        match self {
+            Move::Promote => "promote",
+            Move::Rollback => "rollback",
+            Move::Pause => "pause",
+            Move::Resume => "resume",
+        }
+    }
+}
+
+/// Writes the next version of `name` after `what`, as the operator's change with `reason`.
+pub async fn apply_move(config: &Config, name: &str, what: Move, reason: Option<String>) -> Result<Deployment> {
     let registry = watcher::snapshot(config).await?;
     let current = registry.get(name).ok_or_else(|| moves::MoveError::Unknown(name.to_string()))?;
-    let next = step(&current.spec, registry.next_version(name))?;
+    let version = registry.next_version(name);
+    let mut next = match what {
+        Move::Promote => moves::promote(&current.spec, version),
+        Move::Rollback => moves::rollback(&current.spec, version),
+        Move::Pause => moves::pause(&current.spec, version),
+        Move::Resume => moves::resume(&current.spec, version, kafka::now_millis()),
+    }?;
+    next.change = Some(operator_change(reason.unwrap_or_else(|| what.as_str().to_string())));
     write(config, &registry, name, next).await
-}
-
-pub async fn promote(config: &Config, name: &str) -> Result<Deployment> {
-    apply_move(config, name, moves::promote).await
-}
-
-pub async fn rollback(config: &Config, name: &str) -> Result<Deployment> {
-    apply_move(config, name, moves::rollback).await
 }
 
 /// Deletes a deployment with a tombstone.
@@ -101,8 +127,9 @@ pub fn describe_split(d: &Deployment) -> String {
     text
 }
 
-/// The `status` report: deployments in force, their versions and split, and rejected records.
-pub fn render_status(registry: &Registry, only: Option<&str>) -> Result<String> {
+/// The `status` report: deployments in force, their versions and split, and rejected records;
+/// `detail` adds lines after a deployment's own (its plan).
+pub fn render_status(registry: &Registry, only: Option<&str>, detail: &BTreeMap<String, String>) -> Result<String> {
     let mut out = String::new();
     let mut shown = 0;
     for d in registry.deployments().filter(|d| only.is_none_or(|name| d.name == name)) {
@@ -118,6 +145,7 @@ pub fn render_status(registry: &Registry, only: Option<&str>) -> Result<String> 
         );
         let _ = writeln!(out, "  split: {}", describe_split(d));
         let _ = writeln!(out, "  record: {}", d.spec.to_json());
+        out.push_str(detail.get(&d.name).map_or("", String::as_str));
     }
     if let Some(name) = only {
         if shown == 0 {
@@ -150,13 +178,13 @@ mod tests {
             Some(br#"{"version":4,"strategy":"canary","control":"v1","candidate":"v2","canary_percent":300}"#),
             1,
         );
-        let text = render_status(&r, None).unwrap();
+        let text = render_status(&r, None, &BTreeMap::new()).unwrap();
         assert!(text.contains("fraud  version 3  strategy canary"), "{text}");
         assert!(
             text.contains("10.00% -> v2 (candidate), 90.00% -> v1 (control); shadow copies of 100.00% of users -> v3"),
             "{text}"
         );
         assert!(text.contains("version 4 at offset 1: canary_percent must be between 0 and 100"), "{text}");
-        assert!(render_status(&r, Some("other")).is_err());
+        assert!(render_status(&r, Some("other"), &BTreeMap::new()).is_err());
     }
 }

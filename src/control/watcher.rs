@@ -34,7 +34,7 @@ pub async fn open(config: &Config) -> Result<(StreamConsumer, HashMap<i32, i64>)
         if !config.topics.create {
             return Err(Error::MissingTopic(topic.clone()));
         }
-        kafka::ensure_topics(config, std::slice::from_ref(topic), true).await?;
+        kafka::ensure_topics(config, std::slice::from_ref(topic), kafka::TopicKind::Compacted).await?;
     }
     let partitions =
         kafka::wait_for_topic(&consumer, topic).await?.ok_or_else(|| Error::MissingTopic(topic.clone()))?;

@@ -245,8 +245,19 @@ pub async fn check_reachable(config: &Config) -> Result<(), crate::error::Error>
     Err(crate::error::Error::Unreachable { servers: config.kafka.bootstrap_servers.clone(), detail })
 }
 
-/// Creates the topics that do not exist yet. `compacted` topics get `cleanup.policy=compact`.
-pub async fn ensure_topics(config: &Config, names: &[String], compacted: bool) -> Result<(), KafkaError> {
+/// How a created topic keeps its records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopicKind {
+    /// `topics.partitions` partitions, the broker's retention.
+    Stream,
+    /// One partition, `cleanup.policy=compact`: the last record per key (the deployments topic).
+    Compacted,
+    /// One partition, kept without time or size limit (the history topic).
+    Audit,
+}
+
+/// Creates the topics that do not exist yet.
+pub async fn ensure_topics(config: &Config, names: &[String], kind: TopicKind) -> Result<(), KafkaError> {
     // One request must not name a topic twice (two deployments sharing a model do): librdkafka then
     // returns fewer results than topics and rdkafka 0.39 reads past them (a segfault, seen here).
     let names: std::collections::BTreeSet<&String> = names.iter().collect();
@@ -260,11 +271,17 @@ pub async fn ensure_topics(config: &Config, names: &[String], compacted: bool) -
         .map(|name| {
             let topic = NewTopic::new(
                 name,
-                if compacted { 1 } else { config.topics.partitions },
+                if kind == TopicKind::Stream { config.topics.partitions } else { 1 },
                 TopicReplication::Fixed(config.topics.replication_factor),
             );
             let topic = topic.set("max.message.bytes", &record_limit);
-            if compacted { topic.set("cleanup.policy", "compact") } else { topic }
+            match kind {
+                TopicKind::Stream => topic,
+                TopicKind::Compacted => topic.set("cleanup.policy", "compact"),
+                TopicKind::Audit => {
+                    topic.set("cleanup.policy", "delete").set("retention.ms", "-1").set("retention.bytes", "-1")
+                }
+            }
         })
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(ADMIN_TIMEOUT)).request_timeout(Some(ADMIN_TIMEOUT));

@@ -79,6 +79,11 @@ impl RateGuard {
     pub fn samples(&self) -> (u64, u64) {
         (self.n[0] as u64, self.n[1] as u64)
     }
+
+    /// Bad outcomes so far: (control, candidate).
+    pub fn bad(&self) -> (u64, u64) {
+        (self.bad[0] as u64, self.bad[1] as u64)
+    }
 }
 
 /// Is the split what was configured? The Dirichlet-multinomial e-process of Lindon & Malek (2022) for

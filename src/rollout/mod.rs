@@ -1,12 +1,51 @@
-//! Rollouts that drive themselves (issue: ramp plans, anytime-valid guards, automatic promotion and
-//! rollback). This is its first part: the guard statistics and the plan's step rule, pure and tested. The plan in the
-//! deployment record, the controller inside `switchyard run` and the history topic build on it.
+//! Rollouts that drive themselves: a ramp plan in the deployment record, guards judged with
+//! anytime-valid statistics, and a controller that advances, promotes, pauses or rolls back by itself
+//! and leaves an audit history.
 //!
+//! Pure:
 //! - [`guard`]: e-processes that stay valid when checked after every batch: the exact one-sided 2×2
-//!   rate test (errors, timeouts, latency exceedances), the sample-ratio test, and the false-alarm budget.
-//! - [`plan`]: ramp steps and what the plan does next, from the time and the guards' evidence.
+//!   rate test (errors, timeouts, latency exceedances), the sample-ratio test, the false-alarm budget.
+//! - [`plan`]: the plan as the record carries it, its validation, and what a step's evidence means.
+//! - [`evidence`]: a step's decisions turned into the guards' statistics, deterministically.
+//! - [`decide`]: the next deployment record the controller writes, with actor, reason and figures.
+//! - [`history`]: the audit entry of each deployments-topic record, and its rendering.
 //!
-//! Not wired yet: deployment records do not take a plan, and nothing runs one.
+//! Kafka:
+//! - [`feed`]: reads the decisions of every partition from a point in time.
+//! - [`controller`]: the one leader among the instances that drives the plans and writes the history.
+//! - [`report`]: what `status` and `history` read and print.
 
+pub mod controller;
+pub mod decide;
+pub mod evidence;
+pub mod feed;
 pub mod guard;
+pub mod history;
 pub mod plan;
+pub mod report;
+
+use evidence::GuardFigures;
+use plan::GuardKind;
+
+/// One guard's line: its e-value against its threshold and each arm's bad share.
+pub fn describe_guard(g: &GuardFigures) -> String {
+    let rate = |c: &evidence::Counts| {
+        if g.guard == GuardKind::SampleRatio {
+            format!("{} users", c.n)
+        } else {
+            format!("{}/{} ({:.2}%)", c.bad, c.n, 100.0 * c.bad as f64 / c.n.max(1) as f64)
+        }
+    };
+    let what = match (g.guard, g.latency_ms) {
+        (GuardKind::Latency, Some(ms)) => format!("latency > {ms} ms"),
+        (GuardKind::Latency, None) => "latency (threshold not fixed yet)".to_string(),
+        (guard, _) => guard.as_str().to_string(),
+    };
+    format!(
+        "{what:<22} e = {:<10.3} fires at {:<8.1} control {}  candidate {}",
+        g.e_value,
+        g.threshold,
+        rate(&g.control),
+        rate(&g.candidate)
+    )
+}

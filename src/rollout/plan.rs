@@ -51,21 +51,94 @@ pub enum OnEnd {
     Hold,
 }
 
+/// Where a plan stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PlanState {
+    /// The controller judges the current step.
+    #[default]
+    Running,
+    /// Held at the current step (by an operator, a guard with `on_alarm: pause`, or a step that ran out
+    /// of time); `resume` restarts the step.
+    Paused,
+    /// The last step is done and `on_end` is `hold`: the split stays, nothing is judged any more.
+    Done,
+}
+
+impl PlanState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PlanState::Running => "running",
+            PlanState::Paused => "paused",
+            PlanState::Done => "done",
+        }
+    }
+}
+
+/// A guard a plan can use: each tests the candidate arm against the control arm of the same step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GuardKind {
+    /// Share of users whose decision is MODEL_ERROR.
+    ErrorRate,
+    /// Share of users whose decision is TIMEOUT or FALLBACK.
+    TimeoutRate,
+    /// Share of users answered slower than the step's latency threshold.
+    Latency,
+    /// The observed share of users in the candidate arm against the configured share (two-sided).
+    SampleRatio,
+}
+
+impl GuardKind {
+    pub const ALL: [GuardKind; 4] =
+        [GuardKind::ErrorRate, GuardKind::TimeoutRate, GuardKind::Latency, GuardKind::SampleRatio];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GuardKind::ErrorRate => "error_rate",
+            GuardKind::TimeoutRate => "timeout_rate",
+            GuardKind::Latency => "latency",
+            GuardKind::SampleRatio => "sample_ratio",
+        }
+    }
+}
+
 fn default_alpha() -> f64 {
     0.05
 }
 
+fn default_guards() -> Vec<GuardKind> {
+    GuardKind::ALL.to_vec()
+}
+
+/// A rollout plan as it travels in the deployment record: what the operator asked for (steps, guards,
+/// budget, actions) and where the controller has got to (`step`, `step_started_at`, `state`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Plan {
     pub steps: Vec<Step>,
+    /// Guards judged in every step (default: all).
+    #[serde(default = "default_guards")]
+    pub guards: Vec<GuardKind>,
     /// False-alarm budget of the whole rollout, split over its guards and steps.
     #[serde(default = "default_alpha")]
     pub alpha: f64,
+    /// The latency guard's threshold; without it each step fixes one from its first control
+    /// observations (see `rollout::evidence`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_threshold_ms: Option<u64>,
     #[serde(default)]
     pub on_alarm: OnAlarm,
     #[serde(default)]
     pub on_end: OnEnd,
+    /// Index of the current step.
+    #[serde(default)]
+    pub step: usize,
+    /// When the current step started (ms since the epoch); `deploy --plan` sets it.
+    #[serde(default)]
+    pub step_started_at: Millis,
+    #[serde(default)]
+    pub state: PlanState,
 }
 
 /// Most steps a plan may have.
@@ -85,6 +158,16 @@ pub enum InvalidPlan {
     NoSample { step: usize },
     #[error("alpha must be above 0 and at most 0.5, got {0}")]
     Alpha(f64),
+    #[error(
+        "step {step}: canary_percent {value} leaves no control arm; the last step must hold back some control traffic (promotion takes the candidate to 100%)"
+    )]
+    NoControl { step: usize, value: f64 },
+    #[error("guards must name each guard at most once, and at least one")]
+    Guards,
+    #[error("step is {step} but the plan has {steps} steps (step counts from 0)")]
+    StepOutOfRange { step: usize, steps: usize },
+    #[error("step_started_at is required (ms since the epoch; `switchyard deploy --plan` sets it)")]
+    NoStartTime,
 }
 
 impl Plan {
@@ -111,31 +194,41 @@ impl Plan {
             if step.min_sample == 0 {
                 return Err(InvalidPlan::NoSample { step: n });
             }
+            if threshold(step.canary_percent) >= threshold(100.0) {
+                return Err(InvalidPlan::NoControl { step: n, value: step.canary_percent });
+            }
             before = step.canary_percent;
+        }
+        let mut guards = self.guards.clone();
+        guards.sort_unstable();
+        guards.dedup();
+        if guards.is_empty() || guards.len() != self.guards.len() {
+            return Err(InvalidPlan::Guards);
+        }
+        if self.step >= self.steps.len() {
+            return Err(InvalidPlan::StepOutOfRange { step: self.step, steps: self.steps.len() });
+        }
+        if self.step_started_at <= 0 {
+            return Err(InvalidPlan::NoStartTime);
         }
         Ok(())
     }
 
-    /// The budget of `guards` guards over this plan's steps.
-    pub fn budget(&self, guards: usize) -> Budget {
-        Budget { alpha: self.alpha, guards, steps: self.steps.len() }
+    /// The budget of this plan's guards over its steps.
+    pub fn budget(&self) -> Budget {
+        Budget { alpha: self.alpha, guards: self.guards.len(), steps: self.steps.len() }
     }
-}
 
-/// Where the current step stands.
-#[derive(Debug, Clone, PartialEq)]
-pub struct StepState {
-    /// Index into the plan's steps.
-    pub index: usize,
-    pub started_at: Millis,
-    /// Observations so far in this step: (control, candidate).
-    pub samples: (u64, u64),
+    /// The current step.
+    pub fn current(&self) -> &Step {
+        &self.steps[self.step.min(self.steps.len() - 1)]
+    }
 }
 
 /// One guard's evidence in the current step.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reading {
-    pub guard: String,
+    pub guard: GuardKind,
     pub log_e: f64,
 }
 
@@ -149,37 +242,41 @@ pub enum Verdict {
     /// The last step is done: apply [`Plan::on_end`].
     Complete,
     /// A guard fired: apply [`Plan::on_alarm`]. The reason names the guard and its evidence.
-    Alarm(String),
+    Alarm { guard: GuardKind, reason: String },
     /// No decision can be reached: hold for an operator.
     Pause(String),
 }
 
-/// Judges the current step at `now` from the guards' readings.
-pub fn judge(plan: &Plan, state: &StepState, readings: &[Reading], now: Millis) -> Verdict {
-    let log_threshold = plan.budget(readings.len()).log_threshold();
+/// Judges the plan's current step at `now` from its observations per arm, (control, candidate) users,
+/// and the guards' readings.
+pub fn judge(plan: &Plan, samples: (u64, u64), readings: &[Reading], now: Millis) -> Verdict {
+    let log_threshold = plan.budget().log_threshold();
     if let Some(fired) = readings.iter().find(|r| r.log_e >= log_threshold) {
-        return Verdict::Alarm(format!(
-            "guard {} fired in step {}: e-value {:.1} reached {:.1} (alpha {} over {} guards and {} steps)",
-            fired.guard,
-            state.index + 1,
-            fired.log_e.exp(),
-            log_threshold.exp(),
-            plan.alpha,
-            readings.len(),
-            plan.steps.len()
-        ));
+        return Verdict::Alarm {
+            guard: fired.guard,
+            reason: format!(
+                "guard {} fired in step {}: e-value {:.1} reached {:.1} (alpha {} over {} guards and {} steps)",
+                fired.guard.as_str(),
+                plan.step + 1,
+                fired.log_e.exp(),
+                log_threshold.exp(),
+                plan.alpha,
+                plan.guards.len(),
+                plan.steps.len()
+            ),
+        };
     }
-    let step = &plan.steps[state.index];
-    let elapsed = (now - state.started_at).max(0) as u64;
-    let (control, candidate) = state.samples;
+    let step = plan.current();
+    let elapsed = (now - plan.step_started_at).max(0) as u64;
+    let (control, candidate) = samples;
     if control >= step.min_sample && candidate >= step.min_sample && elapsed >= step.bake_ms {
-        return if state.index + 1 == plan.steps.len() { Verdict::Complete } else { Verdict::Advance(state.index + 1) };
+        return if plan.step + 1 == plan.steps.len() { Verdict::Complete } else { Verdict::Advance(plan.step + 1) };
     }
     if elapsed >= step.max_ms {
         return Verdict::Pause(format!(
-            "step {} ran its maximum of {} ms with {control} control and {candidate} candidate observations \
+            "step {} ran its maximum of {} ms with {control} control and {candidate} candidate users \
              of the {} each needs: no evidence either way",
-            state.index + 1,
+            plan.step + 1,
             step.max_ms,
             step.min_sample
         ));
@@ -200,42 +297,47 @@ mod tests {
         plan(
             r#"{"steps":[{"canary_percent":1,"bake_ms":1000,"min_sample":100,"max_ms":5000},
                          {"canary_percent":10,"bake_ms":1000,"min_sample":100,"max_ms":5000},
-                         {"canary_percent":50,"bake_ms":1000,"min_sample":100,"max_ms":5000}]}"#,
+                         {"canary_percent":50,"bake_ms":1000,"min_sample":100,"max_ms":5000}],
+                "step_started_at":10000}"#,
         )
     }
 
-    fn state(index: usize, samples: (u64, u64)) -> StepState {
-        StepState { index, started_at: 10_000, samples }
+    fn at(step: usize) -> Plan {
+        Plan { step, ..ramp() }
     }
 
     #[test]
     fn a_step_advances_only_with_its_sample_and_bake_time() {
         let p = ramp();
         p.validate().unwrap();
-        assert_eq!((p.alpha, p.on_alarm, p.on_end), (0.05, OnAlarm::Rollback, OnEnd::Promote));
-        assert_eq!(judge(&p, &state(0, (5000, 99)), &[], 14_000), Verdict::Hold, "the candidate arm lacks data");
-        assert_eq!(judge(&p, &state(0, (5000, 100)), &[], 10_999), Verdict::Hold, "still baking");
-        assert_eq!(judge(&p, &state(0, (5000, 100)), &[], 11_000), Verdict::Advance(1));
-        assert_eq!(judge(&p, &state(2, (5000, 100)), &[], 11_000), Verdict::Complete);
+        assert_eq!(
+            (p.alpha, p.on_alarm, p.on_end, p.state),
+            (0.05, OnAlarm::Rollback, OnEnd::Promote, PlanState::Running)
+        );
+        assert_eq!(p.guards, GuardKind::ALL.to_vec(), "all guards by default");
+        assert_eq!(judge(&p, (5000, 99), &[], 14_000), Verdict::Hold, "the candidate arm lacks data");
+        assert_eq!(judge(&p, (5000, 100), &[], 10_999), Verdict::Hold, "still baking");
+        assert_eq!(judge(&p, (5000, 100), &[], 11_000), Verdict::Advance(1));
+        assert_eq!(judge(&at(2), (5000, 100), &[], 11_000), Verdict::Complete);
     }
 
     #[test]
     fn no_data_pauses_at_the_maximum_duration() {
-        let p = ramp();
-        assert_eq!(judge(&p, &state(1, (0, 0)), &[], 14_999), Verdict::Hold);
-        assert!(matches!(judge(&p, &state(1, (0, 0)), &[], 15_000), Verdict::Pause(r) if r.contains("no evidence")));
+        let p = at(1);
+        assert_eq!(judge(&p, (0, 0), &[], 14_999), Verdict::Hold);
+        assert!(matches!(judge(&p, (0, 0), &[], 15_000), Verdict::Pause(r) if r.contains("no evidence")));
     }
 
     #[test]
     fn a_fired_guard_wins_over_progress() {
-        let p = ramp();
+        let p = Plan { guards: vec![GuardKind::ErrorRate, GuardKind::TimeoutRate], ..ramp() };
         // Two guards over three steps at alpha 0.05: each fires at e = 120.
-        let quiet = Reading { guard: "error_rate".into(), log_e: 119f64.ln() };
-        let loud = Reading { guard: "timeout_rate".into(), log_e: 121f64.ln() };
-        assert_eq!(judge(&p, &state(0, (5000, 100)), &[quiet.clone(), quiet.clone()], 11_000), Verdict::Advance(1));
-        let verdict = judge(&p, &state(0, (5000, 100)), &[quiet, loud], 11_000);
+        let quiet = Reading { guard: GuardKind::ErrorRate, log_e: 119f64.ln() };
+        let loud = Reading { guard: GuardKind::TimeoutRate, log_e: 121f64.ln() };
+        assert_eq!(judge(&p, (5000, 100), &[quiet.clone(), quiet.clone()], 11_000), Verdict::Advance(1));
+        let verdict = judge(&p, (5000, 100), &[quiet, loud], 11_000);
         assert!(
-            matches!(&verdict, Verdict::Alarm(r) if r.contains("timeout_rate") && r.contains("step 1")),
+            matches!(&verdict, Verdict::Alarm { guard: GuardKind::TimeoutRate, reason } if reason.contains("step 1")),
             "{verdict:?}"
         );
     }
@@ -262,8 +364,13 @@ mod tests {
             min_sample: sample,
             max_ms: max,
         };
-        let with = |steps: Vec<Step>, alpha: f64| Plan { steps, alpha, on_alarm: OnAlarm::Pause, on_end: OnEnd::Hold };
+        let with = |steps: Vec<Step>, alpha: f64| Plan { steps, alpha, ..ramp() };
         let cases = [
+            (with(vec![step(100.0, 1, 1, 1)], 0.05), "no control arm"),
+            (Plan { guards: vec![], ..ramp() }, "at least one"),
+            (Plan { guards: vec![GuardKind::Latency, GuardKind::Latency], ..ramp() }, "at most once"),
+            (Plan { step: 3, ..ramp() }, "step counts from 0"),
+            (Plan { step_started_at: 0, ..ramp() }, "step_started_at is required"),
             (with(vec![], 0.05), "1 to 100 steps"),
             (with(vec![step(0.0, 1, 1, 1)], 0.05), "above 0"),
             (with(vec![step(10.005, 1, 1, 1)], 0.05), "steps of 0.01"),

@@ -8,6 +8,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::hash::threshold;
+use crate::rollout::evidence::Figures;
+use crate::rollout::plan::{InvalidPlan, Plan};
 
 /// Longest model name accepted; model names become part of Kafka topic names (max 249 characters).
 const MAX_MODEL_NAME: usize = 200;
@@ -116,6 +118,25 @@ pub struct DeploymentSpec {
     /// Users forced to one side (canary and blue/green).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub overrides: BTreeMap<String, Side>,
+    /// A rollout plan the controller drives (canary only). A record without one has none: an
+    /// operator's own change ends a plan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<Plan>,
+    /// Who wrote this version and why; `history` shows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change: Option<Change>,
+}
+
+/// Who made a change, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Change {
+    /// `operator` (`operator:<user>` from the CLI), `plan`, or `guard:<name>`.
+    pub actor: String,
+    pub reason: String,
+    /// The controller's evidence: its step's users and guard statistics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub figures: Option<Figures>,
 }
 
 /// A validated deployment, ready for routing.
@@ -186,6 +207,12 @@ pub enum InvalidDeployment {
     EmptyOverride,
     #[error("fallback is {0} bytes; at most {MAX_FALLBACK_BYTES} (it is carried in routing records and decisions)")]
     Fallback(usize),
+    #[error("a plan drives a canary: strategy must be canary, not {0}")]
+    PlanStrategy(Strategy),
+    #[error("plan: {0}")]
+    Plan(#[from] InvalidPlan),
+    #[error("canary_percent {got} is not the share of the plan's current step {step} ({want})")]
+    PlanShare { got: f64, step: usize, want: f64 },
 }
 
 /// Largest fallback answer: it travels in every routing record of the deployment and in each decision
@@ -275,6 +302,16 @@ impl DeploymentSpec {
         if self.overrides.keys().any(String::is_empty) {
             return Err(InvalidDeployment::EmptyOverride);
         }
+        if let Some(plan) = &self.plan {
+            if self.strategy != Strategy::Canary {
+                return Err(InvalidDeployment::PlanStrategy(self.strategy));
+            }
+            plan.validate()?;
+            let want = plan.current().canary_percent;
+            if threshold(want) != canary_threshold {
+                return Err(InvalidDeployment::PlanShare { got: self.canary_percent, step: plan.step + 1, want });
+            }
+        }
         let salt = self.salt.clone().unwrap_or_else(|| name.to_string());
         Ok(Deployment { name: name.to_string(), spec: self, salt, canary_threshold, shadow_threshold })
     }
@@ -349,6 +386,22 @@ mod tests {
             (r#"{"version":1,"strategy":"single","control":"m","overrides":{"":"control"}}"#, "empty user"),
             (&big_fallback, "at most 65536"),
             (r#"{"version":1,"strategy":"single","control":"m","overrides":{"u":"blue"}}"#, "unknown variant"),
+            (
+                r#"{"version":1,"strategy":"shadow","control":"m","candidate":"n","plan":{"steps":[{"canary_percent":5,"bake_ms":0,"min_sample":1,"max_ms":1}],"step_started_at":1}}"#,
+                "strategy must be canary",
+            ),
+            (
+                r#"{"version":1,"strategy":"canary","control":"m","candidate":"n","canary_percent":10,"plan":{"steps":[{"canary_percent":5,"bake_ms":0,"min_sample":1,"max_ms":1}],"step_started_at":1}}"#,
+                "not the share of the plan's current step 1 (5)",
+            ),
+            (
+                r#"{"version":1,"strategy":"canary","control":"m","candidate":"n","canary_percent":5,"plan":{"steps":[{"canary_percent":5,"bake_ms":0,"min_sample":1,"max_ms":1}]}}"#,
+                "plan: step_started_at is required",
+            ),
+            (
+                r#"{"version":1,"strategy":"canary","control":"m","candidate":"n","change":{"actor":"x"}}"#,
+                "missing field `reason`",
+            ),
         ];
         for (json, reason) in cases {
             let err = parse(json).expect_err(json).to_string();

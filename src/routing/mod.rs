@@ -4,7 +4,7 @@
 pub mod deployment;
 pub mod hash;
 
-pub use deployment::{Deployment, DeploymentSpec, InvalidDeployment, Side, Strategy};
+pub use deployment::{Change, Deployment, DeploymentSpec, InvalidDeployment, Side, Strategy};
 
 /// Where one request goes.
 #[derive(Debug, Clone, PartialEq, Eq)]

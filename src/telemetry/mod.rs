@@ -111,3 +111,27 @@ pub fn consumer_lag(topic: &str, partition: i32, lag: i64) {
     gauge!("switchyard_consumer_lag_records", "topic" => topic.to_string(), "partition" => partition.to_string())
         .set(lag as f64);
 }
+
+/// A running plan's step and evidence, as the controller last judged it.
+pub fn rollout(deployment: &str, step: usize, figures: &crate::rollout::evidence::Figures, late: u64) {
+    let d = deployment.to_string();
+    gauge!("switchyard_rollout_step", "deployment" => d.clone()).set((step + 1) as f64);
+    gauge!("switchyard_rollout_users", "deployment" => d.clone(), "arm" => "control").set(figures.users.0 as f64);
+    gauge!("switchyard_rollout_users", "deployment" => d.clone(), "arm" => "candidate").set(figures.users.1 as f64);
+    gauge!("switchyard_rollout_late_decisions", "deployment" => d.clone()).set(late as f64);
+    for g in &figures.guards {
+        let guard = g.guard.as_str();
+        gauge!("switchyard_rollout_guard_e_value", "deployment" => d.clone(), "guard" => guard).set(g.e_value);
+        gauge!("switchyard_rollout_guard_threshold", "deployment" => d.clone(), "guard" => guard).set(g.threshold);
+        for (arm, counts) in [("control", g.control), ("candidate", g.candidate)] {
+            gauge!("switchyard_rollout_guard_bad_ratio", "deployment" => d.clone(), "guard" => guard, "arm" => arm)
+                .set(counts.bad as f64 / counts.n.max(1) as f64);
+        }
+    }
+}
+
+/// The controller wrote a change of a plan.
+pub fn rollout_change(deployment: &str, actor: &str) {
+    counter!("switchyard_rollout_changes_total", "deployment" => deployment.to_string(), "actor" => actor.to_string())
+        .increment(1);
+}

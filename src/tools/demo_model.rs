@@ -71,7 +71,7 @@ impl DemoModel {
         let input = config.topics.model_requests(&self.model);
         let output_topic = config.topics.model_predictions(&self.model);
         if config.topics.create {
-            kafka::ensure_topics(&config, &[input.clone(), output_topic.clone()], false).await?;
+            kafka::ensure_topics(&config, &[input.clone(), output_topic.clone()], kafka::TopicKind::Stream).await?;
         }
         let consumer =
             kafka::group_consumer(&config, &format!("{}-model-{}", config.service.group_id, self.model), None)?;

@@ -50,7 +50,8 @@ impl Loadgen {
             self.run_id = format!("{:08x}", rand::rng().random::<u32>());
         }
         if config.topics.create {
-            kafka::ensure_topics(&config, std::slice::from_ref(&config.topics.requests), false).await?;
+            kafka::ensure_topics(&config, std::slice::from_ref(&config.topics.requests), kafka::TopicKind::Stream)
+                .await?;
         }
         let producer = kafka::producer(&config)?;
         let mut rng = rand::rng();

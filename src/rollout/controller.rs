@@ -1,0 +1,279 @@
+//! The rollout controller inside `switchyard run`: one instance at a time follows the decisions of every
+//! partition, judges each running plan's step, and writes the plan's changes to the deployments topic;
+//! it also writes the history entry of every deployments-topic record.
+//!
+//! - **One writer.** Every instance joins the consumer group `<group_id>-controller` on the
+//!   deployments topic (one partition); the member that holds the partition leads. It writes through
+//!   the transactional id `<group_id>-controller`, shared by all instances: a new leader's producer
+//!   fences the old one, and its offset commits carry the group generation (KIP-447), so a deposed
+//!   leader cannot write.
+//! - **History exactly once.** Each history entry is committed in the transaction that commits the
+//!   group's position after its record; a new leader rebuilds the registry from the records before that
+//!   position and continues after it.
+//! - **Acting on what is in force.** The leader judges only when it has read the deployments topic to
+//!   its end, and after writing a change it waits until it has read it back: it never acts twice on
+//!   the same version. A change is the next version of the record; if an operator's record took that
+//!   version first, the change is rejected (and shows so in the history) and the plan ended anyway.
+//! - **Evidence after a restart.** A step's evidence is a pure function of its version's decisions
+//!   ([`StepEvidence`]): a new leader reads them again from the step's start.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::task::block_in_place;
+
+use super::decide;
+use super::evidence::{Observation, StepEvidence};
+use super::feed::DecisionFeed;
+use super::history;
+use super::plan::PlanState;
+use crate::codec::Codec;
+use crate::config::Config;
+use crate::control::Registry;
+use crate::error::Error;
+use crate::kafka::batch::GroupWatch;
+use crate::kafka::txn::TxnProducer;
+use crate::kafka::{self, ADMIN_TIMEOUT, OutRecord};
+use crate::shutdown::Shutdown;
+use crate::telemetry;
+
+/// How often the leader judges the plans.
+const TICK: Duration = Duration::from_millis(500);
+/// Most decisions read per tick.
+const DECISIONS_PER_TICK: usize = 200_000;
+
+/// Runs until shutdown.
+pub async fn run(config: Config, codec: Codec, mut shutdown: Shutdown) -> Result<(), Error> {
+    let topic = config.topics.deployments.clone();
+    let group = format!("{}-controller", config.service.group_id);
+    let consumer = kafka::group_consumer(&config, &group, Some(&config.service.instance()))?;
+    match kafka::partition_count(&consumer, &topic)? {
+        Some(1) => {}
+        other => {
+            tracing::error!(topic = %topic, partitions = ?other,
+                "the rollout controller needs a deployments topic of exactly one partition; plans will not be driven");
+            return Ok(());
+        }
+    }
+    consumer.subscribe(&[&topic])?;
+    let mut leader: Option<Leader> = None;
+    let mut inbox = Vec::new();
+    let mut next_tick = Instant::now();
+    loop {
+        tokio::select! {
+            _ = shutdown.recv() => break,
+            received = tokio::time::timeout(Duration::from_millis(100), consumer.recv()) => match received {
+                Ok(Ok(message)) => inbox.push(message.detach()),
+                Ok(Err(error)) => tracing::warn!(%error, "controller: deployments topic read failed"),
+                Err(_) => {}
+            },
+        }
+        if Instant::now() < next_tick {
+            continue;
+        }
+        next_tick = Instant::now() + TICK;
+        if !leads(&consumer, &topic) {
+            if leader.take().is_some() {
+                tracing::info!("rollout controller handed over to another instance");
+            }
+            inbox.clear();
+            continue;
+        }
+        if leader.is_none() {
+            match Leader::start(&config, &codec, &consumer, &shutdown).await {
+                Ok(started) => leader = Some(started),
+                Err(error) => {
+                    tracing::warn!(%error, "cannot take over as rollout controller; retrying");
+                    continue;
+                }
+            }
+        }
+        let current = leader.as_mut().expect("set above");
+        if let Err(error) = current.tick(&consumer, std::mem::take(&mut inbox)).await {
+            tracing::warn!(%error, "rollout controller's write failed; starting over from the committed position");
+            leader = None;
+        }
+    }
+    // A static member leaves its group only when it says so: the next leader takes over at once.
+    consumer.unsubscribe();
+    Ok(())
+}
+
+fn leads(consumer: &StreamConsumer<GroupWatch>, topic: &str) -> bool {
+    consumer.assignment().is_ok_and(|a| a.elements().iter().any(|e| e.topic() == topic && e.partition() == 0))
+}
+
+struct Leader {
+    config: Config,
+    codec: Codec,
+    producer: TxnProducer,
+    registry: Registry,
+    /// The next deployments-topic offset to write history for.
+    next_offset: i64,
+    /// The offset committed with the last transaction.
+    committed: i64,
+    /// Per deployment with a running plan: its step's evidence.
+    evidence: HashMap<String, StepEvidence>,
+    feed: Option<DecisionFeed>,
+}
+
+impl Leader {
+    /// Fences any earlier leader, then rebuilds the registry from the records before the group's
+    /// committed position and reads on from there.
+    async fn start(
+        config: &Config,
+        codec: &Codec,
+        consumer: &StreamConsumer<GroupWatch>,
+        shutdown: &Shutdown,
+    ) -> Result<Leader, Error> {
+        let topic = &config.topics.deployments;
+        let producer = TxnProducer::new(config, format!("{}-controller", config.service.group_id), shutdown.clone())?;
+        let committed = block_in_place(|| consumer.committed(ADMIN_TIMEOUT))?
+            .elements()
+            .iter()
+            .find(|e| e.topic() == topic && e.partition() == 0)
+            .and_then(|e| if let Offset::Offset(n) = e.offset() { Some(n) } else { None })
+            .unwrap_or(0);
+        let mut registry = Registry::default();
+        if committed > 0 {
+            let (reader, _) = crate::control::watcher::open(config).await?;
+            let targets = HashMap::from([(0, committed)]);
+            replay_until(&reader, topic, &targets, committed, &mut registry).await?;
+        }
+        block_in_place(|| consumer.seek(topic, 0, Offset::Offset(committed), ADMIN_TIMEOUT))?;
+        tracing::info!(
+            from_offset = committed,
+            deployments = registry.deployments().count(),
+            "this instance is the rollout controller"
+        );
+        Ok(Leader {
+            config: config.clone(),
+            codec: codec.clone(),
+            producer,
+            registry,
+            next_offset: committed,
+            committed,
+            evidence: HashMap::new(),
+            feed: None,
+        })
+    }
+
+    /// Applies the records read, judges the plans if the deployments topic has been read to its end,
+    /// and commits history entries, changes and the position in one transaction.
+    async fn tick(&mut self, consumer: &StreamConsumer<GroupWatch>, inbox: Vec<OwnedMessage>) -> Result<(), Error> {
+        let topic = self.config.topics.deployments.clone();
+        let mut out = Vec::new();
+        for message in inbox {
+            if message.partition() != 0 || message.offset() < self.next_offset {
+                continue; // read again after a seek
+            }
+            let outcome = self.registry.apply(message.key(), message.payload(), message.offset());
+            let name = String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned();
+            let at = message.timestamp().to_millis().unwrap_or_else(kafka::now_millis);
+            if let Some(entry) = history::entry(&name, message.payload(), message.offset(), at, &outcome) {
+                let value = serde_json::to_vec(&entry).expect("history entries serialise");
+                out.push(OutRecord::new(self.config.topics.history.clone(), name.into_bytes(), value));
+            }
+            self.next_offset = message.offset() + 1;
+        }
+        let position = consumer
+            .position()
+            .ok()
+            .and_then(|p| p.find_partition(&topic, 0).map(|e| e.offset()))
+            .and_then(|o| if let Offset::Offset(n) = o { Some(n) } else { None })
+            .unwrap_or(0);
+        let (_, end) = block_in_place(|| consumer.fetch_watermarks(&topic, 0, ADMIN_TIMEOUT))?;
+        if self.next_offset.max(position) >= end {
+            self.judge(&mut out).await?;
+        }
+        if out.is_empty() && self.next_offset == self.committed {
+            return Ok(());
+        }
+        let mut offsets = TopicPartitionList::new();
+        offsets.add_partition_offset(&topic, 0, Offset::Offset(self.next_offset))?;
+        self.producer
+            .commit(&out, &offsets, consumer.group_metadata())
+            .await
+            .map_err(|failure| Error::Kafka(failure.error))?;
+        self.committed = self.next_offset;
+        Ok(())
+    }
+
+    /// Follows the decisions of the running plans' steps and adds the change of every plan whose
+    /// step's verdict is in.
+    async fn judge(&mut self, out: &mut Vec<OutRecord>) -> Result<(), Error> {
+        let running: Vec<_> = self
+            .registry
+            .deployments()
+            .filter(|d| d.spec.plan.as_ref().is_some_and(|p| p.state == PlanState::Running))
+            .cloned()
+            .collect();
+        self.evidence.retain(|name, e| running.iter().any(|d| d.name == *name && d.version() == e.version));
+        for d in &running {
+            if !self.evidence.contains_key(&d.name) {
+                self.evidence.insert(d.name.clone(), StepEvidence::new(d).expect("a running plan"));
+            }
+        }
+        if self.feed.is_none() {
+            let from = running.iter().filter_map(|d| d.spec.plan.as_ref().map(|p| p.step_started_at)).min();
+            self.feed = Some(DecisionFeed::open(&self.config, self.codec.clone(), from)?);
+        }
+        let feed = self.feed.as_mut().expect("opened above");
+        let evidence = &mut self.evidence;
+        feed.drain(Duration::from_millis(10), DECISIONS_PER_TICK, |decision| {
+            if let Some(e) = evidence.get_mut(&decision.deployment) {
+                if decision.config_version as u64 == e.version {
+                    if let Some(observation) = Observation::of(&decision) {
+                        e.add(observation);
+                    }
+                }
+            }
+        })
+        .await?;
+        let now = kafka::now_millis();
+        let (read_through, _) = feed.read_through(now);
+        for d in &running {
+            let e = self.evidence.get_mut(&d.name).expect("inserted above");
+            e.score_until(read_through, d.spec.timeout_ms);
+            let plan = d.spec.plan.as_ref().expect("running");
+            telemetry::rollout(&d.name, plan.step, &e.figures(plan.step), e.late());
+            let Some(next) = decide::next_record(d, e, now, self.registry.next_version(&d.name)) else { continue };
+            if let Err(error) = next.clone().validate(&d.name) {
+                tracing::error!(deployment = %d.name, %error, "the plan's next record is invalid; not written");
+                continue;
+            }
+            let change = next.change.as_ref().expect("decide sets the change");
+            tracing::info!(deployment = %d.name, version = next.version, actor = %change.actor,
+                reason = %change.reason, "rollout controller writes a change");
+            telemetry::rollout_change(&d.name, &change.actor);
+            out.push(OutRecord::new(
+                self.config.topics.deployments.clone(),
+                d.name.as_bytes(),
+                next.to_json().into_bytes(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Applies the records of the deployments topic before `until`.
+async fn replay_until(
+    reader: &StreamConsumer,
+    topic: &str,
+    targets: &HashMap<i32, i64>,
+    until: i64,
+    registry: &mut Registry,
+) -> Result<(), Error> {
+    while !kafka::batch::caught_up(reader, topic, targets) {
+        if let Ok(message) = tokio::time::timeout(Duration::from_millis(200), reader.recv()).await {
+            let message = message?;
+            if message.offset() < until {
+                registry.apply(message.key(), message.payload(), message.offset());
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,149 @@
+//! What the controller writes next for one deployment: the plan's verdict on its step's evidence,
+//! turned into the next deployment record with its actor, reason and figures. Pure.
+
+use super::evidence::StepEvidence;
+use super::plan::{OnAlarm, OnEnd, PlanState, Verdict, judge};
+use crate::codec::Millis;
+use crate::control::moves;
+use crate::routing::{Change, Deployment, DeploymentSpec};
+
+/// The record the controller writes next for `deployment` (as `version`), or None to wait.
+pub fn next_record(
+    deployment: &Deployment,
+    evidence: &StepEvidence,
+    now: Millis,
+    version: u64,
+) -> Option<DeploymentSpec> {
+    let plan = deployment.spec.plan.as_ref().filter(|p| p.state == PlanState::Running)?;
+    if evidence.version != deployment.version() {
+        return None;
+    }
+    let figures = evidence.figures(plan.step);
+    let (control, candidate) = figures.users;
+    let spec = &deployment.spec;
+    let (next, actor, reason) = match judge(plan, evidence.users(), &evidence.readings(), now) {
+        Verdict::Hold => return None,
+        Verdict::Advance(index) => (
+            moves::advance(spec, version, index, now).ok()?,
+            "plan".to_string(),
+            format!(
+                "step {} passed ({control} control, {candidate} candidate users; no guard fired): canary to {}%",
+                plan.step + 1,
+                plan.steps[index].canary_percent
+            ),
+        ),
+        Verdict::Complete => match plan.on_end {
+            OnEnd::Promote => (
+                moves::promote(spec, version).ok()?,
+                "plan".to_string(),
+                format!(
+                    "last step passed ({control} control, {candidate} candidate users; no guard fired): candidate \
+                     promoted"
+                ),
+            ),
+            OnEnd::Hold => (
+                moves::finish(spec, version).ok()?,
+                "plan".to_string(),
+                format!("last step passed ({control} control, {candidate} candidate users): plan done, split held"),
+            ),
+        },
+        Verdict::Alarm { guard, reason } => {
+            let next = match plan.on_alarm {
+                OnAlarm::Rollback => moves::rollback(spec, version),
+                OnAlarm::Pause => moves::pause(spec, version),
+            };
+            let action = match plan.on_alarm {
+                OnAlarm::Rollback => "rolled back",
+                OnAlarm::Pause => "paused",
+            };
+            (next.ok()?, format!("guard:{}", guard.as_str()), format!("{reason}: {action}"))
+        }
+        Verdict::Pause(reason) => (moves::pause(spec, version).ok()?, "plan".to_string(), format!("{reason}: paused")),
+    };
+    let mut next = next;
+    next.change = Some(Change { actor, reason, figures: Some(figures) });
+    Some(next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::DecisionStatus;
+    use crate::rollout::evidence::{GRACE_MS, Observation};
+    use crate::routing::{Side, Strategy};
+
+    fn deployment(json: &str) -> Deployment {
+        DeploymentSpec::from_json(json.as_bytes()).unwrap().validate("fraud").unwrap()
+    }
+
+    const TWO_STEPS: &str = r#"{"version":4,"strategy":"canary","control":"a","candidate":"b","canary_percent":10,
+        "plan":{"steps":[{"canary_percent":10,"bake_ms":1000,"min_sample":50,"max_ms":600000},
+                         {"canary_percent":50,"bake_ms":1000,"min_sample":50,"max_ms":600000}],
+                "step_started_at":1000000, "on_alarm":"rollback"}}"#;
+
+    /// Evidence with `users` users, one request each, the configured share of them in the candidate arm,
+    /// which errs at `candidate_error_every` (0: never).
+    fn evidence(d: &Deployment, users: i64, candidate_error_every: i64) -> StepEvidence {
+        let mut e = StepEvidence::new(d).unwrap();
+        let start = d.spec.plan.as_ref().unwrap().step_started_at;
+        let percent = d.spec.canary_percent as i64;
+        for i in 0..users {
+            let arm = if i % 100 < percent { Side::Candidate } else { Side::Control };
+            let status = if arm == Side::Candidate && candidate_error_every > 0 && i % candidate_error_every == 0 {
+                DecisionStatus::ModelError
+            } else {
+                DecisionStatus::Ok
+            };
+            e.add(Observation {
+                request_id: format!("r{i}"),
+                user: format!("u{i}"),
+                arm,
+                status,
+                latency_ms: 4,
+                sent_at: start + i,
+            });
+        }
+        e.score_until(start + users + 1_000 + 1_000 + GRACE_MS, 1_000);
+        e
+    }
+
+    #[test]
+    fn a_healthy_step_advances_with_figures_and_the_last_one_promotes() {
+        let d = deployment(TWO_STEPS);
+        assert_eq!(next_record(&d, &evidence(&d, 100, 0), 1_100_000, 5), None, "49 candidate users < 50");
+        let next = next_record(&d, &evidence(&d, 1000, 0), 1_100_000, 5).unwrap();
+        assert_eq!((next.version, next.canary_percent), (5, 50.0));
+        let change = next.change.as_ref().unwrap();
+        assert_eq!(change.actor, "plan");
+        assert!(change.reason.contains("step 1 passed (900 control, 100 candidate users"), "{}", change.reason);
+        assert_eq!(change.figures.as_ref().unwrap().guards.len(), 4);
+        let step2 = next.validate("fraud").unwrap();
+        let promoted = next_record(&step2, &evidence(&step2, 1000, 0), 1_200_000, 6).unwrap();
+        assert_eq!(
+            (promoted.strategy, promoted.control.as_str(), promoted.plan.is_none()),
+            (Strategy::Single, "b", true)
+        );
+    }
+
+    #[test]
+    fn a_failing_candidate_is_rolled_back_by_its_guard() {
+        let d = deployment(TWO_STEPS);
+        let next = next_record(&d, &evidence(&d, 20_000, 3), 1_100_000, 5).unwrap();
+        assert_eq!((next.canary_percent, next.plan.is_none()), (0.0, true));
+        let change = next.change.unwrap();
+        assert_eq!(change.actor, "guard:error_rate");
+        assert!(change.reason.contains("rolled back"), "{}", change.reason);
+        let error = &change.figures.unwrap().guards[0];
+        assert!(error.e_value >= error.threshold && error.candidate.bad > 600, "{error:?}");
+    }
+
+    #[test]
+    fn evidence_of_another_version_or_a_paused_plan_does_nothing() {
+        let d = deployment(TWO_STEPS);
+        let e = evidence(&d, 1000, 0);
+        let later = deployment(&TWO_STEPS.replace(r#""version":4"#, r#""version":9"#));
+        assert_eq!(next_record(&later, &e, 1_100_000, 10), None, "evidence of version 4 says nothing of 9");
+        let paused = deployment(&TWO_STEPS.replace(r#""on_alarm":"rollback""#, r#""state":"paused""#));
+        assert_eq!(next_record(&paused, &evidence(&paused, 20_000, 3), 1_100_000, 5), None);
+    }
+}

@@ -1,0 +1,400 @@
+//! The evidence of one plan step: decisions turned into the guards' e-processes. Pure and deterministic
+//! — the same decisions give the same statistics — so a controller that restarts, or `status` on an
+//! operator's machine, rebuilds it by reading the step's decisions again, without double counting.
+//!
+//! Rules (see `guard` for why):
+//! - a step's evidence is the decisions stamped with the config version that started it;
+//! - users, not requests: each user's first decision in the step, in routing order, is its one
+//!   observation; users pinned by an override are left out (they were not randomised);
+//! - routing order: decisions are grouped in blocks by when their request was sent
+//!   (`decided_at − latency_ms`), and a block is scored once every decision in it is final — its end
+//!   plus the deadline plus a grace period has passed on every decisions partition. A decision that
+//!   arrives for a block already scored is counted as late and left out;
+//! - the latency guard's threshold is the plan's, or control's p99 among the step's first
+//!   [`BURN_IN`] control users; the guard scores only blocks after it is fixed.
+
+use std::collections::{BTreeMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+
+use super::guard::{Block, RateGuard, SampleRatioGuard};
+use super::plan::{GuardKind, Reading};
+use crate::codec::{Decision, DecisionStatus, Millis};
+use crate::routing::Side;
+
+/// Width of a block of routing time.
+pub const BLOCK_MS: i64 = 1_000;
+/// Extra wait after a block's deadline before it is scored, for decisions still on their way.
+pub const GRACE_MS: i64 = 3_000;
+/// Control users whose latencies fix a step's latency threshold when the plan gives none.
+pub const BURN_IN: usize = 200;
+/// Prior concentration of the sample-ratio e-process.
+pub const SAMPLE_RATIO_CONCENTRATION: f64 = 100.0;
+
+/// One decision, as the evidence needs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observation {
+    pub request_id: String,
+    pub user: String,
+    pub arm: Side,
+    pub status: DecisionStatus,
+    pub latency_ms: i64,
+    /// When the request was sent: routing order.
+    pub sent_at: Millis,
+}
+
+impl Observation {
+    /// The observation a decision makes for the deployment's plan, if it makes one.
+    pub fn of(decision: &Decision) -> Option<Observation> {
+        let arm = match decision.cohort.as_str() {
+            "control" => Side::Control,
+            "candidate" => Side::Candidate,
+            _ => return None,
+        };
+        Some(Observation {
+            request_id: decision.request_id.clone(),
+            user: decision.user_id.clone(),
+            arm,
+            status: decision.status,
+            latency_ms: decision.latency_ms,
+            sent_at: decision.decided_at - decision.latency_ms,
+        })
+    }
+}
+
+/// Users and bad outcomes of one arm.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Counts {
+    pub n: u64,
+    pub bad: u64,
+}
+
+/// One guard's figures, as `status`, the metrics and the deployment record's change carry them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuardFigures {
+    pub guard: GuardKind,
+    /// The e-value so far in this step.
+    pub e_value: f64,
+    /// The e-value at which it fires.
+    pub threshold: f64,
+    pub control: Counts,
+    pub candidate: Counts,
+    /// The latency guard's threshold, once fixed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<i64>,
+}
+
+/// What a plan's step has seen: the numbers behind a change of the controller.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Figures {
+    /// The step, counting from 1.
+    pub step: usize,
+    /// Users observed: (control, candidate).
+    pub users: (u64, u64),
+    pub guards: Vec<GuardFigures>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct ArmBlock {
+    n: u64,
+    errors: u64,
+    timeouts: u64,
+    slow: u64,
+}
+
+/// Per arm: users, errors, timeouts, slow answers, and latency sum (for the mean).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ArmSummary {
+    pub users: u64,
+    pub errors: u64,
+    pub timeouts: u64,
+    pub latency_sum_ms: i64,
+}
+
+impl ArmSummary {
+    pub fn mean_latency_ms(&self) -> f64 {
+        self.latency_sum_ms as f64 / self.users.max(1) as f64
+    }
+}
+
+/// The evidence of one step of one deployment's plan.
+#[derive(Debug, Clone)]
+pub struct StepEvidence {
+    pub version: u64,
+    started_at: Millis,
+    guards: Vec<GuardKind>,
+    log_threshold: f64,
+    /// Users overridden to a side: not randomised, left out.
+    excluded: HashSet<String>,
+    latency_threshold: Option<i64>,
+    burn_in: Vec<i64>,
+    /// Blocks not scored yet, by index.
+    open: BTreeMap<i64, Vec<Observation>>,
+    /// Blocks below this index are scored.
+    scored_below: i64,
+    seen: HashSet<String>,
+    error: RateGuard,
+    timeout: RateGuard,
+    latency: RateGuard,
+    ratio: SampleRatioGuard,
+    arms: [ArmSummary; 2],
+    late: u64,
+}
+
+impl StepEvidence {
+    /// Evidence for the step the plan of `deployment` is in (its version started it).
+    pub fn new(deployment: &crate::routing::Deployment) -> Option<StepEvidence> {
+        let plan = deployment.spec.plan.as_ref()?;
+        let share = f64::from(deployment.canary_threshold) / 10_000.0;
+        Some(StepEvidence {
+            version: deployment.version(),
+            started_at: plan.step_started_at,
+            guards: plan.guards.clone(),
+            log_threshold: plan.budget().log_threshold(),
+            excluded: deployment.spec.overrides.keys().cloned().collect(),
+            latency_threshold: plan.latency_threshold_ms.map(|ms| ms as i64),
+            burn_in: Vec::new(),
+            open: BTreeMap::new(),
+            scored_below: 0,
+            seen: HashSet::new(),
+            error: RateGuard::default(),
+            timeout: RateGuard::default(),
+            latency: RateGuard::default(),
+            ratio: SampleRatioGuard::new(share, SAMPLE_RATIO_CONCENTRATION),
+            arms: [ArmSummary::default(); 2],
+            late: 0,
+        })
+    }
+
+    fn block_of(&self, sent_at: Millis) -> i64 {
+        ((sent_at - self.started_at).max(0)) / BLOCK_MS
+    }
+
+    /// Adds one observation (of this step's version); one for a block already scored is counted late.
+    pub fn add(&mut self, observation: Observation) {
+        if self.excluded.contains(&observation.user) {
+            return;
+        }
+        let block = self.block_of(observation.sent_at);
+        if block < self.scored_below {
+            self.late += 1;
+            return;
+        }
+        self.open.entry(block).or_default().push(observation);
+    }
+
+    /// Scores every block whose decisions are all final by `final_by`: the time up to which every
+    /// decisions partition has been read, less `timeout_ms` (the longest a decision can take) and
+    /// [`GRACE_MS`].
+    pub fn score_until(&mut self, final_by: Millis, timeout_ms: u64) {
+        let complete_before = final_by - timeout_ms as i64 - GRACE_MS;
+        // Block b covers [start + b·W, start + (b+1)·W): complete when its end is at or before the bound.
+        let limit = (complete_before - self.started_at).div_euclid(BLOCK_MS);
+        while self.scored_below < limit {
+            let block = self.open.remove(&self.scored_below).unwrap_or_default();
+            self.score(block);
+            self.scored_below += 1;
+        }
+    }
+
+    fn score(&mut self, mut block: Vec<Observation>) {
+        block.sort_by(|a, b| (a.sent_at, &a.request_id).cmp(&(b.sent_at, &b.request_id)));
+        let mut arms = [ArmBlock::default(); 2];
+        let mut first = Vec::new();
+        for o in block {
+            if self.seen.insert(o.user.clone()) {
+                first.push(o);
+            }
+        }
+        for o in &first {
+            let i = usize::from(o.arm == Side::Candidate);
+            let a = &mut arms[i];
+            a.n += 1;
+            a.errors += u64::from(o.status == DecisionStatus::ModelError);
+            a.timeouts += u64::from(matches!(o.status, DecisionStatus::Timeout | DecisionStatus::Fallback));
+            a.slow += u64::from(self.latency_threshold.is_some_and(|t| o.latency_ms > t));
+            let s = &mut self.arms[i];
+            s.users += 1;
+            s.errors += u64::from(o.status == DecisionStatus::ModelError);
+            s.timeouts += u64::from(matches!(o.status, DecisionStatus::Timeout | DecisionStatus::Fallback));
+            s.latency_sum_ms += o.latency_ms;
+        }
+        let pair = |f: fn(&ArmBlock) -> u64| {
+            (Block { n: arms[0].n, bad: f(&arms[0]) }, Block { n: arms[1].n, bad: f(&arms[1]) })
+        };
+        let (a, b) = pair(|a| a.errors);
+        self.error.observe(a, b);
+        let (a, b) = pair(|a| a.timeouts);
+        self.timeout.observe(a, b);
+        if self.latency_threshold.is_some() {
+            let (a, b) = pair(|a| a.slow);
+            self.latency.observe(a, b);
+        } else {
+            self.burn_in.extend(
+                first.iter().filter(|o| o.arm == Side::Control && o.status == DecisionStatus::Ok).map(|o| o.latency_ms),
+            );
+            if self.burn_in.len() >= BURN_IN {
+                self.burn_in.sort_unstable();
+                // Nearest-rank p99, at least 1 ms.
+                let rank = ((self.burn_in.len() as f64) * 0.99).ceil() as usize;
+                self.latency_threshold = Some(self.burn_in[rank.saturating_sub(1)].max(1));
+                self.burn_in = Vec::new();
+            }
+        }
+        self.ratio.observe(arms[0].n, arms[1].n);
+    }
+
+    /// Users observed so far: (control, candidate).
+    pub fn users(&self) -> (u64, u64) {
+        (self.arms[0].users, self.arms[1].users)
+    }
+
+    pub fn arms(&self) -> (ArmSummary, ArmSummary) {
+        (self.arms[0], self.arms[1])
+    }
+
+    /// Decisions that arrived after their block was scored.
+    pub fn late(&self) -> u64 {
+        self.late
+    }
+
+    /// Each guard of the plan with its e-process.
+    pub fn readings(&self) -> Vec<Reading> {
+        self.guards.iter().map(|&guard| Reading { guard, log_e: self.log_e(guard) }).collect()
+    }
+
+    fn log_e(&self, guard: GuardKind) -> f64 {
+        match guard {
+            GuardKind::ErrorRate => self.error.log_e(),
+            GuardKind::TimeoutRate => self.timeout.log_e(),
+            GuardKind::Latency => self.latency.log_e(),
+            GuardKind::SampleRatio => self.ratio.log_e(),
+        }
+    }
+
+    /// The figures behind the guards, for the record, `status` and the metrics.
+    pub fn figures(&self, step: usize) -> Figures {
+        let counts = |g: &RateGuard| {
+            let (n, bad) = (g.samples(), g.bad());
+            (Counts { n: n.0, bad: bad.0 }, Counts { n: n.1, bad: bad.1 })
+        };
+        let guards = self
+            .guards
+            .iter()
+            .map(|&guard| {
+                let (control, candidate) = match guard {
+                    GuardKind::ErrorRate => counts(&self.error),
+                    GuardKind::TimeoutRate => counts(&self.timeout),
+                    GuardKind::Latency => counts(&self.latency),
+                    GuardKind::SampleRatio => {
+                        let (a, b) = self.users();
+                        (Counts { n: a, bad: 0 }, Counts { n: b, bad: 0 })
+                    }
+                };
+                GuardFigures {
+                    guard,
+                    e_value: round3(self.log_e(guard).exp()),
+                    threshold: round3(self.log_threshold.exp()),
+                    control,
+                    candidate,
+                    latency_ms: if guard == GuardKind::Latency { self.latency_threshold } else { None },
+                }
+            })
+            .collect();
+        Figures { step: step + 1, users: self.users(), guards }
+    }
+}
+
+fn round3(x: f64) -> f64 {
+    if x.is_finite() { (x * 1000.0).round() / 1000.0 } else { f64::MAX }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routing::DeploymentSpec;
+
+    fn deployment() -> crate::routing::Deployment {
+        DeploymentSpec::from_json(
+            br#"{"version":7,"strategy":"canary","control":"a","candidate":"b","canary_percent":10,
+                "overrides":{"vip":"candidate"},
+                "plan":{"steps":[{"canary_percent":10,"bake_ms":0,"min_sample":1,"max_ms":60000}],
+                        "step_started_at":100000}}"#,
+        )
+        .unwrap()
+        .validate("fraud")
+        .unwrap()
+    }
+
+    fn obs(user: &str, arm: Side, status: DecisionStatus, latency_ms: i64, sent_at: Millis) -> Observation {
+        Observation { request_id: format!("{user}-{sent_at}"), user: user.into(), arm, status, latency_ms, sent_at }
+    }
+
+    #[test]
+    fn users_count_once_in_routing_order_and_overrides_not_at_all() {
+        let mut e = StepEvidence::new(&deployment()).unwrap();
+        // u1's first request (sent first) timed out; its second, sent later but arriving first, was fine.
+        e.add(obs("u1", Side::Candidate, DecisionStatus::Ok, 5, 100_500));
+        e.add(obs("u1", Side::Candidate, DecisionStatus::Timeout, 1000, 100_100));
+        e.add(obs("u2", Side::Control, DecisionStatus::Ok, 5, 100_200));
+        e.add(obs("vip", Side::Candidate, DecisionStatus::ModelError, 5, 100_300));
+        e.score_until(100_000 + 1_000 + 1_000 + GRACE_MS - 1, 1_000);
+        assert_eq!(e.users(), (0, 0), "the block is not final until its deadline and grace passed");
+        e.score_until(100_000 + 1_000 + 1_000 + GRACE_MS, 1_000);
+        assert_eq!(e.users(), (1, 1), "one observation per user; the override is left out");
+        let (_, candidate) = e.arms();
+        assert_eq!((candidate.timeouts, candidate.errors), (1, 0), "the user's first request in routing order counts");
+        e.add(obs("u3", Side::Control, DecisionStatus::Ok, 5, 100_900));
+        assert_eq!(e.late(), 1, "a decision for a scored block is late, not counted");
+        assert_eq!(e.users(), (1, 1));
+    }
+
+    #[test]
+    fn the_same_decisions_give_the_same_evidence_whatever_their_arrival_order() {
+        let d = deployment();
+        let mut all = Vec::new();
+        for i in 0..3000i64 {
+            let arm = if i % 10 == 0 { Side::Candidate } else { Side::Control };
+            let status = if i % 37 == 0 { DecisionStatus::ModelError } else { DecisionStatus::Ok };
+            all.push(obs(&format!("u{}", i % 900), arm, status, 3 + i % 50, 100_000 + i * 7));
+        }
+        let mut forward = StepEvidence::new(&d).unwrap();
+        let mut shuffled = StepEvidence::new(&d).unwrap();
+        for o in &all {
+            forward.add(o.clone());
+            forward.score_until(o.sent_at, 1_000);
+        }
+        forward.score_until(200_000, 1_000);
+        let mut reversed = all.clone();
+        reversed.reverse();
+        for o in reversed {
+            shuffled.add(o);
+        }
+        shuffled.score_until(200_000, 1_000);
+        assert_eq!(forward.figures(0), shuffled.figures(0));
+        assert_eq!(forward.users().0 + forward.users().1, 900);
+        let latency = forward.figures(0).guards.into_iter().find(|g| g.guard == GuardKind::Latency).unwrap();
+        assert!(latency.latency_ms.is_some(), "control's p99 fixed the threshold after the burn-in");
+    }
+
+    #[test]
+    fn a_broken_candidate_moves_its_guard() {
+        let d = deployment();
+        let mut e = StepEvidence::new(&d).unwrap();
+        for i in 0..20_000i64 {
+            let arm = if i % 10 == 0 { Side::Candidate } else { Side::Control };
+            let status =
+                if arm == Side::Candidate && i % 50 == 0 { DecisionStatus::ModelError } else { DecisionStatus::Ok };
+            e.add(obs(&format!("u{i}"), arm, status, 5, 100_000 + i));
+        }
+        e.score_until(200_000, 1_000);
+        let readings = e.readings();
+        let error = readings.iter().find(|r| r.guard == GuardKind::ErrorRate).unwrap();
+        let ratio = readings.iter().find(|r| r.guard == GuardKind::SampleRatio).unwrap();
+        assert!(error.log_e > d.spec.plan.as_ref().unwrap().budget().log_threshold(), "{readings:?}");
+        assert!(ratio.log_e < 1.0, "an exact 10% split is no evidence against the configured share: {readings:?}");
+    }
+}

@@ -1,0 +1,101 @@
+//! Reads the decisions of every partition (read_committed, outside any group) from a point in time, and
+//! says up to when every partition has been read — what decides that a block of evidence is final.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::task::block_in_place;
+
+use crate::codec::{Codec, Decision, Millis};
+use crate::config::Config;
+use crate::error::Error;
+use crate::kafka::{self, ADMIN_TIMEOUT};
+
+/// Decisions are looked for from this long before the earliest step start (clocks of other hosts).
+const CLOCK_SKEW_MARGIN_MS: Millis = 60_000;
+
+pub struct DecisionFeed {
+    consumer: StreamConsumer,
+    topic: String,
+    codec: Codec,
+    /// Per partition: where reading started (a position before the first record is read).
+    start: HashMap<i32, i64>,
+    /// Per partition: the newest `decided_at` read.
+    newest: HashMap<i32, Millis>,
+    /// The time up to which every partition has been read.
+    read_through: Millis,
+}
+
+impl DecisionFeed {
+    /// Opens a reader on every decisions partition at the first record written at or after `from`
+    /// (less a margin for clock skew); `None`: at the end.
+    pub fn open(config: &Config, codec: Codec, from: Option<Millis>) -> Result<DecisionFeed, Error> {
+        let topic = config.topics.decisions.clone();
+        let consumer = kafka::reader(config)?;
+        let partitions =
+            kafka::partition_count(&consumer, &topic)?.ok_or_else(|| Error::MissingTopic(topic.clone()))? as i32;
+        let mut by_time = TopicPartitionList::new();
+        for p in 0..partitions {
+            by_time.add_partition_offset(&topic, p, Offset::Offset(from.unwrap_or(0) - CLOCK_SKEW_MARGIN_MS))?;
+        }
+        let found = match from {
+            Some(_) => block_in_place(|| consumer.offsets_for_times(by_time, ADMIN_TIMEOUT))?,
+            None => by_time,
+        };
+        let mut assignment = TopicPartitionList::new();
+        let mut start = HashMap::new();
+        for e in found.elements() {
+            let (low, high) = block_in_place(|| consumer.fetch_watermarks(&topic, e.partition(), ADMIN_TIMEOUT))?;
+            let at = match (from, e.offset()) {
+                (Some(_), Offset::Offset(n)) => n.max(low),
+                _ => high,
+            };
+            assignment.add_partition_offset(&topic, e.partition(), Offset::Offset(at))?;
+            start.insert(e.partition(), at);
+        }
+        consumer.assign(&assignment)?;
+        Ok(DecisionFeed { consumer, topic, codec, start, newest: HashMap::new(), read_through: 0 })
+    }
+
+    /// Hands every decision available now to `f`, waiting at most `wait` for the first; at most `max`.
+    /// Undecodable records are skipped (merge wrote them; a reader of another version may not know them).
+    pub async fn drain(&mut self, wait: Duration, max: usize, mut f: impl FnMut(Decision)) -> Result<usize, Error> {
+        let mut n = 0;
+        let mut wait = wait;
+        while n < max {
+            let Ok(received) = tokio::time::timeout(wait, self.consumer.recv()).await else { break };
+            let message = received?;
+            wait = Duration::from_millis(1);
+            n += 1;
+            if let Ok(decision) = self.codec.decode::<Decision>(message.payload().unwrap_or_default()) {
+                let newest = self.newest.entry(message.partition()).or_default();
+                *newest = (*newest).max(decision.decided_at);
+                f(decision);
+            }
+        }
+        Ok(n)
+    }
+
+    /// The time up to which every partition has been read, worked out at `now` — `now` for a partition
+    /// whose position reached its end, else the newest decision read from it — and whether every
+    /// partition is at its end.
+    pub fn read_through(&mut self, now: Millis) -> (Millis, bool) {
+        let Ok(positions) = self.consumer.position() else { return (self.read_through, false) };
+        let (mut through, mut at_end) = (now, true);
+        for e in positions.elements() {
+            let started = self.start.get(&e.partition()).copied().unwrap_or(0);
+            let position = if let Offset::Offset(n) = e.offset() { n.max(started) } else { started };
+            let end = block_in_place(|| self.consumer.fetch_watermarks(&self.topic, e.partition(), ADMIN_TIMEOUT))
+                .map_or(i64::MAX, |(_, high)| high);
+            if position < end {
+                at_end = false;
+                through = through.min(self.newest.get(&e.partition()).copied().unwrap_or(0));
+            }
+        }
+        self.read_through = self.read_through.max(through);
+        (self.read_through, at_end)
+    }
+}

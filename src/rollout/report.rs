@@ -1,0 +1,134 @@
+//! What `switchyard status` shows of a plan (its step, and the evidence rebuilt from the step's
+//! decisions, exactly as the controller builds it) and what `switchyard history` reads.
+
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::Consumer;
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::evidence::{Observation, StepEvidence};
+use super::feed::DecisionFeed;
+use super::history::{self, Entry};
+use super::plan::PlanState;
+use crate::codec::Codec;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::kafka::{self, ADMIN_TIMEOUT};
+use crate::routing::Deployment;
+
+/// How long `status` reads decisions before it reports what it has.
+const READ_LIMIT: Duration = Duration::from_secs(60);
+
+/// The plan of `d` and its current evidence, in words; empty without a plan.
+pub async fn plan_status(config: &Config, codec: &Codec, d: &Deployment) -> Result<String> {
+    let mut out = String::new();
+    if let Some(change) = &d.spec.change {
+        let _ = writeln!(out, "  last change by {}: {}", change.actor, change.reason);
+    }
+    let Some(plan) = &d.spec.plan else { return Ok(out) };
+    let now = kafka::now_millis();
+    let step = plan.current();
+    let _ = writeln!(
+        out,
+        "  plan: {} at step {}/{} (canary {}%), {:.0} s in step; bake {} s, {} users per arm, at most {} s; on alarm {:?}, at the end {:?}",
+        plan.state.as_str(),
+        plan.step + 1,
+        plan.steps.len(),
+        step.canary_percent,
+        (now - plan.step_started_at) as f64 / 1000.0,
+        step.bake_ms / 1000,
+        step.min_sample,
+        step.max_ms / 1000,
+        plan.on_alarm,
+        plan.on_end
+    );
+    if plan.state != PlanState::Running {
+        return Ok(out);
+    }
+    let mut evidence = StepEvidence::new(d).expect("a plan");
+    let mut feed = DecisionFeed::open(config, codec.clone(), Some(plan.step_started_at))?;
+    let started = Instant::now();
+    let read_through = loop {
+        feed.drain(Duration::from_millis(50), 100_000, |decision| {
+            if decision.deployment == d.name && decision.config_version as u64 == d.version() {
+                if let Some(o) = Observation::of(&decision) {
+                    evidence.add(o);
+                }
+            }
+        })
+        .await?;
+        let (through, at_end) = feed.read_through(kafka::now_millis());
+        if at_end || started.elapsed() > READ_LIMIT {
+            break through;
+        }
+    };
+    evidence.score_until(read_through, d.spec.timeout_ms);
+    let (control, candidate) = evidence.arms();
+    let share = |n: u64| 100.0 * n as f64 / (control.users + candidate.users).max(1) as f64;
+    let _ = writeln!(
+        out,
+        "  observed split (users scored so far): control {} ({:.2}%), candidate {} ({:.2}%)",
+        control.users,
+        share(control.users),
+        candidate.users,
+        share(candidate.users)
+    );
+    for (arm, a) in [("control", control), ("candidate", candidate)] {
+        let rate = |n: u64| 100.0 * n as f64 / a.users.max(1) as f64;
+        let _ = writeln!(
+            out,
+            "    {arm:<9} errors {:.2}%  timeouts {:.2}%  mean latency {:.1} ms",
+            rate(a.errors),
+            rate(a.timeouts),
+            a.mean_latency_ms()
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  guards (alpha {} over {} guards and {} steps):",
+        plan.alpha,
+        plan.guards.len(),
+        plan.steps.len()
+    );
+    for g in &evidence.figures(plan.step).guards {
+        let _ = writeln!(out, "    {}", super::describe_guard(g));
+    }
+    Ok(out)
+}
+
+/// The history entries of `name` (all deployments: None), oldest first.
+pub async fn read_history(config: &Config, name: Option<&str>) -> Result<Vec<Entry>> {
+    let topic = &config.topics.history;
+    let reader = kafka::reader(config)?;
+    if kafka::partition_count(&reader, topic)?.is_none() {
+        return Err(Error::MissingTopic(topic.clone()));
+    }
+    let (_, end) = reader.fetch_watermarks(topic, 0, ADMIN_TIMEOUT)?;
+    let mut assignment = TopicPartitionList::new();
+    assignment.add_partition_offset(topic, 0, Offset::Beginning)?;
+    reader.assign(&assignment)?;
+    let targets = std::collections::HashMap::from([(0, end)]);
+    let mut entries = Vec::new();
+    while !kafka::batch::caught_up(&reader, topic, &targets) {
+        let Ok(message) = tokio::time::timeout(Duration::from_millis(200), reader.recv()).await else { continue };
+        let message = message?;
+        if name.is_some_and(|n| message.key() != Some(n.as_bytes())) {
+            continue;
+        }
+        match serde_json::from_slice::<Entry>(message.payload().unwrap_or_default()) {
+            Ok(entry) => entries.push(entry),
+            Err(error) => tracing::warn!(offset = message.offset(), %error, "unreadable history entry skipped"),
+        }
+    }
+    Ok(entries)
+}
+
+/// `switchyard history`'s text.
+pub fn render_history(entries: &[Entry]) -> String {
+    if entries.is_empty() {
+        return "no history\n".to_string();
+    }
+    history::render(entries)
+}
