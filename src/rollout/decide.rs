@@ -19,12 +19,18 @@ pub fn next_record(
         return None;
     }
     let figures = evidence.figures(plan.step);
-    let (control, candidate) = figures.users;
+    let (control, candidate) = evidence.scored();
     let spec = &deployment.spec;
-    let (next, actor, reason) = match judge(plan, evidence.users(), &evidence.readings(), now) {
+    let (next, actor, reason) = match judge(plan, (control, candidate), &evidence.readings(), now) {
         Verdict::Hold => return None,
         Verdict::Advance(index) => (
-            moves::advance(spec, version, index, now).ok()?,
+            moves::advance(spec, version, index, now).ok().map(|mut next| {
+                // Later steps judge latency against the threshold this step fixed.
+                let plan = next.plan.as_mut().expect("advanced");
+                plan.latency_threshold_ms =
+                    plan.latency_threshold_ms.or(evidence.latency_threshold().map(|ms| ms.max(1) as u64));
+                next
+            })?,
             "plan".to_string(),
             format!(
                 "step {} passed ({control} control, {candidate} candidate users; no guard fired): canary to {}%",
@@ -100,10 +106,10 @@ mod tests {
                 arm,
                 status,
                 latency_ms: 4,
-                sent_at: start + i,
+                sent_at: start + i * 10,
             });
         }
-        e.score_until(start + users + 1_000 + 1_000 + GRACE_MS, 1_000);
+        e.score_until(start + users * 10 + 1_000 + 1_000 + GRACE_MS, 1_000);
         e
     }
 
@@ -115,7 +121,10 @@ mod tests {
         assert_eq!((next.version, next.canary_percent), (5, 50.0));
         let change = next.change.as_ref().unwrap();
         assert_eq!(change.actor, "plan");
-        assert!(change.reason.contains("step 1 passed (900 control, 100 candidate users"), "{}", change.reason);
+        assert!(change.reason.contains("step 1 passed (630 control, 70 candidate users"), "{}", change.reason);
+        let threshold = next.plan.as_ref().unwrap().latency_threshold_ms;
+        assert_eq!(threshold, Some(4), "the next step starts with the latency threshold this one fixed");
+        // The latency guard scored only users after its burn-in (270 control users): 630 + 70, not 900 + 100.
         assert_eq!(change.figures.as_ref().unwrap().guards.len(), 4);
         let step2 = next.validate("fraud").unwrap();
         let promoted = next_record(&step2, &evidence(&step2, 1000, 0), 1_200_000, 6).unwrap();

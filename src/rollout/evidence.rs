@@ -11,7 +11,8 @@
 //!   plus the deadline plus a grace period has passed on every decisions partition. A decision that
 //!   arrives for a block already scored is counted as late and left out;
 //! - the latency guard's threshold is the plan's, or control's p99 among the step's first
-//!   [`BURN_IN`] control users; the guard scores only blocks after it is fixed.
+//!   [`BURN_IN`] control users answered OK; the guard scores only blocks after it is fixed, and the
+//!   controller writes it into the plan when the step passes, so that later steps start with it.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -250,6 +251,25 @@ impl StepEvidence {
     /// Users observed so far: (control, candidate).
     pub fn users(&self) -> (u64, u64) {
         (self.arms[0].users, self.arms[1].users)
+    }
+
+    /// Users every guard of the plan has scored, per arm: the latency guard scores none before its
+    /// threshold is fixed. What a step's minimum sample counts — no guard passes a step unheard.
+    pub fn scored(&self) -> (u64, u64) {
+        self.guards.iter().fold(self.users(), |(a, b), guard| {
+            let (ga, gb) = match guard {
+                GuardKind::ErrorRate => self.error.samples(),
+                GuardKind::TimeoutRate => self.timeout.samples(),
+                GuardKind::Latency => self.latency.samples(),
+                GuardKind::SampleRatio => self.users(),
+            };
+            (a.min(ga), b.min(gb))
+        })
+    }
+
+    /// The latency guard's threshold, once fixed.
+    pub fn latency_threshold(&self) -> Option<i64> {
+        self.latency_threshold
     }
 
     pub fn arms(&self) -> (ArmSummary, ArmSummary) {

@@ -16,6 +16,10 @@ use crate::kafka::{self, ADMIN_TIMEOUT};
 
 /// Decisions are looked for from this long before the earliest step start (clocks of other hosts).
 const CLOCK_SKEW_MARGIN_MS: Millis = 60_000;
+/// A partition read to its end counts as read through its newest decision, or through this long ago,
+/// whichever is later: an idle partition does not hold evidence back for ever, and merge may lag this
+/// much before its decisions arrive too late to count (see `evidence`).
+pub const IDLE_MS: Millis = 10_000;
 
 pub struct DecisionFeed {
     consumer: StreamConsumer,
@@ -39,7 +43,8 @@ impl DecisionFeed {
             kafka::partition_count(&consumer, &topic)?.ok_or_else(|| Error::MissingTopic(topic.clone()))? as i32;
         let mut by_time = TopicPartitionList::new();
         for p in 0..partitions {
-            by_time.add_partition_offset(&topic, p, Offset::Offset(from.unwrap_or(0) - CLOCK_SKEW_MARGIN_MS))?;
+            let at = from.map_or(Offset::End, |t| Offset::Offset(t - CLOCK_SKEW_MARGIN_MS));
+            by_time.add_partition_offset(&topic, p, at)?;
         }
         let found = match from {
             Some(_) => block_in_place(|| consumer.offsets_for_times(by_time, ADMIN_TIMEOUT))?,
@@ -79,9 +84,9 @@ impl DecisionFeed {
         Ok(n)
     }
 
-    /// The time up to which every partition has been read, worked out at `now` — `now` for a partition
-    /// whose position reached its end, else the newest decision read from it — and whether every
-    /// partition is at its end.
+    /// The time up to which every partition has been read, worked out at `now`, and whether every
+    /// partition is at its end. A partition counts as read through its newest decision; one at its end
+    /// through [`IDLE_MS`] ago at least.
     pub fn read_through(&mut self, now: Millis) -> (Millis, bool) {
         let Ok(positions) = self.consumer.position() else { return (self.read_through, false) };
         let (mut through, mut at_end) = (now, true);
@@ -90,9 +95,12 @@ impl DecisionFeed {
             let position = if let Offset::Offset(n) = e.offset() { n.max(started) } else { started };
             let end = block_in_place(|| self.consumer.fetch_watermarks(&self.topic, e.partition(), ADMIN_TIMEOUT))
                 .map_or(i64::MAX, |(_, high)| high);
+            let newest = self.newest.get(&e.partition()).copied().unwrap_or(0);
             if position < end {
                 at_end = false;
-                through = through.min(self.newest.get(&e.partition()).copied().unwrap_or(0));
+                through = through.min(newest);
+            } else {
+                through = through.min(newest.max(now - IDLE_MS));
             }
         }
         self.read_through = self.read_through.max(through);
