@@ -163,6 +163,7 @@ class Scenario:
         if not legacy:
             # Added by the hardening release; the old binary rejects settings it does not know.
             self.topics["FORWARDED_PREDICTIONS"] = f"{t}.forwarded"
+            self.topics["HISTORY"] = f"{t}.history"
         self.env = dict(os.environ)
         self.env.update({f"SWITCHYARD__TOPICS__{k}": v for k, v in self.topics.items()})
         # Shipped defaults everywhere: no session, heartbeat or transaction timeouts are set here.

@@ -418,3 +418,160 @@ mod tests {
         assert!(ratio.log_e < 1.0, "an exact 10% split is no evidence against the configured share: {readings:?}");
     }
 }
+
+/// The guards end to end through [`StepEvidence`], on simulated traffic with a realistic skew: requests
+/// per user follow a Zipf law (a few users send most requests), and users differ in how often they
+/// fail (90% at 0.5%, 10% at 5.5%: 1% on average), so one user's requests are correlated. Fixed seeds.
+#[cfg(test)]
+mod simulation {
+    use super::*;
+    use crate::routing::DeploymentSpec;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    struct Population {
+        ids: Vec<String>,
+        /// Cumulative Zipf weights, for drawing the user of each request.
+        cumulative: Vec<f64>,
+        candidate: Vec<bool>,
+        risk: Vec<f64>,
+    }
+
+    impl Population {
+        fn new(rng: &mut StdRng, users: usize, share: f64) -> Population {
+            let mut total = 0.0;
+            let cumulative = (1..=users)
+                .map(|rank| {
+                    total += 1.0 / rank as f64;
+                    total
+                })
+                .collect();
+            Population {
+                ids: (0..users).map(|u| format!("u{u}")).collect(),
+                cumulative,
+                candidate: (0..users).map(|_| rng.random::<f64>() < share).collect(),
+                risk: (0..users).map(|_| if rng.random::<f64>() < 0.9 { 0.005 } else { 0.055 }).collect(),
+            }
+        }
+
+        /// New arms and risks, as a deployment with another salt would give the same users.
+        fn reassign(&mut self, rng: &mut StdRng, share: f64) {
+            let users = self.ids.len();
+            self.candidate = (0..users).map(|_| rng.random::<f64>() < share).collect();
+            self.risk = (0..users).map(|_| if rng.random::<f64>() < 0.9 { 0.005 } else { 0.055 }).collect();
+        }
+
+        fn draw(&self, rng: &mut StdRng) -> usize {
+            let x = rng.random::<f64>() * self.cumulative[self.cumulative.len() - 1];
+            self.cumulative.partition_point(|c| *c < x).min(self.ids.len() - 1)
+        }
+    }
+
+    fn plan_deployment(steps: usize) -> crate::routing::Deployment {
+        let step = r#"{"canary_percent":10,"bake_ms":0,"min_sample":1,"max_ms":1}"#;
+        let mut percents = (1..steps).map(|i| step.replace("10", &(10 + i).to_string())).collect::<Vec<_>>();
+        percents.insert(0, step.to_string());
+        DeploymentSpec::from_json(
+            format!(
+                r#"{{"version":1,"strategy":"canary","control":"a","candidate":"b","canary_percent":10,
+                    "plan":{{"steps":[{}],"step_started_at":1}}}}"#,
+                percents.join(",")
+            )
+            .as_bytes(),
+        )
+        .unwrap()
+        .validate("sim")
+        .unwrap()
+    }
+
+    /// Runs one step at 200 requests/s, scoring and checking the guards after every second (block);
+    /// returns the number of requests sent when a guard fired, if one did.
+    fn rollout(
+        rng: &mut StdRng,
+        population: &Population,
+        d: &crate::routing::Deployment,
+        candidate_scale: f64,
+        requests: usize,
+    ) -> Option<(usize, GuardKind)> {
+        let mut e = StepEvidence::new(d).unwrap();
+        let log_threshold = d.spec.plan.as_ref().unwrap().budget().log_threshold();
+        for i in 0..requests {
+            let u = population.draw(rng);
+            let candidate = population.candidate[u];
+            let p = population.risk[u] * if candidate { candidate_scale } else { 1.0 };
+            let status = if rng.random::<f64>() < p {
+                DecisionStatus::ModelError
+            } else if rng.random::<f64>() < 0.002 {
+                DecisionStatus::Timeout
+            } else {
+                DecisionStatus::Ok
+            };
+            let latency_ms = 20 + (-(rng.random::<f64>().max(1e-12)).ln() * 15.0) as i64;
+            let sent_at = 1 + (i as i64) * 5;
+            e.add(Observation {
+                request_id: String::new(),
+                user: population.ids[u].clone(),
+                arm: if candidate { Side::Candidate } else { Side::Control },
+                status,
+                latency_ms,
+                sent_at,
+            });
+            if i % 200 == 199 {
+                e.score_until(sent_at + 1_000 + GRACE_MS, 1_000);
+                if let Some(r) = e.readings().into_iter().find(|r| r.log_e >= log_threshold) {
+                    return Some((i + 1, r.guard));
+                }
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn equal_arms_with_skewed_users_raise_false_alarms_at_most_alpha() {
+        let mut rng = StdRng::seed_from_u64(23);
+        let mut population = Population::new(&mut rng, 20_000, 0.1);
+        // One step holding the whole budget (alpha 0.05 over its 4 guards): stricter than any plan,
+        // whose steps each get a share of it.
+        let d = plan_deployment(1);
+        let runs = 1000;
+        let mut alarms = BTreeMap::new();
+        for _ in 0..runs {
+            population.reassign(&mut rng, 0.1);
+            if let Some((_, guard)) = rollout(&mut rng, &population, &d, 1.0, 10_000) {
+                *alarms.entry(guard).or_insert(0) += 1;
+            }
+        }
+        let total: usize = alarms.values().sum();
+        eprintln!(
+            "A/A, 10% canary, Zipf users, 10,000 requests checked every 200, all four guards at alpha 0.05: \
+             {total} false alarms in {runs} rollouts {alarms:?}"
+        );
+        assert!(total as f64 <= 0.05 * runs as f64, "{total} false alarms in {runs}: {alarms:?}");
+    }
+
+    #[test]
+    fn a_doubled_error_rate_at_one_percent_is_caught_by_the_error_guard() {
+        let mut rng = StdRng::seed_from_u64(29);
+        let population = Population::new(&mut rng, 200_000, 0.1);
+        // A four-step plan: each guard in each step gets alpha 0.05 / 16.
+        let d = plan_deployment(4);
+        let runs = 100;
+        let mut needed = Vec::new();
+        for _ in 0..runs {
+            match rollout(&mut rng, &population, &d, 2.0, 400_000) {
+                Some((n, GuardKind::ErrorRate)) => needed.push(n),
+                other => panic!("expected the error guard to fire, got {other:?}"),
+            }
+        }
+        needed.sort_unstable();
+        let median = needed[needed.len() / 2];
+        eprintln!(
+            "1% -> 2% errors at a 10% canary, Zipf users, alpha 0.05 over 4 guards x 4 steps: fired in {} of {runs}; \
+             median {median} decisions ({:.0} s at 200 requests/s), 90th percentile {}",
+            needed.len(),
+            median as f64 / 200.0,
+            needed[needed.len() * 9 / 10]
+        );
+        assert!(median < 300_000);
+    }
+}

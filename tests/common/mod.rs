@@ -96,6 +96,7 @@ impl Env {
             ("SWITCHYARD_BOOTSTRAP_SERVERS".into(), bootstrap()),
             ("SWITCHYARD__TOPICS__REQUESTS".into(), format!("{prefix}.requests")),
             ("SWITCHYARD__TOPICS__DEPLOYMENTS".into(), format!("{prefix}.deployments")),
+            ("SWITCHYARD__TOPICS__HISTORY".into(), format!("{prefix}.history")),
             ("SWITCHYARD__TOPICS__ROUTED".into(), format!("{prefix}.routed")),
             ("SWITCHYARD__TOPICS__MERGE_CHANGELOG".into(), format!("{prefix}.merge-state")),
             ("SWITCHYARD__TOPICS__FORWARDED_PREDICTIONS".into(), format!("{prefix}.forwarded")),

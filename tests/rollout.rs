@@ -1,0 +1,276 @@
+//! Rollouts that drive themselves, on a real broker: plans walked to promotion, guards rolling back a
+//! failing and a slow candidate, no traffic pausing, and the controller killed mid-plan.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::Env;
+use rdkafka::consumer::Consumer;
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use switchyard::codec::{Decision, Request};
+use switchyard::control::watcher;
+use switchyard::kafka::{self, OutRecord};
+use switchyard::rollout::history::{Entry, Verdict};
+use switchyard::rollout::plan::PlanState;
+use switchyard::routing::{Deployment, DeploymentSpec, Strategy};
+
+/// A canary deployment of `candidate` next to `control` with a plan over `steps` (canary percents).
+async fn deploy_plan(env: &Env, name: &str, control: &str, candidate: &str, steps: &[f64], bake_ms: u64, max_ms: u64) {
+    let steps: Vec<String> = steps
+        .iter()
+        .map(|p| format!(r#"{{"canary_percent":{p},"bake_ms":{bake_ms},"min_sample":20,"max_ms":{max_ms}}}"#))
+        .collect();
+    let json = format!(
+        r#"{{"version":1,"strategy":"canary","control":"{control}","candidate":"{candidate}","canary_percent":{},
+            "timeout_ms":2000,"plan":{{"steps":[{}],"step_started_at":{}}},
+            "change":{{"actor":"operator:test","reason":"start {name}"}}}}"#,
+        steps_first(&steps),
+        steps.join(","),
+        kafka::now_millis()
+    );
+    let spec = DeploymentSpec::from_json(json.as_bytes()).unwrap();
+    switchyard::control::ops::deploy(&env.config, name, spec).await.expect("deploy");
+}
+
+fn steps_first(steps: &[String]) -> f64 {
+    let v: serde_json::Value = serde_json::from_str(&steps[0]).unwrap();
+    v["canary_percent"].as_f64().unwrap()
+}
+
+/// Sends requests for each of `deployments` at about `rate` per second each, from `users` users each,
+/// until `stop` is set.
+fn traffic(env: &Env, deployments: &[&str], rate: u64, users: u64) -> tokio::sync::watch::Sender<bool> {
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let (config, codec) = (env.config.clone(), env.codec.clone());
+    let deployments: Vec<String> = deployments.iter().map(|d| d.to_string()).collect();
+    tokio::spawn(async move {
+        let producer = kafka::producer(&config).unwrap();
+        let mut i = 0u64;
+        while !*stopped.borrow() {
+            let mut records = Vec::new();
+            for d in &deployments {
+                for _ in 0..rate / 10 {
+                    i += 1;
+                    let r = Request {
+                        request_id: format!("{d}-{i}"),
+                        user_id: format!("{d}-user-{}", rand::random::<u64>() % users),
+                        deployment: d.clone(),
+                        sent_at: kafka::now_millis(),
+                        payload: format!("p{i}").into_bytes(),
+                        attributes: HashMap::new(),
+                    };
+                    records.push(OutRecord::new(config.topics.requests.clone(), r.user_id.as_bytes(), codec.encode(&r)));
+                }
+            }
+            kafka::send_all(&producer, &records).await.expect("requests produced");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    stop
+}
+
+/// Waits until `done` holds for the deployment in force (or panics after `limit`).
+async fn wait_for(env: &Env, name: &str, limit: Duration, done: impl Fn(&Deployment) -> bool) -> Deployment {
+    let start = Instant::now();
+    loop {
+        let registry = watcher::snapshot(&env.config).await.unwrap();
+        if let Some(d) = registry.get(name).filter(|d| done(d)) {
+            return (*d).clone();
+        }
+        let now = registry.get(name).map(|d| d.spec.to_json());
+        assert!(start.elapsed() < limit, "{name} not done after {limit:?}; in force: {now:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Every record of a one-partition topic: (offset, key, value).
+async fn read_all(env: &Env, topic: &str) -> Vec<(i64, String, Option<Vec<u8>>)> {
+    let reader = kafka::reader(&env.config).unwrap();
+    let (_, end) = reader.fetch_watermarks(topic, 0, Duration::from_secs(10)).unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning).unwrap();
+    reader.assign(&tpl).unwrap();
+    let targets = HashMap::from([(0, end)]);
+    let mut out = Vec::new();
+    while !kafka::batch::caught_up(&reader, topic, &targets) {
+        let Ok(m) = tokio::time::timeout(Duration::from_millis(200), reader.recv()).await else { continue };
+        let m = m.unwrap();
+        out.push((m.offset(), String::from_utf8_lossy(m.key().unwrap()).into_owned(), m.payload().map(<[u8]>::to_vec)));
+    }
+    out
+}
+
+async fn history(env: &Env, name: &str) -> Vec<Entry> {
+    read_all(env, &env.config.topics.history)
+        .await
+        .into_iter()
+        .filter(|(_, key, _)| key == name)
+        .map(|(_, _, v)| serde_json::from_slice(&v.unwrap()).unwrap())
+        .collect()
+}
+
+/// Waits until the history has an entry for every record of `name` on the deployments topic.
+async fn settled_history(env: &Env, name: &str) -> Vec<Entry> {
+    let start = Instant::now();
+    loop {
+        let records = read_all(env, &env.config.topics.deployments).await.into_iter().filter(|r| r.1 == name).count();
+        let entries = history(env, name).await;
+        if entries.len() >= records || start.elapsed() > Duration::from_secs(30) {
+            return entries;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Plans of four deployments side by side under one service: a healthy candidate walks its plan and is
+/// promoted; one failing 20% of requests is rolled back by the error guard; a slow one by the latency
+/// guard; one without traffic pauses at its step's maximum instead of advancing. `history` and
+/// `status` say why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plans_promote_a_healthy_candidate_and_guards_roll_back_failing_and_slow_ones() {
+    let Some(mut env) = Env::new("plans").await else { return };
+    env.start_service();
+    env.start_model("v1", 2, 0.0, 0.0);
+    env.start_model("good", 2, 0.0, 0.0);
+    env.start_model("failing", 2, 0.2, 0.0);
+    env.start_model("slow", 600, 0.0, 0.0);
+    deploy_plan(&env, "healthy", "v1", "good", &[5.0, 20.0, 50.0], 3000, 90_000).await;
+    deploy_plan(&env, "broken", "v1", "failing", &[5.0, 20.0, 50.0], 3000, 90_000).await;
+    deploy_plan(&env, "sluggish", "v1", "slow", &[10.0, 50.0], 3000, 90_000).await;
+    deploy_plan(&env, "idle", "v1", "good", &[5.0, 50.0], 1000, 8000).await;
+    let stop = traffic(&env, &["healthy", "broken", "sluggish"], 150, 3000);
+
+    let limit = Duration::from_secs(120);
+    let promoted = wait_for(&env, "healthy", limit, |d| d.strategy() == Strategy::Single).await;
+    assert_eq!(promoted.spec.control, "good");
+    let broken = wait_for(&env, "broken", limit, |d| d.spec.plan.is_none()).await;
+    assert_eq!((broken.spec.canary_percent, broken.spec.change.as_ref().unwrap().actor.as_str()), (0.0, "guard:error_rate"));
+    let sluggish = wait_for(&env, "sluggish", limit, |d| d.spec.plan.is_none()).await;
+    assert_eq!(sluggish.spec.change.as_ref().unwrap().actor, "guard:latency", "{:?}", sluggish.spec.change);
+    let idle = wait_for(&env, "idle", limit, |d| d.spec.plan.as_ref().is_some_and(|p| p.state != PlanState::Running)).await;
+    let plan = idle.spec.plan.as_ref().unwrap();
+    assert_eq!((plan.state, plan.step, idle.spec.canary_percent), (PlanState::Paused, 0, 5.0), "no data: paused, not advanced");
+    assert!(idle.spec.change.as_ref().unwrap().reason.contains("no evidence"));
+    stop.send(true).unwrap();
+
+    // History: every change once, by whom and why, with the numbers.
+    let entries = settled_history(&env, "healthy").await;
+    let actors: Vec<&str> = entries.iter().map(|e| e.change.as_ref().unwrap().actor.as_str()).collect();
+    assert_eq!(actors, ["operator:test", "plan", "plan", "plan"], "{entries:#?}");
+    assert!(entries.iter().all(|e| e.verdict == Verdict::Accepted));
+    assert!(entries[3].change.as_ref().unwrap().reason.contains("candidate promoted"));
+    let versions: Vec<Option<u64>> = entries.iter().map(|e| e.version).collect();
+    assert_eq!(versions, [Some(1), Some(2), Some(3), Some(4)]);
+    let broken_history = settled_history(&env, "broken").await;
+    let fired = broken_history.last().unwrap().change.as_ref().unwrap();
+    let error = &fired.figures.as_ref().unwrap().guards[0];
+    assert!(error.e_value >= error.threshold && error.candidate.bad > 0 && error.control.bad == 0, "{error:?}");
+
+    let (ok, text, err) = env.cli(&["history", "broken"]);
+    assert!(ok, "{err}");
+    assert!(text.contains("by guard:error_rate") && text.contains("guard error_rate fired in step"), "{text}");
+    assert!(text.contains("error_rate") && text.contains("candidate ") && text.contains("fires at"), "{text}");
+    let (ok, text, err) = env.cli(&["status", "idle"]);
+    assert!(ok, "{err}");
+    assert!(text.contains("plan: paused at step 1/2") && text.contains("last change by plan"), "{text}");
+
+    // Nested ramp: a user the candidate served in one step is served by it in the next.
+    let decisions = env.read::<Decision>(&env.config.topics.decisions, 1, Duration::from_secs(30), Duration::from_secs(3)).await;
+    let mut cohorts: BTreeMap<i64, HashMap<String, String>> = BTreeMap::new();
+    for d in decisions.iter().map(|r| &r.value).filter(|d| d.deployment == "healthy") {
+        cohorts.entry(d.config_version).or_default().insert(d.user_id.clone(), d.cohort.clone());
+    }
+    // The rollback in force: the last request routed to the failing candidate's version was sent this
+    // long after the guard's record was written.
+    let rollback = broken_history.last().unwrap();
+    let last_old = decisions
+        .iter()
+        .map(|r| &r.value)
+        .filter(|d| d.deployment == "broken" && d.config_version as u64 == rollback.version.unwrap() - 1)
+        .map(|d| d.decided_at - d.latency_ms)
+        .max()
+        .unwrap();
+    eprintln!("guard's rollback written at {}; last request under the old version sent {} ms later", rollback.at, last_old - rollback.at);
+    assert!(last_old - rollback.at < 5_000, "the rollback took {} ms to be in force", last_old - rollback.at);
+    for step in 1..=2 {
+        let (before, after) = (&cohorts[&step], &cohorts[&(step + 1)]);
+        let moved: Vec<_> = before
+            .iter()
+            .filter(|(u, c)| *c == "candidate" && after.get(*u).is_some_and(|c| c != "candidate"))
+            .collect();
+        let kept = before.iter().filter(|(u, c)| *c == "candidate" && after.contains_key(*u)).count();
+        assert!(kept > 0 && moved.is_empty(), "step {step}: {kept} candidate users kept, {moved:?} left the cohort");
+    }
+    env.stop().await;
+}
+
+/// A `switchyard run` process.
+fn spawn_instance(env: &Env, id: &str, log: &std::path::Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["run", "--instance-id", id])
+        .envs(env.vars.iter().cloned())
+        .env("RUST_LOG", "info,rdkafka=warn,librdkafka=error")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+/// Two instances; the one leading the controller is killed with SIGKILL while the plan runs. The other
+/// takes over, the plan completes, and each step's record is on the deployments topic once and in the
+/// history once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_killed_mid_plan_hands_over_and_writes_each_step_once() {
+    let Some(mut env) = Env::new("handover").await else { return };
+    let dir = std::env::temp_dir().join(format!("switchyard-{}", env.config.service.group_id));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut instances: HashMap<&str, Child> = HashMap::new();
+    for id in ["a", "b"] {
+        instances.insert(id, spawn_instance(&env, id, &dir.join(format!("{id}.log"))));
+    }
+    env.start_model("v1", 2, 0.0, 0.0);
+    env.start_model("v2", 2, 0.0, 0.0);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    deploy_plan(&env, "fraud", "v1", "v2", &[5.0, 10.0, 20.0, 40.0], 4000, 120_000).await;
+    let stop = traffic(&env, &["fraud"], 200, 4000);
+
+    // Once the plan is past its first step, kill the leader.
+    wait_for(&env, "fraud", Duration::from_secs(90), |d| d.spec.plan.as_ref().is_none_or(|p| p.step >= 1)).await;
+    let leads = |id: &str| {
+        let log = std::fs::read_to_string(dir.join(format!("{id}.log"))).unwrap_or_default();
+        log.rfind("this instance is the rollout controller") > log.rfind("handed over")
+    };
+    let leader = ["a", "b"].into_iter().find(|id| leads(id)).expect("one instance leads");
+    let mut killed = instances.remove(leader).unwrap();
+    killed.kill().unwrap(); // SIGKILL
+    killed.wait().unwrap();
+    let killed_at = Instant::now();
+
+    let promoted = wait_for(&env, "fraud", Duration::from_secs(150), |d| d.strategy() == Strategy::Single).await;
+    eprintln!("killed controller {leader}; plan completed {:.1} s later", killed_at.elapsed().as_secs_f64());
+    assert_eq!(promoted.spec.control, "v2");
+    stop.send(true).unwrap();
+
+    let records: Vec<DeploymentSpec> = read_all(&env, &env.config.topics.deployments)
+        .await
+        .into_iter()
+        .filter_map(|(_, key, value)| (key == "fraud").then(|| DeploymentSpec::from_json(&value.unwrap()).unwrap()))
+        .collect();
+    let steps: Vec<Option<usize>> = records.iter().map(|r| r.plan.as_ref().map(|p| p.step)).collect();
+    assert_eq!(steps, [Some(0), Some(1), Some(2), Some(3), None], "each step written once: {records:#?}");
+    let entries = settled_history(&env, "fraud").await;
+    let versions: Vec<Option<u64>> = entries.iter().map(|e| e.version).collect();
+    assert_eq!(versions, [Some(1), Some(2), Some(3), Some(4), Some(5)], "one history entry per record: {entries:#?}");
+    let survivor = if leader == "a" { "b" } else { "a" };
+    let log = std::fs::read_to_string(dir.join(format!("{survivor}.log"))).unwrap();
+    assert!(log.contains("this instance is the rollout controller"), "{survivor} took over");
+    for (_, mut child) in instances {
+        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        child.wait().unwrap();
+    }
+    env.stop().await;
+}
