@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The router end to end on a local broker: a canary of fraud-v2 next to fraud-v1 (fraud-v3 gets shadow
 # copies via mirror), three demo model workers, load, the live split and sample decisions, then a
-# blue/green switch to fraud-v2 and back. Stops everything it started.
+# blue/green switch to fraud-v2 and back. Then rollouts that drive themselves: a plan takes the healthy
+# fraud-v2 from 1% to 100% unattended, and a second plan's guards roll back fraud-v4, which fails 20% of
+# its requests; the history says who did what and why. Stops everything it started.
 #
 # DEMO_RATE (requests/s, default 200) and DEMO_SECONDS (per phase, default 8) tune it.
 set -euo pipefail
@@ -48,6 +50,7 @@ $bin run >"$logs/switchyard.log" 2>&1 & pids+=($!)
 for model in fraud-v1 fraud-v2 fraud-v3; do
   $bin demo-model --model "$model" --latency-ms 15 --error-rate 0.01 >"$logs/$model.log" 2>&1 & pids+=($!)
 done
+$bin demo-model --model fraud-v4 --latency-ms 15 --error-rate 0.2 >"$logs/fraud-v4.log" 2>&1 & pids+=($!)
 for _ in $(seq 1 60); do curl -fs 127.0.0.1:9898/readyz >/dev/null 2>&1 && break; sleep 0.5; done
 curl -fs 127.0.0.1:9898/readyz
 
@@ -73,8 +76,39 @@ step "rollback: switch back to fraud-v1"
 $bin rollback fraud
 phase "after the switch back (fraud-v1 serves everyone)"
 
-step "what Prometheus sees (excerpt of 127.0.0.1:9898/metrics)"
-curl -fs 127.0.0.1:9898/metrics | grep -E '^switchyard_(decisions_total|shadow_comparisons_total|config_version|pending_requests|dead_letters_total)' | sort
+# A plan runs unattended while load flows: waits until `until` (a grep pattern) shows in `status`.
+run_plan() { # title, until
+  step "$1"
+  $bin loadgen --deployment fraud --rate "$rate" --count "$((rate * 120))" --users 20000 >"$logs/loadgen-plan.log" 2>&1 &
+  local load=$! start=$SECONDS
+  until $bin status fraud 2>/dev/null | grep -q "$2"; do
+    sleep 2; local waited=$((SECONDS - start))
+    echo "-- after ${waited} s:"; $bin status fraud | grep -E 'plan:|last change|observed split|^    (error_rate|timeout_rate|latency|sample_ratio)' || true
+    if [ "$waited" -ge 120 ]; then echo "the plan did not finish in 120 s"; kill "$load"; exit 1; fi
+  done
+  kill "$load" 2>/dev/null || true; wait "$load" 2>/dev/null || true
+  $bin status fraud | grep -vE '^  record:'
+}
 
-$bin status fraud
+plan='{"steps":[{"canary_percent":1,"bake_ms":5000,"min_sample":20,"max_ms":90000},
+                {"canary_percent":10,"bake_ms":5000,"min_sample":20,"max_ms":90000},
+                {"canary_percent":50,"bake_ms":5000,"min_sample":20,"max_ms":90000}],
+        "on_alarm":"rollback","on_end":"promote"}'
+
+step "a rollout plan: fraud-v2 from 1% through 10% and 50% to 100%, judged by anytime-valid guards"
+$bin deploy fraud --strategy canary --control fraud-v1 --candidate fraud-v2 --mirror fraud-v3 --timeout-ms 1000 \
+  --plan "$plan" --reason "ship fraud-v2"
+run_plan "the plan runs unattended (no command typed until it is done)" "strategy single"
+
+step "a broken candidate: fraud-v4 answers 20% of its requests with an error"
+$bin deploy fraud --strategy canary --control fraud-v2 --candidate fraud-v4 --mirror fraud-v3 --timeout-ms 1000 \
+  --plan "$plan" --reason "try fraud-v4"
+run_plan "the guards judge fraud-v4" "last change by guard:"
+
+step "the history: every change, by whom and why, with the evidence"
+$bin history fraud
+
+step "what Prometheus sees (excerpt of 127.0.0.1:9898/metrics)"
+curl -fs 127.0.0.1:9898/metrics | grep -E '^switchyard_(decisions_total|shadow_comparisons_total|config_version|pending_requests|dead_letters_total|rollout_changes_total)' | sort
+
 step "demo done (logs in $logs/)"

@@ -63,7 +63,11 @@ fn traffic(env: &Env, deployments: &[&str], rate: u64, users: u64) -> tokio::syn
                         payload: format!("p{i}").into_bytes(),
                         attributes: HashMap::new(),
                     };
-                    records.push(OutRecord::new(config.topics.requests.clone(), r.user_id.as_bytes(), codec.encode(&r)));
+                    records.push(OutRecord::new(
+                        config.topics.requests.clone(),
+                        r.user_id.as_bytes(),
+                        codec.encode(&r),
+                    ));
                 }
             }
             kafka::send_all(&producer, &records).await.expect("requests produced");
@@ -148,12 +152,20 @@ async fn plans_promote_a_healthy_candidate_and_guards_roll_back_failing_and_slow
     let promoted = wait_for(&env, "healthy", limit, |d| d.strategy() == Strategy::Single).await;
     assert_eq!(promoted.spec.control, "good");
     let broken = wait_for(&env, "broken", limit, |d| d.spec.plan.is_none()).await;
-    assert_eq!((broken.spec.canary_percent, broken.spec.change.as_ref().unwrap().actor.as_str()), (0.0, "guard:error_rate"));
+    assert_eq!(
+        (broken.spec.canary_percent, broken.spec.change.as_ref().unwrap().actor.as_str()),
+        (0.0, "guard:error_rate")
+    );
     let sluggish = wait_for(&env, "sluggish", limit, |d| d.spec.plan.is_none()).await;
     assert_eq!(sluggish.spec.change.as_ref().unwrap().actor, "guard:latency", "{:?}", sluggish.spec.change);
-    let idle = wait_for(&env, "idle", limit, |d| d.spec.plan.as_ref().is_some_and(|p| p.state != PlanState::Running)).await;
+    let idle =
+        wait_for(&env, "idle", limit, |d| d.spec.plan.as_ref().is_some_and(|p| p.state != PlanState::Running)).await;
     let plan = idle.spec.plan.as_ref().unwrap();
-    assert_eq!((plan.state, plan.step, idle.spec.canary_percent), (PlanState::Paused, 0, 5.0), "no data: paused, not advanced");
+    assert_eq!(
+        (plan.state, plan.step, idle.spec.canary_percent),
+        (PlanState::Paused, 0, 5.0),
+        "no data: paused, not advanced"
+    );
     assert!(idle.spec.change.as_ref().unwrap().reason.contains("no evidence"));
     stop.send(true).unwrap();
 
@@ -179,7 +191,8 @@ async fn plans_promote_a_healthy_candidate_and_guards_roll_back_failing_and_slow
     assert!(text.contains("plan: paused at step 1/2") && text.contains("last change by plan"), "{text}");
 
     // Nested ramp: a user the candidate served in one step is served by it in the next.
-    let decisions = env.read::<Decision>(&env.config.topics.decisions, 1, Duration::from_secs(30), Duration::from_secs(3)).await;
+    let decisions =
+        env.read::<Decision>(&env.config.topics.decisions, 1, Duration::from_secs(30), Duration::from_secs(3)).await;
     let mut cohorts: BTreeMap<i64, HashMap<String, String>> = BTreeMap::new();
     for d in decisions.iter().map(|r| &r.value).filter(|d| d.deployment == "healthy") {
         cohorts.entry(d.config_version).or_default().insert(d.user_id.clone(), d.cohort.clone());
@@ -194,7 +207,11 @@ async fn plans_promote_a_healthy_candidate_and_guards_roll_back_failing_and_slow
         .map(|d| d.decided_at - d.latency_ms)
         .max()
         .unwrap();
-    eprintln!("guard's rollback written at {}; last request under the old version sent {} ms later", rollback.at, last_old - rollback.at);
+    eprintln!(
+        "guard's rollback written at {}; last request under the old version sent {} ms later",
+        rollback.at,
+        last_old - rollback.at
+    );
     assert!(last_old - rollback.at < 5_000, "the rollback took {} ms to be in force", last_old - rollback.at);
     for step in 1..=2 {
         let (before, after) = (&cohorts[&step], &cohorts[&(step + 1)]);

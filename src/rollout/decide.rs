@@ -33,7 +33,7 @@ pub fn next_record(
             })?,
             "plan".to_string(),
             format!(
-                "step {} passed ({control} control, {candidate} candidate users; no guard fired): canary to {}%",
+                "step {} passed ({control} control, {candidate} candidate users scored by every guard; none fired): canary to {}%",
                 plan.step + 1,
                 plan.steps[index].canary_percent
             ),
@@ -43,7 +43,7 @@ pub fn next_record(
                 moves::promote(spec, version).ok()?,
                 "plan".to_string(),
                 format!(
-                    "last step passed ({control} control, {candidate} candidate users; no guard fired): candidate \
+                    "last step passed ({control} control, {candidate} candidate users scored by every guard; none fired): candidate \
                      promoted"
                 ),
             ),
@@ -121,7 +121,11 @@ mod tests {
         assert_eq!((next.version, next.canary_percent), (5, 50.0));
         let change = next.change.as_ref().unwrap();
         assert_eq!(change.actor, "plan");
-        assert!(change.reason.contains("step 1 passed (630 control, 70 candidate users"), "{}", change.reason);
+        assert!(
+            change.reason.contains("step 1 passed (630 control, 70 candidate users scored by every guard"),
+            "{}",
+            change.reason
+        );
         let threshold = next.plan.as_ref().unwrap().latency_threshold_ms;
         assert_eq!(threshold, Some(4), "the next step starts with the latency threshold this one fixed");
         // The latency guard scored only users after its burn-in (270 control users): 630 + 70, not 900 + 100.
