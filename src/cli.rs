@@ -10,7 +10,7 @@ use crate::config::Config;
 use crate::control::{ops, watcher};
 use crate::error::{Error, Result};
 use crate::rollout::plan::{Plan, PlanState};
-use crate::routing::{DeploymentSpec, Side, Strategy};
+use crate::routing::{DeploymentSpec, Rule, Side, Strategy};
 use crate::service::{self, Roles};
 use crate::shutdown::{self, ShutdownTrigger};
 use crate::tools::{demo_model::DemoModel, loadgen::Loadgen, watch::Watch};
@@ -147,6 +147,10 @@ pub struct DeployArgs {
     /// USER=control|candidate (repeat for several).
     #[arg(long = "override", value_parser = parse_override)]
     pub overrides: Vec<(String, Side)>,
+    /// ATTRIBUTE=VALUE[,VALUE...]:control|candidate — requests with that attribute value go to that side,
+    /// before the cohort hash (canary, blue/green; repeat for several, first match wins).
+    #[arg(long = "rule", value_parser = parse_rule)]
+    pub rules: Vec<Rule>,
     /// A rollout plan (canary): a JSON file, or the JSON itself, e.g.
     /// '{"steps":[{"canary_percent":1,"bake_ms":60000,"min_sample":500,"max_ms":3600000}, ...]}'.
     /// The canary starts at the first step's share; the controller does the rest.
@@ -167,6 +171,17 @@ fn parse_strategy(s: &str) -> std::result::Result<Strategy, String> {
 
 fn parse_side(s: &str) -> std::result::Result<Side, String> {
     parse_json_enum(s)
+}
+
+fn parse_rule(s: &str) -> std::result::Result<Rule, String> {
+    let (matching, side) = s.rsplit_once(':').ok_or("expected ATTRIBUTE=VALUE[,VALUE...]:control|candidate")?;
+    let (attribute, values) =
+        matching.split_once('=').ok_or("expected ATTRIBUTE=VALUE[,VALUE...]:control|candidate")?;
+    Ok(Rule {
+        attribute: attribute.to_string(),
+        values: values.split(',').map(str::to_string).collect(),
+        side: parse_side(side)?,
+    })
 }
 
 fn parse_override(s: &str) -> std::result::Result<(String, Side), String> {
@@ -211,6 +226,7 @@ impl DeployArgs {
             timeout_ms: self.timeout_ms,
             fallback: self.fallback,
             overrides: self.overrides.into_iter().collect(),
+            rules: self.rules,
             plan,
             change: Some(ops::operator_change(reason)),
         })

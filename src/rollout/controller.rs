@@ -234,7 +234,7 @@ impl Leader {
         })
         .await?;
         let now = kafka::now_millis();
-        let (read_through, _) = feed.read_through(now);
+        let read_through = feed.read_through(now);
         for d in &running {
             let e = self.evidence.get_mut(&d.name).expect("inserted above");
             e.score_until(read_through, d.spec.timeout_ms);

@@ -373,6 +373,27 @@ mod tests {
     }
 
     #[test]
+    fn requests_routed_by_a_rule_make_no_observation() {
+        let decision = |cohort: &str| Decision {
+            request_id: "r".into(),
+            user_id: "u".into(),
+            deployment: "fraud".into(),
+            model: "b".into(),
+            strategy: "canary".into(),
+            cohort: cohort.into(),
+            bucket: 5,
+            config_version: 7,
+            status: DecisionStatus::Ok,
+            output: None,
+            error: None,
+            latency_ms: 30,
+            decided_at: 1_000,
+        };
+        assert_eq!(Observation::of(&decision("candidate")).map(|o| (o.arm, o.sent_at)), Some((Side::Candidate, 970)));
+        assert_eq!(Observation::of(&decision("candidate:rule:country")), None, "not randomised: left out");
+    }
+
+    #[test]
     fn the_same_decisions_give_the_same_evidence_whatever_their_arrival_order() {
         let d = deployment();
         let mut all = Vec::new();

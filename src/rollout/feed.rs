@@ -27,6 +27,8 @@ pub struct DecisionFeed {
     codec: Codec,
     /// Per partition: where reading started (a position before the first record is read).
     start: HashMap<i32, i64>,
+    /// Per partition: its end when the feed opened.
+    end_at_open: HashMap<i32, i64>,
     /// Per partition: the newest `decided_at` read.
     newest: HashMap<i32, Millis>,
     /// The time up to which every partition has been read.
@@ -51,7 +53,7 @@ impl DecisionFeed {
             None => by_time,
         };
         let mut assignment = TopicPartitionList::new();
-        let mut start = HashMap::new();
+        let (mut start, mut end_at_open) = (HashMap::new(), HashMap::new());
         for e in found.elements() {
             let (low, high) = block_in_place(|| consumer.fetch_watermarks(&topic, e.partition(), ADMIN_TIMEOUT))?;
             let at = match (from, e.offset()) {
@@ -60,9 +62,10 @@ impl DecisionFeed {
             };
             assignment.add_partition_offset(&topic, e.partition(), Offset::Offset(at))?;
             start.insert(e.partition(), at);
+            end_at_open.insert(e.partition(), high);
         }
         consumer.assign(&assignment)?;
-        Ok(DecisionFeed { consumer, topic, codec, start, newest: HashMap::new(), read_through: 0 })
+        Ok(DecisionFeed { consumer, topic, codec, start, end_at_open, newest: HashMap::new(), read_through: 0 })
     }
 
     /// Hands every decision available now to `f`, waiting at most `wait` for the first; at most `max`.
@@ -84,26 +87,36 @@ impl DecisionFeed {
         Ok(n)
     }
 
-    /// The time up to which every partition has been read, worked out at `now`, and whether every
-    /// partition is at its end. A partition counts as read through its newest decision; one at its end
-    /// through [`IDLE_MS`] ago at least.
-    pub fn read_through(&mut self, now: Millis) -> (Millis, bool) {
-        let Ok(positions) = self.consumer.position() else { return (self.read_through, false) };
-        let (mut through, mut at_end) = (now, true);
-        for e in positions.elements() {
-            let started = self.start.get(&e.partition()).copied().unwrap_or(0);
-            let position = if let Offset::Offset(n) = e.offset() { n.max(started) } else { started };
-            let end = block_in_place(|| self.consumer.fetch_watermarks(&self.topic, e.partition(), ADMIN_TIMEOUT))
+    /// Per partition: (position, where reading started), from the consumer's positions.
+    fn positions(&self) -> Vec<(i32, i64)> {
+        let Ok(positions) = self.consumer.position() else { return Vec::new() };
+        positions
+            .elements()
+            .iter()
+            .map(|e| {
+                let started = self.start.get(&e.partition()).copied().unwrap_or(0);
+                (e.partition(), if let Offset::Offset(n) = e.offset() { n.max(started) } else { started })
+            })
+            .collect()
+    }
+
+    /// The time up to which every partition has been read, worked out at `now`: a partition counts as
+    /// read through its newest decision, one at its end through [`IDLE_MS`] ago at least.
+    pub fn read_through(&mut self, now: Millis) -> Millis {
+        let mut through = now;
+        for (partition, position) in self.positions() {
+            let end = block_in_place(|| self.consumer.fetch_watermarks(&self.topic, partition, ADMIN_TIMEOUT))
                 .map_or(i64::MAX, |(_, high)| high);
-            let newest = self.newest.get(&e.partition()).copied().unwrap_or(0);
-            if position < end {
-                at_end = false;
-                through = through.min(newest);
-            } else {
-                through = through.min(newest.max(now - IDLE_MS));
-            }
+            let newest = self.newest.get(&partition).copied().unwrap_or(0);
+            through = through.min(if position < end { newest } else { newest.max(now - IDLE_MS) });
         }
         self.read_through = self.read_through.max(through);
-        (self.read_through, at_end)
+        self.read_through
+    }
+
+    /// True once every partition has been read up to where it ended when the feed opened.
+    pub fn read_what_was_there(&self) -> bool {
+        let positions = self.positions();
+        !positions.is_empty() && positions.iter().all(|(p, at)| *at >= self.end_at_open.get(p).copied().unwrap_or(0))
     }
 }

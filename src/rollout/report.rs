@@ -59,9 +59,8 @@ pub async fn plan_status(config: &Config, codec: &Codec, d: &Deployment) -> Resu
             }
         })
         .await?;
-        let (through, at_end) = feed.read_through(kafka::now_millis());
-        if at_end || started.elapsed() > READ_LIMIT {
-            break through;
+        if feed.read_what_was_there() || started.elapsed() > READ_LIMIT {
+            break feed.read_through(kafka::now_millis());
         }
     };
     evidence.score_until(read_through, d.spec.timeout_ms);

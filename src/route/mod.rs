@@ -31,14 +31,14 @@ pub struct Plan {
 
 /// The routing of one decoded request under its deployment: pure.
 pub fn plan(request: Request, deployment: &Deployment, routed_at: Millis) -> Plan {
-    let route = routing::route(deployment, &request.user_id);
+    let route = routing::route(deployment, &request.user_id, &request.attributes);
     let version = deployment.version() as i64;
     let routed = Routed {
         request_id: request.request_id.clone(),
         user_id: request.user_id.clone(),
         deployment: request.deployment.clone(),
         strategy: deployment.strategy().as_str().to_string(),
-        cohort: route.cohort.as_str().to_string(),
+        cohort: route.cohort_label(),
         bucket: i32::from(route.bucket),
         config_version: version,
         serving_model: route.serving.to_string(),

@@ -118,6 +118,10 @@ pub struct DeploymentSpec {
     /// Users forced to one side (canary and blue/green).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub overrides: BTreeMap<String, Side>,
+    /// Attribute rules, tried in order before the cohort hash (canary and blue/green); an override
+    /// wins over them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<Rule>,
     /// A rollout plan the controller drives (canary only). A record without one has none: an
     /// operator's own change ends a plan.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -126,6 +130,20 @@ pub struct DeploymentSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub change: Option<Change>,
 }
+
+/// Routes a request by one of its attributes, before the cohort hash: a request whose `attribute` has
+/// one of `values` goes to `side`. Its decision's cohort says so (`candidate:rule:<attribute>`), and
+/// rollout guards leave it out (it was not randomised).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    pub attribute: String,
+    pub values: Vec<String>,
+    pub side: Side,
+}
+
+/// Most attribute rules a deployment may have.
+pub const MAX_RULES: usize = 100;
 
 /// Who made a change, and why.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -207,6 +225,8 @@ pub enum InvalidDeployment {
     EmptyOverride,
     #[error("fallback is {0} bytes; at most {MAX_FALLBACK_BYTES} (it is carried in routing records and decisions)")]
     Fallback(usize),
+    #[error("rules: at most {MAX_RULES}, each with an attribute name and at least one value (rule {0})")]
+    Rule(usize),
     #[error("a plan drives a canary: strategy must be canary, not {0}")]
     PlanStrategy(Strategy),
     #[error("plan: {0}")]
@@ -301,6 +321,11 @@ impl DeploymentSpec {
         }
         if self.overrides.keys().any(String::is_empty) {
             return Err(InvalidDeployment::EmptyOverride);
+        }
+        for (i, rule) in self.rules.iter().enumerate() {
+            if i >= MAX_RULES || rule.attribute.is_empty() || rule.values.is_empty() {
+                return Err(InvalidDeployment::Rule(i + 1));
+            }
         }
         if let Some(plan) = &self.plan {
             if self.strategy != Strategy::Canary {
@@ -401,6 +426,10 @@ mod tests {
             (
                 r#"{"version":1,"strategy":"canary","control":"m","candidate":"n","change":{"actor":"x"}}"#,
                 "missing field `reason`",
+            ),
+            (
+                r#"{"version":1,"strategy":"canary","control":"m","candidate":"n","rules":[{"attribute":"c","values":[],"side":"candidate"}]}"#,
+                "rules: at most 100",
             ),
         ];
         for (json, reason) in cases {

@@ -4,7 +4,9 @@
 pub mod deployment;
 pub mod hash;
 
-pub use deployment::{Change, Deployment, DeploymentSpec, InvalidDeployment, Side, Strategy};
+use std::collections::HashMap;
+
+pub use deployment::{Change, Deployment, DeploymentSpec, InvalidDeployment, Rule, Side, Strategy};
 
 /// Where one request goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,6 +19,19 @@ pub struct Route<'a> {
     pub bucket: u16,
     /// Models that get a SHADOW copy; their answers are compared, never served.
     pub shadows: Vec<&'a str>,
+    /// The attribute rule that chose the side, if one did.
+    pub rule: Option<&'a Rule>,
+}
+
+impl Route<'_> {
+    /// The cohort as decisions carry it: the side, and for a request routed by a rule
+    /// `<side>:rule:<attribute>`.
+    pub fn cohort_label(&self) -> String {
+        match self.rule {
+            Some(rule) => format!("{}:rule:{}", self.cohort, rule.attribute),
+            None => self.cohort.as_str().to_string(),
+        }
+    }
 }
 
 /// Decides where a request from `user_id` goes under `deployment`.
@@ -27,11 +42,20 @@ pub struct Route<'a> {
 /// - blue_green: the `active` side serves everyone.
 /// - overrides pin a user to a side under canary and blue/green (the strategies where the candidate
 ///   serves anyone); under single and shadow nobody but control is ever served.
+/// - attribute rules, in order, send a request whose attribute has one of their values to their side,
+///   under canary and blue/green, unless an override pins the user.
 /// - mirror models get a copy under every strategy, sampled like shadow.
-pub fn route<'a>(deployment: &'a Deployment, user_id: &str) -> Route<'a> {
+pub fn route<'a>(deployment: &'a Deployment, user_id: &str, attributes: &HashMap<String, String>) -> Route<'a> {
     let spec = &deployment.spec;
     let bucket = hash::bucket(&deployment.salt, user_id);
-    let pinned = spec.overrides.get(user_id).copied();
+    let override_side = spec.overrides.get(user_id).copied();
+    let rule = match (override_side, spec.strategy) {
+        (None, Strategy::Canary | Strategy::BlueGreen) => {
+            spec.rules.iter().find(|r| attributes.get(&r.attribute).is_some_and(|value| r.values.contains(value)))
+        }
+        _ => None,
+    };
+    let pinned = override_side.or(rule.map(|r| r.side));
     let cohort = match spec.strategy {
         Strategy::Single | Strategy::Shadow => Side::Control,
         Strategy::Canary => {
@@ -49,13 +73,52 @@ pub fn route<'a>(deployment: &'a Deployment, user_id: &str) -> Route<'a> {
         shadows.extend(spec.mirror.iter().map(String::as_str));
     }
 
-    Route { serving: deployment.model_for(cohort), cohort, bucket, shadows }
+    Route { serving: deployment.model_for(cohort), cohort, bucket, shadows, rule }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::sync::LazyLock;
+
+    static NONE: LazyLock<HashMap<String, String>> = LazyLock::new(HashMap::new);
+
+    #[test]
+    fn attribute_rules_route_before_the_hash_and_show_in_the_cohort() {
+        let d = deployment(
+            r#"{"version":1,"strategy":"canary","control":"v1","candidate":"v2","canary_percent":0,
+                "overrides":{"vip":"control"},
+                "rules":[{"attribute":"country","values":["DE","AT"],"side":"candidate"},
+                         {"attribute":"test","values":["1"],"side":"control"}]}"#,
+        );
+        let attrs = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        let de = route(&d, "u1", &attrs(&[("country", "DE")]));
+        assert_eq!((de.serving, de.cohort_label().as_str()), ("v2", "candidate:rule:country"));
+        assert_eq!(
+            route(&d, "u1", &attrs(&[("country", "FR")])).cohort_label(),
+            "control",
+            "no rule matched: the hash"
+        );
+        assert_eq!(route(&d, "vip", &attrs(&[("country", "DE")])).serving, "v1", "an override wins over a rule");
+        let hundred = deployment(
+            r#"{"version":1,"strategy":"canary","control":"v1","candidate":"v2","canary_percent":100,
+                "rules":[{"attribute":"test","values":["1"],"side":"control"}]}"#,
+        );
+        let test = route(&hundred, "u1", &attrs(&[("test", "1")]));
+        assert_eq!((test.serving, test.cohort_label().as_str()), ("v1", "control:rule:test"));
+        let shadow = deployment(
+            r#"{"version":1,"strategy":"shadow","control":"v1","candidate":"v2",
+                "rules":[{"attribute":"country","values":["DE"],"side":"candidate"}]}"#,
+        );
+        assert_eq!(
+            route(&shadow, "u1", &attrs(&[("country", "DE")])).serving,
+            "v1",
+            "shadow never serves the candidate"
+        );
+    }
 
     fn deployment(json: &str) -> Deployment {
         DeploymentSpec::from_json(json.as_bytes()).unwrap().validate("fraud").unwrap()
@@ -71,7 +134,7 @@ mod tests {
     fn single_serves_control_without_copies() {
         let d = deployment(r#"{"version":1,"strategy":"single","control":"v1"}"#);
         for user in ["user-1", "user-42", "", "ünïcode"] {
-            let r = route(&d, user);
+            let r = route(&d, user, &NONE);
             assert_eq!((r.serving, r.cohort), ("v1", Side::Control));
             assert!(r.shadows.is_empty());
         }
@@ -81,21 +144,21 @@ mod tests {
     fn canary_follows_the_published_buckets() {
         // bucket("fraud", "user-1") = 9090, bucket("fraud", "user-42") = 5290.
         let d = canary(90.91);
-        assert_eq!(route(&d, "user-1").serving, "v2");
-        assert_eq!(route(&d, "user-1").bucket, 9090);
+        assert_eq!(route(&d, "user-1", &NONE).serving, "v2");
+        assert_eq!(route(&d, "user-1", &NONE).bucket, 9090);
         let d = canary(90.90);
-        assert_eq!(route(&d, "user-1").serving, "v1");
-        assert_eq!(route(&d, "user-42").serving, "v2");
-        assert_eq!(route(&canary(52.90), "user-42").cohort, Side::Control);
-        assert_eq!(route(&canary(52.91), "user-42").cohort, Side::Candidate);
+        assert_eq!(route(&d, "user-1", &NONE).serving, "v1");
+        assert_eq!(route(&d, "user-42", &NONE).serving, "v2");
+        assert_eq!(route(&canary(52.90), "user-42", &NONE).cohort, Side::Control);
+        assert_eq!(route(&canary(52.91), "user-42", &NONE).cohort, Side::Candidate);
     }
 
     #[test]
     fn canary_zero_and_hundred_are_absolute() {
         for i in 0..2000 {
             let user = format!("u{i}");
-            assert_eq!(route(&canary(0.0), &user).serving, "v1");
-            assert_eq!(route(&canary(100.0), &user).serving, "v2");
+            assert_eq!(route(&canary(0.0), &user, &NONE).serving, "v1");
+            assert_eq!(route(&canary(100.0), &user, &NONE).serving, "v2");
         }
     }
 
@@ -103,7 +166,7 @@ mod tests {
     fn canary_share_is_close_to_the_percent() {
         let d = canary(10.0);
         let n = 20_000;
-        let served = (0..n).filter(|i| route(&d, &format!("user-{i}")).cohort == Side::Candidate).count();
+        let served = (0..n).filter(|i| route(&d, &format!("user-{i}"), &NONE).cohort == Side::Candidate).count();
         let share = served as f64 / n as f64;
         assert!((0.09..0.11).contains(&share), "share {share}");
     }
@@ -114,18 +177,18 @@ mod tests {
             r#"{"version":1,"strategy":"canary","control":"v1","candidate":"v2","canary_percent":0,
                 "overrides":{"vip":"candidate"}}"#,
         );
-        assert_eq!(route(&d, "vip").serving, "v2");
-        assert_eq!(route(&d, "other").serving, "v1");
+        assert_eq!(route(&d, "vip", &NONE).serving, "v2");
+        assert_eq!(route(&d, "other", &NONE).serving, "v1");
         let d = deployment(
             r#"{"version":1,"strategy":"blue_green","control":"v1","candidate":"v2","active":"candidate",
                 "overrides":{"vip":"control"}}"#,
         );
-        assert_eq!(route(&d, "vip").serving, "v1");
-        assert_eq!(route(&d, "other").serving, "v2");
+        assert_eq!(route(&d, "vip", &NONE).serving, "v1");
+        assert_eq!(route(&d, "other", &NONE).serving, "v2");
         let d = deployment(
             r#"{"version":1,"strategy":"shadow","control":"v1","candidate":"v2","overrides":{"vip":"candidate"}}"#,
         );
-        assert_eq!(route(&d, "vip").serving, "v1");
+        assert_eq!(route(&d, "vip", &NONE).serving, "v1");
     }
 
     #[test]
@@ -135,10 +198,10 @@ mod tests {
         let blue = deployment(r#"{"version":2,"strategy":"blue_green","control":"b","candidate":"g"}"#);
         for i in 0..500 {
             let user = format!("user-{i}");
-            assert_eq!(route(&green, &user).serving, "g");
-            assert_eq!(route(&green, &user).cohort, Side::Candidate);
-            assert_eq!(route(&blue, &user).serving, "b");
-            assert!(route(&blue, &user).shadows.is_empty());
+            assert_eq!(route(&green, &user, &NONE).serving, "g");
+            assert_eq!(route(&green, &user, &NONE).cohort, Side::Candidate);
+            assert_eq!(route(&blue, &user, &NONE).serving, "b");
+            assert!(route(&blue, &user, &NONE).shadows.is_empty());
         }
     }
 
@@ -148,13 +211,13 @@ mod tests {
             r#"{"version":1,"strategy":"shadow","control":"v1","candidate":"v2","shadow_percent":23.72,"mirror":["v3"]}"#,
         );
         // shadow_bucket("fraud", "user-1") = 2372: just outside 23.72%.
-        let r = route(&d, "user-1");
+        let r = route(&d, "user-1", &NONE);
         assert_eq!(r.serving, "v1");
         assert!(r.shadows.is_empty());
         let d = deployment(
             r#"{"version":1,"strategy":"shadow","control":"v1","candidate":"v2","shadow_percent":23.73,"mirror":["v3"]}"#,
         );
-        assert_eq!(route(&d, "user-1").shadows, vec!["v2", "v3"]);
+        assert_eq!(route(&d, "user-1", &NONE).shadows, vec!["v2", "v3"]);
     }
 
     #[test]
@@ -164,7 +227,7 @@ mod tests {
         );
         let mut served = std::collections::HashSet::new();
         for i in 0..200 {
-            let r = route(&d, &format!("u{i}"));
+            let r = route(&d, &format!("u{i}"), &NONE);
             assert_eq!(r.shadows, vec!["v3"]);
             assert_ne!(r.serving, "v3");
             served.insert(r.serving);
@@ -173,8 +236,8 @@ mod tests {
         let d = deployment(
             r#"{"version":1,"strategy":"blue_green","control":"v1","candidate":"v2","active":"candidate","mirror":["v3"]}"#,
         );
-        assert_eq!(route(&d, "x").shadows, vec!["v3"]);
-        assert_eq!(route(&d, "x").serving, "v2");
+        assert_eq!(route(&d, "x", &NONE).shadows, vec!["v3"]);
+        assert_eq!(route(&d, "x", &NONE).serving, "v2");
     }
 
     #[test]
@@ -184,7 +247,7 @@ mod tests {
         b.salt = "other".into();
         let moved = (0..1000).filter(|i| {
             let u = format!("u{i}");
-            route(&a, &u).cohort != route(&b, &u).cohort
+            route(&a, &u, &NONE).cohort != route(&b, &u, &NONE).cohort
         });
         assert!(moved.count() > 300);
     }
@@ -195,8 +258,8 @@ mod tests {
             let (low, high) = (low.min(high), low.max(high));
             let a = canary(f64::from(low) / 100.0);
             let b = canary(f64::from(high) / 100.0);
-            if route(&a, &user).cohort == Side::Candidate {
-                prop_assert_eq!(route(&b, &user).cohort, Side::Candidate);
+            if route(&a, &user, &NONE).cohort == Side::Candidate {
+                prop_assert_eq!(route(&b, &user, &NONE).cohort, Side::Candidate);
             }
         }
 
@@ -208,7 +271,7 @@ mod tests {
                 r#"{{"version":1,"strategy":"{strategy}","control":"v1"{candidate},"canary_percent":{},"mirror":["v3"]}}"#,
                 f64::from(percent) / 100.0
             ));
-            let r = route(&d, &user);
+            let r = route(&d, &user, &NONE);
             prop_assert!(!r.shadows.contains(&r.serving));
             prop_assert_eq!(r.serving, d.model_for(r.cohort));
             prop_assert_eq!(r.bucket, hash::bucket("fraud", &user));
