@@ -212,6 +212,11 @@ impl Leader {
             .cloned()
             .collect();
         self.evidence.retain(|name, e| running.iter().any(|d| d.name == *name && d.version() == e.version));
+        if running.is_empty() {
+            // Nothing to judge: no decisions are read (a plan that starts opens the feed at its start).
+            self.feed = None;
+            return Ok(());
+        }
         for d in &running {
             if !self.evidence.contains_key(&d.name) {
                 self.evidence.insert(d.name.clone(), StepEvidence::new(d).expect("a running plan"));
