@@ -120,6 +120,92 @@ fn ln_beta(x: f64, y: f64) -> f64 {
     libm::lgamma(x) + libm::lgamma(y) - libm::lgamma(x + y)
 }
 
+/// Running mean and variance of one arm's losses (Welford).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Moments {
+    pub n: u64,
+    pub mean: f64,
+    m2: f64,
+}
+
+impl Moments {
+    pub fn add(&mut self, x: f64) {
+        self.n += 1;
+        let delta = x - self.mean;
+        self.mean += delta / self.n as f64;
+        self.m2 += delta * (x - self.mean);
+    }
+
+    /// The sample variance (0 below two observations).
+    pub fn variance(&self) -> f64 {
+        if self.n < 2 { 0.0 } else { self.m2 / (self.n - 1) as f64 }
+    }
+}
+
+/// Is the candidate's mean loss worse than control's by more than `margin`? The mixture SPRT of Johari,
+/// Pekelis & Walsh ("Always valid inference"), centred on the margin and one-sided: with θ̂ the
+/// difference of mean losses (candidate − control), V = s²_A/n_A + s²_B/n_B and mixing variance τ²,
+/// Λ = √(V/(V+τ²)) · exp(τ²(θ̂−δ)² / (2V(V+τ²))) while θ̂ > δ, else 1. Asymptotic (normal
+/// approximation): it judges nothing before [`MeanGuard::MIN_PER_ARM`] observations per arm, and the
+/// variance is floored so that a run of identical early losses cannot make V vanish.
+#[derive(Debug, Clone)]
+pub struct MeanGuard {
+    margin: f64,
+    tau2: f64,
+    arms: [Moments; 2],
+}
+
+impl MeanGuard {
+    /// Observations each arm needs before the guard judges.
+    pub const MIN_PER_ARM: u64 = 100;
+    /// Floor of each arm's variance (losses on a 0–1 scale).
+    const VARIANCE_FLOOR: f64 = 1e-4;
+
+    /// `margin`: how much worse counts as harm; `tau`: about the smallest harm worth catching.
+    pub fn new(margin: f64, tau: f64) -> Self {
+        MeanGuard { margin, tau2: tau * tau, arms: [Moments::default(); 2] }
+    }
+
+    pub fn observe(&mut self, arm: usize, loss: f64) {
+        self.arms[arm].add(loss);
+    }
+
+    pub fn arms(&self) -> (Moments, Moments) {
+        (self.arms[0], self.arms[1])
+    }
+
+    fn v(&self) -> Option<f64> {
+        let [a, b] = &self.arms;
+        if a.n < Self::MIN_PER_ARM || b.n < Self::MIN_PER_ARM {
+            return None;
+        }
+        let var = |m: &Moments| m.variance().max(Self::VARIANCE_FLOOR) / m.n as f64;
+        Some(var(a) + var(b))
+    }
+
+    /// The difference of mean losses, candidate − control.
+    pub fn difference(&self) -> f64 {
+        self.arms[1].mean - self.arms[0].mean
+    }
+
+    pub fn log_e(&self) -> f64 {
+        let Some(v) = self.v() else { return 0.0 };
+        let excess = self.difference() - self.margin;
+        if excess <= 0.0 {
+            return 0.0;
+        }
+        0.5 * (v / (v + self.tau2)).ln() + self.tau2 * excess * excess / (2.0 * v * (v + self.tau2))
+    }
+
+    /// The confidence sequence for the difference at level `alpha`: (low, high), valid at every look.
+    pub fn interval(&self, alpha: f64) -> Option<(f64, f64)> {
+        let v = self.v()?;
+        let half = (2.0 * v * (v + self.tau2) / self.tau2 * (((v + self.tau2) / v).sqrt() / alpha).ln()).sqrt();
+        let d = self.difference();
+        Some((d - half, d + half))
+    }
+}
+
 /// The false-alarm budget α of a whole rollout, split evenly over its guards and steps: each guard in
 /// each step fires when its e-process reaches `guards · steps / α`.
 #[derive(Debug, Clone, Copy)]
@@ -245,6 +331,74 @@ mod tests {
             }
         }
         assert!(fired_at.is_some(), "12% observed against 10% configured goes unnoticed in 20,000 users");
+    }
+
+    /// Labelled decisions at a 10% canary, checked every 100 labels: returns the number of labels when
+    /// the mean guard fired (0/1 loss: wrong answer), if it did.
+    fn run_mean(
+        rng: &mut StdRng,
+        control_accuracy: f64,
+        candidate_accuracy: f64,
+        labels: usize,
+        alpha: f64,
+    ) -> Option<usize> {
+        let mut guard = MeanGuard::new(0.0, 0.02);
+        for i in 1..=labels {
+            let candidate = rng.random::<f64>() < 0.1;
+            let accuracy = if candidate { candidate_accuracy } else { control_accuracy };
+            guard.observe(usize::from(candidate), f64::from(u8::from(rng.random::<f64>() >= accuracy)));
+            if i % 100 == 0 && guard.log_e() >= (1.0 / alpha).ln() {
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn the_mean_guard_holds_alpha_under_equal_models() {
+        let mut rng = StdRng::seed_from_u64(31);
+        let runs = 1000;
+        let alarms = (0..runs).filter(|_| run_mean(&mut rng, 0.9, 0.9, 20_000, 0.05).is_some()).count();
+        eprintln!(
+            "mean guard, equal models (90% accurate), 10% canary, 20,000 labels checked every 100: {alarms} alarms in {runs}"
+        );
+        assert!(alarms as f64 <= 0.05 * runs as f64, "{alarms} false alarms in {runs}");
+    }
+
+    #[test]
+    fn the_mean_guard_catches_90_to_85_percent_accuracy_within_20000_labels() {
+        let mut rng = StdRng::seed_from_u64(37);
+        let runs = 500;
+        let mut needed: Vec<usize> = (0..runs).filter_map(|_| run_mean(&mut rng, 0.9, 0.85, 20_000, 0.05)).collect();
+        needed.sort_unstable();
+        let median = needed.get(needed.len() / 2).copied().unwrap_or(0);
+        eprintln!(
+            "mean guard, 90% -> 85% accuracy at a 10% canary, alpha 0.05: fired within 20,000 labels in {} of {runs}; median {median} labels",
+            needed.len()
+        );
+        assert!(needed.len() as f64 >= 0.95 * runs as f64, "fired in {} of {runs}", needed.len());
+    }
+
+    #[test]
+    fn the_confidence_sequence_covers_the_difference() {
+        let mut rng = StdRng::seed_from_u64(41);
+        let mut misses = 0;
+        for _ in 0..300 {
+            let mut guard = MeanGuard::new(0.0, 0.02);
+            let mut missed = false;
+            for i in 1..=5_000 {
+                let candidate = i % 2 == 0;
+                let accuracy = if candidate { 0.8 } else { 0.9 };
+                guard.observe(usize::from(candidate), f64::from(u8::from(rng.random::<f64>() >= accuracy)));
+                if i % 100 == 0 {
+                    if let Some((low, high)) = guard.interval(0.05) {
+                        missed |= !(low..=high).contains(&0.1);
+                    }
+                }
+            }
+            misses += usize::from(missed);
+        }
+        assert!(misses <= 15, "the true difference left the 95% sequence in {misses} of 300 runs");
     }
 
     #[test]
