@@ -11,7 +11,8 @@
 //! - [`routing`] — the pure routing decision: cohort hash, deployment record and its validation.
 //! - [`route`] — the route service: requests to per-model topics and routing records.
 //! - [`merge`] — the merge service: predictions joined to routing records, decisions and comparisons.
-//! - [`rollout`] — rollouts that drive themselves: the anytime-valid guard statistics.
+//! - [`rollout`] — rollouts that drive themselves: plans, anytime-valid guards, the controller, history.
+//! - [`quality`] — judging models by outcomes: scores, losses, mergeable quality figures.
 //! - [`control`] — the control plane: the deployments topic, the registry in force, deploy/promote/rollback.
 //! - [`codec`] — Avro records and schemas (schemas/), plain or Confluent-framed.
 //! - [`telemetry`] — metrics and the /metrics, /healthz, /readyz endpoint.
@@ -31,6 +32,7 @@ pub mod dead_letter;
 pub mod error;
 pub mod kafka;
 pub mod merge;
+pub mod quality;
 pub mod rollout;
 pub mod route;
 pub mod routing;

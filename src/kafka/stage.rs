@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use rdkafka::TopicPartitionList;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{Consumer, ConsumerGroupMetadata, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedMessage;
 
@@ -82,6 +82,11 @@ pub struct TxnStage {
     refused: HashMap<SourcePos, Refusal>,
     /// Failed transactions in a row, for backing off when the cause is not a refused record.
     failures: u32,
+    /// The group's metadata (generation, member) from before the current batch was read. Its commit
+    /// carries it, so that the broker refuses the commit (KIP-447) if the group has moved on since —
+    /// metadata read at commit time would be the *new* generation's, and a batch of partitions already
+    /// handed to another instance would commit under it (seen: requests decided by both instances).
+    batch_group: Option<ConsumerGroupMetadata>,
     shutdown: Shutdown,
 }
 
@@ -106,6 +111,7 @@ impl TxnStage {
             producer,
             refused: HashMap::new(),
             failures: 0,
+            batch_group: None,
             shutdown,
         })
     }
@@ -131,6 +137,7 @@ impl TxnStage {
         wait: Duration,
         idle: Duration,
     ) -> Result<Vec<OwnedMessage>, KafkaError> {
+        self.batch_group = self.consumer.group_metadata();
         let error = match batch::next_batch(&self.consumer, max, wait, idle).await {
             Ok(batch) => return Ok(batch),
             Err(error) => error,
@@ -159,12 +166,12 @@ impl TxnStage {
         if self.refused.is_empty() { None } else { self.refused.get(&SourcePos::of(message)) }
     }
 
-    /// Produces the outbox's records (made from `batch`) and commits them with `offsets`; then, and only
-    /// then, records its events. On failure, the inputs of records the broker refused are remembered
+    /// Produces the outbox's records (made from `batch`) and commits them with `offsets`, fenced by the
+    /// group generation from before the batch was read; then, and only then, records its events. On failure, the inputs of records the broker refused are remembered
     /// (see the module docs).
     pub async fn commit(&mut self, batch: &[OwnedMessage], outbox: Outbox, offsets: &TopicPartitionList) -> Commit {
         let records = &outbox.records;
-        match self.producer.commit(records, offsets, self.consumer.group_metadata()).await {
+        match self.producer.commit(records, offsets, self.batch_group.as_ref()).await {
             Ok(placed) => {
                 telemetry::record(outbox.events);
                 if !self.refused.is_empty() {

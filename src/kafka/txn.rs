@@ -64,10 +64,10 @@ impl TxnProducer {
         &mut self,
         records: &[OutRecord],
         offsets: &TopicPartitionList,
-        group: Option<ConsumerGroupMetadata>,
+        group: Option<&ConsumerGroupMetadata>,
     ) -> Result<Vec<Placed>, TxnFailure> {
         let mut result = match group {
-            Some(group) => self.try_commit(records, offsets, &group).await,
+            Some(group) => self.try_commit(records, offsets, group).await,
             None => Err(TxnFailure { error: KafkaError::Canceled, refused: Vec::new() }),
         };
         if let Err(failure) = &mut result {

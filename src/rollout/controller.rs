@@ -195,7 +195,7 @@ impl Leader {
         let mut offsets = TopicPartitionList::new();
         offsets.add_partition_offset(&topic, 0, Offset::Offset(self.next_offset))?;
         self.producer
-            .commit(&out, &offsets, consumer.group_metadata())
+            .commit(&out, &offsets, consumer.group_metadata().as_ref())
             .await
             .map_err(|failure| Error::Kafka(failure.error))?;
         self.committed = self.next_offset;

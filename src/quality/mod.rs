@@ -1,0 +1,11 @@
+//! Judging models by what happened (issue: outcome labels joined to decisions). This is its first part,
+//! pure and tested: how a model's output becomes a score, the per-request losses of a labelled decision,
+//! and quality figures from mergeable counts. The outcomes topic, the join and the quality guards in
+//! plans build on it (the mean guard is `rollout::guard::MeanGuard`).
+//!
+//! - [`score`]: output bytes → a score (plain number or a JSON field), per deployment.
+//! - [`metrics`]: losses of one labelled decision, and quality per model and arm from counts that add
+//!   up across instances (accuracy, Brier, log-loss, AUC, calibration error; MAE, RMSE, bias).
+
+pub mod metrics;
+pub mod score;

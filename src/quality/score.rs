@@ -1,0 +1,84 @@
+//! How a model's output bytes map to a score: configured per deployment, because switchyard never
+//! interprets outputs otherwise.
+
+use serde::{Deserialize, Serialize};
+
+/// Where the score is in a model's output.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum ScoreFormat {
+    /// The whole output is a number as text (`0.8731`): the demo models' format.
+    #[default]
+    Plain,
+    /// The output is a JSON object; the score is this field (`{"score": 0.87, ...}`), a number.
+    JsonField(String),
+}
+
+/// Why an output gave no score.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ScoreError {
+    #[error("output is not UTF-8 text")]
+    NotText,
+    #[error("output {0:?} is not a number")]
+    NotANumber(String),
+    #[error("output is not a JSON object with a number in field {field:?}: {detail}")]
+    Json { field: String, detail: String },
+    #[error("score {0} is not a probability in [0, 1]")]
+    OutOfRange(f64),
+}
+
+impl ScoreFormat {
+    /// The score in `output`: any finite number (regression).
+    pub fn score(&self, output: &[u8]) -> Result<f64, ScoreError> {
+        let value = match self {
+            ScoreFormat::Plain => {
+                let text = std::str::from_utf8(output).map_err(|_| ScoreError::NotText)?.trim();
+                text.parse::<f64>().map_err(|_| ScoreError::NotANumber(text.chars().take(40).collect()))?
+            }
+            ScoreFormat::JsonField(field) => {
+                let json = |detail: String| ScoreError::Json { field: field.clone(), detail };
+                let value: serde_json::Value = serde_json::from_slice(output).map_err(|e| json(e.to_string()))?;
+                value
+                    .get(field)
+                    .and_then(serde_json::Value::as_f64)
+                    .ok_or_else(|| json("field missing or not a number".into()))?
+            }
+        };
+        if value.is_finite() { Ok(value) } else { Err(ScoreError::NotANumber(value.to_string())) }
+    }
+
+    /// The score in `output` as the probability of the positive class.
+    pub fn probability(&self, output: &[u8]) -> Result<f64, ScoreError> {
+        let p = self.score(output)?;
+        if (0.0..=1.0).contains(&p) { Ok(p) } else { Err(ScoreError::OutOfRange(p)) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_and_json_outputs_give_scores_and_bad_ones_say_why() {
+        assert_eq!(ScoreFormat::Plain.probability(b"0.8731"), Ok(0.8731));
+        assert_eq!(ScoreFormat::Plain.probability(b" 1\n"), Ok(1.0));
+        let json = ScoreFormat::JsonField("score".into());
+        assert_eq!(json.probability(br#"{"score":0.25,"label":"fraud"}"#), Ok(0.25));
+        assert_eq!(json.score(br#"{"score":-3.5}"#), Ok(-3.5), "regression takes any finite number");
+        let cases: [(&ScoreFormat, &[u8], &str); 6] = [
+            (&ScoreFormat::Plain, b"high", "not a number"),
+            (&ScoreFormat::Plain, &[0xff, 0xfe], "not UTF-8"),
+            (&ScoreFormat::Plain, b"1.5", "not a probability"),
+            (&ScoreFormat::Plain, b"NaN", "not a number"),
+            (&json, br#"{"p":0.1}"#, "field missing"),
+            (&json, b"0.1 trailing", "JSON object"),
+        ];
+        for (format, output, reason) in cases {
+            let error = format.probability(output).unwrap_err().to_string();
+            assert!(error.contains(reason), "{output:?}: {error} lacks {reason:?}");
+        }
+        let round: ScoreFormat = serde_json::from_str(r#"{"json_field":"score"}"#).unwrap();
+        assert_eq!(round, json);
+        assert_eq!(serde_json::from_str::<ScoreFormat>(r#""plain""#).unwrap(), ScoreFormat::Plain);
+    }
+}
