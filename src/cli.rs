@@ -227,6 +227,7 @@ impl DeployArgs {
             fallback: self.fallback,
             overrides: self.overrides.into_iter().collect(),
             rules: self.rules,
+            quality: None,
             plan,
             change: Some(ops::operator_change(reason)),
         })

@@ -12,8 +12,8 @@ use apache_avro::Schema;
 use serde::Deserialize;
 
 pub use records::{
-    AvroRecord, Decision, DecisionStatus, MergeState, Millis, ModelRequest, Prediction, Request, Role, Routed,
-    ShadowComparison,
+    AvroRecord, Decision, DecisionStatus, MergeState, Millis, ModelRequest, Outcome, Prediction, Request, Role, Routed,
+    ScoredOutcome, ShadowComparison,
 };
 
 /// Largest single allocation the Avro decoder may make: a corrupt length prefix in a hostile record must
@@ -30,10 +30,12 @@ pub enum RecordKind {
     ShadowComparison,
     Routed,
     MergeState,
+    Outcome,
+    ScoredOutcome,
 }
 
 impl RecordKind {
-    pub const ALL: [RecordKind; 7] = [
+    pub const ALL: [RecordKind; 9] = [
         RecordKind::Request,
         RecordKind::ModelRequest,
         RecordKind::Prediction,
@@ -41,6 +43,8 @@ impl RecordKind {
         RecordKind::ShadowComparison,
         RecordKind::Routed,
         RecordKind::MergeState,
+        RecordKind::Outcome,
+        RecordKind::ScoredOutcome,
     ];
 
     /// The schema file's text, as shipped in schemas/.
@@ -53,6 +57,8 @@ impl RecordKind {
             RecordKind::ShadowComparison => include_str!("../../schemas/ShadowComparison.avsc"),
             RecordKind::Routed => include_str!("../../schemas/Routed.avsc"),
             RecordKind::MergeState => include_str!("../../schemas/MergeState.avsc"),
+            RecordKind::Outcome => include_str!("../../schemas/Outcome.avsc"),
+            RecordKind::ScoredOutcome => include_str!("../../schemas/ScoredOutcome.avsc"),
         }
     }
 
@@ -96,6 +102,8 @@ pub struct SchemaIds {
     pub shadow_comparison: u32,
     pub routed: u32,
     pub merge_state: u32,
+    pub outcome: u32,
+    pub scored_outcome: u32,
 }
 
 impl SchemaIds {
@@ -108,6 +116,8 @@ impl SchemaIds {
             RecordKind::ShadowComparison => self.shadow_comparison,
             RecordKind::Routed => self.routed,
             RecordKind::MergeState => self.merge_state,
+            RecordKind::Outcome => self.outcome,
+            RecordKind::ScoredOutcome => self.scored_outcome,
         }
     }
 }
@@ -207,6 +217,8 @@ mod tests {
             shadow_comparison: 5,
             routed: 6,
             merge_state: 7,
+            outcome: 8,
+            scored_outcome: 9,
         };
         vec![Codec::default(), Codec::new(Framing::Confluent(ids))]
     }
@@ -311,6 +323,36 @@ mod tests {
             finished: false,
         });
         round_trip(MergeState { request_id: "r".into(), ..MergeState::default() });
+        round_trip(Outcome {
+            request_id: "r-1".into(),
+            user_id: "u".into(),
+            label: 1.0,
+            observed_at: 1_700_000_100_000,
+            source: "chargebacks".into(),
+        });
+        let scored = ScoredOutcome {
+            request_id: "r-1".into(),
+            user_id: "u".into(),
+            deployment: "fraud".into(),
+            model: "v2".into(),
+            role: "serving".into(),
+            cohort: "candidate".into(),
+            config_version: 3,
+            status: "OK".into(),
+            score: Some(0.8731),
+            label: 1.0,
+            zero_one: Some(0.0),
+            brier: Some(0.016),
+            log_loss: Some(0.1357),
+            absolute_error: None,
+            squared_error: None,
+            label_delay_ms: 86_400_000,
+            decided_at: 1_700_000_000_000,
+            observed_at: 1_700_086_400_000,
+            source: "chargebacks".into(),
+        };
+        round_trip(scored.clone());
+        round_trip(ScoredOutcome { score: None, zero_one: None, brier: None, log_loss: None, ..scored });
     }
 
     #[test]

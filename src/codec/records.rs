@@ -238,6 +238,21 @@ impl Fields {
         }
     }
 
+    fn double(&mut self, name: &'static str) -> Result<f64, DecodeError> {
+        match self.take(name)? {
+            Value::Double(v) => Ok(v),
+            other => Err(wrong(name, "double", &other)),
+        }
+    }
+
+    fn opt_double(&mut self, name: &'static str) -> Result<Option<f64>, DecodeError> {
+        match self.nullable(name)? {
+            None => Ok(None),
+            Some(Value::Double(v)) => Ok(Some(v)),
+            Some(other) => Err(wrong(name, "double", &other)),
+        }
+    }
+
     fn string_map(&mut self, name: &'static str) -> Result<HashMap<String, String>, DecodeError> {
         match self.take(name)? {
             Value::Map(map) => map
@@ -431,6 +446,125 @@ impl AvroRecord for Decision {
             error: f.opt_string("error")?,
             latency_ms: f.long("latency_ms")?,
             decided_at: f.long("decided_at")?,
+        })
+    }
+}
+
+/// What happened after a request: its label (`schemas/Outcome.avsc`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub request_id: String,
+    pub user_id: String,
+    pub label: f64,
+    pub observed_at: Millis,
+    pub source: String,
+}
+
+impl AvroRecord for Outcome {
+    const KIND: RecordKind = RecordKind::Outcome;
+
+    fn to_value(&self) -> Value {
+        record(vec![
+            ("request_id", s(&self.request_id)),
+            ("user_id", s(&self.user_id)),
+            ("label", Value::Double(self.label)),
+            ("observed_at", Value::TimestampMillis(self.observed_at)),
+            ("source", s(&self.source)),
+        ])
+    }
+
+    fn from_value(value: Value) -> Result<Self, DecodeError> {
+        let mut f = Fields::of(value)?;
+        Ok(Outcome {
+            request_id: f.string("request_id")?,
+            user_id: f.string("user_id")?,
+            label: f.double("label")?,
+            observed_at: f.long("observed_at")?,
+            source: f.string("source")?,
+        })
+    }
+}
+
+/// One labelled answer with its losses (`schemas/ScoredOutcome.avsc`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScoredOutcome {
+    pub request_id: String,
+    pub user_id: String,
+    pub deployment: String,
+    pub model: String,
+    pub role: String,
+    pub cohort: String,
+    pub config_version: i64,
+    pub status: String,
+    pub score: Option<f64>,
+    pub label: f64,
+    pub zero_one: Option<f64>,
+    pub brier: Option<f64>,
+    pub log_loss: Option<f64>,
+    pub absolute_error: Option<f64>,
+    pub squared_error: Option<f64>,
+    pub label_delay_ms: i64,
+    pub decided_at: Millis,
+    pub observed_at: Millis,
+    pub source: String,
+}
+
+fn opt_double(v: Option<f64>) -> Value {
+    match v {
+        None => Value::Union(0, Box::new(Value::Null)),
+        Some(x) => Value::Union(1, Box::new(Value::Double(x))),
+    }
+}
+
+impl AvroRecord for ScoredOutcome {
+    const KIND: RecordKind = RecordKind::ScoredOutcome;
+
+    fn to_value(&self) -> Value {
+        record(vec![
+            ("request_id", s(&self.request_id)),
+            ("user_id", s(&self.user_id)),
+            ("deployment", s(&self.deployment)),
+            ("model", s(&self.model)),
+            ("role", s(&self.role)),
+            ("cohort", s(&self.cohort)),
+            ("config_version", Value::Long(self.config_version)),
+            ("status", s(&self.status)),
+            ("score", opt_double(self.score)),
+            ("label", Value::Double(self.label)),
+            ("zero_one", opt_double(self.zero_one)),
+            ("brier", opt_double(self.brier)),
+            ("log_loss", opt_double(self.log_loss)),
+            ("absolute_error", opt_double(self.absolute_error)),
+            ("squared_error", opt_double(self.squared_error)),
+            ("label_delay_ms", Value::Long(self.label_delay_ms)),
+            ("decided_at", Value::TimestampMillis(self.decided_at)),
+            ("observed_at", Value::TimestampMillis(self.observed_at)),
+            ("source", s(&self.source)),
+        ])
+    }
+
+    fn from_value(value: Value) -> Result<Self, DecodeError> {
+        let mut f = Fields::of(value)?;
+        Ok(ScoredOutcome {
+            request_id: f.string("request_id")?,
+            user_id: f.string("user_id")?,
+            deployment: f.string("deployment")?,
+            model: f.string("model")?,
+            role: f.string("role")?,
+            cohort: f.string("cohort")?,
+            config_version: f.long("config_version")?,
+            status: f.string("status")?,
+            score: f.opt_double("score")?,
+            label: f.double("label")?,
+            zero_one: f.opt_double("zero_one")?,
+            brier: f.opt_double("brier")?,
+            log_loss: f.opt_double("log_loss")?,
+            absolute_error: f.opt_double("absolute_error")?,
+            squared_error: f.opt_double("squared_error")?,
+            label_delay_ms: f.long("label_delay_ms")?,
+            decided_at: f.long("decided_at")?,
+            observed_at: f.long("observed_at")?,
+            source: f.string("source")?,
         })
     }
 }

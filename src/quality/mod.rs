@@ -4,8 +4,10 @@
 //! plans build on it (the mean guard is `rollout::guard::MeanGuard`).
 //!
 //! - [`score`]: output bytes → a score (plain number or a JSON field), per deployment.
+//! - [`join`]: outcome labels joined to decisions and shadow answers within a window, scored.
 //! - [`metrics`]: losses of one labelled decision, and quality per model and arm from counts that add
 //!   up across instances (accuracy, Brier, log-loss, AUC, calibration error; MAE, RMSE, bias).
 
+pub mod join;
 pub mod metrics;
 pub mod score;

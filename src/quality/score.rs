@@ -14,6 +14,52 @@ pub enum ScoreFormat {
     JsonField(String),
 }
 
+/// What the models of a deployment predict, and how their outputs are scored against labels.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QualitySpec {
+    #[serde(default)]
+    pub task: Task,
+    #[serde(default)]
+    pub score: ScoreFormat,
+    /// Classification: a score at or above it means positive (for the 0/1 loss and accuracy).
+    #[serde(default = "default_threshold")]
+    pub threshold: f64,
+}
+
+fn default_threshold() -> f64 {
+    0.5
+}
+
+impl Default for QualitySpec {
+    fn default() -> Self {
+        QualitySpec { task: Task::default(), score: ScoreFormat::default(), threshold: default_threshold() }
+    }
+}
+
+impl QualitySpec {
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.threshold > 0.0 && self.threshold < 1.0) {
+            return Err(format!("quality.threshold must be between 0 and 1 (exclusive), got {}", self.threshold));
+        }
+        if matches!(&self.score, ScoreFormat::JsonField(f) if f.is_empty()) {
+            return Err("quality.score.json_field names no field".into());
+        }
+        Ok(())
+    }
+}
+
+/// The kind of prediction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Task {
+    /// The output is the probability of the positive class; labels are 0 or 1.
+    #[default]
+    BinaryClassification,
+    /// The output is a number; labels are numbers.
+    Regression,
+}
+
 /// Why an output gave no score.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ScoreError {

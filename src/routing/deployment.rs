@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::hash::threshold;
+use crate::quality::score::QualitySpec;
 use crate::rollout::evidence::Figures;
 use crate::rollout::plan::{InvalidPlan, Plan};
 
@@ -122,6 +123,10 @@ pub struct DeploymentSpec {
     /// wins over them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<Rule>,
+    /// How outputs are scored against outcome labels (default: binary classification, the output is
+    /// the probability as plain text, threshold 0.5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quality: Option<QualitySpec>,
     /// A rollout plan the controller drives (canary only). A record without one has none: an
     /// operator's own change ends a plan.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -227,6 +232,8 @@ pub enum InvalidDeployment {
     Fallback(usize),
     #[error("rules: at most {MAX_RULES}, each with an attribute name and at least one value (rule {0})")]
     Rule(usize),
+    #[error("{0}")]
+    Quality(String),
     #[error("a plan drives a canary: strategy must be canary, not {0}")]
     PlanStrategy(Strategy),
     #[error("plan: {0}")]
@@ -326,6 +333,9 @@ impl DeploymentSpec {
             if i >= MAX_RULES || rule.attribute.is_empty() || rule.values.is_empty() {
                 return Err(InvalidDeployment::Rule(i + 1));
             }
+        }
+        if let Some(quality) = &self.quality {
+            quality.validate().map_err(InvalidDeployment::Quality)?;
         }
         if let Some(plan) = &self.plan {
             if self.strategy != Strategy::Canary {
@@ -431,6 +441,8 @@ mod tests {
                 r#"{"version":1,"strategy":"canary","control":"m","candidate":"n","rules":[{"attribute":"c","values":[],"side":"candidate"}]}"#,
                 "rules: at most 100",
             ),
+            (r#"{"version":1,"strategy":"single","control":"m","quality":{"threshold":1.5}}"#, "quality.threshold"),
+            (r#"{"version":1,"strategy":"single","control":"m","quality":{"task":"ranking"}}"#, "unknown variant"),
         ];
         for (json, reason) in cases {
             let err = parse(json).expect_err(json).to_string();

@@ -1,0 +1,488 @@
+//! Outcomes joined to decisions (and to shadow answers of the same requests): pure. The stage around it
+//! feeds decisions, shadow comparisons and outcome labels in the order it reads them, calls
+//! [`Join::expire`] as time passes, and writes the effects.
+//!
+//! Rules:
+//! - a decision waits for its label until `decided_at + window`; then it is counted unlabelled (label
+//!   coverage) and forgotten;
+//! - a label whose decision is not open yet waits up to `early_wait_ms` for it (labels can overtake
+//!   their decision by the time merge takes); then it is dead-lettered: no decision was found (not
+//!   decided, or decided longer than the window ago);
+//! - one label per request: a second one within the window is dead-lettered as a duplicate;
+//! - a label that is not a number, or for a classification not 0 or 1, is dead-lettered as malformed;
+//! - the serving answer is scored (status OK only: errors, timeouts and fallbacks have no score, and
+//!   count in coverage), and every shadow answer of the same request too, also one that arrives after
+//!   the label (a labelled request is remembered for the window);
+//! - memory is bounded: past `max_open` the oldest open decisions are evicted (counted).
+
+use std::collections::{HashMap, VecDeque};
+
+use super::metrics::{binary_losses, regression_losses};
+use super::score::{QualitySpec, Task};
+use crate::codec::{Decision, DecisionStatus, Millis, Outcome, ScoredOutcome, ShadowComparison};
+
+#[derive(Debug, Clone, Copy)]
+pub struct JoinConfig {
+    pub window_ms: i64,
+    pub early_wait_ms: i64,
+    pub max_open: usize,
+}
+
+/// What a decision leaves for scoring.
+#[derive(Debug, Clone, PartialEq)]
+struct Decided {
+    user_id: String,
+    deployment: String,
+    model: String,
+    cohort: String,
+    config_version: i64,
+    status: DecisionStatus,
+    output: Option<Vec<u8>>,
+    decided_at: Millis,
+    /// Shadow answers so far: (model, output).
+    shadows: Vec<(String, Option<Vec<u8>>)>,
+}
+
+/// Why a label was not joined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejected {
+    Malformed,
+    Duplicate,
+    NoDecision,
+}
+
+impl Rejected {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rejected::Malformed => "malformed_label",
+            Rejected::Duplicate => "duplicate_label",
+            Rejected::NoDecision => "no_decision",
+        }
+    }
+}
+
+/// What the join did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    Scored(ScoredOutcome),
+    /// A label not joined: dead-letter it with the reason.
+    Rejected {
+        outcome: Outcome,
+        why: Rejected,
+        reason: String,
+    },
+    /// A decision whose window ended without a label.
+    Unlabelled {
+        deployment: String,
+        model: String,
+        cohort: String,
+    },
+    /// An open decision dropped to keep memory bounded.
+    Evicted {
+        deployment: String,
+        model: String,
+        cohort: String,
+    },
+}
+
+#[derive(Debug)]
+pub struct Join {
+    config: JoinConfig,
+    open: HashMap<String, Decided>,
+    /// (expires at, request id), in arrival order; stale entries are skipped.
+    open_order: VecDeque<(Millis, String)>,
+    /// Labelled requests, for duplicates and late shadow answers: the decision and its label.
+    labelled: HashMap<String, (Decided, Outcome)>,
+    labelled_order: VecDeque<(Millis, String)>,
+    early: HashMap<String, Outcome>,
+    early_order: VecDeque<(Millis, String)>,
+}
+
+impl Join {
+    pub fn new(config: JoinConfig) -> Join {
+        Join {
+            config,
+            open: HashMap::new(),
+            open_order: VecDeque::new(),
+            labelled: HashMap::new(),
+            labelled_order: VecDeque::new(),
+            early: HashMap::new(),
+            early_order: VecDeque::new(),
+        }
+    }
+
+    /// Decisions waiting for their label.
+    pub fn open(&self) -> usize {
+        self.open.len()
+    }
+
+    pub fn on_decision(&mut self, d: Decision, spec: &QualitySpec, fx: &mut Vec<Effect>) {
+        if self.open.contains_key(&d.request_id) || self.labelled.contains_key(&d.request_id) {
+            return; // read again (a replay): already known
+        }
+        let id = d.request_id;
+        let decided = Decided {
+            user_id: d.user_id,
+            deployment: d.deployment,
+            model: d.model,
+            cohort: d.cohort,
+            config_version: d.config_version,
+            status: d.status,
+            output: d.output,
+            decided_at: d.decided_at,
+            shadows: Vec::new(),
+        };
+        if let Some(outcome) = self.early.remove(&id) {
+            return self.label(id, decided, outcome, spec, fx);
+        }
+        self.open_order.push_back((decided.decided_at + self.config.window_ms, id.clone()));
+        self.open.insert(id, decided);
+        while self.open.len() > self.config.max_open {
+            let Some((_, oldest)) = self.open_order.pop_front() else { break };
+            if let Some(d) = self.open.remove(&oldest) {
+                fx.push(Effect::Evicted { deployment: d.deployment, model: d.model, cohort: d.cohort });
+            }
+        }
+    }
+
+    pub fn on_shadow(&mut self, c: ShadowComparison, spec: &QualitySpec, fx: &mut Vec<Effect>) {
+        let answer = (c.shadow_model, c.shadow_output);
+        if let Some(d) = self.open.get_mut(&c.request_id) {
+            if !d.shadows.iter().any(|(m, _)| *m == answer.0) {
+                d.shadows.push(answer);
+            }
+        } else if let Some((d, outcome)) = self.labelled.get_mut(&c.request_id) {
+            if !d.shadows.iter().any(|(m, _)| *m == answer.0) {
+                fx.push(Effect::Scored(score(
+                    &c.request_id,
+                    d,
+                    &answer.0,
+                    "shadow",
+                    answer.1.as_deref(),
+                    true,
+                    outcome,
+                    spec,
+                )));
+                d.shadows.push(answer);
+            }
+        }
+    }
+
+    pub fn on_outcome(
+        &mut self,
+        outcome: Outcome,
+        spec_of: impl Fn(&str) -> QualitySpec,
+        now: Millis,
+        fx: &mut Vec<Effect>,
+    ) {
+        let id = outcome.request_id.clone();
+        if self.labelled.contains_key(&id) || self.early.contains_key(&id) {
+            let reason = format!("request {id} already has a label");
+            return fx.push(Effect::Rejected { outcome, why: Rejected::Duplicate, reason });
+        }
+        match self.open.remove(&id) {
+            Some(decided) => {
+                let spec = spec_of(&decided.deployment);
+                if let Some(reason) = malformed(&outcome, &spec) {
+                    self.open.insert(id, decided);
+                    return fx.push(Effect::Rejected { outcome, why: Rejected::Malformed, reason });
+                }
+                self.label(id, decided, outcome, &spec, fx)
+            }
+            None => {
+                if !outcome.label.is_finite() {
+                    let reason = format!("label {} is not a number", outcome.label);
+                    return fx.push(Effect::Rejected { outcome, why: Rejected::Malformed, reason });
+                }
+                self.early_order.push_back((now + self.config.early_wait_ms, id.clone()));
+                self.early.insert(id, outcome);
+            }
+        }
+    }
+
+    fn label(&mut self, id: String, decided: Decided, outcome: Outcome, spec: &QualitySpec, fx: &mut Vec<Effect>) {
+        if let Some(reason) = malformed(&outcome, spec) {
+            return fx.push(Effect::Rejected { outcome, why: Rejected::Malformed, reason });
+        }
+        let served = decided.status == DecisionStatus::Ok;
+        fx.push(Effect::Scored(score(
+            &id,
+            &decided,
+            &decided.model,
+            "serving",
+            decided.output.as_deref(),
+            served,
+            &outcome,
+            spec,
+        )));
+        for (model, output) in &decided.shadows {
+            fx.push(Effect::Scored(score(&id, &decided, model, "shadow", output.as_deref(), true, &outcome, spec)));
+        }
+        self.labelled_order.push_back((decided.decided_at + self.config.window_ms, id.clone()));
+        // Kept for duplicates and late shadow answers: the serving output is no longer needed.
+        let decided = Decided { output: None, ..decided };
+        self.labelled.insert(id, (decided, outcome));
+    }
+
+    /// Ends what is past its time at `now`: decisions past their window (unlabelled), labels that
+    /// waited for their decision in vain, labelled requests past their window (forgotten).
+    pub fn expire(&mut self, now: Millis, fx: &mut Vec<Effect>) {
+        while let Some((at, id)) = self.open_order.front().cloned() {
+            if at > now {
+                break;
+            }
+            self.open_order.pop_front();
+            if let Some(d) = self.open.remove(&id).filter(|d| d.decided_at + self.config.window_ms == at) {
+                fx.push(Effect::Unlabelled { deployment: d.deployment, model: d.model, cohort: d.cohort });
+            }
+        }
+        while let Some((at, id)) = self.early_order.front().cloned() {
+            if at > now {
+                break;
+            }
+            self.early_order.pop_front();
+            if let Some(outcome) = self.early.remove(&id) {
+                let reason = format!(
+                    "no decision for request {id} within {} ms of its label: not decided, or decided more than the window ago",
+                    self.config.early_wait_ms
+                );
+                fx.push(Effect::Rejected { outcome, why: Rejected::NoDecision, reason });
+            }
+        }
+        while let Some((at, id)) = self.labelled_order.front().cloned() {
+            if at > now {
+                break;
+            }
+            self.labelled_order.pop_front();
+            self.labelled.remove(&id);
+        }
+    }
+}
+
+/// Why a label cannot be scored under `spec`, if it cannot.
+fn malformed(outcome: &Outcome, spec: &QualitySpec) -> Option<String> {
+    let label = outcome.label;
+    match spec.task {
+        _ if !label.is_finite() => Some(format!("label {label} is not a number")),
+        Task::BinaryClassification if label != 0.0 && label != 1.0 => {
+            Some(format!("label {label} is neither 0 nor 1 (binary classification)"))
+        }
+        _ => None,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn score(
+    request_id: &str,
+    d: &Decided,
+    model: &str,
+    role: &str,
+    output: Option<&[u8]>,
+    answered: bool,
+    outcome: &Outcome,
+    spec: &QualitySpec,
+) -> ScoredOutcome {
+    let value = output.filter(|_| answered).and_then(|o| match spec.task {
+        Task::BinaryClassification => spec.score.probability(o).ok(),
+        Task::Regression => spec.score.score(o).ok(),
+    });
+    let (mut zero_one, mut brier, mut log_loss, mut absolute_error, mut squared_error) = (None, None, None, None, None);
+    if let Some(v) = value {
+        match spec.task {
+            Task::BinaryClassification => {
+                let l = binary_losses(v, outcome.label == 1.0, spec.threshold);
+                (zero_one, brier, log_loss) = (Some(l.zero_one), Some(l.brier), Some(l.log_loss));
+            }
+            Task::Regression => {
+                let l = regression_losses(v, outcome.label);
+                (absolute_error, squared_error) = (Some(l.absolute), Some(l.squared));
+            }
+        }
+    }
+    let status = match (role, output) {
+        ("serving", _) => d.status.as_str().to_string(),
+        (_, Some(_)) => "OK".to_string(),
+        (_, None) => "MODEL_ERROR".to_string(),
+    };
+    ScoredOutcome {
+        request_id: request_id.to_string(),
+        user_id: d.user_id.clone(),
+        deployment: d.deployment.clone(),
+        model: model.to_string(),
+        role: role.to_string(),
+        cohort: d.cohort.clone(),
+        config_version: d.config_version,
+        status,
+        score: value,
+        label: outcome.label,
+        zero_one,
+        brier,
+        log_loss,
+        absolute_error,
+        squared_error,
+        label_delay_ms: outcome.observed_at - d.decided_at,
+        decided_at: d.decided_at,
+        observed_at: outcome.observed_at,
+        source: outcome.source.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quality::score::ScoreFormat;
+
+    const CONFIG: JoinConfig = JoinConfig { window_ms: 60_000, early_wait_ms: 5_000, max_open: 1000 };
+
+    fn decision(id: &str, status: DecisionStatus, output: Option<&str>, at: Millis) -> Decision {
+        Decision {
+            request_id: id.into(),
+            user_id: format!("user-of-{id}"),
+            deployment: "fraud".into(),
+            model: "v2".into(),
+            strategy: "canary".into(),
+            cohort: "candidate".into(),
+            bucket: 7,
+            config_version: 3,
+            status,
+            output: output.map(|o| o.as_bytes().to_vec()),
+            error: None,
+            latency_ms: 10,
+            decided_at: at,
+        }
+    }
+
+    fn label(id: &str, label: f64, at: Millis) -> Outcome {
+        Outcome {
+            request_id: id.into(),
+            user_id: format!("user-of-{id}"),
+            label,
+            observed_at: at,
+            source: "test".into(),
+        }
+    }
+
+    fn shadow(id: &str, model: &str, output: &str) -> ShadowComparison {
+        ShadowComparison {
+            request_id: id.into(),
+            deployment: "fraud".into(),
+            serving_model: "v2".into(),
+            serving_output: None,
+            shadow_model: model.into(),
+            shadow_output: Some(output.as_bytes().to_vec()),
+            agreed: false,
+            serving_latency_ms: None,
+            shadow_latency_ms: 5,
+            compared_at: 0,
+        }
+    }
+
+    fn binary() -> QualitySpec {
+        QualitySpec::default()
+    }
+
+    fn scored(fx: &[Effect]) -> Vec<&ScoredOutcome> {
+        fx.iter().filter_map(|e| if let Effect::Scored(s) = e { Some(s) } else { None }).collect()
+    }
+
+    #[test]
+    fn labels_before_with_and_after_their_decision_are_scored_once() {
+        let mut join = Join::new(CONFIG);
+        let mut fx = Vec::new();
+        // After: the usual case, with a shadow answer of the same request.
+        join.on_decision(decision("a", DecisionStatus::Ok, Some("0.9"), 1_000), &binary(), &mut fx);
+        join.on_shadow(shadow("a", "v3", "0.2"), &binary(), &mut fx);
+        join.on_outcome(label("a", 1.0, 9_000), |_| binary(), 9_000, &mut fx);
+        // Before: the label waits for its decision.
+        join.on_outcome(label("b", 0.0, 2_000), |_| binary(), 2_000, &mut fx);
+        assert_eq!(scored(&fx).len(), 2);
+        join.on_decision(decision("b", DecisionStatus::Ok, Some("0.7"), 2_500), &binary(), &mut fx);
+        let all = scored(&fx);
+        assert_eq!(all.len(), 3);
+        let (a, a3, b) = (all[0], all[1], all[2]);
+        assert_eq!((a.role.as_str(), a.score, a.zero_one, a.label_delay_ms), ("serving", Some(0.9), Some(0.0), 8_000));
+        assert!((a.brier.unwrap() - 0.01).abs() < 1e-12);
+        assert_eq!(
+            (a3.model.as_str(), a3.role.as_str(), a3.zero_one),
+            ("v3", "shadow", Some(1.0)),
+            "the shadow scored on the same label"
+        );
+        assert_eq!((b.request_id.as_str(), b.zero_one), ("b", Some(1.0)), "0.7 says positive; the truth was 0");
+        // A shadow answer after the label is still scored; the duplicate label is refused.
+        fx.clear();
+        join.on_shadow(shadow("a", "v4", "0.95"), &binary(), &mut fx);
+        join.on_outcome(label("a", 1.0, 9_500), |_| binary(), 9_500, &mut fx);
+        assert_eq!(scored(&fx)[0].model, "v4");
+        assert!(matches!(&fx[1], Effect::Rejected { why: Rejected::Duplicate, .. }), "{fx:?}");
+    }
+
+    #[test]
+    fn windows_end_decisions_and_waiting_labels_with_a_count_or_a_reason() {
+        let mut join = Join::new(CONFIG);
+        let mut fx = Vec::new();
+        join.on_decision(decision("old", DecisionStatus::Ok, Some("0.4"), 0), &binary(), &mut fx);
+        join.on_outcome(label("never", 1.0, 1_000), |_| binary(), 1_000, &mut fx);
+        join.expire(5_999, &mut fx);
+        assert!(fx.is_empty());
+        join.expire(6_000, &mut fx);
+        assert!(
+            matches!(&fx[0], Effect::Rejected { why: Rejected::NoDecision, reason, .. } if reason.contains("never"))
+        );
+        join.expire(60_000, &mut fx);
+        assert!(matches!(&fx[1], Effect::Unlabelled { model, cohort, .. } if model == "v2" && cohort == "candidate"));
+        assert_eq!(join.open(), 0);
+        fx.clear();
+        join.on_outcome(label("old", 1.0, 70_000), |_| binary(), 70_000, &mut fx);
+        join.expire(75_000, &mut fx);
+        assert!(matches!(&fx[0], Effect::Rejected { why: Rejected::NoDecision, .. }), "past the window: not found");
+    }
+
+    #[test]
+    fn malformed_labels_are_refused_and_the_decision_keeps_waiting() {
+        let mut join = Join::new(CONFIG);
+        let mut fx = Vec::new();
+        join.on_decision(decision("a", DecisionStatus::Ok, Some("0.9"), 0), &binary(), &mut fx);
+        join.on_outcome(label("a", 0.5, 10), |_| binary(), 10, &mut fx);
+        join.on_outcome(label("z", f64::NAN, 10), |_| binary(), 10, &mut fx);
+        assert!(
+            matches!(&fx[0], Effect::Rejected { why: Rejected::Malformed, reason, .. } if reason.contains("neither 0 nor 1"))
+        );
+        assert!(matches!(&fx[1], Effect::Rejected { why: Rejected::Malformed, .. }));
+        join.on_outcome(label("a", 1.0, 20), |_| binary(), 20, &mut fx);
+        assert_eq!(scored(&fx).len(), 1, "the good label after the bad one is joined");
+    }
+
+    #[test]
+    fn errors_and_timeouts_have_no_score_and_regression_has_its_losses() {
+        let mut join = Join::new(CONFIG);
+        let mut fx = Vec::new();
+        join.on_decision(decision("t", DecisionStatus::Timeout, None, 0), &binary(), &mut fx);
+        join.on_decision(decision("f", DecisionStatus::Fallback, Some("0.0"), 0), &binary(), &mut fx);
+        join.on_outcome(label("t", 1.0, 5), |_| binary(), 5, &mut fx);
+        join.on_outcome(label("f", 1.0, 5), |_| binary(), 5, &mut fx);
+        let all = scored(&fx);
+        assert!(all.iter().all(|s| s.score.is_none() && s.zero_one.is_none()), "{all:?}");
+        assert_eq!((all[0].status.as_str(), all[1].status.as_str()), ("TIMEOUT", "FALLBACK"));
+        let regression =
+            QualitySpec { task: Task::Regression, score: ScoreFormat::JsonField("eta".into()), threshold: 0.5 };
+        fx.clear();
+        join.on_decision(decision("r", DecisionStatus::Ok, Some(r#"{"eta":12.5}"#), 0), &regression, &mut fx);
+        join.on_outcome(label("r", 10.0, 5), |_| regression.clone(), 5, &mut fx);
+        let r = scored(&fx)[0];
+        assert_eq!((r.absolute_error, r.squared_error, r.zero_one), (Some(2.5), Some(6.25), None));
+    }
+
+    #[test]
+    fn memory_is_bounded_by_evicting_the_oldest() {
+        let mut join = Join::new(JoinConfig { max_open: 2, ..CONFIG });
+        let mut fx = Vec::new();
+        for (i, id) in ["a", "b", "c"].into_iter().enumerate() {
+            join.on_decision(decision(id, DecisionStatus::Ok, Some("0.5"), i as i64), &binary(), &mut fx);
+        }
+        assert_eq!(join.open(), 2);
+        assert!(matches!(&fx[0], Effect::Evicted { .. }));
+        join.on_outcome(label("a", 1.0, 10), |_| binary(), 10, &mut fx);
+        join.on_outcome(label("c", 1.0, 10), |_| binary(), 10, &mut fx);
+        assert_eq!(scored(&fx).len(), 1, "the evicted decision is not scored");
+    }
+}
