@@ -13,7 +13,7 @@ use crate::rollout::plan::{Plan, PlanState};
 use crate::routing::{DeploymentSpec, Rule, Side, Strategy};
 use crate::service::{self, Roles};
 use crate::shutdown::{self, ShutdownTrigger};
-use crate::tools::{demo_model::DemoModel, loadgen::Loadgen, watch::Watch};
+use crate::tools::{demo_model::DemoModel, labeller::Labeller, loadgen::Loadgen, watch::Watch};
 use crate::{kafka, rollout};
 
 #[derive(Debug, Parser)]
@@ -88,6 +88,18 @@ pub enum Command {
         /// Percentage of payloads on which this model's answer departs from the common one.
         #[arg(long, default_value_t = 10.0)]
         disagree_percent: f64,
+        /// Answer probabilities that are right (against the labeller's truth) on this share, 0..1.
+        #[arg(long)]
+        accuracy: Option<f64>,
+    },
+    /// The demo's source of truth: writes each request's outcome label after a delay.
+    Labeller {
+        /// How long after a request was sent its label is written.
+        #[arg(long, default_value_t = 2000)]
+        delay_ms: u64,
+        /// Share of requests that get a label, 0..1.
+        #[arg(long, default_value_t = 1.0)]
+        coverage: f64,
     },
     /// Produce Avro requests.
     Loadgen {
@@ -316,16 +328,29 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::CreateTopics => service::ensure_core_topics(&config).await,
-        Command::DemoModel { model, latency_ms, error_rate, disagree_percent } => {
+        Command::DemoModel { model, latency_ms, error_rate, disagree_percent, accuracy } => {
             if !crate::routing::deployment::is_valid_name(&model) {
                 return Err(Error::Usage(format!("model name {model:?} must be 1-200 characters of [A-Za-z0-9._-]")));
             }
-            if !(0.0..=1.0).contains(&error_rate) || !(0.0..=100.0).contains(&disagree_percent) {
-                return Err(Error::Usage("--error-rate takes 0..1 and --disagree-percent 0..100".into()));
+            if !(0.0..=1.0).contains(&error_rate)
+                || !(0.0..=100.0).contains(&disagree_percent)
+                || accuracy.is_some_and(|a| !(0.0..=1.0).contains(&a))
+            {
+                return Err(Error::Usage(
+                    "--error-rate and --accuracy take 0..1, --disagree-percent takes 0..100".into(),
+                ));
             }
             shutdown::on_signals(trigger);
-            let worker = DemoModel { model, latency: Duration::from_millis(latency_ms), error_rate, disagree_percent };
+            let worker =
+                DemoModel { model, latency: Duration::from_millis(latency_ms), error_rate, disagree_percent, accuracy };
             worker.run(config, codec, shutdown).await
+        }
+        Command::Labeller { delay_ms, coverage } => {
+            if !(0.0..=1.0).contains(&coverage) {
+                return Err(Error::Usage("--coverage takes 0..1".into()));
+            }
+            shutdown::on_signals(trigger);
+            Labeller { delay: Duration::from_millis(delay_ms), coverage }.run(config, codec, shutdown).await
         }
         Command::Loadgen { deployment, rate, count, users, run_id } => {
             if rate == 0 || users == 0 {

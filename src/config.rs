@@ -71,6 +71,8 @@ pub struct Topics {
     pub forwarded_predictions: String,
     pub decisions: String,
     pub shadow_comparisons: String,
+    pub outcomes: String,
+    pub scored_outcomes: String,
     pub dead_letter: String,
     pub model_requests: String,
     pub model_predictions: String,

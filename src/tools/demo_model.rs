@@ -26,6 +26,28 @@ pub struct DemoModel {
     pub error_rate: f64,
     /// Percentage (0..=100) of payloads on which this model departs from the shared base answer.
     pub disagree_percent: f64,
+    /// With it, the answer is a probability that is on the right side of 0.5 for this share (0..=1) of
+    /// payloads, judged against [`truth`] (what `switchyard labeller` reports); `disagree_percent` is
+    /// then unused.
+    pub accuracy: Option<f64>,
+}
+
+/// Share of payloads whose truth is positive.
+const POSITIVE_RATE: f64 = 0.3;
+
+/// The truth about a payload: what really happened, as the demo labeller reports it.
+pub fn truth(payload: &[u8]) -> bool {
+    unit(murmur3_x86_32(&[payload, b":truth"].concat(), 0)) < POSITIVE_RATE
+}
+
+/// A probability from a model that is right (on the truth's side of 0.5) on `accuracy` of payloads.
+pub fn scored_output(model: &str, payload: &[u8], accuracy: f64) -> Vec<u8> {
+    let hash = |what: &str| unit(murmur3_x86_32(&[model.as_bytes(), what.as_bytes(), payload].concat(), 0));
+    let right = hash(":right:") < accuracy;
+    let says_positive = truth(payload) == right;
+    let u = hash(":score:") * 0.4999;
+    let score = if says_positive { 0.5 + u } else { u };
+    format!("{score:.4}").into_bytes()
 }
 
 fn unit(hash: u32) -> f64 {
@@ -61,7 +83,10 @@ impl DemoModel {
         Prediction {
             request_id: request.request.request_id.clone(),
             model: self.model.clone(),
-            output: Some(output(&self.model, &request.request.payload, self.disagree_percent)),
+            output: Some(match self.accuracy {
+                Some(accuracy) => scored_output(&self.model, &request.request.payload, accuracy),
+                None => output(&self.model, &request.request.payload, self.disagree_percent),
+            }),
             error: None,
             produced_at,
         }
@@ -132,6 +157,27 @@ mod tests {
             .filter(|i| output("v1", format!("{i}").as_bytes(), 0.0) != output("v3", format!("{i}").as_bytes(), 10.0))
             .count();
         assert!((800..1200).contains(&some), "{some}");
+    }
+
+    #[test]
+    fn accuracy_is_measured_against_the_truth() {
+        let n = 20_000;
+        let right = |accuracy: f64| {
+            (0..n)
+                .filter(|i| {
+                    let payload = format!("payload-{i}");
+                    let score: f64 =
+                        String::from_utf8(scored_output("m", payload.as_bytes(), accuracy)).unwrap().parse().unwrap();
+                    assert!((0.0..1.0).contains(&score));
+                    (score >= 0.5) == truth(payload.as_bytes())
+                })
+                .count() as f64
+                / n as f64
+        };
+        assert!((right(0.9) - 0.9).abs() < 0.01, "{}", right(0.9));
+        assert!((right(0.85) - 0.85).abs() < 0.01, "{}", right(0.85));
+        let positives = (0..n).filter(|i| truth(format!("payload-{i}").as_bytes())).count() as f64 / n as f64;
+        assert!((positives - POSITIVE_RATE).abs() < 0.01, "{positives}");
     }
 
     #[test]

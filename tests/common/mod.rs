@@ -102,6 +102,8 @@ impl Env {
             ("SWITCHYARD__TOPICS__FORWARDED_PREDICTIONS".into(), format!("{prefix}.forwarded")),
             ("SWITCHYARD__TOPICS__DECISIONS".into(), format!("{prefix}.decisions")),
             ("SWITCHYARD__TOPICS__SHADOW_COMPARISONS".into(), format!("{prefix}.shadow")),
+            ("SWITCHYARD__TOPICS__OUTCOMES".into(), format!("{prefix}.outcomes")),
+            ("SWITCHYARD__TOPICS__SCORED_OUTCOMES".into(), format!("{prefix}.scored")),
             ("SWITCHYARD__TOPICS__DEAD_LETTER".into(), format!("{prefix}.dlq")),
             ("SWITCHYARD__TOPICS__MODEL_REQUESTS".into(), format!("{prefix}.model.{{model}}.requests")),
             ("SWITCHYARD__TOPICS__MODEL_PREDICTIONS".into(), format!("{prefix}.model.{{model}}.predictions")),
@@ -133,8 +135,13 @@ impl Env {
 
     /// Starts a demo model worker.
     pub fn start_model(&mut self, model: &str, latency_ms: u64, error_rate: f64, disagree_percent: f64) {
-        let worker =
-            DemoModel { model: model.into(), latency: Duration::from_millis(latency_ms), error_rate, disagree_percent };
+        let worker = DemoModel {
+            model: model.into(),
+            latency: Duration::from_millis(latency_ms),
+            error_rate,
+            disagree_percent,
+            accuracy: None,
+        };
         let (config, codec, shutdown) = (self.config.clone(), self.codec.clone(), self.shutdown.clone());
         self.tasks.push(tokio::spawn(async move {
             worker.run(config, codec, shutdown).await.expect("demo model runs");
