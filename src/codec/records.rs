@@ -60,7 +60,7 @@ pub struct Prediction {
 }
 
 /// How a decision came about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum DecisionStatus {
     Ok,
     ModelError,
@@ -451,7 +451,7 @@ impl AvroRecord for Decision {
 }
 
 /// What happened after a request: its label (`schemas/Outcome.avsc`).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Outcome {
     pub request_id: String,
     pub user_id: String,

@@ -55,7 +55,7 @@ fn consumer_error(error: KafkaError) -> Result<(), KafkaError> {
 }
 
 /// Where a record came from.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct SourcePos {
     pub topic: String,
     pub partition: i32,

@@ -13,13 +13,19 @@
 //! - the serving answer is scored (status OK only: errors, timeouts and fallbacks have no score, and
 //!   count in coverage), and every shadow answer of the same request too, also one that arrives after
 //!   the label (a labelled request is remembered for the window);
-//! - memory is bounded: past `max_open` the oldest open decisions are evicted (counted).
+//! - memory is bounded: past `max_open` the oldest open decisions are evicted (counted);
+//! - every change of a request's state is an [`Effect::State`] for the changelog (the last one per
+//!   request is its state; `None` forgets it), from which [`Join::restore`] rebuilds the join after a
+//!   restart or rebalance without reading the inputs again.
 
 use std::collections::{HashMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
 
 use super::metrics::{binary_losses, regression_losses};
 use super::score::{QualitySpec, Task};
 use crate::codec::{Decision, DecisionStatus, Millis, Outcome, ScoredOutcome, ShadowComparison};
+use crate::kafka::SourcePos;
 
 #[derive(Debug, Clone, Copy)]
 pub struct JoinConfig {
@@ -29,8 +35,10 @@ pub struct JoinConfig {
 }
 
 /// What a decision leaves for scoring.
-#[derive(Debug, Clone, PartialEq)]
-struct Decided {
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Decided {
+    /// The partition of its decision: where its changelog records go.
+    partition: i32,
     user_id: String,
     deployment: String,
     model: String,
@@ -41,6 +49,18 @@ struct Decided {
     decided_at: Millis,
     /// Shadow answers so far: (model, output).
     shadows: Vec<(String, Option<Vec<u8>>)>,
+}
+
+/// A request's state, as the changelog keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Entry {
+    /// Decided, waiting for its label.
+    Open(Decided),
+    /// Labelled: remembered for duplicates and late shadow answers until its window ends.
+    Labelled(Decided, Outcome),
+    /// A label waiting for its decision, and where it was read.
+    Early(Outcome, SourcePos),
 }
 
 /// Why a label was not joined.
@@ -65,9 +85,10 @@ impl Rejected {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
     Scored(ScoredOutcome),
-    /// A label not joined: dead-letter it with the reason.
+    /// A label not joined: dead-letter it with the reason. `source` is where it was read.
     Rejected {
         outcome: Outcome,
+        source: SourcePos,
         why: Rejected,
         reason: String,
     },
@@ -83,6 +104,12 @@ pub enum Effect {
         model: String,
         cohort: String,
     },
+    /// The request's state changed: the changelog record (on `partition`) that keeps it; None forgets it.
+    State {
+        request_id: String,
+        partition: i32,
+        entry: Option<Entry>,
+    },
 }
 
 #[derive(Debug)]
@@ -94,8 +121,12 @@ pub struct Join {
     /// Labelled requests, for duplicates and late shadow answers: the decision and its label.
     labelled: HashMap<String, (Decided, Outcome)>,
     labelled_order: VecDeque<(Millis, String)>,
-    early: HashMap<String, Outcome>,
+    early: HashMap<String, (Outcome, SourcePos)>,
     early_order: VecDeque<(Millis, String)>,
+}
+
+fn state(fx: &mut Vec<Effect>, request_id: &str, partition: i32, entry: Option<Entry>) {
+    fx.push(Effect::State { request_id: request_id.to_string(), partition, entry });
 }
 
 impl Join {
@@ -116,12 +147,55 @@ impl Join {
         self.open.len()
     }
 
-    pub fn on_decision(&mut self, d: Decision, spec: &QualitySpec, fx: &mut Vec<Effect>) {
+    /// Rebuilds the join from changelog records (request id, entry), read in changelog order: the last
+    /// record of a request wins. `arrived` stands for when early labels arrived (their wait restarts).
+    pub fn restore(
+        config: JoinConfig,
+        records: impl IntoIterator<Item = (String, Option<Entry>)>,
+        arrived: Millis,
+    ) -> Join {
+        let mut last: HashMap<String, Option<Entry>> = HashMap::new();
+        for (id, entry) in records {
+            last.insert(id, entry);
+        }
+        let mut join = Join::new(config);
+        let mut opens = Vec::new();
+        let mut labels = Vec::new();
+        let mut earlies = Vec::new();
+        for (id, entry) in last {
+            match entry {
+                Some(Entry::Open(d)) => {
+                    opens.push((d.decided_at + config.window_ms, id.clone()));
+                    join.open.insert(id, d);
+                }
+                Some(Entry::Labelled(d, o)) => {
+                    labels.push((d.decided_at + config.window_ms, id.clone()));
+                    join.labelled.insert(id, (d, o));
+                }
+                Some(Entry::Early(o, source)) => {
+                    earlies.push((arrived + config.early_wait_ms, id.clone()));
+                    join.early.insert(id, (o, source));
+                }
+                None => {}
+            }
+        }
+        for list in [&mut opens, &mut labels, &mut earlies] {
+            list.sort_unstable();
+        }
+        join.open_order = opens.into();
+        join.labelled_order = labels.into();
+        join.early_order = earlies.into();
+        join
+    }
+
+    /// A decision read at `partition`.
+    pub fn on_decision(&mut self, d: Decision, partition: i32, spec: &QualitySpec, fx: &mut Vec<Effect>) {
         if self.open.contains_key(&d.request_id) || self.labelled.contains_key(&d.request_id) {
             return; // read again (a replay): already known
         }
         let id = d.request_id;
         let decided = Decided {
+            partition,
             user_id: d.user_id,
             deployment: d.deployment,
             model: d.model,
@@ -132,14 +206,19 @@ impl Join {
             decided_at: d.decided_at,
             shadows: Vec::new(),
         };
-        if let Some(outcome) = self.early.remove(&id) {
+        if let Some((outcome, source)) = self.early.remove(&id) {
+            if source.partition != partition {
+                state(fx, &id, source.partition, None);
+            }
             return self.label(id, decided, outcome, spec, fx);
         }
         self.open_order.push_back((decided.decided_at + self.config.window_ms, id.clone()));
+        state(fx, &id, partition, Some(Entry::Open(decided.clone())));
         self.open.insert(id, decided);
         while self.open.len() > self.config.max_open {
             let Some((_, oldest)) = self.open_order.pop_front() else { break };
             if let Some(d) = self.open.remove(&oldest) {
+                state(fx, &oldest, d.partition, None);
                 fx.push(Effect::Evicted { deployment: d.deployment, model: d.model, cohort: d.cohort });
             }
         }
@@ -150,6 +229,7 @@ impl Join {
         if let Some(d) = self.open.get_mut(&c.request_id) {
             if !d.shadows.iter().any(|(m, _)| *m == answer.0) {
                 d.shadows.push(answer);
+                state(fx, &c.request_id, d.partition, Some(Entry::Open(d.clone())));
             }
         } else if let Some((d, outcome)) = self.labelled.get_mut(&c.request_id) {
             if !d.shadows.iter().any(|(m, _)| *m == answer.0) {
@@ -164,13 +244,16 @@ impl Join {
                     spec,
                 )));
                 d.shadows.push(answer);
+                state(fx, &c.request_id, d.partition, Some(Entry::Labelled(d.clone(), outcome.clone())));
             }
         }
     }
 
+    /// A label read at `source`; `spec_of` gives a deployment's quality spec.
     pub fn on_outcome(
         &mut self,
         outcome: Outcome,
+        source: SourcePos,
         spec_of: impl Fn(&str) -> QualitySpec,
         now: Millis,
         fx: &mut Vec<Effect>,
@@ -178,31 +261,37 @@ impl Join {
         let id = outcome.request_id.clone();
         if self.labelled.contains_key(&id) || self.early.contains_key(&id) {
             let reason = format!("request {id} already has a label");
-            return fx.push(Effect::Rejected { outcome, why: Rejected::Duplicate, reason });
+            return fx.push(Effect::Rejected { outcome, source, why: Rejected::Duplicate, reason });
         }
         match self.open.remove(&id) {
             Some(decided) => {
                 let spec = spec_of(&decided.deployment);
                 if let Some(reason) = malformed(&outcome, &spec) {
                     self.open.insert(id, decided);
-                    return fx.push(Effect::Rejected { outcome, why: Rejected::Malformed, reason });
+                    return fx.push(Effect::Rejected { outcome, source, why: Rejected::Malformed, reason });
                 }
                 self.label(id, decided, outcome, &spec, fx)
             }
             None => {
                 if !outcome.label.is_finite() {
                     let reason = format!("label {} is not a number", outcome.label);
-                    return fx.push(Effect::Rejected { outcome, why: Rejected::Malformed, reason });
+                    return fx.push(Effect::Rejected { outcome, source, why: Rejected::Malformed, reason });
                 }
                 self.early_order.push_back((now + self.config.early_wait_ms, id.clone()));
-                self.early.insert(id, outcome);
+                state(fx, &id, source.partition, Some(Entry::Early(outcome.clone(), source.clone())));
+                self.early.insert(id, (outcome, source));
             }
         }
     }
 
     fn label(&mut self, id: String, decided: Decided, outcome: Outcome, spec: &QualitySpec, fx: &mut Vec<Effect>) {
         if let Some(reason) = malformed(&outcome, spec) {
-            return fx.push(Effect::Rejected { outcome, why: Rejected::Malformed, reason });
+            // Only labels that waited for their decision get here: the deployment's task decides.
+            let source = SourcePos { topic: String::new(), partition: decided.partition, offset: -1 };
+            state(fx, &id, decided.partition, Some(Entry::Open(decided.clone())));
+            self.open_order.push_back((decided.decided_at + self.config.window_ms, id.clone()));
+            self.open.insert(id, decided);
+            return fx.push(Effect::Rejected { outcome, source, why: Rejected::Malformed, reason });
         }
         let served = decided.status == DecisionStatus::Ok;
         fx.push(Effect::Scored(score(
@@ -221,6 +310,7 @@ impl Join {
         self.labelled_order.push_back((decided.decided_at + self.config.window_ms, id.clone()));
         // Kept for duplicates and late shadow answers: the serving output is no longer needed.
         let decided = Decided { output: None, ..decided };
+        state(fx, &id, decided.partition, Some(Entry::Labelled(decided.clone(), outcome.clone())));
         self.labelled.insert(id, (decided, outcome));
     }
 
@@ -232,7 +322,12 @@ impl Join {
                 break;
             }
             self.open_order.pop_front();
-            if let Some(d) = self.open.remove(&id).filter(|d| d.decided_at + self.config.window_ms == at) {
+            if let Some(d) = self.open.remove(&id) {
+                if d.decided_at + self.config.window_ms != at {
+                    self.open.insert(id, d); // a stale order entry
+                    continue;
+                }
+                state(fx, &id, d.partition, None);
                 fx.push(Effect::Unlabelled { deployment: d.deployment, model: d.model, cohort: d.cohort });
             }
         }
@@ -241,12 +336,13 @@ impl Join {
                 break;
             }
             self.early_order.pop_front();
-            if let Some(outcome) = self.early.remove(&id) {
+            if let Some((outcome, source)) = self.early.remove(&id) {
+                state(fx, &id, source.partition, None);
                 let reason = format!(
                     "no decision for request {id} within {} ms of its label: not decided, or decided more than the window ago",
                     self.config.early_wait_ms
                 );
-                fx.push(Effect::Rejected { outcome, why: Rejected::NoDecision, reason });
+                fx.push(Effect::Rejected { outcome, source, why: Rejected::NoDecision, reason });
             }
         }
         while let Some((at, id)) = self.labelled_order.front().cloned() {
@@ -254,7 +350,9 @@ impl Join {
                 break;
             }
             self.labelled_order.pop_front();
-            self.labelled.remove(&id);
+            if let Some((d, _)) = self.labelled.remove(&id) {
+                state(fx, &id, d.partition, None);
+            }
         }
     }
 }
@@ -377,6 +475,10 @@ mod tests {
         }
     }
 
+    fn src() -> SourcePos {
+        SourcePos { topic: "outcomes".into(), partition: 0, offset: 1 }
+    }
+
     fn binary() -> QualitySpec {
         QualitySpec::default()
     }
@@ -385,18 +487,60 @@ mod tests {
         fx.iter().filter_map(|e| if let Effect::Scored(s) = e { Some(s) } else { None }).collect()
     }
 
+    /// The effects without changelog records.
+    fn visible(fx: &[Effect]) -> Vec<&Effect> {
+        fx.iter().filter(|e| !matches!(e, Effect::State { .. })).collect()
+    }
+
+    #[test]
+    fn the_changelog_rebuilds_the_same_join() {
+        let mut join = Join::new(CONFIG);
+        let mut fx = Vec::new();
+        join.on_decision(decision("open", DecisionStatus::Ok, Some("0.9"), 1_000), 2, &binary(), &mut fx);
+        join.on_shadow(shadow("open", "v3", "0.1"), &binary(), &mut fx);
+        join.on_decision(decision("done", DecisionStatus::Ok, Some("0.2"), 1_000), 1, &binary(), &mut fx);
+        join.on_outcome(label("done", 0.0, 2_000), src(), |_| binary(), 2_000, &mut fx);
+        join.on_outcome(label("early", 1.0, 2_000), src(), |_| binary(), 2_000, &mut fx);
+        let records: Vec<(String, Option<Entry>)> = fx
+            .iter()
+            .filter_map(|e| match e {
+                Effect::State { request_id, entry, .. } => Some((request_id.clone(), entry.clone())),
+                _ => None,
+            })
+            .collect();
+        let partitions: Vec<i32> = fx
+            .iter()
+            .filter_map(|e| if let Effect::State { partition, .. } = e { Some(*partition) } else { None })
+            .collect();
+        assert_eq!(partitions, [2, 2, 1, 1, 0], "each state goes to its request's partition");
+        // Through JSON, as the changelog carries it.
+        let records: Vec<(String, Option<Entry>)> = records
+            .into_iter()
+            .map(|(id, e)| (id, e.map(|e| serde_json::from_str(&serde_json::to_string(&e).unwrap()).unwrap())))
+            .collect();
+        let mut restored = Join::restore(CONFIG, records, 2_000);
+        assert_eq!((restored.open.len(), restored.labelled.len(), restored.early.len()), (1, 1, 1));
+        fx.clear();
+        restored.on_outcome(label("open", 1.0, 3_000), src(), |_| binary(), 3_000, &mut fx);
+        restored.on_outcome(label("done", 0.0, 3_000), src(), |_| binary(), 3_000, &mut fx);
+        restored.on_decision(decision("early", DecisionStatus::Ok, Some("0.8"), 2_500), 0, &binary(), &mut fx);
+        let models: Vec<&str> = scored(&fx).iter().map(|s| s.model.as_str()).collect();
+        assert_eq!(models, ["v2", "v3", "v2"], "the open request and its shadow, then the early label's decision");
+        assert!(visible(&fx).iter().any(|e| matches!(e, Effect::Rejected { why: Rejected::Duplicate, .. })));
+    }
+
     #[test]
     fn labels_before_with_and_after_their_decision_are_scored_once() {
         let mut join = Join::new(CONFIG);
         let mut fx = Vec::new();
         // After: the usual case, with a shadow answer of the same request.
-        join.on_decision(decision("a", DecisionStatus::Ok, Some("0.9"), 1_000), &binary(), &mut fx);
+        join.on_decision(decision("a", DecisionStatus::Ok, Some("0.9"), 1_000), 0, &binary(), &mut fx);
         join.on_shadow(shadow("a", "v3", "0.2"), &binary(), &mut fx);
-        join.on_outcome(label("a", 1.0, 9_000), |_| binary(), 9_000, &mut fx);
+        join.on_outcome(label("a", 1.0, 9_000), src(), |_| binary(), 9_000, &mut fx);
         // Before: the label waits for its decision.
-        join.on_outcome(label("b", 0.0, 2_000), |_| binary(), 2_000, &mut fx);
+        join.on_outcome(label("b", 0.0, 2_000), src(), |_| binary(), 2_000, &mut fx);
         assert_eq!(scored(&fx).len(), 2);
-        join.on_decision(decision("b", DecisionStatus::Ok, Some("0.7"), 2_500), &binary(), &mut fx);
+        join.on_decision(decision("b", DecisionStatus::Ok, Some("0.7"), 2_500), 0, &binary(), &mut fx);
         let all = scored(&fx);
         assert_eq!(all.len(), 3);
         let (a, a3, b) = (all[0], all[1], all[2]);
@@ -411,44 +555,53 @@ mod tests {
         // A shadow answer after the label is still scored; the duplicate label is refused.
         fx.clear();
         join.on_shadow(shadow("a", "v4", "0.95"), &binary(), &mut fx);
-        join.on_outcome(label("a", 1.0, 9_500), |_| binary(), 9_500, &mut fx);
+        join.on_outcome(label("a", 1.0, 9_500), src(), |_| binary(), 9_500, &mut fx);
         assert_eq!(scored(&fx)[0].model, "v4");
-        assert!(matches!(&fx[1], Effect::Rejected { why: Rejected::Duplicate, .. }), "{fx:?}");
+        assert!(matches!(visible(&fx)[1], Effect::Rejected { why: Rejected::Duplicate, .. }), "{fx:?}");
     }
 
     #[test]
     fn windows_end_decisions_and_waiting_labels_with_a_count_or_a_reason() {
         let mut join = Join::new(CONFIG);
         let mut fx = Vec::new();
-        join.on_decision(decision("old", DecisionStatus::Ok, Some("0.4"), 0), &binary(), &mut fx);
-        join.on_outcome(label("never", 1.0, 1_000), |_| binary(), 1_000, &mut fx);
+        join.on_decision(decision("old", DecisionStatus::Ok, Some("0.4"), 0), 0, &binary(), &mut fx);
+        join.on_outcome(label("never", 1.0, 1_000), src(), |_| binary(), 1_000, &mut fx);
+        fx.clear();
         join.expire(5_999, &mut fx);
         assert!(fx.is_empty());
         join.expire(6_000, &mut fx);
+        let seen = visible(&fx);
         assert!(
-            matches!(&fx[0], Effect::Rejected { why: Rejected::NoDecision, reason, .. } if reason.contains("never"))
+            matches!(seen[0], Effect::Rejected { why: Rejected::NoDecision, reason, .. } if reason.contains("never"))
         );
         join.expire(60_000, &mut fx);
-        assert!(matches!(&fx[1], Effect::Unlabelled { model, cohort, .. } if model == "v2" && cohort == "candidate"));
+        let seen = visible(&fx);
+        assert!(matches!(seen[1], Effect::Unlabelled { model, cohort, .. } if model == "v2" && cohort == "candidate"));
+        assert!(
+            fx.iter().any(|e| matches!(e, Effect::State { entry: None, request_id, .. } if request_id == "old")),
+            "the changelog forgets it"
+        );
         assert_eq!(join.open(), 0);
         fx.clear();
-        join.on_outcome(label("old", 1.0, 70_000), |_| binary(), 70_000, &mut fx);
+        join.on_outcome(label("old", 1.0, 70_000), src(), |_| binary(), 70_000, &mut fx);
         join.expire(75_000, &mut fx);
-        assert!(matches!(&fx[0], Effect::Rejected { why: Rejected::NoDecision, .. }), "past the window: not found");
+        let seen = visible(&fx);
+        assert!(matches!(seen[0], Effect::Rejected { why: Rejected::NoDecision, .. }), "past the window: not found");
     }
 
     #[test]
     fn malformed_labels_are_refused_and_the_decision_keeps_waiting() {
         let mut join = Join::new(CONFIG);
         let mut fx = Vec::new();
-        join.on_decision(decision("a", DecisionStatus::Ok, Some("0.9"), 0), &binary(), &mut fx);
-        join.on_outcome(label("a", 0.5, 10), |_| binary(), 10, &mut fx);
-        join.on_outcome(label("z", f64::NAN, 10), |_| binary(), 10, &mut fx);
+        join.on_decision(decision("a", DecisionStatus::Ok, Some("0.9"), 0), 0, &binary(), &mut fx);
+        join.on_outcome(label("a", 0.5, 10), src(), |_| binary(), 10, &mut fx);
+        join.on_outcome(label("z", f64::NAN, 10), src(), |_| binary(), 10, &mut fx);
+        let seen = visible(&fx);
         assert!(
-            matches!(&fx[0], Effect::Rejected { why: Rejected::Malformed, reason, .. } if reason.contains("neither 0 nor 1"))
+            matches!(seen[0], Effect::Rejected { why: Rejected::Malformed, reason, .. } if reason.contains("neither 0 nor 1"))
         );
-        assert!(matches!(&fx[1], Effect::Rejected { why: Rejected::Malformed, .. }));
-        join.on_outcome(label("a", 1.0, 20), |_| binary(), 20, &mut fx);
+        assert!(matches!(seen[1], Effect::Rejected { why: Rejected::Malformed, .. }));
+        join.on_outcome(label("a", 1.0, 20), src(), |_| binary(), 20, &mut fx);
         assert_eq!(scored(&fx).len(), 1, "the good label after the bad one is joined");
     }
 
@@ -456,18 +609,18 @@ mod tests {
     fn errors_and_timeouts_have_no_score_and_regression_has_its_losses() {
         let mut join = Join::new(CONFIG);
         let mut fx = Vec::new();
-        join.on_decision(decision("t", DecisionStatus::Timeout, None, 0), &binary(), &mut fx);
-        join.on_decision(decision("f", DecisionStatus::Fallback, Some("0.0"), 0), &binary(), &mut fx);
-        join.on_outcome(label("t", 1.0, 5), |_| binary(), 5, &mut fx);
-        join.on_outcome(label("f", 1.0, 5), |_| binary(), 5, &mut fx);
+        join.on_decision(decision("t", DecisionStatus::Timeout, None, 0), 0, &binary(), &mut fx);
+        join.on_decision(decision("f", DecisionStatus::Fallback, Some("0.0"), 0), 0, &binary(), &mut fx);
+        join.on_outcome(label("t", 1.0, 5), src(), |_| binary(), 5, &mut fx);
+        join.on_outcome(label("f", 1.0, 5), src(), |_| binary(), 5, &mut fx);
         let all = scored(&fx);
         assert!(all.iter().all(|s| s.score.is_none() && s.zero_one.is_none()), "{all:?}");
         assert_eq!((all[0].status.as_str(), all[1].status.as_str()), ("TIMEOUT", "FALLBACK"));
         let regression =
             QualitySpec { task: Task::Regression, score: ScoreFormat::JsonField("eta".into()), threshold: 0.5 };
         fx.clear();
-        join.on_decision(decision("r", DecisionStatus::Ok, Some(r#"{"eta":12.5}"#), 0), &regression, &mut fx);
-        join.on_outcome(label("r", 10.0, 5), |_| regression.clone(), 5, &mut fx);
+        join.on_decision(decision("r", DecisionStatus::Ok, Some(r#"{"eta":12.5}"#), 0), 0, &regression, &mut fx);
+        join.on_outcome(label("r", 10.0, 5), src(), |_| regression.clone(), 5, &mut fx);
         let r = scored(&fx)[0];
         assert_eq!((r.absolute_error, r.squared_error, r.zero_one), (Some(2.5), Some(6.25), None));
     }
@@ -477,12 +630,12 @@ mod tests {
         let mut join = Join::new(JoinConfig { max_open: 2, ..CONFIG });
         let mut fx = Vec::new();
         for (i, id) in ["a", "b", "c"].into_iter().enumerate() {
-            join.on_decision(decision(id, DecisionStatus::Ok, Some("0.5"), i as i64), &binary(), &mut fx);
+            join.on_decision(decision(id, DecisionStatus::Ok, Some("0.5"), i as i64), 0, &binary(), &mut fx);
         }
         assert_eq!(join.open(), 2);
-        assert!(matches!(&fx[0], Effect::Evicted { .. }));
-        join.on_outcome(label("a", 1.0, 10), |_| binary(), 10, &mut fx);
-        join.on_outcome(label("c", 1.0, 10), |_| binary(), 10, &mut fx);
+        assert!(visible(&fx).iter().any(|e| matches!(e, Effect::Evicted { .. })));
+        join.on_outcome(label("a", 1.0, 10), src(), |_| binary(), 10, &mut fx);
+        join.on_outcome(label("c", 1.0, 10), src(), |_| binary(), 10, &mut fx);
         assert_eq!(scored(&fx).len(), 1, "the evicted decision is not scored");
     }
 }
