@@ -48,7 +48,20 @@ pub struct Config {
     pub kafka: KafkaConfig,
     pub topics: Topics,
     pub service: ServiceConfig,
+    pub quality: QualityConfig,
     pub codec: CodecConfig,
+}
+
+/// The score stage: outcome labels joined to decisions.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QualityConfig {
+    /// How long a decision waits for its label.
+    pub window_ms: u64,
+    /// How long a label waits for its decision.
+    pub early_wait_ms: u64,
+    /// Most decisions waiting per instance; past it the oldest are dropped (counted).
+    pub max_open: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -73,6 +86,7 @@ pub struct Topics {
     pub shadow_comparisons: String,
     pub outcomes: String,
     pub scored_outcomes: String,
+    pub score_changelog: String,
     pub dead_letter: String,
     pub model_requests: String,
     pub model_predictions: String,

@@ -27,6 +27,10 @@ pub enum Kind {
     Oversized,
     /// The broker refused what the record turned into (e.g. larger than an output topic allows).
     Unwritable,
+    /// An outcome label for a request that already has one.
+    DuplicateLabel,
+    /// An outcome label whose decision was not found (not decided, or decided more than the window ago).
+    NoDecision,
 }
 
 impl Kind {
@@ -37,6 +41,8 @@ impl Kind {
             Kind::Invalid => "invalid",
             Kind::Oversized => "oversized",
             Kind::Unwritable => "unwritable",
+            Kind::DuplicateLabel => "duplicate_label",
+            Kind::NoDecision => "no_decision",
         }
     }
 }

@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::kafka::TopicKind;
 use crate::shutdown::{Shutdown, ShutdownTrigger};
 use crate::telemetry::{self, http::Health};
-use crate::{kafka, merge, rollout, route};
+use crate::{kafka, merge, quality, rollout, route};
 
 /// Which halves of the service this process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -31,10 +31,13 @@ pub async fn ensure_core_topics(config: &Config) -> Result<()> {
         &t.forwarded_predictions,
         &t.decisions,
         &t.shadow_comparisons,
+        &t.outcomes,
+        &t.scored_outcomes,
         &t.dead_letter,
     ]
     .map(|s| s.to_string());
     kafka::ensure_topics(config, &topics, TopicKind::Stream).await?;
+    kafka::ensure_topics(config, std::slice::from_ref(&t.score_changelog), TopicKind::Changelog).await?;
     kafka::ensure_topics(config, std::slice::from_ref(&t.deployments), TopicKind::Compacted).await?;
     kafka::ensure_topics(config, std::slice::from_ref(&t.history), TopicKind::Audit).await?;
     Ok(())
@@ -73,6 +76,7 @@ pub async fn run(config: Config, roles: Roles, trigger: ShutdownTrigger, shutdow
         }
         if roles != Roles::Route {
             tasks.spawn(merge::run(config.clone(), codec.clone(), shutdown.clone()));
+            tasks.spawn(quality::stage::run(config.clone(), codec.clone(), registry.clone(), shutdown.clone()));
         }
         // Every instance is a candidate controller; one at a time leads.
         tasks.spawn(rollout::controller::run(config.clone(), codec.clone(), shutdown.clone()));

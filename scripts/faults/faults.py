@@ -164,6 +164,9 @@ class Scenario:
             # Added by the hardening release; the old binary rejects settings it does not know.
             self.topics["FORWARDED_PREDICTIONS"] = f"{t}.forwarded"
             self.topics["HISTORY"] = f"{t}.history"
+            self.topics["OUTCOMES"] = f"{t}.outcomes"
+            self.topics["SCORED_OUTCOMES"] = f"{t}.scored"
+            self.topics["SCORE_CHANGELOG"] = f"{t}.score-state"
         self.env = dict(os.environ)
         self.env.update({f"SWITCHYARD__TOPICS__{k}": v for k, v in self.topics.items()})
         # Shipped defaults everywhere: no session, heartbeat or transaction timeouts are set here.

@@ -254,6 +254,8 @@ pub enum TopicKind {
     Compacted,
     /// One partition, kept without time or size limit (the history topic).
     Audit,
+    /// `topics.partitions` partitions, `cleanup.policy=compact`: a stage's state by key.
+    Changelog,
 }
 
 /// Creates the topics that do not exist yet.
@@ -271,13 +273,13 @@ pub async fn ensure_topics(config: &Config, names: &[String], kind: TopicKind) -
         .map(|name| {
             let topic = NewTopic::new(
                 name,
-                if kind == TopicKind::Stream { config.topics.partitions } else { 1 },
+                if matches!(kind, TopicKind::Stream | TopicKind::Changelog) { config.topics.partitions } else { 1 },
                 TopicReplication::Fixed(config.topics.replication_factor),
             );
             let topic = topic.set("max.message.bytes", &record_limit);
             match kind {
                 TopicKind::Stream => topic,
-                TopicKind::Compacted => topic.set("cleanup.policy", "compact"),
+                TopicKind::Compacted | TopicKind::Changelog => topic.set("cleanup.policy", "compact"),
                 TopicKind::Audit => {
                     topic.set("cleanup.policy", "delete").set("retention.ms", "-1").set("retention.bytes", "-1")
                 }

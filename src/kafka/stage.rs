@@ -171,6 +171,17 @@ impl TxnStage {
     /// (see the module docs).
     pub async fn commit(&mut self, batch: &[OwnedMessage], outbox: Outbox, offsets: &TopicPartitionList) -> Commit {
         let records = &outbox.records;
+        // Records made without inputs (merge's deadlines passing) must be fenced too: a transaction
+        // without offsets carries no group generation, and an instance that has just lost a partition
+        // could still decide its requests (seen: TIMEOUT here, OK on the new owner). Commit the
+        // offsets as they stand instead.
+        let standing;
+        let offsets = if offsets.count() == 0 && !records.is_empty() {
+            standing = self.standing_offsets();
+            &standing
+        } else {
+            offsets
+        };
         match self.producer.commit(records, offsets, self.batch_group.as_ref()).await {
             Ok(placed) => {
                 telemetry::record(outbox.events);
@@ -215,6 +226,21 @@ impl TxnStage {
                 Commit::Failed
             }
         }
+    }
+
+    /// The committed offsets of the assignment (those that have one), with their metadata.
+    fn standing_offsets(&self) -> TopicPartitionList {
+        let mut standing = TopicPartitionList::new();
+        if let Ok(committed) = batch::committed(&self.consumer) {
+            for e in committed.elements() {
+                if let rdkafka::Offset::Offset(n) = e.offset() {
+                    let mut added = standing.add_partition(e.topic(), e.partition());
+                    let _ = added.set_offset(rdkafka::Offset::Offset(n));
+                    added.set_metadata(e.metadata());
+                }
+            }
+        }
+        standing
     }
 
     /// Moves every assigned partition back to its committed offset (see [`batch::rewind`]).

@@ -61,6 +61,8 @@ pub enum Entry {
     Labelled(Decided, Outcome),
     /// A label waiting for its decision, and where it was read.
     Early(Outcome, SourcePos),
+    /// Shadow answers that arrived before their decision (another topic), on this partition.
+    EarlyShadows(Vec<(String, Option<Vec<u8>>)>, i32),
 }
 
 /// Why a label was not joined.
@@ -123,6 +125,9 @@ pub struct Join {
     labelled_order: VecDeque<(Millis, String)>,
     early: HashMap<String, (Outcome, SourcePos)>,
     early_order: VecDeque<(Millis, String)>,
+    /// Shadow answers before their decision: (answers, partition).
+    early_shadows: HashMap<String, (Vec<(String, Option<Vec<u8>>)>, i32)>,
+    early_shadows_order: VecDeque<(Millis, String)>,
 }
 
 fn state(fx: &mut Vec<Effect>, request_id: &str, partition: i32, entry: Option<Entry>) {
@@ -139,6 +144,8 @@ impl Join {
             labelled_order: VecDeque::new(),
             early: HashMap::new(),
             early_order: VecDeque::new(),
+            early_shadows: HashMap::new(),
+            early_shadows_order: VecDeque::new(),
         }
     }
 
@@ -162,6 +169,7 @@ impl Join {
         let mut opens = Vec::new();
         let mut labels = Vec::new();
         let mut earlies = Vec::new();
+        let mut shadows = Vec::new();
         for (id, entry) in last {
             match entry {
                 Some(Entry::Open(d)) => {
@@ -176,12 +184,17 @@ impl Join {
                     earlies.push((arrived + config.early_wait_ms, id.clone()));
                     join.early.insert(id, (o, source));
                 }
+                Some(Entry::EarlyShadows(answers, partition)) => {
+                    shadows.push((arrived + config.early_wait_ms, id.clone()));
+                    join.early_shadows.insert(id, (answers, partition));
+                }
                 None => {}
             }
         }
-        for list in [&mut opens, &mut labels, &mut earlies] {
+        for list in [&mut opens, &mut labels, &mut earlies, &mut shadows] {
             list.sort_unstable();
         }
+        join.early_shadows_order = shadows.into();
         join.open_order = opens.into();
         join.labelled_order = labels.into();
         join.early_order = earlies.into();
@@ -194,6 +207,15 @@ impl Join {
             return; // read again (a replay): already known
         }
         let id = d.request_id;
+        let shadows = match self.early_shadows.remove(&id) {
+            Some((answers, at)) => {
+                if at != partition {
+                    state(fx, &id, at, None);
+                }
+                answers
+            }
+            None => Vec::new(),
+        };
         let decided = Decided {
             partition,
             user_id: d.user_id,
@@ -204,7 +226,7 @@ impl Join {
             status: d.status,
             output: d.output,
             decided_at: d.decided_at,
-            shadows: Vec::new(),
+            shadows,
         };
         if let Some((outcome, source)) = self.early.remove(&id) {
             if source.partition != partition {
@@ -224,7 +246,15 @@ impl Join {
         }
     }
 
-    pub fn on_shadow(&mut self, c: ShadowComparison, spec: &QualitySpec, fx: &mut Vec<Effect>) {
+    /// A shadow answer read at `partition` (its decision may not have been read yet).
+    pub fn on_shadow(
+        &mut self,
+        c: ShadowComparison,
+        partition: i32,
+        spec: &QualitySpec,
+        now: Millis,
+        fx: &mut Vec<Effect>,
+    ) {
         let answer = (c.shadow_model, c.shadow_output);
         if let Some(d) = self.open.get_mut(&c.request_id) {
             if !d.shadows.iter().any(|(m, _)| *m == answer.0) {
@@ -245,6 +275,17 @@ impl Join {
                 )));
                 d.shadows.push(answer);
                 state(fx, &c.request_id, d.partition, Some(Entry::Labelled(d.clone(), outcome.clone())));
+            }
+        } else {
+            let id = c.request_id;
+            let (answers, _) = self.early_shadows.entry(id.clone()).or_insert_with(|| {
+                self.early_shadows_order.push_back((now + self.config.early_wait_ms, id.clone()));
+                (Vec::new(), partition)
+            });
+            if !answers.iter().any(|(m, _)| *m == answer.0) {
+                answers.push(answer);
+                let entry = Entry::EarlyShadows(answers.clone(), partition);
+                state(fx, &id, partition, Some(entry));
             }
         }
     }
@@ -343,6 +384,15 @@ impl Join {
                     self.config.early_wait_ms
                 );
                 fx.push(Effect::Rejected { outcome, source, why: Rejected::NoDecision, reason });
+            }
+        }
+        while let Some((at, id)) = self.early_shadows_order.front().cloned() {
+            if at > now {
+                break;
+            }
+            self.early_shadows_order.pop_front();
+            if let Some((_, partition)) = self.early_shadows.remove(&id) {
+                state(fx, &id, partition, None);
             }
         }
         while let Some((at, id)) = self.labelled_order.front().cloned() {
@@ -497,7 +547,7 @@ mod tests {
         let mut join = Join::new(CONFIG);
         let mut fx = Vec::new();
         join.on_decision(decision("open", DecisionStatus::Ok, Some("0.9"), 1_000), 2, &binary(), &mut fx);
-        join.on_shadow(shadow("open", "v3", "0.1"), &binary(), &mut fx);
+        join.on_shadow(shadow("open", "v3", "0.1"), 2, &binary(), 1_000, &mut fx);
         join.on_decision(decision("done", DecisionStatus::Ok, Some("0.2"), 1_000), 1, &binary(), &mut fx);
         join.on_outcome(label("done", 0.0, 2_000), src(), |_| binary(), 2_000, &mut fx);
         join.on_outcome(label("early", 1.0, 2_000), src(), |_| binary(), 2_000, &mut fx);
@@ -535,7 +585,7 @@ mod tests {
         let mut fx = Vec::new();
         // After: the usual case, with a shadow answer of the same request.
         join.on_decision(decision("a", DecisionStatus::Ok, Some("0.9"), 1_000), 0, &binary(), &mut fx);
-        join.on_shadow(shadow("a", "v3", "0.2"), &binary(), &mut fx);
+        join.on_shadow(shadow("a", "v3", "0.2"), 0, &binary(), 0, &mut fx);
         join.on_outcome(label("a", 1.0, 9_000), src(), |_| binary(), 9_000, &mut fx);
         // Before: the label waits for its decision.
         join.on_outcome(label("b", 0.0, 2_000), src(), |_| binary(), 2_000, &mut fx);
@@ -554,10 +604,25 @@ mod tests {
         assert_eq!((b.request_id.as_str(), b.zero_one), ("b", Some(1.0)), "0.7 says positive; the truth was 0");
         // A shadow answer after the label is still scored; the duplicate label is refused.
         fx.clear();
-        join.on_shadow(shadow("a", "v4", "0.95"), &binary(), &mut fx);
+        join.on_shadow(shadow("a", "v4", "0.95"), 0, &binary(), 9_500, &mut fx);
         join.on_outcome(label("a", 1.0, 9_500), src(), |_| binary(), 9_500, &mut fx);
         assert_eq!(scored(&fx)[0].model, "v4");
         assert!(matches!(visible(&fx)[1], Effect::Rejected { why: Rejected::Duplicate, .. }), "{fx:?}");
+    }
+
+    #[test]
+    fn a_shadow_answer_read_before_its_decision_is_kept_for_it() {
+        let mut join = Join::new(CONFIG);
+        let mut fx = Vec::new();
+        join.on_shadow(shadow("a", "v3", "0.2"), 0, &binary(), 0, &mut fx);
+        join.on_decision(decision("a", DecisionStatus::Ok, Some("0.9"), 10), 0, &binary(), &mut fx);
+        join.on_outcome(label("a", 1.0, 20), src(), |_| binary(), 20, &mut fx);
+        let models: Vec<&str> = scored(&fx).iter().map(|s| s.model.as_str()).collect();
+        assert_eq!(models, ["v2", "v3"]);
+        fx.clear();
+        join.on_shadow(shadow("orphan", "v3", "0.2"), 1, &binary(), 0, &mut fx);
+        join.expire(CONFIG.early_wait_ms, &mut fx);
+        assert!(matches!(fx.last(), Some(Effect::State { entry: None, partition: 1, .. })), "{fx:?}");
     }
 
     #[test]

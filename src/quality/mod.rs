@@ -5,9 +5,11 @@
 //!
 //! - [`score`]: output bytes → a score (plain number or a JSON field), per deployment.
 //! - [`join`]: outcome labels joined to decisions and shadow answers within a window, scored.
+//! - [`stage`]: the Kafka stage around the join, exactly once, with its changelog (inside `run`).
 //! - [`metrics`]: losses of one labelled decision, and quality per model and arm from counts that add
 //!   up across instances (accuracy, Brier, log-loss, AUC, calibration error; MAE, RMSE, bias).
 
 pub mod join;
 pub mod metrics;
 pub mod score;
+pub mod stage;

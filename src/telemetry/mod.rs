@@ -47,6 +47,10 @@ pub enum Event {
     /// A prediction arrived on a partition other than its key's (its worker does not use the murmur2
     /// partitioner) and was forwarded to the partition its request is joined on.
     PredictionForwarded { model: String },
+    /// A labelled answer was scored.
+    Scored(Box<crate::codec::ScoredOutcome>),
+    /// A decision's window ended without a label (or it was dropped to bound memory).
+    Unlabelled { deployment: String, model: String, cohort: String, evicted: bool },
 }
 
 /// Records committed events: each metric is named here, and only here.
@@ -77,6 +81,10 @@ pub fn record(events: impl IntoIterator<Item = Event>) {
             Event::PredictionForwarded { model } => {
                 counter!("switchyard_predictions_forwarded_total", "model" => model).increment(1)
             }
+            Event::Scored(s) => scored(&s),
+            Event::Unlabelled { deployment, model, cohort, evicted } => counter!("switchyard_quality_unlabelled_total",
+                "deployment" => deployment, "model" => model, "cohort" => cohort, "evicted" => if evicted { "true" } else { "false" })
+            .increment(1),
         }
     }
 }
@@ -134,4 +142,48 @@ pub fn rollout(deployment: &str, step: usize, figures: &crate::rollout::evidence
 pub fn rollout_change(deployment: &str, actor: &str) {
     counter!("switchyard_rollout_changes_total", "deployment" => deployment.to_string(), "actor" => actor.to_string())
         .increment(1);
+}
+
+/// Score bins of the quality counters (AUC and calibration error are computed from them).
+pub const QUALITY_BINS: usize = 20;
+
+/// Counts a scored answer: counters that add up across instances (sums of losses, score bins by label).
+fn scored(s: &crate::codec::ScoredOutcome) {
+    let labels = [
+        ("deployment", s.deployment.clone()),
+        ("model", s.model.clone()),
+        ("role", s.role.clone()),
+        ("cohort", s.cohort.clone()),
+    ];
+    counter!("switchyard_quality_labelled_total", &labels).increment(1);
+    histogram!("switchyard_quality_label_delay_seconds", &labels).record(s.label_delay_ms as f64 / 1000.0);
+    let Some(score) = s.score else {
+        counter!("switchyard_quality_unscored_total", &labels).increment(1);
+        return;
+    };
+    for (loss, value) in [
+        ("zero_one", s.zero_one),
+        ("brier", s.brier),
+        ("log_loss", s.log_loss),
+        ("absolute", s.absolute_error),
+        ("squared", s.squared_error),
+    ] {
+        if let Some(v) = value {
+            let mut with_loss = labels.to_vec();
+            with_loss.push(("loss", loss.to_string()));
+            counter!("switchyard_quality_loss_micros_total", &with_loss).increment((v * 1e6).round() as u64);
+        }
+    }
+    if s.zero_one.is_some() {
+        let bin = ((score * QUALITY_BINS as f64) as usize).min(QUALITY_BINS - 1);
+        let mut binned = labels.to_vec();
+        binned.push(("bin", bin.to_string()));
+        binned.push(("label", (s.label as u8).to_string()));
+        counter!("switchyard_quality_score_bin_total", &binned).increment(1);
+    }
+}
+
+/// Decisions waiting for their labels on this instance.
+pub fn open_decisions(count: usize) {
+    gauge!("switchyard_quality_open_decisions").set(count as f64);
 }

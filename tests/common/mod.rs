@@ -104,6 +104,7 @@ impl Env {
             ("SWITCHYARD__TOPICS__SHADOW_COMPARISONS".into(), format!("{prefix}.shadow")),
             ("SWITCHYARD__TOPICS__OUTCOMES".into(), format!("{prefix}.outcomes")),
             ("SWITCHYARD__TOPICS__SCORED_OUTCOMES".into(), format!("{prefix}.scored")),
+            ("SWITCHYARD__TOPICS__SCORE_CHANGELOG".into(), format!("{prefix}.score-state")),
             ("SWITCHYARD__TOPICS__DEAD_LETTER".into(), format!("{prefix}.dlq")),
             ("SWITCHYARD__TOPICS__MODEL_REQUESTS".into(), format!("{prefix}.model.{{model}}.requests")),
             ("SWITCHYARD__TOPICS__MODEL_PREDICTIONS".into(), format!("{prefix}.model.{{model}}.predictions")),
@@ -135,13 +136,17 @@ impl Env {
 
     /// Starts a demo model worker.
     pub fn start_model(&mut self, model: &str, latency_ms: u64, error_rate: f64, disagree_percent: f64) {
-        let worker = DemoModel {
+        self.start_worker(DemoModel {
             model: model.into(),
             latency: Duration::from_millis(latency_ms),
             error_rate,
             disagree_percent,
             accuracy: None,
-        };
+        });
+    }
+
+    /// Starts a demo model worker configured by the caller.
+    pub fn start_worker(&mut self, worker: DemoModel) {
         let (config, codec, shutdown) = (self.config.clone(), self.codec.clone(), self.shutdown.clone());
         self.tasks.push(tokio::spawn(async move {
             worker.run(config, codec, shutdown).await.expect("demo model runs");

@@ -1,0 +1,263 @@
+//! The score stage inside `switchyard run`: reads decisions, shadow comparisons and outcome labels
+//! (co-partitioned by user id), joins them ([`Join`]) and writes one scored record per labelled answer,
+//! exactly once: each batch's scored records, dead letters and changelog records commit with its
+//! input offsets in one transaction (the transactional stage route and merge use). The join's state
+//! is in a compacted changelog topic, one record per open request: after a restart or rebalance it is
+//! read back instead of the inputs, so a long window does not mean re-reading weeks of decisions.
+//!
+//! Only deployments whose record has a `quality` spec are followed.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rdkafka::consumer::Consumer;
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::join::{Effect, Entry, Join, JoinConfig, Rejected};
+use super::score::QualitySpec;
+use crate::codec::{Codec, Decision, Outcome, ShadowComparison};
+use crate::config::Config;
+use crate::control::SharedRegistry;
+use crate::dead_letter::{Kind, Letter};
+use crate::error::{Error, Result};
+use crate::kafka::partitioner::partition_for_key;
+use crate::kafka::stage::{Commit, Outbox, TxnStage};
+use crate::kafka::{self, OutRecord, SourcePos};
+use crate::shutdown::Shutdown;
+use crate::telemetry::{self, Event};
+
+const TICK: Duration = Duration::from_millis(200);
+
+fn join_config(config: &Config) -> JoinConfig {
+    JoinConfig {
+        window_ms: config.quality.window_ms as i64,
+        early_wait_ms: config.quality.early_wait_ms as i64,
+        max_open: config.quality.max_open,
+    }
+}
+
+/// Checks that the topics the stage joins by partition agree (they are created with the core topics).
+async fn topics(config: &Config) -> Result<()> {
+    let t = &config.topics;
+    let reader = kafka::reader(config)?;
+    let mut counts = Vec::new();
+    for topic in [&t.decisions, &t.shadow_comparisons, &t.outcomes, &t.score_changelog] {
+        let n = kafka::wait_for_topic(&reader, topic).await?.ok_or_else(|| Error::MissingTopic(topic.clone()))?;
+        counts.push((topic.as_str(), n));
+    }
+    if counts.iter().any(|(_, n)| *n != counts[0].1) {
+        let list: Vec<String> = counts.iter().map(|(topic, n)| format!("{topic} has {n}")).collect();
+        return Err(Error::Usage(format!(
+            "the score stage joins by partition, so these topics need the same partition count: {}",
+            list.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// Reads the changelog partitions of `assigned` back into a join.
+async fn restore(config: &Config, assigned: &[i32]) -> Result<Join> {
+    let topic = &config.topics.score_changelog;
+    let reader = kafka::reader(config)?;
+    let mut tpl = TopicPartitionList::new();
+    let mut targets = HashMap::new();
+    for &p in assigned {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+        targets.insert(p, reader.fetch_watermarks(topic, p, kafka::ADMIN_TIMEOUT)?.1);
+    }
+    reader.assign(&tpl)?;
+    let started = std::time::Instant::now();
+    let mut records = Vec::new();
+    while !kafka::batch::caught_up(&reader, topic, &targets) {
+        let Ok(message) = tokio::time::timeout(Duration::from_millis(200), reader.recv()).await else { continue };
+        let message = message?;
+        let id = String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned();
+        let entry = match message.payload() {
+            None => None,
+            Some(value) => match serde_json::from_slice::<Entry>(value) {
+                Ok(entry) => Some(entry),
+                Err(error) => {
+                    tracing::warn!(offset = message.offset(), %error, "unreadable score changelog record skipped");
+                    continue;
+                }
+            },
+        };
+        records.push((id, entry));
+    }
+    let join = Join::restore(join_config(config), records, kafka::now_millis());
+    tracing::info!(
+        open = join.open(),
+        partitions = assigned.len(),
+        ms = started.elapsed().as_millis() as u64,
+        "score changelog restored"
+    );
+    Ok(join)
+}
+
+/// The quality spec of each deployment that has one.
+fn specs(registry: &SharedRegistry) -> HashMap<String, QualitySpec> {
+    let registry = registry.read().expect("registry lock is never poisoned");
+    registry.deployments().filter_map(|d| d.spec.quality.clone().map(|q| (d.name.clone(), q))).collect()
+}
+
+pub async fn run(config: Config, codec: Codec, registry: SharedRegistry, shutdown: Shutdown) -> Result<()> {
+    if let Err(error) = topics(&config).await {
+        // Routing and decisions go on without scores.
+        tracing::error!(%error, "the score stage cannot run: no outcome labels are joined");
+        return Ok(());
+    }
+    let t = &config.topics;
+    let inputs = [t.decisions.as_str(), t.shadow_comparisons.as_str(), t.outcomes.as_str()];
+    let mut stage = TxnStage::new(&config, "score", &inputs, shutdown.clone())?;
+    let partitions = kafka::partition_count(stage.consumer(), &t.decisions)?.unwrap_or(1);
+    let mut join = Join::new(join_config(&config));
+    let mut generation = None;
+    while !shutdown.is_triggered() {
+        if generation != Some(stage.generation()) {
+            let now_generation = stage.generation();
+            if !stage.rewind().await {
+                continue;
+            }
+            let assigned: Vec<i32> =
+                stage.consumer().assignment()?.elements_for_topic(&t.decisions).iter().map(|e| e.partition()).collect();
+            match restore(&config, &assigned).await {
+                Ok(restored) => {
+                    join = restored;
+                    generation = Some(now_generation);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot restore the score changelog yet; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+            continue;
+        }
+        let messages = stage
+            .next_batch(config.service.batch_size, Duration::from_millis(config.service.batch_wait_ms), TICK)
+            .await?;
+        if generation != Some(stage.generation()) {
+            continue;
+        }
+        let specs = specs(&registry);
+        let now = kafka::now_millis();
+        let mut fx = Vec::new();
+        let mut out = Outbox::default();
+        for (index, message) in messages.iter().enumerate() {
+            feed(index, message, &config, &codec, &specs, partitions, now, &mut join, &mut fx, &mut out);
+        }
+        join.expire(now, &mut fx);
+        for effect in fx {
+            let (record, event) = output(effect, &config, &codec);
+            out.records.extend(record);
+            out.events.extend(event);
+        }
+        telemetry::open_decisions(join.open());
+        if out.records.is_empty() && messages.is_empty() {
+            continue;
+        }
+        let offsets = kafka::batch_offsets(&messages);
+        if let Commit::Failed = stage.commit(&messages, out, &offsets).await {
+            generation = None; // its effects are gone: rebuild from the changelog
+        }
+    }
+    stage.close().await;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn feed(
+    index: usize,
+    message: &OwnedMessage,
+    config: &Config,
+    codec: &Codec,
+    specs: &HashMap<String, QualitySpec>,
+    partitions: usize,
+    now: i64,
+    join: &mut Join,
+    fx: &mut Vec<Effect>,
+    out: &mut Outbox,
+) {
+    let t = &config.topics;
+    let value = message.payload().unwrap_or_default();
+    let mut reject = |kind, reason: String| {
+        out.push_from(index, Some(Letter::of(message, kind, reason).record(&t.dead_letter)));
+    };
+    if message.topic() == t.decisions {
+        if let Ok(d) = codec.decode::<Decision>(value) {
+            if let Some(spec) = specs.get(&d.deployment) {
+                join.on_decision(d, message.partition(), spec, fx);
+            }
+        }
+    } else if message.topic() == t.shadow_comparisons {
+        if let Ok(c) = codec.decode::<ShadowComparison>(value) {
+            if let Some(spec) = specs.get(&c.deployment) {
+                join.on_shadow(c, message.partition(), spec, now, fx);
+            }
+        }
+    } else {
+        let outcome = match codec.decode::<Outcome>(value) {
+            Ok(outcome) => outcome,
+            Err(error) => return reject(Kind::Undecodable, format!("outcome: {error}")),
+        };
+        if outcome.request_id.is_empty() {
+            return reject(Kind::Invalid, "outcome without a request_id".into());
+        }
+        let home = partition_for_key(message.key().unwrap_or_default(), partitions);
+        if home != message.partition() {
+            return reject(
+                Kind::Invalid,
+                format!(
+                    "outcome on partition {} but its key belongs to partition {home}: write outcomes keyed by user id \
+                     with Kafka's murmur2 partitioner (confluent-kafka: partitioner=murmur2_random), or they never \
+                     meet their decisions",
+                    message.partition()
+                ),
+            );
+        }
+        let spec_of = |deployment: &str| specs.get(deployment).cloned().unwrap_or_default();
+        join.on_outcome(outcome, SourcePos::of(message), spec_of, now, fx);
+    }
+}
+
+/// The record and the event an effect becomes.
+fn output(effect: Effect, config: &Config, codec: &Codec) -> (Option<OutRecord>, Option<Event>) {
+    let t = &config.topics;
+    match effect {
+        Effect::Scored(s) => {
+            let record = OutRecord::new(t.scored_outcomes.clone(), s.user_id.as_bytes(), codec.encode(&s))
+                .header("model", s.model.as_str())
+                .header("role", s.role.as_str());
+            (Some(record), Some(Event::Scored(Box::new(s))))
+        }
+        Effect::Rejected { outcome, source, why, reason } => {
+            let kind = match why {
+                Rejected::Malformed => Kind::Invalid,
+                Rejected::Duplicate => Kind::DuplicateLabel,
+                Rejected::NoDecision => Kind::NoDecision,
+            };
+            let value = codec.encode(&outcome);
+            let letter = Letter { source, key: Some(outcome.user_id.as_bytes()), value: Some(&value), kind, reason };
+            let (record, event) = letter.record(&t.dead_letter);
+            (Some(record), Some(event))
+        }
+        Effect::Unlabelled { deployment, model, cohort } => {
+            (None, Some(Event::Unlabelled { deployment, model, cohort, evicted: false }))
+        }
+        Effect::Evicted { deployment, model, cohort } => {
+            (None, Some(Event::Unlabelled { deployment, model, cohort, evicted: true }))
+        }
+        Effect::State { request_id, partition, entry } => {
+            let mut record = OutRecord::new(
+                t.score_changelog.clone(),
+                request_id.into_bytes(),
+                entry.map(|e| serde_json::to_vec(&e).expect("changelog entries serialise")).unwrap_or_default(),
+            );
+            if record.payload.as_ref().is_some_and(Vec::is_empty) {
+                record.payload = None; // a tombstone: compaction forgets the request
+            }
+            record.partition = Some(partition);
+            (Some(record), None)
+        }
+    }
+}

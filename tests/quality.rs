@@ -1,0 +1,111 @@
+//! Outcome labels joined to decisions on a real broker: labels before, with and after their decision,
+//! shadow answers scored on the same labels, duplicates, garbage, malformed labels, labels on the wrong
+//! partition and labels without a decision — each counted exactly, nothing lost.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use common::{Env, requests};
+use switchyard::codec::{Decision, Outcome, ScoredOutcome};
+use switchyard::kafka::{self, OutRecord};
+use switchyard::tools::demo_model::{DemoModel, scored_output, truth};
+
+const LIMIT: Duration = Duration::from_secs(90);
+
+fn outcome_record(env: &Env, request: &switchyard::codec::Request, label: f64) -> OutRecord {
+    let o = Outcome {
+        request_id: request.request_id.clone(),
+        user_id: request.user_id.clone(),
+        label,
+        observed_at: kafka::now_millis(),
+        source: "test".into(),
+    };
+    OutRecord::new(env.config.topics.outcomes.clone(), o.user_id.as_bytes(), env.codec.encode(&o))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn labels_are_joined_scored_once_and_bad_ones_dead_lettered_with_reasons() {
+    let Some(mut env) = Env::new("labels").await else { return };
+    env.config.quality.early_wait_ms = 4_000;
+    env.deploy("fraud", r#"{"strategy":"single","control":"v1","mirror":["v2"],"timeout_ms":5000,"quality":{}}"#).await;
+    env.start_service();
+    for (model, accuracy) in [("v1", 0.9), ("v2", 0.7)] {
+        env.start_worker(DemoModel {
+            model: model.into(),
+            latency: Duration::from_millis(2),
+            error_rate: 0.0,
+            disagree_percent: 0.0,
+            accuracy: Some(accuracy),
+        });
+    }
+    let sent = requests("fraud", "labels", 200, 40);
+    let truth_of = |r: &switchyard::codec::Request| f64::from(u8::from(truth(&r.payload)));
+    // 0..50: labelled before their decision exists.
+    env.produce(sent[..50].iter().map(|r| outcome_record(&env, r, truth_of(r))).collect()).await;
+    env.send(&sent).await;
+    env.read::<Decision>(&env.config.topics.decisions, 200, LIMIT, Duration::from_secs(1)).await;
+    // 50..180 after; 60..65 twice; 180: not 0 or 1; 181: on the wrong partition; a garbage record; a
+    // label for a request never sent. 182..200 get no label.
+    let mut late: Vec<OutRecord> = sent[50..180].iter().map(|r| outcome_record(&env, r, truth_of(r))).collect();
+    late.extend(sent[60..65].iter().map(|r| outcome_record(&env, r, truth_of(r))));
+    late.push(outcome_record(&env, &sent[180], 0.5));
+    let mut foreign = outcome_record(&env, &sent[181], truth_of(&sent[181]));
+    let home = switchyard::kafka::partitioner::partition_for_key(&foreign.key, env.config.topics.partitions as usize);
+    foreign.partition = Some((home + 1) % env.config.topics.partitions);
+    late.push(foreign);
+    late.push(OutRecord::new(env.config.topics.outcomes.clone(), b"u".to_vec(), b"garbage".to_vec()));
+    let mut ghost = sent[0].clone();
+    ghost.request_id = "never-sent".into();
+    late.push(outcome_record(&env, &ghost, 1.0));
+    env.produce(late).await;
+
+    // 180 labelled requests, each scored for the serving model and the mirror.
+    let scored =
+        env.read::<ScoredOutcome>(&env.config.topics.scored_outcomes, 330, LIMIT, Duration::from_secs(15)).await;
+    {
+        let have: HashSet<(String, String)> =
+            scored.iter().map(|r| (r.value.request_id.clone(), r.value.role.clone())).collect();
+        let missing: Vec<(usize, &str)> = (0..180)
+            .flat_map(|i| ["serving", "shadow"].into_iter().map(move |role| (i, role)))
+            .filter(|(i, role)| !have.contains(&(sent[*i].request_id.clone(), role.to_string())))
+            .collect();
+        eprintln!("missing: {missing:?}");
+    }
+    assert_eq!(scored.len(), 360, "180 labelled requests × (serving + shadow), none twice");
+    let by_request: HashMap<&str, &switchyard::codec::Request> =
+        sent.iter().map(|r| (r.request_id.as_str(), r)).collect();
+    let mut seen = HashSet::new();
+    for s in scored.iter().map(|r| &r.value) {
+        assert!(seen.insert((s.request_id.clone(), s.role.clone())), "scored twice: {s:?}");
+        let request = by_request[s.request_id.as_str()];
+        let accuracy = if s.model == "v1" { 0.9 } else { 0.7 };
+        let score: f64 =
+            String::from_utf8(scored_output(&s.model, &request.payload, accuracy)).unwrap().parse().unwrap();
+        assert_eq!(s.score, Some(score));
+        assert_eq!(s.label, truth_of(request));
+        assert_eq!(s.zero_one, Some(f64::from(u8::from((score >= 0.5) != truth(&request.payload)))));
+        assert_eq!(s.role, if s.model == "v1" { "serving" } else { "shadow" });
+    }
+    let wrong = |model: &str| scored.iter().filter(|r| r.value.model == model && r.value.zero_one == Some(1.0)).count();
+    eprintln!("wrong answers in 180 labels: v1 (90% accurate) {}, v2 (70%) {}", wrong("v1"), wrong("v2"));
+    assert!(wrong("v1") < wrong("v2"));
+
+    // Dead letters: 5 duplicates, 1 malformed, 1 wrong partition, 1 garbage, 1 without a decision (after
+    // its 4 s wait).
+    let letters = env.read_raw(&env.config.topics.dead_letter, 9, LIMIT, Duration::from_secs(3)).await;
+    let mut kinds: HashMap<String, usize> = HashMap::new();
+    for l in &letters {
+        *kinds.entry(l.headers["dlq.kind"].clone()).or_default() += 1;
+    }
+    let expected: HashMap<String, usize> =
+        [("duplicate_label", 5), ("invalid", 2), ("undecodable", 1), ("no_decision", 1)]
+            .into_iter()
+            .map(|(k, n)| (k.to_string(), n))
+            .collect();
+    assert_eq!(kinds, expected, "{letters:?}");
+    assert!(letters.iter().any(|l| l.headers["dlq.reason"].contains("murmur2")));
+    assert!(letters.iter().any(|l| l.headers["dlq.reason"].contains("neither 0 nor 1")));
+    env.stop().await;
+}
