@@ -47,9 +47,12 @@ pub struct Decided {
     status: DecisionStatus,
     output: Option<Vec<u8>>,
     decided_at: Millis,
-    /// Shadow answers so far: (model, output).
-    shadows: Vec<(String, Option<Vec<u8>>)>,
+    /// Shadow answers so far.
+    shadows: Vec<ShadowAnswer>,
 }
+
+/// A shadow model's answer: (model, output).
+pub type ShadowAnswer = (String, Option<Vec<u8>>);
 
 /// A request's state, as the changelog keeps it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -62,7 +65,7 @@ pub enum Entry {
     /// A label waiting for its decision, and where it was read.
     Early(Outcome, SourcePos),
     /// Shadow answers that arrived before their decision (another topic), on this partition.
-    EarlyShadows(Vec<(String, Option<Vec<u8>>)>, i32),
+    EarlyShadows(Vec<ShadowAnswer>, i32),
 }
 
 /// Why a label was not joined.
@@ -126,7 +129,7 @@ pub struct Join {
     early: HashMap<String, (Outcome, SourcePos)>,
     early_order: VecDeque<(Millis, String)>,
     /// Shadow answers before their decision: (answers, partition).
-    early_shadows: HashMap<String, (Vec<(String, Option<Vec<u8>>)>, i32)>,
+    early_shadows: HashMap<String, (Vec<ShadowAnswer>, i32)>,
     early_shadows_order: VecDeque<(Millis, String)>,
 }
 
