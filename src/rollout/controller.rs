@@ -27,10 +27,10 @@ use tokio::task::block_in_place;
 
 use super::decide;
 use super::evidence::{Observation, StepEvidence};
-use super::feed::DecisionFeed;
+use super::feed::Feed;
 use super::history;
-use super::plan::PlanState;
-use crate::codec::Codec;
+use super::plan::{GuardKind, PlanState};
+use crate::codec::{Codec, Decision, ScoredOutcome};
 use crate::config::Config;
 use crate::control::Registry;
 use crate::error::Error;
@@ -117,7 +117,9 @@ struct Leader {
     committed: i64,
     /// Per deployment with a running plan: its step's evidence.
     evidence: HashMap<String, StepEvidence>,
-    feed: Option<DecisionFeed>,
+    feed: Option<Feed>,
+    /// Scored outcomes, while a running plan has the quality guard.
+    scored: Option<Feed>,
 }
 
 impl Leader {
@@ -158,6 +160,7 @@ impl Leader {
             committed,
             evidence: HashMap::new(),
             feed: None,
+            scored: None,
         })
     }
 
@@ -215,6 +218,7 @@ impl Leader {
         if running.is_empty() {
             // Nothing to judge: no decisions are read (a plan that starts opens the feed at its start).
             self.feed = None;
+            self.scored = None;
             return Ok(());
         }
         for d in &running {
@@ -222,21 +226,50 @@ impl Leader {
                 self.evidence.insert(d.name.clone(), StepEvidence::new(d).expect("a running plan"));
             }
         }
+        let from = running.iter().filter_map(|d| d.spec.plan.as_ref().map(|p| p.step_started_at)).min();
         if self.feed.is_none() {
-            let from = running.iter().filter_map(|d| d.spec.plan.as_ref().map(|p| p.step_started_at)).min();
-            self.feed = Some(DecisionFeed::open(&self.config, self.codec.clone(), from)?);
+            self.feed = Some(Feed::open(&self.config, self.codec.clone(), &self.config.topics.decisions, from)?);
+        }
+        let judges_quality =
+            running.iter().any(|d| d.spec.plan.as_ref().is_some_and(|p| p.guards.contains(&GuardKind::Quality)));
+        if !judges_quality {
+            self.scored = None;
+        } else if self.scored.is_none() {
+            self.scored =
+                Some(Feed::open(&self.config, self.codec.clone(), &self.config.topics.scored_outcomes, from)?);
+        }
+        let evidence = &mut self.evidence;
+        if let Some(scored) = self.scored.as_mut() {
+            scored
+                .drain(
+                    Duration::from_millis(1),
+                    DECISIONS_PER_TICK,
+                    |s: &ScoredOutcome| s.observed_at,
+                    |s| {
+                        if let Some(e) =
+                            evidence.get_mut(&s.deployment).filter(|e| s.config_version as u64 == e.version)
+                        {
+                            e.add_scored(&s);
+                        }
+                    },
+                )
+                .await?;
         }
         let feed = self.feed.as_mut().expect("opened above");
-        let evidence = &mut self.evidence;
-        feed.drain(Duration::from_millis(10), DECISIONS_PER_TICK, |decision| {
-            if let Some(e) = evidence.get_mut(&decision.deployment) {
-                if decision.config_version as u64 == e.version {
-                    if let Some(observation) = Observation::of(&decision) {
-                        e.add(observation);
+        feed.drain(
+            Duration::from_millis(10),
+            DECISIONS_PER_TICK,
+            |d: &Decision| d.decided_at,
+            |decision| {
+                if let Some(e) = evidence.get_mut(&decision.deployment) {
+                    if decision.config_version as u64 == e.version {
+                        if let Some(observation) = Observation::of(&decision) {
+                            e.add(observation);
+                        }
                     }
                 }
-            }
-        })
+            },
+        )
         .await?;
         let now = kafka::now_millis();
         let read_through = feed.read_through(now);

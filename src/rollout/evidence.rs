@@ -18,9 +18,9 @@ use std::collections::{BTreeMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::guard::{Block, RateGuard, SampleRatioGuard};
-use super::plan::{GuardKind, Reading};
-use crate::codec::{Decision, DecisionStatus, Millis};
+use super::guard::{Block, MeanGuard, RateGuard, SampleRatioGuard};
+use super::plan::{GuardKind, Loss, Reading};
+use crate::codec::{Decision, DecisionStatus, Millis, ScoredOutcome};
 use crate::routing::Side;
 
 /// Width of a block of routing time.
@@ -85,6 +85,9 @@ pub struct GuardFigures {
     /// The latency guard's threshold, once fixed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency_ms: Option<i64>,
+    /// The quality guard's mean loss per arm: (control, candidate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean_loss: Option<(f64, f64)>,
 }
 
 /// What a plan's step has seen: the numbers behind a change of the controller.
@@ -141,6 +144,10 @@ pub struct StepEvidence {
     timeout: RateGuard,
     latency: RateGuard,
     ratio: SampleRatioGuard,
+    /// The quality guard: its loss, the test, and the users whose first labelled answer it took.
+    quality_loss: Loss,
+    quality: MeanGuard,
+    quality_seen: HashSet<String>,
     arms: [ArmSummary; 2],
     late: u64,
 }
@@ -150,6 +157,7 @@ impl StepEvidence {
     pub fn new(deployment: &crate::routing::Deployment) -> Option<StepEvidence> {
         let plan = deployment.spec.plan.as_ref()?;
         let share = f64::from(deployment.canary_threshold) / 10_000.0;
+        let quality = plan.quality_guard.clone().unwrap_or_default();
         Some(StepEvidence {
             version: deployment.version(),
             started_at: plan.step_started_at,
@@ -165,6 +173,9 @@ impl StepEvidence {
             timeout: RateGuard::default(),
             latency: RateGuard::default(),
             ratio: SampleRatioGuard::new(share, SAMPLE_RATIO_CONCENTRATION),
+            quality_loss: quality.loss,
+            quality: MeanGuard::new(quality.margin, quality.tau),
+            quality_seen: HashSet::new(),
             arms: [ArmSummary::default(); 2],
             late: 0,
         })
@@ -185,6 +196,25 @@ impl StepEvidence {
             return;
         }
         self.open.entry(block).or_default().push(observation);
+    }
+
+    /// Adds a scored answer (of this step's version) to the quality guard: the serving answer of a user's
+    /// first labelled request in the step, in the order labels arrive (so label delays must not depend
+    /// on the label, or the order says something about the outcome). Overrides, attribute rules and
+    /// answers without a score (errors, timeouts: see label coverage) are left out.
+    pub fn add_scored(&mut self, s: &ScoredOutcome) {
+        if s.role != "serving" || self.excluded.contains(&s.user_id) {
+            return;
+        }
+        let arm = match s.cohort.as_str() {
+            "control" => 0,
+            "candidate" => 1,
+            _ => return,
+        };
+        let Some(loss) = self.quality_loss.of(s) else { return };
+        if self.quality_seen.insert(s.user_id.clone()) {
+            self.quality.observe(arm, loss);
+        }
     }
 
     /// Scores every block whose decisions are all final by `final_by`: the time up to which every
@@ -256,12 +286,16 @@ impl StepEvidence {
     /// Users every guard of the plan has scored, per arm: the latency guard scores none before its
     /// threshold is fixed. What a step's minimum sample counts — no guard passes a step unheard.
     pub fn scored(&self) -> (u64, u64) {
-        self.guards.iter().fold(self.users(), |(a, b), guard| {
+        self.guards.iter().fold((u64::MAX, u64::MAX), |(a, b), guard| {
             let (ga, gb) = match guard {
                 GuardKind::ErrorRate => self.error.samples(),
                 GuardKind::TimeoutRate => self.timeout.samples(),
                 GuardKind::Latency => self.latency.samples(),
                 GuardKind::SampleRatio => self.users(),
+                GuardKind::Quality => {
+                    let (a, b) = self.quality.arms();
+                    (a.n, b.n)
+                }
             };
             (a.min(ga), b.min(gb))
         })
@@ -292,6 +326,7 @@ impl StepEvidence {
             GuardKind::TimeoutRate => self.timeout.log_e(),
             GuardKind::Latency => self.latency.log_e(),
             GuardKind::SampleRatio => self.ratio.log_e(),
+            GuardKind::Quality => self.quality.log_e(),
         }
     }
 
@@ -313,6 +348,11 @@ impl StepEvidence {
                         let (a, b) = self.users();
                         (Counts { n: a, bad: 0 }, Counts { n: b, bad: 0 })
                     }
+                    GuardKind::Quality => {
+                        let (a, b) = self.quality.arms();
+                        let bad = |m: &super::guard::Moments| (m.mean * m.n as f64).round() as u64;
+                        (Counts { n: a.n, bad: bad(&a) }, Counts { n: b.n, bad: bad(&b) })
+                    }
                 };
                 GuardFigures {
                     guard,
@@ -321,6 +361,10 @@ impl StepEvidence {
                     control,
                     candidate,
                     latency_ms: if guard == GuardKind::Latency { self.latency_threshold } else { None },
+                    mean_loss: (guard == GuardKind::Quality).then(|| {
+                        let (a, b) = self.quality.arms();
+                        (round3(a.mean), round3(b.mean))
+                    }),
                 }
             })
             .collect();
@@ -370,6 +414,54 @@ mod tests {
         e.add(obs("u3", Side::Control, DecisionStatus::Ok, 5, 100_900));
         assert_eq!(e.late(), 1, "a decision for a scored block is late, not counted");
         assert_eq!(e.users(), (1, 1));
+    }
+
+    #[test]
+    fn the_quality_guard_takes_each_users_first_labelled_serving_answer() {
+        let d = DeploymentSpec::from_json(
+            br#"{"version":7,"strategy":"canary","control":"a","candidate":"b","canary_percent":50,
+                "plan":{"steps":[{"canary_percent":50,"bake_ms":0,"min_sample":1,"max_ms":60000}],
+                        "guards":["quality"],"quality_guard":{"loss":"zero_one"},"step_started_at":100000}}"#,
+        )
+        .unwrap()
+        .validate("fraud")
+        .unwrap();
+        let mut e = StepEvidence::new(&d).unwrap();
+        let scored = |user: &str, cohort: &str, role: &str, wrong: bool| ScoredOutcome {
+            request_id: format!("{user}-{cohort}-{role}"),
+            user_id: user.into(),
+            deployment: "fraud".into(),
+            model: "m".into(),
+            role: role.into(),
+            cohort: cohort.into(),
+            config_version: 7,
+            status: "OK".into(),
+            score: Some(0.9),
+            label: 1.0,
+            zero_one: Some(f64::from(u8::from(wrong))),
+            brier: Some(0.01),
+            log_loss: Some(0.1),
+            absolute_error: None,
+            squared_error: None,
+            label_delay_ms: 1,
+            decided_at: 100_000,
+            observed_at: 100_001,
+            source: "t".into(),
+        };
+        for i in 0..400 {
+            // Control is wrong 10% of the time, the candidate 30%.
+            e.add_scored(&scored(&format!("c{i}"), "control", "serving", i % 10 == 0));
+            e.add_scored(&scored(&format!("k{i}"), "candidate", "serving", i % 10 < 3));
+            e.add_scored(&scored(&format!("k{i}"), "candidate", "serving", false)); // the same user again
+            e.add_scored(&scored(&format!("s{i}"), "candidate", "shadow", true)); // shadows are not arms
+            e.add_scored(&scored(&format!("r{i}"), "candidate:rule:country", "serving", true));
+        }
+        let figures = e.figures(0);
+        let q = &figures.guards[0];
+        assert_eq!((q.guard, q.control.n, q.candidate.n), (GuardKind::Quality, 400, 400));
+        assert_eq!(q.mean_loss, Some((0.1, 0.3)));
+        assert!(q.e_value >= q.threshold, "{q:?}");
+        assert_eq!(e.scored(), (400, 400), "the step's sample counts labelled users");
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! Reads the decisions of every partition (read_committed, outside any group) from a point in time, and
-//! says up to when every partition has been read — what decides that a block of evidence is final.
+//! Reads every partition of a topic (decisions, scored outcomes; read_committed, outside any group)
+//! from a point in time, and says up to when every partition has been read — what decides that a block
+//! of evidence is final.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -9,7 +10,7 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::task::block_in_place;
 
-use crate::codec::{Codec, Decision, Millis};
+use crate::codec::{AvroRecord, Codec, Millis};
 use crate::config::Config;
 use crate::error::Error;
 use crate::kafka::{self, ADMIN_TIMEOUT};
@@ -21,7 +22,7 @@ const CLOCK_SKEW_MARGIN_MS: Millis = 60_000;
 /// much before its decisions arrive too late to count (see `evidence`).
 pub const IDLE_MS: Millis = 10_000;
 
-pub struct DecisionFeed {
+pub struct Feed {
     consumer: StreamConsumer,
     topic: String,
     codec: Codec,
@@ -35,11 +36,11 @@ pub struct DecisionFeed {
     read_through: Millis,
 }
 
-impl DecisionFeed {
-    /// Opens a reader on every decisions partition at the first record written at or after `from`
+impl Feed {
+    /// Opens a reader on every partition of `topic` at the first record written at or after `from`
     /// (less a margin for clock skew); `None`: at the end.
-    pub fn open(config: &Config, codec: Codec, from: Option<Millis>) -> Result<DecisionFeed, Error> {
-        let topic = config.topics.decisions.clone();
+    pub fn open(config: &Config, codec: Codec, topic: &str, from: Option<Millis>) -> Result<Feed, Error> {
+        let topic = topic.to_string();
         let consumer = kafka::reader(config)?;
         let partitions =
             kafka::partition_count(&consumer, &topic)?.ok_or_else(|| Error::MissingTopic(topic.clone()))? as i32;
@@ -65,12 +66,19 @@ impl DecisionFeed {
             end_at_open.insert(e.partition(), high);
         }
         consumer.assign(&assignment)?;
-        Ok(DecisionFeed { consumer, topic, codec, start, end_at_open, newest: HashMap::new(), read_through: 0 })
+        Ok(Feed { consumer, topic, codec, start, end_at_open, newest: HashMap::new(), read_through: 0 })
     }
 
-    /// Hands every decision available now to `f`, waiting at most `wait` for the first; at most `max`.
-    /// Undecodable records are skipped (merge wrote them; a reader of another version may not know them).
-    pub async fn drain(&mut self, wait: Duration, max: usize, mut f: impl FnMut(Decision)) -> Result<usize, Error> {
+    /// Hands every record available now to `f`, waiting at most `wait` for the first; at most `max`.
+    /// `time` says when a record was written, for [`Feed::read_through`]. Undecodable records are
+    /// skipped (switchyard wrote them; a reader of another version may not know them).
+    pub async fn drain<T: AvroRecord>(
+        &mut self,
+        wait: Duration,
+        max: usize,
+        time: impl Fn(&T) -> Millis,
+        mut f: impl FnMut(T),
+    ) -> Result<usize, Error> {
         let mut n = 0;
         let mut wait = wait;
         while n < max {
@@ -78,10 +86,10 @@ impl DecisionFeed {
             let message = received?;
             wait = Duration::from_millis(1);
             n += 1;
-            if let Ok(decision) = self.codec.decode::<Decision>(message.payload().unwrap_or_default()) {
+            if let Ok(record) = self.codec.decode::<T>(message.payload().unwrap_or_default()) {
                 let newest = self.newest.entry(message.partition()).or_default();
-                *newest = (*newest).max(decision.decided_at);
-                f(decision);
+                *newest = (*newest).max(time(&record));
+                f(record);
             }
         }
         Ok(n)

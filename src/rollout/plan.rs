@@ -87,6 +87,9 @@ pub enum GuardKind {
     Latency,
     /// The observed share of users in the candidate arm against the configured share (two-sided).
     SampleRatio,
+    /// The candidate's mean loss against outcome labels, no worse than control's by more than a margin
+    /// (`quality_guard`); needs the deployment's `quality` spec and labels on the outcomes topic.
+    Quality,
 }
 
 impl GuardKind {
@@ -99,12 +102,62 @@ impl GuardKind {
             GuardKind::TimeoutRate => "timeout_rate",
             GuardKind::Latency => "latency",
             GuardKind::SampleRatio => "sample_ratio",
+            GuardKind::Quality => "quality",
         }
     }
 }
 
 fn default_alpha() -> f64 {
     0.05
+}
+
+/// The loss a quality guard compares (see `ScoredOutcome`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Loss {
+    /// Wrong at the deployment's threshold (1 − accuracy).
+    #[default]
+    ZeroOne,
+    Brier,
+    LogLoss,
+    Absolute,
+    Squared,
+}
+
+impl Loss {
+    /// This loss of a scored answer, if it has one.
+    pub fn of(self, s: &crate::codec::ScoredOutcome) -> Option<f64> {
+        match self {
+            Loss::ZeroOne => s.zero_one,
+            Loss::Brier => s.brier,
+            Loss::LogLoss => s.log_loss,
+            Loss::Absolute => s.absolute_error,
+            Loss::Squared => s.squared_error,
+        }
+    }
+}
+
+fn default_tau() -> f64 {
+    0.02
+}
+
+/// The quality guard's test: candidate − control mean loss above `margin`, judged by the mixture SPRT
+/// with mixing scale `tau` (about the smallest harm worth catching).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QualityGuard {
+    #[serde(default)]
+    pub loss: Loss,
+    #[serde(default)]
+    pub margin: f64,
+    #[serde(default = "default_tau")]
+    pub tau: f64,
+}
+
+impl Default for QualityGuard {
+    fn default() -> Self {
+        QualityGuard { loss: Loss::default(), margin: 0.0, tau: default_tau() }
+    }
 }
 
 fn default_guards() -> Vec<GuardKind> {
@@ -123,6 +176,9 @@ pub struct Plan {
     /// False-alarm budget of the whole rollout, split over its guards and steps.
     #[serde(default = "default_alpha")]
     pub alpha: f64,
+    /// The quality guard's loss, margin and scale (used when `guards` has `quality`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quality_guard: Option<QualityGuard>,
     /// The latency guard's threshold; without it each step fixes one from its first control
     /// observations (see `rollout::evidence`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -168,6 +224,8 @@ pub enum InvalidPlan {
     StepOutOfRange { step: usize, steps: usize },
     #[error("step_started_at is required (ms since the epoch; `switchyard deploy --plan` sets it)")]
     NoStartTime,
+    #[error("quality_guard: margin must be at least 0 and tau above 0")]
+    QualityGuard,
 }
 
 impl Plan {
@@ -210,6 +268,11 @@ impl Plan {
         }
         if self.step_started_at <= 0 {
             return Err(InvalidPlan::NoStartTime);
+        }
+        if let Some(q) = &self.quality_guard {
+            if !(q.margin >= 0.0 && q.tau > 0.0 && q.margin.is_finite() && q.tau.is_finite()) {
+                return Err(InvalidPlan::QualityGuard);
+            }
         }
         Ok(())
     }

@@ -9,10 +9,10 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::evidence::{Observation, StepEvidence};
-use super::feed::DecisionFeed;
+use super::feed::Feed;
 use super::history::{self, Entry};
-use super::plan::PlanState;
-use crate::codec::Codec;
+use super::plan::{GuardKind, PlanState};
+use crate::codec::{Codec, Decision, ScoredOutcome};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::kafka::{self, ADMIN_TIMEOUT};
@@ -48,16 +48,39 @@ pub async fn plan_status(config: &Config, codec: &Codec, d: &Deployment) -> Resu
         return Ok(out);
     }
     let mut evidence = StepEvidence::new(d).expect("a plan");
-    let mut feed = DecisionFeed::open(config, codec.clone(), Some(plan.step_started_at))?;
+    if plan.guards.contains(&GuardKind::Quality) {
+        let mut scored = Feed::open(config, codec.clone(), &config.topics.scored_outcomes, Some(plan.step_started_at))?;
+        let started = Instant::now();
+        while !scored.read_what_was_there() && started.elapsed() < READ_LIMIT {
+            scored
+                .drain(
+                    Duration::from_millis(50),
+                    100_000,
+                    |s: &ScoredOutcome| s.observed_at,
+                    |s| {
+                        if s.deployment == d.name && s.config_version as u64 == d.version() {
+                            evidence.add_scored(&s);
+                        }
+                    },
+                )
+                .await?;
+        }
+    }
+    let mut feed = Feed::open(config, codec.clone(), &config.topics.decisions, Some(plan.step_started_at))?;
     let started = Instant::now();
     let read_through = loop {
-        feed.drain(Duration::from_millis(50), 100_000, |decision| {
-            if decision.deployment == d.name && decision.config_version as u64 == d.version() {
-                if let Some(o) = Observation::of(&decision) {
-                    evidence.add(o);
+        feed.drain(
+            Duration::from_millis(50),
+            100_000,
+            |d: &Decision| d.decided_at,
+            |decision| {
+                if decision.deployment == d.name && decision.config_version as u64 == d.version() {
+                    if let Some(o) = Observation::of(&decision) {
+                        evidence.add(o);
+                    }
                 }
-            }
-        })
+            },
+        )
         .await?;
         if feed.read_what_was_there() || started.elapsed() > READ_LIMIT {
             break feed.read_through(kafka::now_millis());
