@@ -109,3 +109,57 @@ async fn labels_are_joined_scored_once_and_bad_ones_dead_lettered_with_reasons()
     assert!(letters.iter().any(|l| l.headers["dlq.reason"].contains("neither 0 nor 1")));
     env.stop().await;
 }
+
+/// A candidate that answers faster but is less accurate (70% against control's 95%) is rolled back by
+/// the quality guard, with the losses in the record's figures; the latency guard stays quiet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_faster_but_less_accurate_candidate_is_rolled_back_on_quality() {
+    let Some(mut env) = Env::new("accuracy").await else { return };
+    let plan = format!(
+        r#"{{"steps":[{{"canary_percent":20,"bake_ms":2000,"min_sample":2000,"max_ms":120000}},
+                     {{"canary_percent":50,"bake_ms":2000,"min_sample":2000,"max_ms":120000}}],
+            "guards":["error_rate","latency","quality"],"quality_guard":{{"loss":"zero_one"}},
+            "step_started_at":{}}}"#,
+        kafka::now_millis()
+    );
+    env.deploy(
+        "fraud",
+        &format!(r#"{{"strategy":"canary","control":"v1","candidate":"v2","canary_percent":20,"timeout_ms":3000,"quality":{{}},"plan":{plan}}}"#),
+    )
+    .await;
+    env.start_service();
+    for (model, latency, accuracy) in [("v1", 40, 0.95), ("v2", 2, 0.7)] {
+        env.start_worker(DemoModel {
+            model: model.into(),
+            latency: Duration::from_millis(latency),
+            error_rate: 0.0,
+            disagree_percent: 0.0,
+            accuracy: Some(accuracy),
+        });
+    }
+    env.start_labeller(Duration::from_millis(500));
+    let start = std::time::Instant::now();
+    let mut round = 0;
+    let rolled_back = loop {
+        round += 1;
+        let mut batch = requests("fraud", &format!("acc{round}"), 200, 200);
+        for r in &mut batch {
+            r.user_id = format!("user-{}", rand::random::<u32>() % 20_000);
+        }
+        env.send(&batch).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let registry = switchyard::control::watcher::snapshot(&env.config).await.unwrap();
+        let d = registry.get("fraud").unwrap();
+        if d.spec.plan.is_none() {
+            break d;
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "not rolled back: {}", d.spec.to_json());
+    };
+    let change = rolled_back.spec.change.clone().unwrap();
+    eprintln!("rolled back after {:.1} s: {}", start.elapsed().as_secs_f64(), change.reason);
+    assert_eq!((change.actor.as_str(), rolled_back.spec.canary_percent), ("guard:quality", 0.0));
+    let quality = change.figures.unwrap().guards.into_iter().find(|g| g.guard.as_str() == "quality").unwrap();
+    let (control, candidate) = quality.mean_loss.unwrap();
+    assert!(control < 0.1 && candidate > 0.2, "{quality:?}");
+    env.stop().await;
+}

@@ -153,6 +153,15 @@ impl Env {
         }));
     }
 
+    /// Starts the demo labeller (the truth of each request, `delay` after it was sent).
+    pub fn start_labeller(&mut self, delay: Duration) {
+        let labeller = switchyard::tools::labeller::Labeller { delay, coverage: 1.0 };
+        let (config, codec, shutdown) = (self.config.clone(), self.codec.clone(), self.shutdown.clone());
+        self.tasks.push(tokio::spawn(async move {
+            labeller.run(config, codec, shutdown).await.expect("labeller runs");
+        }));
+    }
+
     /// Writes a deployment record (JSON without a version) as the next version, like `switchyard deploy`.
     pub async fn deploy(&self, name: &str, json: &str) -> u64 {
         let mut value: serde_json::Value = serde_json::from_str(json).unwrap();
