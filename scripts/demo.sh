@@ -3,7 +3,9 @@
 # copies via mirror), three demo model workers, load, the live split and sample decisions, then a
 # blue/green switch to fraud-v2 and back. Then rollouts that drive themselves: a plan takes the healthy
 # fraud-v2 from 1% to 100% unattended, and a second plan's guards roll back fraud-v4, which fails 20% of
-# its requests; the history says who did what and why. Stops everything it started.
+# its requests; the history says who did what and why. Last, outcome labels: a labeller reports what
+# really happened, answers are scored, and a candidate that is faster but less accurate (churn-v2, 75%
+# against 90%) is rolled back by the quality guard, not by latency. Stops everything it started.
 #
 # DEMO_RATE (requests/s, default 200) and DEMO_SECONDS (per phase, default 8) tune it.
 set -euo pipefail
@@ -51,6 +53,9 @@ for model in fraud-v1 fraud-v2 fraud-v3; do
   $bin demo-model --model "$model" --latency-ms 15 --error-rate 0.01 >"$logs/$model.log" 2>&1 & pids+=($!)
 done
 $bin demo-model --model fraud-v4 --latency-ms 15 --error-rate 0.2 >"$logs/fraud-v4.log" 2>&1 & pids+=($!)
+$bin demo-model --model churn-v1 --latency-ms 30 --accuracy 0.9 >"$logs/churn-v1.log" 2>&1 & pids+=($!)
+$bin demo-model --model churn-v2 --latency-ms 2 --accuracy 0.75 >"$logs/churn-v2.log" 2>&1 & pids+=($!)
+$bin labeller --delay-ms 2000 >"$logs/labeller.log" 2>&1 & pids+=($!)
 for _ in $(seq 1 60); do curl -fs 127.0.0.1:9898/readyz >/dev/null 2>&1 && break; sleep 0.5; done
 curl -fs 127.0.0.1:9898/readyz
 
@@ -77,17 +82,18 @@ $bin rollback fraud
 phase "after the switch back (fraud-v1 serves everyone)"
 
 # A plan runs unattended while load flows: waits until `until` (a grep pattern) shows in `status`.
-run_plan() { # title, until
+run_plan() { # title, until, deployment (default fraud)
   step "$1"
-  $bin loadgen --deployment fraud --rate "$rate" --count "$((rate * 120))" --users 20000 >"$logs/loadgen-plan.log" 2>&1 &
+  local name="${3:-fraud}"
+  $bin loadgen --deployment "$name" --rate "$rate" --count "$((rate * 120))" --users 20000 >"$logs/loadgen-plan.log" 2>&1 &
   local load=$! start=$SECONDS
-  until $bin status fraud 2>/dev/null | grep -q "$2"; do
+  until $bin status "$name" 2>/dev/null | grep -q "$2"; do
     sleep 2; local waited=$((SECONDS - start))
-    echo "-- after ${waited} s:"; $bin status fraud | grep -E 'plan:|last change|observed split|^    (error_rate|timeout_rate|latency|sample_ratio)' || true
+    echo "-- after ${waited} s:"; $bin status "$name" | grep -E 'plan:|last change|observed split|^    (error_rate|timeout_rate|latency|sample_ratio|quality)' || true
     if [ "$waited" -ge 120 ]; then echo "the plan did not finish in 120 s"; kill "$load"; exit 1; fi
   done
   kill "$load" 2>/dev/null || true; wait "$load" 2>/dev/null || true
-  $bin status fraud | grep -vE '^  record:'
+  $bin status "$name" | grep -vE '^  record:'
 }
 
 plan='{"steps":[{"canary_percent":1,"bake_ms":5000,"min_sample":20,"max_ms":90000},
@@ -108,7 +114,31 @@ run_plan "the guards judge fraud-v4" "last change by guard:"
 step "the history: every change, by whom and why, with the evidence"
 $bin history fraud
 
+accuracy() { # per model, from the quality counters on /metrics: labelled answers and share right
+  curl -fs 127.0.0.1:9898/metrics | awk '
+    /^switchyard_quality_labelled_total\{/ && /deployment="churn"/ { match($0, /model="[^"]*"/); m = substr($0, RSTART + 7, RLENGTH - 8); n[m] += $NF }
+    /^switchyard_quality_loss_micros_total\{/ && /deployment="churn"/ && /loss="zero_one"/ { match($0, /model="[^"]*"/); m = substr($0, RSTART + 7, RLENGTH - 8); w[m] += $NF / 1e6 }
+    END { for (m in n) printf "  %-10s %6d labelled answers, accuracy %.3f\n", m, n[m], 1 - w[m] / n[m] }' | sort
+}
+
+step "outcome labels: churn-v1 (90% accurate) serves, churn-v2 (75%, but 15x faster) gets shadow copies; labels arrive 2 s after each request"
+$bin deploy churn --strategy shadow --control churn-v1 --candidate churn-v2 --timeout-ms 1000 --quality '{}' --reason "score both"
+$bin loadgen --deployment churn --rate "$rate" --count "$((rate * 9))" --users 20000 >"$logs/loadgen-churn.log" 2>&1 &
+load=$!
+for t in 3 6 9; do sleep 3; echo "-- after ${t} s:"; accuracy; done
+wait "$load" 2>/dev/null || true
+
+churn_plan='{"steps":[{"canary_percent":10,"bake_ms":5000,"min_sample":100,"max_ms":90000},
+                      {"canary_percent":50,"bake_ms":5000,"min_sample":100,"max_ms":90000}],
+             "guards":["error_rate","timeout_rate","latency","sample_ratio","quality"],
+             "quality_guard":{"loss":"zero_one","margin":0.0}}'
+step "a plan for churn-v2 with a quality guard: faster is not better if it is wrong"
+$bin deploy churn --strategy canary --control churn-v1 --candidate churn-v2 --timeout-ms 1000 --quality '{}' \
+  --plan "$churn_plan" --reason "try the fast model"
+run_plan "the guards judge churn-v2" "last change by guard:" churn
+$bin history churn | tail -12
+
 step "what Prometheus sees (excerpt of 127.0.0.1:9898/metrics)"
-curl -fs 127.0.0.1:9898/metrics | grep -E '^switchyard_(decisions_total|shadow_comparisons_total|config_version|pending_requests|dead_letters_total|rollout_changes_total)' | sort
+curl -fs 127.0.0.1:9898/metrics | grep -E '^switchyard_(decisions_total|shadow_comparisons_total|config_version|pending_requests|dead_letters_total|rollout_changes_total|quality_labelled_total)' | sort
 
 step "demo done (logs in $logs/)"

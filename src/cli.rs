@@ -163,6 +163,10 @@ pub struct DeployArgs {
     /// before the cohort hash (canary, blue/green; repeat for several, first match wins).
     #[arg(long = "rule", value_parser = parse_rule)]
     pub rules: Vec<Rule>,
+    /// Score answers against outcome labels: JSON, e.g. '{}' (binary classification, the output is the
+    /// probability as text, threshold 0.5) or '{"task":"regression","score":{"json_field":"eta"}}'.
+    #[arg(long)]
+    pub quality: Option<String>,
     /// A rollout plan (canary): a JSON file, or the JSON itself, e.g.
     /// '{"steps":[{"canary_percent":1,"bake_ms":60000,"min_sample":500,"max_ms":3600000}, ...]}'.
     /// The canary starts at the first step's share; the controller does the rest.
@@ -220,6 +224,11 @@ fn parse_plan(text: &str) -> Result<Plan> {
 impl DeployArgs {
     fn spec(self) -> Result<DeploymentSpec> {
         let plan = self.plan.as_deref().map(parse_plan).transpose()?;
+        let quality = self
+            .quality
+            .as_deref()
+            .map(|q| serde_json::from_str(q).map_err(|e| Error::Usage(format!("--quality: {e}"))))
+            .transpose()?;
         let canary_percent = plan.as_ref().map_or(self.canary_percent, |p| p.current().canary_percent);
         let reason = self.reason.unwrap_or_else(|| match &plan {
             Some(p) => format!("deploy with a plan of {} steps", p.steps.len()),
@@ -239,7 +248,7 @@ impl DeployArgs {
             fallback: self.fallback,
             overrides: self.overrides.into_iter().collect(),
             rules: self.rules,
-            quality: None,
+            quality,
             plan,
             change: Some(ops::operator_change(reason)),
         })
