@@ -163,3 +163,58 @@ async fn a_faster_but_less_accurate_candidate_is_rolled_back_on_quality() {
     assert!(control < 0.1 && candidate > 0.2, "{quality:?}");
     env.stop().await;
 }
+
+fn spawn_instance(env: &Env, id: &str, log: &std::path::Path) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["run", "--instance-id", id])
+        .envs(env.vars.iter().cloned())
+        .env("RUST_LOG", "info,rdkafka=warn,librdkafka=error")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+/// Two instances join labels while one of them is killed with SIGKILL and restarted mid-stream: every
+/// labelled request is scored exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_instance_killed_mid_stream_scores_every_label_exactly_once() {
+    let Some(mut env) = Env::new("labelkill").await else { return };
+    env.deploy("fraud", r#"{"strategy":"single","control":"v1","timeout_ms":5000,"quality":{}}"#).await;
+    let dir = std::env::temp_dir().join(format!("switchyard-{}", env.config.service.group_id));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut a = spawn_instance(&env, "a", &dir.join("a.log"));
+    let mut b = spawn_instance(&env, "b", &dir.join("b.log"));
+    env.start_worker(DemoModel {
+        model: "v1".into(),
+        latency: Duration::from_millis(2),
+        error_rate: 0.0,
+        disagree_percent: 0.0,
+        accuracy: Some(0.9),
+    });
+    let sent = requests("fraud", "labelkill", 3000, 600);
+    env.send(&sent).await;
+    env.read::<Decision>(&env.config.topics.decisions, 3000, LIMIT, Duration::from_secs(1)).await;
+    let truth_of = |r: &switchyard::codec::Request| f64::from(u8::from(truth(&r.payload)));
+    for (i, chunk) in sent.chunks(250).enumerate() {
+        env.produce(chunk.iter().map(|r| outcome_record(&env, r, truth_of(r))).collect()).await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        if i == 4 {
+            a.kill().unwrap(); // SIGKILL, mid-stream
+            a.wait().unwrap();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            a = spawn_instance(&env, "a", &dir.join("a2.log"));
+        }
+    }
+    let scored =
+        env.read::<ScoredOutcome>(&env.config.topics.scored_outcomes, 3000, LIMIT, Duration::from_secs(8)).await;
+    let ids: HashSet<&str> = scored.iter().map(|r| r.value.request_id.as_str()).collect();
+    assert_eq!((scored.len(), ids.len()), (3000, 3000), "every label scored, none twice");
+    let letters = env.read_raw(&env.config.topics.dead_letter, 0, Duration::from_secs(5), Duration::from_secs(1)).await;
+    assert!(letters.is_empty(), "no label dead-lettered: {:?}", letters.iter().map(|l| &l.headers).collect::<Vec<_>>());
+    for child in [&mut a, &mut b] {
+        let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        child.wait().unwrap();
+    }
+    env.stop().await;
+}
