@@ -57,7 +57,7 @@ async fn topics(config: &Config) -> Result<()> {
 }
 
 /// Reads the changelog partitions of `assigned` back into a join.
-async fn restore(config: &Config, assigned: &[i32]) -> Result<Join> {
+pub async fn restore(config: &Config, assigned: &[i32]) -> Result<Join> {
     let topic = &config.topics.score_changelog;
     let reader = kafka::reader(config)?;
     let mut tpl = TopicPartitionList::new();
