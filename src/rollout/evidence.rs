@@ -146,6 +146,7 @@ pub struct StepEvidence {
     ratio: SampleRatioGuard,
     /// The quality guard: its loss, the test, and the users whose first labelled answer it took.
     quality_loss: Loss,
+    quality_margin: f64,
     quality: MeanGuard,
     quality_seen: HashSet<String>,
     arms: [ArmSummary; 2],
@@ -174,6 +175,7 @@ impl StepEvidence {
             latency: RateGuard::default(),
             ratio: SampleRatioGuard::new(share, SAMPLE_RATIO_CONCENTRATION),
             quality_loss: quality.loss,
+            quality_margin: quality.margin,
             quality: MeanGuard::new(quality.margin, quality.tau),
             quality_seen: HashSet::new(),
             arms: [ArmSummary::default(); 2],
@@ -317,7 +319,21 @@ impl StepEvidence {
 
     /// Each guard of the plan with its e-process.
     pub fn readings(&self) -> Vec<Reading> {
-        self.guards.iter().map(|&guard| Reading { guard, log_e: self.log_e(guard) }).collect()
+        self.guards
+            .iter()
+            .map(|&guard| Reading { guard, log_e: self.log_e(guard), cleared: self.cleared(guard) })
+            .collect()
+    }
+
+    /// Whether `guard` lets the step pass. The quality guard: once the upper end of its confidence
+    /// sequence (at its share of α) is below its margin — the candidate is shown no worse than that.
+    fn cleared(&self, guard: GuardKind) -> bool {
+        match guard {
+            GuardKind::Quality => {
+                self.quality.interval((-self.log_threshold).exp()).is_some_and(|(_, high)| high < self.quality_margin)
+            }
+            _ => true,
+        }
     }
 
     fn log_e(&self, guard: GuardKind) -> f64 {

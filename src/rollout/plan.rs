@@ -293,6 +293,10 @@ impl Plan {
 pub struct Reading {
     pub guard: GuardKind,
     pub log_e: f64,
+    /// Whether the guard lets the step pass: rate guards do once the sample is there (no alarm); the
+    /// quality guard only once its confidence sequence puts the candidate within its margin (the
+    /// absence of an alarm on a few labels is not evidence of safety).
+    pub cleared: bool,
 }
 
 /// What the plan does next.
@@ -332,8 +336,19 @@ pub fn judge(plan: &Plan, samples: (u64, u64), readings: &[Reading], now: Millis
     let step = plan.current();
     let elapsed = (now - plan.step_started_at).max(0) as u64;
     let (control, candidate) = samples;
-    if control >= step.min_sample && candidate >= step.min_sample && elapsed >= step.bake_ms {
+    let sampled = control >= step.min_sample && candidate >= step.min_sample;
+    let uncleared: Vec<&str> = readings.iter().filter(|r| !r.cleared).map(|r| r.guard.as_str()).collect();
+    if sampled && elapsed >= step.bake_ms && uncleared.is_empty() {
         return if plan.step + 1 == plan.steps.len() { Verdict::Complete } else { Verdict::Advance(plan.step + 1) };
+    }
+    if elapsed >= step.max_ms && sampled {
+        return Verdict::Pause(format!(
+            "step {} ran its maximum of {} ms: no guard fired, but {} has not shown the candidate within its \
+             margin",
+            plan.step + 1,
+            step.max_ms,
+            uncleared.join(", ")
+        ));
     }
     if elapsed >= step.max_ms {
         return Verdict::Pause(format!(
@@ -385,6 +400,18 @@ mod tests {
     }
 
     #[test]
+    fn a_guard_that_has_not_cleared_holds_the_step_and_pauses_it_at_its_maximum() {
+        let p = ramp();
+        let open = Reading { guard: GuardKind::Quality, log_e: 0.0, cleared: false };
+        assert_eq!(judge(&p, (5000, 100), std::slice::from_ref(&open), 11_000), Verdict::Hold);
+        let cleared = Reading { cleared: true, ..open.clone() };
+        assert_eq!(judge(&p, (5000, 100), &[cleared], 11_000), Verdict::Advance(1));
+        assert!(
+            matches!(judge(&p, (5000, 100), &[open], 15_000), Verdict::Pause(r) if r.contains("quality has not shown"))
+        );
+    }
+
+    #[test]
     fn no_data_pauses_at_the_maximum_duration() {
         let p = at(1);
         assert_eq!(judge(&p, (0, 0), &[], 14_999), Verdict::Hold);
@@ -395,8 +422,8 @@ mod tests {
     fn a_fired_guard_wins_over_progress() {
         let p = Plan { guards: vec![GuardKind::ErrorRate, GuardKind::TimeoutRate], ..ramp() };
         // Two guards over three steps at alpha 0.05: each fires at e = 120.
-        let quiet = Reading { guard: GuardKind::ErrorRate, log_e: 119f64.ln() };
-        let loud = Reading { guard: GuardKind::TimeoutRate, log_e: 121f64.ln() };
+        let quiet = Reading { guard: GuardKind::ErrorRate, log_e: 119f64.ln(), cleared: true };
+        let loud = Reading { guard: GuardKind::TimeoutRate, log_e: 121f64.ln(), cleared: true };
         assert_eq!(judge(&p, (5000, 100), &[quiet.clone(), quiet.clone()], 11_000), Verdict::Advance(1));
         let verdict = judge(&p, (5000, 100), &[quiet, loud], 11_000);
         assert!(
