@@ -43,7 +43,7 @@ pub enum Command {
         instance_id: Option<String>,
     },
     /// Write a validated deployment record with the next version.
-    Deploy(DeployArgs),
+    Deploy(Box<DeployArgs>),
     /// Show deployments in force, their split, rejected records, and each plan's step and guards.
     Status { deployment: Option<String> },
     /// Make the candidate serve (blue/green: switch; otherwise: candidate becomes control). Ends a plan.

@@ -383,7 +383,8 @@ impl Join {
             if let Some((outcome, source)) = self.early.remove(&id) {
                 state(fx, &id, source.partition, None);
                 let reason = format!(
-                    "no decision for request {id} within {} ms of its label: not decided, or decided more than the window ago",
+                    "no decision for request {id} within {} ms of its label: not decided, decided more than the window ago, \
+                     or its deployment has no quality spec",
                     self.config.early_wait_ms
                 );
                 fx.push(Effect::Rejected { outcome, source, why: Rejected::NoDecision, reason });
