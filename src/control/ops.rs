@@ -124,6 +124,9 @@ pub fn describe_split(d: &Deployment) -> String {
     if !spec.overrides.is_empty() {
         let _ = write!(text, "; {} user override(s)", spec.overrides.len());
     }
+    for rule in &spec.rules {
+        let _ = write!(text, "; {} in [{}] -> {}", rule.attribute, rule.values.join(", "), rule.side);
+    }
     text
 }
 
