@@ -127,6 +127,7 @@ $bin loadgen --deployment churn --rate "$rate" --count "$((rate * 9))" --users 2
 load=$!
 for t in 3 6 9; do sleep 3; echo "-- after ${t} s:"; accuracy; done
 wait "$load" 2>/dev/null || true
+$bin status churn | grep -A3 "quality (" || true
 
 churn_plan='{"steps":[{"canary_percent":20,"bake_ms":5000,"min_sample":100,"max_ms":90000},
                       {"canary_percent":50,"bake_ms":5000,"min_sample":100,"max_ms":90000}],

@@ -317,7 +317,9 @@ pub async fn run(cli: Cli) -> Result<()> {
             let registry = watcher::snapshot(&config).await?;
             let mut plans = BTreeMap::new();
             for d in registry.deployments().filter(|d| deployment.as_ref().is_none_or(|name| d.name == *name)) {
-                plans.insert(d.name.clone(), rollout::report::plan_status(&config, &codec, d).await?);
+                let mut detail = rollout::report::plan_status(&config, &codec, d).await?;
+                detail.push_str(&rollout::report::quality_status(&config, &codec, d).await?);
+                plans.insert(d.name.clone(), detail);
             }
             print!("{}", ops::render_status(&registry, deployment.as_deref(), &plans)?);
             Ok(())

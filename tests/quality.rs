@@ -107,6 +107,19 @@ async fn labels_are_joined_scored_once_and_bad_ones_dead_lettered_with_reasons()
     assert_eq!(kinds, expected, "{letters:?}");
     assert!(letters.iter().any(|l| l.headers["dlq.reason"].contains("murmur2")));
     assert!(letters.iter().any(|l| l.headers["dlq.reason"].contains("neither 0 nor 1")));
+
+    // status: quality per model from the scored outcomes, the same figures recomputed here.
+    let (ok, text, err) = env.cli(&["status", "fraud"]);
+    assert!(ok, "{err}");
+    for model in ["v1", "v2"] {
+        let right = 180 - wrong(model);
+        let line = format!(
+            "{model} ({}, control): 180 scored, accuracy {:.3}",
+            if model == "v1" { "serving" } else { "shadow" },
+            right as f64 / 180.0
+        );
+        assert!(text.contains(&line), "{text} lacks {line:?}");
+    }
     env.stop().await;
 }
 

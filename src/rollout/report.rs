@@ -120,6 +120,84 @@ pub async fn plan_status(config: &Config, codec: &Codec, d: &Deployment) -> Resu
     Ok(out)
 }
 
+/// How far back `status` reads scored outcomes for a deployment's quality.
+const QUALITY_LOOKBACK_MS: i64 = 3_600_000;
+
+/// Quality per model, role and cohort from the scored outcomes of the last hour; empty without a
+/// `quality` spec.
+pub async fn quality_status(config: &Config, codec: &Codec, d: &Deployment) -> Result<String> {
+    use crate::quality::metrics::{BinaryCounts, DelayHistogram, RegressionCounts};
+    use crate::quality::score::Task;
+    use std::collections::BTreeMap;
+
+    let Some(spec) = &d.spec.quality else { return Ok(String::new()) };
+    #[derive(Default)]
+    struct Figures {
+        binary: BinaryCounts,
+        regression: RegressionCounts,
+        unscored: u64,
+        delays: DelayHistogram,
+    }
+    let mut by: BTreeMap<(String, String, String), Figures> = BTreeMap::new();
+    let now = kafka::now_millis();
+    let mut feed = Feed::open(config, codec.clone(), &config.topics.scored_outcomes, Some(now - QUALITY_LOOKBACK_MS))?;
+    let started = Instant::now();
+    while !feed.read_what_was_there() && started.elapsed() < READ_LIMIT {
+        feed.drain(
+            Duration::from_millis(50),
+            100_000,
+            |s: &ScoredOutcome| s.observed_at,
+            |s| {
+                if s.deployment != d.name || s.observed_at < now - QUALITY_LOOKBACK_MS {
+                    return;
+                }
+                let f = by.entry((s.model.clone(), s.role.clone(), s.cohort.clone())).or_default();
+                f.delays.add(s.label_delay_ms);
+                match (s.score, spec.task) {
+                    (None, _) => f.unscored += 1,
+                    (Some(score), Task::BinaryClassification) => f.binary.add(score, s.label == 1.0, spec.threshold),
+                    (Some(score), Task::Regression) => f.regression.add(score, s.label),
+                }
+            },
+        )
+        .await?;
+    }
+    let mut out = String::new();
+    if by.is_empty() {
+        let _ = writeln!(out, "  quality: no labelled answers in the last hour");
+        return Ok(out);
+    }
+    let _ = writeln!(out, "  quality (answers labelled in the last hour):");
+    let show = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.3}"));
+    for ((model, role, cohort), f) in &by {
+        let delays = format!(
+            "label delay p50 <= {} s, p90 <= {} s",
+            f.delays.quantile_ms(0.5).unwrap_or(0) / 1000,
+            f.delays.quantile_ms(0.9).unwrap_or(0) / 1000
+        );
+        let figures = match spec.task {
+            Task::BinaryClassification => format!(
+                "{} scored, accuracy {}, Brier {}, log-loss {}, AUC {}, calibration error {}",
+                f.binary.n(),
+                show(f.binary.accuracy()),
+                show(f.binary.brier()),
+                show(f.binary.log_loss()),
+                show(f.binary.auc()),
+                show(f.binary.calibration_error())
+            ),
+            Task::Regression => format!(
+                "{} scored, MAE {}, RMSE {}, bias {}",
+                f.regression.n,
+                show(f.regression.mae()),
+                show(f.regression.rmse()),
+                show(f.regression.bias())
+            ),
+        };
+        let _ = writeln!(out, "    {model} ({role}, {cohort}): {figures}; {} without a score; {delays}", f.unscored);
+    }
+    Ok(out)
+}
+
 /// The history entries of `name` (all deployments: None), oldest first.
 pub async fn read_history(config: &Config, name: Option<&str>) -> Result<Vec<Entry>> {
     let topic = &config.topics.history;
