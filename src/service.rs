@@ -24,19 +24,13 @@ pub enum Roles {
 /// Creates the topics the service reads and writes (per-model topics are created per deployment).
 pub async fn ensure_core_topics(config: &Config) -> Result<()> {
     let t = &config.topics;
-    let topics = [
-        &t.requests,
-        &t.routed,
-        &t.merge_changelog,
-        &t.forwarded_predictions,
-        &t.decisions,
-        &t.shadow_comparisons,
-        &t.outcomes,
-        &t.scored_outcomes,
-        &t.dead_letter,
-    ]
-    .map(|s| s.to_string());
+    let topics =
+        [&t.requests, &t.routed, &t.merge_changelog, &t.forwarded_predictions, &t.scored_outcomes, &t.dead_letter]
+            .map(|s| s.to_string());
     kafka::ensure_topics(config, &topics, TopicKind::Stream).await?;
+    // What the score stage joins must be kept at least as long as its window.
+    let joined = [&t.decisions, &t.shadow_comparisons, &t.outcomes].map(|s| s.to_string());
+    kafka::ensure_topics(config, &joined, TopicKind::KeptFor(config.quality.window_ms)).await?;
     kafka::ensure_topics(config, std::slice::from_ref(&t.score_changelog), TopicKind::Changelog).await?;
     kafka::ensure_topics(config, std::slice::from_ref(&t.deployments), TopicKind::Compacted).await?;
     kafka::ensure_topics(config, std::slice::from_ref(&t.history), TopicKind::Audit).await?;

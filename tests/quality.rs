@@ -231,3 +231,26 @@ async fn a_joining_instance_killed_mid_stream_scores_every_label_exactly_once() 
     }
     env.stop().await;
 }
+
+/// The topics the score stage joins are created to keep records at least as long as its window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joined_topics_are_created_to_outlive_the_window() {
+    let Some(mut env) = Env::new("retention").await else { return };
+    let thirty_days: u64 = 30 * 86_400_000;
+    env.config.quality.window_ms = thirty_days;
+    let prefix = format!("{}-30d", env.config.service.group_id);
+    env.config.topics.decisions = format!("{prefix}.decisions");
+    env.config.topics.outcomes = format!("{prefix}.outcomes");
+    env.config.topics.requests = format!("{prefix}.requests");
+    switchyard::service::ensure_core_topics(&env.config).await.unwrap();
+    let t = &env.config.topics;
+    let retention: HashMap<String, i64> = kafka::retention_ms(&env.config, &[&t.decisions, &t.outcomes, &t.requests])
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(retention[&t.decisions], thirty_days as i64);
+    assert_eq!(retention[&t.outcomes], thirty_days as i64);
+    assert_ne!(retention[&t.requests], thirty_days as i64, "other topics keep the broker's default");
+    env.stop().await;
+}

@@ -256,6 +256,25 @@ pub enum TopicKind {
     Audit,
     /// `topics.partitions` partitions, `cleanup.policy=compact`: a stage's state by key.
     Changelog,
+    /// `topics.partitions` partitions, kept at least this many ms (inputs of the score stage's window).
+    KeptFor(u64),
+}
+
+/// `retention.ms` of each of `topics` (-1: kept for ever); topics that cannot be described are left out.
+pub async fn retention_ms(config: &Config, topics: &[&str]) -> Result<Vec<(String, i64)>, KafkaError> {
+    use rdkafka::admin::ResourceSpecifier;
+    let admin: AdminClient<DefaultClientContext> = base(config).create()?;
+    let specifiers: Vec<ResourceSpecifier> = topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
+    let options = AdminOptions::new().request_timeout(Some(ADMIN_TIMEOUT));
+    let mut out = Vec::new();
+    for (topic, result) in topics.iter().zip(admin.describe_configs(&specifiers, &options).await?) {
+        if let Some(ms) = result.ok().and_then(|r| r.get("retention.ms").and_then(|e| e.value.clone())) {
+            if let Ok(ms) = ms.parse() {
+                out.push((topic.to_string(), ms));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Creates the topics that do not exist yet.
@@ -268,17 +287,23 @@ pub async fn ensure_topics(config: &Config, names: &[String], kind: TopicKind) -
     }
     let admin: AdminClient<DefaultClientContext> = base(config).create()?;
     let record_limit = TOPIC_RECORD_LIMIT.to_string();
+    let kept_for = if let TopicKind::KeptFor(ms) = kind { ms.to_string() } else { String::new() };
     let topics: Vec<NewTopic> = names
         .iter()
         .map(|name| {
             let topic = NewTopic::new(
                 name,
-                if matches!(kind, TopicKind::Stream | TopicKind::Changelog) { config.topics.partitions } else { 1 },
+                if matches!(kind, TopicKind::Stream | TopicKind::Changelog | TopicKind::KeptFor(_)) {
+                    config.topics.partitions
+                } else {
+                    1
+                },
                 TopicReplication::Fixed(config.topics.replication_factor),
             );
             let topic = topic.set("max.message.bytes", &record_limit);
             match kind {
                 TopicKind::Stream => topic,
+                TopicKind::KeptFor(_) => topic.set("retention.ms", &kept_for),
                 TopicKind::Compacted | TopicKind::Changelog => topic.set("cleanup.policy", "compact"),
                 TopicKind::Audit => {
                     topic.set("cleanup.policy", "delete").set("retention.ms", "-1").set("retention.bytes", "-1")

@@ -53,7 +53,26 @@ async fn topics(config: &Config) -> Result<()> {
             list.join(", ")
         )));
     }
+    let joined = [t.decisions.as_str(), t.shadow_comparisons.as_str(), t.outcomes.as_str()];
+    for problem in short_retention(&kafka::retention_ms(config, &joined).await?, config.quality.window_ms) {
+        tracing::error!("{problem}");
+    }
     Ok(())
+}
+
+/// What is wrong with topics that keep records for less than the window.
+pub fn short_retention(retentions: &[(String, i64)], window_ms: u64) -> Vec<String> {
+    retentions
+        .iter()
+        .filter(|(_, ms)| *ms >= 0 && (*ms as u64) < window_ms)
+        .map(|(topic, ms)| {
+            format!(
+                "topic {topic} keeps records for {ms} ms, less than quality.window_ms ({window_ms}): after a restart \
+                 the score stage may find its inputs gone, and labels later than {ms} ms meet no decision; set its \
+                 retention.ms to at least {window_ms} (or -1)"
+            )
+        })
+        .collect()
 }
 
 /// Reads the changelog partitions of `assigned` back into a join.
@@ -269,5 +288,17 @@ fn output(effect: Effect, config: &Config, codec: &Codec) -> (Option<OutRecord>,
             record.partition = Some(partition);
             (Some(record), None)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn inputs_kept_shorter_than_the_window_are_named() {
+        let retentions =
+            [("decisions".to_string(), 86_400_000), ("outcomes".to_string(), -1), ("ok".to_string(), 604_800_000)];
+        let problems = super::short_retention(&retentions, 604_800_000);
+        assert_eq!(problems.len(), 1);
+        assert!(problems[0].contains("topic decisions keeps records for 86400000 ms"), "{problems:?}");
     }
 }
