@@ -177,17 +177,6 @@ async fn a_faster_but_less_accurate_candidate_is_rolled_back_on_quality() {
     env.stop().await;
 }
 
-fn spawn_instance(env: &Env, id: &str, log: &std::path::Path) -> std::process::Child {
-    std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["run", "--instance-id", id])
-        .envs(env.vars.iter().cloned())
-        .env("RUST_LOG", "info,rdkafka=warn,librdkafka=error")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap()
-}
-
 /// Two instances join labels while one of them is killed with SIGKILL and restarted mid-stream: every
 /// labelled request is scored exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -196,8 +185,8 @@ async fn a_joining_instance_killed_mid_stream_scores_every_label_exactly_once() 
     env.deploy("fraud", r#"{"strategy":"single","control":"v1","timeout_ms":5000,"quality":{}}"#).await;
     let dir = std::env::temp_dir().join(format!("switchyard-{}", env.config.service.group_id));
     std::fs::create_dir_all(&dir).unwrap();
-    let mut a = spawn_instance(&env, "a", &dir.join("a.log"));
-    let mut b = spawn_instance(&env, "b", &dir.join("b.log"));
+    let mut a = env.spawn_instance("a", &dir.join("a.log"));
+    let mut b = env.spawn_instance("b", &dir.join("b.log"));
     env.start_worker(DemoModel {
         model: "v1".into(),
         latency: Duration::from_millis(2),
@@ -216,7 +205,7 @@ async fn a_joining_instance_killed_mid_stream_scores_every_label_exactly_once() 
             a.kill().unwrap(); // SIGKILL, mid-stream
             a.wait().unwrap();
             tokio::time::sleep(Duration::from_millis(500)).await;
-            a = spawn_instance(&env, "a", &dir.join("a2.log"));
+            a = env.spawn_instance("a", &dir.join("a2.log"));
         }
     }
     let scored =

@@ -4,7 +4,7 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use common::Env;
@@ -225,18 +225,6 @@ async fn plans_promote_a_healthy_candidate_and_guards_roll_back_failing_and_slow
     env.stop().await;
 }
 
-/// A `switchyard run` process.
-fn spawn_instance(env: &Env, id: &str, log: &std::path::Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["run", "--instance-id", id])
-        .envs(env.vars.iter().cloned())
-        .env("RUST_LOG", "info,rdkafka=warn,librdkafka=error")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap()
-}
-
 /// Two instances; the one leading the controller is killed with SIGKILL while the plan runs. The other
 /// takes over, the plan completes, and each step's record is on the deployments topic once and in the
 /// history once.
@@ -247,7 +235,7 @@ async fn a_controller_killed_mid_plan_hands_over_and_writes_each_step_once() {
     std::fs::create_dir_all(&dir).unwrap();
     let mut instances: HashMap<&str, Child> = HashMap::new();
     for id in ["a", "b"] {
-        instances.insert(id, spawn_instance(&env, id, &dir.join(format!("{id}.log"))));
+        instances.insert(id, env.spawn_instance(id, &dir.join(format!("{id}.log"))));
     }
     env.start_model("v1", 2, 0.0, 0.0);
     env.start_model("v2", 2, 0.0, 0.0);

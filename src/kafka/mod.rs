@@ -348,6 +348,29 @@ pub async fn wait_for_topic<C: ConsumerContext + 'static>(
     }
 }
 
+/// The one partition count of `topics`, which `stage` joins by partition: waits for each to exist, and
+/// names them all with their counts when they differ.
+pub async fn same_partition_count<C: ConsumerContext + 'static>(
+    consumer: &StreamConsumer<C>,
+    topics: &[&str],
+    stage: &str,
+) -> Result<usize, crate::error::Error> {
+    use crate::error::Error;
+    let mut counts = Vec::new();
+    for topic in topics {
+        let n = wait_for_topic(consumer, topic).await?.ok_or_else(|| Error::MissingTopic(topic.to_string()))?;
+        counts.push((topic, n));
+    }
+    if counts.iter().any(|(_, n)| *n != counts[0].1) {
+        let list: Vec<String> = counts.iter().map(|(topic, n)| format!("{topic} has {n}")).collect();
+        return Err(Error::Usage(format!(
+            "{stage} joins by partition, so these topics need the same partition count: {}",
+            list.join(", ")
+        )));
+    }
+    Ok(counts[0].1)
+}
+
 /// Partition count of `topic`, or `None` if it does not exist.
 pub fn partition_count<C: ConsumerContext + 'static>(
     consumer: &StreamConsumer<C>,

@@ -20,7 +20,7 @@ use rdkafka::message::{Headers, Message, OwnedMessage};
 use crate::codec::{Codec, Prediction, Routed};
 use crate::config::Config;
 use crate::dead_letter::{Kind, Letter};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::kafka::partitioner::partition_for_key;
 use crate::kafka::{self, Commit, GroupWatch, OutRecord, Outbox, SourcePos, TxnStage};
 use crate::shutdown::Shutdown;
@@ -209,20 +209,9 @@ impl Topology {
     /// Reads the partition counts of the topics merge joins by partition, which must be equal.
     async fn load(consumer: &StreamConsumer<GroupWatch>, config: &Config) -> Result<Topology> {
         let t = &config.topics;
-        let mut counts = Vec::new();
-        for topic in [&t.routed, &t.merge_changelog, &t.forwarded_predictions] {
-            let count =
-                kafka::wait_for_topic(consumer, topic).await?.ok_or_else(|| Error::MissingTopic(topic.clone()))?;
-            counts.push((topic.as_str(), count));
-        }
-        if counts.iter().any(|(_, n)| *n != counts[0].1) {
-            let list: Vec<String> = counts.iter().map(|(topic, n)| format!("{topic} has {n}")).collect();
-            return Err(Error::Usage(format!(
-                "merge joins by partition, so these topics need the same partition count: {}",
-                list.join(", ")
-            )));
-        }
-        Ok(Topology { partitions: counts[0].1, checked: HashSet::new(), reported: HashSet::new() })
+        let topics = [t.routed.as_str(), t.merge_changelog.as_str(), t.forwarded_predictions.as_str()];
+        let partitions = kafka::same_partition_count(consumer, &topics, "merge").await?;
+        Ok(Topology { partitions, checked: HashSet::new(), reported: HashSet::new() })
     }
 
     /// Reports, once per topic, an assigned predictions topic whose partition count differs from the

@@ -20,7 +20,7 @@ use crate::codec::{Codec, Decision, Outcome, ShadowComparison};
 use crate::config::Config;
 use crate::control::SharedRegistry;
 use crate::dead_letter::{Kind, Letter};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::kafka::partitioner::partition_for_key;
 use crate::kafka::stage::{Commit, Outbox, TxnStage};
 use crate::kafka::{self, OutRecord, SourcePos};
@@ -41,18 +41,8 @@ fn join_config(config: &Config) -> JoinConfig {
 async fn topics(config: &Config) -> Result<()> {
     let t = &config.topics;
     let reader = kafka::reader(config)?;
-    let mut counts = Vec::new();
-    for topic in [&t.decisions, &t.shadow_comparisons, &t.outcomes, &t.score_changelog] {
-        let n = kafka::wait_for_topic(&reader, topic).await?.ok_or_else(|| Error::MissingTopic(topic.clone()))?;
-        counts.push((topic.as_str(), n));
-    }
-    if counts.iter().any(|(_, n)| *n != counts[0].1) {
-        let list: Vec<String> = counts.iter().map(|(topic, n)| format!("{topic} has {n}")).collect();
-        return Err(Error::Usage(format!(
-            "the score stage joins by partition, so these topics need the same partition count: {}",
-            list.join(", ")
-        )));
-    }
+    let topics = [t.decisions.as_str(), t.shadow_comparisons.as_str(), t.outcomes.as_str(), t.score_changelog.as_str()];
+    kafka::same_partition_count(&reader, &topics, "the score stage").await?;
     let joined = [t.decisions.as_str(), t.shadow_comparisons.as_str(), t.outcomes.as_str()];
     for problem in short_retention(&kafka::retention_ms(config, &joined).await?, config.quality.window_ms) {
         tracing::error!("{problem}");

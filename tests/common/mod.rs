@@ -248,6 +248,18 @@ impl Env {
             .collect()
     }
 
+    /// Starts a `switchyard run` process as instance `id`, its log in `log`.
+    pub fn spawn_instance(&self, id: &str, log: &std::path::Path) -> std::process::Child {
+        std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["run", "--instance-id", id])
+            .envs(self.vars.iter().cloned())
+            .env("RUST_LOG", "info,rdkafka=warn,librdkafka=error")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap()
+    }
+
     /// Runs the `switchyard` binary with this test's environment; returns (success, stdout, stderr).
     pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
         let output = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
