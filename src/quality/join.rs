@@ -361,11 +361,7 @@ impl Join {
     /// Ends what is past its time at `now`: decisions past their window (unlabelled), labels that
     /// waited for their decision in vain, labelled requests past their window (forgotten).
     pub fn expire(&mut self, now: Millis, fx: &mut Vec<Effect>) {
-        while let Some((at, id)) = self.open_order.front().cloned() {
-            if at > now {
-                break;
-            }
-            self.open_order.pop_front();
+        while let Some((at, id)) = pop_due(&mut self.open_order, now) {
             if let Some(d) = self.open.remove(&id) {
                 if d.decided_at + self.config.window_ms != at {
                     self.open.insert(id, d); // a stale order entry
@@ -375,11 +371,7 @@ impl Join {
                 fx.push(Effect::Unlabelled { deployment: d.deployment, model: d.model, cohort: d.cohort });
             }
         }
-        while let Some((at, id)) = self.early_order.front().cloned() {
-            if at > now {
-                break;
-            }
-            self.early_order.pop_front();
+        while let Some((_, id)) = pop_due(&mut self.early_order, now) {
             if let Some((outcome, source)) = self.early.remove(&id) {
                 state(fx, &id, source.partition, None);
                 let reason = format!(
@@ -390,25 +382,22 @@ impl Join {
                 fx.push(Effect::Rejected { outcome, source, why: Rejected::NoDecision, reason });
             }
         }
-        while let Some((at, id)) = self.early_shadows_order.front().cloned() {
-            if at > now {
-                break;
-            }
-            self.early_shadows_order.pop_front();
+        while let Some((_, id)) = pop_due(&mut self.early_shadows_order, now) {
             if let Some((_, partition)) = self.early_shadows.remove(&id) {
                 state(fx, &id, partition, None);
             }
         }
-        while let Some((at, id)) = self.labelled_order.front().cloned() {
-            if at > now {
-                break;
-            }
-            self.labelled_order.pop_front();
+        while let Some((_, id)) = pop_due(&mut self.labelled_order, now) {
             if let Some((d, _)) = self.labelled.remove(&id) {
                 state(fx, &id, d.partition, None);
             }
         }
     }
+}
+
+/// The first entry of `order` if it is due at `now`, taken off it.
+fn pop_due(order: &mut VecDeque<(Millis, String)>, now: Millis) -> Option<(Millis, String)> {
+    if order.front().is_some_and(|(at, _)| *at <= now) { order.pop_front() } else { None }
 }
 
 /// Why a label cannot be scored under `spec`, if it cannot.
