@@ -122,13 +122,14 @@ mod tests {
         let change = next.change.as_ref().unwrap();
         assert_eq!(change.actor, "plan");
         assert!(
-            change.reason.contains("step 1 passed (630 control, 70 candidate users scored by every guard"),
+            change.reason.contains("step 1 passed (690 control, 70 candidate users scored by every guard"),
             "{}",
             change.reason
         );
         let threshold = next.plan.as_ref().unwrap().latency_threshold_ms;
         assert_eq!(threshold, Some(4), "the next step starts with the latency threshold this one fixed");
-        // The latency guard scored only users after its burn-in (270 control users): 630 + 70, not 900 + 100.
+        // The latency guard scored only users after its burn-in (the chunks up to 200 control users): 690 + 70,
+        // not 900 + 100.
         assert_eq!(change.figures.as_ref().unwrap().guards.len(), 4);
         let step2 = next.validate("fraud").unwrap();
         let promoted = next_record(&step2, &evidence(&step2, 1000, 0), 1_200_000, 6).unwrap();

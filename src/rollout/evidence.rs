@@ -29,6 +29,8 @@ pub const BLOCK_MS: i64 = 1_000;
 pub const GRACE_MS: i64 = 3_000;
 /// Control users whose latencies fix a step's latency threshold when the plan gives none.
 pub const BURN_IN: usize = 200;
+/// Users per factor of the e-processes within a block of time (in routing order).
+pub const CHUNK: usize = 20;
 /// Prior concentration of the sample-ratio e-process.
 pub const SAMPLE_RATIO_CONCENTRATION: f64 = 100.0;
 
@@ -235,14 +237,23 @@ impl StepEvidence {
 
     fn score(&mut self, mut block: Vec<Observation>) {
         block.sort_by(|a, b| (a.sent_at, &a.request_id).cmp(&(b.sent_at, &b.request_id)));
-        let mut arms = [ArmBlock::default(); 2];
         let mut first = Vec::new();
         for o in block {
             if self.seen.insert(o.user.clone()) {
                 first.push(o);
             }
         }
-        for o in &first {
+        // Within a block of time, the e-processes take the users in routing order, CHUNK at a time:
+        // each factor's plug-ins come from the chunks before it, so a step whose users all arrive in
+        // one block of time still carries evidence.
+        for chunk in first.chunks(CHUNK) {
+            self.score_chunk(chunk);
+        }
+    }
+
+    fn score_chunk(&mut self, chunk: &[Observation]) {
+        let mut arms = [ArmBlock::default(); 2];
+        for o in chunk {
             let i = usize::from(o.arm == Side::Candidate);
             let a = &mut arms[i];
             a.n += 1;
@@ -267,7 +278,7 @@ impl StepEvidence {
             self.latency.observe(a, b);
         } else {
             self.burn_in.extend(
-                first.iter().filter(|o| o.arm == Side::Control && o.status == DecisionStatus::Ok).map(|o| o.latency_ms),
+                chunk.iter().filter(|o| o.arm == Side::Control && o.status == DecisionStatus::Ok).map(|o| o.latency_ms),
             );
             if self.burn_in.len() >= BURN_IN {
                 self.burn_in.sort_unstable();
