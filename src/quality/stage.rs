@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use rdkafka::consumer::Consumer;
-use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::message::{Headers, Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::join::{Effect, Entry, Join, JoinConfig, Rejected};
@@ -202,13 +202,25 @@ fn feed(
     let mut reject = |kind, reason: String| {
         out.push_from(index, Some(Letter::of(message, kind, reason).record(&t.dead_letter)));
     };
+    let scored_by_none = |deployment: Option<&[u8]>| {
+        specs.is_empty() || deployment.is_some_and(|d| !specs.keys().any(|name| name.as_bytes() == d))
+    };
     if message.topic() == t.decisions {
+        // Most decisions belong to deployments without a quality spec: their `deployment` header says
+        // so without decoding them.
+        let deployment = message.headers().and_then(|h| h.iter().find(|h| h.key == "deployment")).and_then(|h| h.value);
+        if scored_by_none(deployment) {
+            return;
+        }
         if let Ok(d) = codec.decode::<Decision>(value) {
             if let Some(spec) = specs.get(&d.deployment) {
                 join.on_decision(d, message.partition(), spec, fx);
             }
         }
     } else if message.topic() == t.shadow_comparisons {
+        if scored_by_none(None) {
+            return;
+        }
         if let Ok(c) = codec.decode::<ShadowComparison>(value) {
             if let Some(spec) = specs.get(&c.deployment) {
                 join.on_shadow(c, message.partition(), spec, now, fx);
