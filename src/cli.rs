@@ -51,6 +51,13 @@ pub enum Command {
         deployment: String,
         #[arg(long)]
         reason: Option<String>,
+        /// Blue/green: keep the old side warm for this many ms after the switch, and switch back if the
+        /// new side's answers score worse on the same labelled requests (needs the `quality` spec).
+        #[arg(long, value_name = "MS")]
+        probation_ms: Option<u64>,
+        /// The probation's guard: '{"loss":"zero_one","margin":0.0,"tau":0.02}' (these are the defaults).
+        #[arg(long, value_name = "JSON", requires = "probation_ms")]
+        probation_guard: Option<String>,
     },
     /// Send traffic back to control. Ends a plan.
     Rollback {
@@ -235,6 +242,7 @@ impl DeployArgs {
             None => "deploy".to_string(),
         });
         Ok(DeploymentSpec {
+            probation: None,
             version: 0,
             strategy: self.strategy,
             control: self.control,
@@ -318,13 +326,27 @@ pub async fn run(cli: Cli) -> Result<()> {
             let mut plans = BTreeMap::new();
             for d in registry.deployments().filter(|d| deployment.as_ref().is_none_or(|name| d.name == *name)) {
                 let mut detail = rollout::report::plan_status(&config, &codec, d).await?;
+                detail.push_str(&rollout::report::probation_status(&config, &codec, d).await?);
                 detail.push_str(&rollout::report::quality_status(&config, &codec, d).await?);
                 plans.insert(d.name.clone(), detail);
             }
             print!("{}", ops::render_status(&registry, deployment.as_deref(), &plans)?);
             Ok(())
         }
-        Command::Promote { deployment, reason } => moved(&config, &deployment, ops::Move::Promote, reason).await,
+        Command::Promote { deployment, reason, probation_ms, probation_guard } => {
+            let what = match probation_ms {
+                None => ops::Move::Promote,
+                Some(ms) => {
+                    let guard = match probation_guard {
+                        Some(json) => serde_json::from_str(&json)
+                            .map_err(|e| Error::Usage(format!("--probation-guard: {e}")))?,
+                        None => Default::default(),
+                    };
+                    ops::Move::PromoteOnProbation(ms, guard)
+                }
+            };
+            moved(&config, &deployment, what, reason).await
+        }
         Command::Rollback { deployment, reason } => moved(&config, &deployment, ops::Move::Rollback, reason).await,
         Command::Pause { deployment, reason } => moved(&config, &deployment, ops::Move::Pause, reason).await,
         Command::Resume { deployment, reason } => moved(&config, &deployment, ops::Move::Resume, reason).await,

@@ -177,6 +177,84 @@ async fn a_faster_but_less_accurate_candidate_is_rolled_back_on_quality() {
     env.stop().await;
 }
 
+/// Blue/green probation: after each switch the old side keeps a copy of every request, and the paired
+/// guard compares both sides on the same labelled requests. `worse` (0.9 → 0.7 accurate) switches back
+/// on its own; `equal` (0.9 → 0.9, margin 0.05) ends its probation and keeps the new side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blue_green_switch_on_probation_switches_back_on_quality_and_a_good_one_stays() {
+    let Some(mut env) = Env::new("probation").await else { return };
+    for (name, candidate) in [("worse", "v2"), ("equal", "v3")] {
+        env.deploy(
+            name,
+            &format!(r#"{{"strategy":"blue_green","control":"v1","candidate":"{candidate}","timeout_ms":3000,"quality":{{}}}}"#),
+        )
+        .await;
+    }
+    env.start_service();
+    for (model, accuracy) in [("v1", 0.9), ("v2", 0.7), ("v3", 0.9)] {
+        env.start_worker(DemoModel {
+            model: model.into(),
+            latency: Duration::from_millis(2),
+            error_rate: 0.0,
+            disagree_percent: 0.0,
+            accuracy: Some(accuracy),
+        });
+    }
+    env.start_labeller(Duration::from_millis(300));
+    let (ok, _, err) = env.cli(&["promote", "worse", "--probation-ms", "300000", "--reason", "v2 goes live"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) =
+        env.cli(&["promote", "equal", "--probation-ms", "15000", "--probation-guard", r#"{"margin":0.05}"#]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = env.cli(&["promote", "equal", "--probation-ms", "1000"]);
+    assert!(!ok && err.contains("blue_green with control active"), "a second switch is refused: {err}");
+
+    let start = std::time::Instant::now();
+    let mut round = 0;
+    let mut status_seen = false;
+    let (worse, equal) = loop {
+        round += 1;
+        let mut batch = requests("worse", &format!("w{round}"), 100, 100);
+        batch.extend(requests("equal", &format!("e{round}"), 100, 100));
+        for r in &mut batch {
+            r.user_id = format!("user-{}", rand::random::<u32>() % 50_000);
+        }
+        env.send(&batch).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let registry = switchyard::control::watcher::snapshot(&env.config).await.unwrap();
+        let (worse, equal) = (registry.get("worse").unwrap(), registry.get("equal").unwrap());
+        if !status_seen && equal.spec.probation.is_some() && round % 10 == 0 {
+            let (ok, text, err) = env.cli(&["status", "equal"]);
+            assert!(ok, "{err}");
+            status_seen = text.contains("probation:") && text.contains("v1 stays warm on copies");
+        }
+        if worse.spec.probation.is_none() && equal.spec.probation.is_none() {
+            break (worse, equal);
+        }
+        assert!(start.elapsed() < Duration::from_secs(150), "{}\n{}", worse.spec.to_json(), equal.spec.to_json());
+    };
+    assert!(status_seen, "status shows the probation");
+    let change = worse.spec.change.clone().unwrap();
+    eprintln!("worse: {} ({:.1} s after the switch)", change.reason, start.elapsed().as_secs_f64());
+    assert_eq!(change.actor, "guard:paired_quality");
+    assert_eq!(worse.spec.active, switchyard::routing::Side::Control, "switched back");
+    let paired = &change.figures.unwrap().guards[0];
+    let (old, new) = paired.mean_loss.unwrap();
+    assert!(old < 0.15 && new > 0.2 && paired.control.n >= 100, "{paired:?}");
+
+    let change = equal.spec.change.clone().unwrap();
+    eprintln!("equal: {}", change.reason);
+    assert_eq!(change.actor, "plan");
+    assert!(change.reason.starts_with("probation over"), "{}", change.reason);
+    assert_eq!(equal.spec.active, switchyard::routing::Side::Candidate, "the new side stays");
+
+    // The history tells both stories.
+    let (ok, text, err) = env.cli(&["history", "worse"]);
+    assert!(ok, "{err}");
+    assert!(text.contains("guard:paired_quality") && text.contains("v2 goes live"), "{text}");
+    env.stop().await;
+}
+
 /// Two instances join labels while one of them is killed with SIGKILL and restarted mid-stream: every
 /// labelled request is scored exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

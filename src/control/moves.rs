@@ -6,7 +6,8 @@
 //! - rollback: traffic back to control. canary → `canary_percent` 0; blue/green → `active` control;
 //!   shadow → single (copies stop).
 //!
-//! Both end a rollout plan. A plan's own moves: advance to a step, pause, resume.
+//! Both end a rollout plan, and every move ends a blue/green probation (a rollback is the switch back).
+//! A plan's own moves: advance to a step, pause, resume; a probation's: end it.
 //!
 //! Every move returns the next record without a `change`; whoever writes it says who and why.
 
@@ -20,6 +21,10 @@ pub enum MoveError {
     Unknown(String),
     #[error("deployment uses strategy single: there is no candidate to {0}")]
     NothingToMove(&'static str),
+    #[error("probation follows a blue/green switch: the deployment must be blue_green with control active")]
+    NotASwitch,
+    #[error("deployment is not on probation")]
+    NoProbation,
     #[error("deployment has no rollout plan to {0}")]
     NoPlan(&'static str),
     #[error("the plan is {state}; only a {want} plan can be {verb}")]
@@ -31,6 +36,7 @@ fn next_of(current: &DeploymentSpec, version: u64) -> DeploymentSpec {
     let mut next = current.clone();
     next.version = version;
     next.change = None;
+    next.probation = None;
     next
 }
 
@@ -104,6 +110,28 @@ pub fn resume(current: &DeploymentSpec, version: u64, now: Millis) -> Result<Dep
     let mut next = set_state(current, version, PlanState::Paused, PlanState::Running, "resumed")?;
     next.plan.as_mut().expect("checked").step_started_at = now;
     Ok(next)
+}
+
+/// A blue/green switch to the candidate with the control side kept warm on probation.
+pub fn promote_on_probation(
+    current: &DeploymentSpec,
+    version: u64,
+    probation: crate::rollout::probation::Probation,
+) -> Result<DeploymentSpec, MoveError> {
+    if current.strategy != Strategy::BlueGreen || current.active != Side::Control {
+        return Err(MoveError::NotASwitch);
+    }
+    let mut next = promote(current, version)?;
+    next.probation = Some(probation);
+    Ok(next)
+}
+
+/// The probation is over: the copies to the side switched away from stop.
+pub fn end_probation(current: &DeploymentSpec, version: u64) -> Result<DeploymentSpec, MoveError> {
+    if current.probation.is_none() {
+        return Err(MoveError::NoProbation);
+    }
+    Ok(next_of(current, version))
 }
 
 /// The last step is done and the plan holds there.

@@ -51,18 +51,21 @@ pub async fn deploy(config: &Config, name: &str, mut spec: DeploymentSpec) -> Re
 }
 
 /// An operator's move on a deployment in force.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Move {
     Promote,
+    /// A blue/green switch on probation for this long (ms), judged by this guard.
+    PromoteOnProbation(u64, crate::rollout::plan::QualityGuard),
     Rollback,
     Pause,
     Resume,
 }
 
 impl Move {
-    fn as_str(self) -> &'static str {
+    fn as_str(&self) -> &'static str {
         match self {
             Move::Promote => "promote",
+            Move::PromoteOnProbation(..) => "promote on probation",
             Move::Rollback => "rollback",
             Move::Pause => "pause",
             Move::Resume => "resume",
@@ -77,6 +80,15 @@ pub async fn apply_move(config: &Config, name: &str, what: Move, reason: Option<
     let version = registry.next_version(name);
     let mut next = match what {
         Move::Promote => moves::promote(&current.spec, version),
+        Move::PromoteOnProbation(duration_ms, ref quality_guard) => {
+            let probation = crate::rollout::probation::Probation {
+                started_at: kafka::now_millis(),
+                duration_ms,
+                quality_guard: quality_guard.clone(),
+                alpha: 0.05,
+            };
+            moves::promote_on_probation(&current.spec, version, probation)
+        }
         Move::Rollback => moves::rollback(&current.spec, version),
         Move::Pause => moves::pause(&current.spec, version),
         Move::Resume => moves::resume(&current.spec, version, kafka::now_millis()),

@@ -5,6 +5,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::score::{QualitySpec, Task};
+
 /// Score bins of the classification counts.
 pub const BINS: usize = 100;
 /// Probabilities are clipped to [ε, 1 − ε] for the log-loss.
@@ -240,6 +242,61 @@ impl DelayHistogram {
             }
         }
         Some(Self::bound_ms(DELAY_BUCKETS - 1))
+    }
+}
+
+/// One model's quality from its scored outcomes, as `status` and `watch` show it.
+#[derive(Debug, Clone, Default)]
+pub struct QualityFigures {
+    pub binary: BinaryCounts,
+    pub regression: RegressionCounts,
+    /// Labelled answers without a score (errors, timeouts, outputs that are no score).
+    pub unscored: u64,
+    pub delays: DelayHistogram,
+}
+
+impl QualityFigures {
+    pub fn add(&mut self, s: &crate::codec::ScoredOutcome, spec: &QualitySpec) {
+        self.delays.add(s.label_delay_ms);
+        match (s.score, spec.task) {
+            (None, _) => self.unscored += 1,
+            (Some(score), Task::BinaryClassification) => self.binary.add(score, s.label == 1.0, spec.threshold),
+            (Some(score), Task::Regression) => self.regression.add(score, s.label),
+        }
+    }
+
+    /// Labelled answers with a score.
+    pub fn scored(&self) -> u64 {
+        self.binary.n() + self.regression.n
+    }
+
+    /// "N scored, accuracy …; K without a score; label delay …".
+    pub fn describe(&self, task: Task) -> String {
+        let show = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.3}"));
+        let figures = match task {
+            Task::BinaryClassification => format!(
+                "{} scored, accuracy {}, Brier {}, log-loss {}, AUC {}, calibration error {}",
+                self.binary.n(),
+                show(self.binary.accuracy()),
+                show(self.binary.brier()),
+                show(self.binary.log_loss()),
+                show(self.binary.auc()),
+                show(self.binary.calibration_error())
+            ),
+            Task::Regression => format!(
+                "{} scored, MAE {}, RMSE {}, bias {}",
+                self.regression.n,
+                show(self.regression.mae()),
+                show(self.regression.rmse()),
+                show(self.regression.bias())
+            ),
+        };
+        format!(
+            "{figures}; {} without a score; label delay p50 <= {} s, p90 <= {} s",
+            self.unscored,
+            self.delays.quantile_ms(0.5).unwrap_or(0) / 1000,
+            self.delays.quantile_ms(0.9).unwrap_or(0) / 1000
+        )
     }
 }
 

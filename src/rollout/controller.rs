@@ -30,9 +30,11 @@ use super::evidence::{Observation, StepEvidence};
 use super::feed::Feed;
 use super::history;
 use super::plan::{GuardKind, PlanState};
+use super::probation::ProbationEvidence;
 use crate::codec::{Codec, Decision, ScoredOutcome};
 use crate::config::Config;
 use crate::control::Registry;
+use crate::routing::{Deployment, DeploymentSpec};
 use crate::error::Error;
 use crate::kafka::batch::GroupWatch;
 use crate::kafka::txn::TxnProducer;
@@ -117,8 +119,10 @@ struct Leader {
     committed: i64,
     /// Per deployment with a running plan: its step's evidence.
     evidence: HashMap<String, StepEvidence>,
+    /// Per deployment on probation: its paired evidence.
+    probations: HashMap<String, ProbationEvidence>,
     feed: Option<Feed>,
-    /// Scored outcomes, while a running plan has the quality guard.
+    /// Scored outcomes, while a running plan has a guard on labels or a deployment is on probation.
     scored: Option<Feed>,
 }
 
@@ -159,6 +163,7 @@ impl Leader {
             next_offset: committed,
             committed,
             evidence: HashMap::new(),
+            probations: HashMap::new(),
             feed: None,
             scored: None,
         })
@@ -205,8 +210,8 @@ impl Leader {
         Ok(())
     }
 
-    /// Follows the decisions of the running plans' steps and adds the change of every plan whose
-    /// step's verdict is in.
+    /// Follows the decisions (and scored outcomes) of the running plans' steps and of blue/green
+    /// probations, and adds the change of every one whose verdict is in.
     async fn judge(&mut self, out: &mut Vec<OutRecord>) -> Result<(), Error> {
         let running: Vec<_> = self
             .registry
@@ -214,9 +219,11 @@ impl Leader {
             .filter(|d| d.spec.plan.as_ref().is_some_and(|p| p.state == PlanState::Running))
             .cloned()
             .collect();
+        let on_probation: Vec<_> = self.registry.deployments().filter(|d| d.spec.probation.is_some()).cloned().collect();
         self.evidence.retain(|name, e| running.iter().any(|d| d.name == *name && d.version() == e.version));
-        if running.is_empty() {
-            // Nothing to judge: no decisions are read (a plan that starts opens the feed at its start).
+        self.probations.retain(|name, e| on_probation.iter().any(|d| d.name == *name && d.version() == e.version));
+        if running.is_empty() && on_probation.is_empty() {
+            // Nothing to judge: nothing is read (a plan that starts opens the feeds at its start).
             self.feed = None;
             self.scored = None;
             return Ok(());
@@ -226,19 +233,34 @@ impl Leader {
                 self.evidence.insert(d.name.clone(), StepEvidence::new(d).expect("a running plan"));
             }
         }
-        let from = running.iter().filter_map(|d| d.spec.plan.as_ref().map(|p| p.step_started_at)).min();
-        if self.feed.is_none() {
+        for d in &on_probation {
+            if !self.probations.contains_key(&d.name) {
+                if let Some(e) = ProbationEvidence::new(d) {
+                    self.probations.insert(d.name.clone(), e);
+                }
+            }
+        }
+        let from = running
+            .iter()
+            .filter_map(|d| d.spec.plan.as_ref().map(|p| p.step_started_at))
+            .chain(on_probation.iter().filter_map(|d| d.spec.probation.as_ref().map(|p| p.started_at)))
+            .min();
+        if running.is_empty() {
+            self.feed = None;
+        } else if self.feed.is_none() {
             self.feed = Some(Feed::open(&self.config, self.codec.clone(), &self.config.topics.decisions, from)?);
         }
-        let judges_quality =
-            running.iter().any(|d| d.spec.plan.as_ref().is_some_and(|p| p.guards.contains(&GuardKind::Quality)));
-        if !judges_quality {
+        let reads_labels = !on_probation.is_empty()
+            || running.iter().any(|d| {
+                d.spec.plan.as_ref().is_some_and(|p| p.guards.iter().any(|g| matches!(g, GuardKind::Quality | GuardKind::Coverage)))
+            });
+        if !reads_labels {
             self.scored = None;
         } else if self.scored.is_none() {
             self.scored =
                 Some(Feed::open(&self.config, self.codec.clone(), &self.config.topics.scored_outcomes, from)?);
         }
-        let evidence = &mut self.evidence;
+        let (evidence, probations) = (&mut self.evidence, &mut self.probations);
         if let Some(scored) = self.scored.as_mut() {
             scored
                 .drain(
@@ -246,54 +268,69 @@ impl Leader {
                     DECISIONS_PER_TICK,
                     |s: &ScoredOutcome| s.observed_at,
                     |s| {
-                        if let Some(e) =
-                            evidence.get_mut(&s.deployment).filter(|e| s.config_version as u64 == e.version)
-                        {
+                        let version = s.config_version as u64;
+                        if let Some(e) = evidence.get_mut(&s.deployment).filter(|e| e.version == version) {
                             e.add_scored(&s);
+                        }
+                        if let Some(e) = probations.get_mut(&s.deployment).filter(|e| e.version == version) {
+                            e.add(&s);
                         }
                     },
                 )
                 .await?;
         }
-        let feed = self.feed.as_mut().expect("opened above");
-        feed.drain(
-            Duration::from_millis(10),
-            DECISIONS_PER_TICK,
-            |d: &Decision| d.decided_at,
-            |decision| {
-                if let Some(e) = evidence.get_mut(&decision.deployment) {
-                    if decision.config_version as u64 == e.version {
-                        if let Some(observation) = Observation::of(&decision) {
-                            e.add(observation);
+        if let Some(feed) = self.feed.as_mut() {
+            feed.drain(
+                Duration::from_millis(10),
+                DECISIONS_PER_TICK,
+                |d: &Decision| d.decided_at,
+                |decision| {
+                    if let Some(e) = evidence.get_mut(&decision.deployment) {
+                        if decision.config_version as u64 == e.version {
+                            if let Some(observation) = Observation::of(&decision) {
+                                e.add(observation);
+                            }
                         }
                     }
-                }
-            },
-        )
-        .await?;
+                },
+            )
+            .await?;
+        }
         let now = kafka::now_millis();
-        let read_through = feed.read_through(now);
+        let decisions_by = self.feed.as_mut().map(|f| f.read_through(now));
+        let labels_by = self.scored.as_mut().map(|f| f.read_through(now));
         for d in &running {
             let e = self.evidence.get_mut(&d.name).expect("inserted above");
-            e.score_until(read_through, d.spec.timeout_ms);
+            e.score_until(decisions_by.expect("opened with a plan"), d.spec.timeout_ms);
+            if let Some(labels_by) = labels_by {
+                e.score_coverage_until(labels_by, d.spec.timeout_ms);
+            }
             let plan = d.spec.plan.as_ref().expect("running");
             telemetry::rollout(&d.name, plan.step, &e.figures(plan.step), e.late());
-            let Some(next) = decide::next_record(d, e, now, self.registry.next_version(&d.name)) else { continue };
-            if let Err(error) = next.clone().validate(&d.name) {
-                tracing::error!(deployment = %d.name, %error, "the plan's next record is invalid; not written");
-                continue;
-            }
-            let change = next.change.as_ref().expect("decide sets the change");
-            tracing::info!(deployment = %d.name, version = next.version, actor = %change.actor,
-                reason = %change.reason, "rollout controller writes a change");
-            telemetry::rollout_change(&d.name, &change.actor);
-            out.push(OutRecord::new(
-                self.config.topics.deployments.clone(),
-                d.name.as_bytes(),
-                next.to_json().into_bytes(),
-            ));
+            let next = decide::next_record(d, e, now, self.registry.next_version(&d.name));
+            self.write_change(d, next, out);
+        }
+        for d in &on_probation {
+            let Some(e) = self.probations.get(&d.name) else { continue };
+            telemetry::rollout(&d.name, 0, &e.figures(), 0);
+            let next = decide::probation_record(d, e, now, self.registry.next_version(&d.name));
+            self.write_change(d, next, out);
         }
         Ok(())
+    }
+
+    /// Adds the controller's next record for `d`, if it has one and it is valid.
+    fn write_change(&self, d: &Deployment, next: Option<DeploymentSpec>, out: &mut Vec<OutRecord>) {
+        let Some(next) = next else { return };
+        if let Err(error) = next.clone().validate(&d.name) {
+            tracing::error!(deployment = %d.name, %error, "the controller's next record is invalid; not written");
+            return;
+        }
+        let change = next.change.as_ref().expect("decide sets the change");
+        tracing::info!(deployment = %d.name, version = next.version, actor = %change.actor,
+            reason = %change.reason, "rollout controller writes a change");
+        telemetry::rollout_change(&d.name, &change.actor);
+        out.push(OutRecord::new(self.config.topics.deployments.clone(), d.name.as_bytes(), next.to_json().into_bytes()));
     }
 }
 

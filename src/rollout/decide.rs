@@ -2,7 +2,8 @@
 //! turned into the next deployment record with its actor, reason and figures. Pure.
 
 use super::evidence::StepEvidence;
-use super::plan::{OnAlarm, OnEnd, PlanState, Verdict, judge};
+use super::plan::{GuardKind, OnAlarm, OnEnd, PlanState, Verdict, judge};
+use super::probation::{self, ProbationEvidence};
 use crate::codec::Millis;
 use crate::control::moves;
 use crate::routing::{Change, Deployment, DeploymentSpec};
@@ -68,6 +69,32 @@ pub fn next_record(
     };
     let mut next = next;
     next.change = Some(Change { actor, reason, figures: Some(figures) });
+    Some(next)
+}
+
+/// The record the controller writes next for a deployment on probation (as `version`), or None to wait:
+/// the switch back when the paired guard fires, the end of the probation when its time is up.
+pub fn probation_record(
+    deployment: &Deployment,
+    evidence: &ProbationEvidence,
+    now: Millis,
+    version: u64,
+) -> Option<DeploymentSpec> {
+    let probation = deployment.spec.probation.as_ref()?;
+    if evidence.version != deployment.version() {
+        return None;
+    }
+    let (next, actor, reason) = match probation::judge(probation, evidence, now) {
+        probation::Verdict::Hold => return None,
+        probation::Verdict::SwitchBack(reason) => (
+            moves::rollback(&deployment.spec, version).ok()?,
+            format!("guard:{}", GuardKind::PairedQuality.as_str()),
+            format!("{reason}: switched back"),
+        ),
+        probation::Verdict::End(reason) => (moves::end_probation(&deployment.spec, version).ok()?, "plan".to_string(), reason),
+    };
+    let mut next = next;
+    next.change = Some(Change { actor, reason, figures: Some(evidence.figures()) });
     Some(next)
 }
 

@@ -14,7 +14,7 @@
 //!   [`BURN_IN`] control users answered OK; the guard scores only blocks after it is fixed, and the
 //!   controller writes it into the plan when the step passes, so that later steps start with it.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
@@ -151,6 +151,12 @@ pub struct StepEvidence {
     quality_margin: f64,
     quality: MeanGuard,
     quality_seen: HashSet<String>,
+    /// The coverage guard: scored blocks' first requests (block, request id, arm) waiting for their
+    /// labels, the requests whose serving answer was scored, and the wait.
+    coverage_pending: VecDeque<(i64, String, usize)>,
+    covered: HashSet<String>,
+    coverage_wait_ms: i64,
+    coverage: RateGuard,
     arms: [ArmSummary; 2],
     late: u64,
 }
@@ -180,6 +186,10 @@ impl StepEvidence {
             quality_margin: quality.margin,
             quality: MeanGuard::new(quality.margin, quality.tau),
             quality_seen: HashSet::new(),
+            coverage_pending: VecDeque::new(),
+            covered: HashSet::new(),
+            coverage_wait_ms: quality.coverage_wait_ms as i64,
+            coverage: RateGuard::default(),
             arms: [ArmSummary::default(); 2],
             late: 0,
         })
@@ -205,7 +215,8 @@ impl StepEvidence {
     /// Adds a scored answer (of this step's version) to the quality guard: the serving answer of a user's
     /// first labelled request in the step, in the order labels arrive (so label delays must not depend
     /// on the label, or the order says something about the outcome). Overrides, attribute rules and
-    /// answers without a score (errors, timeouts: see label coverage) are left out.
+    /// answers without a score (errors, timeouts: see label coverage) are left out. The coverage guard
+    /// notes every serving answer with a score.
     pub fn add_scored(&mut self, s: &ScoredOutcome) {
         if s.role != "serving" || self.excluded.contains(&s.user_id) {
             return;
@@ -216,6 +227,9 @@ impl StepEvidence {
             _ => return,
         };
         let Some(loss) = self.quality_loss.of(s) else { return };
+        if self.guards.contains(&GuardKind::Coverage) {
+            self.covered.insert(s.request_id.clone());
+        }
         if self.quality_seen.insert(s.user_id.clone()) {
             self.quality.observe(arm, loss);
         }
@@ -248,6 +262,35 @@ impl StepEvidence {
         // one block of time still carries evidence.
         for chunk in first.chunks(CHUNK) {
             self.score_chunk(chunk);
+        }
+        if self.guards.contains(&GuardKind::Coverage) {
+            let block = self.scored_below;
+            let arm = |o: &Observation| usize::from(o.arm == Side::Candidate);
+            self.coverage_pending.extend(first.iter().map(|o| (block, o.request_id.clone(), arm(o))));
+        }
+    }
+
+    /// Scores the coverage guard on the blocks whose labels had their time by `labels_by`: the time up to
+    /// which every scored-outcomes partition has been read, less `timeout_ms`, [`GRACE_MS`] and the
+    /// guard's wait. A first request with no scored serving answer by then counts as uncovered.
+    pub fn score_coverage_until(&mut self, labels_by: Millis, timeout_ms: u64) {
+        let complete_before = labels_by - timeout_ms as i64 - GRACE_MS - self.coverage_wait_ms;
+        let limit = (complete_before - self.started_at).div_euclid(BLOCK_MS);
+        let mut chunk = Vec::new();
+        while let Some(&(block, _, _)) = self.coverage_pending.front() {
+            if block >= limit {
+                break;
+            }
+            let (_, request_id, arm) = self.coverage_pending.pop_front().expect("peeked");
+            chunk.push((arm, !self.covered.remove(&request_id)));
+            if chunk.len() == CHUNK || self.coverage_pending.front().is_none_or(|(b, _, _)| *b != block) {
+                let mut arms = [Block::default(); 2];
+                for (arm, uncovered) in chunk.drain(..) {
+                    arms[arm].n += 1;
+                    arms[arm].bad += u64::from(uncovered);
+                }
+                self.coverage.observe(arms[0], arms[1]);
+            }
         }
     }
 
@@ -309,6 +352,8 @@ impl StepEvidence {
                     let (a, b) = self.quality.arms();
                     (a.n, b.n)
                 }
+                GuardKind::Coverage => self.coverage.samples(),
+                GuardKind::PairedQuality => (0, 0),
             };
             (a.min(ga), b.min(gb))
         })
@@ -354,6 +399,8 @@ impl StepEvidence {
             GuardKind::Latency => self.latency.log_e(),
             GuardKind::SampleRatio => self.ratio.log_e(),
             GuardKind::Quality => self.quality.log_e(),
+            GuardKind::Coverage => self.coverage.log_e(),
+            GuardKind::PairedQuality => 0.0,
         }
     }
 
@@ -371,6 +418,8 @@ impl StepEvidence {
                     GuardKind::ErrorRate => counts(&self.error),
                     GuardKind::TimeoutRate => counts(&self.timeout),
                     GuardKind::Latency => counts(&self.latency),
+                    GuardKind::Coverage => counts(&self.coverage),
+                    GuardKind::PairedQuality => Default::default(),
                     GuardKind::SampleRatio => {
                         let (a, b) = self.users();
                         (Counts { n: a, bad: 0 }, Counts { n: b, bad: 0 })
@@ -399,7 +448,7 @@ impl StepEvidence {
     }
 }
 
-fn round3(x: f64) -> f64 {
+pub(super) fn round3(x: f64) -> f64 {
     if x.is_finite() { (x * 1000.0).round() / 1000.0 } else { f64::MAX }
 }
 
@@ -489,6 +538,40 @@ mod tests {
         assert_eq!(q.mean_loss, Some((0.1, 0.3)));
         assert!(q.e_value >= q.threshold, "{q:?}");
         assert_eq!(e.scored(), (400, 400), "the step's sample counts labelled users");
+    }
+
+    #[test]
+    fn the_coverage_guard_counts_first_requests_left_without_a_scored_label_after_the_wait() {
+        let d = DeploymentSpec::from_json(
+            br#"{"version":7,"strategy":"canary","control":"a","candidate":"b","canary_percent":50,
+                "plan":{"steps":[{"canary_percent":50,"bake_ms":0,"min_sample":1,"max_ms":60000}],
+                        "guards":["coverage"],"quality_guard":{"coverage_wait_ms":10000},"step_started_at":100000}}"#,
+        )
+        .unwrap()
+        .validate("fraud")
+        .unwrap();
+        let mut e = StepEvidence::new(&d).unwrap();
+        let timeout = 1_000;
+        for i in 0..2_000i64 {
+            let arm = if i % 2 == 0 { Side::Control } else { Side::Candidate };
+            let o = obs(&format!("u{i}"), arm, DecisionStatus::Ok, 5, 100_000 + i * 5);
+            // Control's answers all get a label; the candidate's one in two.
+            if arm == Side::Control || i % 4 == 1 {
+                let mut s = crate::rollout::probation::tests::scored(0, "m", "serving", false);
+                (s.request_id, s.user_id, s.cohort) = (o.request_id.clone(), o.user.clone(), format!("{arm:?}").to_lowercase());
+                e.add_scored(&s);
+            }
+            e.add(o);
+        }
+        let decided_by = 100_000 + 10_000 + timeout + GRACE_MS;
+        e.score_until(decided_by, timeout as u64);
+        e.score_coverage_until(decided_by, timeout as u64);
+        assert_eq!(e.scored(), (0, 0), "labels get their wait before a request counts as uncovered");
+        e.score_coverage_until(decided_by + 10_000, timeout as u64);
+        let f = e.figures(0);
+        let coverage = &f.guards[0];
+        assert_eq!((coverage.control, coverage.candidate), (Counts { n: 1000, bad: 0 }, Counts { n: 1000, bad: 500 }));
+        assert!(e.readings()[0].log_e > 20.0f64.ln(), "{coverage:?}");
     }
 
     #[test]

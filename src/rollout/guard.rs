@@ -158,9 +158,6 @@ pub struct MeanGuard {
 impl MeanGuard {
     /// Observations each arm needs before the guard judges.
     pub const MIN_PER_ARM: u64 = 100;
-    /// Floor of each arm's variance (losses on a 0–1 scale).
-    const VARIANCE_FLOOR: f64 = 1e-4;
-
     /// `margin`: how much worse counts as harm; `tau`: about the smallest harm worth catching.
     pub fn new(margin: f64, tau: f64) -> Self {
         MeanGuard { margin, tau2: tau * tau, arms: [Moments::default(); 2] }
@@ -179,7 +176,7 @@ impl MeanGuard {
         if a.n < Self::MIN_PER_ARM || b.n < Self::MIN_PER_ARM {
             return None;
         }
-        let var = |m: &Moments| m.variance().max(Self::VARIANCE_FLOOR) / m.n as f64;
+        let var = |m: &Moments| m.variance().max(VARIANCE_FLOOR) / m.n as f64;
         Some(var(a) + var(b))
     }
 
@@ -189,20 +186,86 @@ impl MeanGuard {
     }
 
     pub fn log_e(&self) -> f64 {
-        let Some(v) = self.v() else { return 0.0 };
-        let excess = self.difference() - self.margin;
-        if excess <= 0.0 {
-            return 0.0;
-        }
-        0.5 * (v / (v + self.tau2)).ln() + self.tau2 * excess * excess / (2.0 * v * (v + self.tau2))
+        self.v().map_or(0.0, |v| mixture_log_e(self.difference() - self.margin, v, self.tau2))
     }
 
     /// The confidence sequence for the difference at level `alpha`: (low, high), valid at every look.
     pub fn interval(&self, alpha: f64) -> Option<(f64, f64)> {
-        let v = self.v()?;
-        let half = (2.0 * v * (v + self.tau2) / self.tau2 * (((v + self.tau2) / v).sqrt() / alpha).ln()).sqrt();
-        let d = self.difference();
-        Some((d - half, d + half))
+        self.v().map(|v| mixture_interval(self.difference(), v, self.tau2, alpha))
+    }
+}
+
+/// Floor of a variance of losses on a 0–1 scale.
+const VARIANCE_FLOOR: f64 = 1e-4;
+
+/// The one-sided normal-mixture e-value (log) of an estimate `excess` above the null's boundary, with
+/// estimate variance `v` and mixing variance `tau2` (1 while the estimate is at or below the boundary).
+fn mixture_log_e(excess: f64, v: f64, tau2: f64) -> f64 {
+    if excess <= 0.0 {
+        return 0.0;
+    }
+    0.5 * (v / (v + tau2)).ln() + tau2 * excess * excess / (2.0 * v * (v + tau2))
+}
+
+/// The normal-mixture confidence sequence around `estimate` at level `alpha`.
+fn mixture_interval(estimate: f64, v: f64, tau2: f64, alpha: f64) -> (f64, f64) {
+    let half = (2.0 * v * (v + tau2) / tau2 * (((v + tau2) / v).sqrt() / alpha).ln()).sqrt();
+    (estimate - half, estimate + half)
+}
+
+/// The paired form of [`MeanGuard`], for requests that both models answered (one serving, the other on
+/// a shadow copy) and that got a label: each pair gives one difference of losses d = new − old, and the
+/// same one-sided mixture SPRT tests whether their mean exceeds `margin`, with V = s²_d / n. Pairing
+/// removes what the two models' losses share (the hard requests are hard for both), so it needs far
+/// fewer labels than two independent arms.
+#[derive(Debug, Clone)]
+pub struct PairedGuard {
+    margin: f64,
+    tau2: f64,
+    differences: Moments,
+    /// Each side's losses, for the figures: (old, new).
+    sides: [Moments; 2],
+}
+
+impl PairedGuard {
+    /// Pairs before the guard judges.
+    pub const MIN_PAIRS: u64 = 100;
+
+    pub fn new(margin: f64, tau: f64) -> Self {
+        PairedGuard { margin, tau2: tau * tau, differences: Moments::default(), sides: [Moments::default(); 2] }
+    }
+
+    pub fn observe(&mut self, old: f64, new: f64) {
+        self.differences.add(new - old);
+        self.sides[0].add(old);
+        self.sides[1].add(new);
+    }
+
+    /// Each side's losses: (old, new).
+    pub fn sides(&self) -> (Moments, Moments) {
+        (self.sides[0], self.sides[1])
+    }
+
+    pub fn pairs(&self) -> u64 {
+        self.differences.n
+    }
+
+    fn v(&self) -> Option<f64> {
+        let d = &self.differences;
+        (d.n >= Self::MIN_PAIRS).then(|| d.variance().max(VARIANCE_FLOOR) / d.n as f64)
+    }
+
+    /// The mean difference of losses, new − old.
+    pub fn difference(&self) -> f64 {
+        self.differences.mean
+    }
+
+    pub fn log_e(&self) -> f64 {
+        self.v().map_or(0.0, |v| mixture_log_e(self.difference() - self.margin, v, self.tau2))
+    }
+
+    pub fn interval(&self, alpha: f64) -> Option<(f64, f64)> {
+        self.v().map(|v| mixture_interval(self.difference(), v, self.tau2, alpha))
     }
 }
 
@@ -377,6 +440,44 @@ mod tests {
             needed.len()
         );
         assert!(needed.len() as f64 >= 0.95 * runs as f64, "fired in {} of {runs}", needed.len());
+    }
+
+    /// Labelled requests both models answered, checked every 100 pairs: returns the pairs seen when the
+    /// paired guard fired, if it did. The models share what makes a request hard: with probability
+    /// `shared` both draw the same uniform number, else independent ones; wrong = draw ≥ accuracy.
+    fn run_paired(rng: &mut StdRng, old_accuracy: f64, new_accuracy: f64, shared: f64, pairs: usize) -> Option<usize> {
+        let mut guard = PairedGuard::new(0.0, 0.02);
+        for i in 1..=pairs {
+            let u = rng.random::<f64>();
+            let v = if rng.random::<f64>() < shared { u } else { rng.random::<f64>() };
+            guard.observe(f64::from(u8::from(u >= old_accuracy)), f64::from(u8::from(v >= new_accuracy)));
+            if i % 100 == 0 && guard.log_e() >= (1.0f64 / 0.05).ln() {
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn the_paired_guard_holds_alpha_and_needs_far_fewer_labels_than_two_arms() {
+        let mut rng = StdRng::seed_from_u64(43);
+        let runs = 1000;
+        let alarms = (0..runs).filter(|_| run_paired(&mut rng, 0.9, 0.9, 0.5, 20_000).is_some()).count();
+        eprintln!("paired guard, equal models (90%), 20,000 pairs checked every 100: {alarms} alarms in {runs}");
+        assert!(alarms as f64 <= 0.05 * runs as f64, "{alarms} false alarms in {runs}");
+
+        let runs = 500;
+        let mut needed: Vec<usize> = (0..runs).filter_map(|_| run_paired(&mut rng, 0.9, 0.85, 0.5, 20_000)).collect();
+        needed.sort_unstable();
+        let median = needed.get(needed.len() / 2).copied().unwrap_or(usize::MAX);
+        eprintln!(
+            "paired guard, 90% -> 85% accuracy, alpha 0.05: fired within 20,000 pairs in {} of {runs}; median {median} pairs",
+            needed.len()
+        );
+        assert!(needed.len() as f64 >= 0.95 * runs as f64, "fired in {} of {runs}", needed.len());
+        // Two independent arms at a 10% canary need a median of ~5,800 labels for the same drop (see the
+        // mean guard's test); the pairs need a fraction of that.
+        assert!(median <= 2_000, "median {median} pairs");
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub mod feed;
 pub mod guard;
 pub mod history;
 pub mod plan;
+pub mod probation;
 pub mod report;
 
 use evidence::GuardFigures;

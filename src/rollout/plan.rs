@@ -90,6 +90,13 @@ pub enum GuardKind {
     /// The candidate's mean loss against outcome labels, no worse than control's by more than a margin
     /// (`quality_guard`); needs the deployment's `quality` spec and labels on the outcomes topic.
     Quality,
+    /// Share of users whose first decision in the step got no scored label (a label joined to the serving
+    /// model's answer) within `quality_guard.coverage_wait_ms` of being sent: a candidate that fails
+    /// on the hard requests, or whose answers change which outcomes are observed, loses labels.
+    Coverage,
+    /// Blue/green probation only: the new side's loss against the old side's on the same labelled
+    /// requests (see `rollout::probation`).
+    PairedQuality,
 }
 
 impl GuardKind {
@@ -103,6 +110,8 @@ impl GuardKind {
             GuardKind::Latency => "latency",
             GuardKind::SampleRatio => "sample_ratio",
             GuardKind::Quality => "quality",
+            GuardKind::Coverage => "coverage",
+            GuardKind::PairedQuality => "paired_quality",
         }
     }
 }
@@ -125,6 +134,16 @@ pub enum Loss {
 }
 
 impl Loss {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Loss::ZeroOne => "zero_one",
+            Loss::Brier => "brier",
+            Loss::LogLoss => "log_loss",
+            Loss::Absolute => "absolute",
+            Loss::Squared => "squared",
+        }
+    }
+
     /// This loss of a scored answer, if it has one.
     pub fn of(self, s: &crate::codec::ScoredOutcome) -> Option<f64> {
         match self {
@@ -152,11 +171,23 @@ pub struct QualityGuard {
     pub margin: f64,
     #[serde(default = "default_tau")]
     pub tau: f64,
+    /// The coverage guard: how long after a request is sent its label may take to be scored.
+    #[serde(default = "default_coverage_wait_ms")]
+    pub coverage_wait_ms: u64,
+}
+
+fn default_coverage_wait_ms() -> u64 {
+    60_000
 }
 
 impl Default for QualityGuard {
     fn default() -> Self {
-        QualityGuard { loss: Loss::default(), margin: 0.0, tau: default_tau() }
+        QualityGuard {
+            loss: Loss::default(),
+            margin: 0.0,
+            tau: default_tau(),
+            coverage_wait_ms: default_coverage_wait_ms(),
+        }
     }
 }
 
@@ -218,7 +249,7 @@ pub enum InvalidPlan {
         "step {step}: canary_percent {value} leaves no control arm; the last step must hold back some control traffic (promotion takes the candidate to 100%)"
     )]
     NoControl { step: usize, value: f64 },
-    #[error("guards must name each guard at most once, and at least one")]
+    #[error("guards must name each guard at most once, and at least one (paired_quality judges blue/green probation only)")]
     Guards,
     #[error("step is {step} but the plan has {steps} steps (step counts from 0)")]
     StepOutOfRange { step: usize, steps: usize },
@@ -260,7 +291,7 @@ impl Plan {
         let mut guards = self.guards.clone();
         guards.sort_unstable();
         guards.dedup();
-        if guards.is_empty() || guards.len() != self.guards.len() {
+        if guards.is_empty() || guards.len() != self.guards.len() || guards.contains(&GuardKind::PairedQuality) {
             return Err(InvalidPlan::Guards);
         }
         if self.step >= self.steps.len() {

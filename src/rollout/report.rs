@@ -12,6 +12,7 @@ use super::evidence::{Observation, StepEvidence};
 use super::feed::Feed;
 use super::history::{self, Entry};
 use super::plan::{GuardKind, PlanState};
+use super::probation::ProbationEvidence;
 use crate::codec::{Codec, Decision, ScoredOutcome};
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -48,23 +49,14 @@ pub async fn plan_status(config: &Config, codec: &Codec, d: &Deployment) -> Resu
         return Ok(out);
     }
     let mut evidence = StepEvidence::new(d).expect("a plan");
-    if plan.guards.contains(&GuardKind::Quality) {
-        let mut scored = Feed::open(config, codec.clone(), &config.topics.scored_outcomes, Some(plan.step_started_at))?;
-        let started = Instant::now();
-        while !scored.read_what_was_there() && started.elapsed() < READ_LIMIT {
-            scored
-                .drain(
-                    Duration::from_millis(50),
-                    100_000,
-                    |s: &ScoredOutcome| s.observed_at,
-                    |s| {
-                        if s.deployment == d.name && s.config_version as u64 == d.version() {
-                            evidence.add_scored(&s);
-                        }
-                    },
-                )
-                .await?;
-        }
+    if plan.guards.iter().any(|g| matches!(g, GuardKind::Quality | GuardKind::Coverage)) {
+        let from = plan.step_started_at;
+        read_all(config, codec, &config.topics.scored_outcomes, from, |s: &ScoredOutcome| s.observed_at, |s| {
+            if s.deployment == d.name && s.config_version as u64 == d.version() {
+                evidence.add_scored(&s);
+            }
+        })
+        .await?;
     }
     let mut feed = Feed::open(config, codec.clone(), &config.topics.decisions, Some(plan.step_started_at))?;
     let started = Instant::now();
@@ -87,6 +79,8 @@ pub async fn plan_status(config: &Config, codec: &Codec, d: &Deployment) -> Resu
         }
     };
     evidence.score_until(read_through, d.spec.timeout_ms);
+    // The scored outcomes were read to their end: labels are in up to now.
+    evidence.score_coverage_until(kafka::now_millis(), d.spec.timeout_ms);
     let (control, candidate) = evidence.arms();
     let share = |n: u64| 100.0 * n as f64 / (control.users + candidate.users).max(1) as f64;
     let _ = writeln!(
@@ -123,79 +117,98 @@ pub async fn plan_status(config: &Config, codec: &Codec, d: &Deployment) -> Resu
 /// How far back `status` reads scored outcomes for a deployment's quality.
 const QUALITY_LOOKBACK_MS: i64 = 3_600_000;
 
-/// Quality per model, role and cohort from the scored outcomes of the last hour; empty without a
-/// `quality` spec.
+/// Quality per model, role and cohort from the scored outcomes of the last hour, and label coverage: of
+/// the decisions of the last hour, how many have a scored label (so far). Empty without a `quality`
+/// spec.
 pub async fn quality_status(config: &Config, codec: &Codec, d: &Deployment) -> Result<String> {
-    use crate::quality::metrics::{BinaryCounts, DelayHistogram, RegressionCounts};
-    use crate::quality::score::Task;
+    use crate::quality::metrics::QualityFigures;
     use std::collections::BTreeMap;
 
     let Some(spec) = &d.spec.quality else { return Ok(String::new()) };
-    #[derive(Default)]
-    struct Figures {
-        binary: BinaryCounts,
-        regression: RegressionCounts,
-        unscored: u64,
-        delays: DelayHistogram,
-    }
-    let mut by: BTreeMap<(String, String, String), Figures> = BTreeMap::new();
-    let now = kafka::now_millis();
-    let mut feed = Feed::open(config, codec.clone(), &config.topics.scored_outcomes, Some(now - QUALITY_LOOKBACK_MS))?;
-    let started = Instant::now();
-    while !feed.read_what_was_there() && started.elapsed() < READ_LIMIT {
-        feed.drain(
-            Duration::from_millis(50),
-            100_000,
-            |s: &ScoredOutcome| s.observed_at,
-            |s| {
-                if s.deployment != d.name || s.observed_at < now - QUALITY_LOOKBACK_MS {
-                    return;
-                }
-                let f = by.entry((s.model.clone(), s.role.clone(), s.cohort.clone())).or_default();
-                f.delays.add(s.label_delay_ms);
-                match (s.score, spec.task) {
-                    (None, _) => f.unscored += 1,
-                    (Some(score), Task::BinaryClassification) => f.binary.add(score, s.label == 1.0, spec.threshold),
-                    (Some(score), Task::Regression) => f.regression.add(score, s.label),
-                }
-            },
-        )
-        .await?;
-    }
+    let since = kafka::now_millis() - QUALITY_LOOKBACK_MS;
+    let mut by: BTreeMap<(String, String, String), QualityFigures> = BTreeMap::new();
+    // Per (model, cohort) of the serving answer: (decisions, with a scored label).
+    let mut coverage: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
+    read_all(config, codec, &config.topics.scored_outcomes, since, |s: &ScoredOutcome| s.observed_at, |s| {
+        if s.deployment != d.name {
+            return;
+        }
+        if s.observed_at >= since {
+            by.entry((s.model.clone(), s.role.clone(), s.cohort.clone())).or_default().add(&s, spec);
+        }
+        if s.role == "serving" && s.decided_at >= since && s.score.is_some() {
+            coverage.entry((s.model, s.cohort)).or_default().1 += 1;
+        }
+    })
+    .await?;
+    read_all(config, codec, &config.topics.decisions, since, |x: &Decision| x.decided_at, |x| {
+        if x.deployment == d.name && x.decided_at >= since {
+            coverage.entry((x.model, x.cohort)).or_default().0 += 1;
+        }
+    })
+    .await?;
     let mut out = String::new();
     if by.is_empty() {
         let _ = writeln!(out, "  quality: no labelled answers in the last hour");
         return Ok(out);
     }
     let _ = writeln!(out, "  quality (answers labelled in the last hour):");
-    let show = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.3}"));
     for ((model, role, cohort), f) in &by {
-        let delays = format!(
-            "label delay p50 <= {} s, p90 <= {} s",
-            f.delays.quantile_ms(0.5).unwrap_or(0) / 1000,
-            f.delays.quantile_ms(0.9).unwrap_or(0) / 1000
-        );
-        let figures = match spec.task {
-            Task::BinaryClassification => format!(
-                "{} scored, accuracy {}, Brier {}, log-loss {}, AUC {}, calibration error {}",
-                f.binary.n(),
-                show(f.binary.accuracy()),
-                show(f.binary.brier()),
-                show(f.binary.log_loss()),
-                show(f.binary.auc()),
-                show(f.binary.calibration_error())
-            ),
-            Task::Regression => format!(
-                "{} scored, MAE {}, RMSE {}, bias {}",
-                f.regression.n,
-                show(f.regression.mae()),
-                show(f.regression.rmse()),
-                show(f.regression.bias())
-            ),
-        };
-        let _ = writeln!(out, "    {model} ({role}, {cohort}): {figures}; {} without a score; {delays}", f.unscored);
+        let _ = writeln!(out, "    {model} ({role}, {cohort}): {}", f.describe(spec.task));
+    }
+    let _ = writeln!(out, "  label coverage (decisions of the last hour with a scored label so far):");
+    for ((model, cohort), (decisions, labelled)) in &coverage {
+        let share = 100.0 * *labelled as f64 / (*decisions).max(1) as f64;
+        let _ = writeln!(out, "    {model} ({cohort}): {labelled} of {decisions} ({share:.1}%)");
     }
     Ok(out)
+}
+
+/// A blue/green probation in words, with its paired evidence read from the scored outcomes; empty
+/// without one.
+pub async fn probation_status(config: &Config, codec: &Codec, d: &Deployment) -> Result<String> {
+    let (Some(p), Some(mut evidence)) = (&d.spec.probation, ProbationEvidence::new(d)) else {
+        return Ok(String::new());
+    };
+    read_all(config, codec, &config.topics.scored_outcomes, p.started_at, |s: &ScoredOutcome| s.observed_at, |s| {
+        if s.deployment == d.name && s.config_version as u64 == d.version() {
+            evidence.add(&s);
+        }
+    })
+    .await?;
+    let left = (p.ends_at() - kafka::now_millis()).max(0) / 1000;
+    let mut out = format!(
+        "  probation: {left} s left; {} stays warm on copies; paired guard on {} labelled requests both answered (alpha {}):\n",
+        d.spec.control,
+        evidence.pairs(),
+        p.alpha
+    );
+    let (difference, interval) = evidence.difference();
+    for g in &evidence.figures().guards {
+        let _ = writeln!(out, "    {}", super::describe_guard(g));
+    }
+    if let Some((low, high)) = interval {
+        let _ = writeln!(out, "    new − old {difference:+.4}, confidence sequence [{low:+.4}, {high:+.4}]");
+    }
+    Ok(out)
+}
+
+/// Reads every record of `topic` written from `from` on that was there when it opened (at most
+/// [`READ_LIMIT`]), handing each to `f`.
+async fn read_all<T: crate::codec::AvroRecord>(
+    config: &Config,
+    codec: &Codec,
+    topic: &str,
+    from: crate::codec::Millis,
+    time: fn(&T) -> crate::codec::Millis,
+    mut f: impl FnMut(T),
+) -> Result<()> {
+    let mut feed = Feed::open(config, codec.clone(), topic, Some(from))?;
+    let started = Instant::now();
+    while !feed.read_what_was_there() && started.elapsed() < READ_LIMIT {
+        feed.drain(Duration::from_millis(50), 100_000, time, &mut f).await?;
+    }
+    Ok(())
 }
 
 /// The history entries of `name` (all deployments: None), oldest first.

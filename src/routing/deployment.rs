@@ -11,6 +11,7 @@ use super::hash::threshold;
 use crate::quality::score::QualitySpec;
 use crate::rollout::evidence::Figures;
 use crate::rollout::plan::{InvalidPlan, Plan};
+use crate::rollout::probation::{InvalidProbation, Probation};
 
 /// Longest model name accepted; model names become part of Kafka topic names (max 249 characters).
 const MAX_MODEL_NAME: usize = 200;
@@ -131,6 +132,11 @@ pub struct DeploymentSpec {
     /// operator's own change ends a plan.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plan: Option<Plan>,
+    /// Blue/green, after the switch to the candidate: for a while the control side keeps a copy of
+    /// every request in the shadow sample and a paired quality guard may switch back (see
+    /// `rollout::probation`). `promote --probation` sets it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probation: Option<Probation>,
     /// Who wrote this version and why; `history` shows it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub change: Option<Change>,
@@ -240,6 +246,8 @@ pub enum InvalidDeployment {
     Plan(#[from] InvalidPlan),
     #[error("canary_percent {got} is not the share of the plan's current step {step} ({want})")]
     PlanShare { got: f64, step: usize, want: f64 },
+    #[error("{0}")]
+    Probation(#[from] InvalidProbation),
 }
 
 /// Largest fallback answer: it travels in every routing record of the deployment and in each decision
@@ -346,6 +354,15 @@ impl DeploymentSpec {
             if threshold(want) != canary_threshold {
                 return Err(InvalidDeployment::PlanShare { got: self.canary_percent, step: plan.step + 1, want });
             }
+        }
+        if let Some(probation) = &self.probation {
+            if self.strategy != Strategy::BlueGreen || self.active != Side::Candidate {
+                return Err(InvalidProbation::NotASwitch.into());
+            }
+            if self.quality.is_none() {
+                return Err(InvalidProbation::NoQuality.into());
+            }
+            probation.validate()?;
         }
         let salt = self.salt.clone().unwrap_or_else(|| name.to_string());
         Ok(Deployment { name: name.to_string(), spec: self, salt, canary_threshold, shadow_threshold })

@@ -45,6 +45,7 @@ impl Route<'_> {
 /// - attribute rules, in order, send a request whose attribute has one of their values to their side,
 ///   under canary and blue/green, unless an override pins the user.
 /// - mirror models get a copy under every strategy, sampled like shadow.
+/// - blue/green on probation: the side switched away from gets a copy, sampled like shadow.
 pub fn route<'a>(deployment: &'a Deployment, user_id: &str, attributes: &HashMap<String, String>) -> Route<'a> {
     let spec = &deployment.spec;
     let bucket = hash::bucket(&deployment.salt, user_id);
@@ -65,11 +66,13 @@ pub fn route<'a>(deployment: &'a Deployment, user_id: &str, attributes: &HashMap
     };
 
     let mut shadows = Vec::new();
-    let wants_copies = spec.strategy == Strategy::Shadow || !spec.mirror.is_empty();
+    let warm = spec.probation.as_ref().map(|_| spec.control.as_str()).filter(|&old| old != deployment.model_for(cohort));
+    let wants_copies = spec.strategy == Strategy::Shadow || !spec.mirror.is_empty() || warm.is_some();
     if wants_copies && hash::shadow_bucket(&deployment.salt, user_id) < deployment.shadow_threshold {
         if spec.strategy == Strategy::Shadow {
             shadows.extend(spec.candidate.as_deref());
         }
+        shadows.extend(warm);
         shadows.extend(spec.mirror.iter().map(String::as_str));
     }
 
@@ -189,6 +192,20 @@ mod tests {
             r#"{"version":1,"strategy":"shadow","control":"v1","candidate":"v2","overrides":{"vip":"candidate"}}"#,
         );
         assert_eq!(route(&d, "vip", &NONE).serving, "v1");
+    }
+
+    #[test]
+    fn on_probation_the_old_side_gets_a_copy_of_what_it_no_longer_serves() {
+        let d = deployment(
+            r#"{"version":3,"strategy":"blue_green","control":"b","candidate":"g","active":"candidate",
+                "overrides":{"vip":"control"},"quality":{},"probation":{"started_at":1,"duration_ms":60000}}"#,
+        );
+        for i in 0..500 {
+            let r = route(&d, &format!("user-{i}"), &NONE);
+            assert_eq!((r.serving, r.shadows), ("g", vec!["b"]));
+        }
+        let pinned = route(&d, "vip", &NONE);
+        assert_eq!((pinned.serving, pinned.shadows.len()), ("b", 0), "no copy to the model that served");
     }
 
     #[test]

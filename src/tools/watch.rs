@@ -1,5 +1,6 @@
 //! `switchyard watch`: a live view of the decisions topic — the split per deployment, model and status,
-//! and a sample of decisions as they arrive.
+//! and a sample of decisions as they arrive — and of the scored outcomes: each model's quality as its
+//! labels arrive, for deployments with a `quality` spec.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -8,7 +9,8 @@ use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::codec::{Codec, Decision};
+use crate::codec::{Codec, Decision, ScoredOutcome};
+use crate::quality::metrics::QualityFigures;
 use crate::config::Config;
 use crate::error::Result;
 use crate::kafka;
@@ -28,6 +30,18 @@ pub struct Watch {
 /// Counts of decisions by (deployment, model, cohort, status).
 pub type Split = BTreeMap<(String, String, String, String), u64>;
 
+/// Quality by (deployment, model, role).
+type Quality = BTreeMap<(String, String, String), QualityFigures>;
+
+fn render_quality(quality: &Quality, registry: &crate::control::Registry) -> String {
+    let mut out = String::new();
+    for ((deployment, model, role), f) in quality {
+        let Some(spec) = registry.get(deployment).and_then(|d| d.spec.quality.clone()) else { continue };
+        out.push_str(&format!("  {deployment:<12} {model:<14} {role:<8} {}\n", f.describe(spec.task)));
+    }
+    out
+}
+
 fn render(split: &Split) -> String {
     let mut totals: BTreeMap<&str, u64> = BTreeMap::new();
     for ((deployment, ..), n) in split {
@@ -45,26 +59,43 @@ impl Watch {
     pub async fn run(self, config: Config, codec: Codec, shutdown: Shutdown) -> Result<Split> {
         let consumer = kafka::reader(&config)?;
         let topic = &config.topics.decisions;
-        let partitions = kafka::partition_count(&consumer, topic)?.unwrap_or(0);
         let mut assignment = TopicPartitionList::new();
-        for p in 0..partitions as i32 {
-            assignment.add_partition_offset(
-                topic,
-                p,
-                if self.from_beginning { Offset::Beginning } else { Offset::End },
-            )?;
+        for topic in [topic, &config.topics.scored_outcomes] {
+            let partitions = kafka::partition_count(&consumer, topic)?.unwrap_or(0);
+            for p in 0..partitions as i32 {
+                assignment.add_partition_offset(
+                    topic,
+                    p,
+                    if self.from_beginning { Offset::Beginning } else { Offset::End },
+                )?;
+            }
         }
         consumer.assign(&assignment)?;
+        let mut registry = crate::control::watcher::snapshot(&config).await?;
+        let mut quality = Quality::new();
         let mut split = Split::new();
         let (start, mut last_print, mut seen) = (Instant::now(), Instant::now(), 0u64);
         while start.elapsed() < self.duration && !shutdown.is_triggered() {
             if last_print.elapsed() >= Duration::from_secs(2) {
                 println!("decisions so far ({seen}):\n{}", render(&split));
+                if !quality.is_empty() {
+                    registry = crate::control::watcher::snapshot(&config).await.unwrap_or(registry);
+                    println!("quality so far (labelled answers):\n{}", render_quality(&quality, &registry));
+                }
                 last_print = Instant::now();
             }
             let Ok(Ok(message)) = tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await else {
                 continue;
             };
+            if message.topic() != topic.as_str() {
+                let Ok(s) = codec.decode::<ScoredOutcome>(message.payload().unwrap_or_default()) else { continue };
+                if self.deployment.as_ref().is_none_or(|name| *name == s.deployment) {
+                    if let Some(spec) = registry.get(&s.deployment).and_then(|d| d.spec.quality.clone()) {
+                        quality.entry((s.deployment.clone(), s.model.clone(), s.role.clone())).or_default().add(&s, &spec);
+                    }
+                }
+                continue;
+            }
             let Ok(d) = codec.decode::<Decision>(message.payload().unwrap_or_default()) else { continue };
             if self.deployment.as_ref().is_some_and(|name| *name != d.deployment) {
                 continue;
@@ -87,6 +118,9 @@ impl Watch {
             *split.entry((d.deployment, d.model, d.cohort, d.status.as_str().to_string())).or_default() += 1;
         }
         println!("decisions ({seen}):\n{}", render(&split));
+        if !quality.is_empty() {
+            println!("quality (labelled answers):\n{}", render_quality(&quality, &registry));
+        }
         Ok(split)
     }
 }
