@@ -120,6 +120,18 @@ async fn labels_are_joined_scored_once_and_bad_ones_dead_lettered_with_reasons()
         );
         assert!(text.contains(&line), "{text} lacks {line:?}");
     }
+    // Coverage: 200 decisions, 180 with a label joined to v1's answer.
+    assert!(text.contains("v1 (control): 180 of 200 (90.0%)"), "{text}");
+    // watch: the same quality figures, live from the scored outcomes.
+    let (ok, text, err) = env.cli(&["watch", "--deployment", "fraud", "--seconds", "3", "--from-beginning"]);
+    assert!(ok, "{err}");
+    let accuracy = |model: &str| format!("{:.3}", (180 - wrong(model)) as f64 / 180.0);
+    for (model, role) in [("v1", "serving"), ("v2", "shadow")] {
+        assert!(
+            text.lines().any(|l| l.contains(&format!("fraud        {model:<14} {role:<8} 180 scored, accuracy {}", accuracy(model)))),
+            "{text}"
+        );
+    }
     env.stop().await;
 }
 
