@@ -5,7 +5,8 @@
 # fraud-v2 from 1% to 100% unattended, and a second plan's guards roll back fraud-v4, which fails 20% of
 # its requests; the history says who did what and why. Last, outcome labels: a labeller reports what
 # really happened, answers are scored, and a candidate that is faster but less accurate (churn-v2, 75%
-# against 90%) is rolled back by the quality guard, not by latency. Stops everything it started.
+# against 90%) is rolled back by the quality guard, not by latency; then a blue/green switch to it on
+# probation is switched back by the paired guard. Stops everything it started.
 #
 # DEMO_RATE (requests/s, default 200) and DEMO_SECONDS (per phase, default 8) tune it.
 set -euo pipefail
@@ -89,7 +90,7 @@ run_plan() { # title, until, deployment (default fraud)
   local load=$! start=$SECONDS
   until $bin status "$name" 2>/dev/null | grep -q "$2"; do
     sleep 2; local waited=$((SECONDS - start))
-    echo "-- after ${waited} s:"; $bin status "$name" | grep -E 'plan:|last change|observed split|^    (error_rate|timeout_rate|latency|sample_ratio|quality)' || true
+    echo "-- after ${waited} s:"; $bin status "$name" | grep -E 'plan:|probation:|last change|observed split|^    (error_rate|timeout_rate|latency|sample_ratio|coverage|quality|paired_quality|new − old)' || true
     if [ "$waited" -ge 120 ]; then echo "the plan did not finish in 120 s"; kill "$load"; exit 1; fi
   done
   kill "$load" 2>/dev/null || true; wait "$load" 2>/dev/null || true
@@ -138,6 +139,13 @@ $bin deploy churn --strategy canary --control churn-v1 --candidate churn-v2 --ti
   --plan "$churn_plan" --reason "try the fast model"
 run_plan "the guards judge churn-v2" "last change by guard:" churn
 $bin history churn | tail -12
+
+step "blue/green with probation: everyone to churn-v2 at once; churn-v1 stays warm on copies and both are judged on the same labelled requests"
+$bin deploy churn --strategy blue_green --control churn-v1 --candidate churn-v2 --active control --timeout-ms 1000 \
+  --quality '{}' --reason "blue/green for the fast model"
+$bin promote churn --probation-ms 120000 --reason "switch to churn-v2 on probation"
+run_plan "the paired guard judges the switch" "last change by guard:" churn
+$bin history churn | tail -6
 
 step "what Prometheus sees (excerpt of 127.0.0.1:9898/metrics)"
 curl -fs 127.0.0.1:9898/metrics | grep -E '^switchyard_(decisions_total|shadow_comparisons_total|config_version|pending_requests|dead_letters_total|rollout_changes_total|quality_labelled_total)' | sort

@@ -33,7 +33,7 @@ pub fn describe_guard(g: &GuardFigures) -> String {
     let rate = |c: &evidence::Counts| {
         if g.guard == GuardKind::SampleRatio {
             format!("{} users", c.n)
-        } else if g.guard == GuardKind::Quality {
+        } else if matches!(g.guard, GuardKind::Quality | GuardKind::PairedQuality) {
             format!("{} labelled", c.n)
         } else {
             format!("{}/{} ({:.2}%)", c.bad, c.n, 100.0 * c.bad as f64 / c.n.max(1) as f64)
@@ -42,9 +42,9 @@ pub fn describe_guard(g: &GuardFigures) -> String {
     let what = match (g.guard, g.latency_ms) {
         (GuardKind::Latency, Some(ms)) => format!("latency > {ms} ms"),
         (GuardKind::Latency, None) => "latency (threshold not fixed yet)".to_string(),
-        (GuardKind::Quality, _) => match g.mean_loss {
-            Some((a, b)) => format!("quality ({a:.3} vs {b:.3})"),
-            None => "quality".to_string(),
+        (GuardKind::Quality | GuardKind::PairedQuality, _) => match g.mean_loss {
+            Some((a, b)) => format!("{} ({a:.3} vs {b:.3})", g.guard.as_str()),
+            None => g.guard.as_str().to_string(),
         },
         (guard, _) => guard.as_str().to_string(),
     };
