@@ -3,7 +3,8 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use rand::Rng;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 use crate::codec::{Codec, Request};
 use crate::config::Config;
@@ -54,7 +55,8 @@ impl Loadgen {
                 .await?;
         }
         let producer = kafka::producer(&config)?;
-        let mut rng = rand::rng();
+        // A Send generator, so that a load can run on a spawned task.
+        let mut rng = StdRng::from_rng(&mut rand::rng());
         let start = Instant::now();
         // Send in 10 ms slices so the rate is smooth without a timer per record.
         let slice = Duration::from_millis(10);
