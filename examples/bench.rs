@@ -53,7 +53,14 @@ async fn main() {
                 bootstrap: std::env::var("SWITCHYARD_BOOTSTRAP_SERVERS").unwrap_or_else(|_| "127.0.0.1:9092".into()),
                 run: format!("b{:06x}", rand::random::<u32>() & 0xff_ffff),
             };
-            bench.run().await;
+            match value("--latency-only") {
+                // For tuning: one open-loop run of switchyard at this rate.
+                Some(rate) => {
+                    let l = bench.latency(System::Switchyard, rate.parse().expect("--latency-only RATE"), 20).await;
+                    print_latency("switchyard", &l);
+                }
+                None => bench.run().await,
+            }
         }
         _ => eprintln!("usage: bench run [--quick] --repo DIR --streams-classpath CP | bench pipe ..."),
     }
@@ -268,10 +275,13 @@ impl Bench {
         self.kafka_perf(n_pipe).await;
 
         println!("\n== null pipe: consume -> produce -> commit, no decoding ({n_pipe} records preloaded)");
+        let mut throughputs: Vec<(String, Throughput)> = Vec::new();
+        let mut latencies: Vec<(String, f64, Latency)> = Vec::new();
         let mut pipe_best_txn = 0.0f64;
         for (label, transactional, batch) in [("plain, commit per 5000", false, 5000), ("transactional, per 500", true, 500), ("transactional, per 5000", true, 5000)] {
             let t = self.null_pipe(n_pipe, transactional, batch).await;
             print_throughput(&format!("null pipe ({label})"), &t);
+            throughputs.push((format!("null pipe ({label})"), t.clone()));
             if transactional {
                 pipe_best_txn = pipe_best_txn.max(t.rate);
             }
@@ -280,14 +290,18 @@ impl Bench {
         println!("\n== route only: canary 10%, no shadow, two records out per request ({n_route} requests preloaded)");
         let route_sy = self.throughput(System::Switchyard, false, n_route).await;
         print_throughput("switchyard route", &route_sy);
+        throughputs.push(("switchyard route".into(), route_sy.clone()));
         let route_ks = self.throughput(System::Streams, false, n_route).await;
         print_throughput("kafka-streams route", &route_ks);
+        throughputs.push(("kafka-streams route".into(), route_ks.clone()));
 
         println!("\n== full loop: canary 10% + a shadow copy to a third model, instant models ({n_full} requests preloaded)");
         let full_sy = self.throughput(System::Switchyard, true, n_full).await;
         print_throughput("switchyard full loop", &full_sy);
+        throughputs.push(("switchyard full loop".into(), full_sy.clone()));
         let full_ks = self.throughput(System::Streams, true, n_full).await;
         print_throughput("kafka-streams full loop", &full_ks);
+        throughputs.push(("kafka-streams full loop".into(), full_ks.clone()));
 
         println!("\n== latency, open loop, instant models: send -> visible to read_committed (ms: p50 / p99 / p99.9)");
         let shares: &[f64] = if self.quick { &[0.5] } else { &[0.1, 0.5, 0.8] };
@@ -297,11 +311,27 @@ impl Bench {
             for system in [System::Switchyard, System::Streams] {
                 let l = self.latency(system, rate, seconds).await;
                 print_latency(&format!("{system:?} at {:.0}% of switchyard's max", share * 100.0), &l);
+                latencies.push((format!("{system:?}"), share, l));
             }
         }
         let plain_hop = self.plain_hop(500, 10).await;
         println!("  one plain Kafka hop at 500/s (acks=all, read_committed reader): {}", fmt3(&plain_hop));
 
+        let results = serde_json::json!({
+            "run": self.run,
+            "quick": self.quick,
+            "throughput": throughputs.iter().map(|(name, t)| serde_json::json!({
+                "name": name, "rate": t.rate, "cpu_per_million": t.cpu_per_million, "peak_rss_mib": t.peak_rss_mib,
+            })).collect::<Vec<_>>(),
+            "latency": latencies.iter().map(|(system, share, l)| serde_json::json!({
+                "system": system, "share": share, "rate": l.rate, "end_to_end": l.end_to_end,
+                "route": l.route, "model": l.model, "join": l.join,
+            })).collect::<Vec<_>>(),
+            "plain_hop": plain_hop,
+        });
+        let file = format!("{}/.bench/{}/results.json", self.repo, self.run);
+        std::fs::write(&file, serde_json::to_string_pretty(&results).expect("json")).expect("results file");
+        println!("\nresults: {file}");
         println!();
         println!("ratio switchyard/kafka-streams = {:.2}", full_sy.rate / full_ks.rate.max(1e-9));
         println!("ratio switchyard/null-pipe = {:.2}", route_sy.rate / pipe_best_txn.max(1e-9));

@@ -14,7 +14,12 @@ use rdkafka::{Offset, TopicPartitionList};
 use super::{ADMIN_TIMEOUT, now_millis};
 use crate::shutdown::Shutdown;
 
-/// Waits up to `idle` for a first record, then takes what arrives within `wait`, up to `max`. An empty
+/// Most bytes of record values and keys in one batch, whatever the record count: a batch of
+/// `batch_size` records near the size limit would otherwise hold gigabytes.
+pub const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
+
+/// Waits up to `idle` for a first record, then takes what arrives within `wait` (with `wait` 0: what
+/// has already arrived), up to `max` records or [`MAX_BATCH_BYTES`]. An empty
 /// batch means nothing arrived; callers check for shutdown between batches. Consumer errors are logged
 /// and waited out: librdkafka reconnects by itself, and a broken batch is never half-processed. A fatal
 /// error (the consumer is unusable, e.g. another process joined the group under this instance id) is
@@ -26,15 +31,21 @@ pub async fn next_batch<C: ConsumerContext + 'static>(
     idle: Duration,
 ) -> Result<Vec<OwnedMessage>, KafkaError> {
     let mut batch = Vec::new();
+    let size = |m: &OwnedMessage| m.payload().map_or(0, <[u8]>::len) + m.key().map_or(0, <[u8]>::len);
     match tokio::time::timeout(idle, consumer.recv()).await {
         Err(_) => return Ok(batch),
         Ok(Ok(message)) => batch.push(message.detach()),
         Ok(Err(error)) => return consumer_error(error).map(|()| batch),
     }
+    let mut bytes = size(&batch[0]);
     let deadline = tokio::time::Instant::now() + wait;
-    while batch.len() < max {
+    while batch.len() < max && bytes < MAX_BATCH_BYTES {
         match tokio::time::timeout_at(deadline, consumer.recv()).await {
-            Ok(Ok(message)) => batch.push(message.detach()),
+            Ok(Ok(message)) => {
+                let message = message.detach();
+                bytes += size(&message);
+                batch.push(message);
+            }
             Ok(Err(error)) => {
                 consumer_error(error)?;
                 break;

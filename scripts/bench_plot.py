@@ -1,0 +1,44 @@
+"""Plots a results.json of scripts/bench: throughput (requests or records per second) and end-to-end
+latency (p50 and p99 per load level) for switchyard, Kafka Streams and the null pipe.
+
+    .bench/venv/bin/python scripts/bench_plot.py .bench/<run>/results.json docs/benchmarks.png
+"""
+import json
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+results = json.load(open(sys.argv[1]))
+fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+
+rows = results["throughput"]
+names = [r["name"] for r in rows]
+colors = ["#888888" if "pipe" in n else "#1f77b4" if "switchyard" in n else "#ff7f0e" for n in names]
+left.barh(names, [r["rate"] for r in rows], color=colors)
+left.set_xlabel("per second (preloaded backlog)")
+left.set_title("Throughput")
+left.invert_yaxis()
+for y, r in enumerate(rows):
+    left.text(r["rate"], y, f" {r['rate']:,.0f}", va="center", fontsize=8)
+
+for system, color in [("Switchyard", "#1f77b4"), ("Streams", "#ff7f0e")]:
+    points = sorted((p for p in results["latency"] if p["system"] == system), key=lambda p: p["rate"])
+    if not points:
+        continue
+    rates = [p["rate"] for p in points]
+    right.plot(rates, [p["end_to_end"][0] for p in points], "o-", color=color, label=f"{system} p50")
+    right.plot(rates, [p["end_to_end"][1] for p in points], "s--", color=color, label=f"{system} p99")
+hop = results.get("plain_hop")
+if hop:
+    right.axhline(hop[0], color="#888888", linestyle=":", label="one plain Kafka hop, p50")
+right.set_xlabel("requests per second (open loop, instant models)")
+right.set_ylabel("send -> decision visible (ms)")
+right.set_yscale("log")
+right.set_title("End-to-end latency")
+right.legend(fontsize=8)
+fig.tight_layout()
+fig.savefig(sys.argv[2], dpi=110)
+print(f"wrote {sys.argv[2]}")
