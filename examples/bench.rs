@@ -35,15 +35,17 @@ async fn main() {
     let flag = |name: &str| args.iter().any(|a| a == name);
     let value = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
     match args.first().map(String::as_str) {
-        Some("pipe") => pipe(
-            value("--input").expect("--input"),
-            value("--output").expect("--output"),
-            value("--group").expect("--group"),
-            value("--id").expect("--id"),
-            flag("--transactional"),
-            value("--batch").map_or(500, |b| b.parse().expect("--batch N")),
-        )
-        .await,
+        Some("pipe") => {
+            pipe(
+                value("--input").expect("--input"),
+                value("--output").expect("--output"),
+                value("--group").expect("--group"),
+                value("--id").expect("--id"),
+                flag("--transactional"),
+                value("--batch").map_or(500, |b| b.parse().expect("--batch N")),
+            )
+            .await
+        }
         Some("run") => {
             let bench = Bench {
                 quick: flag("--quick"),
@@ -53,6 +55,11 @@ async fn main() {
                 bootstrap: std::env::var("SWITCHYARD_BOOTSTRAP_SERVERS").unwrap_or_else(|_| "127.0.0.1:9092".into()),
                 run: format!("b{:06x}", rand::random::<u32>() & 0xff_ffff),
             };
+            if let Some(minutes) = value("--soak-minutes") {
+                let rate = value("--rate").expect("--soak-minutes needs --rate").parse().expect("--rate N");
+                bench.soak(rate, minutes.parse().expect("--soak-minutes N")).await;
+                return;
+            }
             match value("--latency-only") {
                 // For tuning: one open-loop run of switchyard at this rate.
                 Some(rate) => {
@@ -86,7 +93,9 @@ async fn pipe(input: String, output: String, group: String, id: String, transact
         }
         let out: Vec<OutRecord> = messages
             .iter()
-            .map(|m| OutRecord::new(output.clone(), m.key().unwrap_or_default(), m.payload().unwrap_or_default().to_vec()))
+            .map(|m| {
+                OutRecord::new(output.clone(), m.key().unwrap_or_default(), m.payload().unwrap_or_default().to_vec())
+            })
             .collect();
         let offsets = kafka::batch_offsets(&messages);
         match txn.as_mut() {
@@ -159,19 +168,19 @@ impl Proc {
     }
 
     fn peak_rss_mib(&self) -> f64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-            .map_or(0.0, |kib| kib / 1024.0)
+        self.status_mib("VmHWM:")
     }
 
     fn rss_mib(&self) -> f64 {
+        self.status_mib("VmRSS:")
+    }
+
+    /// A size field of /proc/<pid>/status (in kB there), in MiB.
+    fn status_mib(&self, field: &str) -> f64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
             .map_or(0.0, |kib| kib / 1024.0)
     }
@@ -204,29 +213,9 @@ fn clock_ticks() -> f64 {
     })
 }
 
-/// A config naming every topic after `prefix`, as switchyard's environment variables would.
+/// switchyard's environment for a run on its own topics, all named after `prefix`.
 fn env_for(bootstrap: &str, prefix: &str) -> Vec<(String, String)> {
-    vec![
-        ("SWITCHYARD_BOOTSTRAP_SERVERS".into(), bootstrap.into()),
-        ("SWITCHYARD__TOPICS__REQUESTS".into(), format!("{prefix}.requests")),
-        ("SWITCHYARD__TOPICS__DEPLOYMENTS".into(), format!("{prefix}.deployments")),
-        ("SWITCHYARD__TOPICS__HISTORY".into(), format!("{prefix}.history")),
-        ("SWITCHYARD__TOPICS__ROUTED".into(), format!("{prefix}.routed")),
-        ("SWITCHYARD__TOPICS__MERGE_CHANGELOG".into(), format!("{prefix}.merge-state")),
-        ("SWITCHYARD__TOPICS__FORWARDED_PREDICTIONS".into(), format!("{prefix}.forwarded")),
-        ("SWITCHYARD__TOPICS__DECISIONS".into(), format!("{prefix}.decisions")),
-        ("SWITCHYARD__TOPICS__SHADOW_COMPARISONS".into(), format!("{prefix}.shadow")),
-        ("SWITCHYARD__TOPICS__OUTCOMES".into(), format!("{prefix}.outcomes")),
-        ("SWITCHYARD__TOPICS__SCORED_OUTCOMES".into(), format!("{prefix}.scored")),
-        ("SWITCHYARD__TOPICS__SCORE_CHANGELOG".into(), format!("{prefix}.score-state")),
-        ("SWITCHYARD__TOPICS__DEAD_LETTER".into(), format!("{prefix}.dlq")),
-        ("SWITCHYARD__TOPICS__MODEL_REQUESTS".into(), format!("{prefix}.model.{{model}}.requests")),
-        ("SWITCHYARD__TOPICS__MODEL_PREDICTIONS".into(), format!("{prefix}.model.{{model}}.predictions")),
-        ("SWITCHYARD__TOPICS__PARTITIONS".into(), PARTITIONS.to_string()),
-        ("SWITCHYARD__SERVICE__GROUP_ID".into(), prefix.into()),
-        ("SWITCHYARD__SERVICE__INSTANCE_ID".into(), format!("{prefix}-0")),
-        ("SWITCHYARD__SERVICE__METRICS_ADDRESS".into(), "127.0.0.1:0".into()),
-    ]
+    switchyard::config::isolated_env(bootstrap, prefix, PARTITIONS)
 }
 
 fn config_for(bootstrap: &str, prefix: &str) -> Config {
@@ -265,7 +254,12 @@ impl Bench {
     }
 
     async fn run(&self) {
-        println!("switchyard benchmark, run {} ({} mode), broker {}", self.run, if self.quick { "quick" } else { "full" }, self.bootstrap);
+        println!(
+            "switchyard benchmark, run {} ({} mode), broker {}",
+            self.run,
+            if self.quick { "quick" } else { "full" },
+            self.bootstrap
+        );
         println!("machine: {} cores; {} partitions; requests ~100 bytes of Avro", num_cpus(), PARTITIONS);
         let n_pipe = self.count(400_000, 100_000);
         let n_route = self.count(200_000, 60_000);
@@ -278,7 +272,11 @@ impl Bench {
         let mut throughputs: Vec<(String, Throughput)> = Vec::new();
         let mut latencies: Vec<(String, f64, Latency)> = Vec::new();
         let mut pipe_best_txn = 0.0f64;
-        for (label, transactional, batch) in [("plain, commit per 5000", false, 5000), ("transactional, per 500", true, 500), ("transactional, per 5000", true, 5000)] {
+        for (label, transactional, batch) in [
+            ("plain, commit per 5000", false, 5000),
+            ("transactional, per 500", true, 500),
+            ("transactional, per 5000", true, 5000),
+        ] {
             let t = self.null_pipe(n_pipe, transactional, batch).await;
             print_throughput(&format!("null pipe ({label})"), &t);
             throughputs.push((format!("null pipe ({label})"), t.clone()));
@@ -295,7 +293,9 @@ impl Bench {
         print_throughput("kafka-streams route", &route_ks);
         throughputs.push(("kafka-streams route".into(), route_ks.clone()));
 
-        println!("\n== full loop: canary 10% + a shadow copy to a third model, instant models ({n_full} requests preloaded)");
+        println!(
+            "\n== full loop: canary 10% + a shadow copy to a third model, instant models ({n_full} requests preloaded)"
+        );
         let full_sy = self.throughput(System::Switchyard, true, n_full).await;
         print_throughput("switchyard full loop", &full_sy);
         throughputs.push(("switchyard full loop".into(), full_sy.clone()));
@@ -381,7 +381,9 @@ impl Bench {
     /// Preloads `n` requests of `deployment` into `config`'s requests topic.
     async fn preload(&self, config: &Config, n: u64) {
         let codec = config.codec.codec().expect("codec");
-        kafka::ensure_topics(config, std::slice::from_ref(&config.topics.requests), TopicKind::Stream).await.expect("topic");
+        kafka::ensure_topics(config, std::slice::from_ref(&config.topics.requests), TopicKind::Stream)
+            .await
+            .expect("topic");
         let producer = kafka::producer(config).expect("producer");
         let load = Loadgen { deployment: "bench".into(), rate: 0, count: n, users: USERS, run_id: self.run.clone() };
         let mut rng = rand::rng();
@@ -451,7 +453,9 @@ impl Bench {
     /// The deployment of every switchyard run: canary 10%, and in the full loop a shadow copy to v3.
     fn deployment(&self, full: bool) -> String {
         let mirror = if full { r#","mirror":["v3"]"# } else { "" };
-        format!(r#"{{"version":1,"strategy":"canary","control":"v1","candidate":"v2","canary_percent":10,"timeout_ms":30000{mirror}}}"#)
+        format!(
+            r#"{{"version":1,"strategy":"canary","control":"v1","candidate":"v2","canary_percent":10,"timeout_ms":30000{mirror}}}"#
+        )
     }
 
     /// Starts the system under test (and for the full loop three instant demo models) on `prefix`'s
@@ -485,7 +489,14 @@ impl Bench {
                 let mut command = Command::new("java");
                 command
                     .args(["-Xmx1g", "-cp", &self.streams_classpath, "dev.switchyard.bench.StreamsRouter"])
-                    .args(["--bootstrap", &self.bootstrap, "--app-id", prefix, "--mode", if full { "full" } else { "route" }])
+                    .args([
+                        "--bootstrap",
+                        &self.bootstrap,
+                        "--app-id",
+                        prefix,
+                        "--mode",
+                        if full { "full" } else { "route" },
+                    ])
                     .args(["--schemas", &format!("{}/schemas", self.repo), "--requests", &t.requests])
                     .args(["--routed", &t.routed, "--decisions", &t.decisions, "--comparisons", &t.shadow_comparisons])
                     .args(["--model-requests", &t.model_requests, "--model-predictions", &t.model_predictions])
@@ -505,7 +516,12 @@ impl Bench {
     }
 
     async fn throughput(&self, system: System, full: bool, n: u64) -> Throughput {
-        let prefix = format!("{}-{}-{}", self.run, if system == System::Switchyard { "sy" } else { "ks" }, if full { "full" } else { "route" });
+        let prefix = format!(
+            "{}-{}-{}",
+            self.run,
+            if system == System::Switchyard { "sy" } else { "ks" },
+            if full { "full" } else { "route" }
+        );
         let config = config_for(&self.bootstrap, &prefix);
         self.preload(&config, n).await;
         let procs = self.start(system, full, &prefix).await;
@@ -522,11 +538,12 @@ impl Bench {
         let prefix = format!("{}-{}-lat{rate}", self.run, if system == System::Switchyard { "sy" } else { "ks" });
         let config = config_for(&self.bootstrap, &prefix);
         let codec = config.codec.codec().expect("codec");
-        kafka::ensure_topics(&config, std::slice::from_ref(&config.topics.requests), TopicKind::Stream).await.expect("topic");
+        kafka::ensure_topics(&config, std::slice::from_ref(&config.topics.requests), TopicKind::Stream)
+            .await
+            .expect("topic");
         let procs = self.start(system, true, &prefix).await;
         let (model_requests, predictions) = (config.topics.model_requests("v1"), config.topics.model_predictions("v1"));
-        let reader =
-            reader_at(&config, &[&config.topics.decisions, &model_requests, &predictions], Offset::End).await;
+        let reader = reader_at(&config, &[&config.topics.decisions, &model_requests, &predictions], Offset::End).await;
         // Warm up: let the system join its groups and answer a first trickle before measuring.
         let warm = tokio::spawn(load(config.clone(), codec.clone(), rate.min(100), 5, format!("{prefix}-warm")));
         let drain_until = Instant::now() + Duration::from_secs(8);
@@ -543,7 +560,9 @@ impl Bench {
         let expected = (rate * seconds) as usize;
         let mut decided = 0;
         while Instant::now() < end && decided < expected {
-            let Ok(Ok(message)) = tokio::time::timeout(Duration::from_millis(100), reader.recv()).await else { continue };
+            let Ok(Ok(message)) = tokio::time::timeout(Duration::from_millis(100), reader.recv()).await else {
+                continue;
+            };
             let now = kafka::now_millis();
             let bytes = message.payload().unwrap_or_default();
             let topic = message.topic();
@@ -592,18 +611,52 @@ impl Bench {
         Latency { rate, sent: sent as usize, decided, route, model, join, end_to_end }
     }
 
+    /// The full loop at `rate` for `minutes`: switchyard's RSS every minute, and the change between the
+    /// second and the last minute (the issue's bound: ±10% between minutes 2 and 10 at 50% load).
+    async fn soak(&self, rate: u64, minutes: u64) {
+        let prefix = format!("{}-soak", self.run);
+        let config = config_for(&self.bootstrap, &prefix);
+        let codec = config.codec.codec().expect("codec");
+        kafka::ensure_topics(&config, std::slice::from_ref(&config.topics.requests), TopicKind::Stream)
+            .await
+            .expect("topic");
+        let procs = self.start(System::Switchyard, true, &prefix).await;
+        let sender = tokio::spawn(load(config.clone(), codec.clone(), rate, minutes * 60, format!("{prefix}-m")));
+        let mut rss = Vec::new();
+        for minute in 1..=minutes {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            rss.push(procs[0].rss_mib());
+            println!("  minute {minute:>2}: switchyard RSS {:.0} MiB", rss[rss.len() - 1]);
+        }
+        let _ = sender.await;
+        for p in procs {
+            p.stop();
+        }
+        if rss.len() >= 2 {
+            let (second, last) = (rss[1], rss[rss.len() - 1]);
+            println!(
+                "  RSS minute 2 -> minute {minutes}: {second:.0} -> {last:.0} MiB ({:+.1}%)",
+                100.0 * (last - second) / second
+            );
+        }
+    }
+
     /// One plain hop: a producer (acks=all) to a read_committed consumer, at `rate` for `seconds`.
     async fn plain_hop(&self, rate: u64, seconds: u64) -> [f64; 3] {
         let prefix = format!("{}-hop", self.run);
         let config = config_for(&self.bootstrap, &prefix);
         let codec = config.codec.codec().expect("codec");
-        kafka::ensure_topics(&config, std::slice::from_ref(&config.topics.requests), TopicKind::Stream).await.expect("topic");
+        kafka::ensure_topics(&config, std::slice::from_ref(&config.topics.requests), TopicKind::Stream)
+            .await
+            .expect("topic");
         let reader = reader_at(&config, &[&config.topics.requests], Offset::End).await;
         let sender = tokio::spawn(load(config.clone(), codec.clone(), rate, seconds, format!("{prefix}-m")));
         let mut delays = Vec::new();
         let end = Instant::now() + Duration::from_secs(seconds + 5);
         while Instant::now() < end {
-            let Ok(Ok(message)) = tokio::time::timeout(Duration::from_millis(100), reader.recv()).await else { continue };
+            let Ok(Ok(message)) = tokio::time::timeout(Duration::from_millis(100), reader.recv()).await else {
+                continue;
+            };
             let now = kafka::now_millis();
             if let Ok(r) = codec.decode::<Request>(message.payload().unwrap_or_default()) {
                 delays.push((now - r.sent_at) as f64);
@@ -617,7 +670,8 @@ impl Bench {
 /// Sends requests at `rate` for `seconds` (the loadgen's smooth 10 ms slices); returns (run id, sent).
 async fn load(config: Config, codec: Codec, rate: u64, seconds: u64, run_id: String) -> (String, u64) {
     let (_trigger, shutdown) = ShutdownTrigger::new();
-    let loadgen = Loadgen { deployment: "bench".into(), rate, count: rate * seconds, users: USERS, run_id: run_id.clone() };
+    let loadgen =
+        Loadgen { deployment: "bench".into(), rate, count: rate * seconds, users: USERS, run_id: run_id.clone() };
     let report = loadgen.run(config, codec, shutdown).await.expect("load");
     (run_id, report.sent)
 }

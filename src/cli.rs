@@ -338,8 +338,9 @@ pub async fn run(cli: Cli) -> Result<()> {
                 None => ops::Move::Promote,
                 Some(ms) => {
                     let guard = match probation_guard {
-                        Some(json) => serde_json::from_str(&json)
-                            .map_err(|e| Error::Usage(format!("--probation-guard: {e}")))?,
+                        Some(json) => {
+                            serde_json::from_str(&json).map_err(|e| Error::Usage(format!("--probation-guard: {e}")))?
+                        }
                         None => Default::default(),
                     };
                     ops::Move::PromoteOnProbation(ms, guard)

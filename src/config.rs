@@ -201,6 +201,36 @@ fn env_value(raw: &str) -> toml::Value {
     }
 }
 
+/// Environment variables that give a run its own topics and groups, all named after `prefix`, with
+/// `partitions` partitions per topic: runs side by side on one broker (tests, benchmarks) never meet.
+pub fn isolated_env(bootstrap: &str, prefix: &str, partitions: i32) -> Vec<(String, String)> {
+    let topics = [
+        ("REQUESTS", "requests"),
+        ("DEPLOYMENTS", "deployments"),
+        ("HISTORY", "history"),
+        ("ROUTED", "routed"),
+        ("MERGE_CHANGELOG", "merge-state"),
+        ("FORWARDED_PREDICTIONS", "forwarded"),
+        ("DECISIONS", "decisions"),
+        ("SHADOW_COMPARISONS", "shadow"),
+        ("OUTCOMES", "outcomes"),
+        ("SCORED_OUTCOMES", "scored"),
+        ("SCORE_CHANGELOG", "score-state"),
+        ("DEAD_LETTER", "dlq"),
+        ("MODEL_REQUESTS", "model.{model}.requests"),
+        ("MODEL_PREDICTIONS", "model.{model}.predictions"),
+    ];
+    let mut env = vec![("SWITCHYARD_BOOTSTRAP_SERVERS".to_string(), bootstrap.to_string())];
+    env.extend(topics.iter().map(|(key, name)| (format!("SWITCHYARD__TOPICS__{key}"), format!("{prefix}.{name}"))));
+    env.extend([
+        ("SWITCHYARD__TOPICS__PARTITIONS".to_string(), partitions.to_string()),
+        ("SWITCHYARD__SERVICE__GROUP_ID".to_string(), prefix.to_string()),
+        ("SWITCHYARD__SERVICE__INSTANCE_ID".to_string(), format!("{prefix}-0")),
+        ("SWITCHYARD__SERVICE__METRICS_ADDRESS".to_string(), "127.0.0.1:0".to_string()),
+    ]);
+    env
+}
+
 impl Config {
     /// Loads defaults, then `file`, then the given environment.
     pub fn load(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Config, ConfigError> {

@@ -128,7 +128,9 @@ async fn labels_are_joined_scored_once_and_bad_ones_dead_lettered_with_reasons()
     let accuracy = |model: &str| format!("{:.3}", (180 - wrong(model)) as f64 / 180.0);
     for (model, role) in [("v1", "serving"), ("v2", "shadow")] {
         assert!(
-            text.lines().any(|l| l.contains(&format!("fraud        {model:<14} {role:<8} 180 scored, accuracy {}", accuracy(model)))),
+            text.lines()
+                .any(|l| l
+                    .contains(&format!("fraud        {model:<14} {role:<8} 180 scored, accuracy {}", accuracy(model)))),
             "{text}"
         );
     }

@@ -34,11 +34,11 @@ use super::probation::ProbationEvidence;
 use crate::codec::{Codec, Decision, ScoredOutcome};
 use crate::config::Config;
 use crate::control::Registry;
-use crate::routing::{Deployment, DeploymentSpec};
 use crate::error::Error;
 use crate::kafka::batch::GroupWatch;
 use crate::kafka::txn::TxnProducer;
 use crate::kafka::{self, ADMIN_TIMEOUT, OutRecord};
+use crate::routing::{Deployment, DeploymentSpec};
 use crate::shutdown::Shutdown;
 use crate::telemetry;
 
@@ -219,7 +219,8 @@ impl Leader {
             .filter(|d| d.spec.plan.as_ref().is_some_and(|p| p.state == PlanState::Running))
             .cloned()
             .collect();
-        let on_probation: Vec<_> = self.registry.deployments().filter(|d| d.spec.probation.is_some()).cloned().collect();
+        let on_probation: Vec<_> =
+            self.registry.deployments().filter(|d| d.spec.probation.is_some()).cloned().collect();
         self.evidence.retain(|name, e| running.iter().any(|d| d.name == *name && d.version() == e.version));
         self.probations.retain(|name, e| on_probation.iter().any(|d| d.name == *name && d.version() == e.version));
         if running.is_empty() && on_probation.is_empty() {
@@ -252,7 +253,10 @@ impl Leader {
         }
         let reads_labels = !on_probation.is_empty()
             || running.iter().any(|d| {
-                d.spec.plan.as_ref().is_some_and(|p| p.guards.iter().any(|g| matches!(g, GuardKind::Quality | GuardKind::Coverage)))
+                d.spec
+                    .plan
+                    .as_ref()
+                    .is_some_and(|p| p.guards.iter().any(|g| matches!(g, GuardKind::Quality | GuardKind::Coverage)))
             });
         if !reads_labels {
             self.scored = None;
@@ -330,7 +334,11 @@ impl Leader {
         tracing::info!(deployment = %d.name, version = next.version, actor = %change.actor,
             reason = %change.reason, "rollout controller writes a change");
         telemetry::rollout_change(&d.name, &change.actor);
-        out.push(OutRecord::new(self.config.topics.deployments.clone(), d.name.as_bytes(), next.to_json().into_bytes()));
+        out.push(OutRecord::new(
+            self.config.topics.deployments.clone(),
+            d.name.as_bytes(),
+            next.to_json().into_bytes(),
+        ));
     }
 }
 

@@ -91,7 +91,9 @@ pub fn probation_record(
             format!("guard:{}", GuardKind::PairedQuality.as_str()),
             format!("{reason}: switched back"),
         ),
-        probation::Verdict::End(reason) => (moves::end_probation(&deployment.spec, version).ok()?, "plan".to_string(), reason),
+        probation::Verdict::End(reason) => {
+            (moves::end_probation(&deployment.spec, version).ok()?, "plan".to_string(), reason)
+        }
     };
     let mut next = next;
     next.change = Some(Change { actor, reason, figures: Some(evidence.figures()) });

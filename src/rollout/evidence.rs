@@ -558,7 +558,8 @@ mod tests {
             // Control's answers all get a label; the candidate's one in two.
             if arm == Side::Control || i % 4 == 1 {
                 let mut s = crate::rollout::probation::tests::scored(0, "m", "serving", false);
-                (s.request_id, s.user_id, s.cohort) = (o.request_id.clone(), o.user.clone(), format!("{arm:?}").to_lowercase());
+                (s.request_id, s.user_id, s.cohort) =
+                    (o.request_id.clone(), o.user.clone(), format!("{arm:?}").to_lowercase());
                 e.add_scored(&s);
             }
             e.add(o);

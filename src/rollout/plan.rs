@@ -249,7 +249,9 @@ pub enum InvalidPlan {
         "step {step}: canary_percent {value} leaves no control arm; the last step must hold back some control traffic (promotion takes the candidate to 100%)"
     )]
     NoControl { step: usize, value: f64 },
-    #[error("guards must name each guard at most once, and at least one (paired_quality judges blue/green probation only)")]
+    #[error(
+        "guards must name each guard at most once, and at least one (paired_quality judges blue/green probation only)"
+    )]
     Guards,
     #[error("step is {step} but the plan has {steps} steps (step counts from 0)")]
     StepOutOfRange { step: usize, steps: usize },

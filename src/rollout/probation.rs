@@ -35,7 +35,9 @@ pub struct Probation {
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum InvalidProbation {
-    #[error("probation needs strategy blue_green with the candidate active (`promote --probation` switches and sets it)")]
+    #[error(
+        "probation needs strategy blue_green with the candidate active (`promote --probation` switches and sets it)"
+    )]
     NotASwitch,
     #[error("probation compares answers against labels: the deployment needs a `quality` spec")]
     NoQuality,
@@ -120,7 +122,11 @@ impl ProbationEvidence {
             return;
         };
         let half = self.halves.entry(s.request_id.clone()).or_default();
-        if old { half.0 = Some(loss) } else { half.1 = Some(loss) }
+        if old {
+            half.0 = Some(loss)
+        } else {
+            half.1 = Some(loss)
+        }
         if let (Some(old), Some(new)) = *half {
             self.halves.remove(&s.request_id);
             self.users.insert(s.user_id.clone());

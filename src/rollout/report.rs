@@ -51,11 +51,18 @@ pub async fn plan_status(config: &Config, codec: &Codec, d: &Deployment) -> Resu
     let mut evidence = StepEvidence::new(d).expect("a plan");
     if plan.guards.iter().any(|g| matches!(g, GuardKind::Quality | GuardKind::Coverage)) {
         let from = plan.step_started_at;
-        read_all(config, codec, &config.topics.scored_outcomes, from, |s: &ScoredOutcome| s.observed_at, |s| {
-            if s.deployment == d.name && s.config_version as u64 == d.version() {
-                evidence.add_scored(&s);
-            }
-        })
+        read_all(
+            config,
+            codec,
+            &config.topics.scored_outcomes,
+            from,
+            |s: &ScoredOutcome| s.observed_at,
+            |s| {
+                if s.deployment == d.name && s.config_version as u64 == d.version() {
+                    evidence.add_scored(&s);
+                }
+            },
+        )
         .await?;
     }
     let mut feed = Feed::open(config, codec.clone(), &config.topics.decisions, Some(plan.step_started_at))?;
@@ -129,23 +136,37 @@ pub async fn quality_status(config: &Config, codec: &Codec, d: &Deployment) -> R
     let mut by: BTreeMap<(String, String, String), QualityFigures> = BTreeMap::new();
     // Per (model, cohort) of the serving answer: (decisions, with a scored label).
     let mut coverage: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
-    read_all(config, codec, &config.topics.scored_outcomes, since, |s: &ScoredOutcome| s.observed_at, |s| {
-        if s.deployment != d.name {
-            return;
-        }
-        if s.observed_at >= since {
-            by.entry((s.model.clone(), s.role.clone(), s.cohort.clone())).or_default().add(&s, spec);
-        }
-        if s.role == "serving" && s.decided_at >= since && s.score.is_some() {
-            coverage.entry((s.model, s.cohort)).or_default().1 += 1;
-        }
-    })
+    read_all(
+        config,
+        codec,
+        &config.topics.scored_outcomes,
+        since,
+        |s: &ScoredOutcome| s.observed_at,
+        |s| {
+            if s.deployment != d.name {
+                return;
+            }
+            if s.observed_at >= since {
+                by.entry((s.model.clone(), s.role.clone(), s.cohort.clone())).or_default().add(&s, spec);
+            }
+            if s.role == "serving" && s.decided_at >= since && s.score.is_some() {
+                coverage.entry((s.model, s.cohort)).or_default().1 += 1;
+            }
+        },
+    )
     .await?;
-    read_all(config, codec, &config.topics.decisions, since, |x: &Decision| x.decided_at, |x| {
-        if x.deployment == d.name && x.decided_at >= since {
-            coverage.entry((x.model, x.cohort)).or_default().0 += 1;
-        }
-    })
+    read_all(
+        config,
+        codec,
+        &config.topics.decisions,
+        since,
+        |x: &Decision| x.decided_at,
+        |x| {
+            if x.deployment == d.name && x.decided_at >= since {
+                coverage.entry((x.model, x.cohort)).or_default().0 += 1;
+            }
+        },
+    )
     .await?;
     let mut out = String::new();
     if by.is_empty() {
@@ -170,11 +191,18 @@ pub async fn probation_status(config: &Config, codec: &Codec, d: &Deployment) ->
     let (Some(p), Some(mut evidence)) = (&d.spec.probation, ProbationEvidence::new(d)) else {
         return Ok(String::new());
     };
-    read_all(config, codec, &config.topics.scored_outcomes, p.started_at, |s: &ScoredOutcome| s.observed_at, |s| {
-        if s.deployment == d.name && s.config_version as u64 == d.version() {
-            evidence.add(&s);
-        }
-    })
+    read_all(
+        config,
+        codec,
+        &config.topics.scored_outcomes,
+        p.started_at,
+        |s: &ScoredOutcome| s.observed_at,
+        |s| {
+            if s.deployment == d.name && s.config_version as u64 == d.version() {
+                evidence.add(&s);
+            }
+        },
+    )
     .await?;
     let left = (p.ends_at() - kafka::now_millis()).max(0) / 1000;
     let mut out = format!(

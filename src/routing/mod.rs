@@ -66,7 +66,8 @@ pub fn route<'a>(deployment: &'a Deployment, user_id: &str, attributes: &HashMap
     };
 
     let mut shadows = Vec::new();
-    let warm = spec.probation.as_ref().map(|_| spec.control.as_str()).filter(|&old| old != deployment.model_for(cohort));
+    let warm =
+        spec.probation.as_ref().map(|_| spec.control.as_str()).filter(|&old| old != deployment.model_for(cohort));
     let wants_copies = spec.strategy == Strategy::Shadow || !spec.mirror.is_empty() || warm.is_some();
     if wants_copies && hash::shadow_bucket(&deployment.salt, user_id) < deployment.shadow_threshold {
         if spec.strategy == Strategy::Shadow {

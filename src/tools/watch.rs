@@ -10,10 +10,10 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::codec::{Codec, Decision, ScoredOutcome};
-use crate::quality::metrics::QualityFigures;
 use crate::config::Config;
 use crate::error::Result;
 use crate::kafka;
+use crate::quality::metrics::QualityFigures;
 use crate::shutdown::Shutdown;
 
 #[derive(Debug, Clone)]
@@ -91,7 +91,10 @@ impl Watch {
                 let Ok(s) = codec.decode::<ScoredOutcome>(message.payload().unwrap_or_default()) else { continue };
                 if self.deployment.as_ref().is_none_or(|name| *name == s.deployment) {
                     if let Some(spec) = registry.get(&s.deployment).and_then(|d| d.spec.quality.clone()) {
-                        quality.entry((s.deployment.clone(), s.model.clone(), s.role.clone())).or_default().add(&s, &spec);
+                        quality
+                            .entry((s.deployment.clone(), s.model.clone(), s.role.clone()))
+                            .or_default()
+                            .add(&s, &spec);
                     }
                 }
                 continue;

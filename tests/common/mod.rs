@@ -92,27 +92,7 @@ impl Env {
                 .try_init();
         }
         let prefix = format!("{test}-{:08x}", rand::random::<u32>());
-        let env: Vec<(String, String)> = vec![
-            ("SWITCHYARD_BOOTSTRAP_SERVERS".into(), bootstrap()),
-            ("SWITCHYARD__TOPICS__REQUESTS".into(), format!("{prefix}.requests")),
-            ("SWITCHYARD__TOPICS__DEPLOYMENTS".into(), format!("{prefix}.deployments")),
-            ("SWITCHYARD__TOPICS__HISTORY".into(), format!("{prefix}.history")),
-            ("SWITCHYARD__TOPICS__ROUTED".into(), format!("{prefix}.routed")),
-            ("SWITCHYARD__TOPICS__MERGE_CHANGELOG".into(), format!("{prefix}.merge-state")),
-            ("SWITCHYARD__TOPICS__FORWARDED_PREDICTIONS".into(), format!("{prefix}.forwarded")),
-            ("SWITCHYARD__TOPICS__DECISIONS".into(), format!("{prefix}.decisions")),
-            ("SWITCHYARD__TOPICS__SHADOW_COMPARISONS".into(), format!("{prefix}.shadow")),
-            ("SWITCHYARD__TOPICS__OUTCOMES".into(), format!("{prefix}.outcomes")),
-            ("SWITCHYARD__TOPICS__SCORED_OUTCOMES".into(), format!("{prefix}.scored")),
-            ("SWITCHYARD__TOPICS__SCORE_CHANGELOG".into(), format!("{prefix}.score-state")),
-            ("SWITCHYARD__TOPICS__DEAD_LETTER".into(), format!("{prefix}.dlq")),
-            ("SWITCHYARD__TOPICS__MODEL_REQUESTS".into(), format!("{prefix}.model.{{model}}.requests")),
-            ("SWITCHYARD__TOPICS__MODEL_PREDICTIONS".into(), format!("{prefix}.model.{{model}}.predictions")),
-            ("SWITCHYARD__TOPICS__PARTITIONS".into(), "3".into()),
-            ("SWITCHYARD__SERVICE__GROUP_ID".into(), prefix.clone()),
-            ("SWITCHYARD__SERVICE__INSTANCE_ID".into(), format!("{prefix}-0")),
-            ("SWITCHYARD__SERVICE__METRICS_ADDRESS".into(), "127.0.0.1:0".into()),
-        ];
+        let env = switchyard::config::isolated_env(&bootstrap(), &prefix, 3);
         let config = Config::load(None, env.clone()).expect("test config is valid");
         service::ensure_core_topics(&config).await.expect("topics can be created");
         let (trigger, shutdown) = ShutdownTrigger::new();
