@@ -26,8 +26,9 @@ pub struct Request {
 /// Whether a model's answer is served or only compared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
-    Primary,
-    Shadow,
+    // The index of each symbol in the schema's enum.
+    Primary = 0,
+    Shadow = 1,
 }
 
 impl Role {

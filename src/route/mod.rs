@@ -96,14 +96,15 @@ pub fn admit(
     }
 }
 
-/// The records a plan is published as.
-pub fn records(plan: &Plan, config: &Config, codec: &Codec) -> Vec<OutRecord> {
+/// The records a plan is published as; `request` is the value its request was decoded from.
+pub fn records(plan: &Plan, request: &[u8], config: &Config, codec: &Codec) -> Vec<OutRecord> {
     let key = plan.routed.user_id.as_bytes();
     let mut out: Vec<OutRecord> = plan
         .copies
         .iter()
         .map(|copy| {
-            OutRecord::new(config.topics.model_requests(&copy.model), key, codec.encode(copy))
+            let value = codec.model_request_from(request, &copy.model, copy.role, copy.config_version, copy.routed_at);
+            OutRecord::new(config.topics.model_requests(&copy.model), key, value)
                 .header("role", copy.role.as_str())
                 .header("deployment", plan.routed.deployment.as_str())
         })
@@ -134,7 +135,8 @@ fn process(
                 model: copy.model.clone(),
                 role: copy.role.as_str(),
             }));
-            out.records.extend(records(&plan, config, codec).into_iter().map(|mut record| {
+            let value = message.payload().unwrap_or_default();
+            out.records.extend(records(&plan, value, config, codec).into_iter().map(|mut record| {
                 record.origin = Some(index);
                 record
             }));
