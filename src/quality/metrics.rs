@@ -265,11 +265,6 @@ impl QualityFigures {
         }
     }
 
-    /// Labelled answers with a score.
-    pub fn scored(&self) -> u64 {
-        self.binary.n() + self.regression.n
-    }
-
     /// "N scored, accuracy …; K without a score; label delay …".
     pub fn describe(&self, task: Task) -> String {
         let show = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.3}"));

@@ -71,7 +71,7 @@ impl Watch {
             }
         }
         consumer.assign(&assignment)?;
-        let mut registry = crate::control::watcher::snapshot(&config).await?;
+        let (mut registry, mut last_snapshot) = (crate::control::watcher::snapshot(&config).await?, Instant::now());
         let mut quality = Quality::new();
         let mut split = Split::new();
         let (start, mut last_print, mut seen) = (Instant::now(), Instant::now(), 0u64);
@@ -79,7 +79,6 @@ impl Watch {
             if last_print.elapsed() >= Duration::from_secs(2) {
                 println!("decisions so far ({seen}):\n{}", render(&split));
                 if !quality.is_empty() {
-                    registry = crate::control::watcher::snapshot(&config).await.unwrap_or(registry);
                     println!("quality so far (labelled answers):\n{}", render_quality(&quality, &registry));
                 }
                 last_print = Instant::now();
@@ -90,6 +89,14 @@ impl Watch {
             if message.topic() != topic.as_str() {
                 let Ok(s) = codec.decode::<ScoredOutcome>(message.payload().unwrap_or_default()) else { continue };
                 if self.deployment.as_ref().is_none_or(|name| *name == s.deployment) {
+                    // A deployment (or its quality spec) newer than the snapshot: read the topic again, at
+                    // most every few seconds.
+                    let known =
+                        |r: &crate::control::Registry| r.get(&s.deployment).is_some_and(|d| d.spec.quality.is_some());
+                    if !known(&registry) && last_snapshot.elapsed() >= Duration::from_secs(2) {
+                        registry = crate::control::watcher::snapshot(&config).await.unwrap_or(registry);
+                        last_snapshot = Instant::now();
+                    }
                     if let Some(spec) = registry.get(&s.deployment).and_then(|d| d.spec.quality.clone()) {
                         quality
                             .entry((s.deployment.clone(), s.model.clone(), s.role.clone()))
