@@ -294,7 +294,7 @@ fn quoted(text: &str) -> String {
 /// Runs one command to completion.
 pub async fn run(cli: Cli) -> Result<()> {
     let config = load_config(&cli)?;
-    let codec = config.codec.codec()?;
+    let codec = config.codec()?;
     let (trigger, shutdown) = ShutdownTrigger::new();
     if matches!(
         cli.command,

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::codec::{Codec, Framing, SchemaIds};
+use crate::codec::{Codec, Framing, RecordKind, RegistryConfig, SchemaIds, SchemaRegistry};
 
 const DEFAULTS: &str = include_str!("../config/switchyard.toml");
 const ENV_SETTING_PREFIX: &str = "SWITCHYARD__";
@@ -96,6 +96,21 @@ pub struct Topics {
 }
 
 impl Topics {
+    /// The topic records of `kind` are written to (the pattern for the per-model topics).
+    pub fn of(&self, kind: RecordKind) -> &str {
+        match kind {
+            RecordKind::Request => &self.requests,
+            RecordKind::ModelRequest => &self.model_requests,
+            RecordKind::Prediction => &self.model_predictions,
+            RecordKind::Decision => &self.decisions,
+            RecordKind::ShadowComparison => &self.shadow_comparisons,
+            RecordKind::Routed => &self.routed,
+            RecordKind::MergeState => &self.merge_changelog,
+            RecordKind::Outcome => &self.outcomes,
+            RecordKind::ScoredOutcome => &self.scored_outcomes,
+        }
+    }
+
     pub fn model_requests(&self, model: &str) -> String {
         self.model_requests.replace("{model}", model)
     }
@@ -131,11 +146,30 @@ pub struct ServiceConfig {
     pub orphan_ttl_ms: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CodecConfig {
     pub framing: FramingKind,
     pub schema_ids: SchemaIds,
+    /// The Confluent API of a schema registry; empty: the ids of `schema_ids`.
+    pub registry_url: String,
+    pub registry_username: String,
+    /// A secret: never logged (Debug hides it).
+    pub registry_password: String,
+    pub registry_wait_ms: u64,
+}
+
+impl std::fmt::Debug for CodecConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CodecConfig")
+            .field("framing", &self.framing)
+            .field("schema_ids", &self.schema_ids)
+            .field("registry_url", &self.registry_url)
+            .field("registry_username", &self.registry_username)
+            .field("registry_password", &if self.registry_password.is_empty() { "" } else { "<hidden>" })
+            .field("registry_wait_ms", &self.registry_wait_ms)
+            .finish()
+    }
 }
 
 impl ServiceConfig {
@@ -169,10 +203,54 @@ pub enum FramingKind {
 }
 
 impl CodecConfig {
+    /// Checks the settings without contacting anything.
+    fn check(&self) -> Result<(), ConfigError> {
+        let url = self.registry_url.trim();
+        if url.is_empty() {
+            return Ok(());
+        }
+        if self.framing != FramingKind::Confluent {
+            return Err(ConfigError::Invalid("codec.registry_url needs codec.framing = \"confluent\"".into()));
+        }
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(ConfigError::Invalid(format!(
+                "codec.registry_url {url:?} must start with http:// or https://"
+            )));
+        }
+        if url.contains('@') {
+            return Err(ConfigError::Invalid(
+                "codec.registry_url must not hold credentials: use codec.registry_username / registry_password".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// The codec of `[codec]`. With `codec.registry_url`, registers switchyard's schemas first (each under
+    /// `<topic>-value` of the topic it is written to; the per-model topics' records under the topic
+    /// pattern's subject, e.g. `model.{model}.requests-value`), waiting up to `codec.registry_wait_ms` for
+    /// an unreachable registry: blocking.
     pub fn codec(&self) -> Result<Codec, ConfigError> {
-        Ok(match self.framing {
+        let c = &self.codec;
+        c.check()?;
+        Ok(match c.framing {
             FramingKind::Plain => Codec::new(Framing::Plain),
-            FramingKind::Confluent => Codec::new(Framing::Confluent(self.schema_ids.clone())),
+            FramingKind::Confluent if c.registry_url.trim().is_empty() => {
+                Codec::new(Framing::Confluent(c.schema_ids.clone()))
+            }
+            FramingKind::Confluent => {
+                let wait = std::time::Duration::from_millis(c.registry_wait_ms);
+                let registry = SchemaRegistry::new(RegistryConfig {
+                    url: c.registry_url.trim().to_string(),
+                    username: c.registry_username.clone(),
+                    password: c.registry_password.clone(),
+                    wait,
+                })
+                .map_err(ConfigError::Invalid)?;
+                Codec::with_registry(registry, |kind| format!("{}-value", self.topics.of(kind)), wait)
+                    .map_err(|e| ConfigError::Invalid(format!("codec: {e}")))?
+            }
         })
     }
 }
@@ -301,7 +379,7 @@ impl Config {
         if self.service.batch_size == 0 || self.service.max_pending == 0 {
             return Err(ConfigError::Invalid("service.batch_size and service.max_pending must be at least 1".into()));
         }
-        self.codec.codec()?;
+        self.codec.check()?;
         Ok(())
     }
 }

@@ -39,7 +39,7 @@ pub async fn ensure_core_topics(config: &Config) -> Result<()> {
 
 /// Runs until `trigger` fires (or a task fails, which triggers it for the others).
 pub async fn run(config: Config, roles: Roles, trigger: ShutdownTrigger, shutdown: Shutdown) -> Result<()> {
-    let codec = config.codec.codec()?;
+    let codec = config.codec()?;
     let metrics = telemetry::install();
     let health = Health::default();
     let listener = TcpListener::bind(&config.service.metrics_address).await.map_err(|source| Error::Io {
@@ -55,7 +55,7 @@ pub async fn run(config: Config, roles: Roles, trigger: ShutdownTrigger, shutdow
     let registry = Registry::shared();
     let (loaded_tx, loaded_rx) = oneshot::channel();
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(watcher::run(config.clone(), registry.clone(), loaded_tx, shutdown.clone()));
+    tasks.spawn(watcher::run(config.clone(), codec.clone(), registry.clone(), loaded_tx, shutdown.clone()));
     let mut early_exit = shutdown.clone();
     tokio::select! {
         loaded = loaded_rx => if loaded.is_err() {

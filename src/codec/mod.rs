@@ -5,8 +5,9 @@
 //! schema are errors with a reason instead of silently misread data.
 
 pub mod records;
+pub mod registry;
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use apache_avro::Schema;
 use serde::Deserialize;
@@ -15,6 +16,7 @@ pub use records::{
     AvroRecord, Decision, DecisionStatus, MergeState, Millis, ModelRequest, Outcome, Prediction, Request, Role, Routed,
     ScoredOutcome, ShadowComparison,
 };
+pub use registry::{RegistryConfig, RegistryError, SchemaRegistry};
 
 /// Largest single allocation the Avro decoder may make: a corrupt length prefix in a hostile record must
 /// not be able to ask for gigabytes.
@@ -46,6 +48,21 @@ impl RecordKind {
         RecordKind::Outcome,
         RecordKind::ScoredOutcome,
     ];
+
+    /// The record's name, as errors and logs give it.
+    pub fn name(self) -> &'static str {
+        match self {
+            RecordKind::Request => "Request",
+            RecordKind::ModelRequest => "ModelRequest",
+            RecordKind::Prediction => "Prediction",
+            RecordKind::Decision => "Decision",
+            RecordKind::ShadowComparison => "ShadowComparison",
+            RecordKind::Routed => "Routed",
+            RecordKind::MergeState => "MergeState",
+            RecordKind::Outcome => "Outcome",
+            RecordKind::ScoredOutcome => "ScoredOutcome",
+        }
+    }
 
     /// The schema file's text, as shipped in schemas/.
     pub fn schema_text(self) -> &'static str {
@@ -107,7 +124,22 @@ pub struct SchemaIds {
 }
 
 impl SchemaIds {
-    fn id(&self, kind: RecordKind) -> u32 {
+    pub fn set(&mut self, kind: RecordKind, id: u32) {
+        let slot = match kind {
+            RecordKind::Request => &mut self.request,
+            RecordKind::ModelRequest => &mut self.model_request,
+            RecordKind::Prediction => &mut self.prediction,
+            RecordKind::Decision => &mut self.decision,
+            RecordKind::ShadowComparison => &mut self.shadow_comparison,
+            RecordKind::Routed => &mut self.routed,
+            RecordKind::MergeState => &mut self.merge_state,
+            RecordKind::Outcome => &mut self.outcome,
+            RecordKind::ScoredOutcome => &mut self.scored_outcome,
+        };
+        *slot = id;
+    }
+
+    pub fn id(&self, kind: RecordKind) -> u32 {
         match kind {
             RecordKind::Request => self.request,
             RecordKind::ModelRequest => self.model_request,
@@ -133,14 +165,54 @@ pub enum Framing {
 }
 
 /// Encodes and decodes every record type with one framing.
+///
+/// With a schema registry, records are written with the ids switchyard's schemas were registered under,
+/// and framed records of any other id are read by their writer's schema from the registry, resolved to
+/// switchyard's (Avro schema resolution: added fields with defaults, removed fields, promotions) — so
+/// producers, workers and switchyard instances can move to a new schema version one at a time.
 #[derive(Debug, Clone, Default)]
 pub struct Codec {
     framing: Framing,
+    registry: Option<Arc<SchemaRegistry>>,
 }
 
 impl Codec {
     pub fn new(framing: Framing) -> Self {
-        Codec { framing }
+        Codec { framing, registry: None }
+    }
+
+    /// Confluent framing with the ids `registry` gives switchyard's schemas: each record type's schema
+    /// is registered under the subject of the topic it is written to (`<topic>-value`, Confluent's
+    /// TopicNameStrategy; `subject(kind)` names it), or found there if the subject already has it.
+    /// Fails on a schema the subject's compatibility rule refuses, and when the registry stays
+    /// unreachable for `wait`.
+    pub fn with_registry(
+        registry: SchemaRegistry,
+        subject: impl Fn(RecordKind) -> String,
+        wait: std::time::Duration,
+    ) -> Result<Self, RegistryError> {
+        let mut ids = SchemaIds::default();
+        for kind in RecordKind::ALL {
+            let subject = subject(kind);
+            let id = registry.register(&subject, kind.name(), kind.schema_text(), wait)?;
+            tracing::info!(record = kind.name(), %subject, id, registry = registry.url(), "schema registered");
+            ids.set(kind, id);
+        }
+        Ok(Codec { framing: Framing::Confluent(ids), registry: Some(Arc::new(registry)) })
+    }
+
+    pub fn has_registry(&self) -> bool {
+        self.registry.is_some()
+    }
+
+    /// Registers `kind`'s schema under `subject` too (the subject of a per-model topic), if this codec
+    /// has a registry. Records keep the id they are written with; this makes the topic's subject name
+    /// the schema, for tools that look schemas up by topic.
+    pub fn register_subject(&self, kind: RecordKind, subject: &str) -> Result<(), RegistryError> {
+        let Some(registry) = &self.registry else { return Ok(()) };
+        let id = registry.register(subject, kind.name(), kind.schema_text(), std::time::Duration::ZERO)?;
+        tracing::info!(record = kind.name(), %subject, id, "schema registered");
+        Ok(())
     }
 
     pub fn encode<T: AvroRecord>(&self, record: &T) -> Vec<u8> {
@@ -161,7 +233,9 @@ impl Codec {
     /// A [`ModelRequest`] copying the request whose value is `request` — bytes this codec decoded as a
     /// whole [`Request`] — built by appending the model request's own four fields to the request's Avro
     /// body: its first six fields are the request's, in order. The same bytes as encoding the record
-    /// (tested), without building and re-encoding the request once per copy.
+    /// (tested), without building and re-encoding the request once per copy. `None` when the request was
+    /// written with another schema than switchyard's (another registry id): then only encoding the
+    /// record gives a model request of switchyard's schema.
     pub fn model_request_from(
         &self,
         request: &[u8],
@@ -169,10 +243,15 @@ impl Codec {
         role: Role,
         config_version: i64,
         routed_at: Millis,
-    ) -> Vec<u8> {
+    ) -> Option<Vec<u8>> {
         let (header, body) = match &self.framing {
             Framing::Plain => (None, request),
-            Framing::Confluent(ids) => (Some(ids.id(RecordKind::ModelRequest)), &request[5..]),
+            Framing::Confluent(ids) => {
+                if request.get(1..5) != Some(&ids.id(RecordKind::Request).to_be_bytes()[..]) {
+                    return None;
+                }
+                (Some(ids.id(RecordKind::ModelRequest)), &request[5..])
+            }
         };
         let mut out = Vec::with_capacity(request.len() + model.len() + 24);
         if let Some(id) = header {
@@ -185,15 +264,15 @@ impl Codec {
         write_long(&mut out, role as i64);
         write_long(&mut out, config_version);
         write_long(&mut out, routed_at);
-        out
+        Some(out)
     }
 
     pub fn decode<T: AvroRecord>(&self, bytes: &[u8]) -> Result<T, DecodeError> {
         if bytes.is_empty() {
             return Err(DecodeError::Empty);
         }
-        let body = match &self.framing {
-            Framing::Plain => bytes,
+        let (body, writer) = match &self.framing {
+            Framing::Plain => (bytes, None),
             Framing::Confluent(ids) => {
                 if bytes.len() < 5 {
                     return Err(DecodeError::Framing(format!(
@@ -206,15 +285,22 @@ impl Codec {
                 }
                 let id = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
                 let expected = ids.id(T::KIND);
-                if id != expected {
-                    return Err(DecodeError::Framing(format!("schema id {id}, expected {expected}")));
-                }
-                &bytes[5..]
+                let writer = match &self.registry {
+                    _ if id == expected => None,
+                    Some(registry) => {
+                        Some(registry.writer(id).map_err(|e| DecodeError::Framing(format!("schema id {id}: {e}")))?)
+                    }
+                    None => return Err(DecodeError::Framing(format!("schema id {id}, expected {expected}"))),
+                };
+                (&bytes[5..], writer)
             }
         };
         let mut reader = body;
-        let value = apache_avro::from_avro_datum(T::KIND.schema(), &mut reader, None)
-            .map_err(|e| DecodeError::Avro(e.to_string()))?;
+        let value = match &writer {
+            None => apache_avro::from_avro_datum(T::KIND.schema(), &mut reader, None),
+            Some(writer) => apache_avro::from_avro_datum(writer, &mut reader, Some(T::KIND.schema())),
+        }
+        .map_err(|e| DecodeError::Avro(e.to_string()))?;
         if !reader.is_empty() {
             return Err(DecodeError::Trailing(reader.len()));
         }
@@ -247,7 +333,7 @@ mod tests {
             ] {
                 let request = request();
                 let bytes = codec.encode(&request);
-                let built = codec.model_request_from(&bytes, model, role, version, routed_at);
+                let built = codec.model_request_from(&bytes, model, role, version, routed_at).unwrap();
                 let record = ModelRequest { request, model: model.into(), role, config_version: version, routed_at };
                 assert_eq!(built, codec.encode(&record), "{model} {role:?} {version} {routed_at}");
                 assert_eq!(codec.decode::<ModelRequest>(&built).unwrap(), record);

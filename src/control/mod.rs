@@ -12,6 +12,7 @@ pub mod watcher;
 
 pub use registry::{Registry, SharedRegistry};
 
+use crate::codec::{Codec, RecordKind, RegistryError};
 use crate::config::Config;
 use crate::kafka;
 use crate::routing::Deployment;
@@ -31,4 +32,33 @@ pub async fn ensure_model_topics<'a>(
         })
         .collect();
     kafka::ensure_topics(config, &topics, kafka::TopicKind::Stream).await
+}
+
+/// Registers the schemas of the per-model topics of `deployments` under those topics' own subjects
+/// (`<topic>-value`), when the codec has a schema registry; the records keep the ids registered at start.
+pub async fn register_model_subjects<'a>(
+    config: &Config,
+    codec: &Codec,
+    deployments: impl IntoIterator<Item = &'a Deployment>,
+) -> Result<(), RegistryError> {
+    if !codec.has_registry() {
+        return Ok(());
+    }
+    let subjects: Vec<(RecordKind, String)> = deployments
+        .into_iter()
+        .flat_map(|d| {
+            d.models().into_iter().flat_map(|m| {
+                [
+                    (RecordKind::ModelRequest, format!("{}-value", config.topics.model_requests(m))),
+                    (RecordKind::Prediction, format!("{}-value", config.topics.model_predictions(m))),
+                ]
+            })
+        })
+        .collect();
+    let codec = codec.clone();
+    tokio::task::spawn_blocking(move || {
+        subjects.iter().try_for_each(|(kind, subject)| codec.register_subject(*kind, subject))
+    })
+    .await
+    .expect("registering does not panic")
 }

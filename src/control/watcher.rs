@@ -15,6 +15,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::oneshot;
 
 use super::registry::{Outcome, Registry, SharedRegistry};
+use crate::codec::Codec;
 use crate::config::Config;
 use crate::error::Error;
 use crate::kafka::{self, OutRecord};
@@ -121,6 +122,7 @@ async fn write_back(
 /// compaction keeps — is always the one in force.
 pub async fn run(
     config: Config,
+    codec: Codec,
     shared: SharedRegistry,
     loaded: oneshot::Sender<()>,
     mut shutdown: Shutdown,
@@ -135,6 +137,10 @@ pub async fn run(
         if loaded.is_some() && kafka::batch::caught_up(&consumer, &config.topics.deployments, &targets) {
             if let Err(error) = super::ensure_model_topics(&config, registry.deployments().map(|d| d.as_ref())).await {
                 tracing::error!(%error, "cannot create per-model topics");
+            }
+            let installed = registry.deployments().map(|d| d.as_ref());
+            if let Err(error) = super::register_model_subjects(&config, &codec, installed).await {
+                tracing::error!(%error, "cannot register the per-model topics' subjects");
             }
             *shared.write().expect("registry lock is never poisoned") = registry.clone();
             tracing::info!(deployments = registry.deployments().count(), "deployments topic loaded");
@@ -170,6 +176,9 @@ pub async fn run(
             if let Outcome::Installed(d) = &outcome {
                 if let Err(error) = super::ensure_model_topics(&config, [d.as_ref()]).await {
                     tracing::error!(deployment = %d.name, %error, "cannot create per-model topics");
+                }
+                if let Err(error) = super::register_model_subjects(&config, &codec, [d.as_ref()]).await {
+                    tracing::error!(deployment = %d.name, %error, "cannot register the per-model topics' subjects");
                 }
             }
             *shared.write().expect("registry lock is never poisoned") = registry.clone();

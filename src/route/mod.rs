@@ -103,7 +103,9 @@ pub fn records(plan: &Plan, request: &[u8], config: &Config, codec: &Codec) -> V
         .copies
         .iter()
         .map(|copy| {
-            let value = codec.model_request_from(request, &copy.model, copy.role, copy.config_version, copy.routed_at);
+            let value = codec
+                .model_request_from(request, &copy.model, copy.role, copy.config_version, copy.routed_at)
+                .unwrap_or_else(|| codec.encode(copy));
             OutRecord::new(config.topics.model_requests(&copy.model), key, value)
                 .header("role", copy.role.as_str())
                 .header("deployment", plan.routed.deployment.as_str())

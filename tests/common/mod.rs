@@ -25,7 +25,7 @@ pub fn bootstrap() -> String {
 
 /// Whether a broker answers. Without one a test is skipped with a message when run by hand, and fails
 /// when `CI` is set: CI must never pass by skipping.
-fn broker_available() -> bool {
+pub fn broker_available() -> bool {
     let address = bootstrap();
     let first = address.split(',').next().unwrap_or_default().to_string();
     let reachable = std::net::TcpStream::connect_timeout(
@@ -81,6 +81,11 @@ impl Env {
     /// Fresh topics named `<test>-<random>.*`; nothing running yet. None (the test is skipped) when no
     /// broker runs and `CI` is not set.
     pub async fn new(test: &str) -> Option<Env> {
+        Env::with(test, &[]).await
+    }
+
+    /// Like [`Env::new`], with more environment settings (`SWITCHYARD__...`) for every process.
+    pub async fn with(test: &str, extra: &[(&str, &str)]) -> Option<Env> {
         if !broker_available() {
             return None;
         }
@@ -92,11 +97,12 @@ impl Env {
                 .try_init();
         }
         let prefix = format!("{test}-{:08x}", rand::random::<u32>());
-        let env = switchyard::config::isolated_env(&bootstrap(), &prefix, 3);
+        let mut env = switchyard::config::isolated_env(&bootstrap(), &prefix, 3);
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let config = Config::load(None, env.clone()).expect("test config is valid");
         service::ensure_core_topics(&config).await.expect("topics can be created");
         let (trigger, shutdown) = ShutdownTrigger::new();
-        Some(Env { vars: env, codec: config.codec.codec().unwrap(), config, trigger, shutdown, tasks: Vec::new() })
+        Some(Env { vars: env, codec: config.codec().unwrap(), config, trigger, shutdown, tasks: Vec::new() })
     }
 
     /// Starts route and merge in this process.
