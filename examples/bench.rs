@@ -380,7 +380,7 @@ impl Bench {
 
     /// Preloads `n` requests of `deployment` into `config`'s requests topic.
     async fn preload(&self, config: &Config, n: u64) {
-        let codec = config.codec.codec().expect("codec");
+        let codec = config.codec().expect("codec");
         kafka::ensure_topics(config, std::slice::from_ref(&config.topics.requests), TopicKind::Stream)
             .await
             .expect("topic");
@@ -537,7 +537,7 @@ impl Bench {
     async fn latency(&self, system: System, rate: u64, seconds: u64) -> Latency {
         let prefix = format!("{}-{}-lat{rate}", self.run, if system == System::Switchyard { "sy" } else { "ks" });
         let config = config_for(&self.bootstrap, &prefix);
-        let codec = config.codec.codec().expect("codec");
+        let codec = config.codec().expect("codec");
         kafka::ensure_topics(&config, std::slice::from_ref(&config.topics.requests), TopicKind::Stream)
             .await
             .expect("topic");
@@ -616,7 +616,7 @@ impl Bench {
     async fn soak(&self, rate: u64, minutes: u64) {
         let prefix = format!("{}-soak", self.run);
         let config = config_for(&self.bootstrap, &prefix);
-        let codec = config.codec.codec().expect("codec");
+        let codec = config.codec().expect("codec");
         kafka::ensure_topics(&config, std::slice::from_ref(&config.topics.requests), TopicKind::Stream)
             .await
             .expect("topic");
@@ -645,7 +645,7 @@ impl Bench {
     async fn plain_hop(&self, rate: u64, seconds: u64) -> [f64; 3] {
         let prefix = format!("{}-hop", self.run);
         let config = config_for(&self.bootstrap, &prefix);
-        let codec = config.codec.codec().expect("codec");
+        let codec = config.codec().expect("codec");
         kafka::ensure_topics(&config, std::slice::from_ref(&config.topics.requests), TopicKind::Stream)
             .await
             .expect("topic");

@@ -2,13 +2,19 @@
 # Runs every test: unit and property tests, the published cohort-hash vectors, the decoder corpus, the
 # integration tests against a real Kafka broker, and the fault suite (scripts/faults.sh: crashes,
 # restarts, rebalances, broker failure, checked by an independent client). Starts the local broker
-# (scripts/kafka.sh) unless SWITCHYARD_TEST_BOOTSTRAP points at one, and stops what it started.
+# (scripts/kafka.sh) unless SWITCHYARD_TEST_BOOTSTRAP points at one, and a schema registry
+# (scripts/registry.sh: Apicurio, built from Maven Central) unless SWITCHYARD_TEST_REGISTRY points at
+# one; stops what it started.
 # SWITCHYARD_SKIP_FAULTS=1 leaves the fault suite out.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 started=0
-cleanup() { if [ "$started" = 1 ]; then scripts/kafka.sh stop || true; started=0; fi; }
+registry_started=0
+cleanup() {
+  if [ "$registry_started" = 1 ]; then scripts/registry.sh stop || true; registry_started=0; fi
+  if [ "$started" = 1 ]; then scripts/kafka.sh stop || true; started=0; fi
+}
 trap cleanup EXIT
 
 if [ -n "${SWITCHYARD_TEST_BOOTSTRAP:-}" ]; then
@@ -16,6 +22,15 @@ if [ -n "${SWITCHYARD_TEST_BOOTSTRAP:-}" ]; then
 elif ! scripts/kafka.sh status 2>/dev/null; then
   KAFKA_FRESH=1 scripts/kafka.sh start
   started=1
+fi
+if [ -z "${SWITCHYARD_TEST_REGISTRY:-}" ]; then
+  if url="$(scripts/registry.sh status 2>/dev/null)"; then
+    export SWITCHYARD_TEST_REGISTRY="$url"
+  else
+    SWITCHYARD_TEST_REGISTRY="$(scripts/registry.sh start)"
+    export SWITCHYARD_TEST_REGISTRY
+    registry_started=1
+  fi
 fi
 
 log="$(mktemp)"

@@ -146,7 +146,7 @@ async fn foreign_worker(config: switchyard::config::Config, model: &'static str)
         .set("partitioner", "consistent_random")
         .create()
         .unwrap();
-    let codec = config.codec.codec().unwrap();
+    let codec = config.codec().unwrap();
     let topic = config.topics.model_predictions(model);
     loop {
         let message = consumer.recv().await.unwrap();

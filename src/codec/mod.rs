@@ -194,7 +194,7 @@ impl Codec {
         let mut ids = SchemaIds::default();
         for kind in RecordKind::ALL {
             let subject = subject(kind);
-            let id = registry.register(&subject, kind.name(), kind.schema_text(), wait)?;
+            let id = registry.register(&subject, kind.name(), kind.schema_text().trim(), wait)?;
             tracing::info!(record = kind.name(), %subject, id, registry = registry.url(), "schema registered");
             ids.set(kind, id);
         }
@@ -210,7 +210,7 @@ impl Codec {
     /// the schema, for tools that look schemas up by topic.
     pub fn register_subject(&self, kind: RecordKind, subject: &str) -> Result<(), RegistryError> {
         let Some(registry) = &self.registry else { return Ok(()) };
-        let id = registry.register(subject, kind.name(), kind.schema_text(), std::time::Duration::ZERO)?;
+        let id = registry.register(subject, kind.name(), kind.schema_text().trim(), std::time::Duration::ZERO)?;
         tracing::info!(record = kind.name(), %subject, id, "schema registered");
         Ok(())
     }
