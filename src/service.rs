@@ -46,7 +46,8 @@ pub async fn run(config: Config, roles: Roles, trigger: ShutdownTrigger, shutdow
         context: format!("cannot listen on {} for metrics", config.service.metrics_address),
         source,
     })?;
-    tracing::info!(address = %config.service.metrics_address, "serving /metrics, /healthz, /readyz");
+    let address = listener.local_addr().map_or_else(|_| config.service.metrics_address.clone(), |a| a.to_string());
+    tracing::info!(%address, "serving /metrics, /healthz, /readyz");
     let http = tokio::spawn(telemetry::http::serve(listener, metrics, health.clone(), shutdown.clone()));
 
     if config.topics.create {

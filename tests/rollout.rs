@@ -168,6 +168,11 @@ async fn plans_promote_a_healthy_candidate_and_guards_roll_back_failing_and_slow
     );
     assert!(idle.spec.change.as_ref().unwrap().reason.contains("no evidence"));
     stop.send(true).unwrap();
+    // Ended plans read step 0 ("none running"); a paused one keeps its step.
+    for name in ["healthy", "broken", "sluggish"] {
+        assert_eq!(common::counter("switchyard_rollout_step", &[&format!("deployment=\"{name}\"")]), 0.0, "{name}");
+    }
+    assert_eq!(common::counter("switchyard_rollout_step", &["deployment=\"idle\""]), 1.0);
 
     // History: every change once, by whom and why, with the numbers.
     let entries = settled_history(&env, "healthy").await;

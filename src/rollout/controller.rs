@@ -334,6 +334,9 @@ impl Leader {
         tracing::info!(deployment = %d.name, version = next.version, actor = %change.actor,
             reason = %change.reason, "rollout controller writes a change");
         telemetry::rollout_change(&d.name, &change.actor);
+        if next.plan.is_none() && next.probation.is_none() {
+            telemetry::rollout_ended(&d.name);
+        }
         out.push(OutRecord::new(
             self.config.topics.deployments.clone(),
             d.name.as_bytes(),

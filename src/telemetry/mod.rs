@@ -138,6 +138,12 @@ pub fn rollout(deployment: &str, step: usize, figures: &crate::rollout::evidence
     }
 }
 
+/// A plan or probation ended (promoted, rolled back, switched back, ended): the step reads 0, "none
+/// running"; the other rollout gauges keep the last judgement's figures.
+pub fn rollout_ended(deployment: &str) {
+    gauge!("switchyard_rollout_step", "deployment" => deployment.to_string()).set(0.0);
+}
+
 /// The controller wrote a change of a plan.
 pub fn rollout_change(deployment: &str, actor: &str) {
     counter!("switchyard_rollout_changes_total", "deployment" => deployment.to_string(), "actor" => actor.to_string())
