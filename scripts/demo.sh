@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The router end to end on a local broker: a canary of fraud-v2 next to fraud-v1 (fraud-v3 gets shadow
-# copies via mirror), three demo model workers, load, the live split and sample decisions, then a
+# The router end to end on a local broker: a canary of fraud-v2 next to fraud-v1 (fraud-v3, a scikit-learn
+# model served by the Python kit in python/, gets shadow copies via mirror), the model workers, load, the
+# live split and sample decisions, then a
 # blue/green switch to fraud-v2 and back. Then rollouts that drive themselves: a plan takes the healthy
 # fraud-v2 from 1% to 100% unattended, and a second plan's guards roll back fraud-v4, which fails 20% of
 # its requests; the history says who did what and why. Last, outcome labels: a labeller reports what
@@ -33,6 +34,14 @@ step() { printf '\n== %s\n' "$*"; }
 
 step "building switchyard"
 cargo build --locked --quiet
+# fraud-v3 is a scikit-learn model served by the Python model-worker kit (python/); its venv is
+# .python-kit/venv (pinned requirements, installed on the first run). Without it, a demo model stands in.
+py=""
+if scripts/test_python.sh --setup >"$logs/python-kit-setup.log" 2>&1; then
+  py=".python-kit/venv/bin/python"
+else
+  echo "(the Python kit could not be installed, see $logs/python-kit-setup.log: fraud-v3 is a demo model)"
+fi
 
 step "starting a local Kafka broker (KRaft, single node)"
 if ! scripts/kafka.sh status 2>/dev/null; then
@@ -48,11 +57,16 @@ $bin create-topics
 $bin deploy fraud --strategy canary --control fraud-v1 --candidate fraud-v2 --canary-percent 10 \
   --mirror fraud-v3 --timeout-ms 1000 --override user-42=candidate
 
-step "starting switchyard (route + merge, metrics on 127.0.0.1:9898) and three demo models"
+step "starting switchyard (route + merge, metrics on 127.0.0.1:9898), two demo models and fraud-v3, a scikit-learn model on the Python kit"
 $bin run >"$logs/switchyard.log" 2>&1 & pids+=($!)
-for model in fraud-v1 fraud-v2 fraud-v3; do
+for model in fraud-v1 fraud-v2; do
   $bin demo-model --model "$model" --latency-ms 15 --error-rate 0.01 >"$logs/$model.log" 2>&1 & pids+=($!)
 done
+if [ -n "$py" ]; then
+  OMP_NUM_THREADS=1 "$py" python/examples/sklearn_worker.py --model fraud-v3 --metrics-port 9101 >"$logs/fraud-v3.log" 2>&1 & pids+=($!)
+else
+  $bin demo-model --model fraud-v3 --latency-ms 15 --error-rate 0.01 >"$logs/fraud-v3.log" 2>&1 & pids+=($!)
+fi
 $bin demo-model --model fraud-v4 --latency-ms 15 --error-rate 0.2 >"$logs/fraud-v4.log" 2>&1 & pids+=($!)
 $bin demo-model --model churn-v1 --latency-ms 30 --accuracy 0.9 >"$logs/churn-v1.log" 2>&1 & pids+=($!)
 $bin demo-model --model churn-v2 --latency-ms 2 --accuracy 0.75 >"$logs/churn-v2.log" 2>&1 & pids+=($!)
@@ -149,5 +163,9 @@ $bin history churn | tail -6
 
 step "what Prometheus sees (excerpt of 127.0.0.1:9898/metrics)"
 curl -fs 127.0.0.1:9898/metrics | grep -E '^switchyard_(decisions_total|shadow_comparisons_total|config_version|pending_requests|dead_letters_total|rollout_changes_total|quality_labelled_total)' | sort
+if [ -n "$py" ]; then
+  echo "-- fraud-v3's worker (Python kit, 127.0.0.1:9101/metrics):"
+  curl -fs 127.0.0.1:9101/metrics | grep -E '^switchyard_worker_(requests|errors|undecodable)_total' || true
+fi
 
 step "demo done (logs in $logs/)"

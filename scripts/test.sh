@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test: unit and property tests, the published cohort-hash vectors, the decoder corpus, the
-# integration tests against a real Kafka broker, and the fault suite (scripts/faults.sh: crashes,
+# integration tests against a real Kafka broker (and a real schema registry), the Python suites (the
+# model-worker kit, the platform: Kubernetes, Grafana, kcat), and the fault suite (scripts/faults.sh: crashes,
 # restarts, rebalances, broker failure, checked by an independent client). Starts the local broker
 # (scripts/kafka.sh) unless SWITCHYARD_TEST_BOOTSTRAP points at one, and a schema registry
 # (scripts/registry.sh: Apicurio, built from Maven Central) unless SWITCHYARD_TEST_REGISTRY points at
@@ -39,11 +40,16 @@ cargo test --locked "$@" 2>&1 | tee "$log" || status=$?
 if [ "${SWITCHYARD_SKIP_FAULTS:-0}" != 1 ]; then
   scripts/faults.sh --duration 12 2>&1 | tee -a "$log" || status=1
 fi
+# The Python suites, each installing its own pinned venv: the model-worker kit end to end (python/),
+# the platform (Kubernetes manifests, the Grafana dashboard's metrics, the kcat recipes).
+for suite in scripts/test_python.sh scripts/test_platform.sh; do
+  "$suite" 2>&1 | tee -a "$log" || status=1
+done
 cleanup
 
 # One closing line for the whole run: every cargo test binary's summary plus the fault scenarios.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
-     /^faults: [0-9]+ passed, [0-9]+ failed$/ { p += $2; f += $4 }
+     /^(faults|python-kit|platform|security): [0-9]+ passed, [0-9]+ failed$/ { p += $2; f += $4 }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
 rm -f "$log"
 exit "$status"
