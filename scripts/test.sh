@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test: unit and property tests, the published cohort-hash vectors, the decoder corpus, the
 # integration tests against a real Kafka broker (and a real schema registry), the Python suites (the
-# model-worker kit, the platform: Kubernetes, Grafana, kcat), and the fault suite (scripts/faults.sh: crashes,
+# model-worker kit, the platform: Kubernetes, Grafana, kcat; security: SASL_SSL and ACLs), and the fault suite (scripts/faults.sh: crashes,
 # restarts, rebalances, broker failure, checked by an independent client). Starts the local broker
 # (scripts/kafka.sh) unless SWITCHYARD_TEST_BOOTSTRAP points at one, and a schema registry
 # (scripts/registry.sh: Apicurio, built from Maven Central) unless SWITCHYARD_TEST_REGISTRY points at
@@ -41,8 +41,9 @@ if [ "${SWITCHYARD_SKIP_FAULTS:-0}" != 1 ]; then
   scripts/faults.sh --duration 12 2>&1 | tee -a "$log" || status=1
 fi
 # The Python suites, each installing its own pinned venv: the model-worker kit end to end (python/),
-# the platform (Kubernetes manifests, the Grafana dashboard's metrics, the kcat recipes).
-for suite in scripts/test_python.sh scripts/test_platform.sh; do
+# the platform (Kubernetes manifests, the Grafana dashboard's metrics, the kcat recipes), security (a
+# second broker with SASL/SCRAM over TLS and ACLs enforced, started and stopped by the suite).
+for suite in scripts/test_python.sh scripts/test_platform.sh scripts/test_security.sh; do
   "$suite" 2>&1 | tee -a "$log" || status=1
 done
 cleanup

@@ -255,8 +255,18 @@ impl Config {
     }
 }
 
+/// Parses TOML; an error names the line and column, never the line's text: a config file's line may
+/// hold a password.
 fn parse_toml(text: &str, origin: &str) -> Result<toml::Table, ConfigError> {
-    text.parse::<toml::Table>().map_err(|e| ConfigError::Toml { origin: origin.to_string(), message: e.to_string() })
+    text.parse::<toml::Table>().map_err(|e| {
+        let at = e.span().map_or(String::new(), |span| {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("line {line}, column {column}: ")
+        });
+        ConfigError::Toml { origin: origin.to_string(), message: format!("{at}{}", e.message().trim_end()) }
+    })
 }
 
 /// Deep-merges `overlay` into `base`.
@@ -416,6 +426,14 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_toml_error_names_the_line_not_its_text() {
+        let text = "[kafka.options]\n\"sasl.password\" = \"hunter2-secret\n";
+        let error = parse_toml(text, "f.toml").unwrap_err().to_string();
+        assert!(!error.contains("hunter2"), "{error}");
+        assert!(error.contains("f.toml") && error.contains("line 2"), "{error}");
+    }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()

@@ -122,10 +122,13 @@ pub fn group_consumer(
         .create_with_context(GroupWatch::default())
 }
 
-/// A consumer outside any group, for reading whole topics (the deployments topic, tests, status).
+/// A consumer outside any group, for reading whole topics (the deployments topic, tests, status): it is
+/// only assigned partitions and commits nothing, but librdkafka's assign needs a `group.id`, whose
+/// coordinator it looks up (Describe on the group, on a cluster with ACLs): `<service.group_id>-reader`,
+/// under the same prefix as the service's groups.
 pub fn reader(config: &Config) -> Result<StreamConsumer, KafkaError> {
     base(config)
-        .set("group.id", "switchyard-reader")
+        .set("group.id", format!("{}-reader", config.service.group_id))
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("isolation.level", "read_committed")
@@ -374,12 +377,17 @@ pub async fn same_partition_count<C: ConsumerContext + 'static>(
     Ok(counts[0].1)
 }
 
-/// Partition count of `topic`, or `None` if it does not exist.
+/// Partition count of `topic`, or `None` if it does not exist. A topic this principal may not describe
+/// is an error (`TopicAuthorizationFailed`), not a missing topic.
 pub fn partition_count<C: ConsumerContext + 'static>(
     consumer: &StreamConsumer<C>,
     topic: &str,
 ) -> Result<Option<usize>, KafkaError> {
     let metadata = consumer.fetch_metadata(Some(topic), ADMIN_TIMEOUT)?;
+    let refused = rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED;
+    if metadata.topics().iter().any(|t| t.name() == topic && t.error() == Some(refused)) {
+        return Err(KafkaError::MetadataFetch(rdkafka::types::RDKafkaErrorCode::TopicAuthorizationFailed));
+    }
     Ok(metadata
         .topics()
         .iter()
