@@ -65,18 +65,11 @@ port_owner() { # prints "pid command" of the listener on $1, if any
 
 answering() { (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; }
 
-write_config() {
-  mkdir -p "$state/data" "$state/logs"
-  cat >"$state/server.properties" <<PROPS
-process.roles=broker,controller
-node.id=1
-controller.quorum.bootstrap.servers=127.0.0.1:$controller_port
-listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$controller_port
-advertised.listeners=PLAINTEXT://127.0.0.1:$port
-controller.listener.names=CONTROLLER
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
-inter.broker.listener.name=PLAINTEXT
-log.dirs=$state/data
+# The settings of a single-node broker for development and tests, with its data in $1 (shared with
+# scripts/kafka_secure.sh through `kafka.sh single-node-props DIR`).
+single_node_props() {
+  cat <<PROPS
+log.dirs=$1
 num.partitions=4
 auto.create.topics.enable=false
 offsets.topic.replication.factor=1
@@ -90,6 +83,21 @@ group.initial.rebalance.delay.ms=0
 log.cleaner.min.compaction.lag.ms=0
 # Compaction tests need the cleaner to look often (default 15 s).
 log.cleaner.backoff.ms=1000
+PROPS
+}
+
+write_config() {
+  mkdir -p "$state/data" "$state/logs"
+  cat >"$state/server.properties" <<PROPS
+process.roles=broker,controller
+node.id=1
+controller.quorum.bootstrap.servers=127.0.0.1:$controller_port
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$controller_port
+advertised.listeners=PLAINTEXT://127.0.0.1:$port
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+$(single_node_props "$state/data")
 PROPS
   cat >"$state/log4j2.properties" <<PROPS
 status = warn
@@ -166,6 +174,7 @@ stop() {
 
 case "${1:-}" in
   fetch) need_java; fetch ;;
+  single-node-props) single_node_props "${2:?single-node-props DIR}" ;;
   start) start ;;
   stop) stop ;;
   status) if pid="$(running_pid)" && answering; then say "running (pid $pid) on 127.0.0.1:$port"; else say "not running"; exit 1; fi ;;

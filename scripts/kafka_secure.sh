@@ -126,19 +126,7 @@ authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
 allow.everyone.if.no.acl.found=false
 super.users=User:$broker_cn;User:admin
 
-log.dirs=$state/data
-num.partitions=4
-auto.create.topics.enable=false
-offsets.topic.replication.factor=1
-offsets.topic.num.partitions=4
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
-transaction.state.log.num.partitions=4
-share.coordinator.state.topic.replication.factor=1
-share.coordinator.state.topic.min.isr=1
-group.initial.rebalance.delay.ms=0
-log.cleaner.min.compaction.lag.ms=0
-log.cleaner.backoff.ms=1000
+$("$here/kafka.sh" single-node-props "$state/data")
 PROPS
   )
   cat >"$state/log4j2.properties" <<PROPS
