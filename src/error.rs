@@ -20,6 +20,11 @@ pub enum Error {
          listeners are reachable from here, and the security settings under [kafka.options]"
     )]
     Unreachable { servers: String, detail: String },
+    #[error(
+        "Kafka at {servers} refused the credentials ({detail}): check sasl.mechanism, sasl.username and \
+         sasl.password (or the client certificate) under [kafka.options] / SWITCHYARD_KAFKA_*"
+    )]
+    Authentication { servers: String, detail: String },
     #[error("topic {0:?} does not exist and topics.create is off")]
     MissingTopic(String),
     #[error("invalid deployment record: {0}")]

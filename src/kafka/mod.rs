@@ -240,15 +240,48 @@ pub const REACH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Checks within [`REACH_TIMEOUT`] that a broker of `kafka.bootstrap_servers` answers, so that a wrong
 /// address is named at once instead of after a 30 s metadata timeout.
+/// Credentials the broker refused are named as such (librdkafka then only reports a transport failure to
+/// the request).
 pub async fn check_reachable(config: &Config) -> Result<(), crate::error::Error> {
-    let client: AdminClient<DefaultClientContext> = base(config).set("log_level", "2").create()?;
-    let outcome = tokio::task::spawn_blocking(move || client.inner().fetch_metadata(None, REACH_TIMEOUT)).await;
+    // A producer only for its poll, which serves librdkafka's error events to the context.
+    use rdkafka::producer::Producer;
+    let client: rdkafka::producer::BaseProducer<AuthWatch> =
+        base(config).set("log_level", "2").create_with_context(AuthWatch::default())?;
+    let outcome = tokio::task::spawn_blocking(move || {
+        let result = client.client().fetch_metadata(None, REACH_TIMEOUT).map(|_| ());
+        if result.is_err() {
+            client.poll(Duration::from_millis(100));
+        }
+        (result, client.context().refused.lock().expect("not poisoned").take())
+    })
+    .await;
+    let servers = config.kafka.bootstrap_servers.clone();
     let detail = match outcome {
-        Ok(Ok(_)) => return Ok(()),
-        Ok(Err(error)) => error.to_string(),
+        Ok((Ok(()), _)) => return Ok(()),
+        Ok((Err(_), Some(reason))) => return Err(crate::error::Error::Authentication { servers, detail: reason }),
+        Ok((Err(error), None)) => error.to_string(),
         Err(error) => error.to_string(),
     };
-    Err(crate::error::Error::Unreachable { servers: config.kafka.bootstrap_servers.clone(), detail })
+    Err(crate::error::Error::Unreachable { servers, detail })
+}
+
+/// Remembers the first authentication failure librdkafka reports (SASL, or a TLS handshake).
+#[derive(Default)]
+struct AuthWatch {
+    refused: std::sync::Mutex<Option<String>>,
+}
+
+impl rdkafka::producer::ProducerContext for AuthWatch {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, _: ()) {}
+}
+
+impl rdkafka::ClientContext for AuthWatch {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::Authentication) {
+            self.refused.lock().expect("not poisoned").get_or_insert_with(|| reason.to_string());
+        }
+    }
 }
 
 /// How a created topic keeps its records.

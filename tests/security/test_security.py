@@ -178,9 +178,8 @@ def test_wrong_password_is_refused(broker, run, users):
     rc, out, err = run.cli("wrong-password", ["status"],
                            env_of(run, {"operator": "wrong-" + users["operator"]}, "operator"), timeout=60)
     assert rc != 0, out
-    # switchyard reports it as "cannot reach Kafka ... BrokerTransportFailure" and points at the
-    # security settings (see docs/security.md).
-    assert "Authentication failed" in err or "security settings" in err, err[-2000:]
+    # Named as refused credentials, with the broker's reason (see docs/security.md).
+    assert "refused the credentials" in err and "Authentication failed" in err, err[-2000:]
 
 
 def test_client_that_does_not_trust_the_ca_is_refused(broker, users):
