@@ -215,19 +215,17 @@ impl Codec {
         Ok(())
     }
 
+    /// The record's bytes. Written straight from its value tree ([`write_value`]): the trees are built
+    /// by switchyard in schema order, so apache-avro's schema walk and validation on every encode (a
+    /// fifth of merge's CPU in a profile) buy nothing; byte-identical to `to_avro_datum` (tested).
     pub fn encode<T: AvroRecord>(&self, record: &T) -> Vec<u8> {
-        let body = apache_avro::to_avro_datum(T::KIND.schema(), record.to_value())
-            .expect("records built by switchyard always match their schema");
-        match &self.framing {
-            Framing::Plain => body,
-            Framing::Confluent(ids) => {
-                let mut framed = Vec::with_capacity(body.len() + 5);
-                framed.push(0);
-                framed.extend_from_slice(&ids.id(T::KIND).to_be_bytes());
-                framed.extend_from_slice(&body);
-                framed
-            }
+        let mut out = Vec::with_capacity(128);
+        if let Framing::Confluent(ids) = &self.framing {
+            out.push(0);
+            out.extend_from_slice(&ids.id(T::KIND).to_be_bytes());
         }
+        write_value(&record.to_value(), &mut out);
+        out
     }
 
     /// A [`ModelRequest`] copying the request whose value is `request` — bytes this codec decoded as a
@@ -308,6 +306,55 @@ impl Codec {
     }
 }
 
+/// Avro binary of a value tree whose records list their fields in schema order (as every `to_value`
+/// of switchyard's records does): the same bytes as `apache_avro::to_avro_datum` with the schema.
+fn write_value(value: &apache_avro::types::Value, out: &mut Vec<u8>) {
+    use apache_avro::types::Value;
+    let bytes = |out: &mut Vec<u8>, b: &[u8]| {
+        write_long(out, b.len() as i64);
+        out.extend_from_slice(b);
+    };
+    match value {
+        Value::Null => {}
+        Value::Boolean(b) => out.push(u8::from(*b)),
+        Value::Int(n) | Value::Date(n) | Value::TimeMillis(n) => write_long(out, i64::from(*n)),
+        Value::Long(n)
+        | Value::TimestampMillis(n)
+        | Value::TimestampMicros(n)
+        | Value::TimeMicros(n)
+        | Value::LocalTimestampMillis(n)
+        | Value::LocalTimestampMicros(n) => write_long(out, *n),
+        Value::Float(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::Double(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::Bytes(b) | Value::Fixed(_, b) => bytes(out, b),
+        Value::String(s) => bytes(out, s.as_bytes()),
+        Value::Enum(index, _) => write_long(out, i64::from(*index)),
+        Value::Union(index, inner) => {
+            write_long(out, i64::from(*index));
+            write_value(inner, out);
+        }
+        Value::Array(items) => {
+            if !items.is_empty() {
+                write_long(out, items.len() as i64);
+                items.iter().for_each(|v| write_value(v, out));
+            }
+            out.push(0);
+        }
+        Value::Map(entries) => {
+            if !entries.is_empty() {
+                write_long(out, entries.len() as i64);
+                for (k, v) in entries {
+                    bytes(out, k.as_bytes());
+                    write_value(v, out);
+                }
+            }
+            out.push(0);
+        }
+        Value::Record(fields) => fields.iter().for_each(|(_, v)| write_value(v, out)),
+        other => unreachable!("switchyard's records hold no {other:?}"),
+    }
+}
+
 /// An Avro long (and int, and enum index): zig-zag, then 7 bits a byte, lowest first.
 fn write_long(out: &mut Vec<u8>, n: i64) {
     let mut z = ((n << 1) ^ (n >> 63)) as u64;
@@ -368,6 +415,12 @@ mod tests {
     }
 
     fn round_trip<T: AvroRecord + PartialEq + std::fmt::Debug>(record: T) {
+        // One value tree for both: a map's order is its HashMap's (a clone keeps it).
+        let value = record.to_value();
+        let reference = apache_avro::to_avro_datum(T::KIND.schema(), value.clone()).unwrap();
+        let mut written = Vec::new();
+        write_value(&value, &mut written);
+        assert_eq!(written, reference, "{record:?}: the same bytes as apache-avro");
         for codec in all_framings() {
             let bytes = codec.encode(&record);
             assert_eq!(codec.decode::<T>(&bytes).unwrap(), record);
@@ -391,6 +444,9 @@ mod tests {
     #[test]
     fn every_record_round_trips() {
         round_trip(request());
+        round_trip(Request { attributes: HashMap::new(), ..request() });
+        let many = (0..40).map(|i| (format!("k{i}"), "v".repeat(i))).collect();
+        round_trip(Request { attributes: many, payload: vec![7; 300], sent_at: -1, ..request() });
         round_trip(ModelRequest {
             request: request(),
             model: "fraud-v2".into(),

@@ -68,6 +68,37 @@ pub struct Effects {
     pub events: Vec<Event>,
 }
 
+impl Effects {
+    /// Keeps only the last changelog state of each request: all of a batch's outputs commit in one
+    /// transaction, so an earlier state of the same request is never read without the later one — a
+    /// request answered by its serving and shadow models in one batch writes one changelog record, not
+    /// two. Origins stay aligned with the outputs.
+    pub fn coalesce_states(&mut self) {
+        let mut last: HashMap<&str, usize> = HashMap::new();
+        for (i, output) in self.outputs.iter().enumerate() {
+            if let Output::State { state, .. } = output {
+                last.insert(state.request_id.as_str(), i);
+            }
+        }
+        let keep: Vec<bool> = (self.outputs.iter().enumerate())
+            .map(|(i, o)| match o {
+                Output::State { state, .. } => last[state.request_id.as_str()] == i,
+                _ => true,
+            })
+            .collect();
+        if keep.iter().all(|k| *k) {
+            return;
+        }
+        let mut origins = std::mem::take(&mut self.origins);
+        origins.resize(self.outputs.len(), None);
+        let mut flags = keep.iter();
+        self.outputs.retain(|_| *flags.next().expect("one flag per output"));
+        let mut flags = keep.iter();
+        origins.retain(|_| *flags.next().expect("one flag per origin"));
+        self.origins = origins;
+    }
+}
+
 #[derive(Debug)]
 struct ShadowSlot {
     model: String,
@@ -721,6 +752,37 @@ mod tests {
         j.on_routed(routed("t", &[]), pos(3), 1000, &mut fx);
         j.expire(1500, |_| true, true, &mut fx);
         assert!(states(&fx).last().unwrap().finished, "a timeout is recorded too");
+    }
+
+    #[test]
+    fn a_batch_writes_one_changelog_state_per_request_the_last() {
+        let mut j = join();
+        let mut fx = Effects::default();
+        j.on_routed(routed("a", &["v2"]), pos(0), 1000, &mut fx);
+        j.on_routed(routed("b", &["v2"]), pos(1), 1000, &mut fx);
+        j.on_prediction(answer("a", "v1", "x", 1010), pos(2), 1010, 1011, &mut fx);
+        j.on_prediction(answer("b", "v1", "x", 1010), pos(3), 1010, 1011, &mut fx);
+        j.on_prediction(answer("a", "v2", "x", 1010), pos(4), 1010, 1012, &mut fx);
+        fx.origins = (0..fx.outputs.len()).map(Some).collect();
+        let before = fx.outputs.len();
+        let tagged: Vec<(String, Option<usize>)> =
+            fx.outputs.iter().zip(&fx.origins).map(|(o, origin)| (format!("{o:?}"), *origin)).collect();
+        fx.coalesce_states();
+        let s = states(&fx);
+        assert_eq!(s.iter().map(|s| s.request_id.as_str()).collect::<Vec<_>>(), ["b", "a"]);
+        assert!(s[1].finished, "a's last state is the one kept");
+        assert_eq!(fx.outputs.len(), before - 1, "only a's earlier state dropped");
+        assert_eq!((decisions(&fx).len(), comparisons(&fx).len()), (2, 1));
+        for (o, origin) in fx.outputs.iter().zip(&fx.origins) {
+            assert!(tagged.contains(&(format!("{o:?}"), *origin)), "origins stay with their outputs");
+        }
+        // Restoring the coalesced changelog gives the same state as the full one.
+        let mut restored = join();
+        restored.restore(s);
+        let mut again = Effects::default();
+        restored.on_routed(routed("a", &["v2"]), pos(0), 2000, &mut again);
+        restored.on_prediction(answer("a", "v2", "x", 1010), pos(4), 1010, 2001, &mut again);
+        assert!(decisions(&again).is_empty() && comparisons(&again).is_empty(), "a is finished");
     }
 
     #[test]

@@ -439,7 +439,8 @@ pub async fn run(config: Config, codec: Codec, shutdown: Shutdown) -> Result<()>
         {
             state.join.end_restore();
         }
-        let Batch { fx, out: extra } = batch;
+        let Batch { mut fx, out: extra } = batch;
+        fx.coalesce_states();
         let mut out = Outbox { events: fx.events, ..Outbox::default() };
         out.records = records(fx.outputs, &config, &codec, &mut out.events);
         for (record, origin) in out.records.iter_mut().zip(fx.origins) {
