@@ -35,6 +35,8 @@ pub enum Error {
     Io { context: String, source: std::io::Error },
     #[error("{0}")]
     Usage(String),
+    #[error("stalled: {0}")]
+    Stalled(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -314,3 +314,42 @@ async fn a_dead_letter_too_large_for_its_topic_goes_without_its_value() {
     assert!(letter.headers["dlq.offset"].parse::<i64>().is_ok());
     env.stop().await;
 }
+
+/// A topic whose records are all gone (deleted by retention or `kafka-delete-records`; compaction
+/// removing even the tombstones) still has its end offset: reading it whole must end, not wait for a
+/// position that a reader that reads nothing never gets (seen: a merge restore that never finished).
+/// Here the history topic as `history` reads it (compacted topics refuse record deletion; the deployments
+/// topic and the changelogs are read through the same `kafka::batch::whole`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_whose_records_are_all_deleted_is_read_to_its_end() {
+    let Some(env) = Env::new("emptied").await else { return };
+    let t = &env.config.topics;
+    kafka::ensure_topics(&env.config, std::slice::from_ref(&t.history), kafka::TopicKind::Audit).await.unwrap();
+    env.produce(vec![OutRecord::new(t.history.clone(), b"fraud", b"not an entry".to_vec())]).await;
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", common::bootstrap()).create().unwrap();
+    let mut all = rdkafka::TopicPartitionList::new();
+    all.add_partition_offset(&t.history, 0, rdkafka::Offset::End).unwrap();
+    let deleted = admin.delete_records(&all, &AdminOptions::new()).await.unwrap();
+    let e = &deleted.elements()[0];
+    assert!(e.error().is_ok() && matches!(e.offset(), rdkafka::Offset::Offset(n) if n > 0), "{e:?}");
+    let reader: StreamConsumer = kafka::reader(&env.config).unwrap();
+    let (assignment, targets) = kafka::batch::whole(&reader, &t.history, [0]).unwrap();
+    assert!(assignment.count() == 0 && targets.is_empty(), "nothing left to read");
+
+    let started = std::time::Instant::now();
+    let mut history = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["history", "fraud"])
+        .envs(env.vars.iter().cloned())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    while history.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(30) {
+            history.kill().unwrap();
+            panic!("`switchyard history` still reading an emptied topic after 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(history.wait().unwrap().success());
+}

@@ -11,7 +11,6 @@ use std::time::Duration;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::FutureProducer;
-use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::oneshot;
 
 use super::registry::{Outcome, Registry, SharedRegistry};
@@ -39,13 +38,7 @@ pub async fn open(config: &Config) -> Result<(StreamConsumer, HashMap<i32, i64>)
     }
     let partitions =
         kafka::wait_for_topic(&consumer, topic).await?.ok_or_else(|| Error::MissingTopic(topic.clone()))?;
-    let mut assignment = TopicPartitionList::new();
-    let mut targets = HashMap::new();
-    for partition in 0..partitions as i32 {
-        assignment.add_partition_offset(topic, partition, Offset::Beginning)?;
-        let (_, high) = consumer.fetch_watermarks(topic, partition, kafka::ADMIN_TIMEOUT)?;
-        targets.insert(partition, high);
-    }
+    let (assignment, targets) = kafka::batch::whole(&consumer, topic, 0..partitions as i32)?;
     consumer.assign(&assignment)?;
     Ok((consumer, targets))
 }

@@ -52,6 +52,8 @@ pub async fn load(config: &Config, codec: &Codec, committed: &TopicPartitionList
     let mut restored = Restored::default();
     let mut start = TopicPartitionList::new();
     let mut by_time = TopicPartitionList::new();
+    // The first offset each changelog partition still holds (compaction and retention remove the rest).
+    let mut changelog_start: HashMap<i32, i64> = HashMap::new();
     let routed: Vec<(i32, Offset, Option<i64>)> = committed
         .elements_for_topic(&config.topics.routed)
         .iter()
@@ -59,7 +61,9 @@ pub async fn load(config: &Config, codec: &Codec, committed: &TopicPartitionList
         .collect();
     for (partition, committed_offset, from_metadata) in routed {
         let (_, routed_high) = reader.fetch_watermarks(&config.topics.routed, partition, ADMIN_TIMEOUT)?;
-        let (_, changelog_high) = reader.fetch_watermarks(&config.topics.merge_changelog, partition, ADMIN_TIMEOUT)?;
+        let (changelog_low, changelog_high) =
+            reader.fetch_watermarks(&config.topics.merge_changelog, partition, ADMIN_TIMEOUT)?;
+        changelog_start.insert(partition, changelog_low);
         restored.routed_end.insert(partition, routed_high);
         restored.changelog_end.insert(partition, changelog_high);
         match (committed_offset, from_metadata) {
@@ -101,26 +105,42 @@ pub async fn load(config: &Config, codec: &Codec, committed: &TopicPartitionList
             Offset::Offset(n) => n.min(end),
             Offset::End => end,
             _ => 0,
-        };
+        }
+        .max(changelog_start[&element.partition()].min(end));
         restored.start.insert(element.partition(), from);
     }
-    if start.count() == 0 {
+    // Only partitions with something to read: a reader that reads nothing has no position, so waiting
+    // for it to reach the end of an already-read partition would never end.
+    let targets = read_targets(&restored.start, &restored.changelog_end);
+    if targets.is_empty() {
         return Ok(restored);
     }
-    let targets: HashMap<i32, i64> =
-        start.elements().iter().map(|e| (e.partition(), restored.changelog_end[&e.partition()])).collect();
-    reader.assign(&start)?;
+    let mut assignment = TopicPartitionList::new();
+    for partition in targets.keys() {
+        let from = Offset::Offset(restored.start[partition]);
+        assignment.add_partition_offset(&config.topics.merge_changelog, *partition, from)?;
+    }
+    reader.assign(&assignment)?;
     let begun = Instant::now();
     let mut last_report = Instant::now();
+    let mut last_record = Instant::now();
     // Until the end: an open transaction of the previous owner holds read_committed readers back until
-    // it is committed or aborted (at most transaction.timeout.ms).
+    // it is committed or aborted (at most transaction.timeout.ms, then the broker's next check).
     while !kafka::batch::caught_up(&reader, &config.topics.merge_changelog, &targets) {
         if last_report.elapsed() > Duration::from_secs(5) {
             tracing::info!(seconds = begun.elapsed().as_secs(), "still reading the merge changelog");
             last_report = Instant::now();
         }
+        if last_record.elapsed() > STALL_LIMIT {
+            // Give the caller a chance to see shutdown or a new assignment, and to start over.
+            return Err(crate::error::Error::Stalled(format!(
+                "no merge changelog record for {} s before its end ({targets:?})",
+                STALL_LIMIT.as_secs()
+            )));
+        }
         let Ok(message) = tokio::time::timeout(Duration::from_millis(200), reader.recv()).await else { continue };
         let message = message?;
+        last_record = Instant::now();
         match codec.decode::<MergeState>(message.payload().unwrap_or_default()) {
             Ok(state) => restored.states.push(state),
             Err(error) => {
@@ -137,6 +157,16 @@ pub async fn load(config: &Config, codec: &Codec, committed: &TopicPartitionList
     Ok(restored)
 }
 
+/// Longest a restore waits for the next changelog record before giving up and starting over: longer
+/// than an open transaction of a previous owner can hold readers back (transaction.timeout.ms plus the
+/// broker's check for timed-out transactions, 10 s each by default).
+const STALL_LIMIT: Duration = Duration::from_secs(60);
+
+/// The changelog end to read to, for each partition whose restore starts before it.
+fn read_targets(start: &HashMap<i32, i64>, end: &HashMap<i32, i64>) -> HashMap<i32, i64> {
+    (start.iter()).filter(|(partition, from)| **from < end[*partition]).map(|(p, _)| (*p, end[p])).collect()
+}
+
 /// The timestamp of the first committed record at or after `offset`, if one arrives within
 /// [`RECORD_WAIT`] (an open transaction of the previous owner resolves within its timeout).
 async fn record_timestamp(reader: &StreamConsumer, topic: &str, partition: i32, offset: i64) -> Result<Option<i64>> {
@@ -146,5 +176,17 @@ async fn record_timestamp(reader: &StreamConsumer, topic: &str, partition: i32, 
     match tokio::time::timeout(RECORD_WAIT, reader.recv()).await {
         Ok(message) => Ok(Some(message?.timestamp().to_millis().unwrap_or(0))),
         Err(_) => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partition_already_read_to_its_end_is_not_waited_for() {
+        let start = HashMap::from([(0, 120), (1, 40), (2, 0)]);
+        let end = HashMap::from([(0, 120), (1, 75), (2, 0)]);
+        assert_eq!(read_targets(&start, &end), HashMap::from([(1, 75)]));
     }
 }

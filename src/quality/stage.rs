@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use rdkafka::consumer::Consumer;
 use rdkafka::message::{Headers, Message, OwnedMessage};
-use rdkafka::{Offset, TopicPartitionList};
 
 use super::join::{Effect, Entry, Join, JoinConfig, Rejected};
 use super::score::QualitySpec;
@@ -69,12 +68,7 @@ pub fn short_retention(retentions: &[(String, i64)], window_ms: u64) -> Vec<Stri
 pub async fn restore(config: &Config, assigned: &[i32]) -> Result<Join> {
     let topic = &config.topics.score_changelog;
     let reader = kafka::reader(config)?;
-    let mut tpl = TopicPartitionList::new();
-    let mut targets = HashMap::new();
-    for &p in assigned {
-        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
-        targets.insert(p, reader.fetch_watermarks(topic, p, kafka::ADMIN_TIMEOUT)?.1);
-    }
+    let (tpl, targets) = kafka::batch::whole(&reader, topic, assigned.iter().copied())?;
     reader.assign(&tpl)?;
     let started = std::time::Instant::now();
     let mut records = Vec::new();

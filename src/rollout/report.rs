@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
 
 use super::evidence::{Observation, StepEvidence};
 use super::feed::Feed;
@@ -16,7 +15,7 @@ use super::probation::ProbationEvidence;
 use crate::codec::{Codec, Decision, ScoredOutcome};
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::kafka::{self, ADMIN_TIMEOUT};
+use crate::kafka;
 use crate::routing::Deployment;
 
 /// How long `status` reads decisions before it reports what it has.
@@ -246,11 +245,8 @@ pub async fn read_history(config: &Config, name: Option<&str>) -> Result<Vec<Ent
     if kafka::partition_count(&reader, topic)?.is_none() {
         return Err(Error::MissingTopic(topic.clone()));
     }
-    let (_, end) = reader.fetch_watermarks(topic, 0, ADMIN_TIMEOUT)?;
-    let mut assignment = TopicPartitionList::new();
-    assignment.add_partition_offset(topic, 0, Offset::Beginning)?;
+    let (assignment, targets) = kafka::batch::whole(&reader, topic, [0])?;
     reader.assign(&assignment)?;
-    let targets = std::collections::HashMap::from([(0, end)]);
     let mut entries = Vec::new();
     while !kafka::batch::caught_up(&reader, topic, &targets) {
         let Ok(message) = tokio::time::timeout(Duration::from_millis(200), reader.recv()).await else { continue };
