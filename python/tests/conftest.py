@@ -1,6 +1,7 @@
 """Shared fixtures: the real switchyard binary on the local broker, isolated by a topic prefix and group id
 (the same variables as `config::isolated_env` in src/config.rs), model workers as subprocesses, loadgen,
-and a read_committed reader of the decisions."""
+a read_committed reader of the decisions, and the schema registry of SWITCHYARD_TEST_REGISTRY (its
+Confluent API base URL; scripts/test_python.sh starts one with scripts/registry.sh)."""
 
 import io
 import json
@@ -12,6 +13,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 
 import fastavro
@@ -28,6 +31,7 @@ BIN = os.environ.get("SWITCHYARD_BIN", "target/debug/switchyard")
 BIN = BIN if os.path.isabs(BIN) else os.path.join(REPO, BIN)
 BOOTSTRAP = os.environ.get("SWITCHYARD_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
 LOGS = os.path.join(REPO, ".python-kit", "logs")
+REGISTRY = os.environ.get("SWITCHYARD_TEST_REGISTRY", "").strip().rstrip("/")
 PARTITIONS = 4
 SCHEMA_IDS = {"Request": 1, "ModelRequest": 2, "Prediction": 3, "Decision": 4}
 
@@ -44,9 +48,10 @@ def repo_schema(name):
 SCHEMAS = {name: repo_schema(name) for name in SCHEMA_IDS}
 
 
-def decode(name, data, framing="plain"):
+def decode(name, data, framing="plain", schema_id=None):
     if framing == "confluent":
-        assert data[0] == 0 and int.from_bytes(data[1:5], "big") == SCHEMA_IDS[name], data[:5]
+        expected = SCHEMA_IDS[name] if schema_id is None else schema_id
+        assert data[0] == 0 and int.from_bytes(data[1:5], "big") == expected, (data[:5], name, expected)
         data = data[5:]
     return fastavro.schemaless_reader(io.BytesIO(data), SCHEMAS[name])
 
@@ -83,6 +88,64 @@ def broker_available():
         return True
     except KafkaException:
         return False
+
+
+# The schema registry (Confluent API) ------------------------------------------------------------------
+
+def registry_request(method, path, body=None, base=None):
+    """(status, parsed JSON answer) of a registry call; `path` starts with "/"."""
+    request = urllib.request.Request(f"{base or REGISTRY}{path}", method=method,
+                                     data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/vnd.schemaregistry.v1+json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        text = e.read()
+        try:
+            return e.code, json.loads(text)
+        except ValueError:
+            return e.code, text.decode(errors="replace")
+
+
+def subject_path(subject):
+    return f"/subjects/{urllib.parse.quote(subject, safe='')}"
+
+
+def register(subject, schema_text):
+    """Registers a schema (its text) under `subject` and returns its id; fails on anything but 200."""
+    status, answer = registry_request("POST", f"{subject_path(subject)}/versions", {"schema": schema_text})
+    assert status == 200, f"registering under {subject}: {status} {answer}"
+    return answer["id"]
+
+
+def latest_id(subject):
+    status, answer = registry_request("GET", f"{subject_path(subject)}/versions/latest")
+    assert status == 200, f"latest version of {subject}: {status} {answer}"
+    return answer["id"]
+
+
+def registry_answers(url):
+    try:
+        with urllib.request.urlopen(f"{url}/subjects", timeout=5) as r:
+            return r.status == 200
+    except (OSError, ValueError):
+        return False
+
+
+@pytest.fixture(scope="session")
+def registry():
+    """The schema registry's Confluent API base URL; a test that needs it fails under CI when there is none
+    (skips elsewhere)."""
+    if not REGISTRY:
+        message = "no schema registry: SWITCHYARD_TEST_REGISTRY is not set (scripts/registry.sh start)"
+    elif not registry_answers(REGISTRY):
+        message = f"the schema registry at {REGISTRY} does not answer"
+    else:
+        return REGISTRY
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 @pytest.fixture(scope="session")
@@ -136,9 +199,11 @@ class Proc:
 class Stack:
     """One switchyard instance (route + merge) on topics of its own, and the processes around it."""
 
-    def __init__(self, name, framing="plain"):
+    def __init__(self, name, framing="plain", registry=None):
         self.prefix = f"pykit-{name}-{random.randrange(16 ** 6):06x}"
         self.framing = framing
+        self.registry = registry
+        self.schema_ids = {}
         self.logs = os.path.join(LOGS, self.prefix)
         os.makedirs(self.logs, exist_ok=True)
         self.metrics_address = f"127.0.0.1:{free_port()}"
@@ -164,11 +229,29 @@ class Stack:
             # Two cores shared: scikit-learn and numpy on one thread each.
             "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
         })
+        if registry:
+            self.env.update({"SWITCHYARD__CODEC__REGISTRY_URL": registry, "SWITCHYARD__CODEC__REGISTRY_WAIT_MS": "20000"})
         self.procs = []
         self.switchyard = None
 
     def topic(self, key, model=None):
         return self.topics[key].replace("{model}", model or "")
+
+    #: The topic (pattern) whose subject holds switchyard's schema of each record.
+    SUBJECT_TOPICS = {"Request": "REQUESTS", "ModelRequest": "MODEL_REQUESTS", "Prediction": "MODEL_PREDICTIONS",
+                      "Decision": "DECISIONS"}
+
+    def schema_id(self, name):
+        """The id records of `name` are framed with: the fixed one, or with a registry the id registered
+        under the subject of its topic (for per-model records, the topic pattern's subject)."""
+        if not self.registry:
+            return SCHEMA_IDS[name]
+        if name not in self.schema_ids:
+            self.schema_ids[name] = latest_id(f"{self.topics[self.SUBJECT_TOPICS[name]]}-value")
+        return self.schema_ids[name]
+
+    def decode(self, name, data):
+        return decode(name, data, self.framing, self.schema_id(name) if self.framing == "confluent" else None)
 
     def spawn(self, name, args, env=None):
         log_path = os.path.join(self.logs, f"{name}.log")
@@ -239,7 +322,7 @@ class Stack:
                 for msg in consumer.consume(1000, 0.5):
                     if msg.error():
                         continue
-                    records.append((msg, decode(schema, msg.value(), self.framing)))
+                    records.append((msg, self.decode(schema, msg.value())))
                 if done_at is None and want(records):
                     done_at = time.time()
                 if done_at is not None and time.time() - done_at >= settle_s:

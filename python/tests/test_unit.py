@@ -194,8 +194,9 @@ class FakeMessage:
 class FakeProducer:
     """Takes records; `refuse` maps request_id -> error codes to deliver for its first attempts."""
 
-    def __init__(self, refuse=None):
+    def __init__(self, refuse=None, codec=None):
         self.refuse = {k: list(v) for k, v in (refuse or {}).items()}
+        self.codec = codec or Codec()
         self.queued, self.delivered, self.attempts = [], [], []
 
     def produce(self, topic, key, value, on_delivery):
@@ -206,7 +207,7 @@ class FakeProducer:
 
     def flush(self, timeout):
         for topic, key, value, callback in self.queued:
-            record = Codec().decode_prediction(value)
+            record = self.codec.decode_prediction(value)
             self.attempts.append(record["request_id"])
             codes = self.refuse.get(record["request_id"])
             if codes:

@@ -11,8 +11,10 @@
 from .codec import Codec, DecodeError
 from .config import WorkerConfig, load_config
 from .partition import kafka_partition, murmur2
+from .registry import IncompatibleSchema, RegistryError, RegistryUnreachable, SchemaRegistry
 from .worker import Metrics, Worker, output_bytes, serve
 
-__all__ = ["Codec", "DecodeError", "Metrics", "Worker", "WorkerConfig", "kafka_partition", "load_config",
-           "murmur2", "output_bytes", "serve"]
+__all__ = ["Codec", "DecodeError", "IncompatibleSchema", "Metrics", "RegistryError", "RegistryUnreachable",
+           "SchemaRegistry", "Worker", "WorkerConfig", "kafka_partition", "load_config", "murmur2", "output_bytes",
+           "serve"]
 __version__ = "0.1.0"

@@ -10,6 +10,7 @@ Layers, later wins:
        SWITCHYARD__SERVICE__GROUP_ID (the worker's group is <group_id>-model-<model>, as demo-model's)
        SWITCHYARD__SERVICE__MAX_PREDICTION_BYTES
        SWITCHYARD__CODEC__FRAMING (plain | confluent), SWITCHYARD__CODEC__SCHEMA_IDS__MODEL_REQUEST / __PREDICTION
+       SWITCHYARD__CODEC__REGISTRY_URL, __REGISTRY_USERNAME, __REGISTRY_PASSWORD, __REGISTRY_WAIT_MS
        SWITCHYARD_KAFKA_<OPTION> (a librdkafka option, dots as underscores: SWITCHYARD_KAFKA_SECURITY_PROTOCOL)
        SWITCHYARD_WORKER_BATCH_SIZE, SWITCHYARD_WORKER_BATCH_WAIT_MS, SWITCHYARD_WORKER_GROUP_ID,
        SWITCHYARD_WORKER_METRICS_HOST, SWITCHYARD_WORKER_METRICS_PORT (0: any free port; -1: no endpoint)
@@ -19,6 +20,8 @@ Layers, later wins:
 import os
 import re
 from dataclasses import dataclass, field, fields, replace
+
+from .registry import check_url
 
 try:
     import tomllib
@@ -59,6 +62,16 @@ class WorkerConfig:
     framing: str = "plain"
     model_request_schema_id: int = 2
     prediction_schema_id: int = 3
+    #: codec.registry_url: the Confluent REST API of a schema registry (needs framing "confluent"). Set, the
+    #: Prediction schema is registered at start under "<predictions topic>-value" and its id written;
+    #: ModelRequests of any id are read by their writer's schema from the registry. The fixed ids above
+    #: are not used then.
+    registry_url: str = ""
+    registry_username: str = ""
+    #: Never logged or printed (not in repr).
+    registry_password: str = field(default="", repr=False)
+    #: How long the start waits for an unreachable registry before it fails.
+    registry_wait_ms: int = 60_000
     #: Most requests handed to the function at once.
     batch_size: int = 500
     #: After the first request of a batch, how long to wait for more (0: take what has arrived).
@@ -86,6 +99,13 @@ class WorkerConfig:
             raise ValueError(f"model name {self.model!r}: 1-200 characters of [A-Za-z0-9._-]")
         if self.framing not in ("plain", "confluent"):
             raise ValueError(f"codec framing {self.framing!r}: expected plain or confluent")
+        self.registry_url = self.registry_url.strip()
+        if self.registry_url:
+            if self.framing != "confluent":
+                raise ValueError('codec registry_url needs codec framing = "confluent"')
+            self.registry_url = check_url(self.registry_url)
+        if self.registry_wait_ms < 0:
+            raise ValueError(f"registry_wait_ms {self.registry_wait_ms}: must not be negative")
         if self.batch_size < 1:
             raise ValueError(f"batch_size {self.batch_size}: must be at least 1")
         if self.batch_wait_ms < 0:
@@ -126,6 +146,10 @@ _SETTINGS = [
     ("SWITCHYARD__SERVICE__GROUP_ID", "service", "group_id", "group_id", str),
     ("SWITCHYARD__SERVICE__MAX_PREDICTION_BYTES", "service", "max_prediction_bytes", "max_prediction_bytes", int),
     ("SWITCHYARD__CODEC__FRAMING", "codec", "framing", "framing", str),
+    ("SWITCHYARD__CODEC__REGISTRY_URL", "codec", "registry_url", "registry_url", str),
+    ("SWITCHYARD__CODEC__REGISTRY_USERNAME", "codec", "registry_username", "registry_username", str),
+    ("SWITCHYARD__CODEC__REGISTRY_PASSWORD", "codec", "registry_password", "registry_password", str),
+    ("SWITCHYARD__CODEC__REGISTRY_WAIT_MS", "codec", "registry_wait_ms", "registry_wait_ms", int),
 ]
 _WORKER_ENV = [
     ("SWITCHYARD_WORKER_BATCH_SIZE", "batch_size", int),

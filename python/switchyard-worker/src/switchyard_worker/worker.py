@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 
 from .codec import Codec, DecodeError
 from .config import WorkerConfig, load_config
+from .registry import RegistryError
 
 log = logging.getLogger("switchyard_worker")
 
@@ -133,8 +134,10 @@ class Worker:
 
     def run(self):
         """Serve until stop() or SIGTERM/SIGINT: then the batch in hand is answered, flushed and committed,
-        and the consumer leaves its group."""
+        and the consumer leaves its group. With a schema registry, first registers the Prediction schema
+        (raises registry.RegistryError, before anything else is started, when that fails)."""
         c = self.config
+        self.register_schemas()
         previous = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -170,6 +173,24 @@ class Worker:
                 signal.signal(sig, handler)
             log.info("model %s stopped: answered %d requests in %d batches", self.model, self.answered,
                      self.batches)
+
+    def register_schemas(self):
+        """With a schema registry (codec.registry_url): registers the kit's Prediction schema under the
+        predictions topic's subject, "<topic>-value", waiting up to registry_wait_ms for an unreachable
+        registry; every prediction is written with the id it gets. run() calls it first. Raises
+        registry.IncompatibleSchema when the subject's compatibility rule refuses the schema (409) and
+        registry.RegistryUnreachable when the registry stays unreachable."""
+        c = self.config
+        if self.codec.registry is None or self.codec.prediction_schema_id is not None:
+            return
+        subject = f"{c.predictions_topic}-value"
+        try:
+            schema_id = self.codec.register_prediction(subject, c.registry_wait_ms / 1000)
+        except RegistryError as e:
+            log.error("model %s cannot start: %s", self.model, e)
+            raise
+        log.info("Prediction schema registered under subject %s: id %d (schema registry %s); model requests "
+                 "are read by their writer's schema id", subject, schema_id, c.registry_url)
 
     # Kafka ----------------------------------------------------------------------------------------------
     def _base_settings(self):
@@ -398,5 +419,8 @@ def serve(model, predict=None, *, predict_batch=None, **settings):
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     worker = Worker(model, predict, predict_batch=predict_batch, **settings)
-    worker.run()
+    try:
+        worker.run()
+    except RegistryError:
+        raise SystemExit(1) from None   # logged by run(): the subject and the registry's message
     return worker
