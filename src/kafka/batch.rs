@@ -207,9 +207,10 @@ pub async fn rewind<C: ConsumerContext + 'static>(consumer: &StreamConsumer<C>, 
 /// True once the consumer's position in every partition of `targets` reached the offset given there.
 /// Positions also move past transaction markers, which are never delivered as records.
 /// Where to read `partitions` of `topic` whole — from the first record each still holds to its end as of
-/// now — as an assignment and the targets for [`caught_up`]. A partition with nothing left (its records
-/// deleted by retention, or compaction removed even the tombstones) is left out of both: a reader that
-/// reads nothing has no position, and would wait for that end for ever.
+/// now — as an assignment (every partition: a reader may go on following them) and the targets for
+/// [`caught_up`]. A partition with nothing left (empty, its records deleted by retention, or compaction
+/// removed even the tombstones) has no target: a reader that reads nothing has no position, and would
+/// wait for that end for ever.
 pub fn whole<C: ConsumerContext + 'static>(
     consumer: &StreamConsumer<C>,
     topic: &str,
@@ -219,8 +220,8 @@ pub fn whole<C: ConsumerContext + 'static>(
     let mut targets = HashMap::new();
     for partition in partitions {
         let (low, high) = consumer.fetch_watermarks(topic, partition, ADMIN_TIMEOUT)?;
+        assignment.add_partition_offset(topic, partition, Offset::Offset(low))?;
         if low < high {
-            assignment.add_partition_offset(topic, partition, Offset::Offset(low))?;
             targets.insert(partition, high);
         }
     }
