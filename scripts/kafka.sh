@@ -11,6 +11,10 @@
 # Environment: KAFKA_PORT (9092), KAFKA_CONTROLLER_PORT (9093), KAFKA_STATE (.kafka in the repo: config,
 # data, logs, pid), SWITCHYARD_CACHE (~/.cache/switchyard: the jars), KAFKA_HEAP (1g), KAFKA_FRESH=1 to
 # wipe the data directory before starting.
+#
+# Sourced (scripts/kafka_secure.sh does), it defines the broker's lifecycle without running anything: the
+# sourcing script sets the KAFKA_* variables first, then may replace write_config and set the hooks
+# below (extra_ports, format_args, prepare, on_ready, broker_name).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -24,8 +28,17 @@ port="${KAFKA_PORT:-9092}"
 controller_port="${KAFKA_CONTROLLER_PORT:-9093}"
 pidfile="$state/kafka.pid"
 log="$state/logs/server.log"
+heap="${KAFKA_HEAP:-1g}"
 
-say() { printf 'kafka.sh: %s\n' "$*" >&2; }
+# Hooks for a script that sources this one: more ports the broker listens on, more arguments for
+# formatting its storage, a step before its config is written, one once it answers, its name in messages.
+extra_ports=()
+format_args=()
+prepare() { :; }
+on_ready() { :; }
+broker_name="broker"
+
+say() { printf '%s: %s\n' "$(basename "$0")" "$*" >&2; }
 die() { say "error: $*"; exit 1; }
 
 need_java() {
@@ -115,34 +128,35 @@ logger.org.level = info
 PROPS
 }
 
-java_cmd() { java -Xms256m -Xmx"${KAFKA_HEAP:-1g}" -XX:+UseG1GC -Dlog4j2.configurationFile="$state/log4j2.properties" -cp "$lib/*" "$@"; }
+java_cmd() { java -Xms256m -Xmx"$heap" -XX:+UseG1GC -Dlog4j2.configurationFile="$state/log4j2.properties" -cp "$lib/*" "$@"; }
 
 start() {
   need_java
   fetch
   if pid="$(running_pid)"; then
-    if answering; then say "broker already running (pid $pid) on 127.0.0.1:$port; reusing it"; return 0; fi
-    die "a broker from an earlier run (pid $pid) holds $state but does not answer on port $port: run scripts/kafka.sh stop"
+    if answering; then say "$broker_name already running (pid $pid) on 127.0.0.1:$port; reusing it"; on_ready; return 0; fi
+    die "a broker from an earlier run (pid $pid) holds $state but does not answer on port $port: run $(basename "$0") stop"
   fi
   rm -f "$pidfile"
-  for p in "$port" "$controller_port"; do
+  for p in "$port" "$controller_port" "${extra_ports[@]}"; do
     owner="$(port_owner "$p")"
-    [ -z "$owner" ] || die "port $p is already in use by pid $owner; stop it or choose KAFKA_PORT/KAFKA_CONTROLLER_PORT"
+    [ -z "$owner" ] || die "port $p is already in use by pid $owner; stop it or choose another (see $(basename "$0") --help)"
   done
   [ "${KAFKA_FRESH:-0}" = 1 ] && rm -rf "$state/data"
+  prepare
   write_config
   if [ ! -f "$state/data/meta.properties" ]; then
     local id; id="$(java_cmd kafka.tools.StorageTool random-uuid 2>/dev/null | tail -1)"
     [ -n "$id" ] || die "kafka.tools.StorageTool random-uuid printed nothing"
-    java_cmd kafka.tools.StorageTool format --standalone -t "$id" -c "$state/server.properties" >"$state/logs/format.log" 2>&1 \
-      || { cat "$state/logs/format.log" >&2; die "formatting storage in $state/data failed"; }
+    java_cmd kafka.tools.StorageTool format --standalone -t "$id" -c "$state/server.properties" "${format_args[@]}" \
+      >"$state/logs/format.log" 2>&1 || { cat "$state/logs/format.log" >&2; die "formatting storage in $state/data failed"; }
   fi
   : >"$log"
-  nohup java -Xms256m -Xmx"${KAFKA_HEAP:-1g}" -XX:+UseG1GC -Dlog4j2.configurationFile="$state/log4j2.properties" \
+  nohup java -Xms256m -Xmx"$heap" -XX:+UseG1GC -Dlog4j2.configurationFile="$state/log4j2.properties" \
     -cp "$lib/*" kafka.Kafka "$state/server.properties" >"$state/logs/stdout.log" 2>&1 &
   echo $! >"$pidfile"
   local pid; pid="$(cat "$pidfile")"
-  say "starting Kafka $version (pid $pid), logs in $state/logs"
+  say "starting $broker_name: Kafka $version (pid $pid), logs in $state/logs"
   for _ in $(seq 1 120); do
     if ! kill -0 "$pid" 2>/dev/null; then
       tail -40 "$log" "$state/logs/stdout.log" >&2 || true
@@ -150,7 +164,8 @@ start() {
       die "the broker exited during startup (see above and $state/logs)"
     fi
     if grep -q "Kafka Server started" "$log" 2>/dev/null && answering; then
-      say "broker ready on 127.0.0.1:$port"
+      say "$broker_name ready on 127.0.0.1:$port"
+      on_ready
       return 0
     fi
     sleep 0.5
@@ -164,13 +179,16 @@ stop() {
   if ! pid="$(running_pid)"; then rm -f "$pidfile"; say "no broker running from $state"; return 0; fi
   kill -TERM "$pid"
   for _ in $(seq 1 60); do
-    kill -0 "$pid" 2>/dev/null || { rm -f "$pidfile"; say "broker stopped"; return 0; }
+    kill -0 "$pid" 2>/dev/null || { rm -f "$pidfile"; say "$broker_name stopped"; return 0; }
     sleep 0.5
   done
   say "broker did not stop within 30 s; killing it"
   kill -KILL "$pid" 2>/dev/null || true
   rm -f "$pidfile"
 }
+
+# Sourced: definitions only.
+[ "${BASH_SOURCE[0]}" = "$0" ] || return 0
 
 case "${1:-}" in
   fetch) need_java; fetch ;;

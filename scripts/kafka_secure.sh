@@ -19,43 +19,20 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-repo="$(dirname "$here")"
-# The same jars as scripts/kafka.sh (which fetches them): same pom, same cache.
-pom="$here/kafka/pom.xml"
-version="$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$pom")"
-cache="${SWITCHYARD_CACHE:-$HOME/.cache/switchyard}"
-lib="$cache/kafka-$version/lib"
-state="${KAFKA_SECURE_STATE:-$repo/.kafka-secure}"
-port="${KAFKA_SECURE_PORT:-19092}"
-controller_port="${KAFKA_SECURE_CONTROLLER_PORT:-19093}"
+# The broker's lifecycle is scripts/kafka.sh's (the same jars, fetched once; start, stop, status), with
+# this broker's state, ports, config and hooks.
+KAFKA_STATE="${KAFKA_SECURE_STATE:-$(dirname "$here")/.kafka-secure}"
+KAFKA_PORT="${KAFKA_SECURE_PORT:-19092}"
+KAFKA_CONTROLLER_PORT="${KAFKA_SECURE_CONTROLLER_PORT:-19093}"
+KAFKA_HEAP="${KAFKA_SECURE_HEAP:-512m}"
+# shellcheck source=scripts/kafka.sh
+. "$here/kafka.sh"
 internal_port="${KAFKA_SECURE_INTERNAL_PORT:-19094}"
-pidfile="$state/kafka.pid"
-log="$state/logs/server.log"
 tls="$state/tls"
 secrets="$state/secrets"
 broker_cn="switchyard-broker"
-
-say() { printf 'kafka_secure.sh: %s\n' "$*" >&2; }
-die() { say "error: $*"; exit 1; }
-
-fetch() { "$here/kafka.sh" fetch; }
-
-running_pid() {
-  [ -f "$pidfile" ] || return 1
-  local pid; pid="$(cat "$pidfile")"
-  if kill -0 "$pid" 2>/dev/null && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q 'kafka.Kafka'; then
-    echo "$pid"; return 0
-  fi
-  return 1
-}
-
-port_owner() {
-  ss -ltnpH "sport = :$1" 2>/dev/null | sed -n 's/.*pid=\([0-9]*\).*/\1/p' | head -1 | while read -r pid; do
-    echo "$pid $(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | cut -c1-120)"
-  done
-}
-
-answering() { (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; }
+broker_name="secure broker"
+extra_ports=("$internal_port")
 
 secret() { # prints the secret named $1, making it on first use
   local file="$secrets/$1"
@@ -126,7 +103,7 @@ authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
 allow.everyone.if.no.acl.found=false
 super.users=User:$broker_cn;User:admin
 
-$("$here/kafka.sh" single-node-props "$state/data")
+$(single_node_props "$state/data")
 PROPS
   )
   cat >"$state/log4j2.properties" <<PROPS
@@ -173,57 +150,20 @@ PROPS
   )
 }
 
-java_cmd() { java -Xms128m -Xmx"${KAFKA_SECURE_HEAP:-512m}" -XX:+UseG1GC -Dlog4j2.configurationFile="$state/log4j2.properties" -cp "$lib/*" "$@"; }
-
-start() {
-  command -v java >/dev/null || die "java not found: Kafka $version needs Java 17 or newer"
-  fetch
-  if pid="$(running_pid)"; then
-    if answering; then say "secure broker already running (pid $pid) on 127.0.0.1:$port; reusing it"; connect_help; return 0; fi
-    die "a broker from an earlier run (pid $pid) holds $state but does not answer on port $port: run scripts/kafka_secure.sh stop"
-  fi
-  rm -f "$pidfile"
-  for p in "$port" "$controller_port" "$internal_port"; do
-    owner="$(port_owner "$p")"
-    [ -z "$owner" ] || die "port $p is already in use by pid $owner; stop it or choose KAFKA_SECURE_PORT/KAFKA_SECURE_CONTROLLER_PORT/KAFKA_SECURE_INTERNAL_PORT"
-  done
+# Before the config is written: a fresh start wipes the CA and passwords too; the keystore password, the
+# CA and the certificates exist; the admin's SCRAM credentials go into the bootstrap metadata (the
+# first client can log in).
+prepare() {
   if [ "${KAFKA_FRESH:-0}" = 1 ]; then
-    rm -rf "$state/data" "$tls" "$secrets" "$state/admin.properties" "$state/admin.env"
+    rm -rf "$tls" "$secrets" "$state/admin.properties" "$state/admin.env"
   fi
   mkdir -p "$secrets"; chmod 700 "$state" "$secrets"
   secret keystore >/dev/null
   make_tls
-  write_config
-  if [ ! -f "$state/data/meta.properties" ]; then
-    local id; id="$(java_cmd kafka.tools.StorageTool random-uuid 2>/dev/null | tail -1)"
-    [ -n "$id" ] || die "kafka.tools.StorageTool random-uuid printed nothing"
-    # The admin's SCRAM credentials go into the bootstrap metadata: the first client can log in.
-    java_cmd kafka.tools.StorageTool format --standalone -t "$id" -c "$state/server.properties" \
-      --add-scram "SCRAM-SHA-512=[name=admin,password=$(secret admin.password)]" >"$state/logs/format.log" 2>&1 \
-      || { cat "$state/logs/format.log" >&2; die "formatting storage in $state/data failed"; }
-  fi
-  : >"$log"
-  nohup java -Xms256m -Xmx"${KAFKA_SECURE_HEAP:-512m}" -XX:+UseG1GC -Dlog4j2.configurationFile="$state/log4j2.properties" \
-    -cp "$lib/*" kafka.Kafka "$state/server.properties" >"$state/logs/stdout.log" 2>&1 &
-  echo $! >"$pidfile"
-  local pid; pid="$(cat "$pidfile")"
-  say "starting secured Kafka $version (pid $pid), logs in $state/logs"
-  for _ in $(seq 1 120); do
-    if ! kill -0 "$pid" 2>/dev/null; then
-      tail -40 "$log" "$state/logs/stdout.log" >&2 || true
-      rm -f "$pidfile"
-      die "the broker exited during startup (see above and $state/logs)"
-    fi
-    if grep -q "Kafka Server started" "$log" 2>/dev/null && answering; then
-      say "secure broker ready on 127.0.0.1:$port"
-      connect_help
-      return 0
-    fi
-    sleep 0.5
-  done
-  tail -40 "$log" >&2 || true
-  die "the broker did not become ready within 60 s (pid $pid still running; see $log)"
+  format_args=(--add-scram "SCRAM-SHA-512=[name=admin,password=$(secret admin.password)]")
 }
+
+on_ready() { connect_help; }
 
 connect_help() {
   cat <<HELP
@@ -238,23 +178,10 @@ Super user: admin (password in $secrets/admin.password; nothing else is allowed 
 HELP
 }
 
-stop() {
-  local pid
-  if ! pid="$(running_pid)"; then rm -f "$pidfile"; say "no broker running from $state"; return 0; fi
-  kill -TERM "$pid"
-  for _ in $(seq 1 60); do
-    kill -0 "$pid" 2>/dev/null || { rm -f "$pidfile"; say "secure broker stopped"; return 0; }
-    sleep 0.5
-  done
-  say "broker did not stop within 30 s; killing it"
-  kill -KILL "$pid" 2>/dev/null || true
-  rm -f "$pidfile"
-}
-
 case "${1:-}" in
   start) start ;;
   stop) stop ;;
   status) if pid="$(running_pid)" && answering; then say "running (pid $pid) on 127.0.0.1:$port (SASL_SSL)"; else say "not running"; exit 1; fi ;;
-  tool) shift; fetch; [ -f "$state/log4j2.properties" ] || die "start the secure broker first (its config is made then)"; java_cmd "$@" ;;
+  tool) shift; need_java; fetch; [ -f "$state/log4j2.properties" ] || die "start the secure broker first (its config is made then)"; java_cmd "$@" ;;
   *) sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
