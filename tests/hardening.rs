@@ -14,8 +14,9 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use switchyard::codec::{Decision, DecisionStatus, ModelRequest, Prediction, Request};
+use switchyard::codec::{Decision, DecisionStatus, MergeState, ModelRequest, Prediction, Request};
 use switchyard::kafka::{self, OutRecord};
+use switchyard::merge::restore;
 use switchyard::tools::demo_model;
 
 const LIMIT: Duration = Duration::from_secs(90);
@@ -333,8 +334,7 @@ async fn a_topic_whose_records_are_all_deleted_is_read_to_its_end() {
     let deleted = admin.delete_records(&all, &AdminOptions::new()).await.unwrap();
     let e = &deleted.elements()[0];
     assert!(e.error().is_ok() && matches!(e.offset(), rdkafka::Offset::Offset(n) if n > 0), "{e:?}");
-    let reader: StreamConsumer = kafka::reader(&env.config).unwrap();
-    let (assignment, targets) = kafka::batch::whole(&reader, &t.history, [0]).unwrap();
+    let (assignment, targets) = kafka::batch::whole(&env.config, &t.history, [0]).unwrap();
     assert!(assignment.count() == 1 && targets.is_empty(), "assigned (to follow it), nothing to wait for");
 
     let started = std::time::Instant::now();
@@ -352,4 +352,53 @@ async fn a_topic_whose_records_are_all_deleted_is_read_to_its_end() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(history.wait().unwrap().success());
+}
+
+/// A restore reads what a transaction still open when it began wrote, once that transaction commits. The
+/// group's committed offsets can already be a transaction's while its records are not readable yet (the
+/// coordinator completes the offsets on its own; the other partitions' markers follow), so a restore that
+/// stopped at the readable end would miss the last transaction's changelog states and decide its requests
+/// again (seen: a duplicate decision and a TIMEOUT after a rebalance, fault scenario
+/// foreign_partitioner_worker).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_waits_for_a_transaction_open_when_it_began() {
+    let Some(env) = Env::new("restore-open").await else { return };
+    let t = env.config.topics.clone();
+    let mut routed = OutRecord::new(t.routed.clone(), b"user-1", b"read again from offset 0".to_vec());
+    routed.partition = Some(0);
+    env.produce(vec![routed]).await;
+
+    let id = format!("{}-previous-owner", env.config.service.group_id);
+    let producer = kafka::transactional_producer(&env.config, &id).unwrap();
+    tokio::task::block_in_place(|| {
+        producer.init_transactions(LIMIT)?;
+        producer.begin_transaction()
+    })
+    .unwrap();
+    let state = MergeState {
+        request_id: "decided-in-the-open-transaction".into(),
+        served_ok: true,
+        served_output: Some(b"0.97".to_vec()),
+        served_latency_ms: Some(3),
+        compared: Vec::new(),
+        finished: true,
+    };
+    let value = env.codec.encode(&state);
+    let delivered =
+        producer.send(FutureRecord::to(&t.merge_changelog).partition(0).key("user-1").payload(&value), LIMIT);
+    delivered.await.map_err(|(e, _)| e).expect("written, not yet committed");
+
+    let mut committed = rdkafka::TopicPartitionList::new();
+    committed.add_partition_offset(&t.routed, 0, rdkafka::Offset::Offset(0)).unwrap();
+    committed.find_partition(&t.routed, 0).unwrap().set_metadata(format!("{}0", restore::METADATA_PREFIX));
+    let (config, codec) = (env.config.clone(), env.codec.clone());
+    let restoring = tokio::spawn(async move { restore::load(&config, &codec, &committed).await });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!restoring.is_finished(), "the restore waits for the transaction open when it began");
+    tokio::task::block_in_place(|| producer.commit_transaction(LIMIT)).unwrap();
+    let restored = tokio::time::timeout(Duration::from_secs(30), restoring).await.expect("restored").unwrap().unwrap();
+    let ids: Vec<&str> = restored.states.iter().map(|s| s.request_id.as_str()).collect();
+    assert_eq!(ids, ["decided-in-the-open-transaction"]);
+    assert!(restored.states[0].finished);
+    env.stop().await;
 }

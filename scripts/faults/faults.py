@@ -247,12 +247,16 @@ class Scenario:
     def start_worker(self, model):
         """A model worker written from the documented contract, as another team would: confluent-kafka with
         its default partitioner (not murmur2), read_committed input, same key and request_id."""
-        stop = threading.Event()
-        thread = threading.Thread(target=self._worker, args=(model, stop), name=f"worker-{model}", daemon=True)
+        stop, assigned = threading.Event(), threading.Event()
+        thread = threading.Thread(target=self._worker, args=(model, stop, assigned), name=f"worker-{model}", daemon=True)
         thread.start()
         self.workers.append((thread, stop))
+        # Requests sent before the worker has its partitions would wait for its group to form (seconds on a
+        # fresh broker) and be decided TIMEOUT: the scenario is about where answers land, not about that.
+        if not assigned.wait(60):
+            raise RuntimeError(f"model worker {model} got no partitions within 60 s")
 
-    def _worker(self, model, stop):
+    def _worker(self, model, stop, assigned):
         source = self.topics["MODEL_REQUESTS"].replace("{model}", model)
         target = self.topics["MODEL_PREDICTIONS"].replace("{model}", model)
         consumer = Consumer({"bootstrap.servers": BOOTSTRAP, "group.id": f"{self.prefix}-worker-{model}", "log_level": 2,
@@ -260,7 +264,7 @@ class Scenario:
         producer = Producer({"bootstrap.servers": BOOTSTRAP, "linger.ms": 5, "log_level": 2})
         answered = 0
         try:
-            consumer.subscribe([source])
+            consumer.subscribe([source], on_assign=lambda c, partitions: assigned.set())
             while not stop.is_set():
                 for msg in consumer.consume(500, 0.2):
                     if msg.error():

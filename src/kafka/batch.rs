@@ -12,6 +12,7 @@ use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::{ADMIN_TIMEOUT, now_millis};
+use crate::config::Config;
 use crate::shutdown::Shutdown;
 
 /// Most bytes of record values and keys in one batch, whatever the record count: a batch of
@@ -204,22 +205,19 @@ pub async fn rewind<C: ConsumerContext + 'static>(consumer: &StreamConsumer<C>, 
     }
 }
 
-/// True once the consumer's position in every partition of `targets` reached the offset given there.
-/// Positions also move past transaction markers, which are never delivered as records.
 /// Where to read `partitions` of `topic` whole — from the first record each still holds to its end as of
-/// now — as an assignment (every partition: a reader may go on following them) and the targets for
-/// [`caught_up`]. A partition with nothing left (empty, its records deleted by retention, or compaction
-/// removed even the tombstones) has no target: a reader that reads nothing has no position, and would
-/// wait for that end for ever.
-pub fn whole<C: ConsumerContext + 'static>(
-    consumer: &StreamConsumer<C>,
+/// now, records of transactions not resolved yet included (see [`super::log_ends`]) — as an assignment
+/// (every partition: a reader may go on following them) and the targets for [`caught_up`]. A partition
+/// with nothing left (empty, its records deleted by retention, or compaction removed even the tombstones)
+/// has no target: a reader that reads nothing has no position, and would wait for that end for ever.
+pub fn whole(
+    config: &Config,
     topic: &str,
     partitions: impl IntoIterator<Item = i32>,
 ) -> Result<(TopicPartitionList, HashMap<i32, i64>), KafkaError> {
     let mut assignment = TopicPartitionList::new();
     let mut targets = HashMap::new();
-    for partition in partitions {
-        let (low, high) = consumer.fetch_watermarks(topic, partition, ADMIN_TIMEOUT)?;
+    for (partition, (low, high)) in super::log_ends(config, topic, partitions)? {
         assignment.add_partition_offset(topic, partition, Offset::Offset(low))?;
         if low < high {
             targets.insert(partition, high);
@@ -228,6 +226,8 @@ pub fn whole<C: ConsumerContext + 'static>(
     Ok((assignment, targets))
 }
 
+/// True once the consumer's position in every partition of `targets` reached the offset given there.
+/// Positions also move past transaction markers, which are never delivered as records.
 pub fn caught_up<C: ConsumerContext + 'static>(
     consumer: &StreamConsumer<C>,
     topic: &str,

@@ -17,13 +17,14 @@ pub mod txn;
 pub use batch::{GroupWatch, SourcePos, batch_offsets};
 pub use stage::{Commit, Outbox, TxnStage};
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use futures::future::join_all;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -133,6 +134,23 @@ pub fn reader(config: &Config) -> Result<StreamConsumer, KafkaError> {
         .set("enable.auto.offset.store", "false")
         .set("isolation.level", "read_committed")
         .create()
+}
+
+/// Each partition's first offset and its end *including* records of transactions not resolved yet (the
+/// high watermark). A read_committed client's own query answers the last stable offset instead, which
+/// stops short of a transaction that has already committed but whose markers are not all written yet: the
+/// group coordinator may already return that transaction's offsets (it completes its own marker on its
+/// own) while the output partitions still end before its records. A restore that reads only to the stable
+/// offset would then miss the last transaction's records and do its work again (seen: decisions made
+/// twice after a rebalance). A read_committed reader that reads to the high watermark waits for such
+/// transactions to resolve and gets their records if they committed.
+pub fn log_ends(
+    config: &Config,
+    topic: &str,
+    partitions: impl IntoIterator<Item = i32>,
+) -> Result<HashMap<i32, (i64, i64)>, KafkaError> {
+    let client: BaseConsumer = base(config).set("isolation.level", "read_uncommitted").create()?;
+    partitions.into_iter().map(|p| Ok((p, client.fetch_watermarks(topic, p, ADMIN_TIMEOUT)?))).collect()
 }
 
 trait SetIfAbsent {

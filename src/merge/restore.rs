@@ -59,10 +59,13 @@ pub async fn load(config: &Config, codec: &Codec, committed: &TopicPartitionList
         .iter()
         .map(|e| (e.partition(), e.offset(), e.metadata().strip_prefix(METADATA_PREFIX).and_then(|m| m.parse().ok())))
         .collect();
+    // The changelog's ends count records of transactions not resolved yet: the committed offsets may
+    // already be the previous owner's last transaction's while its changelog records are not readable yet.
+    let changelog_ends = kafka::log_ends(config, &config.topics.merge_changelog, routed.iter().map(|(p, ..)| *p))?;
     for (partition, committed_offset, from_metadata) in routed {
+        // Routed records not readable yet were never read by anyone: their requests have no state.
         let (_, routed_high) = reader.fetch_watermarks(&config.topics.routed, partition, ADMIN_TIMEOUT)?;
-        let (changelog_low, changelog_high) =
-            reader.fetch_watermarks(&config.topics.merge_changelog, partition, ADMIN_TIMEOUT)?;
+        let (changelog_low, changelog_high) = changelog_ends[&partition];
         changelog_start.insert(partition, changelog_low);
         restored.routed_end.insert(partition, routed_high);
         restored.changelog_end.insert(partition, changelog_high);
