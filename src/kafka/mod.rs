@@ -136,21 +136,35 @@ pub fn reader(config: &Config) -> Result<StreamConsumer, KafkaError> {
         .create()
 }
 
-/// Each partition's first offset and its end *including* records of transactions not resolved yet (the
-/// high watermark). A read_committed client's own query answers the last stable offset instead, which
-/// stops short of a transaction that has already committed but whose markers are not all written yet: the
-/// group coordinator may already return that transaction's offsets (it completes its own marker on its
-/// own) while the output partitions still end before its records. A restore that reads only to the stable
-/// offset would then miss the last transaction's records and do its work again (seen: decisions made
-/// twice after a rebalance). A read_committed reader that reads to the high watermark waits for such
-/// transactions to resolve and gets their records if they committed.
+/// Where partitions end, *including* records of transactions not resolved yet (the high watermark). A
+/// read_committed client's own query answers the last stable offset instead, which stops short of a
+/// transaction that has already committed but whose markers are not all written yet: the group
+/// coordinator may already return that transaction's offsets (it completes its own marker on its own)
+/// while the output partitions still end before its records. A restore that read only to the stable
+/// offset would miss the last transaction's records and do its work again (seen: decisions made twice
+/// after a rebalance). A read_committed reader that reads to the high watermark waits for such
+/// transactions to resolve, and gets their records if they committed.
+pub struct LogEnds(BaseConsumer);
+
+impl LogEnds {
+    pub fn new(config: &Config) -> Result<Self, KafkaError> {
+        Ok(LogEnds(base(config).set("isolation.level", "read_uncommitted").create()?))
+    }
+
+    /// The first offset `partition` of `topic` still holds, and its high watermark.
+    pub fn of(&self, topic: &str, partition: i32) -> Result<(i64, i64), KafkaError> {
+        self.0.fetch_watermarks(topic, partition, ADMIN_TIMEOUT)
+    }
+}
+
+/// [`LogEnds`] of `partitions` of `topic`, asked once.
 pub fn log_ends(
     config: &Config,
     topic: &str,
     partitions: impl IntoIterator<Item = i32>,
 ) -> Result<HashMap<i32, (i64, i64)>, KafkaError> {
-    let client: BaseConsumer = base(config).set("isolation.level", "read_uncommitted").create()?;
-    partitions.into_iter().map(|p| Ok((p, client.fetch_watermarks(topic, p, ADMIN_TIMEOUT)?))).collect()
+    let ends = LogEnds::new(config)?;
+    partitions.into_iter().map(|p| Ok((p, ends.of(topic, p)?))).collect()
 }
 
 trait SetIfAbsent {

@@ -112,6 +112,9 @@ struct Leader {
     config: Config,
     codec: Codec,
     producer: TxnProducer,
+    /// Where the deployments topic ends, its own last transaction included (see [`kafka::LogEnds`]):
+    /// judging before that transaction's changes are read would judge the same step again.
+    ends: kafka::LogEnds,
     registry: Registry,
     /// The next deployments-topic offset to write history for.
     next_offset: i64,
@@ -159,6 +162,7 @@ impl Leader {
             config: config.clone(),
             codec: codec.clone(),
             producer,
+            ends: kafka::LogEnds::new(config)?,
             registry,
             next_offset: committed,
             committed,
@@ -193,7 +197,7 @@ impl Leader {
             .and_then(|p| p.find_partition(&topic, 0).map(|e| e.offset()))
             .and_then(|o| if let Offset::Offset(n) = o { Some(n) } else { None })
             .unwrap_or(0);
-        let (_, end) = block_in_place(|| consumer.fetch_watermarks(&topic, 0, ADMIN_TIMEOUT))?;
+        let (_, end) = block_in_place(|| self.ends.of(&topic, 0))?;
         if self.next_offset.max(position) >= end {
             self.judge(&mut out).await?;
         }
