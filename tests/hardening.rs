@@ -334,7 +334,8 @@ async fn a_topic_whose_records_are_all_deleted_is_read_to_its_end() {
     let deleted = admin.delete_records(&all, &AdminOptions::new()).await.unwrap();
     let e = &deleted.elements()[0];
     assert!(e.error().is_ok() && matches!(e.offset(), rdkafka::Offset::Offset(n) if n > 0), "{e:?}");
-    let (assignment, targets) = kafka::batch::whole(&env.config, &t.history, [0]).unwrap();
+    let reader: StreamConsumer = kafka::reader(&env.config).unwrap();
+    let (assignment, targets) = kafka::batch::whole(&env.config, &reader, &t.history, [0]).unwrap();
     assert!(assignment.count() == 1 && targets.is_empty(), "assigned (to follow it), nothing to wait for");
 
     let started = std::time::Instant::now();

@@ -38,7 +38,7 @@ pub async fn open(config: &Config) -> Result<(StreamConsumer, HashMap<i32, i64>)
     }
     let partitions =
         kafka::wait_for_topic(&consumer, topic).await?.ok_or_else(|| Error::MissingTopic(topic.clone()))?;
-    let (assignment, targets) = kafka::batch::whole(config, topic, 0..partitions as i32)?;
+    let (assignment, targets) = kafka::batch::whole(config, &consumer, topic, 0..partitions as i32)?;
     consumer.assign(&assignment)?;
     Ok((consumer, targets))
 }

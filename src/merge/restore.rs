@@ -123,6 +123,7 @@ pub async fn load(config: &Config, codec: &Codec, committed: &TopicPartitionList
         let from = Offset::Offset(restored.start[partition]);
         assignment.add_partition_offset(&config.topics.merge_changelog, *partition, from)?;
     }
+    kafka::batch::locate(&reader, &config.topics.merge_changelog)?;
     reader.assign(&assignment)?;
     let begun = Instant::now();
     let mut last_report = Instant::now();
@@ -141,7 +142,7 @@ pub async fn load(config: &Config, codec: &Codec, committed: &TopicPartitionList
                 STALL_LIMIT.as_secs()
             )));
         }
-        let Ok(message) = tokio::time::timeout(Duration::from_millis(200), reader.recv()).await else { continue };
+        let Ok(message) = tokio::time::timeout(Duration::from_millis(50), reader.recv()).await else { continue };
         let message = message?;
         last_record = Instant::now();
         match codec.decode::<MergeState>(message.payload().unwrap_or_default()) {

@@ -68,7 +68,7 @@ pub fn short_retention(retentions: &[(String, i64)], window_ms: u64) -> Vec<Stri
 pub async fn restore(config: &Config, assigned: &[i32]) -> Result<Join> {
     let topic = &config.topics.score_changelog;
     let reader = kafka::reader(config)?;
-    let (tpl, targets) = kafka::batch::whole(config, topic, assigned.iter().copied())?;
+    let (tpl, targets) = kafka::batch::whole(config, &reader, topic, assigned.iter().copied())?;
     reader.assign(&tpl)?;
     let started = std::time::Instant::now();
     let mut records = Vec::new();

@@ -245,7 +245,7 @@ pub async fn read_history(config: &Config, name: Option<&str>) -> Result<Vec<Ent
     if kafka::partition_count(&reader, topic)?.is_none() {
         return Err(Error::MissingTopic(topic.clone()));
     }
-    let (assignment, targets) = kafka::batch::whole(config, topic, [0])?;
+    let (assignment, targets) = kafka::batch::whole(config, &reader, topic, [0])?;
     reader.assign(&assignment)?;
     let mut entries = Vec::new();
     while !kafka::batch::caught_up(&reader, topic, &targets) {
