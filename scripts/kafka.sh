@@ -38,15 +38,8 @@ prepare() { :; }
 on_ready() { :; }
 broker_name="broker"
 
-say() { printf '%s: %s\n' "$(basename "$0")" "$*" >&2; }
-die() { say "error: $*"; exit 1; }
-
-need_java() {
-  command -v java >/dev/null || die "java not found: Kafka $version needs Java 17 or newer (apt-get install openjdk-17-jre-headless)"
-  local major
-  major="$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -1)"
-  [ "${major:-0}" -ge 17 ] || die "java $major found; Kafka $version needs Java 17 or newer"
-}
+. "$here/services.sh"
+running_pid() { pid_of "$pidfile" kafka.Kafka; }
 
 fetch() {
   if [ -f "$lib/.complete" ]; then return 0; fi
@@ -59,21 +52,6 @@ fetch() {
   fi
   ls "$lib"/kafka_2.13-"$version".jar >/dev/null 2>&1 || die "kafka_2.13-$version.jar missing after fetch"
   touch "$lib/.complete"
-}
-
-running_pid() {
-  [ -f "$pidfile" ] || return 1
-  local pid; pid="$(cat "$pidfile")"
-  if kill -0 "$pid" 2>/dev/null && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q 'kafka.Kafka'; then
-    echo "$pid"; return 0
-  fi
-  return 1
-}
-
-port_owner() { # prints "pid command" of the listener on $1, if any
-  ss -ltnpH "sport = :$1" 2>/dev/null | sed -n 's/.*pid=\([0-9]*\).*/\1/p' | head -1 | while read -r pid; do
-    echo "$pid $(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | cut -c1-120)"
-  done
 }
 
 answering() { (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; }
@@ -131,7 +109,7 @@ PROPS
 java_cmd() { java -Xms256m -Xmx"$heap" -XX:+UseG1GC -Dlog4j2.configurationFile="$state/log4j2.properties" -cp "$lib/*" "$@"; }
 
 start() {
-  need_java
+  need_java "Kafka $version"
   fetch
   if pid="$(running_pid)"; then
     if answering; then say "$broker_name already running (pid $pid) on 127.0.0.1:$port; reusing it"; on_ready; return 0; fi
@@ -191,11 +169,11 @@ stop() {
 [ "${BASH_SOURCE[0]}" = "$0" ] || return 0
 
 case "${1:-}" in
-  fetch) need_java; fetch ;;
+  fetch) need_java "Kafka $version"; fetch ;;
   single-node-props) single_node_props "${2:?single-node-props DIR}" ;;
   start) start ;;
   stop) stop ;;
   status) if pid="$(running_pid)" && answering; then say "running (pid $pid) on 127.0.0.1:$port"; else say "not running"; exit 1; fi ;;
-  tool) shift; need_java; fetch; [ -f "$state/log4j2.properties" ] || write_config; java_cmd "$@" ;;
+  tool) shift; need_java "Kafka $version"; fetch; [ -f "$state/log4j2.properties" ] || write_config; java_cmd "$@" ;;
   *) sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -182,6 +182,6 @@ case "${1:-}" in
   start) start ;;
   stop) stop ;;
   status) if pid="$(running_pid)" && answering; then say "running (pid $pid) on 127.0.0.1:$port (SASL_SSL)"; else say "not running"; exit 1; fi ;;
-  tool) shift; need_java; fetch; [ -f "$state/log4j2.properties" ] || die "start the secure broker first (its config is made then)"; java_cmd "$@" ;;
+  tool) shift; need_java "Kafka $version"; fetch; [ -f "$state/log4j2.properties" ] || die "start the secure broker first (its config is made then)"; java_cmd "$@" ;;
   *) sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -29,15 +29,8 @@ pidfile="$state/registry.pid"
 log="$state/registry.log"
 base="http://127.0.0.1:$port/apis/ccompat/v7"
 
-say() { printf 'registry.sh: %s\n' "$*" >&2; }
-die() { say "error: $*"; exit 1; }
-
-need_java() {
-  command -v java >/dev/null || die "java not found: the registry needs Java 17 or newer (apt-get install openjdk-17-jre-headless)"
-  local major
-  major="$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -1)"
-  [ "${major:-0}" -ge 17 ] || die "java $major found; the registry needs Java 17 or newer"
-}
+. "$here/services.sh"
+running_pid() { pid_of "$pidfile" "$jar"; }
 
 fetch() {
   local stamp
@@ -55,21 +48,6 @@ fetch() {
   echo "$stamp" >"$build/.complete"
 }
 
-running_pid() {
-  [ -f "$pidfile" ] || return 1
-  local pid; pid="$(cat "$pidfile")"
-  if kill -0 "$pid" 2>/dev/null && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF "$jar"; then
-    echo "$pid"; return 0
-  fi
-  return 1
-}
-
-port_owner() { # prints "pid command" of the listener on $1, if any
-  ss -ltnpH "sport = :$1" 2>/dev/null | sed -n 's/.*pid=\([0-9]*\).*/\1/p' | head -1 | while read -r pid; do
-    echo "$pid $(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | cut -c1-120)"
-  done
-}
-
 # Ready: the health check says UP and the Confluent API answers.
 answering() {
   curl -sf -m 2 -o /dev/null "http://127.0.0.1:$port/health/ready" 2>/dev/null &&
@@ -77,7 +55,7 @@ answering() {
 }
 
 start() {
-  need_java
+  need_java "the registry"
   command -v curl >/dev/null || die "curl not found (apt-get install curl)"
   fetch
   if pid="$(running_pid)"; then
@@ -135,7 +113,7 @@ stop() {
 }
 
 case "${1:-}" in
-  fetch) need_java; mkdir -p "$state"; fetch ;;
+  fetch) need_java "the registry"; mkdir -p "$state"; fetch ;;
   start) start ;;
   stop) stop ;;
   status) if pid="$(running_pid)" && answering; then say "running (pid $pid)"; echo "$base"; else say "not running"; exit 1; fi ;;
