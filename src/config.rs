@@ -292,24 +292,16 @@ fn env_value(raw: &str) -> toml::Value {
 /// Environment variables that give a run its own topics and groups, all named after `prefix`, with
 /// `partitions` partitions per topic: runs side by side on one broker (tests, benchmarks) never meet.
 pub fn isolated_env(bootstrap: &str, prefix: &str, partitions: i32) -> Vec<(String, String)> {
-    let topics = [
-        ("REQUESTS", "requests"),
-        ("DEPLOYMENTS", "deployments"),
-        ("HISTORY", "history"),
-        ("ROUTED", "routed"),
-        ("MERGE_CHANGELOG", "merge-state"),
-        ("FORWARDED_PREDICTIONS", "forwarded"),
-        ("DECISIONS", "decisions"),
-        ("SHADOW_COMPARISONS", "shadow"),
-        ("OUTCOMES", "outcomes"),
-        ("SCORED_OUTCOMES", "scored"),
-        ("SCORE_CHANGELOG", "score-state"),
-        ("DEAD_LETTER", "dlq"),
-        ("MODEL_REQUESTS", "model.{model}.requests"),
-        ("MODEL_PREDICTIONS", "model.{model}.predictions"),
-    ];
+    #[derive(serde::Deserialize)]
+    struct Isolated {
+        topics: Vec<(String, String)>,
+    }
+    let isolated: Isolated = serde_json::from_str(include_str!("../config/isolated-topics.json"))
+        .expect("config/isolated-topics.json is valid");
     let mut env = vec![("SWITCHYARD_BOOTSTRAP_SERVERS".to_string(), bootstrap.to_string())];
-    env.extend(topics.iter().map(|(key, name)| (format!("SWITCHYARD__TOPICS__{key}"), format!("{prefix}.{name}"))));
+    env.extend(
+        isolated.topics.iter().map(|(key, name)| (format!("SWITCHYARD__TOPICS__{key}"), format!("{prefix}.{name}"))),
+    );
     env.extend([
         ("SWITCHYARD__TOPICS__PARTITIONS".to_string(), partitions.to_string()),
         ("SWITCHYARD__SERVICE__GROUP_ID".to_string(), prefix.to_string()),
@@ -433,6 +425,24 @@ mod tests {
         let error = parse_toml(text, "f.toml").unwrap_err().to_string();
         assert!(!error.contains("hunter2"), "{error}");
         assert!(error.contains("f.toml") && error.contains("line 2"), "{error}");
+    }
+
+    #[test]
+    fn isolated_env_gives_every_topic_a_name_of_its_own() {
+        let defaults = parse_toml(DEFAULTS, "defaults").unwrap();
+        let env: std::collections::HashMap<String, String> = isolated_env("b:9092", "run7", 3).into_iter().collect();
+        let topics = defaults["topics"].as_table().unwrap();
+        let names: Vec<&String> = topics.iter().filter(|(_, v)| v.is_str()).map(|(k, _)| k).collect();
+        assert!(names.len() >= 14, "{names:?}");
+        for name in names {
+            let key = format!("SWITCHYARD__TOPICS__{}", name.to_uppercase());
+            assert!(
+                env.get(&key).is_some_and(|v| v.starts_with("run7.")),
+                "{key} missing from config/isolated-topics.json"
+            );
+        }
+        let config = Config::load(None, isolated_env("b:9092", "run7", 3)).unwrap();
+        assert_eq!(config.topics.model_predictions("m"), "run7.model.m.predictions");
     }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {

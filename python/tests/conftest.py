@@ -31,6 +31,9 @@ BIN = os.environ.get("SWITCHYARD_BIN", "target/debug/switchyard")
 BIN = BIN if os.path.isabs(BIN) else os.path.join(REPO, BIN)
 BOOTSTRAP = os.environ.get("SWITCHYARD_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
 LOGS = os.path.join(REPO, ".python-kit", "logs")
+# (setting under [topics], suffix after the prefix): the list config::isolated_env uses.
+with open(os.path.join(REPO, "config", "isolated-topics.json")) as f:
+    ISOLATED_TOPICS = json.load(f)["topics"]
 REGISTRY = os.environ.get("SWITCHYARD_TEST_REGISTRY", "").strip().rstrip("/")
 PARTITIONS = 4
 SCHEMA_IDS = {"Request": 1, "ModelRequest": 2, "Prediction": 3, "Decision": 4}
@@ -208,13 +211,7 @@ class Stack:
         os.makedirs(self.logs, exist_ok=True)
         self.metrics_address = f"127.0.0.1:{free_port()}"
         t = self.prefix
-        self.topics = {
-            "REQUESTS": f"{t}.requests", "DEPLOYMENTS": f"{t}.deployments", "HISTORY": f"{t}.history",
-            "ROUTED": f"{t}.routed", "MERGE_CHANGELOG": f"{t}.merge-state", "FORWARDED_PREDICTIONS": f"{t}.forwarded",
-            "DECISIONS": f"{t}.decisions", "SHADOW_COMPARISONS": f"{t}.shadow", "OUTCOMES": f"{t}.outcomes",
-            "SCORED_OUTCOMES": f"{t}.scored", "SCORE_CHANGELOG": f"{t}.score-state", "DEAD_LETTER": f"{t}.dlq",
-            "MODEL_REQUESTS": f"{t}.model.{{model}}.requests", "MODEL_PREDICTIONS": f"{t}.model.{{model}}.predictions",
-        }
+        self.topics = {key: f"{t}.{suffix}" for key, suffix in ISOLATED_TOPICS}
         self.env = dict(os.environ)
         self.env.update({f"SWITCHYARD__TOPICS__{k}": v for k, v in self.topics.items()})
         self.env.update({

@@ -43,6 +43,11 @@ from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, C
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_BIN = os.environ.get("SWITCHYARD_BIN", os.path.join(REPO, "target", "debug", "switchyard"))
 BOOTSTRAP = os.environ.get("SWITCHYARD_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+# (setting under [topics], suffix after the prefix): the list config::isolated_env uses.
+with open(os.path.join(REPO, "config", "isolated-topics.json")) as f:
+    ISOLATED_TOPICS = json.load(f)["topics"]
+# Settings the pre-hardening binary (--legacy) does not know.
+LEGACY_UNKNOWN_TOPICS = ("FORWARDED_PREDICTIONS", "HISTORY", "OUTCOMES", "SCORED_OUTCOMES", "SCORE_CHANGELOG")
 SCHEMAS = {name: fastavro.parse_schema(json.load(open(os.path.join(REPO, "schemas", f"{name}.avsc"))))
            for name in ("Request", "Decision", "ModelRequest", "Prediction")}
 
@@ -154,19 +159,11 @@ class Scenario:
             if old.endswith(".log"):
                 os.remove(os.path.join(self.dir, old))
         t = self.prefix
-        self.topics = {
-            "REQUESTS": f"{t}.requests", "DEPLOYMENTS": f"{t}.deployments", "ROUTED": f"{t}.routed",
-            "MERGE_CHANGELOG": f"{t}.merge-state", "DECISIONS": f"{t}.decisions",
-            "SHADOW_COMPARISONS": f"{t}.shadow", "DEAD_LETTER": f"{t}.dlq",
-            "MODEL_REQUESTS": f"{t}.model.{{model}}.requests", "MODEL_PREDICTIONS": f"{t}.model.{{model}}.predictions",
-        }
-        if not legacy:
+        self.topics = {key: f"{t}.{suffix}" for key, suffix in ISOLATED_TOPICS}
+        if legacy:
             # Added by the hardening release; the old binary rejects settings it does not know.
-            self.topics["FORWARDED_PREDICTIONS"] = f"{t}.forwarded"
-            self.topics["HISTORY"] = f"{t}.history"
-            self.topics["OUTCOMES"] = f"{t}.outcomes"
-            self.topics["SCORED_OUTCOMES"] = f"{t}.scored"
-            self.topics["SCORE_CHANGELOG"] = f"{t}.score-state"
+            for key in LEGACY_UNKNOWN_TOPICS:
+                del self.topics[key]
         self.env = dict(os.environ)
         self.env.update({f"SWITCHYARD__TOPICS__{k}": v for k, v in self.topics.items()})
         # Shipped defaults everywhere: no session, heartbeat or transaction timeouts are set here.

@@ -26,23 +26,8 @@ BIN = str(_bin if _bin.is_absolute() else REPO / _bin)
 BOOTSTRAP = os.environ.get("SWITCHYARD_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
 RUNS = REPO / ".platform" / "runs"
 
-# (setting under [topics], suffix after the prefix): exactly config::isolated_env's list.
-ISOLATED_TOPICS = [
-    ("REQUESTS", "requests"),
-    ("DEPLOYMENTS", "deployments"),
-    ("HISTORY", "history"),
-    ("ROUTED", "routed"),
-    ("MERGE_CHANGELOG", "merge-state"),
-    ("FORWARDED_PREDICTIONS", "forwarded"),
-    ("DECISIONS", "decisions"),
-    ("SHADOW_COMPARISONS", "shadow"),
-    ("OUTCOMES", "outcomes"),
-    ("SCORED_OUTCOMES", "scored"),
-    ("SCORE_CHANGELOG", "score-state"),
-    ("DEAD_LETTER", "dlq"),
-    ("MODEL_REQUESTS", "model.{model}.requests"),
-    ("MODEL_PREDICTIONS", "model.{model}.predictions"),
-]
+# (setting under [topics], suffix after the prefix): the list config::isolated_env uses.
+ISOLATED_TOPICS = json.loads((REPO / "config" / "isolated-topics.json").read_text())["topics"]
 
 SCHEMAS = {name: fastavro.parse_schema(json.loads((REPO / "schemas" / f"{name}.avsc").read_text()))
            for name in ("Request", "Decision", "ModelRequest", "Prediction")}
