@@ -105,7 +105,10 @@ run_plan() { # title, until, deployment (default fraud)
   until $bin status "$name" 2>/dev/null | grep -q "$2"; do
     sleep 2; local waited=$((SECONDS - start))
     echo "-- after ${waited} s:"; $bin status "$name" | grep -E 'plan:|probation:|last change|observed split|^    (error_rate|timeout_rate|latency|sample_ratio|coverage|quality|paired_quality|new − old)' || true
-    if [ "$waited" -ge 120 ]; then echo "the plan did not finish in 120 s"; kill "$load"; exit 1; fi
+    if [ "$waited" -ge 120 ]; then
+      echo "the plan did not finish in 120 s (waited for \"$2\"); its history:"; $bin history "$name" || true
+      kill "$load"; exit 1
+    fi
   done
   kill "$load" 2>/dev/null || true; wait "$load" 2>/dev/null || true
   $bin status "$name" | grep -vE '^  record:'
