@@ -3,7 +3,7 @@
 # model served by the Python kit in python/, gets shadow copies via mirror), the model workers, load, the
 # live split and sample decisions, then a
 # blue/green switch to fraud-v2 and back. Then rollouts that drive themselves: a plan takes the healthy
-# fraud-v2 from 1% to 100% unattended, and a second plan's guards roll back fraud-v4, which fails 20% of
+# fraud-v2 from 1% to 100% unattended, and a second plan's guards roll back fraud-v4, which fails 30% of
 # its requests; the history says who did what and why. Last, outcome labels: a labeller reports what
 # really happened, answers are scored, and a candidate that is faster but less accurate (churn-v2, 75%
 # against 90%) is rolled back by the quality guard, not by latency; then a blue/green switch to it on
@@ -67,7 +67,7 @@ if [ -n "$py" ]; then
 else
   $bin demo-model --model fraud-v3 --latency-ms 15 --error-rate 0.01 >"$logs/fraud-v3.log" 2>&1 & pids+=($!)
 fi
-$bin demo-model --model fraud-v4 --latency-ms 15 --error-rate 0.2 >"$logs/fraud-v4.log" 2>&1 & pids+=($!)
+$bin demo-model --model fraud-v4 --latency-ms 15 --error-rate 0.3 >"$logs/fraud-v4.log" 2>&1 & pids+=($!)
 $bin demo-model --model churn-v1 --latency-ms 30 --accuracy 0.9 >"$logs/churn-v1.log" 2>&1 & pids+=($!)
 $bin demo-model --model churn-v2 --latency-ms 2 --accuracy 0.75 >"$logs/churn-v2.log" 2>&1 & pids+=($!)
 $bin labeller --delay-ms 2000 >"$logs/labeller.log" 2>&1 & pids+=($!)
@@ -124,7 +124,7 @@ $bin deploy fraud --strategy canary --control fraud-v1 --candidate fraud-v2 --mi
   --plan "$plan" --reason "ship fraud-v2"
 run_plan "the plan runs unattended (no command typed until it is done)" "strategy single"
 
-step "a broken candidate: fraud-v4 answers 20% of its requests with an error"
+step "a broken candidate: fraud-v4 answers 30% of its requests with an error"
 $bin deploy fraud --strategy canary --control fraud-v2 --candidate fraud-v4 --mirror fraud-v3 --timeout-ms 1000 \
   --plan "$plan" --reason "try fraud-v4"
 run_plan "the guards judge fraud-v4" "last change by guard:"

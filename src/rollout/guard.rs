@@ -359,6 +359,41 @@ mod tests {
         assert!(median < 200_000);
     }
 
+    /// The demo's second plan: steps at 1%, 10% and 50% that pass once 20 users per arm are scored (about
+    /// 2,000, 300 and 170 users arrive by then at 200 requests/s), a fresh e-process per step in chunks of
+    /// 20 users, α 0.05 over 4 guards × 3 steps; control fails 1% of users. Returns in how many of `runs`
+    /// rollouts the error guard fires in some step.
+    fn demo_plan_catches(rng: &mut StdRng, candidate_rate: f64, runs: usize) -> usize {
+        use crate::rollout::evidence::CHUNK;
+        let threshold = Budget { alpha: 0.05, guards: 4, steps: 3 }.log_threshold();
+        let caught = |rng: &mut StdRng| {
+            [(0.01, 2000), (0.1, 300), (0.5, 170)].into_iter().any(|(share, users)| {
+                let mut guard = RateGuard::default();
+                (0..users / CHUNK).any(|_| {
+                    let (mut a, mut b) = (Block::default(), Block::default());
+                    for _ in 0..CHUNK {
+                        let (arm, rate) =
+                            if rng.random::<f64>() < share { (&mut b, candidate_rate) } else { (&mut a, 0.01) };
+                        arm.n += 1;
+                        arm.bad += u64::from(rng.random::<f64>() < rate);
+                    }
+                    guard.observe(a, b);
+                    guard.log_e() >= threshold
+                })
+            })
+        };
+        (0..runs).filter(|_| caught(rng)).count()
+    }
+
+    #[test]
+    fn the_demo_catches_its_broken_candidate() {
+        let mut rng = StdRng::seed_from_u64(19);
+        let at_30 = demo_plan_catches(&mut rng, 0.3, 2000);
+        let at_20 = demo_plan_catches(&mut rng, 0.2, 2000);
+        eprintln!("demo plan, candidate failing 30%: caught in {at_30} of 2000; failing 20%: {at_20} of 2000");
+        assert!(at_30 >= 1990, "{at_30} of 2000");
+    }
+
     #[test]
     fn a_better_candidate_fires_even_less() {
         let mut rng = StdRng::seed_from_u64(13);
