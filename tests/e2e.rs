@@ -207,7 +207,11 @@ async fn timeouts_and_model_errors_still_give_exactly_one_decision() {
             "silent" | "slow" => {
                 assert_eq!(d.status, DecisionStatus::Timeout, "{d:?}");
                 assert!(d.output.is_none());
-                assert!(d.error.as_deref().unwrap().contains("did not answer within 300 ms"));
+                let error = d.error.as_deref().unwrap();
+                // The sloth's late answer may be read before merge gets to the deadline (merge behind,
+                // e.g. after the rebalance a new model topic causes): TIMEOUT either way, said differently.
+                let late = request.deployment == "slow" && error.contains("past the 300 ms deadline");
+                assert!(error.contains("did not answer within 300 ms") || late, "{d:?}");
                 assert!(d.latency_ms >= 300);
             }
             _ if demo_model::fails("v1", &request.request_id, 0.3) => {
