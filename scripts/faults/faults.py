@@ -27,6 +27,7 @@ import io
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -476,7 +477,14 @@ class Scenario:
             deadline = time.time() + limit_s
             while ends and time.time() < deadline:
                 msg = consumer.poll(0.2)
-                if msg is None or msg.error():
+                if msg is None:
+                    # A transactional writer's last offset is a marker, never delivered: the position
+                    # moves past it.
+                    for tp in consumer.position([TopicPartition(topic, p) for p in list(ends)]):
+                        if tp.offset >= ends[tp.partition]:
+                            ends.pop(tp.partition, None)
+                    continue
+                if msg.error():
                     continue
                 records.append(msg)
                 if msg.offset() + 1 >= ends.get(msg.partition(), 0):
@@ -936,13 +944,146 @@ def compaction(s, a):
     s.produce(a.count, a.rate, a.users)
 
 
+
+# the rollout controller ------------------------------------------------------------------------------
+FAILOVER_PLAN = {"steps": [{"canary_percent": pct, "bake_ms": 20000, "min_sample": 100, "max_ms": 600000}
+                           for pct in (5, 20, 50)],
+                 "guards": ["error_rate", "timeout_rate", "latency", "sample_ratio"], "alpha": 0.05,
+                 "on_alarm": "rollback", "on_end": "promote"}
+FAILOVER_RATE, FAILOVER_USERS, FAILOVER_SECONDS = 300, 4000, 110
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def deployment_records(s):
+    """The deployments topic's records for the scenario's deployment, in order, as JSON (None: a delete)."""
+    key = s.deployment.encode()
+    records = [m for m in s.read_snapshot(s.topics["DEPLOYMENTS"]) if m.key() == key]
+    return [json.loads(m.value()) if m.value() else None for m in sorted(records, key=lambda m: m.offset())]
+
+
+def expect_by_version(s):
+    """Serving model by the record of each config version (a plan moves the split version by version)."""
+    by_version = {r["version"]: r for r in deployment_records(s) if r}
+    def expected(user, d):
+        r = by_version.get(d["config_version"])
+        if r is None:
+            return "?"
+        if r["strategy"] == "single":
+            return r["control"]
+        return r["candidate"] if bucket(s.deployment, user) < r.get("canary_percent", 0) * 100 else r["control"]
+    return expected
+
+
+def leader(s):
+    """The instance whose log last says it took over the rollout controller (and not that it handed over)."""
+    best = None
+    for i in s.instances:
+        with open(os.path.join(s.dir, f"switchyard-{i}.log"), errors="replace") as f:
+            for n, line in enumerate(f):
+                if "this instance is the rollout controller" in line:
+                    at = ANSI.sub("", line).split()[0]
+                    if best is None or at > best[0]:
+                        best = (at, i)
+    return best[1] if best else None
+
+
+def metrics_address(s, i):
+    """The /metrics address instance i logged last (each incarnation binds a new port)."""
+    address = None
+    with open(os.path.join(s.dir, f"switchyard-{i}.log"), errors="replace") as f:
+        for line in f:
+            if "serving /metrics" in line:
+                found = re.search(r"address=(\S+)", ANSI.sub("", line))
+                address = found.group(1) if found else address
+    return address
+
+
+def gauge(address, name, labels):
+    import urllib.request
+    text = urllib.request.urlopen(f"http://{address}/metrics", timeout=10).read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(l in line for l in labels):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def controller_failover(s, a):
+    """A rollout plan 5% -> 20% -> 50% on equal models, two instances; the instance leading the controller
+    is killed (-9) 2 s into step 2 and restarted 12 s later. The new leader rebuilds the step's evidence from
+    the decisions: no guard may fire (the models are equal: a fault of the infrastructure must not look like
+    a bad model), the plan is promoted, each record gets one history entry, and no instance exports a
+    running step once the plan ended."""
+    s.cli("create-topics")
+    s.cli("deploy", s.deployment, "--strategy", "canary", "--control", CONTROL, "--candidate", CANDIDATE,
+          "--canary-percent", "5", "--plan", json.dumps(FAILOVER_PLAN), "--reason", "failover scenario")
+    for model in (CONTROL, CANDIDATE):
+        s.start_model(model)
+    for i in range(2):
+        s.start_instance(i)
+    s.expected_model = lambda user, d: "?"
+    killed = {}
+
+    def kill_leader_in_step_2():
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            records = [r for r in deployment_records(s) if r]
+            if records and (records[-1].get("plan") or {}).get("step") == 1:
+                break
+            time.sleep(0.5)
+        else:
+            raise RuntimeError("the plan did not reach step 2 within 90 s")
+        time.sleep(2)
+        i = leader(s)
+        if i is None:
+            raise RuntimeError("no instance says it leads the rollout controller")
+        killed["instance"] = i
+        s.signal_instance(i, signal.SIGKILL)
+        time.sleep(12)
+        s.start_instance(i)
+
+    s.produce(FAILOVER_RATE * FAILOVER_SECONDS, FAILOVER_RATE, FAILOVER_USERS, events=[(0, kill_leader_in_step_2)])
+    s.expected_model = expect_by_version(s)
+
+    def check(result):
+        deadline = time.time() + 60
+        while True:
+            records = deployment_records(s)
+            last = records[-1] if records else None
+            if last and not last.get("plan") or time.time() > deadline:
+                break
+            time.sleep(1)
+        changes = [(r["version"], r["change"]["actor"], r["change"]["reason"]) for r in records if r and r.get("change")]
+        s.notes["changes"] = [f"v{v} {actor}" for v, actor, _ in changes]
+        s.notes["killed_leader"] = killed.get("instance")
+        fired = [(v, actor, reason) for v, actor, reason in changes if actor.startswith("guard:")]
+        if fired:
+            v, actor, reason = fired[0]
+            s.fail(f"{actor} fired on equal models (v{v}): {reason}")
+        if not last or last.get("strategy") != "single" or last.get("control") != CANDIDATE:
+            s.fail(f"the plan was not promoted: last record {json.dumps(last)[:300]}")
+        history = [m for m in s.read_snapshot(s.topics["HISTORY"]) if m.key() == s.deployment.encode()]
+        s.notes["history_entries"] = len(history)
+        if len(history) != len(records):
+            s.fail(f"{len(history)} history entries for {len(records)} deployments records")
+        for i in s.instances:
+            if i in s.stopped:
+                continue
+            address = metrics_address(s, i)
+            step = gauge(address, "switchyard_rollout_step", [f'deployment="{s.deployment}"']) if address else None
+            s.notes[f"rollout_step_gauge_i{i}"] = step
+            if step not in (None, 0.0):
+                s.fail(f"instance {i} still exports switchyard_rollout_step {step} after the plan ended")
+    s.after_check.append(check)
+
+
 SCENARIOS = {f.__name__: f for f in (canary_10, shadow, blue_green, kill9_instance, sigterm_bounce, scale_1_3_1, broker_kill9, model_stall,
                                      sigstop_instance, stalled_backpressure, garbage_mix, restart_gap_100, restart_gap_1000,
-                                     sigterm_handover, dead_instance, oversized_mix, foreign_partitioner_worker, compaction)}
+                                     sigterm_handover, dead_instance, oversized_mix, foreign_partitioner_worker, compaction,
+                                     controller_failover)}
 
 EXTRAS = ("stall_s", "stall_open", "delay_max_s", "dead_letters", "dead_lettered", "garbage", "rss_mib_max", "zombie_transactions_refused", "zombie_partitions_lost",
           "intake_paused", "shadow_comparisons", "versions", "exit_code", "big_outcomes", "forwarded", "written_back",
-          "status_candidate_percent", "decided_and_dead_lettered", "instances_running_at_end", "failed")
+          "status_candidate_percent", "changes", "killed_leader", "history_entries", "decided_and_dead_lettered", "instances_running_at_end", "failed")
 
 
 def run_scenario(name, a):

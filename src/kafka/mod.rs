@@ -26,9 +26,10 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::OwnedHeaders;
+use rdkafka::message::{Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
+use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::Config;
 
@@ -165,6 +166,92 @@ pub fn log_ends(
 ) -> Result<HashMap<i32, (i64, i64)>, KafkaError> {
     let ends = LogEnds::new(config)?;
     partitions.into_iter().map(|p| Ok((p, ends.of(topic, p)?))).collect()
+}
+
+/// The committed offsets of a consumer group, read without joining it (the rollout controller follows
+/// route's and merge's progress this way; on a cluster with ACLs it needs Describe on those groups).
+pub struct GroupOffsets {
+    consumer: BaseConsumer,
+}
+
+impl GroupOffsets {
+    pub fn new(config: &Config, group: &str) -> Result<Self, KafkaError> {
+        let consumer = base(config)
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            // Waits for transactional offset commits in flight to settle (KIP-447 require_stable).
+            .set("isolation.level", "read_committed")
+            .create()?;
+        Ok(GroupOffsets { consumer })
+    }
+
+    /// The group's committed offset of each of `partitions` of `topic` (None: none committed).
+    pub fn of(&self, topic: &str, partitions: &[i32]) -> Result<HashMap<i32, Option<i64>>, KafkaError> {
+        let mut asked = TopicPartitionList::new();
+        for p in partitions {
+            asked.add_partition(topic, *p);
+        }
+        let committed = self.consumer.committed_offsets(asked, ADMIN_TIMEOUT)?;
+        Ok(committed
+            .elements()
+            .iter()
+            .map(|e| (e.partition(), if let Offset::Offset(n) = e.offset() { Some(n) } else { None }))
+            .collect())
+    }
+}
+
+/// Answers whether a stretch of a partition holds any record a read_committed consumer would get: a
+/// transactional writer's last offset is a commit marker, never delivered, so a consumer that has
+/// processed everything commits one short of the partition's end. Asked again and again while the
+/// answer is not known yet (it reads in the background).
+pub struct GapReader {
+    consumer: BaseConsumer,
+    /// Per (topic, partition): the stretch being read, and whether a record was found in it.
+    stretches: HashMap<(String, i32), (i64, i64, bool)>,
+}
+
+impl GapReader {
+    pub fn new(config: &Config) -> Result<Self, KafkaError> {
+        let consumer = base(config)
+            .set("group.id", format!("{}-reader", config.service.group_id))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("isolation.level", "read_committed")
+            .set("auto.offset.reset", "earliest")
+            .create()?;
+        Ok(GapReader { consumer, stretches: HashMap::new() })
+    }
+
+    /// Some(true) once [from, to) of the partition is known to hold no record, Some(false) once a record
+    /// was found in it, None while unknown.
+    pub fn empty(&mut self, topic: &str, partition: i32, from: i64, to: i64) -> Result<Option<bool>, KafkaError> {
+        let key = (topic.to_string(), partition);
+        if self.stretches.get(&key).is_none_or(|(f, t, _)| (*f, *t) != (from, to)) {
+            self.stretches.insert(key.clone(), (from, to, false));
+            let mut assignment = TopicPartitionList::new();
+            for ((topic, partition), (from, _, _)) in &self.stretches {
+                assignment.add_partition_offset(topic, *partition, Offset::Offset(*from))?;
+            }
+            self.consumer.assign(&assignment)?;
+            return Ok(None);
+        }
+        while let Some(message) = self.consumer.poll(Duration::ZERO) {
+            let message = message?;
+            if let Some((_, to, found)) = self.stretches.get_mut(&(message.topic().to_string(), message.partition())) {
+                *found |= message.offset() < *to;
+            }
+        }
+        let (_, _, found) = self.stretches[&key];
+        if found {
+            return Ok(Some(false));
+        }
+        let position = self.consumer.position()?;
+        let reached = position
+            .find_partition(topic, partition)
+            .is_some_and(|e| matches!(e.offset(), Offset::Offset(at) if at >= to));
+        Ok(reached.then_some(true))
+    }
 }
 
 trait SetIfAbsent {

@@ -15,9 +15,14 @@
 //!   the same version. A change is the next version of the record; if an operator's record took that
 //!   version first, the change is rejected (and shows so in the history) and the plan ended anyway.
 //! - **Evidence after a restart.** A step's evidence is a pure function of its version's decisions
-//!   ([`StepEvidence`]): a new leader reads them again from the step's start.
+//!   ([`StepEvidence`]): a new leader reads them again from the step's start. A block of them is scored
+//!   only once route and merge have settled past it ([`Settled`]): however late a failover, a dead
+//!   instance or a backlog makes some decisions, they are all in before the guards see the block.
+//! - **Counters after the commit.** Changes are counted, and a gauge moved to "ended", only once the
+//!   transaction that writes them has committed; an instance that stops leading sets the step gauge of
+//!   every deployment it reported to 0 (the dashboard takes the maximum over instances).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -27,10 +32,11 @@ use tokio::task::block_in_place;
 
 use super::decide;
 use super::evidence::{Observation, StepEvidence};
-use super::feed::Feed;
+use super::feed::{Feed, Progress};
 use super::history;
 use super::plan::{GuardKind, PlanState};
 use super::probation::ProbationEvidence;
+use super::settle::Settled;
 use crate::codec::{Codec, Decision, ScoredOutcome};
 use crate::config::Config;
 use crate::control::Registry;
@@ -78,7 +84,8 @@ pub async fn run(config: Config, codec: Codec, mut shutdown: Shutdown) -> Result
         }
         next_tick = Instant::now() + TICK;
         if !leads(&consumer, &topic) {
-            if leader.take().is_some() {
+            if let Some(old) = leader.take() {
+                old.stand_down();
                 tracing::info!("rollout controller handed over to another instance");
             }
             inbox.clear();
@@ -96,8 +103,11 @@ pub async fn run(config: Config, codec: Codec, mut shutdown: Shutdown) -> Result
         let current = leader.as_mut().expect("set above");
         if let Err(error) = current.tick(&consumer, std::mem::take(&mut inbox)).await {
             tracing::warn!(%error, "rollout controller's write failed; starting over from the committed position");
-            leader = None;
+            leader.take().expect("leads").stand_down();
         }
+    }
+    if let Some(old) = leader {
+        old.stand_down();
     }
     // A static member leaves its group only when it says so: the next leader takes over at once.
     consumer.unsubscribe();
@@ -125,8 +135,14 @@ struct Leader {
     /// Per deployment on probation: its paired evidence.
     probations: HashMap<String, ProbationEvidence>,
     feed: Option<Feed>,
+    /// Route's and merge's progress, and how far it has settled, while `feed` is open.
+    progress: Option<(Progress, Settled)>,
     /// Scored outcomes, while a running plan has a guard on labels or a deployment is on probation.
     scored: Option<Feed>,
+    /// Deployments whose rollout gauges this leader set.
+    reported: HashSet<String>,
+    /// The changes in the transaction under way, counted once it commits: (deployment, actor, ended).
+    uncommitted: Vec<(String, String, bool)>,
 }
 
 impl Leader {
@@ -169,8 +185,18 @@ impl Leader {
             evidence: HashMap::new(),
             probations: HashMap::new(),
             feed: None,
+            progress: None,
             scored: None,
+            reported: HashSet::new(),
+            uncommitted: Vec::new(),
         })
+    }
+
+    /// No longer the leader (handed over, failed, or stopping): another instance reports the plans now.
+    fn stand_down(self) {
+        for deployment in &self.reported {
+            telemetry::rollout_ended(deployment);
+        }
     }
 
     /// Applies the records read, judges the plans if the deployments topic has been read to its end,
@@ -206,11 +232,18 @@ impl Leader {
         }
         let mut offsets = TopicPartitionList::new();
         offsets.add_partition_offset(&topic, 0, Offset::Offset(self.next_offset))?;
+        let changes = std::mem::take(&mut self.uncommitted);
         self.producer
             .commit(&out, &offsets, consumer.group_metadata().as_ref())
             .await
             .map_err(|failure| Error::Kafka(failure.error))?;
         self.committed = self.next_offset;
+        for (deployment, actor, ended) in changes {
+            telemetry::rollout_change(&deployment, &actor);
+            if ended {
+                telemetry::rollout_ended(&deployment);
+            }
+        }
         Ok(())
     }
 
@@ -230,6 +263,7 @@ impl Leader {
         if running.is_empty() && on_probation.is_empty() {
             // Nothing to judge: nothing is read (a plan that starts opens the feeds at its start).
             self.feed = None;
+            self.progress = None;
             self.scored = None;
             return Ok(());
         }
@@ -252,8 +286,10 @@ impl Leader {
             .min();
         if running.is_empty() {
             self.feed = None;
+            self.progress = None;
         } else if self.feed.is_none() {
             self.feed = Some(Feed::open(&self.config, self.codec.clone(), &self.config.topics.decisions, from)?);
+            self.progress = Some((Progress::new(&self.config)?, Settled::default()));
         }
         let reads_labels = !on_probation.is_empty()
             || running.iter().any(|d| {
@@ -305,21 +341,28 @@ impl Leader {
             .await?;
         }
         let now = kafka::now_millis();
-        let decisions_by = self.feed.as_mut().map(|f| f.read_through(now));
+        let settled = match (self.feed.as_ref(), self.progress.as_mut()) {
+            (Some(feed), Some((progress, settled))) => settled.advance(now, &mut progress.with(feed))?,
+            _ => None,
+        };
         let labels_by = self.scored.as_mut().map(|f| f.read_through(now));
         for d in &running {
             let e = self.evidence.get_mut(&d.name).expect("inserted above");
-            e.score_until(decisions_by.expect("opened with a plan"), d.spec.timeout_ms);
+            if let Some(settled) = settled {
+                e.score_until(settled);
+            }
             if let Some(labels_by) = labels_by {
                 e.score_coverage_until(labels_by, d.spec.timeout_ms);
             }
             let plan = d.spec.plan.as_ref().expect("running");
+            self.reported.insert(d.name.clone());
             telemetry::rollout(&d.name, plan.step, &e.figures(plan.step), e.late());
             let next = decide::next_record(d, e, now, self.registry.next_version(&d.name));
             self.write_change(d, next, out);
         }
         for d in &on_probation {
             let Some(e) = self.probations.get(&d.name) else { continue };
+            self.reported.insert(d.name.clone());
             telemetry::rollout(&d.name, 0, &e.figures(), 0);
             let next = decide::probation_record(d, e, now, self.registry.next_version(&d.name));
             self.write_change(d, next, out);
@@ -328,7 +371,7 @@ impl Leader {
     }
 
     /// Adds the controller's next record for `d`, if it has one and it is valid.
-    fn write_change(&self, d: &Deployment, next: Option<DeploymentSpec>, out: &mut Vec<OutRecord>) {
+    fn write_change(&mut self, d: &Deployment, next: Option<DeploymentSpec>, out: &mut Vec<OutRecord>) {
         let Some(next) = next else { return };
         if let Err(error) = next.clone().validate(&d.name) {
             tracing::error!(deployment = %d.name, %error, "the controller's next record is invalid; not written");
@@ -337,10 +380,8 @@ impl Leader {
         let change = next.change.as_ref().expect("decide sets the change");
         tracing::info!(deployment = %d.name, version = next.version, actor = %change.actor,
             reason = %change.reason, "rollout controller writes a change");
-        telemetry::rollout_change(&d.name, &change.actor);
-        if next.plan.is_none() && next.probation.is_none() {
-            telemetry::rollout_ended(&d.name);
-        }
+        let ended = next.plan.is_none() && next.probation.is_none();
+        self.uncommitted.push((d.name.clone(), change.actor.clone(), ended));
         out.push(OutRecord::new(
             self.config.topics.deployments.clone(),
             d.name.as_bytes(),

@@ -138,7 +138,7 @@ mod tests {
                 sent_at: start + i * 10,
             });
         }
-        e.score_until(start + users * 10 + 1_000 + 1_000 + GRACE_MS, 1_000);
+        e.score_until(start + users * 10 + 1_000 + GRACE_MS);
         e
     }
 

@@ -7,9 +7,11 @@
 //! - users, not requests: each user's first decision in the step, in routing order, is its one
 //!   observation; users pinned by an override are left out (they were not randomised);
 //! - routing order: decisions are grouped in blocks by when their request was sent
-//!   (`decided_at − latency_ms`), and a block is scored once every decision in it is final — its end
-//!   plus the deadline plus a grace period has passed on every decisions partition. A decision that
-//!   arrives for a block already scored is counted as late and left out;
+//!   (`decided_at − latency_ms`), and a block is scored once every decision in it is in — the pipeline
+//!   has settled (see `settle`: every request produced before then is routed, decided and read) past
+//!   its end plus a grace period for clients that send late. A decision that arrives for a block
+//!   already scored (its request was produced more than the grace period after its `sent_at`) is
+//!   counted as late and left out;
 //! - the latency guard's threshold is the plan's, or control's p99 among the step's first
 //!   [`BURN_IN`] control users answered OK; the guard scores only blocks after it is fixed, and the
 //!   controller writes it into the plan when the step passes, so that later steps start with it.
@@ -25,7 +27,8 @@ use crate::routing::Side;
 
 /// Width of a block of routing time.
 pub const BLOCK_MS: i64 = 1_000;
-/// Extra wait after a block's deadline before it is scored, for decisions still on their way.
+/// How long after a request's `sent_at` it may reach the requests topic and still count in its block:
+/// a block is scored once the pipeline has settled this long past its end.
 pub const GRACE_MS: i64 = 3_000;
 /// Control users whose latencies fix a step's latency threshold when the plan gives none.
 pub const BURN_IN: usize = 200;
@@ -235,11 +238,10 @@ impl StepEvidence {
         }
     }
 
-    /// Scores every block whose decisions are all final by `final_by`: the time up to which every
-    /// decisions partition has been read, less `timeout_ms` (the longest a decision can take) and
-    /// [`GRACE_MS`].
-    pub fn score_until(&mut self, final_by: Millis, timeout_ms: u64) {
-        let complete_before = final_by - timeout_ms as i64 - GRACE_MS;
+    /// Scores every block whose decisions are all in by `settled`: the time before which every request
+    /// produced has been decided and read (see `settle`), less [`GRACE_MS`].
+    pub fn score_until(&mut self, settled: Millis) {
+        let complete_before = settled - GRACE_MS;
         // Block b covers [start + b·W, start + (b+1)·W): complete when its end is at or before the bound.
         let limit = (complete_before - self.started_at).div_euclid(BLOCK_MS);
         while self.scored_below < limit {
@@ -481,9 +483,9 @@ mod tests {
         e.add(obs("u1", Side::Candidate, DecisionStatus::Timeout, 1000, 100_100));
         e.add(obs("u2", Side::Control, DecisionStatus::Ok, 5, 100_200));
         e.add(obs("vip", Side::Candidate, DecisionStatus::ModelError, 5, 100_300));
-        e.score_until(100_000 + 1_000 + 1_000 + GRACE_MS - 1, 1_000);
-        assert_eq!(e.users(), (0, 0), "the block is not final until its deadline and grace passed");
-        e.score_until(100_000 + 1_000 + 1_000 + GRACE_MS, 1_000);
+        e.score_until(100_000 + 1_000 + GRACE_MS - 1);
+        assert_eq!(e.users(), (0, 0), "the block is not final until the pipeline settled past it and the grace");
+        e.score_until(100_000 + 1_000 + GRACE_MS);
         assert_eq!(e.users(), (1, 1), "one observation per user; the override is left out");
         let (_, candidate) = e.arms();
         assert_eq!((candidate.timeouts, candidate.errors), (1, 0), "the user's first request in routing order counts");
@@ -565,7 +567,7 @@ mod tests {
             e.add(o);
         }
         let decided_by = 100_000 + 10_000 + timeout + GRACE_MS;
-        e.score_until(decided_by, timeout as u64);
+        e.score_until(decided_by - timeout);
         e.score_coverage_until(decided_by, timeout as u64);
         assert_eq!(e.scored(), (0, 0), "labels get their wait before a request counts as uncovered");
         e.score_coverage_until(decided_by + 10_000, timeout as u64);
@@ -609,15 +611,15 @@ mod tests {
         let mut shuffled = StepEvidence::new(&d).unwrap();
         for o in &all {
             forward.add(o.clone());
-            forward.score_until(o.sent_at, 1_000);
+            forward.score_until(o.sent_at);
         }
-        forward.score_until(200_000, 1_000);
+        forward.score_until(200_000);
         let mut reversed = all.clone();
         reversed.reverse();
         for o in reversed {
             shuffled.add(o);
         }
-        shuffled.score_until(200_000, 1_000);
+        shuffled.score_until(200_000);
         assert_eq!(forward.figures(0), shuffled.figures(0));
         assert_eq!(forward.users().0 + forward.users().1, 900);
         let latency = forward.figures(0).guards.into_iter().find(|g| g.guard == GuardKind::Latency).unwrap();
@@ -634,7 +636,7 @@ mod tests {
                 if arm == Side::Candidate && i % 50 == 0 { DecisionStatus::ModelError } else { DecisionStatus::Ok };
             e.add(obs(&format!("u{i}"), arm, status, 5, 100_000 + i));
         }
-        e.score_until(200_000, 1_000);
+        e.score_until(200_000);
         let readings = e.readings();
         let error = readings.iter().find(|r| r.guard == GuardKind::ErrorRate).unwrap();
         let ratio = readings.iter().find(|r| r.guard == GuardKind::SampleRatio).unwrap();
@@ -741,7 +743,7 @@ mod simulation {
                 sent_at,
             });
             if i % 200 == 199 {
-                e.score_until(sent_at + 1_000 + GRACE_MS, 1_000);
+                e.score_until(sent_at + GRACE_MS);
                 if let Some(r) = e.readings().into_iter().find(|r| r.log_e >= log_threshold) {
                     return Some((i + 1, r.guard));
                 }

@@ -1,6 +1,7 @@
 //! Reads every partition of a topic (decisions, scored outcomes; read_committed, outside any group)
-//! from a point in time, and says up to when every partition has been read — what decides that a block
-//! of evidence is final.
+//! from a point in time, and says up to when every partition has been read; and follows route's and
+//! merge's progress ([`Progress`]), which tells when every decision of a block of routing time is in
+//! (see [`super::settle`]).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -10,16 +11,17 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::task::block_in_place;
 
+use super::settle::{Leg, Pipeline};
 use crate::codec::{AvroRecord, Codec, Millis};
 use crate::config::Config;
 use crate::error::Error;
-use crate::kafka::{self, ADMIN_TIMEOUT};
+use crate::kafka::{self, ADMIN_TIMEOUT, GapReader, GroupOffsets, LogEnds};
 
 /// Decisions are looked for from this long before the earliest step start (clocks of other hosts).
 const CLOCK_SKEW_MARGIN_MS: Millis = 60_000;
-/// A partition read to its end counts as read through its newest decision, or through this long ago,
-/// whichever is later: an idle partition does not hold evidence back for ever, and merge may lag this
-/// much before its decisions arrive too late to count (see `evidence`).
+/// A partition read to its end counts as read through its newest record, or through this long ago,
+/// whichever is later, so that an idle partition does not hold label coverage back for ever. (Decisions
+/// do not depend on it: their blocks wait for the pipeline to settle, see `settle`.)
 pub const IDLE_MS: Millis = 10_000;
 
 pub struct Feed {
@@ -95,6 +97,12 @@ impl Feed {
         Ok(n)
     }
 
+    /// Whether everything before `end` in `partition` has been read.
+    fn read_past(&self, partition: i32, end: i64) -> bool {
+        self.positions().iter().any(|(p, at)| *p == partition && *at >= end)
+            || self.start.get(&partition).is_some_and(|start| *start >= end)
+    }
+
     /// Per partition: (position, where reading started), from the consumer's positions.
     fn positions(&self) -> Vec<(i32, i64)> {
         let Ok(positions) = self.consumer.position() else { return Vec::new() };
@@ -126,5 +134,85 @@ impl Feed {
     pub fn read_what_was_there(&self) -> bool {
         let positions = self.positions();
         !positions.is_empty() && positions.iter().all(|(p, at)| *at >= self.end_at_open.get(p).copied().unwrap_or(0))
+    }
+}
+
+/// Route's and merge's progress, as their consumer groups committed it, and where topics end: what a
+/// [`super::settle::Settled`] probe asks, with the decisions feed's own position for its last leg.
+pub struct Progress {
+    route: GroupOffsets,
+    merge: GroupOffsets,
+    ends: LogEnds,
+    gaps: GapReader,
+    requests: String,
+    routed: String,
+    decisions: String,
+}
+
+impl Progress {
+    pub fn new(config: &Config) -> Result<Progress, Error> {
+        let (t, group) = (&config.topics, &config.service.group_id);
+        Ok(Progress {
+            route: GroupOffsets::new(config, &format!("{group}-route"))?,
+            merge: GroupOffsets::new(config, &format!("{group}-merge"))?,
+            ends: LogEnds::new(config)?,
+            gaps: GapReader::new(config)?,
+            requests: t.requests.clone(),
+            routed: t.routed.clone(),
+            decisions: t.decisions.clone(),
+        })
+    }
+
+    /// The questions of a probe, answered with `feed` (the decisions) for its last leg.
+    pub fn with<'a>(&'a mut self, feed: &'a Feed) -> impl Pipeline<Error = Error> + 'a {
+        KafkaPipeline { progress: self, feed }
+    }
+
+    fn topic(&self, leg: Leg) -> &str {
+        match leg {
+            Leg::Routed => &self.requests,
+            Leg::Merged => &self.routed,
+            Leg::Read => &self.decisions,
+        }
+    }
+}
+
+struct KafkaPipeline<'a> {
+    progress: &'a mut Progress,
+    feed: &'a Feed,
+}
+
+impl Pipeline for KafkaPipeline<'_> {
+    type Error = Error;
+
+    fn ends(&mut self, leg: Leg) -> Result<HashMap<i32, i64>, Error> {
+        let topic = self.progress.topic(leg).to_string();
+        let consumer = &self.feed.consumer;
+        let partitions = kafka::partition_count(consumer, &topic)?.ok_or_else(|| Error::MissingTopic(topic.clone()))?;
+        let mut ends = HashMap::new();
+        for p in 0..partitions as i32 {
+            let (low, high) = block_in_place(|| self.progress.ends.of(&topic, p))?;
+            if low < high {
+                ends.insert(p, high);
+            }
+        }
+        Ok(ends)
+    }
+
+    fn passed(&mut self, leg: Leg, partition: i32, end: i64) -> Result<bool, Error> {
+        let group = match leg {
+            Leg::Read => return Ok(self.feed.read_past(partition, end)),
+            Leg::Routed => &self.progress.route,
+            Leg::Merged => &self.progress.merge,
+        };
+        let topic = self.progress.topic(leg).to_string();
+        let committed = block_in_place(|| group.of(&topic, &[partition]))?.remove(&partition).flatten();
+        let from = match committed {
+            Some(at) if at >= end => return Ok(true),
+            Some(at) => at,
+            None => block_in_place(|| self.progress.ends.of(&topic, partition))?.0,
+        };
+        // Committed short of the end: passed if nothing but markers (or aborted records) lies between.
+        Ok(self.progress.gaps.empty(&topic, partition, from, end)? == Some(true))
     }
 }

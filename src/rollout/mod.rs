@@ -7,11 +7,13 @@
 //!   rate test (errors, timeouts, latency exceedances), the sample-ratio test, the false-alarm budget.
 //! - [`plan`]: the plan as the record carries it, its validation, and what a step's evidence means.
 //! - [`evidence`]: a step's decisions turned into the guards' statistics, deterministically.
+//! - [`settle`]: when every decision of a block of routing time is in — from route's and merge's
+//!   progress, not from a wait.
 //! - [`decide`]: the next deployment record the controller writes, with actor, reason and figures.
 //! - [`history`]: the audit entry of each deployments-topic record, and its rendering.
 //!
 //! Kafka:
-//! - [`feed`]: reads the decisions of every partition from a point in time.
+//! - [`feed`]: reads the decisions of every partition from a point in time; route's and merge's progress.
 //! - [`controller`]: the one leader among the instances that drives the plans and writes the history.
 //! - [`report`]: what `status` and `history` read and print.
 
@@ -24,6 +26,7 @@ pub mod history;
 pub mod plan;
 pub mod probation;
 pub mod report;
+pub mod settle;
 
 use evidence::GuardFigures;
 use plan::GuardKind;

@@ -8,10 +8,11 @@ use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 
 use super::evidence::{Observation, StepEvidence};
-use super::feed::Feed;
+use super::feed::{Feed, Progress};
 use super::history::{self, Entry};
 use super::plan::{GuardKind, PlanState};
 use super::probation::ProbationEvidence;
+use super::settle::Settled;
 use crate::codec::{Codec, Decision, ScoredOutcome};
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -65,8 +66,9 @@ pub async fn plan_status(config: &Config, codec: &Codec, d: &Deployment) -> Resu
         .await?;
     }
     let mut feed = Feed::open(config, codec.clone(), &config.topics.decisions, Some(plan.step_started_at))?;
+    let (mut progress, mut settled) = (Progress::new(config)?, Settled::default());
     let started = Instant::now();
-    let read_through = loop {
+    loop {
         feed.drain(
             Duration::from_millis(50),
             100_000,
@@ -80,11 +82,24 @@ pub async fn plan_status(config: &Config, codec: &Codec, d: &Deployment) -> Resu
             },
         )
         .await?;
-        if feed.read_what_was_there() || started.elapsed() > READ_LIMIT {
-            break feed.read_through(kafka::now_millis());
+        // Every decision of a block is in once route and merge have settled past it (as the controller
+        // judges); a stalled stage is reported instead of waited for past the read limit.
+        let through = settled.advance(kafka::now_millis(), &mut progress.with(&feed))?;
+        if through.is_some() || started.elapsed() > READ_LIMIT {
+            break;
         }
-    };
-    evidence.score_until(read_through, d.spec.timeout_ms);
+    }
+    match settled.through() {
+        Some(through) => evidence.score_until(through),
+        None => {
+            let _ = writeln!(
+                out,
+                "  the pipeline has not settled within {} s (route or merge behind, or an instance's transaction \
+                 left open): the evidence below leaves out the blocks not known to be complete",
+                READ_LIMIT.as_secs()
+            );
+        }
+    }
     // The scored outcomes were read to their end: labels are in up to now.
     evidence.score_coverage_until(kafka::now_millis(), d.spec.timeout_ms);
     let (control, candidate) = evidence.arms();
