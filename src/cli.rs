@@ -229,7 +229,8 @@ fn parse_plan(text: &str) -> Result<Plan> {
 }
 
 impl DeployArgs {
-    fn spec(self) -> Result<DeploymentSpec> {
+    /// The record these arguments describe (version 0: the next one is set when it is written).
+    fn spec(&self) -> Result<DeploymentSpec> {
         let plan = self.plan.as_deref().map(parse_plan).transpose()?;
         let quality = self
             .quality
@@ -237,7 +238,7 @@ impl DeployArgs {
             .map(|q| serde_json::from_str(q).map_err(|e| Error::Usage(format!("--quality: {e}"))))
             .transpose()?;
         let canary_percent = plan.as_ref().map_or(self.canary_percent, |p| p.current().canary_percent);
-        let reason = self.reason.unwrap_or_else(|| match &plan {
+        let reason = self.reason.clone().unwrap_or_else(|| match &plan {
             Some(p) => format!("deploy with a plan of {} steps", p.steps.len()),
             None => "deploy".to_string(),
         });
@@ -245,17 +246,17 @@ impl DeployArgs {
             probation: None,
             version: 0,
             strategy: self.strategy,
-            control: self.control,
-            candidate: self.candidate,
+            control: self.control.clone(),
+            candidate: self.candidate.clone(),
             canary_percent,
             shadow_percent: self.shadow_percent,
             active: self.active,
-            mirror: self.mirror,
-            salt: self.salt,
+            mirror: self.mirror.clone(),
+            salt: self.salt.clone(),
             timeout_ms: self.timeout_ms,
-            fallback: self.fallback,
-            overrides: self.overrides.into_iter().collect(),
-            rules: self.rules,
+            fallback: self.fallback.clone(),
+            overrides: self.overrides.iter().cloned().collect(),
+            rules: self.rules.clone(),
             quality,
             plan,
             change: Some(ops::operator_change(reason)),
@@ -296,6 +297,11 @@ pub async fn run(cli: Cli) -> Result<()> {
     let config = load_config(&cli)?;
     let codec = config.codec()?;
     let (trigger, shutdown) = ShutdownTrigger::new();
+    if let Command::Deploy(args) = &cli.command {
+        // A record that can never be valid is refused before Kafka is asked anything (with the broker
+        // away, the user would hear only that it cannot be reached).
+        DeploymentSpec { version: 1, ..args.spec()? }.validate(&args.deployment)?;
+    }
     if matches!(
         cli.command,
         Command::Deploy(_)
@@ -331,6 +337,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 plans.insert(d.name.clone(), detail);
             }
             print!("{}", ops::render_status(&registry, deployment.as_deref(), &plans)?);
+            println!("{}", rollout::report::controller_status(&config));
             Ok(())
         }
         Command::Promote { deployment, reason, probation_ms, probation_guard } => {

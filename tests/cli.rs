@@ -71,3 +71,31 @@ async fn deploy_status_promote_rollback_and_rejections() {
     assert!(out.contains("no deployments in force"), "{out}");
     env.stop().await;
 }
+
+/// An invalid record is refused for what is wrong with it before any broker is asked: with the broker
+/// away the operator must still hear about the 150%, not only that Kafka cannot be reached.
+#[test]
+fn deploy_validates_before_connecting() {
+    let deploy = |extra: &[&str]| {
+        let mut args = vec!["deploy", "fraud", "--strategy", "canary", "--control", "v1", "--candidate", "v2"];
+        args.extend_from_slice(extra);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(&args)
+            .env("SWITCHYARD_BOOTSTRAP_SERVERS", "127.0.0.1:1")
+            .output()
+            .expect("the binary runs");
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (ok, err) = deploy(&["--canary-percent", "150"]);
+    assert!(!ok);
+    assert!(err.contains("canary_percent must be between 0 and 100"), "{err}");
+    let falling = r#"{"steps":[{"canary_percent":20,"bake_ms":1000,"min_sample":10,"max_ms":60000},
+                              {"canary_percent":10,"bake_ms":1000,"min_sample":10,"max_ms":60000}]}"#;
+    let (ok, err) = deploy(&["--plan", falling]);
+    assert!(!ok);
+    assert!(!err.contains("reach"), "validated before connecting: {err}");
+    // A valid record goes on to the broker, which is away.
+    let (ok, err) = deploy(&["--canary-percent", "10"]);
+    assert!(!ok);
+    assert!(err.contains("reach"), "{err}");
+}

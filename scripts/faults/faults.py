@@ -1040,6 +1040,12 @@ def controller_failover(s, a):
         s.signal_instance(i, signal.SIGKILL)
         time.sleep(12)
         s.start_instance(i)
+        time.sleep(3)
+        status = s.cli("status", s.deployment)
+        line = next((l for l in status.splitlines() if l.startswith("rollout controller:")), "")
+        s.notes["status_controller"] = line
+        if f"led by instance i{1 - i} " not in line and f"led by instance i{i} " not in line:
+            s.fail(f"status does not name the instance leading the controller: {line!r}")
 
     s.produce(FAILOVER_RATE * FAILOVER_SECONDS, FAILOVER_RATE, FAILOVER_USERS, events=[(0, kill_leader_in_step_2)])
     s.expected_model = expect_by_version(s)
@@ -1083,7 +1089,7 @@ SCENARIOS = {f.__name__: f for f in (canary_10, shadow, blue_green, kill9_instan
 
 EXTRAS = ("stall_s", "stall_open", "delay_max_s", "dead_letters", "dead_lettered", "garbage", "rss_mib_max", "zombie_transactions_refused", "zombie_partitions_lost",
           "intake_paused", "shadow_comparisons", "versions", "exit_code", "big_outcomes", "forwarded", "written_back",
-          "status_candidate_percent", "changes", "killed_leader", "history_entries", "decided_and_dead_lettered", "instances_running_at_end", "failed")
+          "status_candidate_percent", "changes", "killed_leader", "status_controller", "history_entries", "decided_and_dead_lettered", "instances_running_at_end", "failed")
 
 
 def run_scenario(name, a):

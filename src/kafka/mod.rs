@@ -254,6 +254,52 @@ impl GapReader {
     }
 }
 
+/// The members of consumer group `group` that hold `partition` of `topic`, each named by its instance id
+/// (a static member's id is its instance id followed by a UUID) and host.
+pub fn holders(config: &Config, group: &str, topic: &str, partition: i32) -> Result<Vec<String>, KafkaError> {
+    let client: BaseConsumer = base(config).create()?;
+    let groups = client.fetch_group_list(Some(group), ADMIN_TIMEOUT)?;
+    Ok(groups
+        .groups()
+        .iter()
+        .flat_map(|g| g.members())
+        .filter(|m| m.assignment().is_some_and(|a| assignment_holds(a, topic, partition)))
+        .map(|m| format!("{} ({})", instance_of_member(m.id()), m.client_host().trim_start_matches('/')))
+        .collect())
+}
+
+/// A static member's instance id from its member id (`<group.instance.id>-<UUID>`), else the member id.
+fn instance_of_member(member: &str) -> &str {
+    match member.len().checked_sub(37) {
+        Some(cut) if member.is_char_boundary(cut) && member[cut..].starts_with('-') => &member[..cut],
+        _ => member,
+    }
+}
+
+/// Whether a consumer-protocol assignment (version, then [topic, [partition]]) holds `partition` of `topic`.
+fn assignment_holds(mut bytes: &[u8], topic: &str, partition: i32) -> bool {
+    fn take<const N: usize>(bytes: &mut &[u8]) -> Option<[u8; N]> {
+        let (head, rest) = bytes.split_first_chunk::<N>()?;
+        *bytes = rest;
+        Some(*head)
+    }
+    let mut holds = || -> Option<bool> {
+        take::<2>(&mut bytes)?;
+        for _ in 0..i32::from_be_bytes(take(&mut bytes)?) {
+            let len = i16::from_be_bytes(take(&mut bytes)?).max(0) as usize;
+            let name = bytes.get(..len)?;
+            bytes = &bytes[len..];
+            for _ in 0..i32::from_be_bytes(take(&mut bytes)?) {
+                if name == topic.as_bytes() && i32::from_be_bytes(take(&mut bytes)?) == partition {
+                    return Some(true);
+                }
+            }
+        }
+        Some(false)
+    };
+    holds().unwrap_or(false)
+}
+
 trait SetIfAbsent {
     fn set_if_absent(&mut self, key: &str, value: &str) -> &mut Self;
 }
@@ -574,4 +620,29 @@ pub async fn send_all_retrying(
 /// Milliseconds since the Unix epoch, from the wall clock.
 pub fn now_millis() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod holder_tests {
+    use super::*;
+
+    #[test]
+    fn the_member_holding_a_partition_is_found_in_its_assignment() {
+        // version 1; topics: "deploy" -> [3, 0]; user data (null).
+        let mut a = vec![0, 1, 0, 0, 0, 1, 0, 6];
+        a.extend_from_slice(b"deploy");
+        a.extend_from_slice(&[0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]);
+        assert!(assignment_holds(&a, "deploy", 0));
+        assert!(!assignment_holds(&a, "deploy", 1));
+        assert!(!assignment_holds(&a, "other", 0));
+        assert!(!assignment_holds(&a[..9], "deploy", 0), "truncated: holds nothing");
+        assert!(!assignment_holds(&[0, 1, 0, 0, 0, 0], "deploy", 0), "empty assignment");
+    }
+
+    #[test]
+    fn a_static_members_instance_id_is_its_member_id_without_the_uuid() {
+        assert_eq!(instance_of_member("i1-6f1c8b4e-2f7a-4c55-9a43-0e2c5b9d1a77"), "i1");
+        assert_eq!(instance_of_member("host-a-0-6f1c8b4e-2f7a-4c55-9a43-0e2c5b9d1a77"), "host-a-0");
+        assert_eq!(instance_of_member("rdkafka"), "rdkafka");
+    }
 }

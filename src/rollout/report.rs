@@ -22,6 +22,17 @@ use crate::routing::Deployment;
 /// How long `status` reads decisions before it reports what it has.
 const READ_LIMIT: Duration = Duration::from_secs(60);
 
+/// Which instance leads the rollout controller (the member of `<group_id>-controller` holding the
+/// deployments topic's partition), in words.
+pub fn controller_status(config: &Config) -> String {
+    let group = format!("{}-controller", config.service.group_id);
+    match kafka::holders(config, &group, &config.topics.deployments, 0) {
+        Ok(holders) if holders.is_empty() => "rollout controller: no instance leads (none running?)".to_string(),
+        Ok(holders) => format!("rollout controller: led by instance {}", holders.join(", ")),
+        Err(error) => format!("rollout controller: unknown ({error})"),
+    }
+}
+
 /// The plan of `d` and its current evidence, in words; empty without a plan.
 pub async fn plan_status(config: &Config, codec: &Codec, d: &Deployment) -> Result<String> {
     let mut out = String::new();
