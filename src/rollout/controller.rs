@@ -37,7 +37,7 @@ use super::history;
 use super::plan::{GuardKind, PlanState};
 use super::probation::ProbationEvidence;
 use super::settle::Settled;
-use crate::codec::{Codec, Decision, ScoredOutcome};
+use crate::codec::{Codec, Decision, Millis, ScoredOutcome};
 use crate::config::Config;
 use crate::control::Registry;
 use crate::error::Error;
@@ -250,23 +250,52 @@ impl Leader {
     /// Follows the decisions (and scored outcomes) of the running plans' steps and of blue/green
     /// probations, and adds the change of every one whose verdict is in.
     async fn judge(&mut self, out: &mut Vec<OutRecord>) -> Result<(), Error> {
+        let (running, on_probation) = self.to_judge();
+        self.open_feeds(&reads(&running, &on_probation))?;
+        self.read_evidence().await?;
+        let now = kafka::now_millis();
+        let settled = match (self.feed.as_ref(), self.progress.as_mut()) {
+            (Some(feed), Some((progress, settled))) => settled.advance(now, &mut progress.with(feed))?,
+            _ => None,
+        };
+        let labels_by = self.scored.as_mut().map(|f| f.read_through(now));
+        for d in &running {
+            let e = self.evidence.get_mut(&d.name).expect("kept by to_judge");
+            if let Some(settled) = settled {
+                e.score_until(settled);
+            }
+            if let Some(labels_by) = labels_by {
+                e.score_coverage_until(labels_by, d.spec.timeout_ms);
+            }
+            let plan = d.spec.plan.as_ref().expect("running");
+            self.reported.insert(d.name.clone());
+            telemetry::rollout(&d.name, plan.step, &e.figures(plan.step), e.late());
+            let next = decide::next_record(d, e, now, self.registry.next_version(&d.name));
+            self.write_change(d, next, out);
+        }
+        for d in &on_probation {
+            let Some(e) = self.probations.get(&d.name) else { continue };
+            self.reported.insert(d.name.clone());
+            telemetry::rollout(&d.name, 0, &e.figures(), 0);
+            let next = decide::probation_record(d, e, now, self.registry.next_version(&d.name));
+            self.write_change(d, next, out);
+        }
+        Ok(())
+    }
+
+    /// The deployments with a running plan and those on probation, with evidence kept for each (that of
+    /// a version no longer in force dropped, a new one started).
+    fn to_judge(&mut self) -> (Vec<Deployment>, Vec<Deployment>) {
         let running: Vec<_> = self
             .registry
             .deployments()
             .filter(|d| d.spec.plan.as_ref().is_some_and(|p| p.state == PlanState::Running))
-            .cloned()
+            .map(|d| Deployment::clone(d))
             .collect();
         let on_probation: Vec<_> =
-            self.registry.deployments().filter(|d| d.spec.probation.is_some()).cloned().collect();
+            self.registry.deployments().filter(|d| d.spec.probation.is_some()).map(|d| Deployment::clone(d)).collect();
         self.evidence.retain(|name, e| running.iter().any(|d| d.name == *name && d.version() == e.version));
         self.probations.retain(|name, e| on_probation.iter().any(|d| d.name == *name && d.version() == e.version));
-        if running.is_empty() && on_probation.is_empty() {
-            // Nothing to judge: nothing is read (a plan that starts opens the feeds at its start).
-            self.feed = None;
-            self.progress = None;
-            self.scored = None;
-            return Ok(());
-        }
         for d in &running {
             if !self.evidence.contains_key(&d.name) {
                 self.evidence.insert(d.name.clone(), StepEvidence::new(d).expect("a running plan"));
@@ -279,31 +308,31 @@ impl Leader {
                 }
             }
         }
-        let from = running
-            .iter()
-            .filter_map(|d| d.spec.plan.as_ref().map(|p| p.step_started_at))
-            .chain(on_probation.iter().filter_map(|d| d.spec.probation.as_ref().map(|p| p.started_at)))
-            .min();
-        if running.is_empty() {
+        (running, on_probation)
+    }
+
+    /// Opens the feeds `reads` needs (from its start: a new leader reads the step again) and closes the
+    /// others: nothing is read while nothing is judged.
+    fn open_feeds(&mut self, reads: &Reads) -> Result<(), Error> {
+        if !reads.decisions {
             self.feed = None;
             self.progress = None;
         } else if self.feed.is_none() {
-            self.feed = Some(Feed::open(&self.config, self.codec.clone(), &self.config.topics.decisions, from)?);
+            let topic = &self.config.topics.decisions;
+            self.feed = Some(Feed::open(&self.config, self.codec.clone(), topic, reads.from)?);
             self.progress = Some((Progress::new(&self.config)?, Settled::default()));
         }
-        let reads_labels = !on_probation.is_empty()
-            || running.iter().any(|d| {
-                d.spec
-                    .plan
-                    .as_ref()
-                    .is_some_and(|p| p.guards.iter().any(|g| matches!(g, GuardKind::Quality | GuardKind::Coverage)))
-            });
-        if !reads_labels {
+        if !reads.labels {
             self.scored = None;
         } else if self.scored.is_none() {
-            self.scored =
-                Some(Feed::open(&self.config, self.codec.clone(), &self.config.topics.scored_outcomes, from)?);
+            let topic = &self.config.topics.scored_outcomes;
+            self.scored = Some(Feed::open(&self.config, self.codec.clone(), topic, reads.from)?);
         }
+        Ok(())
+    }
+
+    /// Hands what the open feeds have now to the evidence of the version each record was made under.
+    async fn read_evidence(&mut self) -> Result<(), Error> {
         let (evidence, probations) = (&mut self.evidence, &mut self.probations);
         if let Some(scored) = self.scored.as_mut() {
             scored
@@ -329,43 +358,15 @@ impl Leader {
                 DECISIONS_PER_TICK,
                 |d: &Decision| d.decided_at,
                 |decision| {
-                    if let Some(e) = evidence.get_mut(&decision.deployment) {
-                        if decision.config_version as u64 == e.version {
-                            if let Some(observation) = Observation::of(&decision) {
-                                e.add(observation);
-                            }
+                    let e = evidence.get_mut(&decision.deployment);
+                    if let Some(e) = e.filter(|e| decision.config_version as u64 == e.version) {
+                        if let Some(observation) = Observation::of(&decision) {
+                            e.add(observation);
                         }
                     }
                 },
             )
             .await?;
-        }
-        let now = kafka::now_millis();
-        let settled = match (self.feed.as_ref(), self.progress.as_mut()) {
-            (Some(feed), Some((progress, settled))) => settled.advance(now, &mut progress.with(feed))?,
-            _ => None,
-        };
-        let labels_by = self.scored.as_mut().map(|f| f.read_through(now));
-        for d in &running {
-            let e = self.evidence.get_mut(&d.name).expect("inserted above");
-            if let Some(settled) = settled {
-                e.score_until(settled);
-            }
-            if let Some(labels_by) = labels_by {
-                e.score_coverage_until(labels_by, d.spec.timeout_ms);
-            }
-            let plan = d.spec.plan.as_ref().expect("running");
-            self.reported.insert(d.name.clone());
-            telemetry::rollout(&d.name, plan.step, &e.figures(plan.step), e.late());
-            let next = decide::next_record(d, e, now, self.registry.next_version(&d.name));
-            self.write_change(d, next, out);
-        }
-        for d in &on_probation {
-            let Some(e) = self.probations.get(&d.name) else { continue };
-            self.reported.insert(d.name.clone());
-            telemetry::rollout(&d.name, 0, &e.figures(), 0);
-            let next = decide::probation_record(d, e, now, self.registry.next_version(&d.name));
-            self.write_change(d, next, out);
         }
         Ok(())
     }
@@ -390,6 +391,30 @@ impl Leader {
     }
 }
 
+/// What the leader must read to judge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Reads {
+    /// The decisions: while a plan runs.
+    decisions: bool,
+    /// The scored outcomes: while a running plan has a guard on labels, or a deployment is on probation.
+    labels: bool,
+    /// From the earliest start of a running step or a probation (None: nothing to judge).
+    from: Option<Millis>,
+}
+
+fn reads(running: &[Deployment], on_probation: &[Deployment]) -> Reads {
+    let plans = || running.iter().filter_map(|d| d.spec.plan.as_ref());
+    let on_labels = |g: &GuardKind| matches!(g, GuardKind::Quality | GuardKind::Coverage);
+    Reads {
+        decisions: !running.is_empty(),
+        labels: !on_probation.is_empty() || plans().any(|p| p.guards.iter().any(on_labels)),
+        from: plans()
+            .map(|p| p.step_started_at)
+            .chain(on_probation.iter().filter_map(|d| d.spec.probation.as_ref().map(|p| p.started_at)))
+            .min(),
+    }
+}
+
 /// Applies the records of the deployments topic before `until`.
 async fn replay_until(
     reader: &StreamConsumer,
@@ -407,4 +432,40 @@ async fn replay_until(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routing::DeploymentSpec;
+
+    fn deployment(json: &str) -> Deployment {
+        DeploymentSpec::from_json(json.as_bytes()).unwrap().validate("d").unwrap()
+    }
+
+    fn plan(step_started_at: i64, guards: &str) -> Deployment {
+        deployment(&format!(
+            r#"{{"version":2,"strategy":"canary","control":"a","candidate":"b","canary_percent":5,"quality":{{}},
+                "plan":{{"steps":[{{"canary_percent":5,"bake_ms":1000,"min_sample":10,"max_ms":60000}}],
+                         "guards":{guards},"step":0,"step_started_at":{step_started_at},"state":"running"}}}}"#
+        ))
+    }
+
+    #[test]
+    fn the_leader_reads_only_what_it_judges_from_the_earliest_start() {
+        assert_eq!(reads(&[], &[]), Reads { decisions: false, labels: false, from: None }, "nothing to judge");
+        let rates = plan(5_000, r#"["error_rate","sample_ratio"]"#);
+        assert_eq!(reads(&[rates.clone()], &[]), Reads { decisions: true, labels: false, from: Some(5_000) });
+        let labels = plan(3_000, r#"["error_rate","quality"]"#);
+        assert_eq!(reads(&[rates, labels], &[]), Reads { decisions: true, labels: true, from: Some(3_000) });
+        let probation = deployment(
+            r#"{"version":3,"strategy":"blue_green","control":"a","candidate":"b","active":"candidate","quality":{},
+                "probation":{"started_at":1000,"duration_ms":60000}}"#,
+        );
+        assert_eq!(
+            reads(&[], &[probation]),
+            Reads { decisions: false, labels: true, from: Some(1_000) },
+            "a probation judges labels only"
+        );
+    }
 }
