@@ -1075,7 +1075,12 @@ def controller_failover(s, a):
             if i in s.stopped:
                 continue
             address = metrics_address(s, i)
-            step = gauge(address, "switchyard_rollout_step", [f'deployment="{s.deployment}"']) if address else None
+            try:
+                step = gauge(address, "switchyard_rollout_step", [f'deployment="{s.deployment}"'])
+            except Exception as e:
+                alive = s.instances[i].poll() is None
+                s.fail(f"instance {i} (running: {alive}): /metrics at {address} unreadable: {e}")
+                continue
             s.notes[f"rollout_step_gauge_i{i}"] = step
             if step not in (None, 0.0):
                 s.fail(f"instance {i} still exports switchyard_rollout_step {step} after the plan ended")
