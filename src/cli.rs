@@ -14,7 +14,7 @@ use crate::routing::{DeploymentSpec, Rule, Side, Strategy};
 use crate::service::{self, Roles};
 use crate::shutdown::{self, ShutdownTrigger};
 use crate::tools::{demo_model::DemoModel, labeller::Labeller, loadgen::Loadgen, watch::Watch};
-use crate::{kafka, rollout};
+use crate::{clock, kafka, rollout};
 
 #[derive(Debug, Parser)]
 #[command(name = "switchyard", version, about = "Shadow, canary and blue/green rollouts of ML models on Kafka")]
@@ -222,7 +222,7 @@ fn parse_plan(text: &str) -> Result<Plan> {
     };
     let mut plan: Plan = serde_json::from_str(&json).map_err(|e| Error::Usage(format!("--plan: {e}")))?;
     plan.step = 0;
-    plan.step_started_at = kafka::now_millis();
+    plan.step_started_at = clock::now_millis();
     plan.state = PlanState::Running;
     plan.validate().map_err(|e| Error::Usage(format!("--plan: {e}")))?;
     Ok(plan)

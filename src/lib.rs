@@ -25,6 +25,7 @@
 //! - [`cli`] — the command line.
 
 pub mod cli;
+pub mod clock;
 pub mod codec;
 pub mod config;
 pub mod control;

@@ -9,6 +9,7 @@ use rdkafka::producer::FutureProducer;
 use super::moves;
 use super::registry::Registry;
 use super::watcher;
+use crate::clock;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::kafka::{self, OutRecord};
@@ -82,7 +83,7 @@ pub async fn apply_move(config: &Config, name: &str, what: Move, reason: Option<
         Move::Promote => moves::promote(&current.spec, version),
         Move::PromoteOnProbation(duration_ms, ref quality_guard) => {
             let probation = crate::rollout::probation::Probation {
-                started_at: kafka::now_millis(),
+                started_at: clock::now_millis(),
                 duration_ms,
                 quality_guard: quality_guard.clone(),
                 alpha: 0.05,
@@ -91,7 +92,7 @@ pub async fn apply_move(config: &Config, name: &str, what: Move, reason: Option<
         }
         Move::Rollback => moves::rollback(&current.spec, version),
         Move::Pause => moves::pause(&current.spec, version),
-        Move::Resume => moves::resume(&current.spec, version, kafka::now_millis()),
+        Move::Resume => moves::resume(&current.spec, version, clock::now_millis()),
     }?;
     next.change = Some(operator_change(reason.unwrap_or_else(|| what.as_str().to_string())));
     write(config, &registry, name, next).await

@@ -37,6 +37,7 @@ use super::history;
 use super::plan::{GuardKind, PlanState};
 use super::probation::ProbationEvidence;
 use super::settle::Settled;
+use crate::clock;
 use crate::codec::{Codec, Decision, Millis, ScoredOutcome};
 use crate::config::Config;
 use crate::control::Registry;
@@ -210,7 +211,7 @@ impl Leader {
             }
             let outcome = self.registry.apply(message.key(), message.payload(), message.offset());
             let name = String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned();
-            let at = message.timestamp().to_millis().unwrap_or_else(kafka::now_millis);
+            let at = message.timestamp().to_millis().unwrap_or_else(clock::now_millis);
             if let Some(entry) = history::entry(&name, message.payload(), message.offset(), at, &outcome) {
                 let value = serde_json::to_vec(&entry).expect("history entries serialise");
                 out.push(OutRecord::new(self.config.topics.history.clone(), name.into_bytes(), value));
@@ -253,7 +254,7 @@ impl Leader {
         let (running, on_probation) = self.to_judge();
         self.open_feeds(&reads(&running, &on_probation))?;
         self.read_evidence().await?;
-        let now = kafka::now_millis();
+        let now = clock::now_millis();
         let settled = match (self.feed.as_ref(), self.progress.as_mut()) {
             (Some(feed), Some((progress, settled))) => settled.advance(now, &mut progress.with(feed))?,
             _ => None,

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use rdkafka::message::{Message, OwnedMessage};
 
+use crate::clock;
 use crate::codec::{Codec, Millis, ModelRequest, Request, Role, Routed};
 use crate::config::Config;
 use crate::control::{Registry, SharedRegistry};
@@ -131,7 +132,7 @@ fn process(
     }
     match admit(message.payload(), config.service.max_request_bytes, codec, registry) {
         Ok((request, deployment)) => {
-            let plan = plan(request, &deployment, kafka::now_millis());
+            let plan = plan(request, &deployment, clock::now_millis());
             out.events.extend(plan.copies.iter().map(|copy| Event::Routed {
                 deployment: plan.routed.deployment.clone(),
                 model: copy.model.clone(),
