@@ -475,7 +475,7 @@ impl Bench {
         let mut procs = Vec::new();
         match system {
             System::Switchyard => {
-                let spec: switchyard::routing::DeploymentSpec =
+                let spec: switchyard::record::DeploymentSpec =
                     serde_json::from_str(&self.deployment(full)).expect("deployment");
                 switchyard::control::ops::deploy(&config, "bench", spec).await.expect("deploy");
                 let mut command = Command::new(self.binary("switchyard"));

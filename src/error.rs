@@ -6,7 +6,7 @@ use rdkafka::error::KafkaError;
 
 use crate::config::ConfigError;
 use crate::control::moves::MoveError;
-use crate::routing::InvalidDeployment;
+use crate::record::InvalidDeployment;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

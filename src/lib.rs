@@ -34,6 +34,7 @@ pub mod error;
 pub mod kafka;
 pub mod merge;
 pub mod quality;
+pub mod record;
 pub mod rollout;
 pub mod route;
 pub mod routing;

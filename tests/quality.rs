@@ -252,7 +252,7 @@ async fn a_blue_green_switch_on_probation_switches_back_on_quality_and_a_good_on
     let change = worse.spec.change.clone().unwrap();
     eprintln!("worse: {} ({:.1} s after the switch)", change.reason, start.elapsed().as_secs_f64());
     assert_eq!(change.actor, "guard:paired_quality");
-    assert_eq!(worse.spec.active, switchyard::routing::Side::Control, "switched back");
+    assert_eq!(worse.spec.active, switchyard::record::Side::Control, "switched back");
     let paired = &change.figures.unwrap().guards[0];
     let (old, new) = paired.mean_loss.unwrap();
     assert!(old < 0.15 && new > 0.2 && paired.control.n >= 100, "{paired:?}");
@@ -261,7 +261,7 @@ async fn a_blue_green_switch_on_probation_switches_back_on_quality_and_a_good_on
     eprintln!("equal: {}", change.reason);
     assert_eq!(change.actor, "plan");
     assert!(change.reason.starts_with("probation over"), "{}", change.reason);
-    assert_eq!(equal.spec.active, switchyard::routing::Side::Candidate, "the new side stays");
+    assert_eq!(equal.spec.active, switchyard::record::Side::Candidate, "the new side stays");
 
     // The history tells both stories.
     let (ok, text, err) = env.cli(&["history", "worse"]);

@@ -15,9 +15,9 @@ use switchyard::clock;
 use switchyard::codec::{Decision, Request};
 use switchyard::control::watcher;
 use switchyard::kafka::{self, OutRecord};
+use switchyard::record::plan::PlanState;
+use switchyard::record::{Deployment, DeploymentSpec, Strategy};
 use switchyard::rollout::history::{Entry, Verdict};
-use switchyard::rollout::plan::PlanState;
-use switchyard::routing::{Deployment, DeploymentSpec, Strategy};
 
 /// A canary deployment of `candidate` next to `control` with a plan over `steps` (canary percents).
 async fn deploy_plan(env: &Env, name: &str, control: &str, candidate: &str, steps: &[f64], bake_ms: u64, max_ms: u64) {

@@ -15,7 +15,7 @@ pub use registry::{Registry, SharedRegistry};
 use crate::codec::{Codec, RecordKind, RegistryError};
 use crate::config::Config;
 use crate::kafka;
-use crate::routing::Deployment;
+use crate::record::Deployment;
 
 /// Creates the per-model topics of `deployments` (when `topics.create` is on).
 pub async fn ensure_model_topics<'a>(

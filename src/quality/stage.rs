@@ -14,7 +14,6 @@ use rdkafka::consumer::Consumer;
 use rdkafka::message::{Headers, Message, OwnedMessage};
 
 use super::join::{Effect, Entry, Join, JoinConfig, Rejected};
-use super::score::QualitySpec;
 use crate::clock;
 use crate::codec::{Codec, Decision, Outcome, ShadowComparison};
 use crate::config::Config;
@@ -24,6 +23,7 @@ use crate::error::Result;
 use crate::kafka::partitioner::partition_for_key;
 use crate::kafka::stage::{Commit, Outbox, TxnStage};
 use crate::kafka::{self, OutRecord, SourcePos};
+use crate::record::quality::QualitySpec;
 use crate::shutdown::Shutdown;
 use crate::telemetry::{self, Event};
 

@@ -34,7 +34,6 @@ use super::decide;
 use super::evidence::{Observation, StepEvidence};
 use super::feed::{Feed, Progress};
 use super::history;
-use super::plan::{GuardKind, PlanState};
 use super::probation::ProbationEvidence;
 use super::settle::Settled;
 use crate::clock;
@@ -45,7 +44,8 @@ use crate::error::Error;
 use crate::kafka::batch::GroupWatch;
 use crate::kafka::txn::TxnProducer;
 use crate::kafka::{self, ADMIN_TIMEOUT, OutRecord};
-use crate::routing::{Deployment, DeploymentSpec};
+use crate::record::plan::{GuardKind, PlanState};
+use crate::record::{Deployment, DeploymentSpec};
 use crate::shutdown::Shutdown;
 use crate::telemetry;
 
@@ -438,7 +438,7 @@ async fn replay_until(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::routing::DeploymentSpec;
+    use crate::record::DeploymentSpec;
 
     fn deployment(json: &str) -> Deployment {
         DeploymentSpec::from_json(json.as_bytes()).unwrap().validate("d").unwrap()

@@ -28,12 +28,12 @@ pub mod probation;
 pub mod report;
 pub mod settle;
 
-use evidence::GuardFigures;
-use plan::GuardKind;
+use crate::record::figures::{Counts, GuardFigures};
+use crate::record::plan::GuardKind;
 
 /// One guard's line: its e-value against its threshold and each arm's bad share.
 pub fn describe_guard(g: &GuardFigures) -> String {
-    let rate = |c: &evidence::Counts| {
+    let rate = |c: &Counts| {
         if g.guard == GuardKind::SampleRatio {
             format!("{} users", c.n)
         } else if matches!(g.guard, GuardKind::Quality | GuardKind::PairedQuality) {

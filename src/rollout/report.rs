@@ -10,7 +10,6 @@ use rdkafka::message::Message;
 use super::evidence::{Observation, StepEvidence};
 use super::feed::{Feed, Progress};
 use super::history::{self, Entry};
-use super::plan::{GuardKind, PlanState};
 use super::probation::ProbationEvidence;
 use super::settle::Settled;
 use crate::clock;
@@ -18,7 +17,8 @@ use crate::codec::{Codec, Decision, ScoredOutcome};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::kafka;
-use crate::routing::Deployment;
+use crate::record::Deployment;
+use crate::record::plan::{GuardKind, PlanState};
 
 /// How long `status` reads decisions before it reports what it has.
 const READ_LIMIT: Duration = Duration::from_secs(60);

@@ -16,7 +16,8 @@ use crate::control::{Registry, SharedRegistry};
 use crate::dead_letter::{Kind, Letter};
 use crate::error::Result;
 use crate::kafka::{self, Commit, OutRecord, Outbox, TxnStage};
-use crate::routing::{self, Deployment};
+use crate::record::Deployment;
+use crate::routing;
 use crate::shutdown::Shutdown;
 use crate::telemetry::Event;
 
@@ -188,7 +189,7 @@ pub async fn run(config: Config, codec: Codec, registry: SharedRegistry, shutdow
 mod tests {
     use super::*;
     use crate::control::Registry;
-    use crate::routing::DeploymentSpec;
+    use crate::record::DeploymentSpec;
 
     fn deployment(json: &str) -> Deployment {
         DeploymentSpec::from_json(json.as_bytes()).unwrap().validate("fraud").unwrap()

@@ -15,7 +15,7 @@ use switchyard::codec::{AvroRecord, Codec, Request};
 use switchyard::config::Config;
 use switchyard::control::ops;
 use switchyard::kafka::{self, OutRecord};
-use switchyard::routing::DeploymentSpec;
+use switchyard::record::DeploymentSpec;
 use switchyard::service::{self, Roles};
 use switchyard::shutdown::{Shutdown, ShutdownTrigger};
 use switchyard::tools::demo_model::DemoModel;
