@@ -6,13 +6,13 @@ use std::fmt::Write as _;
 
 use rdkafka::producer::FutureProducer;
 
-use super::moves;
 use super::registry::Registry;
 use super::watcher;
 use crate::clock;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::kafka::{self, OutRecord};
+use crate::record::moves;
 use crate::record::plan::QualityGuard;
 use crate::record::probation::{self, Probation};
 use crate::record::{Change, Deployment, DeploymentSpec, Strategy};

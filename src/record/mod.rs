@@ -6,6 +6,8 @@
 //! - [`deployment`]: the record itself ([`DeploymentSpec`] as written, [`Deployment`] validated), the
 //!   strategies and sides, attribute rules, who changed it and why; a share of users as a bucket
 //!   threshold.
+//! - [`moves`]: the common moves (promote, rollback, a plan's advance, pause, resume, a probation's
+//!   end) as the next version of a record, and why a move is refused.
 //! - [`plan`]: a rollout plan as the record carries it (steps, guards, budget, actions, where it stands).
 //! - [`probation`]: a blue/green switch on probation.
 //! - [`figures`]: the controller's evidence carried by a change (guards' e-values and counts per arm).
@@ -13,6 +15,7 @@
 
 pub mod deployment;
 pub mod figures;
+pub mod moves;
 pub mod plan;
 pub mod probation;
 pub mod quality;

@@ -5,7 +5,7 @@ use super::evidence::StepEvidence;
 use super::plan::{Verdict, judge};
 use super::probation::{self, ProbationEvidence};
 use crate::codec::Millis;
-use crate::control::moves;
+use crate::record::moves;
 use crate::record::plan::{GuardKind, OnAlarm, OnEnd, PlanState};
 use crate::record::{Change, Deployment, DeploymentSpec};
 
