@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
+use switchyard::clock;
 use switchyard::codec::{Codec, Decision, ModelRequest, Prediction, Request};
 use switchyard::config::Config;
 use switchyard::kafka::{self, OutRecord, TopicKind};
@@ -474,7 +475,7 @@ impl Bench {
         let mut procs = Vec::new();
         match system {
             System::Switchyard => {
-                let spec: switchyard::routing::DeploymentSpec =
+                let spec: switchyard::record::DeploymentSpec =
                     serde_json::from_str(&self.deployment(full)).expect("deployment");
                 switchyard::control::ops::deploy(&config, "bench", spec).await.expect("deploy");
                 let mut command = Command::new(self.binary("switchyard"));
@@ -563,7 +564,7 @@ impl Bench {
             let Ok(Ok(message)) = tokio::time::timeout(Duration::from_millis(100), reader.recv()).await else {
                 continue;
             };
-            let now = kafka::now_millis();
+            let now = clock::now_millis();
             let bytes = message.payload().unwrap_or_default();
             let topic = message.topic();
             let (id, slot, sent) = if topic == config.topics.decisions {
@@ -657,7 +658,7 @@ impl Bench {
             let Ok(Ok(message)) = tokio::time::timeout(Duration::from_millis(100), reader.recv()).await else {
                 continue;
             };
-            let now = kafka::now_millis();
+            let now = clock::now_millis();
             if let Ok(r) = codec.decode::<Request>(message.payload().unwrap_or_default()) {
                 delays.push((now - r.sent_at) as f64);
             }

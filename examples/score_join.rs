@@ -10,7 +10,7 @@ use switchyard::codec::{Decision, DecisionStatus, Outcome};
 use switchyard::config::Config;
 use switchyard::kafka::{self, OutRecord, SourcePos};
 use switchyard::quality::join::{Effect, Join, JoinConfig};
-use switchyard::quality::score::QualitySpec;
+use switchyard::record::quality::QualitySpec;
 
 fn rss_mib() -> f64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();

@@ -9,12 +9,12 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::Config;
 use crate::control::{ops, watcher};
 use crate::error::{Error, Result};
-use crate::rollout::plan::{Plan, PlanState};
-use crate::routing::{DeploymentSpec, Rule, Side, Strategy};
+use crate::record::plan::{Plan, PlanState};
+use crate::record::{DeploymentSpec, Rule, Side, Strategy};
 use crate::service::{self, Roles};
 use crate::shutdown::{self, ShutdownTrigger};
 use crate::tools::{demo_model::DemoModel, labeller::Labeller, loadgen::Loadgen, watch::Watch};
-use crate::{kafka, rollout};
+use crate::{clock, kafka, rollout};
 
 #[derive(Debug, Parser)]
 #[command(name = "switchyard", version, about = "Shadow, canary and blue/green rollouts of ML models on Kafka")]
@@ -158,7 +158,7 @@ pub struct DeployArgs {
     pub mirror: Vec<String>,
     #[arg(long)]
     pub salt: Option<String>,
-    #[arg(long, default_value_t = crate::routing::deployment::DEFAULT_TIMEOUT_MS)]
+    #[arg(long, default_value_t = crate::record::deployment::DEFAULT_TIMEOUT_MS)]
     pub timeout_ms: u64,
     /// Answer served (status FALLBACK) when the serving model misses the deadline.
     #[arg(long)]
@@ -222,7 +222,7 @@ fn parse_plan(text: &str) -> Result<Plan> {
     };
     let mut plan: Plan = serde_json::from_str(&json).map_err(|e| Error::Usage(format!("--plan: {e}")))?;
     plan.step = 0;
-    plan.step_started_at = kafka::now_millis();
+    plan.step_started_at = clock::now_millis();
     plan.state = PlanState::Running;
     plan.validate().map_err(|e| Error::Usage(format!("--plan: {e}")))?;
     Ok(plan)
@@ -370,7 +370,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::CreateTopics => service::ensure_core_topics(&config).await,
         Command::DemoModel { model, latency_ms, error_rate, disagree_percent, accuracy } => {
-            if !crate::routing::deployment::is_valid_name(&model) {
+            if !crate::record::deployment::is_valid_name(&model) {
                 return Err(Error::Usage(format!("model name {model:?} must be 1-200 characters of [A-Za-z0-9._-]")));
             }
             if !(0.0..=1.0).contains(&error_rate)

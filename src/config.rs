@@ -28,6 +28,12 @@ const MANAGED_OPTIONS: &[&str] = &[
     "group.instance.id",
 ];
 
+/// Largest record switchyard's producers write (librdkafka `message.max.bytes`) unless `[kafka.options]`
+/// sets one: the default of [`Config::record_limit`], which the Kafka clients apply. Above Kafka's 1 MiB
+/// default on purpose: a request the broker accepted (up to about 1 MiB) must fit into a dead letter byte
+/// for byte, and a shadow comparison carries two answers.
+pub const RECORD_LIMIT: usize = 2 * 1024 * 1024;
+
 /// Room a model request needs beyond its request (model name up to 200 bytes, role, version, routing
 /// time, framing), and a decision, comparison or changelog record beyond the answers it carries.
 const RECORD_OVERHEAD: usize = 4096;
@@ -390,7 +396,7 @@ impl Config {
     /// The producers' record limit: `message.max.bytes` from `[kafka.options]`, or switchyard's default.
     pub fn record_limit(&self) -> Result<usize, ConfigError> {
         match self.kafka.options.get("message.max.bytes") {
-            None => Ok(crate::kafka::RECORD_LIMIT),
+            None => Ok(RECORD_LIMIT),
             Some(text) => text
                 .parse()
                 .map_err(|_| ConfigError::Invalid(format!("kafka option message.max.bytes is not a number: {text:?}"))),

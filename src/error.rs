@@ -5,8 +5,8 @@
 use rdkafka::error::KafkaError;
 
 use crate::config::ConfigError;
-use crate::control::moves::MoveError;
-use crate::routing::InvalidDeployment;
+use crate::record::InvalidDeployment;
+use crate::record::moves::MoveError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -4,27 +4,35 @@
 //! requests ──► route ──► model.<m>.requests ──► (model worker) ──► model.<m>.predictions ──┐
 //!               │  └───► switchyard.routed ─────────────────────────────────────────────► merge ──► decisions
 //!               └──────► requests.dlq                                                        └───► shadow.comparisons
-//!     switchyard.deployments (compacted) ──► control::watcher ──► route
+//!     decisions, outcomes ──► quality (score stage) ──► scored.outcomes ──► rollout (controller)
+//!     switchyard.deployments (compacted) ──► control::watcher ──► route, score stage, controller
 //! ```
 //!
-//! Where things live:
-//! - [`routing`] — the pure routing decision: cohort hash, deployment record and its validation.
+//! Where things live (docs/architecture.md has the layering, bottom to top, that
+//! tests/architecture.rs checks):
+//! - [`clock`] — the wall clock in milliseconds; [`shutdown`] — signal handling.
+//! - [`codec`] — Avro records and schemas (schemas/), plain or Confluent-framed.
+//! - [`config`] — layered configuration (defaults, file, environment, flags).
+//! - [`record`] — the deployment record: what may be written to the deployments topic (plan,
+//!   probation, quality spec, change figures), its validation and the moves between versions. No I/O.
+//! - [`error`] — the library's error type.
+//! - [`telemetry`] — metrics and the /metrics, /healthz, /readyz endpoint.
+//! - [`routing`] — the pure routing decision: cohort hash and the split of a deployment's users.
+//! - [`kafka`] — the one place Kafka clients are built; the transactional stage route, merge and the
+//!   score stage run on (batches, rebalances, commit or rewind, records the broker refuses), Kafka's
+//!   partitioner.
+//! - [`dead_letter`] — dead letters with a reason.
+//! - [`control`] — the control plane: the deployments topic, the registry in force, deploy/promote/rollback.
 //! - [`route`] — the route service: requests to per-model topics and routing records.
 //! - [`merge`] — the merge service: predictions joined to routing records, decisions and comparisons.
-//! - [`rollout`] — rollouts that drive themselves: plans, anytime-valid guards, the controller, history.
-//! - [`quality`] — judging models by outcomes: scores, losses, mergeable quality figures.
-//! - [`control`] — the control plane: the deployments topic, the registry in force, deploy/promote/rollback.
-//! - [`codec`] — Avro records and schemas (schemas/), plain or Confluent-framed.
-//! - [`telemetry`] — metrics and the /metrics, /healthz, /readyz endpoint.
-//! - [`kafka`] — the one place Kafka clients are built; the transactional stage route and merge run on
-//!   (batches, rebalances, commit or rewind, records the broker refuses), Kafka's partitioner.
-//! - [`dead_letter`] — dead letters with a reason.
-//! - [`config`] — layered configuration (defaults, file, environment, flags).
-//! - [`service`] — `switchyard run`: the pieces wired together; [`shutdown`] — signal handling.
-//! - [`tools`] — demo model worker, load generator, decisions viewer.
+//! - [`quality`] — judging models by outcomes: the join, losses, mergeable quality figures, the score stage.
+//! - [`rollout`] — rollouts that drive themselves: anytime-valid guards, step evidence, the controller, history.
+//! - [`service`] — `switchyard run`: the pieces wired together.
+//! - [`tools`] — demo model worker, load generator, labeller, decisions viewer.
 //! - [`cli`] — the command line.
 
 pub mod cli;
+pub mod clock;
 pub mod codec;
 pub mod config;
 pub mod control;
@@ -33,6 +41,7 @@ pub mod error;
 pub mod kafka;
 pub mod merge;
 pub mod quality;
+pub mod record;
 pub mod rollout;
 pub mod route;
 pub mod routing;

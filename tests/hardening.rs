@@ -14,6 +14,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use switchyard::clock;
 use switchyard::codec::{Decision, DecisionStatus, MergeState, ModelRequest, Prediction, Request};
 use switchyard::kafka::{self, OutRecord};
 use switchyard::merge::restore;
@@ -157,7 +158,7 @@ async fn foreign_worker(config: switchyard::config::Config, model: &'static str)
             model: model.to_string(),
             output: Some(demo_model::output(model, &request.request.payload, 0.0)),
             error: None,
-            produced_at: kafka::now_millis(),
+            produced_at: clock::now_millis(),
         };
         let value = codec.encode(&prediction);
         let record = FutureRecord::to(&topic).key(message.key().unwrap()).payload(&value);
@@ -260,7 +261,7 @@ async fn an_oversized_prediction_is_dead_lettered_and_its_request_times_out() {
             model: "b1".into(),
             output: Some(output),
             error: None,
-            produced_at: kafka::now_millis(),
+            produced_at: clock::now_millis(),
         };
         OutRecord::new(env.config.topics.model_predictions("b1"), r.user_id.as_bytes(), env.codec.encode(&prediction))
     };

@@ -8,6 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use common::{Env, requests};
+use switchyard::clock;
 use switchyard::codec::{Decision, Outcome, ScoredOutcome};
 use switchyard::kafka::{self, OutRecord};
 use switchyard::tools::demo_model::{DemoModel, scored_output, truth};
@@ -19,7 +20,7 @@ fn outcome_record(env: &Env, request: &switchyard::codec::Request, label: f64) -
         request_id: request.request_id.clone(),
         user_id: request.user_id.clone(),
         label,
-        observed_at: kafka::now_millis(),
+        observed_at: clock::now_millis(),
         source: "test".into(),
     };
     OutRecord::new(env.config.topics.outcomes.clone(), o.user_id.as_bytes(), env.codec.encode(&o))
@@ -147,7 +148,7 @@ async fn a_faster_but_less_accurate_candidate_is_rolled_back_on_quality() {
                      {{"canary_percent":50,"bake_ms":2000,"min_sample":2000,"max_ms":120000}}],
             "guards":["error_rate","latency","quality"],"quality_guard":{{"loss":"zero_one"}},
             "step_started_at":{}}}"#,
-        kafka::now_millis()
+        clock::now_millis()
     );
     env.deploy(
         "fraud",
@@ -251,7 +252,7 @@ async fn a_blue_green_switch_on_probation_switches_back_on_quality_and_a_good_on
     let change = worse.spec.change.clone().unwrap();
     eprintln!("worse: {} ({:.1} s after the switch)", change.reason, start.elapsed().as_secs_f64());
     assert_eq!(change.actor, "guard:paired_quality");
-    assert_eq!(worse.spec.active, switchyard::routing::Side::Control, "switched back");
+    assert_eq!(worse.spec.active, switchyard::record::Side::Control, "switched back");
     let paired = &change.figures.unwrap().guards[0];
     let (old, new) = paired.mean_loss.unwrap();
     assert!(old < 0.15 && new > 0.2 && paired.control.n >= 100, "{paired:?}");
@@ -260,7 +261,7 @@ async fn a_blue_green_switch_on_probation_switches_back_on_quality_and_a_good_on
     eprintln!("equal: {}", change.reason);
     assert_eq!(change.actor, "plan");
     assert!(change.reason.starts_with("probation over"), "{}", change.reason);
-    assert_eq!(equal.spec.active, switchyard::routing::Side::Candidate, "the new side stays");
+    assert_eq!(equal.spec.active, switchyard::record::Side::Candidate, "the new side stays");
 
     // The history tells both stories.
     let (ok, text, err) = env.cli(&["history", "worse"]);

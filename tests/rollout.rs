@@ -11,12 +11,13 @@ use common::Env;
 use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
+use switchyard::clock;
 use switchyard::codec::{Decision, Request};
 use switchyard::control::watcher;
 use switchyard::kafka::{self, OutRecord};
+use switchyard::record::plan::PlanState;
+use switchyard::record::{Deployment, DeploymentSpec, Strategy};
 use switchyard::rollout::history::{Entry, Verdict};
-use switchyard::rollout::plan::PlanState;
-use switchyard::routing::{Deployment, DeploymentSpec, Strategy};
 
 /// A canary deployment of `candidate` next to `control` with a plan over `steps` (canary percents).
 async fn deploy_plan(env: &Env, name: &str, control: &str, candidate: &str, steps: &[f64], bake_ms: u64, max_ms: u64) {
@@ -30,7 +31,7 @@ async fn deploy_plan(env: &Env, name: &str, control: &str, candidate: &str, step
             "change":{{"actor":"operator:test","reason":"start {name}"}}}}"#,
         steps_first(&steps),
         steps.join(","),
-        kafka::now_millis()
+        clock::now_millis()
     );
     let spec = DeploymentSpec::from_json(json.as_bytes()).unwrap();
     switchyard::control::ops::deploy(&env.config, name, spec).await.expect("deploy");
@@ -59,7 +60,7 @@ fn traffic(env: &Env, deployments: &[&str], rate: u64, users: u64) -> tokio::syn
                         request_id: format!("{d}-{i}"),
                         user_id: format!("{d}-user-{}", rand::random::<u64>() % users),
                         deployment: d.clone(),
-                        sent_at: kafka::now_millis(),
+                        sent_at: clock::now_millis(),
                         payload: format!("p{i}").into_bytes(),
                         attributes: HashMap::new(),
                     };

@@ -9,8 +9,9 @@ use std::time::Duration;
 use common::Env;
 use rdkafka::consumer::Consumer;
 use rdkafka::{Offset, TopicPartitionList};
+use switchyard::config::RECORD_LIMIT;
 use switchyard::kafka::txn::TxnProducer;
-use switchyard::kafka::{self, OutRecord, RECORD_LIMIT};
+use switchyard::kafka::{self, OutRecord};
 use switchyard::shutdown::ShutdownTrigger;
 
 const LIMIT: Duration = Duration::from_secs(60);

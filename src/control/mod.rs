@@ -1,11 +1,9 @@
 //! The control plane: deployment records on the compacted deployments topic.
 //!
 //! - [`registry`]: the deployments in force and the rejected records (pure).
-//! - [`moves`]: promote and rollback as new versions of a deployment record (pure).
 //! - [`watcher`]: reads the whole topic at start and follows it live (Kafka).
 //! - [`ops`]: what the `deploy`, `promote`, `rollback` and `status` commands do (Kafka).
 
-pub mod moves;
 pub mod ops;
 pub mod registry;
 pub mod watcher;
@@ -15,7 +13,7 @@ pub use registry::{Registry, SharedRegistry};
 use crate::codec::{Codec, RecordKind, RegistryError};
 use crate::config::Config;
 use crate::kafka;
-use crate::routing::Deployment;
+use crate::record::Deployment;
 
 /// Creates the per-model topics of `deployments` (when `topics.create` is on).
 pub async fn ensure_model_topics<'a>(

@@ -6,19 +6,22 @@ use std::fmt::Write as _;
 
 use rdkafka::producer::FutureProducer;
 
-use super::moves;
 use super::registry::Registry;
 use super::watcher;
+use crate::clock;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::kafka::{self, OutRecord};
-use crate::routing::{Change, Deployment, DeploymentSpec, Strategy};
+use crate::record::moves;
+use crate::record::plan::QualityGuard;
+use crate::record::probation::{self, Probation};
+use crate::record::{Change, Deployment, DeploymentSpec, Strategy};
 
 /// Validates `spec` against the record in force and writes it. Returns the deployment as written.
 pub async fn write(config: &Config, registry: &Registry, name: &str, spec: DeploymentSpec) -> Result<Deployment> {
     if let Some(current) = registry.get(name) {
         if spec.version <= current.version() {
-            return Err(crate::routing::InvalidDeployment::StaleVersion {
+            return Err(crate::record::InvalidDeployment::StaleVersion {
                 got: spec.version,
                 current: current.version(),
             }
@@ -55,7 +58,7 @@ pub async fn deploy(config: &Config, name: &str, mut spec: DeploymentSpec) -> Re
 pub enum Move {
     Promote,
     /// A blue/green switch on probation for this long (ms), judged by this guard.
-    PromoteOnProbation(u64, crate::rollout::plan::QualityGuard),
+    PromoteOnProbation(u64, QualityGuard),
     Rollback,
     Pause,
     Resume,
@@ -81,17 +84,17 @@ pub async fn apply_move(config: &Config, name: &str, what: Move, reason: Option<
     let mut next = match what {
         Move::Promote => moves::promote(&current.spec, version),
         Move::PromoteOnProbation(duration_ms, ref quality_guard) => {
-            let probation = crate::rollout::probation::Probation {
-                started_at: kafka::now_millis(),
+            let probation = Probation {
+                started_at: clock::now_millis(),
                 duration_ms,
                 quality_guard: quality_guard.clone(),
-                alpha: 0.05,
+                alpha: probation::DEFAULT_ALPHA,
             };
             moves::promote_on_probation(&current.spec, version, probation)
         }
         Move::Rollback => moves::rollback(&current.spec, version),
         Move::Pause => moves::pause(&current.spec, version),
-        Move::Resume => moves::resume(&current.spec, version, kafka::now_millis()),
+        Move::Resume => moves::resume(&current.spec, version, clock::now_millis()),
     }?;
     next.change = Some(operator_change(reason.unwrap_or_else(|| what.as_str().to_string())));
     write(config, &registry, name, next).await

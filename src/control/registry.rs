@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, RwLock};
 
-use crate::routing::{Deployment, DeploymentSpec, InvalidDeployment};
+use crate::record::{Deployment, DeploymentSpec, InvalidDeployment};
 
 /// How many rejected records `status` can show.
 const REJECTIONS_KEPT: usize = 100;

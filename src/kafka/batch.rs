@@ -11,7 +11,8 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::{ADMIN_TIMEOUT, now_millis};
+use super::ADMIN_TIMEOUT;
+use crate::clock::now_millis;
 use crate::config::Config;
 use crate::shutdown::Shutdown;
 

@@ -31,17 +31,13 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::config::Config;
+use crate::config::{Config, RECORD_LIMIT};
 
 /// How long a metadata or admin call may take before the caller reports the broker as unreachable.
 pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Largest record switchyard's producers write (librdkafka `message.max.bytes`, unless set in
-/// `[kafka.options]`). Above Kafka's 1 MiB default on purpose: a request the broker accepted (up to
-/// about 1 MiB) must fit into a dead letter byte for byte, and a shadow comparison carries two answers.
-pub const RECORD_LIMIT: usize = 2 * 1024 * 1024;
-
-/// `max.message.bytes` of the topics switchyard creates: the producer limit plus room for batch headers.
+/// `max.message.bytes` of the topics switchyard creates: the producers' default limit
+/// ([`crate::config::RECORD_LIMIT`]) plus room for batch headers.
 pub const TOPIC_RECORD_LIMIT: usize = RECORD_LIMIT + 64 * 1024;
 
 fn base(config: &Config) -> ClientConfig {
@@ -615,11 +611,6 @@ pub async fn send_all_retrying(
             }
         }
     }
-}
-
-/// Milliseconds since the Unix epoch, from the wall clock.
-pub fn now_millis() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ use rdkafka::TopicPartitionList;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message, OwnedMessage};
 
+use crate::clock;
 use crate::codec::{Codec, Prediction, Routed};
 use crate::config::Config;
 use crate::dead_letter::{Kind, Letter};
@@ -272,7 +273,7 @@ fn feed(
 ) {
     let source = SourcePos::of(message);
     state.progress.seen(&source);
-    let now = kafka::now_millis();
+    let now = clock::now_millis();
     if let Some(refusal) = stage.refusal(message) {
         return batch.out.push_from(index, Letter::refused(message, refusal, &config.topics.dead_letter));
     }
@@ -423,7 +424,7 @@ pub async fn run(config: Config, codec: Codec, shutdown: Shutdown) -> Result<()>
         for (index, message) in messages.iter().enumerate() {
             feed(index, message, &stage, &config, &codec, &mut state, &mut topology, &mut batch);
         }
-        let now = kafka::now_millis();
+        let now = clock::now_millis();
         if stage.consumer().context().settled(now, join::REPLAY_GRACE_MS) {
             let visible = |model: &str| state.assigned.contains(&config.topics.model_predictions(model));
             state.join.expire(now, visible, !flow.routed_paused, &mut batch.fx);

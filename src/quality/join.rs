@@ -23,9 +23,9 @@ use std::collections::{HashMap, VecDeque};
 use serde::{Deserialize, Serialize};
 
 use super::metrics::{binary_losses, regression_losses};
-use super::score::{QualitySpec, Task};
 use crate::codec::{Decision, DecisionStatus, Millis, Outcome, ScoredOutcome, ShadowComparison};
 use crate::kafka::SourcePos;
+use crate::record::quality::{QualitySpec, Task};
 
 #[derive(Debug, Clone, Copy)]
 pub struct JoinConfig {
@@ -471,7 +471,7 @@ fn score(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quality::score::ScoreFormat;
+    use crate::record::quality::ScoreFormat;
 
     const CONFIG: JoinConfig = JoinConfig { window_ms: 60_000, early_wait_ms: 5_000, max_open: 1000 };
 

@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::score::{QualitySpec, Task};
+use crate::record::quality::{QualitySpec, Task};
 
 /// Score bins of the classification counts.
 pub const BINS: usize = 100;

@@ -1,15 +1,16 @@
-//! Judging models by what happened (issue: outcome labels joined to decisions). This is its first part,
-//! pure and tested: how a model's output becomes a score, the per-request losses of a labelled decision,
-//! and quality figures from mergeable counts. The outcomes topic, the join and the quality guards in
-//! plans build on it (the mean guard is `rollout::guard::MeanGuard`).
+//! Judging models by what happened: outcome labels joined to decisions and shadow answers, scored, and
+//! quality figures from mergeable counts. The rollout guards build on the scored outcomes (the mean
+//! guard is `rollout::guard::MeanGuard`). How a deployment's outputs are scored — the quality spec and
+//! the output's score — is part of the deployment record (`record::quality`).
 //!
-//! - [`score`]: output bytes → a score (plain number or a JSON field), per deployment.
+//! Pure:
 //! - [`join`]: outcome labels joined to decisions and shadow answers within a window, scored.
-//! - [`stage`]: the Kafka stage around the join, exactly once, with its changelog (inside `run`).
 //! - [`metrics`]: losses of one labelled decision, and quality per model and arm from counts that add
 //!   up across instances (accuracy, Brier, log-loss, AUC, calibration error; MAE, RMSE, bias).
+//!
+//! Kafka:
+//! - [`stage`]: the stage around the join, exactly once, with its changelog (inside `run`).
 
 pub mod join;
 pub mod metrics;
-pub mod score;
 pub mod stage;

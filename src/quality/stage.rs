@@ -14,7 +14,7 @@ use rdkafka::consumer::Consumer;
 use rdkafka::message::{Headers, Message, OwnedMessage};
 
 use super::join::{Effect, Entry, Join, JoinConfig, Rejected};
-use super::score::QualitySpec;
+use crate::clock;
 use crate::codec::{Codec, Decision, Outcome, ShadowComparison};
 use crate::config::Config;
 use crate::control::SharedRegistry;
@@ -23,6 +23,7 @@ use crate::error::Result;
 use crate::kafka::partitioner::partition_for_key;
 use crate::kafka::stage::{Commit, Outbox, TxnStage};
 use crate::kafka::{self, OutRecord, SourcePos};
+use crate::record::quality::QualitySpec;
 use crate::shutdown::Shutdown;
 use crate::telemetry::{self, Event};
 
@@ -98,7 +99,7 @@ pub async fn restore(config: &Config, assigned: &[i32]) -> Result<Join> {
         };
         records.push((id, entry));
     }
-    let join = Join::restore(join_config(config), records, kafka::now_millis());
+    let join = Join::restore(join_config(config), records, clock::now_millis());
     tracing::info!(
         open = join.open(),
         partitions = assigned.len(),
@@ -153,7 +154,7 @@ pub async fn run(config: Config, codec: Codec, registry: SharedRegistry, shutdow
             continue;
         }
         let specs = specs(&registry);
-        let now = kafka::now_millis();
+        let now = clock::now_millis();
         let mut fx = Vec::new();
         let mut out = Outbox::default();
         for (index, message) in messages.iter().enumerate() {

@@ -34,9 +34,9 @@ use super::decide;
 use super::evidence::{Observation, StepEvidence};
 use super::feed::{Feed, Progress};
 use super::history;
-use super::plan::{GuardKind, PlanState};
 use super::probation::ProbationEvidence;
 use super::settle::Settled;
+use crate::clock;
 use crate::codec::{Codec, Decision, Millis, ScoredOutcome};
 use crate::config::Config;
 use crate::control::Registry;
@@ -44,7 +44,8 @@ use crate::error::Error;
 use crate::kafka::batch::GroupWatch;
 use crate::kafka::txn::TxnProducer;
 use crate::kafka::{self, ADMIN_TIMEOUT, OutRecord};
-use crate::routing::{Deployment, DeploymentSpec};
+use crate::record::plan::{GuardKind, PlanState};
+use crate::record::{Deployment, DeploymentSpec};
 use crate::shutdown::Shutdown;
 use crate::telemetry;
 
@@ -210,7 +211,7 @@ impl Leader {
             }
             let outcome = self.registry.apply(message.key(), message.payload(), message.offset());
             let name = String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned();
-            let at = message.timestamp().to_millis().unwrap_or_else(kafka::now_millis);
+            let at = message.timestamp().to_millis().unwrap_or_else(clock::now_millis);
             if let Some(entry) = history::entry(&name, message.payload(), message.offset(), at, &outcome) {
                 let value = serde_json::to_vec(&entry).expect("history entries serialise");
                 out.push(OutRecord::new(self.config.topics.history.clone(), name.into_bytes(), value));
@@ -253,7 +254,7 @@ impl Leader {
         let (running, on_probation) = self.to_judge();
         self.open_feeds(&reads(&running, &on_probation))?;
         self.read_evidence().await?;
-        let now = kafka::now_millis();
+        let now = clock::now_millis();
         let settled = match (self.feed.as_ref(), self.progress.as_mut()) {
             (Some(feed), Some((progress, settled))) => settled.advance(now, &mut progress.with(feed))?,
             _ => None,
@@ -437,7 +438,7 @@ async fn replay_until(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::routing::DeploymentSpec;
+    use crate::record::DeploymentSpec;
 
     fn deployment(json: &str) -> Deployment {
         DeploymentSpec::from_json(json.as_bytes()).unwrap().validate("d").unwrap()

@@ -2,11 +2,12 @@
 //! turned into the next deployment record with its actor, reason and figures. Pure.
 
 use super::evidence::StepEvidence;
-use super::plan::{GuardKind, OnAlarm, OnEnd, PlanState, Verdict, judge};
+use super::plan::{Verdict, judge};
 use super::probation::{self, ProbationEvidence};
 use crate::codec::Millis;
-use crate::control::moves;
-use crate::routing::{Change, Deployment, DeploymentSpec};
+use crate::record::moves;
+use crate::record::plan::{GuardKind, OnAlarm, OnEnd, PlanState};
+use crate::record::{Change, Deployment, DeploymentSpec};
 
 /// The record the controller writes next for `deployment` (as `version`), or None to wait.
 pub fn next_record(
@@ -104,8 +105,8 @@ pub fn probation_record(
 mod tests {
     use super::*;
     use crate::codec::DecisionStatus;
+    use crate::record::{Side, Strategy};
     use crate::rollout::evidence::{GRACE_MS, Observation};
-    use crate::routing::{Side, Strategy};
 
     fn deployment(json: &str) -> Deployment {
         DeploymentSpec::from_json(json.as_bytes()).unwrap().validate("fraud").unwrap()

@@ -18,12 +18,12 @@
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 
-use serde::{Deserialize, Serialize};
-
 use super::guard::{Block, MeanGuard, RateGuard, SampleRatioGuard};
-use super::plan::{GuardKind, Loss, Reading};
+use super::plan::Reading;
 use crate::codec::{Decision, DecisionStatus, Millis, ScoredOutcome};
-use crate::routing::Side;
+use crate::record::Side;
+use crate::record::figures::{Counts, Figures, GuardFigures, round3};
+use crate::record::plan::{GuardKind, Loss};
 
 /// Width of a block of routing time.
 pub const BLOCK_MS: i64 = 1_000;
@@ -66,44 +66,6 @@ impl Observation {
             sent_at: decision.decided_at - decision.latency_ms,
         })
     }
-}
-
-/// Users and bad outcomes of one arm.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Counts {
-    pub n: u64,
-    pub bad: u64,
-}
-
-/// One guard's figures, as `status`, the metrics and the deployment record's change carry them.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct GuardFigures {
-    pub guard: GuardKind,
-    /// The e-value so far in this step.
-    pub e_value: f64,
-    /// The e-value at which it fires.
-    pub threshold: f64,
-    pub control: Counts,
-    pub candidate: Counts,
-    /// The latency guard's threshold, once fixed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub latency_ms: Option<i64>,
-    /// The quality guard's mean loss per arm: (control, candidate).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mean_loss: Option<(f64, f64)>,
-}
-
-/// What a plan's step has seen: the numbers behind a change of the controller.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Figures {
-    /// The step, counting from 1.
-    pub step: usize,
-    /// Users observed: (control, candidate).
-    pub users: (u64, u64),
-    pub guards: Vec<GuardFigures>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -166,7 +128,7 @@ pub struct StepEvidence {
 
 impl StepEvidence {
     /// Evidence for the step the plan of `deployment` is in (its version started it).
-    pub fn new(deployment: &crate::routing::Deployment) -> Option<StepEvidence> {
+    pub fn new(deployment: &crate::record::Deployment) -> Option<StepEvidence> {
         let plan = deployment.spec.plan.as_ref()?;
         let share = f64::from(deployment.canary_threshold) / 10_000.0;
         let quality = plan.quality_guard.clone().unwrap_or_default();
@@ -450,16 +412,12 @@ impl StepEvidence {
     }
 }
 
-pub(super) fn round3(x: f64) -> f64 {
-    if x.is_finite() { (x * 1000.0).round() / 1000.0 } else { f64::MAX }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::routing::DeploymentSpec;
+    use crate::record::DeploymentSpec;
 
-    fn deployment() -> crate::routing::Deployment {
+    fn deployment() -> crate::record::Deployment {
         DeploymentSpec::from_json(
             br#"{"version":7,"strategy":"canary","control":"a","candidate":"b","canary_percent":10,
                 "overrides":{"vip":"candidate"},
@@ -651,7 +609,7 @@ mod tests {
 #[cfg(test)]
 mod simulation {
     use super::*;
-    use crate::routing::DeploymentSpec;
+    use crate::record::DeploymentSpec;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
@@ -693,7 +651,7 @@ mod simulation {
         }
     }
 
-    fn plan_deployment(steps: usize) -> crate::routing::Deployment {
+    fn plan_deployment(steps: usize) -> crate::record::Deployment {
         let step = r#"{"canary_percent":10,"bake_ms":0,"min_sample":1,"max_ms":1}"#;
         let mut percents = (1..steps).map(|i| step.replace("10", &(10 + i).to_string())).collect::<Vec<_>>();
         percents.insert(0, step.to_string());
@@ -715,7 +673,7 @@ mod simulation {
     fn rollout(
         rng: &mut StdRng,
         population: &Population,
-        d: &crate::routing::Deployment,
+        d: &crate::record::Deployment,
         candidate_scale: f64,
         requests: usize,
     ) -> Option<(usize, GuardKind)> {

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::Millis;
 use crate::control::registry::Outcome;
-use crate::routing::{Change, DeploymentSpec};
+use crate::record::{Change, DeploymentSpec};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -5,7 +5,9 @@
 //! Pure:
 //! - [`guard`]: e-processes that stay valid when checked after every batch: the exact one-sided 2×2
 //!   rate test (errors, timeouts, latency exceedances), the sample-ratio test, the false-alarm budget.
-//! - [`plan`]: the plan as the record carries it, its validation, and what a step's evidence means.
+//! - [`probation`]: the paired evidence of a blue/green probation, and what it means.
+//! - [`plan`]: what a step's evidence means for the plan (the plan itself, as the record carries it, is
+//!   `record::plan`).
 //! - [`evidence`]: a step's decisions turned into the guards' statistics, deterministically.
 //! - [`settle`]: when every decision of a block of routing time is in — from route's and merge's
 //!   progress, not from a wait.
@@ -28,12 +30,12 @@ pub mod probation;
 pub mod report;
 pub mod settle;
 
-use evidence::GuardFigures;
-use plan::GuardKind;
+use crate::record::figures::{Counts, GuardFigures};
+use crate::record::plan::GuardKind;
 
 /// One guard's line: its e-value against its threshold and each arm's bad share.
 pub fn describe_guard(g: &GuardFigures) -> String {
-    let rate = |c: &evidence::Counts| {
+    let rate = |c: &Counts| {
         if g.guard == GuardKind::SampleRatio {
             format!("{} users", c.n)
         } else if matches!(g.guard, GuardKind::Quality | GuardKind::PairedQuality) {

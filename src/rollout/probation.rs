@@ -2,67 +2,16 @@
 //! a shadow copy of every request (it stays warm, ready to serve again at once), the score stage scores
 //! both sides' answers against the same labels, and a paired quality guard compares them request by
 //! request. A regression switches back; at the end of the probation the copies stop. Pure: the
-//! controller gives it the scored outcomes and the time, [`judge`] says what to do.
+//! controller gives it the scored outcomes and the time, [`judge`] says what to do. The probation as
+//! the deployment record carries it is `record::probation`.
 
 use std::collections::{HashMap, HashSet};
 
-use serde::{Deserialize, Serialize};
-
-use super::evidence::{Counts, Figures, GuardFigures, round3};
 use super::guard::{Moments, PairedGuard};
-use super::plan::{GuardKind, QualityGuard};
 use crate::codec::{Millis, ScoredOutcome};
-
-fn default_alpha() -> f64 {
-    0.05
-}
-
-/// A blue/green switch on probation (the deployment record's `probation`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Probation {
-    /// When the switch happened (ms since the epoch); `promote --probation` sets it.
-    pub started_at: Millis,
-    /// How long the old side stays warm and the guard watches.
-    pub duration_ms: u64,
-    /// The loss compared, the margin of harm and the mixing scale, as for a plan's quality guard.
-    #[serde(default)]
-    pub quality_guard: QualityGuard,
-    /// The chance of switching back when the new side is no worse.
-    #[serde(default = "default_alpha")]
-    pub alpha: f64,
-}
-
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum InvalidProbation {
-    #[error(
-        "probation needs strategy blue_green with the candidate active (`promote --probation` switches and sets it)"
-    )]
-    NotASwitch,
-    #[error("probation compares answers against labels: the deployment needs a `quality` spec")]
-    NoQuality,
-    #[error("probation: duration_ms must be above 0, started_at set, alpha in (0, 0.5], margin ≥ 0 and tau > 0")]
-    Fields,
-}
-
-impl Probation {
-    pub fn validate(&self) -> Result<(), InvalidProbation> {
-        let q = &self.quality_guard;
-        let fine = self.duration_ms > 0
-            && self.started_at > 0
-            && self.alpha > 0.0
-            && self.alpha <= 0.5
-            && q.margin >= 0.0
-            && q.margin.is_finite()
-            && q.tau > 0.0
-            && q.tau.is_finite();
-        if fine { Ok(()) } else { Err(InvalidProbation::Fields) }
-    }
-
-    pub fn ends_at(&self) -> Millis {
-        self.started_at.saturating_add(self.duration_ms as i64)
-    }
-}
+use crate::record::figures::{Counts, Figures, GuardFigures, round3};
+use crate::record::plan::{GuardKind, Loss};
+use crate::record::probation::Probation;
 
 /// What the controller does with a probation.
 #[derive(Debug, Clone, PartialEq)]
@@ -81,7 +30,7 @@ pub struct ProbationEvidence {
     pub version: u64,
     new_model: String,
     old_model: String,
-    loss: super::plan::Loss,
+    loss: Loss,
     /// Half of a pair waiting for the other: request id → (old loss, new loss).
     halves: HashMap<String, (Option<f64>, Option<f64>)>,
     users: HashSet<String>,
@@ -91,7 +40,7 @@ pub struct ProbationEvidence {
 
 impl ProbationEvidence {
     /// Evidence for the probation of `deployment`, if it is on one.
-    pub fn new(deployment: &crate::routing::Deployment) -> Option<ProbationEvidence> {
+    pub fn new(deployment: &crate::record::Deployment) -> Option<ProbationEvidence> {
         let p = deployment.spec.probation.as_ref()?;
         let q = &p.quality_guard;
         Some(ProbationEvidence {
@@ -194,9 +143,9 @@ pub fn judge(probation: &Probation, evidence: &ProbationEvidence, now: Millis) -
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::routing::DeploymentSpec;
+    use crate::record::DeploymentSpec;
 
-    fn deployment() -> crate::routing::Deployment {
+    fn deployment() -> crate::record::Deployment {
         DeploymentSpec::from_json(
             br#"{"version":9,"strategy":"blue_green","control":"old","candidate":"new","active":"candidate",
                 "quality":{},"probation":{"started_at":1000,"duration_ms":60000}}"#,

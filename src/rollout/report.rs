@@ -10,14 +10,15 @@ use rdkafka::message::Message;
 use super::evidence::{Observation, StepEvidence};
 use super::feed::{Feed, Progress};
 use super::history::{self, Entry};
-use super::plan::{GuardKind, PlanState};
 use super::probation::ProbationEvidence;
 use super::settle::Settled;
+use crate::clock;
 use crate::codec::{Codec, Decision, ScoredOutcome};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::kafka;
-use crate::routing::Deployment;
+use crate::record::Deployment;
+use crate::record::plan::{GuardKind, PlanState};
 
 /// How long `status` reads decisions before it reports what it has.
 const READ_LIMIT: Duration = Duration::from_secs(60);
@@ -40,7 +41,7 @@ pub async fn plan_status(config: &Config, codec: &Codec, d: &Deployment) -> Resu
         let _ = writeln!(out, "  last change by {}: {}", change.actor, change.reason);
     }
     let Some(plan) = &d.spec.plan else { return Ok(out) };
-    let now = kafka::now_millis();
+    let now = clock::now_millis();
     let step = plan.current();
     let _ = writeln!(
         out,
@@ -95,7 +96,7 @@ pub async fn plan_status(config: &Config, codec: &Codec, d: &Deployment) -> Resu
         .await?;
         // Every decision of a block is in once route and merge have settled past it (as the controller
         // judges); a stalled stage is reported instead of waited for past the read limit.
-        let through = settled.advance(kafka::now_millis(), &mut progress.with(&feed))?;
+        let through = settled.advance(clock::now_millis(), &mut progress.with(&feed))?;
         if through.is_some() || started.elapsed() > READ_LIMIT {
             break;
         }
@@ -112,7 +113,7 @@ pub async fn plan_status(config: &Config, codec: &Codec, d: &Deployment) -> Resu
         }
     }
     // The scored outcomes were read to their end: labels are in up to now.
-    evidence.score_coverage_until(kafka::now_millis(), d.spec.timeout_ms);
+    evidence.score_coverage_until(clock::now_millis(), d.spec.timeout_ms);
     let (control, candidate) = evidence.arms();
     let share = |n: u64| 100.0 * n as f64 / (control.users + candidate.users).max(1) as f64;
     let _ = writeln!(
@@ -157,7 +158,7 @@ pub async fn quality_status(config: &Config, codec: &Codec, d: &Deployment) -> R
     use std::collections::BTreeMap;
 
     let Some(spec) = &d.spec.quality else { return Ok(String::new()) };
-    let since = kafka::now_millis() - QUALITY_LOOKBACK_MS;
+    let since = clock::now_millis() - QUALITY_LOOKBACK_MS;
     let mut by: BTreeMap<(String, String, String), QualityFigures> = BTreeMap::new();
     // Per (model, cohort) of the serving answer: (decisions, with a scored label).
     let mut coverage: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
@@ -229,7 +230,7 @@ pub async fn probation_status(config: &Config, codec: &Codec, d: &Deployment) ->
         },
     )
     .await?;
-    let left = (p.ends_at() - kafka::now_millis()).max(0) / 1000;
+    let left = (p.ends_at() - clock::now_millis()).max(0) / 1000;
     let mut out = format!(
         "  probation: {left} s left; {} stays warm on copies; paired guard on {} labelled requests both answered (alpha {}):\n",
         d.spec.control,

@@ -9,13 +9,15 @@ use std::time::Duration;
 
 use rdkafka::message::{Message, OwnedMessage};
 
+use crate::clock;
 use crate::codec::{Codec, Millis, ModelRequest, Request, Role, Routed};
 use crate::config::Config;
 use crate::control::{Registry, SharedRegistry};
 use crate::dead_letter::{Kind, Letter};
 use crate::error::Result;
 use crate::kafka::{self, Commit, OutRecord, Outbox, TxnStage};
-use crate::routing::{self, Deployment};
+use crate::record::Deployment;
+use crate::routing;
 use crate::shutdown::Shutdown;
 use crate::telemetry::Event;
 
@@ -131,7 +133,7 @@ fn process(
     }
     match admit(message.payload(), config.service.max_request_bytes, codec, registry) {
         Ok((request, deployment)) => {
-            let plan = plan(request, &deployment, kafka::now_millis());
+            let plan = plan(request, &deployment, clock::now_millis());
             out.events.extend(plan.copies.iter().map(|copy| Event::Routed {
                 deployment: plan.routed.deployment.clone(),
                 model: copy.model.clone(),
@@ -187,7 +189,7 @@ pub async fn run(config: Config, codec: Codec, registry: SharedRegistry, shutdow
 mod tests {
     use super::*;
     use crate::control::Registry;
-    use crate::routing::DeploymentSpec;
+    use crate::record::DeploymentSpec;
 
     fn deployment(json: &str) -> Deployment {
         DeploymentSpec::from_json(json.as_bytes()).unwrap().validate("fraud").unwrap()

@@ -8,8 +8,7 @@
 //! MurmurHash3 x86_32 is Austin Appleby's reference `MurmurHash3_x86_32` (little-endian blocks), read as
 //! an unsigned 32-bit integer. docs/cohort-hash.md and tests/vectors/cohort-hash.csv publish the vectors.
 
-/// Number of buckets; a percentage with two decimals maps onto it exactly (`p * 100`).
-pub const BUCKETS: u32 = 10_000;
+use crate::record::deployment::BUCKETS;
 
 /// MurmurHash3 x86_32 of `data` with `seed`.
 pub fn murmur3_x86_32(data: &[u8], seed: u32) -> u32 {
@@ -56,11 +55,6 @@ pub fn shadow_bucket(salt: &str, user_id: &str) -> u16 {
     (murmur3_x86_32(format!("{salt}:shadow:{user_id}").as_bytes(), 0) % BUCKETS) as u16
 }
 
-/// Buckets below this threshold are inside a share of `percent` (0..=100, two decimals).
-pub fn threshold(percent: f64) -> u16 {
-    (percent * 100.0).round().clamp(0.0, f64::from(BUCKETS)) as u16
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -89,14 +83,5 @@ mod tests {
         assert_eq!(murmur3_x86_32(&[0x21, 0x43, 0x65], 0), 0x7e4a_8634);
         assert_eq!(murmur3_x86_32(&[0x21, 0x43], 0), 0xa0f7_b07a);
         assert_eq!(murmur3_x86_32(&[0x21], 0), 0x7266_1cf4);
-    }
-
-    #[test]
-    fn thresholds_map_two_decimals_exactly() {
-        assert_eq!(threshold(0.0), 0);
-        assert_eq!(threshold(0.01), 1);
-        assert_eq!(threshold(10.0), 1000);
-        assert_eq!(threshold(33.33), 3333);
-        assert_eq!(threshold(100.0), 10_000);
     }
 }

@@ -1,12 +1,12 @@
 //! The routing decision: a pure function from (deployment, user id) to the serving model and the shadow
-//! copies. No I/O here; the route service wraps it with Kafka.
+//! copies, and the cohort hash behind it. No I/O here; the route service wraps it with Kafka. The
+//! deployment record it reads, and its validation, are `record`.
 
-pub mod deployment;
 pub mod hash;
 
 use std::collections::HashMap;
 
-pub use deployment::{Change, Deployment, DeploymentSpec, InvalidDeployment, Rule, Side, Strategy};
+use crate::record::{Deployment, Rule, Side, Strategy};
 
 /// Where one request goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,6 +83,7 @@ pub fn route<'a>(deployment: &'a Deployment, user_id: &str, attributes: &HashMap
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::record::DeploymentSpec;
     use proptest::prelude::*;
     use std::sync::LazyLock;
 

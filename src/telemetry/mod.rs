@@ -121,7 +121,7 @@ pub fn consumer_lag(topic: &str, partition: i32, lag: i64) {
 }
 
 /// A running plan's step and evidence, as the controller last judged it.
-pub fn rollout(deployment: &str, step: usize, figures: &crate::rollout::evidence::Figures, late: u64) {
+pub fn rollout(deployment: &str, step: usize, figures: &crate::record::figures::Figures, late: u64) {
     let d = deployment.to_string();
     gauge!("switchyard_rollout_step", "deployment" => d.clone()).set((step + 1) as f64);
     gauge!("switchyard_rollout_users", "deployment" => d.clone(), "arm" => "control").set(figures.users.0 as f64);

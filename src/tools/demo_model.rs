@@ -10,6 +10,7 @@ use std::time::Duration;
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::Message;
 
+use crate::clock;
 use crate::codec::{Codec, ModelRequest, Prediction};
 use crate::config::Config;
 use crate::error::Result;
@@ -70,7 +71,7 @@ pub fn fails(model: &str, request_id: &str, error_rate: f64) -> bool {
 
 impl DemoModel {
     pub fn answer(&self, request: &ModelRequest) -> Prediction {
-        let produced_at = kafka::now_millis();
+        let produced_at = clock::now_millis();
         if fails(&self.model, &request.request.request_id, self.error_rate) {
             return Prediction {
                 request_id: request.request.request_id.clone(),

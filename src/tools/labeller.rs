@@ -12,6 +12,7 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::demo_model::truth;
+use crate::clock;
 use crate::codec::{Codec, Outcome, Request};
 use crate::config::Config;
 use crate::error::Result;
@@ -61,10 +62,10 @@ impl Labeller {
                     self.label(&r).map(|o| OutRecord::new(topic.clone(), o.user_id.as_bytes(), codec.encode(&o)))
                 });
                 let due =
-                    message.timestamp().to_millis().unwrap_or_else(kafka::now_millis) + self.delay.as_millis() as i64;
+                    message.timestamp().to_millis().unwrap_or_else(clock::now_millis) + self.delay.as_millis() as i64;
                 queue.push_back((due, record, position));
             }
-            let now = kafka::now_millis();
+            let now = clock::now_millis();
             let ready = queue.iter().take_while(|(due, ..)| *due <= now).count();
             if ready == 0 {
                 continue;

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::clock;
 use crate::codec::{Codec, Request};
 use crate::config::Config;
 use crate::error::Result;
@@ -40,7 +41,7 @@ impl Loadgen {
             request_id: format!("{}-{i}", self.run_id),
             user_id: format!("user-{user}"),
             deployment: self.deployment.clone(),
-            sent_at: kafka::now_millis(),
+            sent_at: clock::now_millis(),
             payload: format!(r#"{{"amount":{amount},"n":{i}}}"#).into_bytes(),
             attributes: HashMap::from([("source".to_string(), "loadgen".to_string())]),
         }

@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
+use switchyard::clock;
 use switchyard::codec::{AvroRecord, Codec, Request};
 use switchyard::config::Config;
 use switchyard::control::ops;
 use switchyard::kafka::{self, OutRecord};
-use switchyard::routing::DeploymentSpec;
+use switchyard::record::DeploymentSpec;
 use switchyard::service::{self, Roles};
 use switchyard::shutdown::{Shutdown, ShutdownTrigger};
 use switchyard::tools::demo_model::DemoModel;
@@ -276,7 +277,7 @@ pub fn requests(deployment: &str, run: &str, count: usize, users: usize) -> Vec<
             request_id: format!("{run}-{i}"),
             user_id: format!("user-{}", i % users),
             deployment: deployment.to_string(),
-            sent_at: kafka::now_millis(),
+            sent_at: clock::now_millis(),
             payload: format!("payload-{run}-{i}").into_bytes(),
             attributes: HashMap::new(),
         })

@@ -11,9 +11,10 @@
 //!
 //! Every move returns the next record without a `change`; whoever writes it says who and why.
 
+use super::deployment::{DeploymentSpec, Side, Strategy};
+use super::plan::PlanState;
+use super::probation::Probation;
 use crate::codec::Millis;
-use crate::rollout::plan::PlanState;
-use crate::routing::{DeploymentSpec, Side, Strategy};
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum MoveError {
@@ -116,7 +117,7 @@ pub fn resume(current: &DeploymentSpec, version: u64, now: Millis) -> Result<Dep
 pub fn promote_on_probation(
     current: &DeploymentSpec,
     version: u64,
-    probation: crate::rollout::probation::Probation,
+    probation: Probation,
 ) -> Result<DeploymentSpec, MoveError> {
     if current.strategy != Strategy::BlueGreen || current.active != Side::Control {
         return Err(MoveError::NotASwitch);

@@ -7,11 +7,19 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::hash::threshold;
-use crate::quality::score::QualitySpec;
-use crate::rollout::evidence::Figures;
-use crate::rollout::plan::{InvalidPlan, Plan};
-use crate::rollout::probation::{InvalidProbation, Probation};
+use super::figures::Figures;
+use super::plan::{InvalidPlan, Plan};
+use super::probation::{InvalidProbation, Probation};
+use super::quality::QualitySpec;
+
+/// Number of cohort buckets; a percentage with two decimals maps onto it exactly (`p * 100`). The
+/// cohort hash (`routing::hash`) spreads users over these buckets.
+pub const BUCKETS: u32 = 10_000;
+
+/// Buckets below this threshold are inside a share of `percent` (0..=100, two decimals).
+pub fn threshold(percent: f64) -> u16 {
+    (percent * 100.0).round().clamp(0.0, f64::from(BUCKETS)) as u16
+}
 
 /// Longest model name accepted; model names become part of Kafka topic names (max 249 characters).
 const MAX_MODEL_NAME: usize = 200;
@@ -475,10 +483,39 @@ mod tests {
     }
 
     #[test]
+    fn thresholds_map_two_decimals_exactly() {
+        assert_eq!(threshold(0.0), 0);
+        assert_eq!(threshold(0.01), 1);
+        assert_eq!(threshold(10.0), 1000);
+        assert_eq!(threshold(33.33), 3333);
+        assert_eq!(threshold(100.0), 10_000);
+    }
+
+    #[test]
     fn json_round_trip_keeps_meaning() {
         let d = parse(r#"{"version":7,"strategy":"blue_green","control":"a","candidate":"b","active":"candidate"}"#)
             .unwrap();
         let again = DeploymentSpec::from_json(d.spec.to_json().as_bytes()).unwrap();
         assert_eq!(again, d.spec);
+    }
+
+    /// The record's JSON is a contract with every instance and every tool that writes it: each field of
+    /// each part (plan, probation, quality, the change's figures), and each default, written exactly
+    /// as before. Parsing does not validate, so one record can carry every part.
+    #[test]
+    fn the_written_form_is_pinned() {
+        let cases = [
+            (
+                r#"{"version":5,"strategy":"canary","control":"a","candidate":"b","canary_percent":10,"shadow_percent":50,"active":"candidate","mirror":["c"],"salt":"s","timeout_ms":700,"fallback":"0.1","overrides":{"u":"candidate"},"rules":[{"attribute":"country","values":["DE"],"side":"control"}],"quality":{"task":"regression","score":{"json_field":"p"},"threshold":0.3},"plan":{"steps":[{"canary_percent":10,"bake_ms":1,"min_sample":2,"max_ms":3}],"guards":["error_rate","quality","coverage"],"alpha":0.1,"quality_guard":{"loss":"brier","margin":0.01,"tau":0.5,"coverage_wait_ms":9},"latency_threshold_ms":44,"on_alarm":"pause","on_end":"hold","step":0,"step_started_at":77,"state":"paused"},"probation":{"started_at":1,"duration_ms":2,"quality_guard":{"loss":"log_loss"},"alpha":0.2},"change":{"actor":"guard:x","reason":"why","figures":{"step":2,"users":[3,4],"guards":[{"guard":"paired_quality","e_value":1.5,"threshold":20.0,"control":{"n":1,"bad":0},"candidate":{"n":2,"bad":1},"latency_ms":5,"mean_loss":[0.1,0.2]}]}}}"#,
+                r#"{"version":5,"strategy":"canary","control":"a","candidate":"b","canary_percent":10.0,"shadow_percent":50.0,"active":"candidate","mirror":["c"],"salt":"s","timeout_ms":700,"fallback":"0.1","overrides":{"u":"candidate"},"rules":[{"attribute":"country","values":["DE"],"side":"control"}],"quality":{"task":"regression","score":{"json_field":"p"},"threshold":0.3},"plan":{"steps":[{"canary_percent":10.0,"bake_ms":1,"min_sample":2,"max_ms":3}],"guards":["error_rate","quality","coverage"],"alpha":0.1,"quality_guard":{"loss":"brier","margin":0.01,"tau":0.5,"coverage_wait_ms":9},"latency_threshold_ms":44,"on_alarm":"pause","on_end":"hold","step":0,"step_started_at":77,"state":"paused"},"probation":{"started_at":1,"duration_ms":2,"quality_guard":{"loss":"log_loss","margin":0.0,"tau":0.02,"coverage_wait_ms":60000},"alpha":0.2},"change":{"actor":"guard:x","reason":"why","figures":{"step":2,"users":[3,4],"guards":[{"guard":"paired_quality","e_value":1.5,"threshold":20.0,"control":{"n":1,"bad":0},"candidate":{"n":2,"bad":1},"latency_ms":5,"mean_loss":[0.1,0.2]}]}}}"#,
+            ),
+            (
+                r#"{"version":1,"strategy":"blue_green","control":"a","candidate":"b","quality":{},"plan":{"steps":[{"canary_percent":10,"bake_ms":1,"min_sample":2,"max_ms":3}]},"probation":{"started_at":1,"duration_ms":2}}"#,
+                r#"{"version":1,"strategy":"blue_green","control":"a","candidate":"b","canary_percent":0.0,"shadow_percent":100.0,"active":"control","timeout_ms":1000,"quality":{"task":"binary_classification","score":"plain","threshold":0.5},"plan":{"steps":[{"canary_percent":10.0,"bake_ms":1,"min_sample":2,"max_ms":3}],"guards":["error_rate","timeout_rate","latency","sample_ratio"],"alpha":0.05,"on_alarm":"rollback","on_end":"promote","step":0,"step_started_at":0,"state":"running"},"probation":{"started_at":1,"duration_ms":2,"quality_guard":{"loss":"zero_one","margin":0.0,"tau":0.02,"coverage_wait_ms":60000},"alpha":0.05}}"#,
+            ),
+        ];
+        for (written, expected) in cases {
+            assert_eq!(DeploymentSpec::from_json(written.as_bytes()).unwrap().to_json(), expected);
+        }
     }
 }
