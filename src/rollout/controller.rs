@@ -251,7 +251,7 @@ impl Leader {
     /// Follows the decisions (and scored outcomes) of the running plans' steps and of blue/green
     /// probations, and adds the change of every one whose verdict is in.
     async fn judge(&mut self, out: &mut Vec<OutRecord>) -> Result<(), Error> {
-        let (running, on_probation) = self.to_judge();
+        let (running, on_probation) = self.in_judgement();
         self.open_feeds(&reads(&running, &on_probation))?;
         self.read_evidence().await?;
         let now = clock::now_millis();
@@ -261,7 +261,7 @@ impl Leader {
         };
         let labels_by = self.scored.as_mut().map(|f| f.read_through(now));
         for d in &running {
-            let e = self.evidence.get_mut(&d.name).expect("kept by to_judge");
+            let e = self.evidence.get_mut(&d.name).expect("kept by in_judgement");
             if let Some(settled) = settled {
                 e.score_until(settled);
             }
@@ -286,7 +286,7 @@ impl Leader {
 
     /// The deployments with a running plan and those on probation, with evidence kept for each (that of
     /// a version no longer in force dropped, a new one started).
-    fn to_judge(&mut self) -> (Vec<Deployment>, Vec<Deployment>) {
+    fn in_judgement(&mut self) -> (Vec<Deployment>, Vec<Deployment>) {
         let running: Vec<_> = self
             .registry
             .deployments()
@@ -456,7 +456,7 @@ mod tests {
     fn the_leader_reads_only_what_it_judges_from_the_earliest_start() {
         assert_eq!(reads(&[], &[]), Reads { decisions: false, labels: false, from: None }, "nothing to judge");
         let rates = plan(5_000, r#"["error_rate","sample_ratio"]"#);
-        assert_eq!(reads(&[rates.clone()], &[]), Reads { decisions: true, labels: false, from: Some(5_000) });
+        assert_eq!(reads(std::slice::from_ref(&rates), &[]), Reads { decisions: true, labels: false, from: Some(5_000) });
         let labels = plan(3_000, r#"["error_rate","quality"]"#);
         assert_eq!(reads(&[rates, labels], &[]), Reads { decisions: true, labels: true, from: Some(3_000) });
         let probation = deployment(
