@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::codec::Codec;
 use crate::config::Config;
 use crate::control::{ops, watcher};
 use crate::error::{Error, Result};
@@ -85,18 +86,18 @@ pub enum Command {
     CreateTopics,
     /// A stand-in model worker.
     DemoModel {
-        #[arg(long)]
+        #[arg(long, value_parser = parse_model_name)]
         model: String,
         #[arg(long, default_value_t = 0)]
         latency_ms: u64,
         /// Share of requests answered with an error, 0..1.
-        #[arg(long, default_value_t = 0.0)]
+        #[arg(long, default_value_t = 0.0, value_parser = parse_share)]
         error_rate: f64,
         /// Percentage of payloads on which this model's answer departs from the common one.
-        #[arg(long, default_value_t = 10.0)]
+        #[arg(long, default_value_t = 10.0, value_parser = parse_percent)]
         disagree_percent: f64,
         /// Answer probabilities that are right (against the labeller's truth) on this share, 0..1.
-        #[arg(long)]
+        #[arg(long, value_parser = parse_share)]
         accuracy: Option<f64>,
     },
     /// The demo's source of truth: writes each request's outcome label after a delay.
@@ -105,7 +106,7 @@ pub enum Command {
         #[arg(long, default_value_t = 2000)]
         delay_ms: u64,
         /// Share of requests that get a label, 0..1.
-        #[arg(long, default_value_t = 1.0)]
+        #[arg(long, default_value_t = 1.0, value_parser = parse_share)]
         coverage: f64,
     },
     /// Produce Avro requests.
@@ -113,12 +114,12 @@ pub enum Command {
         #[arg(long)]
         deployment: String,
         /// Requests per second.
-        #[arg(long, default_value_t = 100)]
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
         rate: u64,
         #[arg(long, default_value_t = 1000)]
         count: u64,
         /// Number of distinct users.
-        #[arg(long, default_value_t = 100)]
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
         users: u64,
         /// Prefix of the request ids (random if omitted).
         #[arg(long, default_value = "")]
@@ -186,6 +187,24 @@ pub struct DeployArgs {
 
 fn parse_json_enum<T: serde::de::DeserializeOwned>(s: &str) -> std::result::Result<T, String> {
     serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|e| e.to_string())
+}
+
+fn parse_share(s: &str) -> std::result::Result<f64, String> {
+    let x: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if (0.0..=1.0).contains(&x) { Ok(x) } else { Err(format!("{x} is not a share between 0 and 1")) }
+}
+
+fn parse_percent(s: &str) -> std::result::Result<f64, String> {
+    let x: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if (0.0..=100.0).contains(&x) { Ok(x) } else { Err(format!("{x} is not a percentage between 0 and 100")) }
+}
+
+fn parse_model_name(s: &str) -> std::result::Result<String, String> {
+    if crate::record::deployment::is_valid_name(s) {
+        Ok(s.to_string())
+    } else {
+        Err(format!("model name {s:?} must be 1-200 characters of [A-Za-z0-9._-]"))
+    }
 }
 
 fn parse_strategy(s: &str) -> std::result::Result<Strategy, String> {
@@ -293,6 +312,20 @@ fn quoted(text: &str) -> String {
 }
 
 /// Runs one command to completion.
+impl Command {
+    /// Commands that talk to Kafka: they check first that it answers, to say so clearly if not.
+    fn needs_kafka(&self) -> bool {
+        !matches!(
+            self,
+            Command::Run { .. }
+                | Command::DemoModel { .. }
+                | Command::Labeller { .. }
+                | Command::Loadgen { .. }
+                | Command::Watch { .. }
+        )
+    }
+}
+
 pub async fn run(cli: Cli) -> Result<()> {
     let config = load_config(&cli)?;
     let codec = config.codec()?;
@@ -302,18 +335,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         // away, the user would hear only that it cannot be reached).
         DeploymentSpec { version: 1, ..args.spec()? }.validate(&args.deployment)?;
     }
-    if matches!(
-        cli.command,
-        Command::Deploy(_)
-            | Command::Status { .. }
-            | Command::Promote { .. }
-            | Command::Rollback { .. }
-            | Command::Pause { .. }
-            | Command::Resume { .. }
-            | Command::History { .. }
-            | Command::Delete { .. }
-            | Command::CreateTopics
-    ) {
+    if cli.command.needs_kafka() {
         kafka::check_reachable(&config).await?;
     }
     match cli.command {
@@ -327,19 +349,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             println!("{} version {} written: {}", d.name, d.version(), ops::describe_split(&d));
             Ok(())
         }
-        Command::Status { deployment } => {
-            let registry = watcher::snapshot(&config).await?;
-            let mut plans = BTreeMap::new();
-            for d in registry.deployments().filter(|d| deployment.as_ref().is_none_or(|name| d.name == *name)) {
-                let mut detail = rollout::report::plan_status(&config, &codec, d).await?;
-                detail.push_str(&rollout::report::probation_status(&config, &codec, d).await?);
-                detail.push_str(&rollout::report::quality_status(&config, &codec, d).await?);
-                plans.insert(d.name.clone(), detail);
-            }
-            print!("{}", ops::render_status(&registry, deployment.as_deref(), &plans)?);
-            println!("{}", rollout::report::controller_status(&config));
-            Ok(())
-        }
+        Command::Status { deployment } => status(&config, &codec, deployment.as_deref()).await,
         Command::Promote { deployment, reason, probation_ms, probation_guard } => {
             let what = match probation_ms {
                 None => ops::Move::Promote,
@@ -370,33 +380,16 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::CreateTopics => service::ensure_core_topics(&config).await,
         Command::DemoModel { model, latency_ms, error_rate, disagree_percent, accuracy } => {
-            if !crate::record::deployment::is_valid_name(&model) {
-                return Err(Error::Usage(format!("model name {model:?} must be 1-200 characters of [A-Za-z0-9._-]")));
-            }
-            if !(0.0..=1.0).contains(&error_rate)
-                || !(0.0..=100.0).contains(&disagree_percent)
-                || accuracy.is_some_and(|a| !(0.0..=1.0).contains(&a))
-            {
-                return Err(Error::Usage(
-                    "--error-rate and --accuracy take 0..1, --disagree-percent takes 0..100".into(),
-                ));
-            }
             shutdown::on_signals(trigger);
             let worker =
                 DemoModel { model, latency: Duration::from_millis(latency_ms), error_rate, disagree_percent, accuracy };
             worker.run(config, codec, shutdown).await
         }
         Command::Labeller { delay_ms, coverage } => {
-            if !(0.0..=1.0).contains(&coverage) {
-                return Err(Error::Usage("--coverage takes 0..1".into()));
-            }
             shutdown::on_signals(trigger);
             Labeller { delay: Duration::from_millis(delay_ms), coverage }.run(config, codec, shutdown).await
         }
         Command::Loadgen { deployment, rate, count, users, run_id } => {
-            if rate == 0 || users == 0 {
-                return Err(Error::Usage("--rate and --users must be at least 1".into()));
-            }
             shutdown::on_signals(trigger);
             let report = Loadgen { deployment, rate, count, users, run_id }.run(config, codec, shutdown).await?;
             println!(
@@ -415,4 +408,20 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `switchyard status [NAME]`: the deployments in force, each plan's, probation's and quality's
+/// figures, and the instance leading the controller.
+async fn status(config: &Config, codec: &Codec, deployment: Option<&str>) -> Result<()> {
+    let registry = watcher::snapshot(config).await?;
+    let mut details = BTreeMap::new();
+    for d in registry.deployments().filter(|d| deployment.is_none_or(|name| d.name == name)) {
+        let mut detail = rollout::report::plan_status(config, codec, d).await?;
+        detail.push_str(&rollout::report::probation_status(config, codec, d).await?);
+        detail.push_str(&rollout::report::quality_status(config, codec, d).await?);
+        details.insert(d.name.clone(), detail);
+    }
+    print!("{}", ops::render_status(&registry, deployment, &details)?);
+    println!("{}", rollout::report::controller_status(config));
+    Ok(())
 }
