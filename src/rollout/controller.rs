@@ -456,7 +456,10 @@ mod tests {
     fn the_leader_reads_only_what_it_judges_from_the_earliest_start() {
         assert_eq!(reads(&[], &[]), Reads { decisions: false, labels: false, from: None }, "nothing to judge");
         let rates = plan(5_000, r#"["error_rate","sample_ratio"]"#);
-        assert_eq!(reads(std::slice::from_ref(&rates), &[]), Reads { decisions: true, labels: false, from: Some(5_000) });
+        assert_eq!(
+            reads(std::slice::from_ref(&rates), &[]),
+            Reads { decisions: true, labels: false, from: Some(5_000) }
+        );
         let labels = plan(3_000, r#"["error_rate","quality"]"#);
         assert_eq!(reads(&[rates, labels], &[]), Reads { decisions: true, labels: true, from: Some(3_000) });
         let probation = deployment(

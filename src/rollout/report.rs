@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::kafka;
 use crate::record::Deployment;
-use crate::record::plan::{GuardKind, PlanState};
+use crate::record::plan::{GuardKind, Plan, PlanState};
 
 /// How long `status` reads decisions before it reports what it has.
 const READ_LIMIT: Duration = Duration::from_secs(60);
@@ -41,11 +41,28 @@ pub async fn plan_status(config: &Config, codec: &Codec, d: &Deployment) -> Resu
         let _ = writeln!(out, "  last change by {}: {}", change.actor, change.reason);
     }
     let Some(plan) = &d.spec.plan else { return Ok(out) };
-    let now = clock::now_millis();
+    out.push_str(&describe_plan(plan, clock::now_millis()));
+    if plan.state != PlanState::Running {
+        return Ok(out);
+    }
+    let (evidence, settled) = step_evidence(config, codec, d).await?;
+    if !settled {
+        let _ = writeln!(
+            out,
+            "  the pipeline has not settled within {} s (route or merge behind, or an instance's transaction \
+             left open): the evidence below leaves out the blocks not known to be complete",
+            READ_LIMIT.as_secs()
+        );
+    }
+    out.push_str(&describe_evidence(plan, &evidence));
+    Ok(out)
+}
+
+/// The plan's line: state, step, its share and its limits.
+fn describe_plan(plan: &Plan, now: i64) -> String {
     let step = plan.current();
-    let _ = writeln!(
-        out,
-        "  plan: {} at step {}/{} (canary {}%), {:.0} s in step; bake {} s, {} users per arm, at most {} s; on alarm {:?}, at the end {:?}",
+    format!(
+        "  plan: {} at step {}/{} (canary {}%), {:.0} s in step; bake {} s, {} users per arm, at most {} s; on alarm {:?}, at the end {:?}\n",
         plan.state.as_str(),
         plan.step + 1,
         plan.steps.len(),
@@ -56,21 +73,26 @@ pub async fn plan_status(config: &Config, codec: &Codec, d: &Deployment) -> Resu
         step.max_ms / 1000,
         plan.on_alarm,
         plan.on_end
-    );
-    if plan.state != PlanState::Running {
-        return Ok(out);
-    }
+    )
+}
+
+/// The step's evidence rebuilt as the controller builds it — its scored outcomes, then its decisions,
+/// scored as far as route and merge have settled — and whether they settled within [`READ_LIMIT`] (a
+/// stalled stage is reported rather than waited for).
+async fn step_evidence(config: &Config, codec: &Codec, d: &Deployment) -> Result<(StepEvidence, bool)> {
+    let plan = d.spec.plan.as_ref().expect("a plan");
     let mut evidence = StepEvidence::new(d).expect("a plan");
+    let ours = |deployment: &str, version: i64| deployment == d.name && version as u64 == d.version();
     if plan.guards.iter().any(|g| matches!(g, GuardKind::Quality | GuardKind::Coverage)) {
-        let from = plan.step_started_at;
+        let topic = &config.topics.scored_outcomes;
         read_all(
             config,
             codec,
-            &config.topics.scored_outcomes,
-            from,
+            topic,
+            plan.step_started_at,
             |s: &ScoredOutcome| s.observed_at,
             |s| {
-                if s.deployment == d.name && s.config_version as u64 == d.version() {
+                if ours(&s.deployment, s.config_version) {
                     evidence.add_scored(&s);
                 }
             },
@@ -86,7 +108,7 @@ pub async fn plan_status(config: &Config, codec: &Codec, d: &Deployment) -> Resu
             100_000,
             |d: &Decision| d.decided_at,
             |decision| {
-                if decision.deployment == d.name && decision.config_version as u64 == d.version() {
+                if ours(&decision.deployment, decision.config_version) {
                     if let Some(o) = Observation::of(&decision) {
                         evidence.add(o);
                     }
@@ -94,26 +116,22 @@ pub async fn plan_status(config: &Config, codec: &Codec, d: &Deployment) -> Resu
             },
         )
         .await?;
-        // Every decision of a block is in once route and merge have settled past it (as the controller
-        // judges); a stalled stage is reported instead of waited for past the read limit.
         let through = settled.advance(clock::now_millis(), &mut progress.with(&feed))?;
         if through.is_some() || started.elapsed() > READ_LIMIT {
             break;
         }
     }
-    match settled.through() {
-        Some(through) => evidence.score_until(through),
-        None => {
-            let _ = writeln!(
-                out,
-                "  the pipeline has not settled within {} s (route or merge behind, or an instance's transaction \
-                 left open): the evidence below leaves out the blocks not known to be complete",
-                READ_LIMIT.as_secs()
-            );
-        }
+    if let Some(through) = settled.through() {
+        evidence.score_until(through);
     }
     // The scored outcomes were read to their end: labels are in up to now.
     evidence.score_coverage_until(clock::now_millis(), d.spec.timeout_ms);
+    Ok((evidence, settled.through().is_some()))
+}
+
+/// The observed split, each arm's rates and each guard against its threshold.
+fn describe_evidence(plan: &Plan, evidence: &StepEvidence) -> String {
+    let mut out = String::new();
     let (control, candidate) = evidence.arms();
     let share = |n: u64| 100.0 * n as f64 / (control.users + candidate.users).max(1) as f64;
     let _ = writeln!(
@@ -144,7 +162,7 @@ pub async fn plan_status(config: &Config, codec: &Codec, d: &Deployment) -> Resu
     for g in &evidence.figures(plan.step).guards {
         let _ = writeln!(out, "    {}", super::describe_guard(g));
     }
-    Ok(out)
+    out
 }
 
 /// How far back `status` reads scored outcomes for a deployment's quality.
@@ -295,4 +313,30 @@ pub fn render_history(entries: &[Entry]) -> String {
         return "no history\n".to_string();
     }
     history::render(entries)
+}
+
+#[cfg(test)]
+mod plan_tests {
+    use super::*;
+    use crate::record::DeploymentSpec;
+
+    #[test]
+    fn status_counts_steps_from_one_and_shows_each_guard() {
+        let d = DeploymentSpec::from_json(
+            br#"{"version":4,"strategy":"canary","control":"a","candidate":"b","canary_percent":20,
+                 "plan":{"steps":[{"canary_percent":5,"bake_ms":20000,"min_sample":100,"max_ms":600000},
+                                  {"canary_percent":20,"bake_ms":20000,"min_sample":100,"max_ms":600000},
+                                  {"canary_percent":50,"bake_ms":20000,"min_sample":100,"max_ms":600000}],
+                         "step":1,"step_started_at":1000,"state":"running"}}"#,
+        )
+        .unwrap()
+        .validate("d")
+        .unwrap();
+        let plan = d.spec.plan.as_ref().unwrap();
+        let line = describe_plan(plan, 31_000);
+        assert!(line.starts_with("  plan: running at step 2/3 (canary 20%), 30 s in step; bake 20 s"), "{line}");
+        let text = describe_evidence(plan, &StepEvidence::new(&d).unwrap());
+        assert!(text.contains("control 0 (0.00%), candidate 0 (0.00%)"), "{text}");
+        assert_eq!(text.lines().filter(|l| l.contains(" e = ")).count(), plan.guards.len(), "{text}");
+    }
 }
