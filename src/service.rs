@@ -56,7 +56,9 @@ pub async fn run(config: Config, roles: Roles, trigger: ShutdownTrigger, shutdow
     let registry = Registry::shared();
     let (loaded_tx, loaded_rx) = oneshot::channel();
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(watcher::run(config.clone(), codec.clone(), registry.clone(), loaded_tx, shutdown.clone()));
+    let mut names = std::collections::HashMap::new();
+    let watcher = watcher::run(config.clone(), codec.clone(), registry.clone(), loaded_tx, shutdown.clone());
+    names.insert(tasks.spawn(watcher).id(), "deployments watcher");
     let mut early_exit = shutdown.clone();
     tokio::select! {
         loaded = loaded_rx => if loaded.is_err() {
@@ -67,20 +69,27 @@ pub async fn run(config: Config, roles: Roles, trigger: ShutdownTrigger, shutdow
     }
     if !shutdown.is_triggered() {
         if roles != Roles::Merge {
-            tasks.spawn(route::run(config.clone(), codec.clone(), registry.clone(), shutdown.clone()));
+            let id = tasks.spawn(route::run(config.clone(), codec.clone(), registry.clone(), shutdown.clone())).id();
+            names.insert(id, "route");
         }
         if roles != Roles::Route {
-            tasks.spawn(merge::run(config.clone(), codec.clone(), shutdown.clone()));
-            tasks.spawn(quality::stage::run(config.clone(), codec.clone(), registry.clone(), shutdown.clone()));
+            names.insert(tasks.spawn(merge::run(config.clone(), codec.clone(), shutdown.clone())).id(), "merge");
+            let score = quality::stage::run(config.clone(), codec.clone(), registry.clone(), shutdown.clone());
+            names.insert(tasks.spawn(score).id(), "score");
         }
         // Every instance is a candidate controller; one at a time leads.
-        tasks.spawn(rollout::controller::run(config.clone(), codec.clone(), shutdown.clone()));
+        let controller = rollout::controller::run(config.clone(), codec.clone(), shutdown.clone());
+        names.insert(tasks.spawn(controller).id(), "controller");
         health.set_ready(true);
         tracing::info!(?roles, "switchyard running");
     }
     let mut result = Ok(());
-    while let Some(joined) = tasks.join_next().await {
-        let outcome = joined.unwrap_or_else(|e| Err(Error::Usage(format!("task panicked: {e}"))));
+    while let Some(joined) = tasks.join_next_with_id().await {
+        let name = |id| names.get(&id).copied().unwrap_or("a");
+        let outcome = match joined {
+            Ok((id, outcome)) => outcome.map_err(|source| Error::Task { task: name(id), source: Box::new(source) }),
+            Err(e) => Err(Error::Panicked { task: name(e.id()), detail: e.to_string() }),
+        };
         if let Err(error) = outcome {
             tracing::error!(%error, "task failed; shutting down");
             trigger.trigger();

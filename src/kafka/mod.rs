@@ -563,7 +563,7 @@ pub async fn same_partition_count<C: ConsumerContext + 'static>(
     }
     if counts.iter().any(|(_, n)| *n != counts[0].1) {
         let list: Vec<String> = counts.iter().map(|(topic, n)| format!("{topic} has {n}")).collect();
-        return Err(Error::Usage(format!(
+        return Err(Error::PartitionMismatch(format!(
             "{stage} joins by partition, so these topics need the same partition count: {}",
             list.join(", ")
         )));

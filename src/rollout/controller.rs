@@ -40,7 +40,7 @@ use crate::clock;
 use crate::codec::{Codec, Decision, Millis, ScoredOutcome};
 use crate::config::Config;
 use crate::control::Registry;
-use crate::error::Error;
+use crate::error::{During, Error};
 use crate::kafka::batch::GroupWatch;
 use crate::kafka::txn::TxnProducer;
 use crate::kafka::{self, ADMIN_TIMEOUT, OutRecord};
@@ -157,7 +157,8 @@ impl Leader {
     ) -> Result<Leader, Error> {
         let topic = &config.topics.deployments;
         let producer = TxnProducer::new(config, format!("{}-controller", config.service.group_id), shutdown.clone())?;
-        let committed = block_in_place(|| consumer.committed(ADMIN_TIMEOUT))?
+        let committed = block_in_place(|| consumer.committed(ADMIN_TIMEOUT))
+            .during("reading the controller's committed position")?
             .elements()
             .iter()
             .find(|e| e.topic() == topic && e.partition() == 0)
@@ -169,7 +170,8 @@ impl Leader {
             let targets = HashMap::from([(0, committed)]);
             replay_until(&reader, topic, &targets, committed, &mut registry).await?;
         }
-        block_in_place(|| consumer.seek(topic, 0, Offset::Offset(committed), ADMIN_TIMEOUT))?;
+        block_in_place(|| consumer.seek(topic, 0, Offset::Offset(committed), ADMIN_TIMEOUT))
+            .during("moving to the controller's committed position")?;
         tracing::info!(
             from_offset = committed,
             deployments = registry.deployments().count(),
@@ -224,7 +226,7 @@ impl Leader {
             .and_then(|p| p.find_partition(&topic, 0).map(|e| e.offset()))
             .and_then(|o| if let Offset::Offset(n) = o { Some(n) } else { None })
             .unwrap_or(0);
-        let (_, end) = block_in_place(|| self.ends.of(&topic, 0))?;
+        let (_, end) = block_in_place(|| self.ends.of(&topic, 0)).during("finding where the deployments topic ends")?;
         if self.next_offset.max(position) >= end {
             self.judge(&mut out).await?;
         }
@@ -234,10 +236,9 @@ impl Leader {
         let mut offsets = TopicPartitionList::new();
         offsets.add_partition_offset(&topic, 0, Offset::Offset(self.next_offset))?;
         let changes = std::mem::take(&mut self.uncommitted);
-        self.producer
-            .commit(&out, &offsets, consumer.group_metadata().as_ref())
-            .await
-            .map_err(|failure| Error::Kafka(failure.error))?;
+        self.producer.commit(&out, &offsets, consumer.group_metadata().as_ref()).await.map_err(|failure| {
+            Error::KafkaDuring { doing: "committing the controller's changes".into(), source: failure.error }
+        })?;
         self.committed = self.next_offset;
         for (deployment, actor, ended) in changes {
             telemetry::rollout_change(&deployment, &actor);

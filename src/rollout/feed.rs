@@ -14,7 +14,7 @@ use tokio::task::block_in_place;
 use super::settle::{Leg, Pipeline};
 use crate::codec::{AvroRecord, Codec, Millis};
 use crate::config::Config;
-use crate::error::Error;
+use crate::error::{During, Error};
 use crate::kafka::{self, ADMIN_TIMEOUT, GapReader, GroupOffsets, LogEnds};
 
 /// Decisions are looked for from this long before the earliest step start (clocks of other hosts).
@@ -52,13 +52,15 @@ impl Feed {
             by_time.add_partition_offset(&topic, p, at)?;
         }
         let found = match from {
-            Some(_) => block_in_place(|| consumer.offsets_for_times(by_time, ADMIN_TIMEOUT))?,
+            Some(_) => block_in_place(|| consumer.offsets_for_times(by_time, ADMIN_TIMEOUT))
+                .during(format!("finding where {topic} was at the step's start"))?,
             None => by_time,
         };
         let mut assignment = TopicPartitionList::new();
         let (mut start, mut end_at_open) = (HashMap::new(), HashMap::new());
         for e in found.elements() {
-            let (low, high) = block_in_place(|| consumer.fetch_watermarks(&topic, e.partition(), ADMIN_TIMEOUT))?;
+            let (low, high) = block_in_place(|| consumer.fetch_watermarks(&topic, e.partition(), ADMIN_TIMEOUT))
+                .during(format!("finding where {topic} ends"))?;
             let at = match (from, e.offset()) {
                 (Some(_), Offset::Offset(n)) => n.max(low),
                 _ => high,
@@ -191,7 +193,8 @@ impl Pipeline for KafkaPipeline<'_> {
         let partitions = kafka::partition_count(consumer, &topic)?.ok_or_else(|| Error::MissingTopic(topic.clone()))?;
         let mut ends = HashMap::new();
         for p in 0..partitions as i32 {
-            let (low, high) = block_in_place(|| self.progress.ends.of(&topic, p))?;
+            let (low, high) =
+                block_in_place(|| self.progress.ends.of(&topic, p)).during(format!("finding where {topic} ends"))?;
             if low < high {
                 ends.insert(p, high);
             }
@@ -206,13 +209,22 @@ impl Pipeline for KafkaPipeline<'_> {
             Leg::Merged => &self.progress.merge,
         };
         let topic = self.progress.topic(leg).to_string();
-        let committed = block_in_place(|| group.of(&topic, &[partition]))?.remove(&partition).flatten();
+        let committed = block_in_place(|| group.of(&topic, &[partition]))
+            .during(format!("reading the committed offsets of {} on {topic}", leg.stage()))?
+            .remove(&partition)
+            .flatten();
         let from = match committed {
             Some(at) if at >= end => return Ok(true),
             Some(at) => at,
-            None => block_in_place(|| self.progress.ends.of(&topic, partition))?.0,
+            None => {
+                block_in_place(|| self.progress.ends.of(&topic, partition))
+                    .during(format!("finding where {topic} starts"))?
+                    .0
+            }
         };
         // Committed short of the end: passed if nothing but markers (or aborted records) lies between.
-        Ok(self.progress.gaps.empty(&topic, partition, from, end)? == Some(true))
+        let empty =
+            self.progress.gaps.empty(&topic, partition, from, end).during(format!("reading {topic} past {from}"))?;
+        Ok(empty == Some(true))
     }
 }

@@ -37,6 +37,17 @@ pub enum Leg {
     Read,
 }
 
+impl Leg {
+    /// The stage whose progress the leg follows.
+    pub fn stage(self) -> &'static str {
+        match self {
+            Leg::Routed => "route",
+            Leg::Merged => "merge",
+            Leg::Read => "the controller's reader",
+        }
+    }
+}
+
 /// What a probe asks of Kafka.
 pub trait Pipeline {
     type Error;
