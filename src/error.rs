@@ -73,7 +73,7 @@ mod tests {
     fn a_kafka_error_says_what_was_being_done() {
         let failed: std::result::Result<(), KafkaError> = Err(KafkaError::Canceled);
         let error = failed.during("reading merge's committed offsets").unwrap_err();
-        assert_eq!(error.to_string(), "Kafka, reading merge's committed offsets: Operation canceled");
+        assert_eq!(error.to_string(), "Kafka, reading merge's committed offsets: KafkaError (Client dropped)");
         let task = Error::Task { task: "route", source: Box::new(error) };
         assert!(task.to_string().starts_with("route: Kafka, reading"), "{task}");
     }
