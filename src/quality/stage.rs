@@ -1,7 +1,7 @@
 //! The score stage inside `switchyard run`: reads decisions, shadow comparisons and outcome labels
 //! (co-partitioned by user id), joins them ([`Join`]) and writes one scored record per labelled answer,
 //! exactly once: each batch's scored records, dead letters and changelog records commit with its
-//! input offsets in one transaction (the transactional stage route and merge use). The join's state
+//! input offsets in one transaction (the stage driver route and merge run on, [`TxnStage::drive`]). The join's state
 //! is in a compacted changelog topic, one record per open request: after a restart or rebalance it is
 //! read back instead of the inputs, so a long window does not mean re-reading weeks of decisions.
 //!
@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use rdkafka::consumer::Consumer;
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message, OwnedMessage};
 
 use super::join::{Effect, Entry, Join, JoinConfig, Rejected};
@@ -18,11 +18,10 @@ use super::score::QualitySpec;
 use crate::codec::{Codec, Decision, Outcome, ShadowComparison};
 use crate::config::Config;
 use crate::control::SharedRegistry;
-use crate::dead_letter::{Kind, Letter};
+use crate::dead_letter::{self, Kind, Letter};
 use crate::error::Result;
 use crate::kafka::partitioner::partition_for_key;
-use crate::kafka::stage::{Commit, Outbox, TxnStage};
-use crate::kafka::{self, OutRecord, SourcePos};
+use crate::kafka::{self, GroupWatch, OutRecord, Outbox, SourcePos, Stage, TxnStage};
 use crate::shutdown::Shutdown;
 use crate::telemetry::{self, Event};
 
@@ -114,6 +113,72 @@ fn specs(registry: &SharedRegistry) -> HashMap<String, QualitySpec> {
     registry.deployments().filter_map(|d| d.spec.quality.clone().map(|q| (d.name.clone(), q))).collect()
 }
 
+/// The score stage's hooks for the stage driver.
+struct Score {
+    config: Config,
+    codec: Codec,
+    registry: SharedRegistry,
+    /// Partition count of the joined topics: an outcome must be on its key's partition.
+    partitions: usize,
+    join: Join,
+    /// The quality specs in force for the current batch, and when it is fed.
+    specs: HashMap<String, QualitySpec>,
+    now: i64,
+}
+
+impl Stage for Score {
+    /// Reads the changelog partitions of the new assignment back into a new join.
+    async fn restore(&mut self, consumer: &StreamConsumer<GroupWatch>) -> Result<()> {
+        let decisions = &self.config.topics.decisions;
+        let assigned: Vec<i32> =
+            consumer.assignment()?.elements_for_topic(decisions).iter().map(|e| e.partition()).collect();
+        self.join = restore(&self.config, &assigned).await?;
+        Ok(())
+    }
+
+    fn begin(&mut self, now: i64) {
+        self.specs = specs(&self.registry);
+        self.now = now;
+    }
+
+    fn feed(&mut self, index: usize, message: &OwnedMessage, out: &mut Outbox) {
+        let mut fx = Vec::new();
+        feed(
+            index,
+            message,
+            &self.config,
+            &self.codec,
+            &self.specs,
+            self.partitions,
+            self.now,
+            &mut self.join,
+            &mut fx,
+            out,
+        );
+        for effect in fx {
+            let (record, event) = output(effect, &self.config, &self.codec);
+            out.records.extend(record);
+            out.events.extend(event);
+        }
+    }
+
+    /// Decisions past their window, labels that waited for their decision in vain.
+    fn tick(&mut self, _now: i64, _: &StreamConsumer<GroupWatch>, out: &mut Outbox) {
+        let mut fx = Vec::new();
+        self.join.expire(self.now, &mut fx);
+        for effect in fx {
+            let (record, event) = output(effect, &self.config, &self.codec);
+            out.records.extend(record);
+            out.events.extend(event);
+        }
+    }
+
+    fn after(&mut self, _: &StreamConsumer<GroupWatch>) {
+        telemetry::open_decisions(self.join.open());
+    }
+}
+
+/// Runs the score stage until shutdown; each batch is one transaction (see [`TxnStage::drive`]).
 pub async fn run(config: Config, codec: Codec, registry: SharedRegistry, shutdown: Shutdown) -> Result<()> {
     if let Err(error) = topics(&config).await {
         // Routing and decisions go on without scores.
@@ -122,58 +187,12 @@ pub async fn run(config: Config, codec: Codec, registry: SharedRegistry, shutdow
     }
     let t = &config.topics;
     let inputs = [t.decisions.as_str(), t.shadow_comparisons.as_str(), t.outcomes.as_str()];
-    let mut stage = TxnStage::new(&config, "score", &inputs, shutdown.clone())?;
+    let mut stage = TxnStage::new(&config, "score", &inputs, shutdown)?;
     let partitions = kafka::partition_count(stage.consumer(), &t.decisions)?.unwrap_or(1);
-    let mut join = Join::new(join_config(&config));
-    let mut generation = None;
-    while !shutdown.is_triggered() {
-        if generation != Some(stage.generation()) {
-            let now_generation = stage.generation();
-            if !stage.rewind().await {
-                continue;
-            }
-            let assigned: Vec<i32> =
-                stage.consumer().assignment()?.elements_for_topic(&t.decisions).iter().map(|e| e.partition()).collect();
-            match restore(&config, &assigned).await {
-                Ok(restored) => {
-                    join = restored;
-                    generation = Some(now_generation);
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "cannot restore the score changelog yet; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            }
-            continue;
-        }
-        let messages = stage
-            .next_batch(config.service.batch_size, Duration::from_millis(config.service.batch_wait_ms), TICK)
-            .await?;
-        if generation != Some(stage.generation()) {
-            continue;
-        }
-        let specs = specs(&registry);
-        let now = kafka::now_millis();
-        let mut fx = Vec::new();
-        let mut out = Outbox::default();
-        for (index, message) in messages.iter().enumerate() {
-            feed(index, message, &config, &codec, &specs, partitions, now, &mut join, &mut fx, &mut out);
-        }
-        join.expire(now, &mut fx);
-        for effect in fx {
-            let (record, event) = output(effect, &config, &codec);
-            out.records.extend(record);
-            out.events.extend(event);
-        }
-        telemetry::open_decisions(join.open());
-        if out.records.is_empty() && messages.is_empty() {
-            continue;
-        }
-        let offsets = kafka::batch_offsets(&messages);
-        if let Commit::Failed = stage.commit(&messages, out, &offsets).await {
-            generation = None; // its effects are gone: rebuild from the changelog
-        }
-    }
+    let join = Join::new(join_config(&config));
+    let mut score =
+        Score { config, codec, registry, partitions, join, specs: HashMap::new(), now: kafka::now_millis() };
+    stage.drive(&mut score, TICK, dead_letter::refused).await?;
     stage.close().await;
     Ok(())
 }
