@@ -16,8 +16,9 @@
 //! - [`control`] — the control plane: the deployments topic, the registry in force, deploy/promote/rollback.
 //! - [`codec`] — Avro records and schemas (schemas/), plain or Confluent-framed.
 //! - [`telemetry`] — metrics and the /metrics, /healthz, /readyz endpoint.
-//! - [`kafka`] — the one place Kafka clients are built; the transactional stage route and merge run on
-//!   (batches, rebalances, commit or rewind, records the broker refuses), Kafka's partitioner.
+//! - [`kafka`] — the one place Kafka clients are built; the one stage driver route, merge and the score
+//!   stage run on through their hooks (batches, rebalances, commit or rewind and restore, records the
+//!   broker refuses), Kafka's partitioner.
 //! - [`dead_letter`] — dead letters with a reason.
 //! - [`config`] — layered configuration (defaults, file, environment, flags).
 //! - [`service`] — `switchyard run`: the pieces wired together; [`shutdown`] — signal handling.

@@ -5,10 +5,12 @@
 //!
 //! - [`score`]: output bytes → a score (plain number or a JSON field), per deployment.
 //! - [`join`]: outcome labels joined to decisions and shadow answers within a window, scored.
-//! - [`stage`]: the Kafka stage around the join, exactly once, with its changelog (inside `run`).
+//! - [`stage`]: the Kafka stage around the join, exactly once (inside `run`); [`changelog`]: its
+//!   changelog records, a score per answer, never the answer's bytes.
 //! - [`metrics`]: losses of one labelled decision, and quality per model and arm from counts that add
 //!   up across instances (accuracy, Brier, log-loss, AUC, calibration error; MAE, RMSE, bias).
 
+pub mod changelog;
 pub mod join;
 pub mod metrics;
 pub mod score;

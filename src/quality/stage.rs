@@ -13,7 +13,8 @@ use std::time::Duration;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message, OwnedMessage};
 
-use super::join::{Effect, Entry, Join, JoinConfig, Rejected};
+use super::changelog;
+use super::join::{Effect, Join, JoinConfig, Rejected};
 use super::score::QualitySpec;
 use crate::codec::{Codec, Decision, Outcome, ShadowComparison};
 use crate::config::Config;
@@ -63,8 +64,20 @@ pub fn short_retention(retentions: &[(String, i64)], window_ms: u64) -> Vec<Stri
         .collect()
 }
 
-/// Reads the changelog partitions of `assigned` back into a join.
-pub async fn restore(config: &Config, assigned: &[i32]) -> Result<Join> {
+/// Reads the changelog partitions of `assigned` back into a join. `specs` (the quality specs in force)
+/// read the answers' scores of entries an earlier version wrote (see [`changelog::decode`]).
+pub async fn restore(
+    config: &Config,
+    codec: &Codec,
+    specs: &HashMap<String, QualitySpec>,
+    assigned: &[i32],
+) -> Result<Join> {
+    // Early shadow answers in an old entry do not name their deployment: the only spec, if one.
+    let spec_of = |deployment: Option<&str>| match deployment {
+        Some(name) => specs.get(name).cloned().unwrap_or_default(),
+        None if specs.len() == 1 => specs.values().next().cloned().unwrap_or_default(),
+        None => QualitySpec::default(),
+    };
     let topic = &config.topics.score_changelog;
     let reader = kafka::reader(config)?;
     let (tpl, targets) = kafka::batch::whole(config, &reader, topic, assigned.iter().copied())?;
@@ -87,7 +100,7 @@ pub async fn restore(config: &Config, assigned: &[i32]) -> Result<Join> {
         let id = String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned();
         let entry = match message.payload() {
             None => None,
-            Some(value) => match serde_json::from_slice::<Entry>(value) {
+            Some(value) => match changelog::decode(&id, value, codec, spec_of) {
                 Ok(entry) => Some(entry),
                 Err(error) => {
                     tracing::warn!(offset = message.offset(), %error, "unreadable score changelog record skipped");
@@ -132,7 +145,7 @@ impl Stage for Score {
         let decisions = &self.config.topics.decisions;
         let assigned: Vec<i32> =
             consumer.assignment()?.elements_for_topic(decisions).iter().map(|e| e.partition()).collect();
-        self.join = restore(&self.config, &assigned).await?;
+        self.join = restore(&self.config, &self.codec, &specs(&self.registry), &assigned).await?;
         Ok(())
     }
 
@@ -141,36 +154,19 @@ impl Stage for Score {
         self.now = now;
     }
 
+    /// Every record made from an input names it (changelog states, scored records, dead letters): one
+    /// the broker refuses dead-letters that input, and the rest flows.
     fn feed(&mut self, index: usize, message: &OwnedMessage, out: &mut Outbox) {
         let mut fx = Vec::new();
-        feed(
-            index,
-            message,
-            &self.config,
-            &self.codec,
-            &self.specs,
-            self.partitions,
-            self.now,
-            &mut self.join,
-            &mut fx,
-            out,
-        );
-        for effect in fx {
-            let (record, event) = output(effect, &self.config, &self.codec);
-            out.records.extend(record);
-            out.events.extend(event);
-        }
+        self.join_input(index, message, &mut fx, out);
+        self.write(fx, Some(index), out);
     }
 
     /// Decisions past their window, labels that waited for their decision in vain.
     fn tick(&mut self, _now: i64, _: &StreamConsumer<GroupWatch>, out: &mut Outbox) {
         let mut fx = Vec::new();
         self.join.expire(self.now, &mut fx);
-        for effect in fx {
-            let (record, event) = output(effect, &self.config, &self.codec);
-            out.records.extend(record);
-            out.events.extend(event);
-        }
+        self.write(fx, None, out);
     }
 
     fn after(&mut self, _: &StreamConsumer<GroupWatch>) {
@@ -197,70 +193,73 @@ pub async fn run(config: Config, codec: Codec, registry: SharedRegistry, shutdow
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn feed(
-    index: usize,
-    message: &OwnedMessage,
-    config: &Config,
-    codec: &Codec,
-    specs: &HashMap<String, QualitySpec>,
-    partitions: usize,
-    now: i64,
-    join: &mut Join,
-    fx: &mut Vec<Effect>,
-    out: &mut Outbox,
-) {
-    let t = &config.topics;
-    let value = message.payload().unwrap_or_default();
-    let mut reject = |kind, reason: String| {
-        out.push_from(index, Some(Letter::of(message, kind, reason).record(&t.dead_letter)));
-    };
-    let scored_by_none = |deployment: Option<&[u8]>| {
-        specs.is_empty() || deployment.is_some_and(|d| !specs.keys().any(|name| name.as_bytes() == d))
-    };
-    if message.topic() == t.decisions {
-        // Most decisions belong to deployments without a quality spec: their `deployment` header says
-        // so without decoding them.
-        let deployment = message.headers().and_then(|h| h.iter().find(|h| h.key == "deployment")).and_then(|h| h.value);
-        if scored_by_none(deployment) {
-            return;
+impl Score {
+    /// The join's effects as records (made from the input at `origin`, if one) and events.
+    fn write(&self, fx: Vec<Effect>, origin: Option<usize>, out: &mut Outbox) {
+        for effect in fx {
+            let (record, event) = output(effect, &self.config, &self.codec);
+            out.records.extend(record.map(|record| OutRecord { origin, ..record }));
+            out.events.extend(event);
         }
-        if let Ok(d) = codec.decode::<Decision>(value) {
-            if let Some(spec) = specs.get(&d.deployment) {
-                join.on_decision(d, message.partition(), spec, fx);
-            }
-        }
-    } else if message.topic() == t.shadow_comparisons {
-        if scored_by_none(None) {
-            return;
-        }
-        if let Ok(c) = codec.decode::<ShadowComparison>(value) {
-            if let Some(spec) = specs.get(&c.deployment) {
-                join.on_shadow(c, message.partition(), spec, now, fx);
-            }
-        }
-    } else {
-        let outcome = match codec.decode::<Outcome>(value) {
-            Ok(outcome) => outcome,
-            Err(error) => return reject(Kind::Undecodable, format!("outcome: {error}")),
+    }
+
+    /// Feeds one input record to the join, or dead-letters it.
+    fn join_input(&mut self, index: usize, message: &OwnedMessage, fx: &mut Vec<Effect>, out: &mut Outbox) {
+        let (config, codec, specs, partitions, now, join) =
+            (&self.config, &self.codec, &self.specs, self.partitions, self.now, &mut self.join);
+        let t = &config.topics;
+        let value = message.payload().unwrap_or_default();
+        let mut reject = |kind, reason: String| {
+            out.push_from(index, Some(Letter::of(message, kind, reason).record(&t.dead_letter)));
         };
-        if outcome.request_id.is_empty() {
-            return reject(Kind::Invalid, "outcome without a request_id".into());
+        let scored_by_none = |deployment: Option<&[u8]>| {
+            specs.is_empty() || deployment.is_some_and(|d| !specs.keys().any(|name| name.as_bytes() == d))
+        };
+        if message.topic() == t.decisions {
+            // Most decisions belong to deployments without a quality spec: their `deployment` header says
+            // so without decoding them.
+            let deployment =
+                message.headers().and_then(|h| h.iter().find(|h| h.key == "deployment")).and_then(|h| h.value);
+            if scored_by_none(deployment) {
+                return;
+            }
+            if let Ok(d) = codec.decode::<Decision>(value) {
+                if let Some(spec) = specs.get(&d.deployment) {
+                    join.on_decision(d, message.partition(), spec, fx);
+                }
+            }
+        } else if message.topic() == t.shadow_comparisons {
+            if scored_by_none(None) {
+                return;
+            }
+            if let Ok(c) = codec.decode::<ShadowComparison>(value) {
+                if let Some(spec) = specs.get(&c.deployment) {
+                    join.on_shadow(c, message.partition(), spec, now, fx);
+                }
+            }
+        } else {
+            let outcome = match codec.decode::<Outcome>(value) {
+                Ok(outcome) => outcome,
+                Err(error) => return reject(Kind::Undecodable, format!("outcome: {error}")),
+            };
+            if outcome.request_id.is_empty() {
+                return reject(Kind::Invalid, "outcome without a request_id".into());
+            }
+            let home = partition_for_key(message.key().unwrap_or_default(), partitions);
+            if home != message.partition() {
+                return reject(
+                    Kind::Invalid,
+                    format!(
+                        "outcome on partition {} but its key belongs to partition {home}: write outcomes keyed by user id \
+                         with Kafka's murmur2 partitioner (confluent-kafka: partitioner=murmur2_random), or they never \
+                         meet their decisions",
+                        message.partition()
+                    ),
+                );
+            }
+            let spec_of = |deployment: &str| specs.get(deployment).cloned().unwrap_or_default();
+            join.on_outcome(outcome, SourcePos::of(message), spec_of, now, fx);
         }
-        let home = partition_for_key(message.key().unwrap_or_default(), partitions);
-        if home != message.partition() {
-            return reject(
-                Kind::Invalid,
-                format!(
-                    "outcome on partition {} but its key belongs to partition {home}: write outcomes keyed by user id \
-                     with Kafka's murmur2 partitioner (confluent-kafka: partitioner=murmur2_random), or they never \
-                     meet their decisions",
-                    message.partition()
-                ),
-            );
-        }
-        let spec_of = |deployment: &str| specs.get(deployment).cloned().unwrap_or_default();
-        join.on_outcome(outcome, SourcePos::of(message), spec_of, now, fx);
     }
 }
 
@@ -292,14 +291,9 @@ fn output(effect: Effect, config: &Config, codec: &Codec) -> (Option<OutRecord>,
             (None, Some(Event::Unlabelled { deployment, model, cohort, evicted: true }))
         }
         Effect::State { request_id, partition, entry } => {
-            let mut record = OutRecord::new(
-                t.score_changelog.clone(),
-                request_id.into_bytes(),
-                entry.map(|e| serde_json::to_vec(&e).expect("changelog entries serialise")).unwrap_or_default(),
-            );
-            if record.payload.as_ref().is_some_and(Vec::is_empty) {
-                record.payload = None; // a tombstone: compaction forgets the request
-            }
+            let mut record = OutRecord::new(t.score_changelog.clone(), request_id.into_bytes(), Vec::new());
+            // None: a tombstone, compaction forgets the request.
+            record.payload = entry.map(|e| changelog::encode(&e, codec));
             record.partition = Some(partition);
             (Some(record), None)
         }
