@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """switchyard fault suite: drives a real broker and real switchyard processes through crashes, restarts,
 rebalances, broker failure, stalled models, paused instances, oversized input, foreign model workers,
-log compaction and the scoring of large answers, then checks the delivery invariants on what a read_committed consumer sees.
+log compaction and the scoring of large answers, then checks the delivery invariants on what a
+read_committed consumer sees.
 
 It is an independent client written from the contract (docs/operations.md, schemas/, docs/cohort-hash.md):
 it produces Avro requests with fastavro, reads decisions with confluent-kafka, and computes cohorts with
