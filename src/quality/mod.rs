@@ -1,7 +1,7 @@
-//! Judging models by what happened (issue: outcome labels joined to decisions). This is its first part,
-//! pure and tested: how a model's output becomes a score, the per-request losses of a labelled decision,
-//! and quality figures from mergeable counts. The outcomes topic, the join and the quality guards in
-//! plans build on it (the mean guard is `rollout::guard::MeanGuard`).
+//! Judging models by what happened: outcome labels joined to decisions. Pure and tested: how a model's
+//! output becomes a score, the join, the per-request losses of a labelled decision, and quality figures
+//! from mergeable counts; around them the score stage, which runs on the stage driver like route and
+//! merge. The quality guards in plans build on it (the mean guard is `rollout::guard::MeanGuard`).
 //!
 //! - [`score`]: output bytes → a score (plain number or a JSON field), per deployment.
 //! - [`join`]: outcome labels joined to decisions and shadow answers within a window, scored.
