@@ -9,6 +9,7 @@ use std::time::Instant;
 use switchyard::codec::{Decision, DecisionStatus, Outcome};
 use switchyard::config::Config;
 use switchyard::kafka::{self, OutRecord, SourcePos};
+use switchyard::quality::changelog;
 use switchyard::quality::join::{Effect, Join, JoinConfig};
 use switchyard::record::quality::QualitySpec;
 
@@ -45,12 +46,13 @@ async fn main() {
     let start = Instant::now();
     let mut join = Join::new(config);
     let mut fx = Vec::new();
-    let mut json_bytes = 0;
+    let codec = switchyard::codec::Codec::default();
+    let mut changelog_bytes = 0;
     for i in 0..n {
         join.on_decision(decision(i), (i % 4) as i32, &spec, &mut fx);
         for e in fx.drain(..) {
             if let Effect::State { entry: Some(entry), .. } = e {
-                json_bytes += serde_json::to_vec(&entry).unwrap().len();
+                changelog_bytes += changelog::encode(&entry, &codec).len();
             }
         }
     }
@@ -61,7 +63,7 @@ async fn main() {
         "join memory with {n} open decisions: {held:.0} MiB ({:.0} bytes each)",
         held * 1024.0 * 1024.0 / n as f64
     );
-    println!("changelog: {n} records, {:.0} MiB of JSON", json_bytes as f64 / (1024.0 * 1024.0));
+    println!("changelog: {n} records, {:.0} MiB of Avro", changelog_bytes as f64 / (1024.0 * 1024.0));
 
     let start = Instant::now();
     let source = SourcePos { topic: "outcomes".into(), partition: 0, offset: 0 };
@@ -106,7 +108,7 @@ async fn main() {
             writer.on_decision(decision(i), (i % cfg.topics.partitions as usize) as i32, &spec, &mut fx);
             for e in fx.drain(..) {
                 if let Effect::State { request_id, partition, entry: Some(entry) } = e {
-                    let value = serde_json::to_vec(&entry).unwrap();
+                    let value = changelog::encode(&entry, &codec);
                     let mut r = OutRecord::new(cfg.topics.score_changelog.clone(), request_id.into_bytes(), value);
                     r.partition = Some(partition);
                     records.push(r);
@@ -119,7 +121,8 @@ async fn main() {
     println!("restart: {n} changelog records written in {:.1} s", start.elapsed().as_secs_f64());
     let start = Instant::now();
     let assigned: Vec<i32> = (0..cfg.topics.partitions).collect();
-    let restored = switchyard::quality::stage::restore(&cfg, &assigned).await.unwrap();
+    let specs = std::collections::HashMap::from([("fraud".to_string(), spec.clone())]);
+    let restored = switchyard::quality::stage::restore(&cfg, &codec, &specs, &assigned).await.unwrap();
     println!(
         "restart with a full window: {} open decisions restored from the changelog in {:.1} s",
         restored.open(),

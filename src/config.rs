@@ -38,6 +38,12 @@ pub const RECORD_LIMIT: usize = 2 * 1024 * 1024;
 /// time, framing), and a decision, comparison or changelog record beyond the answers it carries.
 const RECORD_OVERHEAD: usize = 4096;
 
+/// Room a score changelog entry (`ScoreState`, quality::changelog) needs beyond the ids its decision
+/// carries (a request's, at most `service.max_request_bytes`): fixed fields, a label's source, and a score
+/// and a name per shadow model (about 220 bytes each with names of up to 200 bytes: 250 of them fit). It
+/// keeps no answer's bytes, so `max_prediction_bytes` does not count.
+pub const SCORE_STATE_ROOM: usize = 64 * 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
@@ -114,6 +120,7 @@ impl Topics {
             RecordKind::MergeState => &self.merge_changelog,
             RecordKind::Outcome => &self.outcomes,
             RecordKind::ScoredOutcome => &self.scored_outcomes,
+            RecordKind::ScoreState => &self.score_changelog,
         }
     }
 
@@ -403,17 +410,20 @@ impl Config {
         }
     }
 
-    /// Every request switchyard admits must fit into its model requests, and every answer into the
-    /// decision, comparison (two answers) and changelog records made from it; otherwise a record the
-    /// service accepted could never be written.
+    /// Every request switchyard admits must fit into its model requests and the score changelog's entries
+    /// (its ids), and every answer into the decision, comparison (two answers) and merge changelog
+    /// records made from it; otherwise a record the service accepted could never be written.
     fn check_record_sizes(&self) -> Result<(), ConfigError> {
         let limit = self.record_limit()?;
         let s = &self.service;
-        if s.max_request_bytes + RECORD_OVERHEAD > limit || 2 * s.max_prediction_bytes + RECORD_OVERHEAD > limit {
+        // A model request needs only RECORD_OVERHEAD beyond its request, a score changelog entry more.
+        let largest = [s.max_request_bytes + SCORE_STATE_ROOM, 2 * s.max_prediction_bytes + RECORD_OVERHEAD];
+        if largest.iter().any(|bytes| *bytes > limit) {
             return Err(ConfigError::Invalid(format!(
-                "service.max_request_bytes ({}) + {RECORD_OVERHEAD} and 2 x service.max_prediction_bytes ({}) + \
-                 {RECORD_OVERHEAD} must not exceed the producer's message.max.bytes ({limit}): lower them or raise \
-                 message.max.bytes (and the topics' max.message.bytes)",
+                "service.max_request_bytes ({}) + {SCORE_STATE_ROOM} (a score changelog entry) and 2 x \
+                 service.max_prediction_bytes ({}) + {RECORD_OVERHEAD} must not exceed the producer's \
+                 message.max.bytes ({limit}): lower them or raise message.max.bytes (and the topics' \
+                 max.message.bytes)",
                 s.max_request_bytes, s.max_prediction_bytes
             )));
         }

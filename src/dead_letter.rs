@@ -83,26 +83,27 @@ impl<'a> Letter<'a> {
         };
         (record, Event::DeadLettered { kind: self.kind.as_str() })
     }
+}
 
-    /// The dead letter for an input whose outputs the broker refused. On the second refusal (the dead
-    /// letter itself was too large) it goes without its value: the original stays readable at
-    /// `dlq.topic`/`dlq.partition`/`dlq.offset` for the topic's retention. After that, nothing can be
-    /// written for it: `None`, logged.
-    pub fn refused(message: &'a OwnedMessage, refusal: &Refusal, topic: &str) -> Option<(OutRecord, Event)> {
-        let mut this = Letter::of(message, Kind::Unwritable, refusal.reason.clone());
-        match refusal.strikes {
-            0 | 1 => Some(this.record(topic)),
-            2 => {
-                this.value = None;
-                this.reason.push_str("; the dead letter was refused too, so it carries no value");
-                let (record, event) = this.record(topic);
-                Some((record.header(VALUE_HEADER, "dropped"), event))
-            }
-            _ => {
-                tracing::error!(topic = %this.source.topic, partition = this.source.partition, offset = this.source.offset,
-                    reason = %refusal.reason, "not even a dead letter could be written for this record; skipped");
-                None
-            }
+/// The dead letter for an input whose outputs the broker refused (the stage driver's
+/// [`RefusedLetter`](crate::kafka::stage::RefusedLetter)). On the second refusal (the dead letter itself
+/// was too large) it goes without its value: the original stays readable at
+/// `dlq.topic`/`dlq.partition`/`dlq.offset` for the topic's retention. After that, nothing can be
+/// written for it: `None`, logged.
+pub fn refused(message: &OwnedMessage, refusal: &Refusal, topic: &str) -> Option<(OutRecord, Event)> {
+    let mut this = Letter::of(message, Kind::Unwritable, refusal.reason.clone());
+    match refusal.strikes {
+        0 | 1 => Some(this.record(topic)),
+        2 => {
+            this.value = None;
+            this.reason.push_str("; the dead letter was refused too, so it carries no value");
+            let (record, event) = this.record(topic);
+            Some((record.header(VALUE_HEADER, "dropped"), event))
+        }
+        _ => {
+            tracing::error!(topic = %this.source.topic, partition = this.source.partition, offset = this.source.offset,
+                reason = %refusal.reason, "not even a dead letter could be written for this record; skipped");
+            None
         }
     }
 }

@@ -18,9 +18,9 @@
 //! - [`error`] — the library's error type.
 //! - [`telemetry`] — metrics and the /metrics, /healthz, /readyz endpoint.
 //! - [`routing`] — the pure routing decision: cohort hash and the split of a deployment's users.
-//! - [`kafka`] — the one place Kafka clients are built; the transactional stage route, merge and the
-//!   score stage run on (batches, rebalances, commit or rewind, records the broker refuses), Kafka's
-//!   partitioner.
+//! - [`kafka`] — the one place Kafka clients are built; the one stage driver route, merge and the score
+//!   stage run on through their hooks (batches, rebalances, commit or rewind and restore, records the
+//!   broker refuses), Kafka's partitioner.
 //! - [`dead_letter`] — dead letters with a reason.
 //! - [`control`] — the control plane: the deployments topic, the registry in force, deploy/promote/rollback.
 //! - [`route`] — the route service: requests to per-model topics and routing records.

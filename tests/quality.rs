@@ -336,3 +336,166 @@ async fn joined_topics_are_created_to_outlive_the_window() {
     assert_ne!(retention[&t.requests], thirty_days as i64, "other topics keep the broker's default");
     env.stop().await;
 }
+
+/// A JSON answer `{"score": <score>, "pad": "xxx…"}` with a pad of `pad` bytes.
+fn json_output(score: f64, pad: usize) -> Vec<u8> {
+    format!(r#"{{"score": {score}, "pad": "{}"}}"#, "x".repeat(pad)).into_bytes()
+}
+
+/// A prediction whose value (as encoded) is exactly `size` bytes, with a JSON answer of `score`.
+fn prediction_of_size(
+    codec: &switchyard::codec::Codec,
+    request_id: &str,
+    model: &str,
+    score: f64,
+    size: usize,
+) -> Vec<u8> {
+    let mut prediction = switchyard::codec::Prediction {
+        request_id: request_id.into(),
+        model: model.into(),
+        output: Some(json_output(score, 0)),
+        error: None,
+        produced_at: clock::now_millis(),
+    };
+    let mut pad = size - codec.encode(&prediction).len();
+    loop {
+        prediction.output = Some(json_output(score, pad));
+        let value = codec.encode(&prediction);
+        match value.len().cmp(&size) {
+            std::cmp::Ordering::Equal => return value,
+            std::cmp::Ordering::Greater => pad -= value.len() - size,
+            std::cmp::Ordering::Less => pad += size - value.len(),
+        }
+    }
+}
+
+/// A model worker that answers in JSON (`{"score": …, "pad": ""}`, the demo model's score) and answers
+/// the requests in `big` with a prediction of the given size (score 0.9), until `stop`.
+async fn json_worker(
+    env_config: switchyard::config::Config,
+    codec: switchyard::codec::Codec,
+    model: &'static str,
+    big: HashMap<String, usize>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use rdkafka::consumer::{CommitMode, Consumer};
+    use rdkafka::message::Message;
+    let input = env_config.topics.model_requests(model);
+    let output = env_config.topics.model_predictions(model);
+    let consumer =
+        kafka::group_consumer(&env_config, &format!("{}-json-{model}", env_config.service.group_id), None).unwrap();
+    consumer.subscribe(&[input.as_str()]).unwrap();
+    let producer = kafka::producer(&env_config).unwrap();
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        let batch = kafka::batch::next_batch(&consumer, 500, Duration::from_millis(5), Duration::from_millis(200))
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        for message in &batch {
+            let request: switchyard::codec::ModelRequest = codec.decode(message.payload().unwrap()).unwrap();
+            let id = request.request.request_id.clone();
+            let value = match big.get(&id) {
+                Some(size) => prediction_of_size(&codec, &id, model, 0.9, *size),
+                None => {
+                    let score: f64 =
+                        String::from_utf8(switchyard::tools::demo_model::output(model, &request.request.payload, 0.0))
+                            .unwrap()
+                            .parse()
+                            .unwrap();
+                    codec.encode(&switchyard::codec::Prediction {
+                        request_id: id,
+                        model: model.into(),
+                        output: Some(json_output(score, 0)),
+                        error: None,
+                        produced_at: clock::now_millis(),
+                    })
+                }
+            };
+            out.push(OutRecord::new(output.clone(), message.key().unwrap().to_vec(), value));
+        }
+        if !batch.is_empty() {
+            kafka::send_all(&producer, &out).await.unwrap();
+            consumer.commit(&kafka::batch_offsets(&batch), CommitMode::Sync).unwrap();
+        }
+    }
+}
+
+/// One answer of about 700 KB and one of exactly `max_prediction_bytes` (both under the limit, far over
+/// what the score stage's changelog could hold as bytes): every other label on their partitions is
+/// scored at once, and their own decisions are scored too, from the score read out of the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_answers_are_scored_and_never_stall_their_partitions() {
+    let Some(mut env) = Env::new("bigscore").await else { return };
+    env.deploy(
+        "fraud",
+        r#"{"strategy":"single","control":"v1","mirror":["v2"],"timeout_ms":10000,"quality":{"score":{"json_field":"score"}}}"#,
+    )
+    .await;
+    env.start_service();
+    let sent = requests("fraud", "bigscore", 300, 60);
+    let max = env.config.service.max_prediction_bytes;
+    let (large, largest) = (sent[100].request_id.clone(), sent[200].request_id.clone());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for (model, big) in [
+        ("v1", HashMap::from([(large.clone(), 700_000), (largest.clone(), max)])),
+        ("v2", HashMap::from([(large.clone(), 700_000)])),
+    ] {
+        let (config, codec, stop) = (env.config.clone(), env.codec.clone(), stop.clone());
+        workers.push(tokio::spawn(json_worker(config, codec, model, big, stop)));
+    }
+    env.send(&sent).await;
+    let decisions = env.read::<Decision>(&env.config.topics.decisions, 300, LIMIT, Duration::from_secs(1)).await;
+    let size_of = |id: &str| {
+        decisions.iter().find(|d| d.value.request_id == id).and_then(|d| d.value.output.as_ref()).map(Vec::len)
+    };
+    assert!(decisions.iter().all(|d| d.value.status == switchyard::codec::DecisionStatus::Ok));
+    assert!(size_of(&large).unwrap() > 690_000 && size_of(&largest).unwrap() > max - 200, "served as answered");
+
+    // Every other request labelled first: none of them may wait for the large answers' labels.
+    let truth_of = |r: &switchyard::codec::Request| f64::from(u8::from(truth(&r.payload)));
+    let is_big = |r: &&switchyard::codec::Request| r.request_id == large || r.request_id == largest;
+    let started = std::time::Instant::now();
+    env.produce(sent.iter().filter(|r| !is_big(r)).map(|r| outcome_record(&env, r, truth_of(r))).collect()).await;
+    let scored =
+        env.read::<ScoredOutcome>(&env.config.topics.scored_outcomes, 596, LIMIT, Duration::from_secs(1)).await;
+    eprintln!("298 labels (596 answers) scored in {:.1} s", started.elapsed().as_secs_f64());
+    assert_eq!(scored.len(), 596, "serving and shadow answer of every other labelled request, once");
+    assert!(started.elapsed() < Duration::from_secs(30), "scored promptly: {:?}", started.elapsed());
+    assert!(scored.iter().all(|s| s.value.score.is_some()), "every JSON answer has its score");
+
+    env.produce(sent.iter().filter(is_big).map(|r| outcome_record(&env, r, truth_of(r))).collect()).await;
+    let scored =
+        env.read::<ScoredOutcome>(&env.config.topics.scored_outcomes, 600, LIMIT, Duration::from_secs(3)).await;
+    assert_eq!(scored.len(), 600);
+    let mut big: Vec<(String, String, Option<f64>)> = scored
+        .iter()
+        .filter(|s| s.value.request_id == large || s.value.request_id == largest)
+        .map(|s| (s.value.request_id.clone(), s.value.role.clone(), s.value.score))
+        .collect();
+    big.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let normal_shadow = {
+        let r = &sent[200];
+        String::from_utf8(switchyard::tools::demo_model::output("v2", &r.payload, 0.0)).unwrap().parse::<f64>().ok()
+    };
+    let mut expected = vec![
+        (large.clone(), "serving".to_string(), Some(0.9)),
+        (large.clone(), "shadow".to_string(), Some(0.9)),
+        (largest.clone(), "serving".to_string(), Some(0.9)),
+        (largest.clone(), "shadow".to_string(), normal_shadow),
+    ];
+    expected.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    assert_eq!(big, expected, "the large answers scored by the score read from them");
+
+    // What the score stage keeps stays small: a score per answer, never the answer.
+    let states = env.read_raw(&env.config.topics.score_changelog, 1, LIMIT, Duration::from_secs(1)).await;
+    let largest_state = states.iter().map(|s| s.value.len()).max().unwrap();
+    assert!(largest_state < 1_000, "largest score changelog record: {largest_state} bytes");
+    let letters = env.read_raw(&env.config.topics.dead_letter, 0, Duration::from_secs(3), Duration::from_secs(1)).await;
+    assert!(letters.is_empty(), "nothing dead-lettered: {:?}", letters.iter().map(|l| &l.headers).collect::<Vec<_>>());
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    env.stop().await;
+}

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """switchyard fault suite: drives a real broker and real switchyard processes through crashes, restarts,
-rebalances, broker failure, stalled models, paused instances, oversized input, foreign model workers and
-log compaction, then checks the delivery invariants on what a read_committed consumer sees.
+rebalances, broker failure, stalled models, paused instances, oversized input, foreign model workers,
+log compaction and the scoring of large answers, then checks the delivery invariants on what a
+read_committed consumer sees.
 
 It is an independent client written from the contract (docs/operations.md, schemas/, docs/cohort-hash.md):
 it produces Avro requests with fastavro, reads decisions with confluent-kafka, and computes cohorts with
@@ -50,12 +51,14 @@ with open(os.path.join(REPO, "config", "isolated-topics.json")) as f:
 # Settings the pre-hardening binary (--legacy) does not know.
 LEGACY_UNKNOWN_TOPICS = ("FORWARDED_PREDICTIONS", "HISTORY", "OUTCOMES", "SCORED_OUTCOMES", "SCORE_CHANGELOG")
 SCHEMAS = {name: fastavro.parse_schema(json.load(open(os.path.join(REPO, "schemas", f"{name}.avsc"))))
-           for name in ("Request", "Decision", "ModelRequest", "Prediction")}
+           for name in ("Request", "Decision", "ModelRequest", "Prediction", "ShadowComparison", "Outcome",
+                        "ScoredOutcome")}
 
 CONTROL, CANDIDATE, MIRROR = "v1", "v2", "v3"
 CANARY_PERCENT = 30
 DISAGREE = {CONTROL: 0.0, CANDIDATE: 100.0, MIRROR: 100.0}
 MAX_REQUEST_BYTES = 1_000_000      # service.max_request_bytes, shipped default
+MAX_PREDICTION_BYTES = 1_000_000   # service.max_prediction_bytes, shipped default
 
 
 def log(*args):
@@ -182,6 +185,8 @@ class Scenario:
         self.values = {}         # request_id -> the request value as sent (bytes)
         self.sent_at = {}        # request_id -> send time (ms since the epoch, float)
         self.big = {}            # request_id -> value size of deliberately big requests
+        self.big_answers = {}    # request_id -> (prediction value size, models that answer it so)
+        self.answers = {}        # (request_id, model) -> output of a big answer, once built
         self.garbage = 0
         self.rss_samples = []
         self.notes = {}
@@ -242,11 +247,31 @@ class Scenario:
         self.models[model].send_signal(sig)
         log(f"  model {model} <- {signal.Signals(sig).name}")
 
-    def start_worker(self, model):
+    def answer_output(self, model, request_id, payload):
+        """A model's output for a request: the demo model's, or for a request in `big_answers` answered by
+        this model, the demo score as text followed by spaces (a plain score, as the shipped quality spec
+        reads it), so that the prediction's value is the given size."""
+        size, models = self.big_answers.get(request_id, (None, ()))
+        if model not in models:
+            return demo_output(model, payload)
+        key = (request_id, model)
+        if key not in self.answers:
+            prediction = {"request_id": request_id, "model": model, "output": b"0.9000", "error": None,
+                          "produced_at": int(time.time() * 1000)}
+            pad = size - len(encode("Prediction", prediction))
+            for _ in range(4):
+                prediction["output"] = b"0.9000" + b" " * pad
+                pad += size - len(encode("Prediction", prediction))
+            self.answers[key] = prediction["output"]
+        return self.answers[key]
+
+    def start_worker(self, model, partitioner=None):
         """A model worker written from the documented contract, as another team would: confluent-kafka with
-        its default partitioner (not murmur2), read_committed input, same key and request_id."""
+        its default partitioner (not murmur2) unless another is given, read_committed input, same key and
+        request_id. It answers what `answer_output` gives."""
         stop, assigned = threading.Event(), threading.Event()
-        thread = threading.Thread(target=self._worker, args=(model, stop, assigned), name=f"worker-{model}", daemon=True)
+        thread = threading.Thread(target=self._worker, args=(model, stop, assigned, partitioner), name=f"worker-{model}",
+                                  daemon=True)
         thread.start()
         self.workers.append((thread, stop))
         # Requests sent before the worker has its partitions would wait for its group to form (seconds on a
@@ -254,12 +279,17 @@ class Scenario:
         if not assigned.wait(60):
             raise RuntimeError(f"model worker {model} got no partitions within 60 s")
 
-    def _worker(self, model, stop, assigned):
+    def _worker(self, model, stop, assigned, partitioner=None):
         source = self.topics["MODEL_REQUESTS"].replace("{model}", model)
         target = self.topics["MODEL_PREDICTIONS"].replace("{model}", model)
         consumer = Consumer({"bootstrap.servers": BOOTSTRAP, "group.id": f"{self.prefix}-worker-{model}", "log_level": 2,
                              "isolation.level": "read_committed", "auto.offset.reset": "earliest"})
-        producer = Producer({"bootstrap.servers": BOOTSTRAP, "linger.ms": 5, "log_level": 2})
+        config = {"bootstrap.servers": BOOTSTRAP, "linger.ms": 5, "log_level": 2}
+        if partitioner:
+            config["partitioner"] = partitioner
+        if self.big_answers:
+            config["message.max.bytes"] = 2097152    # switchyard's topics take records up to 2 MiB
+        producer = Producer(config)
         answered = 0
         try:
             consumer.subscribe([source], on_assign=lambda c, partitions: assigned.set())
@@ -271,11 +301,15 @@ class Scenario:
                     if request is None:
                         continue
                     prediction = {"request_id": request["request_id"], "model": model,
-                                  "output": demo_output(model, request["payload"]), "error": None,
-                                  "produced_at": int(time.time() * 1000)}
+                                  "output": self.answer_output(model, request["request_id"], request["payload"]),
+                                  "error": None, "produced_at": int(time.time() * 1000)}
+                    value = encode("Prediction", prediction)
+                    size = self.big_answers.get(request["request_id"], (None, ()))[0]
+                    if model in self.big_answers.get(request["request_id"], (None, ()))[1] and len(value) != size:
+                        self.fail(f"worker {model}: a big answer of {len(value)} bytes, not {size}")
                     while True:
                         try:
-                            producer.produce(target, key=msg.key(), value=encode("Prediction", prediction))
+                            producer.produce(target, key=msg.key(), value=value)
                             break
                         except BufferError:
                             producer.poll(0.1)
@@ -550,7 +584,7 @@ class Scenario:
                 versions[d["config_version"]] += 1
                 if d["model"] != self.expected_model(user, d):
                     wrong_model += 1
-                if d["status"] == "OK" and d["output"] != demo_output(d["model"], payload):
+                if d["status"] == "OK" and d["output"] != self.answer_output(d["model"], rid, payload):
                     shadow_served += 1
         # per-user order, on the decisions topic (one partition per user)
         sequence = {r: n for n, (r, _, _) in enumerate(self.sent)}
@@ -860,6 +894,78 @@ def foreign_partitioner_worker(s, a):
     s.after_check.append(check)
 
 
+LARGE_ANSWER_BYTES = 700_000
+
+
+def large_answers_scored(s, a):
+    """Outcome labels with the shipped quality spec (`--quality '{}'`: the output is the probability as
+    text): one request answered with a prediction of 700,000 bytes by every model asked, one served with a
+    prediction of exactly service.max_prediction_bytes (a score followed by spaces). Labels for every
+    other request are written first and must all be scored, serving and shadow answers, within 60 s
+    (none waits for the large answers); then the large answers' labels, scored with the score read from
+    the answers (0.9)."""
+    s.setup(instances=1, models=False,
+            deploy=["--strategy", "canary", "--control", CONTROL, "--candidate", CANDIDATE,
+                    "--canary-percent", str(CANARY_PERCENT), "--mirror", MIRROR, "--quality", "{}"])
+    large, largest = f"{s.prefix}-{a.count // 3}", f"{s.prefix}-{2 * a.count // 3}"
+    s.big_answers[large] = (LARGE_ANSWER_BYTES, {CONTROL, CANDIDATE, MIRROR})
+    s.big_answers[largest] = (MAX_PREDICTION_BYTES, {CONTROL, CANDIDATE})
+    for model in (CONTROL, CANDIDATE, MIRROR):
+        s.start_worker(model, partitioner="murmur2_random")
+    s.produce(a.count, a.rate, a.users)
+
+    def check(result):
+        producer = Producer({"bootstrap.servers": BOOTSTRAP, "partitioner": "murmur2_random", "linger.ms": 5,
+                             "log_level": 2})
+        def label(rids):
+            for rid, user, _ in s.sent:
+                if rid in rids:
+                    outcome = {"request_id": rid, "user_id": user, "label": float(random.randrange(2)),
+                               "observed_at": int(time.time() * 1000), "source": "faults"}
+                    producer.produce(s.topics["OUTCOMES"], key=user.encode(), value=encode("Outcome", outcome))
+                    producer.poll(0)
+            if producer.flush(60):
+                raise RuntimeError("labels not delivered")
+        # Once labelled, each request's serving answer and each shadow answer compared is scored.
+        answers = Counter(decode("ShadowComparison", m.value())["request_id"]
+                          for m in s.read_all(s.topics["SHADOW_COMPARISONS"], float("inf"), 120, group_suffix="cmp",
+                                              idle_s=5))
+        all_ids = [rid for rid, _, _ in s.sent]
+        others = set(all_ids) - set(s.big_answers)
+        expected_others = sum(1 + answers[rid] for rid in others)
+        started = time.time()
+        label(others)
+        scored = s.read_all(s.topics["SCORED_OUTCOMES"], expected_others, 60, settle_s=2, group_suffix="scored")
+        # From the labels' writing until the last answer was read (less the 2 s read after it).
+        s.notes["score_s"] = round(time.time() - started - (2 if len(scored) >= expected_others else 0), 1)
+        if len(scored) != expected_others:
+            s.fail(f"{len(scored)} answers scored within 60 s of the labels of {len(others)} requests, "
+                   f"{expected_others} expected (none may wait for the large answers)")
+        label(set(s.big_answers))
+        expected = sum(1 + answers[rid] for rid in all_ids)
+        scored = [decode("ScoredOutcome", m.value())
+                  for m in s.read_all(s.topics["SCORED_OUTCOMES"], expected, 90, settle_s=3, group_suffix="scored")]
+        seen = Counter((r["request_id"], r["model"], r["role"]) for r in scored)
+        s.notes["scored"] = len(scored)
+        if len(scored) != expected or any(n > 1 for n in seen.values()):
+            s.fail(f"{len(scored)} answers scored ({sum(n - 1 for n in seen.values())} twice), {expected} expected")
+        payloads = {rid: payload for rid, _, payload in s.sent}
+        big = {}
+        for r in scored:
+            rid = r["request_id"]
+            if rid in s.big_answers:
+                size, models = s.big_answers[rid]
+                want = 0.9 if r["model"] in models else float(demo_output(r["model"], payloads[rid]))
+                big[f"{size}:{r['role']}"] = r["score"]
+                if r["score"] != want:
+                    s.fail(f"the {r['role']} answer of {size} bytes ({r['model']}) scored {r['score']}, not {want}")
+        s.notes["big_scores"] = big
+        if not any(k.endswith(":serving") and k.startswith(str(MAX_PREDICTION_BYTES)) for k in big) or \
+                not any(k.endswith(":serving") and k.startswith(str(LARGE_ANSWER_BYTES)) for k in big):
+            s.fail(f"a large served answer was not scored: {big}")
+    s.after_check.append(check)
+
+
 COMPACTION_LIMIT_S = 90
 
 
@@ -1090,11 +1196,12 @@ def controller_failover(s, a):
 SCENARIOS = {f.__name__: f for f in (canary_10, shadow, blue_green, kill9_instance, sigterm_bounce, scale_1_3_1, broker_kill9, model_stall,
                                      sigstop_instance, stalled_backpressure, garbage_mix, restart_gap_100, restart_gap_1000,
                                      sigterm_handover, dead_instance, oversized_mix, foreign_partitioner_worker, compaction,
-                                     controller_failover)}
+                                     controller_failover, large_answers_scored)}
 
 EXTRAS = ("stall_s", "stall_open", "delay_max_s", "dead_letters", "dead_lettered", "garbage", "rss_mib_max", "zombie_transactions_refused", "zombie_partitions_lost",
           "intake_paused", "shadow_comparisons", "versions", "exit_code", "big_outcomes", "forwarded", "written_back",
-          "status_candidate_percent", "changes", "killed_leader", "status_controller", "history_entries", "decided_and_dead_lettered", "instances_running_at_end", "failed")
+          "status_candidate_percent", "changes", "killed_leader", "status_controller", "history_entries",
+          "decided_and_dead_lettered", "score_s", "scored", "big_scores", "instances_running_at_end", "failed")
 
 
 def run_scenario(name, a):

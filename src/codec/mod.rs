@@ -13,8 +13,8 @@ use apache_avro::Schema;
 use serde::Deserialize;
 
 pub use records::{
-    AvroRecord, Decision, DecisionStatus, MergeState, Millis, ModelRequest, Outcome, Prediction, Request, Role, Routed,
-    ScoredOutcome, ShadowComparison,
+    AvroRecord, Decision, DecisionStatus, Label, MergeState, Millis, ModelRequest, Outcome, Prediction, Request, Role,
+    Routed, ScoreState, ScoreStateKind, ScoredDecision, ScoredOutcome, ShadowComparison, ShadowScore,
 };
 pub use registry::{RegistryConfig, RegistryError, SchemaRegistry};
 
@@ -34,10 +34,11 @@ pub enum RecordKind {
     MergeState,
     Outcome,
     ScoredOutcome,
+    ScoreState,
 }
 
 impl RecordKind {
-    pub const ALL: [RecordKind; 9] = [
+    pub const ALL: [RecordKind; 10] = [
         RecordKind::Request,
         RecordKind::ModelRequest,
         RecordKind::Prediction,
@@ -47,6 +48,7 @@ impl RecordKind {
         RecordKind::MergeState,
         RecordKind::Outcome,
         RecordKind::ScoredOutcome,
+        RecordKind::ScoreState,
     ];
 
     /// The record's name, as errors and logs give it.
@@ -61,6 +63,7 @@ impl RecordKind {
             RecordKind::MergeState => "MergeState",
             RecordKind::Outcome => "Outcome",
             RecordKind::ScoredOutcome => "ScoredOutcome",
+            RecordKind::ScoreState => "ScoreState",
         }
     }
 
@@ -76,6 +79,7 @@ impl RecordKind {
             RecordKind::MergeState => include_str!("../../schemas/MergeState.avsc"),
             RecordKind::Outcome => include_str!("../../schemas/Outcome.avsc"),
             RecordKind::ScoredOutcome => include_str!("../../schemas/ScoredOutcome.avsc"),
+            RecordKind::ScoreState => include_str!("../../schemas/ScoreState.avsc"),
         }
     }
 
@@ -121,6 +125,7 @@ pub struct SchemaIds {
     pub merge_state: u32,
     pub outcome: u32,
     pub scored_outcome: u32,
+    pub score_state: u32,
 }
 
 impl SchemaIds {
@@ -135,6 +140,7 @@ impl SchemaIds {
             RecordKind::MergeState => &mut self.merge_state,
             RecordKind::Outcome => &mut self.outcome,
             RecordKind::ScoredOutcome => &mut self.scored_outcome,
+            RecordKind::ScoreState => &mut self.score_state,
         };
         *slot = id;
     }
@@ -150,6 +156,7 @@ impl SchemaIds {
             RecordKind::MergeState => self.merge_state,
             RecordKind::Outcome => self.outcome,
             RecordKind::ScoredOutcome => self.scored_outcome,
+            RecordKind::ScoreState => self.score_state,
         }
     }
 }
@@ -410,6 +417,7 @@ mod tests {
             merge_state: 7,
             outcome: 8,
             scored_outcome: 9,
+            score_state: 10,
         };
         vec![Codec::default(), Codec::new(Framing::Confluent(ids))]
     }
@@ -553,6 +561,47 @@ mod tests {
         };
         round_trip(scored.clone());
         round_trip(ScoredOutcome { score: None, zero_one: None, brier: None, log_loss: None, ..scored });
+        let decided = ScoredDecision {
+            user_id: "u".into(),
+            deployment: "fraud".into(),
+            model: "v2".into(),
+            cohort: "candidate".into(),
+            config_version: 3,
+            status: DecisionStatus::Ok,
+            score: Some(0.25),
+            decided_at: 1_700_000_000_000,
+        };
+        let shadows = vec![
+            ShadowScore { model: "v3".into(), answered: true, score: Some(0.5) },
+            ShadowScore { model: "v4".into(), answered: false, score: None },
+        ];
+        let label = Label { user_id: String::new(), label: 1.0, observed_at: 5, source: "chargebacks".into() };
+        let open = ScoreState {
+            state: ScoreStateKind::Open,
+            partition: 2,
+            decision: Some(decided.clone()),
+            shadows: shadows.clone(),
+            label: None,
+            label_topic: None,
+            label_offset: None,
+        };
+        round_trip(open.clone());
+        round_trip(ScoreState {
+            state: ScoreStateKind::Labelled,
+            decision: Some(ScoredDecision { status: DecisionStatus::Timeout, score: None, ..decided }),
+            label: Some(label.clone()),
+            ..open.clone()
+        });
+        round_trip(ScoreState {
+            state: ScoreStateKind::Early,
+            decision: None,
+            shadows: Vec::new(),
+            label: Some(Label { user_id: "u".into(), ..label }),
+            label_topic: Some("outcomes".into()),
+            label_offset: Some(77),
+            ..open.clone()
+        });
+        round_trip(ScoreState { state: ScoreStateKind::EarlyShadows, decision: None, ..open });
     }
 
     #[test]

@@ -139,6 +139,69 @@ pub struct MergeState {
     pub finished: bool,
 }
 
+/// Internal: the score stage's state of one request, its changelog record (`schemas/ScoreState.avsc`).
+/// It keeps a score per answer, never the answer's bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScoreState {
+    pub state: ScoreStateKind,
+    /// The partition the state is kept on (see the schema).
+    pub partition: i32,
+    /// OPEN and LABELLED.
+    pub decision: Option<ScoredDecision>,
+    pub shadows: Vec<ShadowScore>,
+    /// LABELLED and EARLY.
+    pub label: Option<Label>,
+    /// EARLY: where the label was read (at `partition`).
+    pub label_topic: Option<String>,
+    pub label_offset: Option<i64>,
+}
+
+/// Which of a request's states a [`ScoreState`] holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScoreStateKind {
+    // The index of each symbol in the schema's enum.
+    Open = 0,
+    Labelled = 1,
+    Early = 2,
+    EarlyShadows = 3,
+}
+
+impl ScoreStateKind {
+    const SYMBOLS: [&'static str; 4] = ["OPEN", "LABELLED", "EARLY", "EARLY_SHADOWS"];
+}
+
+/// What scoring needs of a decision: its ids and the served answer's score.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScoredDecision {
+    pub user_id: String,
+    pub deployment: String,
+    pub model: String,
+    pub cohort: String,
+    pub config_version: i64,
+    pub status: DecisionStatus,
+    pub score: Option<f64>,
+    pub decided_at: Millis,
+}
+
+/// A shadow model's answer, as scoring needs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShadowScore {
+    pub model: String,
+    /// It gave an output (not an error).
+    pub answered: bool,
+    /// The output's score, if it holds one.
+    pub score: Option<f64>,
+}
+
+/// An outcome label as the score stage keeps it (its request id is the changelog key).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Label {
+    pub user_id: String,
+    pub label: f64,
+    pub observed_at: Millis,
+    pub source: String,
+}
+
 /// A record type with an Avro schema in schemas/.
 pub trait AvroRecord: Sized {
     const KIND: RecordKind;
@@ -265,6 +328,17 @@ impl Fields {
                 .collect(),
             other => Err(wrong(name, "map", &other)),
         }
+    }
+
+    fn records(&mut self, name: &'static str) -> Result<Vec<Fields>, DecodeError> {
+        match self.take(name)? {
+            Value::Array(items) => items.into_iter().map(Fields::of).collect(),
+            other => Err(wrong(name, "array of records", &other)),
+        }
+    }
+
+    fn opt_record(&mut self, name: &'static str) -> Result<Option<Fields>, DecodeError> {
+        self.nullable(name)?.map(Fields::of).transpose()
     }
 
     fn strings(&mut self, name: &'static str) -> Result<Vec<String>, DecodeError> {
@@ -425,14 +499,7 @@ impl AvroRecord for Decision {
 
     fn from_value(value: Value) -> Result<Self, DecodeError> {
         let mut f = Fields::of(value)?;
-        let status_symbol = f.symbol("status")?;
-        let status = match status_symbol.as_str() {
-            "OK" => DecisionStatus::Ok,
-            "MODEL_ERROR" => DecisionStatus::ModelError,
-            "TIMEOUT" => DecisionStatus::Timeout,
-            "FALLBACK" => DecisionStatus::Fallback,
-            other => return Err(DecodeError::Shape(format!("unknown status {other}"))),
-        };
+        let status = status_of(&f.symbol("status")?)?;
         Ok(Decision {
             request_id: f.string("request_id")?,
             user_id: f.string("user_id")?,
@@ -676,6 +743,126 @@ impl AvroRecord for MergeState {
             served_latency_ms: f.opt_long("served_latency_ms")?,
             compared: f.strings("compared")?,
             finished: f.boolean("finished")?,
+        })
+    }
+}
+
+fn status_of(symbol: &str) -> Result<DecisionStatus, DecodeError> {
+    match symbol {
+        "OK" => Ok(DecisionStatus::Ok),
+        "MODEL_ERROR" => Ok(DecisionStatus::ModelError),
+        "TIMEOUT" => Ok(DecisionStatus::Timeout),
+        "FALLBACK" => Ok(DecisionStatus::Fallback),
+        other => Err(DecodeError::Shape(format!("unknown status {other}"))),
+    }
+}
+
+impl AvroRecord for ScoreState {
+    const KIND: RecordKind = RecordKind::ScoreState;
+
+    fn to_value(&self) -> Value {
+        let decision = match &self.decision {
+            None => Value::Union(0, Box::new(Value::Null)),
+            Some(d) => Value::Union(
+                1,
+                Box::new(record(vec![
+                    ("user_id", s(&d.user_id)),
+                    ("deployment", s(&d.deployment)),
+                    ("model", s(&d.model)),
+                    ("cohort", s(&d.cohort)),
+                    ("config_version", Value::Long(d.config_version)),
+                    ("status", Value::Enum(d.status as u32, d.status.as_str().to_string())),
+                    ("score", opt_double(d.score)),
+                    ("decided_at", Value::TimestampMillis(d.decided_at)),
+                ])),
+            ),
+        };
+        let shadows = self
+            .shadows
+            .iter()
+            .map(|sh| {
+                record(vec![
+                    ("model", s(&sh.model)),
+                    ("answered", Value::Boolean(sh.answered)),
+                    ("score", opt_double(sh.score)),
+                ])
+            })
+            .collect();
+        let label = match &self.label {
+            None => Value::Union(0, Box::new(Value::Null)),
+            Some(l) => Value::Union(
+                1,
+                Box::new(record(vec![
+                    ("user_id", s(&l.user_id)),
+                    ("label", Value::Double(l.label)),
+                    ("observed_at", Value::TimestampMillis(l.observed_at)),
+                    ("source", s(&l.source)),
+                ])),
+            ),
+        };
+        let kind = self.state as usize;
+        record(vec![
+            ("state", Value::Enum(kind as u32, ScoreStateKind::SYMBOLS[kind].to_string())),
+            ("partition", Value::Int(self.partition)),
+            ("decision", decision),
+            ("shadows", Value::Array(shadows)),
+            ("label", label),
+            ("label_topic", opt_string(&self.label_topic)),
+            ("label_offset", opt_long(self.label_offset)),
+        ])
+    }
+
+    fn from_value(value: Value) -> Result<Self, DecodeError> {
+        let mut f = Fields::of(value)?;
+        let state = match f.symbol("state")?.as_str() {
+            "OPEN" => ScoreStateKind::Open,
+            "LABELLED" => ScoreStateKind::Labelled,
+            "EARLY" => ScoreStateKind::Early,
+            "EARLY_SHADOWS" => ScoreStateKind::EarlyShadows,
+            other => return Err(DecodeError::Shape(format!("unknown state {other}"))),
+        };
+        let partition = f.int("partition")?;
+        let decision = match f.opt_record("decision")? {
+            None => None,
+            Some(mut d) => Some(ScoredDecision {
+                user_id: d.string("user_id")?,
+                deployment: d.string("deployment")?,
+                model: d.string("model")?,
+                cohort: d.string("cohort")?,
+                config_version: d.long("config_version")?,
+                status: status_of(&d.symbol("status")?)?,
+                score: d.opt_double("score")?,
+                decided_at: d.long("decided_at")?,
+            }),
+        };
+        let shadows = f
+            .records("shadows")?
+            .into_iter()
+            .map(|mut sh| {
+                Ok(ShadowScore {
+                    model: sh.string("model")?,
+                    answered: sh.boolean("answered")?,
+                    score: sh.opt_double("score")?,
+                })
+            })
+            .collect::<Result<_, DecodeError>>()?;
+        let label = match f.opt_record("label")? {
+            None => None,
+            Some(mut l) => Some(Label {
+                user_id: l.string("user_id")?,
+                label: l.double("label")?,
+                observed_at: l.long("observed_at")?,
+                source: l.string("source")?,
+            }),
+        };
+        Ok(ScoreState {
+            state,
+            partition,
+            decision,
+            shadows,
+            label,
+            label_topic: f.opt_string("label_topic")?,
+            label_offset: f.opt_long("label_offset")?,
         })
     }
 }

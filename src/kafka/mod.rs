@@ -5,8 +5,8 @@
 //!
 //! - [`batch`]: consuming in batches, rebalances, rewinding.
 //! - [`txn`]: transactional output — records and input offsets committed together.
-//! - [`stage`]: the consume → produce → commit-or-rewind loop of route and merge, and what to do with a
-//!   record the broker refuses.
+//! - [`stage`]: the one consume → produce → commit-or-rewind loop that drives route, merge and the score
+//!   stage through their hooks, and what to do with a record the broker refuses.
 //! - [`partitioner`]: Kafka's default partitioner, to tell where a keyed record belongs.
 
 pub mod batch;
@@ -15,7 +15,7 @@ pub mod stage;
 pub mod txn;
 
 pub use batch::{GroupWatch, SourcePos, batch_offsets};
-pub use stage::{Commit, Outbox, TxnStage};
+pub use stage::{Outbox, Stage, TxnStage};
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -1,15 +1,19 @@
-//! The transactional stage route and merge are built on: consume a batch, notice a rebalance under it,
-//! produce what the batch turned into and commit it with the input offsets in one transaction, or
-//! rewind and read again.
+//! The transactional stage every consuming service runs on — route, merge and the score stage — and the
+//! one loop that drives them ([`TxnStage::drive`]): consume a batch, notice a rebalance under it, feed it
+//! to the stage, produce what it turned into and commit that with the input offsets in one transaction,
+//! or rewind, rebuild the stage's state and read again. A stage supplies only its hooks ([`Stage`]): it
+//! never consumes, commits or rewinds itself (arroyo's operator shape: the engine owns the loop).
 //!
 //! One record the broker refuses for what it is (too large for its topic, invalid) fails its whole
 //! transaction, and would fail every retry of it: the partition would stall for good. So the input it
-//! was made from is remembered across the rewind, and when that input is read again the caller
-//! dead-letters it instead of processing it ([`TxnStage::refusal`]); the rest of the batch goes through.
-//! If the dead letter is refused too (larger than the dead-letter topic allows), it goes out without
-//! its value, naming where the original still is.
+//! was made from ([`OutRecord::origin`]) is remembered across the rewind, and when that input is read
+//! again the driver dead-letters it instead of feeding it to the stage; the rest of the batch goes
+//! through. If the dead letter is refused too (larger than the dead-letter topic allows), it goes out
+//! without its value, naming where the original still is. A record made from no single input (a
+//! deadline passing) has no input to dead-letter: its transaction is retried.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::time::Duration;
 
 use rdkafka::TopicPartitionList;
@@ -20,18 +24,25 @@ use rdkafka::message::OwnedMessage;
 use super::batch::{self, GroupWatch, SourcePos};
 use super::txn::TxnProducer;
 use super::{OutRecord, Placed, group_consumer};
+use crate::clock::now_millis;
 use crate::config::Config;
+use crate::error::Result;
 use crate::shutdown::Shutdown;
 use crate::telemetry::{self, Event};
 
 /// Why the broker refused what an input record turned into, and how often.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Refusal {
     pub reason: String,
     /// 1: its outputs were refused (dead-letter it); 2: its dead letter was refused too (dead-letter it
     /// without the value); more: not even that could be written (skip it, logged).
     pub strikes: u32,
 }
+
+/// Makes the dead letter of an input whose outputs the broker refused, for the dead-letter topic given
+/// (`dead_letter::Letter::refused`; passed in, because kafka sits below the modules that name dead
+/// letters). None: nothing can be written for it any more.
+pub type RefusedLetter = fn(&OwnedMessage, &Refusal, &str) -> Option<(OutRecord, Event)>;
 
 /// What a batch turned into: records to write and the events that count them once written.
 #[derive(Debug, Default)]
@@ -46,8 +57,8 @@ impl Outbox {
         self.events.push(event);
     }
 
-    /// Adds a record made from the input at `index` of the batch (a dead letter, say): if the broker
-    /// refuses it, that input's next dead letter goes without its value.
+    /// Adds a record made from the input at `index` of the batch: if the broker refuses it, that input
+    /// is dead-lettered when it is read again (a dead letter: its next one goes without its value).
     pub fn push_from(&mut self, index: usize, item: Option<(OutRecord, Event)>) {
         if let Some((mut record, event)) = item {
             record.origin = Some(index);
@@ -56,30 +67,136 @@ impl Outbox {
     }
 }
 
+/// What a stage supplies to [`TxnStage::drive`]. Every hook but [`Stage::restore`] and [`Stage::feed`]
+/// has a default that does nothing (or, for [`Stage::offsets`], commits the batch's own ends).
+pub trait Stage {
+    /// Rebuilds what the stage keeps in memory: on a new assignment, and after a failed transaction
+    /// (whose effects are gone). The driver has just moved every assigned partition back to its
+    /// committed offset, and reads from there once this returns. An error is logged and the restore
+    /// tried again a second later.
+    fn restore(&mut self, consumer: &StreamConsumer<GroupWatch>) -> impl Future<Output = Result<()>> + Send;
+
+    /// Before each batch's inputs are fed (also before an empty one), with the time it is fed at.
+    fn begin(&mut self, _now: i64) {}
+
+    /// One input record, at `index` of its batch. Records made from it carry `origin: Some(index)`
+    /// ([`Outbox::push_from`]): the driver then dead-letters this input if the broker refuses them.
+    fn feed(&mut self, index: usize, message: &OwnedMessage, out: &mut Outbox);
+
+    /// An input the driver dead-lettered instead of feeding it (the broker refused what it turned into
+    /// before): it is consumed. For stages that keep track of which offsets they may commit.
+    fn skipped(&mut self, _message: &OwnedMessage) {}
+
+    /// After the batch's inputs, also when none arrived within the idle wait: what time makes due
+    /// (deadlines, expiry). Records written here have no origin.
+    fn tick(&mut self, _now: i64, _consumer: &StreamConsumer<GroupWatch>, _out: &mut Outbox) {}
+
+    /// The input offsets the batch's transaction commits (with any metadata): by default the next
+    /// offset of every partition in the batch. A transaction is skipped when it would write no record
+    /// and commit no offset other than the last one committed.
+    fn offsets(&mut self, batch: &[OwnedMessage]) -> TopicPartitionList {
+        batch::batch_offsets(batch)
+    }
+
+    /// The batch's transaction committed: `placed[i]` is where `records[i]` was written.
+    fn committed(&mut self, _records: &[OutRecord], _placed: &[Placed]) {}
+
+    /// After every batch whose transaction did not fail: gauges, flow control.
+    fn after(&mut self, _consumer: &StreamConsumer<GroupWatch>) {}
+}
+
+/// The inputs whose outputs the broker refused, by where they were read.
+#[derive(Debug, Default)]
+struct Refused(HashMap<SourcePos, Refusal>);
+
+impl Refused {
+    fn of(&self, message: &OwnedMessage) -> Option<&Refusal> {
+        if self.0.is_empty() { None } else { self.0.get(&SourcePos::of(message)) }
+    }
+
+    /// Remembers the inputs of `records` the broker refused (`(index, reason)` into `records`); a record
+    /// made from no single input is only logged: its transaction is retried as it is.
+    fn note(&mut self, batch: &[OwnedMessage], records: &[OutRecord], refused: &[(usize, String)]) {
+        for (index, reason) in refused {
+            let record = &records[*index];
+            match record.origin.and_then(|i| batch.get(i)) {
+                Some(message) => {
+                    let pos = SourcePos::of(message);
+                    tracing::warn!(topic = %pos.topic, partition = pos.partition, offset = pos.offset,
+                        output_topic = %record.topic, %reason, "the broker refused a record made from this input; it will be dead-lettered");
+                    let refusal = self.0.entry(pos).or_insert(Refusal { reason: String::new(), strikes: 0 });
+                    refusal.strikes += 1;
+                    if refusal.reason.is_empty() {
+                        refusal.reason = format!("its output to {} could not be written: {reason}", record.topic);
+                    }
+                }
+                None => tracing::error!(topic = %record.topic, %reason,
+                    "the broker refused a record not made from a single input; retrying"),
+            }
+        }
+    }
+
+    /// The batch committed: its refused inputs were dead-lettered in it.
+    fn forget(&mut self, batch: &[OwnedMessage]) {
+        if !self.0.is_empty() {
+            for message in batch {
+                self.0.remove(&SourcePos::of(message));
+            }
+        }
+    }
+}
+
+/// Feeds `batch` to `stage`; an input whose outputs the broker refused before is dead-lettered instead
+/// (`letter`, to `dead_letter_topic`) and the stage only told ([`Stage::skipped`]).
+fn feed_batch<S: Stage>(
+    stage: &mut S,
+    batch: &[OwnedMessage],
+    refused: &Refused,
+    letter: RefusedLetter,
+    dead_letter_topic: &str,
+    out: &mut Outbox,
+) {
+    for (index, message) in batch.iter().enumerate() {
+        match refused.of(message) {
+            Some(refusal) => {
+                out.push_from(index, letter(message, refusal, dead_letter_topic));
+                stage.skipped(message);
+            }
+            None => stage.feed(index, message, out),
+        }
+    }
+}
+
+/// Whether a transaction with `records` and `offsets` would change anything, after `last` was committed.
+fn worth_committing(records: &[OutRecord], offsets: &TopicPartitionList, last: Option<&TopicPartitionList>) -> bool {
+    let unchanged = offsets.count() == 0 || last.is_some_and(|last| last.to_topic_map() == offsets.to_topic_map());
+    !records.is_empty() || !unchanged
+}
+
 /// The outcome of [`TxnStage::commit`].
 #[derive(Debug)]
-pub enum Commit {
+enum Commit {
     /// Committed; where each record was placed, in the order given.
     Done(Vec<Placed>),
-    /// Nothing of the batch is visible; the caller must read its inputs again (rewind or rebuild).
+    /// Nothing of the batch is visible; its inputs must be read again (rewind and rebuild).
     Failed,
 }
 
 /// A consumer in the stage's group and a transactional producer, with what the broker refused.
 pub struct TxnStage {
-    /// `route` or `merge`, for metrics.
+    /// `route`, `merge` or `score`, for metrics and logs.
     name: &'static str,
     consumer: StreamConsumer<GroupWatch>,
     /// Added to the consumer's generation, so that generations keep growing across a new consumer.
     generation_base: u64,
-    /// What a new consumer needs (see [`TxnStage::next_batch`]).
+    /// What a new consumer needs (see [`TxnStage::next_batch`]), and the batch settings.
     config: Config,
     group: String,
     topics: Vec<String>,
     /// When consumers became unusable lately.
     lost_consumers: Vec<std::time::Instant>,
     producer: TxnProducer,
-    refused: HashMap<SourcePos, Refusal>,
+    refused: Refused,
     /// Failed transactions in a row, for backing off when the cause is not a refused record.
     failures: u32,
     /// The group's metadata (generation, member) from before the current batch was read. Its commit
@@ -109,20 +226,78 @@ impl TxnStage {
             topics: topics.iter().map(|t| t.to_string()).collect(),
             lost_consumers: Vec::new(),
             producer,
-            refused: HashMap::new(),
+            refused: Refused::default(),
             failures: 0,
             batch_group: None,
             shutdown,
         })
     }
 
+    /// The stage's consumer, for what a stage needs to know before it is driven (partition counts).
     pub fn consumer(&self) -> &StreamConsumer<GroupWatch> {
         &self.consumer
     }
 
     /// Changes at every rebalance: a batch read across a change may hold records of lost partitions.
-    pub fn generation(&self) -> u64 {
+    fn generation(&self) -> u64 {
         self.generation_base + self.consumer.context().generation()
+    }
+
+    /// Runs `stage` until shutdown: the one consume → feed → produce + commit → rewind loop.
+    ///
+    /// Each batch (up to `service.batch_size` records within `service.batch_wait_ms`; an empty one after
+    /// `idle` without input, so that [`Stage::tick`] runs) is one transaction: the records its inputs and
+    /// the tick turned into, and [`Stage::offsets`], fenced by the group generation from before the batch
+    /// was read; its events are recorded only once it committed. A batch read across a rebalance is
+    /// dropped. After a rebalance and after a failed transaction the partitions are rewound to their
+    /// committed offsets and the stage restored ([`Stage::restore`]) before anything is read again.
+    /// Inputs whose outputs the broker refused are dead-lettered with `letter` (see the module docs).
+    pub async fn drive<S: Stage>(&mut self, stage: &mut S, idle: Duration, letter: RefusedLetter) -> Result<()> {
+        let (max, wait) = (self.config.service.batch_size, Duration::from_millis(self.config.service.batch_wait_ms));
+        let dead_letter_topic = self.config.topics.dead_letter.clone();
+        // The generation the stage's state was restored for, and what its last transaction committed.
+        let mut restored: Option<u64> = None;
+        let mut last_offsets: Option<TopicPartitionList> = None;
+        while !self.shutdown.is_triggered() {
+            let generation = self.generation();
+            if restored != Some(generation) {
+                if !self.rewind().await {
+                    continue; // shutting down
+                }
+                last_offsets = None;
+                match stage.restore(&self.consumer).await {
+                    Ok(()) => restored = Some(generation),
+                    Err(error) => {
+                        tracing::warn!(%error, stage = self.name, "cannot restore the stage's state yet; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+                continue;
+            }
+            let batch = self.next_batch(max, wait, idle).await?;
+            if self.generation() != generation {
+                continue; // part of the batch may belong to partitions lost since: restored above
+            }
+            let mut out = Outbox::default();
+            stage.begin(now_millis());
+            feed_batch(stage, &batch, &self.refused, letter, &dead_letter_topic, &mut out);
+            stage.tick(now_millis(), &self.consumer, &mut out);
+            let offsets = stage.offsets(&batch);
+            if worth_committing(&out.records, &offsets, last_offsets.as_ref()) {
+                match self.commit(&batch, &mut out, &offsets).await {
+                    Commit::Done(placed) => {
+                        stage.committed(&out.records, &placed);
+                        last_offsets = Some(offsets);
+                    }
+                    Commit::Failed => {
+                        restored = None; // the batch's effects are gone: rewind and restore
+                        continue;
+                    }
+                }
+            }
+            stage.after(&self.consumer);
+        }
+        Ok(())
     }
 
     /// The next batch (see [`batch::next_batch`]).
@@ -131,7 +306,7 @@ impl TxnStage {
     /// after the group coordinator restarted) is replaced by a new one that joins again under the same
     /// instance id; its first batch starts from the committed offsets. Three such losses within five
     /// minutes mean another process runs under this instance id: that error is returned.
-    pub async fn next_batch(
+    async fn next_batch(
         &mut self,
         max: usize,
         wait: Duration,
@@ -160,16 +335,10 @@ impl TxnStage {
         Ok(Vec::new())
     }
 
-    /// Why the broker refused what this input turned into, if it did: the caller dead-letters it
-    /// instead of processing it.
-    pub fn refusal(&self, message: &OwnedMessage) -> Option<&Refusal> {
-        if self.refused.is_empty() { None } else { self.refused.get(&SourcePos::of(message)) }
-    }
-
     /// Produces the outbox's records (made from `batch`) and commits them with `offsets`, fenced by the
-    /// group generation from before the batch was read; then, and only then, records its events. On failure, the inputs of records the broker refused are remembered
-    /// (see the module docs).
-    pub async fn commit(&mut self, batch: &[OwnedMessage], outbox: Outbox, offsets: &TopicPartitionList) -> Commit {
+    /// group generation from before the batch was read; then, and only then, records (and takes) its
+    /// events. On failure, the inputs of records the broker refused are remembered (see the module docs).
+    async fn commit(&mut self, batch: &[OwnedMessage], outbox: &mut Outbox, offsets: &TopicPartitionList) -> Commit {
         let records = &outbox.records;
         // Records made without inputs (merge's deadlines passing) must be fenced too: a transaction
         // without offsets carries no group generation, and an instance that has just lost a partition
@@ -184,37 +353,14 @@ impl TxnStage {
         };
         match self.producer.commit(records, offsets, self.batch_group.as_ref()).await {
             Ok(placed) => {
-                telemetry::record(outbox.events);
-                if !self.refused.is_empty() {
-                    // Their dead letters were in this batch.
-                    for message in batch {
-                        self.refused.remove(&SourcePos::of(message));
-                    }
-                }
+                telemetry::record(std::mem::take(&mut outbox.events));
+                self.refused.forget(batch);
                 self.failures = 0;
                 Commit::Done(placed)
             }
             Err(failure) => {
                 telemetry::transaction_failed(self.name);
-                for (index, reason) in &failure.refused {
-                    let record = &records[*index];
-                    match record.origin.and_then(|i| batch.get(i)) {
-                        Some(message) => {
-                            let pos = SourcePos::of(message);
-                            tracing::warn!(topic = %pos.topic, partition = pos.partition, offset = pos.offset,
-                                output_topic = %record.topic, %reason, "the broker refused a record made from this input; it will be dead-lettered");
-                            let refusal =
-                                self.refused.entry(pos).or_insert(Refusal { reason: String::new(), strikes: 0 });
-                            refusal.strikes += 1;
-                            if refusal.reason.is_empty() {
-                                refusal.reason =
-                                    format!("its output to {} could not be written: {reason}", record.topic);
-                            }
-                        }
-                        None => tracing::error!(topic = %record.topic, %reason,
-                            "the broker refused a record not made from a single input; retrying"),
-                    }
-                }
+                self.refused.note(batch, records, &failure.refused);
                 if failure.refused.is_empty() {
                     // Not the data: the broker, the network or our rights. Back off instead of spinning.
                     self.failures += 1;
@@ -244,7 +390,7 @@ impl TxnStage {
     }
 
     /// Moves every assigned partition back to its committed offset (see [`batch::rewind`]).
-    pub async fn rewind(&self) -> bool {
+    async fn rewind(&self) -> bool {
         batch::rewind(&self.consumer, &self.shutdown).await
     }
 
@@ -261,5 +407,102 @@ impl TxnStage {
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
         tracing::info!("left the consumer group");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::Offset;
+    use rdkafka::message::{Message, Timestamp};
+
+    fn message(offset: i64) -> OwnedMessage {
+        OwnedMessage::new(Some(vec![offset as u8]), None, "in".into(), Timestamp::NotAvailable, 0, offset, None)
+    }
+
+    /// A stage that only notes what it was given.
+    #[derive(Default)]
+    struct Noting {
+        fed: Vec<usize>,
+        skipped: Vec<i64>,
+    }
+
+    impl Stage for Noting {
+        async fn restore(&mut self, _: &StreamConsumer<GroupWatch>) -> Result<()> {
+            Ok(())
+        }
+
+        fn feed(&mut self, index: usize, _: &OwnedMessage, out: &mut Outbox) {
+            self.fed.push(index);
+            let record = OutRecord::new("out", b"k".to_vec(), vec![0; 10]);
+            out.push_from(index, Some((record, Event::DeadLettered { kind: "test" })));
+        }
+
+        fn skipped(&mut self, message: &OwnedMessage) {
+            self.skipped.push(message.offset());
+        }
+    }
+
+    fn letter(message: &OwnedMessage, refusal: &Refusal, topic: &str) -> Option<(OutRecord, Event)> {
+        let record = OutRecord::new(topic, Vec::new(), message.payload().unwrap_or_default().to_vec())
+            .header("dlq.reason", refusal.reason.as_str());
+        Some((record, Event::DeadLettered { kind: "unwritable" }))
+    }
+
+    #[test]
+    fn an_input_whose_outputs_were_refused_is_dead_lettered_by_the_driver_not_fed_to_the_stage() {
+        let batch = [message(7), message(8), message(9)];
+        let records = vec![
+            OutRecord { origin: Some(1), ..OutRecord::new("out", b"k".to_vec(), vec![0; 3_000_000]) },
+            OutRecord::new("out", b"k".to_vec(), vec![0; 10]),
+        ];
+        let mut refused = Refused::default();
+        refused.note(&batch, &records, &[(0, "Broker: Message size too large".into())]);
+        let (mut stage, mut out) = (Noting::default(), Outbox::default());
+        feed_batch(&mut stage, &batch, &refused, letter, "dlq", &mut out);
+        assert_eq!((stage.fed, stage.skipped), (vec![0, 2], vec![8]), "the stage never sees the refused input");
+        let dead: Vec<&OutRecord> = out.records.iter().filter(|r| r.topic == "dlq").collect();
+        assert_eq!(dead.len(), 1);
+        assert_eq!((dead[0].origin, dead[0].payload.as_deref()), (Some(1), Some(&[8u8][..])), "the input, as read");
+        let reason = String::from_utf8(dead[0].headers[0].1.clone()).unwrap();
+        assert_eq!(reason, "its output to out could not be written: Broker: Message size too large");
+        assert!(out.records.iter().filter(|r| r.topic == "out").all(|r| r.origin.is_some()));
+        assert_eq!(out.events.len(), 3, "one event per record, recorded once they commit");
+    }
+
+    #[test]
+    fn each_refusal_strikes_the_input_once_and_a_commit_forgets_it() {
+        let batch = [message(1), message(2)];
+        let records = vec![
+            OutRecord { origin: Some(0), ..OutRecord::new("big", Vec::new(), Vec::new()) },
+            OutRecord::new("no-origin", Vec::new(), Vec::new()),
+        ];
+        let mut refused = Refused::default();
+        refused.note(&batch, &records, &[(0, "too large".into()), (1, "too large".into())]);
+        assert_eq!(refused.0.len(), 1, "a record made from no single input strikes nothing");
+        refused.note(&batch, &records, &[(0, "invalid".into())]);
+        let refusal = refused.of(&batch[0]).unwrap();
+        assert_eq!(
+            (refusal.strikes, refusal.reason.as_str()),
+            (2, "its output to big could not be written: too large")
+        );
+        assert!(refused.of(&batch[1]).is_none());
+        refused.forget(&batch);
+        assert!(refused.of(&batch[0]).is_none(), "its dead letter was committed");
+    }
+
+    #[test]
+    fn a_transaction_is_skipped_only_when_it_would_change_nothing() {
+        let offsets = |n: i64| {
+            let mut list = TopicPartitionList::new();
+            list.add_partition_offset("in", 0, Offset::Offset(n)).unwrap();
+            list
+        };
+        let record = [OutRecord::new("out", Vec::new(), Vec::new())];
+        assert!(!worth_committing(&[], &TopicPartitionList::new(), None), "an idle tick");
+        assert!(!worth_committing(&[], &offsets(5), Some(&offsets(5))), "nothing new since the last commit");
+        assert!(worth_committing(&[], &offsets(6), Some(&offsets(5))));
+        assert!(worth_committing(&[], &offsets(5), None), "after a restore");
+        assert!(worth_committing(&record, &TopicPartitionList::new(), None), "a deadline passed");
     }
 }

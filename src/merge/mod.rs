@@ -3,8 +3,9 @@
 //! The consumer reads the routed topic and every per-model predictions topic (by regex) in one group
 //! with the range assignor. All of them are keyed by user id and have the same partition count, so a
 //! request's routed record and its predictions land in the same partition number and thus on the same
-//! instance. The [`join::Join`] decides; this loop feeds it and commits its outputs, its changelog
-//! records and the input offsets below the oldest record it still needs in one transaction.
+//! instance. The [`join::Join`] decides; merge's hooks feed it, and the stage driver
+//! ([`TxnStage::drive`]) commits its outputs, its changelog records and the input offsets below the
+//! oldest record it still needs in one transaction.
 
 pub mod join;
 mod progress;
@@ -20,10 +21,10 @@ use rdkafka::message::{Headers, Message, OwnedMessage};
 use crate::clock;
 use crate::codec::{Codec, Prediction, Routed};
 use crate::config::Config;
-use crate::dead_letter::{Kind, Letter};
+use crate::dead_letter::{self, Kind, Letter};
 use crate::error::Result;
 use crate::kafka::partitioner::partition_for_key;
-use crate::kafka::{self, Commit, GroupWatch, OutRecord, Outbox, SourcePos, TxnStage};
+use crate::kafka::{self, GroupWatch, OutRecord, Outbox, Placed, SourcePos, Stage, TxnStage};
 use crate::shutdown::Shutdown;
 use crate::telemetry::{self, Event};
 use join::{Effects, Join, JoinConfig, Output};
@@ -147,10 +148,6 @@ struct State {
     join: Join,
     progress: Progress,
     marks: ChangelogMarks,
-    /// Consumer-group generation the state was built for.
-    generation: Option<u64>,
-    /// Offsets committed by the last transaction, to skip empty ones.
-    committed: Option<TopicPartitionList>,
     /// Topics of the assignment the state was built for (it changes only with the generation).
     assigned: HashSet<String>,
 }
@@ -162,38 +159,7 @@ impl State {
             max_remembered: config.service.max_pending,
             max_orphans: config.service.max_pending * 4,
         });
-        State {
-            join,
-            progress: Progress::default(),
-            marks: ChangelogMarks::default(),
-            generation: None,
-            committed: None,
-            assigned: HashSet::new(),
-        }
-    }
-
-    /// Drops everything in memory, rewinds to the committed offsets and restores the changelog: after a
-    /// rebalance (partitions may have moved) or a failed transaction (its effects are gone).
-    async fn rebuild(
-        &mut self,
-        stage: &TxnStage,
-        topology: &mut Topology,
-        config: &Config,
-        codec: &Codec,
-    ) -> Result<()> {
-        let generation = stage.generation();
-        *self = State::new(config);
-        if !stage.rewind().await {
-            return Ok(());
-        }
-        let committed = kafka::batch::committed(stage.consumer())?;
-        self.assigned = committed.elements().iter().map(|e| e.topic().to_string()).collect();
-        topology.check_predictions_topics(stage.consumer(), &self.assigned, config);
-        let restored = restore::load(config, codec, &committed).await?;
-        self.marks = ChangelogMarks::new(&restored);
-        self.join.restore(restored.states);
-        self.generation = Some(generation);
-        Ok(())
+        State { join, progress: Progress::default(), marks: ChangelogMarks::default(), assigned: HashSet::new() }
     }
 }
 
@@ -251,103 +217,164 @@ impl Topology {
     }
 }
 
-/// One batch's worth of work, shared by every input record's step.
-#[derive(Default)]
-struct Batch {
+/// merge's hooks for the stage driver.
+struct Merge {
+    config: Config,
+    codec: Codec,
+    topology: Topology,
+    state: State,
+    flow: FlowControl,
+    /// The current batch's join effects, turned into records at its end.
     fx: Effects,
-    /// Dead letters and forwarded predictions, with the events that count them.
-    out: Outbox,
 }
 
-/// Feeds the input record at `index` of the batch to the join, forwards it, or dead-letters it.
-#[allow(clippy::too_many_arguments)]
-fn feed(
-    index: usize,
-    message: &OwnedMessage,
-    stage: &TxnStage,
-    config: &Config,
-    codec: &Codec,
-    state: &mut State,
-    topology: &mut Topology,
-    batch: &mut Batch,
-) {
-    let source = SourcePos::of(message);
-    state.progress.seen(&source);
-    let now = clock::now_millis();
-    if let Some(refusal) = stage.refusal(message) {
-        return batch.out.push_from(index, Letter::refused(message, refusal, &config.topics.dead_letter));
+impl Stage for Merge {
+    /// Drops everything in memory and restores the changelog: after a rebalance (partitions may have
+    /// moved) or a failed transaction (its effects are gone).
+    async fn restore(&mut self, consumer: &StreamConsumer<GroupWatch>) -> Result<()> {
+        let config = &self.config;
+        self.flow = FlowControl::default(); // a new assignment starts unpaused
+        self.fx = Effects::default();
+        self.state = State::new(config);
+        let committed = kafka::batch::committed(consumer)?;
+        self.state.assigned = committed.elements().iter().map(|e| e.topic().to_string()).collect();
+        self.topology.check_predictions_topics(consumer, &self.state.assigned, config);
+        let restored = restore::load(config, &self.codec, &committed).await?;
+        self.state.marks = ChangelogMarks::new(&restored);
+        self.state.join.restore(restored.states);
+        Ok(())
     }
-    let mut reject = |kind, reason: String| {
-        batch.out.push_from(index, Some(Letter::of(message, kind, reason).record(&config.topics.dead_letter)));
-    };
-    let value = message.payload().unwrap_or_default();
-    if message.topic() == config.topics.routed {
-        match codec.decode::<Routed>(value) {
-            Ok(routed) => {
-                state.progress.hold(&source);
-                state.marks.opened(&source, state.join.restoring());
-                let first = batch.fx.outputs.len();
-                state.join.on_routed(routed, source.clone(), now, &mut batch.fx);
-                mark_origin(&mut batch.fx, first, index);
+
+    /// Feeds the input record at `index` of the batch to the join, forwards it, or dead-letters it.
+    fn feed(&mut self, index: usize, message: &OwnedMessage, out: &mut Outbox) {
+        let (config, codec, state, fx) = (&self.config, &self.codec, &mut self.state, &mut self.fx);
+        let source = SourcePos::of(message);
+        state.progress.seen(&source);
+        let now = clock::now_millis();
+        let mut reject = |kind, reason: String| {
+            out.push_from(index, Some(Letter::of(message, kind, reason).record(&config.topics.dead_letter)));
+        };
+        let value = message.payload().unwrap_or_default();
+        if message.topic() == config.topics.routed {
+            match codec.decode::<Routed>(value) {
+                Ok(routed) => {
+                    state.progress.hold(&source);
+                    state.marks.opened(&source, state.join.restoring());
+                    let first = fx.outputs.len();
+                    state.join.on_routed(routed, source.clone(), now, fx);
+                    mark_origin(fx, first, index);
+                }
+                Err(e) => reject(Kind::Undecodable, format!("routed record: {e}")),
             }
-            Err(e) => reject(Kind::Undecodable, format!("routed record: {e}")),
-        }
-        return;
-    }
-    let forwarded = message.topic() == config.topics.forwarded_predictions;
-    let topic_model = if forwarded {
-        message
-            .headers()
-            .and_then(|h| h.iter().find(|h| h.key == MODEL_HEADER))
-            .and_then(|h| h.value)
-            .map(|m| String::from_utf8_lossy(m).into_owned())
-    } else {
-        model_of_topic(&config.topics.model_predictions, message.topic())
-    };
-    let Some(topic_model) = topic_model else {
-        return reject(Kind::Invalid, format!("topic {} matches no configured input", message.topic()));
-    };
-    if value.len() > config.service.max_prediction_bytes {
-        let reason = format!(
-            "prediction of {} bytes exceeds service.max_prediction_bytes = {}; its request is decided at its deadline",
-            value.len(),
-            config.service.max_prediction_bytes
-        );
-        return reject(Kind::Oversized, reason);
-    }
-    let prediction = match codec.decode::<Prediction>(value) {
-        Ok(prediction) => prediction,
-        Err(e) => return reject(Kind::Undecodable, format!("prediction: {e}")),
-    };
-    if prediction.model != topic_model {
-        let reason =
-            format!("prediction names model {:?} but came from the topic of {topic_model:?}", prediction.model);
-        return reject(Kind::Invalid, reason);
-    }
-    let written_at = message.timestamp().to_millis().unwrap_or(prediction.produced_at);
-    if let (false, Some(key)) = (forwarded, message.key()) {
-        let home = topology.home(key);
-        if home != message.partition() {
-            // Not where its request is joined (nor, with range assignment, necessarily on this
-            // instance): forward it there, keeping its timestamp, which its deadline is judged by.
-            topology.report_foreign_partitioner(&topic_model, message.topic());
-            batch.out.events.push(Event::PredictionForwarded { model: topic_model.clone() });
-            batch.out.records.push(OutRecord {
-                topic: config.topics.forwarded_predictions.clone(),
-                partition: Some(home),
-                key: key.to_vec(),
-                payload: Some(value.to_vec()),
-                headers: vec![(MODEL_HEADER, topic_model.into_bytes())],
-                timestamp: Some(written_at),
-                origin: Some(index),
-            });
             return;
         }
+        let forwarded = message.topic() == config.topics.forwarded_predictions;
+        let topic_model = if forwarded {
+            message
+                .headers()
+                .and_then(|h| h.iter().find(|h| h.key == MODEL_HEADER))
+                .and_then(|h| h.value)
+                .map(|m| String::from_utf8_lossy(m).into_owned())
+        } else {
+            model_of_topic(&config.topics.model_predictions, message.topic())
+        };
+        let Some(topic_model) = topic_model else {
+            return reject(Kind::Invalid, format!("topic {} matches no configured input", message.topic()));
+        };
+        if value.len() > config.service.max_prediction_bytes {
+            let reason = format!(
+                "prediction of {} bytes exceeds service.max_prediction_bytes = {}; its request is decided at its deadline",
+                value.len(),
+                config.service.max_prediction_bytes
+            );
+            return reject(Kind::Oversized, reason);
+        }
+        let prediction = match codec.decode::<Prediction>(value) {
+            Ok(prediction) => prediction,
+            Err(e) => return reject(Kind::Undecodable, format!("prediction: {e}")),
+        };
+        if prediction.model != topic_model {
+            let reason =
+                format!("prediction names model {:?} but came from the topic of {topic_model:?}", prediction.model);
+            return reject(Kind::Invalid, reason);
+        }
+        let written_at = message.timestamp().to_millis().unwrap_or(prediction.produced_at);
+        if let (false, Some(key)) = (forwarded, message.key()) {
+            let home = self.topology.home(key);
+            if home != message.partition() {
+                // Not where its request is joined (nor, with range assignment, necessarily on this
+                // instance): forward it there, keeping its timestamp, which its deadline is judged by.
+                self.topology.report_foreign_partitioner(&topic_model, message.topic());
+                out.events.push(Event::PredictionForwarded { model: topic_model.clone() });
+                out.records.push(OutRecord {
+                    topic: config.topics.forwarded_predictions.clone(),
+                    partition: Some(home),
+                    key: key.to_vec(),
+                    payload: Some(value.to_vec()),
+                    headers: vec![(MODEL_HEADER, topic_model.into_bytes())],
+                    timestamp: Some(written_at),
+                    origin: Some(index),
+                });
+                return;
+            }
+        }
+        state.progress.hold(&source);
+        let first = fx.outputs.len();
+        state.join.on_prediction(prediction, source, written_at, now, fx);
+        mark_origin(fx, first, index);
     }
-    state.progress.hold(&source);
-    let first = batch.fx.outputs.len();
-    state.join.on_prediction(prediction, source, written_at, now, &mut batch.fx);
-    mark_origin(&mut batch.fx, first, index);
+
+    /// A refused input the driver dead-lettered: processed, never held.
+    fn skipped(&mut self, message: &OwnedMessage) {
+        self.state.progress.seen(&SourcePos::of(message));
+    }
+
+    /// Deadlines, held records released, the end of a restore; then the batch's join outputs become
+    /// records (each made from the input that caused it, where one did).
+    fn tick(&mut self, now: i64, consumer: &StreamConsumer<GroupWatch>, out: &mut Outbox) {
+        let (config, state) = (&self.config, &mut self.state);
+        let mut fx = std::mem::take(&mut self.fx);
+        if consumer.context().settled(now, join::REPLAY_GRACE_MS) {
+            let visible = |model: &str| state.assigned.contains(&config.topics.model_predictions(model));
+            state.join.expire(now, visible, !self.flow.routed_paused, &mut fx);
+        }
+        for pos in &fx.released {
+            state.progress.release(pos);
+            if pos.topic == config.topics.routed {
+                state.marks.released(pos);
+            }
+        }
+        if state.join.restoring() && kafka::batch::caught_up(consumer, &config.topics.routed, &state.marks.routed_end) {
+            state.join.end_restore();
+        }
+        fx.coalesce_states();
+        out.events.extend(fx.events);
+        let mut made = records(fx.outputs, config, &self.codec, &mut out.events);
+        for (record, origin) in made.iter_mut().zip(fx.origins) {
+            record.origin = origin;
+        }
+        out.records.extend(made);
+    }
+
+    /// Below the oldest record still needed, with each routed partition's changelog mark.
+    fn offsets(&mut self, _batch: &[OwnedMessage]) -> TopicPartitionList {
+        let mut offsets = self.state.progress.offsets();
+        self.state.marks.annotate(&mut offsets, &self.config.topics.routed, self.state.join.restoring());
+        offsets
+    }
+
+    fn committed(&mut self, records: &[OutRecord], placed: &[Placed]) {
+        for (record, (partition, offset)) in records.iter().zip(placed) {
+            if record.topic == self.config.topics.merge_changelog {
+                self.state.marks.written(*partition, *offset);
+            }
+        }
+    }
+
+    fn after(&mut self, consumer: &StreamConsumer<GroupWatch>) {
+        telemetry::pending(self.state.join.pending());
+        self.flow.apply(consumer, &self.config, &self.state.join);
+    }
 }
 
 /// The join's outputs from `first` on were made from input `index` (see [`OutRecord::origin`]).
@@ -395,86 +422,22 @@ impl FlowControl {
 
 /// Runs merge until shutdown.
 ///
-/// Each batch is one transaction: decisions, comparisons, changelog records, dead letters, forwarded
-/// predictions and the input offsets that are safe to commit (never past a request still open). After
-/// a rebalance or a failed transaction the state is rebuilt from committed offsets and the changelog.
+/// Each batch is one transaction (see [`TxnStage::drive`]): decisions, comparisons, changelog records,
+/// dead letters, forwarded predictions and the input offsets that are safe to commit (never past a
+/// request still open). After a rebalance or a failed transaction the state is rebuilt from committed
+/// offsets and the changelog.
 pub async fn run(config: Config, codec: Codec, shutdown: Shutdown) -> Result<()> {
     let predictions = config.topics.model_predictions_regex();
     let topics = [config.topics.routed.as_str(), config.topics.forwarded_predictions.as_str(), predictions.as_str()];
-    let mut stage = TxnStage::new(&config, "merge", &topics, shutdown.clone())?;
-    let mut topology = Topology::load(stage.consumer(), &config).await?;
-    let mut state = State::new(&config);
-    let mut flow = FlowControl::default();
-    let wait = Duration::from_millis(config.service.batch_wait_ms);
-    while !shutdown.is_triggered() {
-        let generation = stage.generation();
-        if state.generation != Some(generation) {
-            flow = FlowControl::default(); // a new assignment starts unpaused
-            if let Err(error) = state.rebuild(&stage, &mut topology, &config, &codec).await {
-                tracing::warn!(%error, "cannot rebuild merge state yet; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            continue;
-        }
-        let messages = stage.next_batch(config.service.batch_size, wait, TICK).await?;
-        if stage.generation() != generation {
-            continue; // rebuilt at the top of the loop
-        }
-        let mut batch = Batch::default();
-        for (index, message) in messages.iter().enumerate() {
-            feed(index, message, &stage, &config, &codec, &mut state, &mut topology, &mut batch);
-        }
-        let now = clock::now_millis();
-        if stage.consumer().context().settled(now, join::REPLAY_GRACE_MS) {
-            let visible = |model: &str| state.assigned.contains(&config.topics.model_predictions(model));
-            state.join.expire(now, visible, !flow.routed_paused, &mut batch.fx);
-        }
-        for pos in &batch.fx.released {
-            state.progress.release(pos);
-            if pos.topic == config.topics.routed {
-                state.marks.released(pos);
-            }
-        }
-        if state.join.restoring()
-            && kafka::batch::caught_up(stage.consumer(), &config.topics.routed, &state.marks.routed_end)
-        {
-            state.join.end_restore();
-        }
-        let Batch { mut fx, out: extra } = batch;
-        fx.coalesce_states();
-        let mut out = Outbox { events: fx.events, ..Outbox::default() };
-        out.records = records(fx.outputs, &config, &codec, &mut out.events);
-        for (record, origin) in out.records.iter_mut().zip(fx.origins) {
-            record.origin = origin;
-        }
-        out.records.extend(extra.records);
-        out.events.extend(extra.events);
-        let mut offsets = state.progress.offsets();
-        state.marks.annotate(&mut offsets, &config.topics.routed, state.join.restoring());
-        let unchanged = state.committed.as_ref().is_some_and(|c| c.to_topic_map() == offsets.to_topic_map());
-        if !out.records.is_empty() || !unchanged {
-            let changelog: Vec<usize> = (out.records.iter().enumerate())
-                .filter(|(_, r)| r.topic == config.topics.merge_changelog)
-                .map(|(i, _)| i)
-                .collect();
-            match stage.commit(&messages, out, &offsets).await {
-                Commit::Done(placed) => {
-                    for i in changelog {
-                        let (partition, offset) = placed[i];
-                        state.marks.written(partition, offset);
-                    }
-                    state.committed = Some(offsets);
-                }
-                Commit::Failed => {
-                    state.generation = None; // rebuild: this batch's effects were discarded
-                    continue;
-                }
-            }
-        }
-        telemetry::pending(state.join.pending());
-        flow.apply(stage.consumer(), &config, &state.join);
-    }
-    tracing::info!(pending = state.join.pending(), "merge stopped; open requests resume from the committed offsets");
+    let mut stage = TxnStage::new(&config, "merge", &topics, shutdown)?;
+    let topology = Topology::load(stage.consumer(), &config).await?;
+    let state = State::new(&config);
+    let mut merge = Merge { config, codec, topology, state, flow: FlowControl::default(), fx: Effects::default() };
+    stage.drive(&mut merge, TICK, dead_letter::refused).await?;
+    tracing::info!(
+        pending = merge.state.join.pending(),
+        "merge stopped; open requests resume from the committed offsets"
+    );
     stage.close().await;
     Ok(())
 }

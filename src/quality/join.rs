@@ -13,6 +13,9 @@
 //! - the serving answer is scored (status OK only: errors, timeouts and fallbacks have no score, and
 //!   count in coverage), and every shadow answer of the same request too, also one that arrives after
 //!   the label (a labelled request is remembered for the window);
+//! - an answer's score is read from its output when the answer arrives, by the deployment's quality
+//!   spec then in force ([`answer_score`]); the join keeps the score, never the output's bytes, so
+//!   what it keeps per request is small whatever the answers' size;
 //! - memory is bounded: past `max_open` the oldest open decisions are evicted (counted);
 //! - every change of a request's state is an [`Effect::State`] for the changelog (the last one per
 //!   request is its state; `None` forgets it), from which [`Join::restore`] rebuilds the join after a
@@ -20,12 +23,10 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use serde::{Deserialize, Serialize};
-
 use super::metrics::{binary_losses, regression_losses};
-use crate::codec::{Decision, DecisionStatus, Millis, Outcome, ScoredOutcome, ShadowComparison};
-use crate::kafka::SourcePos;
 use crate::record::quality::{QualitySpec, Task};
+use crate::codec::{Decision, DecisionStatus, Millis, Outcome, ScoredOutcome, ShadowComparison, ShadowScore};
+use crate::kafka::SourcePos;
 
 #[derive(Debug, Clone, Copy)]
 pub struct JoinConfig {
@@ -34,29 +35,26 @@ pub struct JoinConfig {
     pub max_open: usize,
 }
 
-/// What a decision leaves for scoring.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// What a decision leaves for scoring: its ids and scores, not its answers' bytes.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Decided {
     /// The partition of its decision: where its changelog records go.
-    partition: i32,
-    user_id: String,
-    deployment: String,
-    model: String,
-    cohort: String,
-    config_version: i64,
-    status: DecisionStatus,
-    output: Option<Vec<u8>>,
-    decided_at: Millis,
+    pub partition: i32,
+    pub user_id: String,
+    pub deployment: String,
+    pub model: String,
+    pub cohort: String,
+    pub config_version: i64,
+    pub status: DecisionStatus,
+    /// The served answer's score, read when the decision arrived (status OK only).
+    pub score: Option<f64>,
+    pub decided_at: Millis,
     /// Shadow answers so far.
-    shadows: Vec<ShadowAnswer>,
+    pub shadows: Vec<ShadowScore>,
 }
 
-/// A shadow model's answer: (model, output).
-pub type ShadowAnswer = (String, Option<Vec<u8>>);
-
-/// A request's state, as the changelog keeps it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+/// A request's state, as the changelog keeps it (see [`super::changelog`]).
+#[derive(Debug, Clone, PartialEq)]
 pub enum Entry {
     /// Decided, waiting for its label.
     Open(Decided),
@@ -65,7 +63,22 @@ pub enum Entry {
     /// A label waiting for its decision, and where it was read.
     Early(Outcome, SourcePos),
     /// Shadow answers that arrived before their decision (another topic), on this partition.
-    EarlyShadows(Vec<ShadowAnswer>, i32),
+    EarlyShadows(Vec<ShadowScore>, i32),
+}
+
+/// The score in an answer's `output` under `spec`: a probability for classification, any finite number
+/// for regression; None if the output holds none. Read when the answer arrives, so that the join keeps
+/// the score instead of the output.
+pub fn answer_score(spec: &QualitySpec, output: &[u8]) -> Option<f64> {
+    match spec.task {
+        Task::BinaryClassification => spec.score.probability(output).ok(),
+        Task::Regression => spec.score.score(output).ok(),
+    }
+}
+
+/// A shadow model's answer as the join keeps it.
+fn shadow_score(spec: &QualitySpec, model: String, output: Option<&[u8]>) -> ShadowScore {
+    ShadowScore { model, answered: output.is_some(), score: output.and_then(|o| answer_score(spec, o)) }
 }
 
 /// Why a label was not joined.
@@ -129,7 +142,7 @@ pub struct Join {
     early: HashMap<String, (Outcome, SourcePos)>,
     early_order: VecDeque<(Millis, String)>,
     /// Shadow answers before their decision: (answers, partition).
-    early_shadows: HashMap<String, (Vec<ShadowAnswer>, i32)>,
+    early_shadows: HashMap<String, (Vec<ShadowScore>, i32)>,
     early_shadows_order: VecDeque<(Millis, String)>,
 }
 
@@ -219,6 +232,7 @@ impl Join {
             }
             None => Vec::new(),
         };
+        let served = d.status == DecisionStatus::Ok;
         let decided = Decided {
             partition,
             user_id: d.user_id,
@@ -227,7 +241,7 @@ impl Join {
             cohort: d.cohort,
             config_version: d.config_version,
             status: d.status,
-            output: d.output,
+            score: d.output.as_deref().filter(|_| served).and_then(|o| answer_score(spec, o)),
             decided_at: d.decided_at,
             shadows,
         };
@@ -258,24 +272,15 @@ impl Join {
         now: Millis,
         fx: &mut Vec<Effect>,
     ) {
-        let answer = (c.shadow_model, c.shadow_output);
+        let answer = shadow_score(spec, c.shadow_model, c.shadow_output.as_deref());
         if let Some(d) = self.open.get_mut(&c.request_id) {
-            if !d.shadows.iter().any(|(m, _)| *m == answer.0) {
+            if !d.shadows.iter().any(|s| s.model == answer.model) {
                 d.shadows.push(answer);
                 state(fx, &c.request_id, d.partition, Some(Entry::Open(d.clone())));
             }
         } else if let Some((d, outcome)) = self.labelled.get_mut(&c.request_id) {
-            if !d.shadows.iter().any(|(m, _)| *m == answer.0) {
-                fx.push(Effect::Scored(score(
-                    &c.request_id,
-                    d,
-                    &answer.0,
-                    "shadow",
-                    answer.1.as_deref(),
-                    true,
-                    outcome,
-                    spec,
-                )));
+            if !d.shadows.iter().any(|s| s.model == answer.model) {
+                fx.push(Effect::Scored(score(&c.request_id, d, &answer, "shadow", outcome, spec)));
                 d.shadows.push(answer);
                 state(fx, &c.request_id, d.partition, Some(Entry::Labelled(d.clone(), outcome.clone())));
             }
@@ -285,7 +290,7 @@ impl Join {
                 self.early_shadows_order.push_back((now + self.config.early_wait_ms, id.clone()));
                 (Vec::new(), partition)
             });
-            if !answers.iter().any(|(m, _)| *m == answer.0) {
+            if !answers.iter().any(|s| s.model == answer.model) {
                 answers.push(answer);
                 let entry = Entry::EarlyShadows(answers.clone(), partition);
                 state(fx, &id, partition, Some(entry));
@@ -337,23 +342,17 @@ impl Join {
             self.open.insert(id, decided);
             return fx.push(Effect::Rejected { outcome, source, why: Rejected::Malformed, reason });
         }
-        let served = decided.status == DecisionStatus::Ok;
-        fx.push(Effect::Scored(score(
-            &id,
-            &decided,
-            &decided.model,
-            "serving",
-            decided.output.as_deref(),
-            served,
-            &outcome,
-            spec,
-        )));
-        for (model, output) in &decided.shadows {
-            fx.push(Effect::Scored(score(&id, &decided, model, "shadow", output.as_deref(), true, &outcome, spec)));
+        let serving = ShadowScore {
+            model: decided.model.clone(),
+            answered: decided.status == DecisionStatus::Ok,
+            score: decided.score,
+        };
+        fx.push(Effect::Scored(score(&id, &decided, &serving, "serving", &outcome, spec)));
+        for answer in &decided.shadows {
+            fx.push(Effect::Scored(score(&id, &decided, answer, "shadow", &outcome, spec)));
         }
         self.labelled_order.push_back((decided.decided_at + self.config.window_ms, id.clone()));
-        // Kept for duplicates and late shadow answers: the serving output is no longer needed.
-        let decided = Decided { output: None, ..decided };
+        // Kept for duplicates and late shadow answers.
         state(fx, &id, decided.partition, Some(Entry::Labelled(decided.clone(), outcome.clone())));
         self.labelled.insert(id, (decided, outcome));
     }
@@ -412,21 +411,17 @@ fn malformed(outcome: &Outcome, spec: &QualitySpec) -> Option<String> {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The scored record of one answer (`role` serving or shadow) of a labelled decision.
 fn score(
     request_id: &str,
     d: &Decided,
-    model: &str,
+    answer: &ShadowScore,
     role: &str,
-    output: Option<&[u8]>,
-    answered: bool,
     outcome: &Outcome,
     spec: &QualitySpec,
 ) -> ScoredOutcome {
-    let value = output.filter(|_| answered).and_then(|o| match spec.task {
-        Task::BinaryClassification => spec.score.probability(o).ok(),
-        Task::Regression => spec.score.score(o).ok(),
-    });
+    // Read when the answer arrived; a probability only if the task (which may have changed since) says so.
+    let value = answer.score.filter(|v| answer.answered && (spec.task == Task::Regression || (0.0..=1.0).contains(v)));
     let (mut zero_one, mut brier, mut log_loss, mut absolute_error, mut squared_error) = (None, None, None, None, None);
     if let Some(v) = value {
         match spec.task {
@@ -440,16 +435,16 @@ fn score(
             }
         }
     }
-    let status = match (role, output) {
+    let status = match (role, answer.answered) {
         ("serving", _) => d.status.as_str().to_string(),
-        (_, Some(_)) => "OK".to_string(),
-        (_, None) => "MODEL_ERROR".to_string(),
+        (_, true) => "OK".to_string(),
+        (_, false) => "MODEL_ERROR".to_string(),
     };
     ScoredOutcome {
         request_id: request_id.to_string(),
         user_id: d.user_id.clone(),
         deployment: d.deployment.clone(),
-        model: model.to_string(),
+        model: answer.model.clone(),
         role: role.to_string(),
         cohort: d.cohort.clone(),
         config_version: d.config_version,
@@ -556,10 +551,22 @@ mod tests {
             .filter_map(|e| if let Effect::State { partition, .. } = e { Some(*partition) } else { None })
             .collect();
         assert_eq!(partitions, [2, 2, 1, 1, 0], "each state goes to its request's partition");
-        // Through JSON, as the changelog carries it.
+        // Through Avro, as the changelog carries it.
+        let codec = crate::codec::Codec::default();
         let records: Vec<(String, Option<Entry>)> = records
             .into_iter()
-            .map(|(id, e)| (id, e.map(|e| serde_json::from_str(&serde_json::to_string(&e).unwrap()).unwrap())))
+            .map(|(id, e)| {
+                let e = e.map(|e| {
+                    crate::quality::changelog::decode(
+                        &id,
+                        &crate::quality::changelog::encode(&e, &codec),
+                        &codec,
+                        |_| binary(),
+                    )
+                    .unwrap()
+                });
+                (id, e)
+            })
             .collect();
         let mut restored = Join::restore(CONFIG, records, 2_000);
         assert_eq!((restored.open.len(), restored.labelled.len(), restored.early.len()), (1, 1, 1));

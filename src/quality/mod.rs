@@ -4,13 +4,17 @@
 //! the output's score — is part of the deployment record (`record::quality`).
 //!
 //! Pure:
-//! - [`join`]: outcome labels joined to decisions and shadow answers within a window, scored.
+//! - [`join`]: outcome labels joined to decisions and shadow answers within a window, scored (each
+//!   answer's score read when it arrives, never its bytes kept).
 //! - [`metrics`]: losses of one labelled decision, and quality per model and arm from counts that add
 //!   up across instances (accuracy, Brier, log-loss, AUC, calibration error; MAE, RMSE, bias).
+//! - [`changelog`]: the join's changelog records (Avro `ScoreState`), a score per answer.
 //!
 //! Kafka:
-//! - [`stage`]: the stage around the join, exactly once, with its changelog (inside `run`).
+//! - [`stage`]: the score stage around the join, exactly once, on the stage driver like route and merge
+//!   (inside `run`).
 
+pub mod changelog;
 pub mod join;
 pub mod metrics;
 pub mod stage;

@@ -1,7 +1,7 @@
 //! The score stage inside `switchyard run`: reads decisions, shadow comparisons and outcome labels
 //! (co-partitioned by user id), joins them ([`Join`]) and writes one scored record per labelled answer,
 //! exactly once: each batch's scored records, dead letters and changelog records commit with its
-//! input offsets in one transaction (the transactional stage route and merge use). The join's state
+//! input offsets in one transaction (the stage driver route and merge run on, [`TxnStage::drive`]). The join's state
 //! is in a compacted changelog topic, one record per open request: after a restart or rebalance it is
 //! read back instead of the inputs, so a long window does not mean re-reading weeks of decisions.
 //!
@@ -10,20 +10,20 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use rdkafka::consumer::Consumer;
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message, OwnedMessage};
 
-use super::join::{Effect, Entry, Join, JoinConfig, Rejected};
+use super::changelog;
+use super::join::{Effect, Join, JoinConfig, Rejected};
+use crate::record::quality::QualitySpec;
 use crate::clock;
 use crate::codec::{Codec, Decision, Outcome, ShadowComparison};
 use crate::config::Config;
 use crate::control::SharedRegistry;
-use crate::dead_letter::{Kind, Letter};
+use crate::dead_letter::{self, Kind, Letter};
 use crate::error::Result;
 use crate::kafka::partitioner::partition_for_key;
-use crate::kafka::stage::{Commit, Outbox, TxnStage};
-use crate::kafka::{self, OutRecord, SourcePos};
-use crate::record::quality::QualitySpec;
+use crate::kafka::{self, GroupWatch, OutRecord, Outbox, SourcePos, Stage, TxnStage};
 use crate::shutdown::Shutdown;
 use crate::telemetry::{self, Event};
 
@@ -65,8 +65,20 @@ pub fn short_retention(retentions: &[(String, i64)], window_ms: u64) -> Vec<Stri
         .collect()
 }
 
-/// Reads the changelog partitions of `assigned` back into a join.
-pub async fn restore(config: &Config, assigned: &[i32]) -> Result<Join> {
+/// Reads the changelog partitions of `assigned` back into a join. `specs` (the quality specs in force)
+/// read the answers' scores of entries an earlier version wrote (see [`changelog::decode`]).
+pub async fn restore(
+    config: &Config,
+    codec: &Codec,
+    specs: &HashMap<String, QualitySpec>,
+    assigned: &[i32],
+) -> Result<Join> {
+    // Early shadow answers in an old entry do not name their deployment: the only spec, if one.
+    let spec_of = |deployment: Option<&str>| match deployment {
+        Some(name) => specs.get(name).cloned().unwrap_or_default(),
+        None if specs.len() == 1 => specs.values().next().cloned().unwrap_or_default(),
+        None => QualitySpec::default(),
+    };
     let topic = &config.topics.score_changelog;
     let reader = kafka::reader(config)?;
     let (tpl, targets) = kafka::batch::whole(config, &reader, topic, assigned.iter().copied())?;
@@ -89,7 +101,7 @@ pub async fn restore(config: &Config, assigned: &[i32]) -> Result<Join> {
         let id = String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned();
         let entry = match message.payload() {
             None => None,
-            Some(value) => match serde_json::from_slice::<Entry>(value) {
+            Some(value) => match changelog::decode(&id, value, codec, spec_of) {
                 Ok(entry) => Some(entry),
                 Err(error) => {
                     tracing::warn!(offset = message.offset(), %error, "unreadable score changelog record skipped");
@@ -115,6 +127,55 @@ fn specs(registry: &SharedRegistry) -> HashMap<String, QualitySpec> {
     registry.deployments().filter_map(|d| d.spec.quality.clone().map(|q| (d.name.clone(), q))).collect()
 }
 
+/// The score stage's hooks for the stage driver.
+struct Score {
+    config: Config,
+    codec: Codec,
+    registry: SharedRegistry,
+    /// Partition count of the joined topics: an outcome must be on its key's partition.
+    partitions: usize,
+    join: Join,
+    /// The quality specs in force for the current batch, and when it is fed.
+    specs: HashMap<String, QualitySpec>,
+    now: i64,
+}
+
+impl Stage for Score {
+    /// Reads the changelog partitions of the new assignment back into a new join.
+    async fn restore(&mut self, consumer: &StreamConsumer<GroupWatch>) -> Result<()> {
+        let decisions = &self.config.topics.decisions;
+        let assigned: Vec<i32> =
+            consumer.assignment()?.elements_for_topic(decisions).iter().map(|e| e.partition()).collect();
+        self.join = restore(&self.config, &self.codec, &specs(&self.registry), &assigned).await?;
+        Ok(())
+    }
+
+    fn begin(&mut self, now: i64) {
+        self.specs = specs(&self.registry);
+        self.now = now;
+    }
+
+    /// Every record made from an input names it (changelog states, scored records, dead letters): one
+    /// the broker refuses dead-letters that input, and the rest flows.
+    fn feed(&mut self, index: usize, message: &OwnedMessage, out: &mut Outbox) {
+        let mut fx = Vec::new();
+        self.join_input(index, message, &mut fx, out);
+        self.write(fx, Some(index), out);
+    }
+
+    /// Decisions past their window, labels that waited for their decision in vain.
+    fn tick(&mut self, _now: i64, _: &StreamConsumer<GroupWatch>, out: &mut Outbox) {
+        let mut fx = Vec::new();
+        self.join.expire(self.now, &mut fx);
+        self.write(fx, None, out);
+    }
+
+    fn after(&mut self, _: &StreamConsumer<GroupWatch>) {
+        telemetry::open_decisions(self.join.open());
+    }
+}
+
+/// Runs the score stage until shutdown; each batch is one transaction (see [`TxnStage::drive`]).
 pub async fn run(config: Config, codec: Codec, registry: SharedRegistry, shutdown: Shutdown) -> Result<()> {
     if let Err(error) = topics(&config).await {
         // Routing and decisions go on without scores.
@@ -123,126 +184,83 @@ pub async fn run(config: Config, codec: Codec, registry: SharedRegistry, shutdow
     }
     let t = &config.topics;
     let inputs = [t.decisions.as_str(), t.shadow_comparisons.as_str(), t.outcomes.as_str()];
-    let mut stage = TxnStage::new(&config, "score", &inputs, shutdown.clone())?;
+    let mut stage = TxnStage::new(&config, "score", &inputs, shutdown)?;
     let partitions = kafka::partition_count(stage.consumer(), &t.decisions)?.unwrap_or(1);
-    let mut join = Join::new(join_config(&config));
-    let mut generation = None;
-    while !shutdown.is_triggered() {
-        if generation != Some(stage.generation()) {
-            let now_generation = stage.generation();
-            if !stage.rewind().await {
-                continue;
-            }
-            let assigned: Vec<i32> =
-                stage.consumer().assignment()?.elements_for_topic(&t.decisions).iter().map(|e| e.partition()).collect();
-            match restore(&config, &assigned).await {
-                Ok(restored) => {
-                    join = restored;
-                    generation = Some(now_generation);
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "cannot restore the score changelog yet; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            }
-            continue;
-        }
-        let messages = stage
-            .next_batch(config.service.batch_size, Duration::from_millis(config.service.batch_wait_ms), TICK)
-            .await?;
-        if generation != Some(stage.generation()) {
-            continue;
-        }
-        let specs = specs(&registry);
-        let now = clock::now_millis();
-        let mut fx = Vec::new();
-        let mut out = Outbox::default();
-        for (index, message) in messages.iter().enumerate() {
-            feed(index, message, &config, &codec, &specs, partitions, now, &mut join, &mut fx, &mut out);
-        }
-        join.expire(now, &mut fx);
-        for effect in fx {
-            let (record, event) = output(effect, &config, &codec);
-            out.records.extend(record);
-            out.events.extend(event);
-        }
-        telemetry::open_decisions(join.open());
-        if out.records.is_empty() && messages.is_empty() {
-            continue;
-        }
-        let offsets = kafka::batch_offsets(&messages);
-        if let Commit::Failed = stage.commit(&messages, out, &offsets).await {
-            generation = None; // its effects are gone: rebuild from the changelog
-        }
-    }
+    let join = Join::new(join_config(&config));
+    let mut score =
+        Score { config, codec, registry, partitions, join, specs: HashMap::new(), now: clock::now_millis() };
+    stage.drive(&mut score, TICK, dead_letter::refused).await?;
     stage.close().await;
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn feed(
-    index: usize,
-    message: &OwnedMessage,
-    config: &Config,
-    codec: &Codec,
-    specs: &HashMap<String, QualitySpec>,
-    partitions: usize,
-    now: i64,
-    join: &mut Join,
-    fx: &mut Vec<Effect>,
-    out: &mut Outbox,
-) {
-    let t = &config.topics;
-    let value = message.payload().unwrap_or_default();
-    let mut reject = |kind, reason: String| {
-        out.push_from(index, Some(Letter::of(message, kind, reason).record(&t.dead_letter)));
-    };
-    let scored_by_none = |deployment: Option<&[u8]>| {
-        specs.is_empty() || deployment.is_some_and(|d| !specs.keys().any(|name| name.as_bytes() == d))
-    };
-    if message.topic() == t.decisions {
-        // Most decisions belong to deployments without a quality spec: their `deployment` header says
-        // so without decoding them.
-        let deployment = message.headers().and_then(|h| h.iter().find(|h| h.key == "deployment")).and_then(|h| h.value);
-        if scored_by_none(deployment) {
-            return;
+impl Score {
+    /// The join's effects as records (made from the input at `origin`, if one) and events.
+    fn write(&self, fx: Vec<Effect>, origin: Option<usize>, out: &mut Outbox) {
+        for effect in fx {
+            let (record, event) = output(effect, &self.config, &self.codec);
+            out.records.extend(record.map(|record| OutRecord { origin, ..record }));
+            out.events.extend(event);
         }
-        if let Ok(d) = codec.decode::<Decision>(value) {
-            if let Some(spec) = specs.get(&d.deployment) {
-                join.on_decision(d, message.partition(), spec, fx);
-            }
-        }
-    } else if message.topic() == t.shadow_comparisons {
-        if scored_by_none(None) {
-            return;
-        }
-        if let Ok(c) = codec.decode::<ShadowComparison>(value) {
-            if let Some(spec) = specs.get(&c.deployment) {
-                join.on_shadow(c, message.partition(), spec, now, fx);
-            }
-        }
-    } else {
-        let outcome = match codec.decode::<Outcome>(value) {
-            Ok(outcome) => outcome,
-            Err(error) => return reject(Kind::Undecodable, format!("outcome: {error}")),
+    }
+
+    /// Feeds one input record to the join, or dead-letters it.
+    fn join_input(&mut self, index: usize, message: &OwnedMessage, fx: &mut Vec<Effect>, out: &mut Outbox) {
+        let (config, codec, specs, partitions, now, join) =
+            (&self.config, &self.codec, &self.specs, self.partitions, self.now, &mut self.join);
+        let t = &config.topics;
+        let value = message.payload().unwrap_or_default();
+        let mut reject = |kind, reason: String| {
+            out.push_from(index, Some(Letter::of(message, kind, reason).record(&t.dead_letter)));
         };
-        if outcome.request_id.is_empty() {
-            return reject(Kind::Invalid, "outcome without a request_id".into());
+        let scored_by_none = |deployment: Option<&[u8]>| {
+            specs.is_empty() || deployment.is_some_and(|d| !specs.keys().any(|name| name.as_bytes() == d))
+        };
+        if message.topic() == t.decisions {
+            // Most decisions belong to deployments without a quality spec: their `deployment` header says
+            // so without decoding them.
+            let deployment =
+                message.headers().and_then(|h| h.iter().find(|h| h.key == "deployment")).and_then(|h| h.value);
+            if scored_by_none(deployment) {
+                return;
+            }
+            if let Ok(d) = codec.decode::<Decision>(value) {
+                if let Some(spec) = specs.get(&d.deployment) {
+                    join.on_decision(d, message.partition(), spec, fx);
+                }
+            }
+        } else if message.topic() == t.shadow_comparisons {
+            if scored_by_none(None) {
+                return;
+            }
+            if let Ok(c) = codec.decode::<ShadowComparison>(value) {
+                if let Some(spec) = specs.get(&c.deployment) {
+                    join.on_shadow(c, message.partition(), spec, now, fx);
+                }
+            }
+        } else {
+            let outcome = match codec.decode::<Outcome>(value) {
+                Ok(outcome) => outcome,
+                Err(error) => return reject(Kind::Undecodable, format!("outcome: {error}")),
+            };
+            if outcome.request_id.is_empty() {
+                return reject(Kind::Invalid, "outcome without a request_id".into());
+            }
+            let home = partition_for_key(message.key().unwrap_or_default(), partitions);
+            if home != message.partition() {
+                return reject(
+                    Kind::Invalid,
+                    format!(
+                        "outcome on partition {} but its key belongs to partition {home}: write outcomes keyed by user id \
+                         with Kafka's murmur2 partitioner (confluent-kafka: partitioner=murmur2_random), or they never \
+                         meet their decisions",
+                        message.partition()
+                    ),
+                );
+            }
+            let spec_of = |deployment: &str| specs.get(deployment).cloned().unwrap_or_default();
+            join.on_outcome(outcome, SourcePos::of(message), spec_of, now, fx);
         }
-        let home = partition_for_key(message.key().unwrap_or_default(), partitions);
-        if home != message.partition() {
-            return reject(
-                Kind::Invalid,
-                format!(
-                    "outcome on partition {} but its key belongs to partition {home}: write outcomes keyed by user id \
-                     with Kafka's murmur2 partitioner (confluent-kafka: partitioner=murmur2_random), or they never \
-                     meet their decisions",
-                    message.partition()
-                ),
-            );
-        }
-        let spec_of = |deployment: &str| specs.get(deployment).cloned().unwrap_or_default();
-        join.on_outcome(outcome, SourcePos::of(message), spec_of, now, fx);
     }
 }
 
@@ -274,14 +292,9 @@ fn output(effect: Effect, config: &Config, codec: &Codec) -> (Option<OutRecord>,
             (None, Some(Event::Unlabelled { deployment, model, cohort, evicted: true }))
         }
         Effect::State { request_id, partition, entry } => {
-            let mut record = OutRecord::new(
-                t.score_changelog.clone(),
-                request_id.into_bytes(),
-                entry.map(|e| serde_json::to_vec(&e).expect("changelog entries serialise")).unwrap_or_default(),
-            );
-            if record.payload.as_ref().is_some_and(Vec::is_empty) {
-                record.payload = None; // a tombstone: compaction forgets the request
-            }
+            let mut record = OutRecord::new(t.score_changelog.clone(), request_id.into_bytes(), Vec::new());
+            // None: a tombstone, compaction forgets the request.
+            record.payload = entry.map(|e| changelog::encode(&e, codec));
             record.partition = Some(partition);
             (Some(record), None)
         }

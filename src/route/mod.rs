@@ -3,19 +3,21 @@
 //! For each request: decode, look up its deployment, apply the pure [`routing::route`] decision, then
 //! publish a PRIMARY copy to the serving model's topic, SHADOW copies to the shadow models' topics and a
 //! [`Routed`] record (what merge joins the answers to). Anything that cannot be routed is dead-lettered.
-//! Each batch and its input offsets are committed in one Kafka transaction.
+//! Each batch and its input offsets are committed in one Kafka transaction, by the stage driver
+//! ([`TxnStage::drive`]).
 
 use std::time::Duration;
 
+use rdkafka::consumer::StreamConsumer;
 use rdkafka::message::{Message, OwnedMessage};
 
-use crate::clock;
 use crate::codec::{Codec, Millis, ModelRequest, Request, Role, Routed};
 use crate::config::Config;
 use crate::control::{Registry, SharedRegistry};
-use crate::dead_letter::{Kind, Letter};
+use crate::dead_letter::{self, Kind, Letter};
 use crate::error::Result;
-use crate::kafka::{self, Commit, OutRecord, Outbox, TxnStage};
+use crate::kafka::{GroupWatch, OutRecord, Outbox, Stage, TxnStage};
+use crate::clock;
 use crate::record::Deployment;
 use crate::routing;
 use crate::shutdown::Shutdown;
@@ -117,20 +119,16 @@ pub fn records(plan: &Plan, request: &[u8], config: &Config, codec: &Codec) -> V
     out
 }
 
-/// Turns one request into its records (or a dead letter) and the events that count them.
+/// Turns one request into its records (or a dead letter) and the events that count them, each made
+/// from the input at `index`.
 fn process(
     index: usize,
     message: &OwnedMessage,
-    stage: &TxnStage,
     config: &Config,
     codec: &Codec,
     registry: &Registry,
     out: &mut Outbox,
 ) {
-    if let Some(refusal) = stage.refusal(message) {
-        out.push_from(index, Letter::refused(message, refusal, &config.topics.dead_letter));
-        return;
-    }
     match admit(message.payload(), config.service.max_request_bytes, codec, registry) {
         Ok((request, deployment)) => {
             let plan = plan(request, &deployment, clock::now_millis());
@@ -149,37 +147,32 @@ fn process(
     }
 }
 
+/// route's hooks for the stage driver: stateless, one request at a time.
+struct Route {
+    config: Config,
+    codec: Codec,
+    registry: SharedRegistry,
+}
+
+impl Stage for Route {
+    async fn restore(&mut self, _: &StreamConsumer<GroupWatch>) -> Result<()> {
+        Ok(()) // nothing kept between batches
+    }
+
+    fn feed(&mut self, index: usize, message: &OwnedMessage, out: &mut Outbox) {
+        // The deployments in force as this request is routed; the watcher's next update waits for it.
+        let registry = self.registry.read().expect("registry lock is never poisoned");
+        process(index, message, &self.config, &self.codec, &registry, out);
+    }
+}
+
 /// Runs route until shutdown. Starts consuming only after `registry` holds the whole deployments topic.
 ///
-/// Each batch is one transaction: its per-model requests, routing records and dead letters, and the
-/// requests' offsets. A batch that straddles a rebalance, or whose transaction fails, is discarded and
-/// read again from the committed offsets.
+/// Each batch is one transaction (see [`TxnStage::drive`]): its per-model requests, routing records and
+/// dead letters, and the requests' offsets.
 pub async fn run(config: Config, codec: Codec, registry: SharedRegistry, shutdown: Shutdown) -> Result<()> {
-    let mut stage = TxnStage::new(&config, "route", &[config.topics.requests.as_str()], shutdown.clone())?;
-    let wait = Duration::from_millis(config.service.batch_wait_ms);
-    while !shutdown.is_triggered() {
-        let generation = stage.generation();
-        let batch = stage.next_batch(config.service.batch_size, wait, IDLE).await?;
-        if batch.is_empty() {
-            continue;
-        }
-        if stage.generation() != generation {
-            // Part of the batch may belong to partitions this instance no longer owns.
-            stage.rewind().await;
-            continue;
-        }
-        let mut out = Outbox::default();
-        {
-            // One read of the deployments in force per batch; the watcher's next update waits for it.
-            let registry = registry.read().expect("registry lock is never poisoned");
-            for (index, message) in batch.iter().enumerate() {
-                process(index, message, &stage, &config, &codec, &registry, &mut out);
-            }
-        }
-        if let Commit::Failed = stage.commit(&batch, out, &kafka::batch_offsets(&batch)).await {
-            stage.rewind().await;
-        }
-    }
+    let mut stage = TxnStage::new(&config, "route", &[config.topics.requests.as_str()], shutdown)?;
+    stage.drive(&mut Route { config, codec, registry }, IDLE, dead_letter::refused).await?;
     stage.close().await;
     tracing::info!("route stopped");
     Ok(())
