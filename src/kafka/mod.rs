@@ -264,6 +264,13 @@ pub fn holders(config: &Config, group: &str, topic: &str, partition: i32) -> Res
         .collect())
 }
 
+/// The instance ids of the members of consumer group `group` (static members; others by member id).
+pub fn group_instances(config: &Config, group: &str) -> Result<std::collections::HashSet<String>, KafkaError> {
+    let client: BaseConsumer = base(config).create()?;
+    let groups = client.fetch_group_list(Some(group), ADMIN_TIMEOUT)?;
+    Ok(groups.groups().iter().flat_map(|g| g.members()).map(|m| instance_of_member(m.id()).to_string()).collect())
+}
+
 /// A static member's instance id from its member id (`<group.instance.id>-<UUID>`), else the member id.
 fn instance_of_member(member: &str) -> &str {
     match member.len().checked_sub(37) {

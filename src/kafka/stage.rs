@@ -257,12 +257,18 @@ impl TxnStage {
         let dead_letter_topic = self.config.topics.dead_letter.clone();
         // The generation the stage's state was restored for, and what its last transaction committed.
         let mut restored: Option<u64> = None;
+        // The generation whose previous owners were fenced.
+        let mut fenced: Option<u64> = None;
         let mut last_offsets: Option<TopicPartitionList> = None;
         while !self.shutdown.is_triggered() {
             let generation = self.generation();
             if restored != Some(generation) {
                 if !self.rewind().await {
                     continue; // shutting down
+                }
+                if fenced != Some(generation) {
+                    self.fence_previous_owners();
+                    fenced = Some(generation);
                 }
                 last_offsets = None;
                 match stage.restore(&self.consumer).await {
@@ -351,6 +357,7 @@ impl TxnStage {
         } else {
             offsets
         };
+        let offsets = &signed(offsets, &self.config.service.instance());
         match self.producer.commit(records, offsets, self.batch_group.as_ref()).await {
             Ok(placed) => {
                 telemetry::record(std::mem::take(&mut outbox.events));
@@ -389,6 +396,42 @@ impl TxnStage {
         standing
     }
 
+    /// Fences the transactional ids of the instances that committed last on partitions this one now holds
+    /// and that are no longer in the group (see [`super::txn::fence`]): a dead instance's open
+    /// transaction stops hiding the outputs written after it at once. An instance still in the group
+    /// gave its partitions up in the rebalance, with nothing open; it is left alone. In the background:
+    /// the stage goes on meanwhile.
+    fn fence_previous_owners(&self) {
+        let Ok(committed) = batch::committed(&self.consumer) else { return };
+        let me = self.config.service.instance();
+        let owners: std::collections::BTreeSet<String> = committed
+            .elements()
+            .iter()
+            .filter_map(|e| owner_of(e.metadata()).map(str::to_string))
+            .filter(|owner| *owner != me)
+            .collect();
+        if owners.is_empty() {
+            return;
+        }
+        let (config, group, stage) = (self.config.clone(), self.group.clone(), self.name);
+        tokio::task::spawn_blocking(move || {
+            let members = match super::group_instances(&config, &group) {
+                Ok(members) => members,
+                Err(error) => return tracing::warn!(%error, %group, "cannot list the group's members; fencing no one"),
+            };
+            for owner in owners.into_iter().filter(|o| !members.contains(o)) {
+                let id = format!("{}-{stage}-{owner}", config.service.group_id);
+                match super::txn::fence(&config, &id) {
+                    Ok(()) => tracing::info!(transactional_id = %id,
+                        "fenced the transactional id of a previous owner of these partitions that left the group: a transaction it left open is aborted"),
+                    Err(error) => {
+                        tracing::warn!(transactional_id = %id, %error, "cannot fence a previous owner's transactional id")
+                    }
+                }
+            }
+        });
+    }
+
     /// Moves every assigned partition back to its committed offset (see [`batch::rewind`]).
     async fn rewind(&self) -> bool {
         batch::rewind(&self.consumer, &self.shutdown).await
@@ -410,11 +453,70 @@ impl TxnStage {
     }
 }
 
+/// Offset-commit metadata ends with the committing instance (`by=<instance>`, after the stage's own
+/// metadata, if any): who to fence when its partitions move (see [`TxnStage::fence_previous_owners`]).
+const OWNER_TAG: &str = "by=";
+
+/// `offsets` with each partition's metadata signed by `instance`.
+fn signed(offsets: &TopicPartitionList, instance: &str) -> TopicPartitionList {
+    let signed = offsets.clone();
+    let entries: Vec<(String, i32, String)> =
+        offsets.elements().iter().map(|e| (e.topic().to_string(), e.partition(), e.metadata().to_string())).collect();
+    for (topic, partition, metadata) in entries {
+        if let Some(mut e) = signed.find_partition(&topic, partition) {
+            let own = without_owner(&metadata);
+            e.set_metadata(if own.is_empty() {
+                format!("{OWNER_TAG}{instance}")
+            } else {
+                format!("{own} {OWNER_TAG}{instance}")
+            });
+        }
+    }
+    signed
+}
+
+/// The instance that signed commit metadata, if one did.
+fn owner_of(metadata: &str) -> Option<&str> {
+    metadata.split(' ').next_back()?.strip_prefix(OWNER_TAG).filter(|o| !o.is_empty())
+}
+
+/// Commit metadata without its signature: what the stage itself wrote.
+pub fn without_owner(metadata: &str) -> &str {
+    match metadata.rsplit_once(' ') {
+        Some((own, last)) if last.starts_with(OWNER_TAG) => own,
+        _ if metadata.starts_with(OWNER_TAG) => "",
+        _ => metadata,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use rdkafka::Offset;
     use rdkafka::message::{Message, Timestamp};
+
+    #[test]
+    fn commits_are_signed_by_their_instance_and_the_stages_own_metadata_kept() {
+        let mut offsets = TopicPartitionList::new();
+        offsets.add_partition_offset("routed", 0, Offset::Offset(7)).unwrap();
+        offsets.add_partition_offset("predictions", 1, Offset::Offset(9)).unwrap();
+        offsets.find_partition("routed", 0).unwrap().set_metadata("changelog:42");
+        let once = signed(&offsets, "i0");
+        let metadata = |tpl: &TopicPartitionList, t: &str, p| tpl.find_partition(t, p).unwrap().metadata().to_string();
+        assert_eq!(metadata(&once, "routed", 0), "changelog:42 by=i0");
+        assert_eq!(metadata(&once, "predictions", 1), "by=i0");
+        // A standing offset committed again by another instance is signed by it, not twice.
+        let again = signed(&once, "i1");
+        assert_eq!(metadata(&again, "routed", 0), "changelog:42 by=i1");
+        assert_eq!(metadata(&again, "predictions", 1), "by=i1");
+        assert_eq!(owner_of("changelog:42 by=i1"), Some("i1"));
+        assert_eq!(owner_of("by=pod-3"), Some("pod-3"));
+        assert_eq!(owner_of("changelog:42"), None, "written before commits were signed");
+        assert_eq!(owner_of(""), None);
+        assert_eq!(without_owner("changelog:42 by=i1"), "changelog:42");
+        assert_eq!(without_owner("by=i1"), "");
+        assert_eq!(without_owner("changelog:42"), "changelog:42");
+    }
 
     fn message(offset: i64) -> OwnedMessage {
         OwnedMessage::new(Some(vec![offset as u8]), None, "in".into(), Timestamp::NotAvailable, 0, offset, None)

@@ -48,6 +48,15 @@ fn create(config: &Config, id: &str) -> Result<FutureProducer, KafkaError> {
     Ok(producer)
 }
 
+/// Fences another instance's transactional id (`<group>-<stage>-<instance>`): a transaction it left open
+/// (it died mid-batch) is aborted now, instead of hiding from read_committed readers everything written
+/// after it on the same partitions until `transaction.timeout.ms` runs out at the broker's next check
+/// (up to about 20 s: seen as TIMEOUTs of one model whose input partition the dead transaction held).
+/// Blocking.
+pub fn fence(config: &Config, id: &str) -> Result<(), KafkaError> {
+    create(config, id).map(drop)
+}
+
 impl TxnProducer {
     /// Creates the producer and registers its transactional id (fencing any earlier incarnation).
     pub fn new(config: &Config, id: String, shutdown: Shutdown) -> Result<Self, KafkaError> {

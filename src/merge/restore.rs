@@ -57,7 +57,10 @@ pub async fn load(config: &Config, codec: &Codec, committed: &TopicPartitionList
     let routed: Vec<(i32, Offset, Option<i64>)> = committed
         .elements_for_topic(&config.topics.routed)
         .iter()
-        .map(|e| (e.partition(), e.offset(), e.metadata().strip_prefix(METADATA_PREFIX).and_then(|m| m.parse().ok())))
+        .map(|e| {
+            let own = kafka::stage::without_owner(e.metadata());
+            (e.partition(), e.offset(), own.strip_prefix(METADATA_PREFIX).and_then(|m| m.parse().ok()))
+        })
         .collect();
     // The changelog's ends count records of transactions not resolved yet: the committed offsets may
     // already be the previous owner's last transaction's while its changelog records are not readable yet.

@@ -12,11 +12,11 @@
 use serde::Deserialize;
 
 use super::join::{Decided, Entry, answer_score};
-use crate::record::quality::QualitySpec;
 use crate::codec::{
     Codec, DecisionStatus, Label, Millis, Outcome, ScoreState, ScoreStateKind, ScoredDecision, ShadowScore,
 };
 use crate::kafka::SourcePos;
+use crate::record::quality::QualitySpec;
 
 /// The changelog value of `entry`.
 pub fn encode(entry: &Entry, codec: &Codec) -> Vec<u8> {

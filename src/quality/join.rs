@@ -24,9 +24,9 @@
 use std::collections::{HashMap, VecDeque};
 
 use super::metrics::{binary_losses, regression_losses};
-use crate::record::quality::{QualitySpec, Task};
 use crate::codec::{Decision, DecisionStatus, Millis, Outcome, ScoredOutcome, ShadowComparison, ShadowScore};
 use crate::kafka::SourcePos;
+use crate::record::quality::{QualitySpec, Task};
 
 #[derive(Debug, Clone, Copy)]
 pub struct JoinConfig {

@@ -15,7 +15,6 @@ use rdkafka::message::{Headers, Message, OwnedMessage};
 
 use super::changelog;
 use super::join::{Effect, Join, JoinConfig, Rejected};
-use crate::record::quality::QualitySpec;
 use crate::clock;
 use crate::codec::{Codec, Decision, Outcome, ShadowComparison};
 use crate::config::Config;
@@ -24,6 +23,7 @@ use crate::dead_letter::{self, Kind, Letter};
 use crate::error::Result;
 use crate::kafka::partitioner::partition_for_key;
 use crate::kafka::{self, GroupWatch, OutRecord, Outbox, SourcePos, Stage, TxnStage};
+use crate::record::quality::QualitySpec;
 use crate::shutdown::Shutdown;
 use crate::telemetry::{self, Event};
 

@@ -11,13 +11,13 @@ use std::time::Duration;
 use rdkafka::consumer::StreamConsumer;
 use rdkafka::message::{Message, OwnedMessage};
 
+use crate::clock;
 use crate::codec::{Codec, Millis, ModelRequest, Request, Role, Routed};
 use crate::config::Config;
 use crate::control::{Registry, SharedRegistry};
 use crate::dead_letter::{self, Kind, Letter};
 use crate::error::Result;
 use crate::kafka::{GroupWatch, OutRecord, Outbox, Stage, TxnStage};
-use crate::clock;
 use crate::record::Deployment;
 use crate::routing;
 use crate::shutdown::Shutdown;
