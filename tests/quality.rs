@@ -53,7 +53,7 @@ async fn labels_are_joined_scored_once_and_bad_ones_dead_lettered_with_reasons()
     late.extend(sent[60..65].iter().map(|r| outcome_record(&env, r, truth_of(r))));
     late.push(outcome_record(&env, &sent[180], 0.5));
     let mut foreign = outcome_record(&env, &sent[181], truth_of(&sent[181]));
-    let home = switchyard::kafka::partitioner::partition_for_key(&foreign.key, env.config.topics.partitions as usize);
+    let home = switchyard::kafka::partition_for_key(&foreign.key, env.config.topics.partitions as usize);
     foreign.partition = Some((home + 1) % env.config.topics.partitions);
     late.push(foreign);
     late.push(OutRecord::new(env.config.topics.outcomes.clone(), b"u".to_vec(), b"garbage".to_vec()));

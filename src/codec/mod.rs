@@ -4,8 +4,8 @@
 //! hold exactly one record of the expected schema (no trailing bytes), so garbage and records of another
 //! schema are errors with a reason instead of silently misread data.
 
-pub mod records;
-pub mod registry;
+pub(crate) mod records;
+pub(crate) mod registry;
 
 use std::sync::{Arc, OnceLock};
 

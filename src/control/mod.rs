@@ -5,7 +5,7 @@
 //! - [`ops`]: what the `deploy`, `promote`, `rollback` and `status` commands do (Kafka).
 
 pub mod ops;
-pub mod registry;
+pub(crate) mod registry;
 pub mod watcher;
 
 pub use registry::{Registry, SharedRegistry};

@@ -10,11 +10,12 @@
 //! - [`partitioner`]: Kafka's default partitioner, to tell where a keyed record belongs.
 
 pub mod batch;
-pub mod partitioner;
-pub mod stage;
+pub(crate) mod partitioner;
+pub(crate) mod stage;
 pub mod txn;
 
 pub use batch::{GroupWatch, SourcePos, batch_offsets};
+pub use partitioner::partition_for_key;
 pub use stage::{Outbox, Stage, TxnStage};
 
 use std::collections::HashMap;

@@ -185,6 +185,7 @@ impl Join {
     }
 
     /// Predictions waiting for their routed record.
+    #[cfg(test)]
     pub fn orphans(&self) -> usize {
         self.orphans.values().map(Vec::len).sum()
     }

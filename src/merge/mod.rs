@@ -7,7 +7,7 @@
 //! ([`TxnStage::drive`]) commits its outputs, its changelog records and the input offsets below the
 //! oldest record it still needs in one transaction.
 
-pub mod join;
+pub(crate) mod join;
 mod progress;
 pub mod restore;
 

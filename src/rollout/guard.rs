@@ -70,11 +70,6 @@ impl RateGuard {
         self.log_e
     }
 
-    /// Observed rates so far: (control, candidate).
-    pub fn rates(&self) -> (f64, f64) {
-        (self.bad[0] / self.n[0].max(1.0), self.bad[1] / self.n[1].max(1.0))
-    }
-
     /// Observations so far: (control, candidate).
     pub fn samples(&self) -> (u64, u64) {
         (self.n[0] as u64, self.n[1] as u64)

@@ -19,16 +19,16 @@
 //! - [`controller`]: the one leader among the instances that drives the plans and writes the history.
 //! - [`report`]: what `status` and `history` read and print.
 
-pub mod controller;
-pub mod decide;
-pub mod evidence;
-pub mod feed;
-pub mod guard;
+pub(crate) mod controller;
+pub(crate) mod decide;
+pub(crate) mod evidence;
+pub(crate) mod feed;
+pub(crate) mod guard;
 pub mod history;
-pub mod plan;
-pub mod probation;
-pub mod report;
-pub mod settle;
+pub(crate) mod plan;
+pub(crate) mod probation;
+pub(crate) mod report;
+pub(crate) mod settle;
 
 use crate::record::figures::{Counts, GuardFigures};
 use crate::record::plan::GuardKind;

@@ -1,7 +1,7 @@
 //! Telemetry: metric names and the events that move them (one function per event, so each metric is
 //! named in exactly one place), and the HTTP endpoint serving /metrics, /healthz and /readyz.
 
-pub mod http;
+pub(crate) mod http;
 
 use std::sync::OnceLock;
 

@@ -4,4 +4,4 @@
 pub mod demo_model;
 pub mod labeller;
 pub mod loadgen;
-pub mod watch;
+pub(crate) mod watch;
