@@ -17,7 +17,8 @@
 //!   probation, quality spec, change figures), its validation and the moves between versions. No I/O.
 //! - [`error`] — the library's error type.
 //! - [`telemetry`] — metrics and the /metrics, /healthz, /readyz endpoint.
-//! - [`routing`] — the pure routing decision: cohort hash and the split of a deployment's users.
+//! - [`cohort`] — who goes where: the cohort hash and the pure split of a deployment's users (the
+//!   routing decision; the route stage applies it).
 //! - [`kafka`] — the one place Kafka clients are built; the one stage driver route, merge and the score
 //!   stage run on through their hooks (batches, rebalances, commit or rewind and restore, records the
 //!   broker refuses), Kafka's partitioner.
@@ -34,6 +35,7 @@
 pub mod cli;
 pub mod clock;
 pub mod codec;
+pub mod cohort;
 pub mod config;
 pub mod control;
 pub(crate) mod dead_letter;
@@ -44,7 +46,6 @@ pub mod quality;
 pub mod record;
 pub mod rollout;
 pub(crate) mod route;
-pub mod routing;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;

@@ -18,8 +18,8 @@ const LAYERS: &[&[&str]] = &[
     &["clock", "shutdown", "codec"],
     // The configuration and the deployment record: built on the codec's record types only.
     &["config", "record"],
-    // The error type (wraps config and record errors), metrics, and the pure routing decision.
-    &["error", "telemetry", "routing"],
+    // The error type (wraps config and record errors), metrics, and the pure routing decision (cohort).
+    &["error", "telemetry", "cohort"],
     // The one place Kafka clients are built; the transactional stage.
     &["kafka"],
     // Built on Kafka: dead letters, and the control plane that carries the record to every instance.
@@ -91,7 +91,7 @@ const S: &str = "crate::route::in_a_string \
     continued";
 const R: &str = r#"crate::route::in_a_raw_string"#;
 const C: char = '"'; fn f<'a>(x: &'a str) -> i64 { crate::clock::now_millis() }
-use super::routing::hash;
+use super::cohort::hash;
 mod tests {
     use super::*;
     use super::super::{telemetry, error::Error};
@@ -99,7 +99,7 @@ mod tests {
 "##;
     assert_eq!(
         references("src/kafka/mod.rs", text),
-        [("codec", 2), ("config", 2), ("clock", 8), ("routing", 9), ("kafka", 11), ("telemetry", 12), ("error", 12)]
+        [("codec", 2), ("config", 2), ("clock", 8), ("cohort", 9), ("kafka", 11), ("telemetry", 12), ("error", 12)]
             .map(|(part, line)| (part.to_string(), line))
     );
 }

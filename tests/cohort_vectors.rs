@@ -1,7 +1,7 @@
 //! The cohort hash against the published vectors (tests/vectors/cohort-hash.csv), computed with an
 //! independent MurmurHash3 implementation. The same file is what other teams test their ports against.
 
-use switchyard::routing::hash::{bucket, cohort_hash, shadow_bucket};
+use switchyard::cohort::hash::{bucket, cohort_hash, shadow_bucket};
 
 /// Splits one RFC 4180 CSV line (quoted fields, doubled quotes inside them).
 fn fields(line: &str) -> Vec<String> {

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use common::{Env, Read, requests};
 use switchyard::codec::{Decision, DecisionStatus, Prediction, Request, ShadowComparison};
+use switchyard::cohort::hash::{bucket, shadow_bucket};
 use switchyard::kafka::OutRecord;
-use switchyard::routing::hash::{bucket, shadow_bucket};
 use switchyard::tools::demo_model;
 
 const LIMIT: Duration = Duration::from_secs(90);

@@ -13,7 +13,7 @@ use super::probation::{InvalidProbation, Probation};
 use super::quality::QualitySpec;
 
 /// Number of cohort buckets; a percentage with two decimals maps onto it exactly (`p * 100`). The
-/// cohort hash (`routing::hash`) spreads users over these buckets.
+/// cohort hash (`cohort::hash`) spreads users over these buckets.
 pub const BUCKETS: u32 = 10_000;
 
 /// Buckets below this threshold are inside a share of `percent` (0..=100, two decimals).

@@ -97,8 +97,8 @@ pub fn judge(plan: &Plan, samples: (u64, u64), readings: &[Reading], now: Millis
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cohort::hash::bucket;
     use crate::record::deployment::threshold;
-    use crate::routing::hash::bucket;
 
     fn plan(json: &str) -> Plan {
         serde_json::from_str(json).unwrap()

@@ -1,6 +1,6 @@
 //! route: requests in, per-model requests and one routing record out.
 //!
-//! For each request: decode, look up its deployment, apply the pure [`routing::route`] decision, then
+//! For each request: decode, look up its deployment, apply the pure [`cohort::route`] decision, then
 //! publish a PRIMARY copy to the serving model's topic, SHADOW copies to the shadow models' topics and a
 //! [`Routed`] record (what merge joins the answers to). Anything that cannot be routed is dead-lettered.
 //! Each batch and its input offsets are committed in one Kafka transaction, by the stage driver
@@ -13,13 +13,13 @@ use rdkafka::message::{Message, OwnedMessage};
 
 use crate::clock;
 use crate::codec::{Codec, Millis, ModelRequest, Request, Role, Routed};
+use crate::cohort;
 use crate::config::Config;
 use crate::control::{Registry, SharedRegistry};
 use crate::dead_letter::{self, Kind, Letter};
 use crate::error::Result;
 use crate::kafka::{GroupWatch, OutRecord, Outbox, Stage, TxnStage};
 use crate::record::Deployment;
-use crate::routing;
 use crate::shutdown::Shutdown;
 use crate::telemetry::Event;
 
@@ -35,7 +35,7 @@ pub struct Plan {
 
 /// The routing of one decoded request under its deployment: pure.
 pub fn plan(request: Request, deployment: &Deployment, routed_at: Millis) -> Plan {
-    let route = routing::route(deployment, &request.user_id, &request.attributes);
+    let route = cohort::route(deployment, &request.user_id, &request.attributes);
     let version = deployment.version() as i64;
     let routed = Routed {
         request_id: request.request_id.clone(),

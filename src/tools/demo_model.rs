@@ -12,10 +12,10 @@ use rdkafka::message::Message;
 
 use crate::clock;
 use crate::codec::{Codec, ModelRequest, Prediction};
+use crate::cohort::hash::murmur3_x86_32;
 use crate::config::Config;
 use crate::error::Result;
 use crate::kafka::{self, OutRecord};
-use crate::routing::hash::murmur3_x86_32;
 use crate::shutdown::Shutdown;
 
 #[derive(Debug, Clone)]

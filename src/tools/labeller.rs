@@ -14,10 +14,10 @@ use rdkafka::{Offset, TopicPartitionList};
 use super::demo_model::truth;
 use crate::clock;
 use crate::codec::{Codec, Outcome, Request};
+use crate::cohort::hash::murmur3_x86_32;
 use crate::config::Config;
 use crate::error::Result;
 use crate::kafka::{self, OutRecord};
-use crate::routing::hash::murmur3_x86_32;
 use crate::shutdown::Shutdown;
 
 #[derive(Debug, Clone)]
