@@ -201,7 +201,12 @@ impl ServiceConfig {
 
     /// The transactional id of one stage of this instance.
     pub fn transactional_id(&self, stage: &str) -> String {
-        format!("{}-{stage}-{}", self.group_id, self.instance())
+        self.transactional_id_of(stage, &self.instance())
+    }
+
+    /// The transactional id of `stage` in the instance named `instance` (one that died is fenced by it).
+    pub fn transactional_id_of(&self, stage: &str, instance: &str) -> String {
+        format!("{}-{stage}-{instance}", self.group_id)
     }
 }
 

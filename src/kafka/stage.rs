@@ -420,7 +420,7 @@ impl TxnStage {
                 Err(error) => return tracing::warn!(%error, %group, "cannot list the group's members; fencing no one"),
             };
             for owner in owners.into_iter().filter(|o| !members.contains(o)) {
-                let id = format!("{}-{stage}-{owner}", config.service.group_id);
+                let id = config.service.transactional_id_of(stage, &owner);
                 match super::txn::fence(&config, &id) {
                     Ok(()) => tracing::info!(transactional_id = %id,
                         "fenced the transactional id of a previous owner of these partitions that left the group: a transaction it left open is aborted"),
