@@ -26,7 +26,7 @@ use super::txn::TxnProducer;
 use super::{OutRecord, Placed, group_consumer};
 use crate::clock::now_millis;
 use crate::config::Config;
-use crate::error::Result;
+use crate::error::{During, Result};
 use crate::shutdown::Shutdown;
 use crate::telemetry::{self, Event};
 
@@ -211,11 +211,14 @@ impl TxnStage {
     /// Joins the group `<group_id>-<stage>` as this instance, subscribed to `topics` (names or `^regex`),
     /// and registers the transactional id `<group_id>-<stage>-<instance_id>`, fencing any earlier
     /// incarnation of this instance.
-    pub fn new(config: &Config, stage: &'static str, topics: &[&str], shutdown: Shutdown) -> Result<Self, KafkaError> {
+    pub fn new(config: &Config, stage: &'static str, topics: &[&str], shutdown: Shutdown) -> Result<Self> {
         let group = format!("{}-{stage}", config.service.group_id);
-        let consumer = group_consumer(config, &group, Some(&config.service.instance()))?;
-        consumer.subscribe(topics)?;
-        let producer = TxnProducer::new(config, config.service.transactional_id(stage), shutdown.clone())?;
+        let consumer = group_consumer(config, &group, Some(&config.service.instance()))
+            .during(format!("creating the consumer of group {group}"))?;
+        consumer.subscribe(topics).during(format!("subscribing to {}", topics.join(", ")))?;
+        let id = config.service.transactional_id(stage);
+        let producer = TxnProducer::new(config, id.clone(), shutdown.clone())
+            .during(format!("registering the transactional id {id}"))?;
         tracing::info!(%group, ?topics, instance = %config.service.instance(), "{stage} consuming");
         Ok(TxnStage {
             name: stage,
@@ -280,7 +283,7 @@ impl TxnStage {
                 }
                 continue;
             }
-            let batch = self.next_batch(max, wait, idle).await?;
+            let batch = self.next_batch(max, wait, idle).await.during(format!("consuming {}", self.topics.join(", ")))?;
             if self.generation() != generation {
                 continue; // part of the batch may belong to partitions lost since: restored above
             }

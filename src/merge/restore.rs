@@ -49,11 +49,8 @@ pub const METADATA_PREFIX: &str = "changelog:";
 /// their metadata).
 pub async fn load(config: &Config, codec: &Codec, committed: &TopicPartitionList) -> Result<Restored> {
     let reader: StreamConsumer = kafka::reader(config)?;
+    let changelog = &config.topics.merge_changelog;
     let mut restored = Restored::default();
-    let mut start = TopicPartitionList::new();
-    let mut by_time = TopicPartitionList::new();
-    // The first offset each changelog partition still holds (compaction and retention remove the rest).
-    let mut changelog_start: HashMap<i32, i64> = HashMap::new();
     let routed: Vec<(i32, Offset, Option<i64>)> = committed
         .elements_for_topic(&config.topics.routed)
         .iter()
@@ -64,76 +61,97 @@ pub async fn load(config: &Config, codec: &Codec, committed: &TopicPartitionList
         .collect();
     // The changelog's ends count records of transactions not resolved yet: the committed offsets may
     // already be the previous owner's last transaction's while its changelog records are not readable yet.
-    let changelog_ends = kafka::log_ends(config, &config.topics.merge_changelog, routed.iter().map(|(p, ..)| *p))?;
-    for (partition, committed_offset, from_metadata) in routed {
+    let changelog_ends = kafka::log_ends(config, changelog, routed.iter().map(|(p, ..)| *p))?;
+    let mut by_time = TopicPartitionList::new();
+    for (partition, committed_offset, mark) in routed {
         // Routed records not readable yet were never read by anyone: their requests have no state.
         let (_, routed_high) = reader.fetch_watermarks(&config.topics.routed, partition, ADMIN_TIMEOUT)?;
-        let (changelog_low, changelog_high) = changelog_ends[&partition];
-        changelog_start.insert(partition, changelog_low);
+        let (low, end) = changelog_ends[&partition];
         restored.routed_end.insert(partition, routed_high);
-        restored.changelog_end.insert(partition, changelog_high);
-        match (committed_offset, from_metadata) {
-            (Offset::Offset(offset), _) if offset >= routed_high => {} // nothing will be read again
-            (Offset::Offset(_), Some(changelog_offset)) => {
-                start.add_partition_offset(
-                    &config.topics.merge_changelog,
-                    partition,
-                    Offset::Offset(changelog_offset),
-                )?;
-            }
-            (Offset::Offset(offset), None) => {
+        restored.changelog_end.insert(partition, end);
+        let from = match start_of(committed_offset, mark, routed_high) {
+            Start::Nowhere => continue,
+            Start::At(offset) => Offset::Offset(offset),
+            Start::Beginning => Offset::Beginning,
+            Start::ByTimeOf(offset) => {
                 let Some(timestamp) = record_timestamp(&reader, &config.topics.routed, partition, offset).await? else {
                     continue; // only aborted records or markers remain: nothing committed will be read again
                 };
-                by_time.add_partition_offset(
-                    &config.topics.merge_changelog,
-                    partition,
-                    Offset::Offset(timestamp - CLOCK_SKEW_MARGIN_MS),
-                )?;
+                by_time.add_partition_offset(changelog, partition, Offset::Offset(timestamp - CLOCK_SKEW_MARGIN_MS))?;
+                continue;
             }
-            _ => start.add_partition_offset(&config.topics.merge_changelog, partition, Offset::Beginning)?,
-        }
+        };
+        restored.start.insert(partition, clamp(from, low, end));
     }
     if by_time.count() > 0 {
-        let found = reader.offsets_for_times(by_time, ADMIN_TIMEOUT)?;
-        let found: Vec<(i32, Offset)> = found.elements().iter().map(|e| (e.partition(), e.offset())).collect();
-        for (partition, offset) in found {
-            let offset = match offset {
-                Offset::Offset(n) => Offset::Offset(n),
-                _ => Offset::End,
-            };
-            start.add_partition_offset(&config.topics.merge_changelog, partition, offset)?;
+        for e in reader.offsets_for_times(by_time, ADMIN_TIMEOUT)?.elements() {
+            let from = if let Offset::Offset(n) = e.offset() { Offset::Offset(n) } else { Offset::End };
+            let (low, end) = changelog_ends[&e.partition()];
+            restored.start.insert(e.partition(), clamp(from, low, end));
         }
-    }
-    for element in start.elements() {
-        let end = restored.changelog_end[&element.partition()];
-        let from = match element.offset() {
-            Offset::Offset(n) => n.min(end),
-            Offset::End => end,
-            _ => 0,
-        }
-        .max(changelog_start[&element.partition()].min(end));
-        restored.start.insert(element.partition(), from);
     }
     // Only partitions with something to read: a reader that reads nothing has no position, so waiting
     // for it to reach the end of an already-read partition would never end.
     let targets = read_targets(&restored.start, &restored.changelog_end);
-    if targets.is_empty() {
-        return Ok(restored);
+    if !targets.is_empty() {
+        restored.states = read_states(&reader, codec, changelog, &restored.start, &targets).await?;
     }
+    Ok(restored)
+}
+
+/// Where the restore of one routed partition starts reading the changelog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// Nothing committed will be read again: no state is needed.
+    Nowhere,
+    /// At the changelog offset merge committed as metadata with the routed offset.
+    At(i64),
+    /// A commit without that metadata (an older version): from the time of the routed record at this
+    /// offset, less a margin for clocks.
+    ByTimeOf(i64),
+    /// Nothing committed: every state may matter.
+    Beginning,
+}
+
+fn start_of(committed: Offset, mark: Option<i64>, routed_high: i64) -> Start {
+    match (committed, mark) {
+        (Offset::Offset(offset), _) if offset >= routed_high => Start::Nowhere,
+        (Offset::Offset(_), Some(changelog_offset)) => Start::At(changelog_offset),
+        (Offset::Offset(offset), None) => Start::ByTimeOf(offset),
+        _ => Start::Beginning,
+    }
+}
+
+/// A start within what the changelog partition holds: from its first offset still held (`low`;
+/// compaction and retention remove the rest) to its end.
+fn clamp(from: Offset, low: i64, end: i64) -> i64 {
+    let from = match from {
+        Offset::Offset(n) => n.min(end),
+        Offset::End => end,
+        _ => 0,
+    };
+    from.max(low.min(end))
+}
+
+/// Reads the changelog partitions of `targets` from `start` to their targets.
+async fn read_states(
+    reader: &StreamConsumer,
+    codec: &Codec,
+    changelog: &str,
+    start: &HashMap<i32, i64>,
+    targets: &HashMap<i32, i64>,
+) -> Result<Vec<MergeState>> {
     let mut assignment = TopicPartitionList::new();
     for partition in targets.keys() {
-        let from = Offset::Offset(restored.start[partition]);
-        assignment.add_partition_offset(&config.topics.merge_changelog, *partition, from)?;
+        assignment.add_partition_offset(changelog, *partition, Offset::Offset(start[partition]))?;
     }
-    kafka::batch::locate(&reader, &config.topics.merge_changelog)?;
+    kafka::batch::locate(reader, changelog)?;
     reader.assign(&assignment)?;
-    let begun = Instant::now();
-    let mut last_report = Instant::now();
-    let mut last_record = Instant::now();
+    let (begun, mut last_report, mut last_record) = (Instant::now(), Instant::now(), Instant::now());
+    let mut states = Vec::new();
     // Until the end: an open transaction of the previous owner holds read_committed readers back until
-    // it is committed or aborted (at most transaction.timeout.ms, then the broker's next check).
-    while !kafka::batch::caught_up(&reader, &config.topics.merge_changelog, &targets) {
+    // it is committed or aborted (at once when the new owner fences it, else at transaction.timeout.ms).
+    while !kafka::batch::caught_up(reader, changelog, targets) {
         if last_report.elapsed() > Duration::from_secs(5) {
             tracing::info!(seconds = begun.elapsed().as_secs(), "still reading the merge changelog");
             last_report = Instant::now();
@@ -149,19 +167,17 @@ pub async fn load(config: &Config, codec: &Codec, committed: &TopicPartitionList
         let message = message?;
         last_record = Instant::now();
         match codec.decode::<MergeState>(message.payload().unwrap_or_default()) {
-            Ok(state) => restored.states.push(state),
-            Err(error) => {
-                tracing::error!(offset = message.offset(), %error, "unreadable merge changelog record skipped")
-            }
+            Ok(state) => states.push(state),
+            Err(error) => tracing::error!(offset = message.offset(), %error, "unreadable merge changelog record skipped"),
         }
     }
     tracing::info!(
-        states = restored.states.len(),
+        states = states.len(),
         partitions = targets.len(),
         ms = begun.elapsed().as_millis() as u64,
         "merge changelog restored"
     );
-    Ok(restored)
+    Ok(states)
 }
 
 /// Longest a restore waits for the next changelog record before giving up and starting over: longer
@@ -189,6 +205,19 @@ async fn record_timestamp(reader: &StreamConsumer, topic: &str, partition: i32, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_restore_starts_where_the_commit_says_within_what_the_changelog_holds() {
+        assert_eq!(start_of(Offset::Offset(50), Some(7), 50), Start::Nowhere, "nothing will be read again");
+        assert_eq!(start_of(Offset::Offset(40), Some(7), 50), Start::At(7));
+        assert_eq!(start_of(Offset::Offset(40), None, 50), Start::ByTimeOf(40), "an older version's commit");
+        assert_eq!(start_of(Offset::Invalid, None, 50), Start::Beginning);
+        assert_eq!(clamp(Offset::Offset(7), 10, 100), 10, "compacted below 10");
+        assert_eq!(clamp(Offset::Offset(70), 10, 60), 60, "not past the end");
+        assert_eq!(clamp(Offset::End, 10, 60), 60);
+        assert_eq!(clamp(Offset::Beginning, 10, 60), 10);
+        assert_eq!(clamp(Offset::Beginning, 80, 60), 60, "a low watermark past the end is the end");
+    }
 
     #[test]
     fn a_partition_already_read_to_its_end_is_not_waited_for() {
