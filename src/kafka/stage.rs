@@ -283,7 +283,8 @@ impl TxnStage {
                 }
                 continue;
             }
-            let batch = self.next_batch(max, wait, idle).await.during(format!("consuming {}", self.topics.join(", ")))?;
+            let batch =
+                self.next_batch(max, wait, idle).await.during(format!("consuming {}", self.topics.join(", ")))?;
             if self.generation() != generation {
                 continue; // part of the batch may belong to partitions lost since: restored above
             }

@@ -168,7 +168,9 @@ async fn read_states(
         last_record = Instant::now();
         match codec.decode::<MergeState>(message.payload().unwrap_or_default()) {
             Ok(state) => states.push(state),
-            Err(error) => tracing::error!(offset = message.offset(), %error, "unreadable merge changelog record skipped"),
+            Err(error) => {
+                tracing::error!(offset = message.offset(), %error, "unreadable merge changelog record skipped")
+            }
         }
     }
     tracing::info!(
