@@ -77,3 +77,65 @@ async fn aborted_transactions_leave_nothing_and_fenced_producers_are_replaced() 
     assert!(!visible.iter().any(|r| r.value.starts_with(b"fenced") || r.value.starts_with(b"aborted")));
     assert!(committed_offset(&consumer) > before, "offsets committed with the last transaction");
 }
+
+/// What the rollout controller relies on to tell that a stage has processed everything: a stretch holding
+/// only a commit marker reads as empty, one holding a record does not, and a transaction left open by a
+/// dead writer holds the stretch unknown until the writer's transactional id is fenced — then its
+/// aborted records read as nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn markers_read_as_empty_and_a_dead_writers_transaction_is_fenced_away() {
+    use rdkafka::producer::Producer;
+    use switchyard::kafka::{GapReader, LogEnds};
+    use tokio::task::block_in_place;
+
+    let Some(env) = Env::new("gap").await else { return };
+    let topic = env.config.topics.decisions.clone();
+    let id = format!("{}-gap-writer", env.config.service.group_id);
+    let writer = kafka::transactional_producer(&env.config, &id).unwrap();
+    block_in_place(|| writer.init_transactions(LIMIT)).unwrap();
+    let records = |n: usize| -> Vec<OutRecord> {
+        (0..n)
+            .map(|i| {
+                let mut r = OutRecord::new(topic.clone(), format!("k{i}"), vec![i as u8]);
+                r.partition = Some(0);
+                r
+            })
+            .collect()
+    };
+    // Three records committed: offsets 0-2, the commit marker at 3.
+    writer.begin_transaction().unwrap();
+    kafka::send_all(&writer, &records(3)).await.unwrap();
+    block_in_place(|| writer.commit_transaction(LIMIT)).unwrap();
+    let ends = LogEnds::new(&env.config).unwrap();
+    assert_eq!(block_in_place(|| ends.of(&topic, 0)).unwrap().1, 4);
+    let mut gaps = GapReader::new(&env.config);
+    let mut known = async |gaps: &mut GapReader, from: i64, to: i64| -> Option<bool> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(answer) = block_in_place(|| gaps.empty(&topic, 0, from, to)).unwrap() {
+                return Some(answer);
+            }
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    assert_eq!(known(&mut gaps, 3, 4).await, Some(true), "only the marker lies between");
+    assert_eq!(known(&mut gaps, 2, 4).await, Some(false), "a record lies between");
+
+    // Two records in a transaction its writer never ends (it died): unknown while it is open.
+    writer.begin_transaction().unwrap();
+    kafka::send_all(&writer, &records(2)).await.unwrap();
+    let open_end = block_in_place(|| ends.of(&topic, 0)).unwrap().1;
+    assert_eq!(open_end, 6);
+    assert_eq!(known(&mut gaps, 4, open_end).await, None, "held back by the open transaction");
+    // Fenced by its transactional id (what a stage does to a previous owner that left the group): the
+    // transaction is aborted and its records are never delivered.
+    block_in_place(|| kafka::txn::fence(&env.config, &id)).unwrap();
+    let end = block_in_place(|| ends.of(&topic, 0)).unwrap().1;
+    assert_eq!(end, 7, "the abort marker");
+    assert_eq!(known(&mut gaps, 4, end).await, Some(true), "aborted records and markers only");
+    drop(writer);
+    env.stop().await;
+}

@@ -202,52 +202,57 @@ impl GroupOffsets {
 /// transactional writer's last offset is a commit marker, never delivered, so a consumer that has
 /// processed everything commits one short of the partition's end. Asked again and again while the
 /// answer is not known yet (it reads in the background).
+///
+/// Each stretch start gets a reader of its own, assigned once and dropped when answered: assigning one
+/// consumer again and again races in librdkafka (seen: `rd_kafka_assignment_partition_stopped:
+/// Assertion rktp->rktp_started failed` aborting the process; librdkafka issue 5573).
 pub struct GapReader {
-    consumer: BaseConsumer,
-    /// Per (topic, partition): the stretch being read, and whether a record was found in it.
-    stretches: HashMap<(String, i32), (i64, i64, bool)>,
+    config: Config,
+    /// Per (topic, partition): the stretch's start, its reader, and the first offset it delivered.
+    stretches: HashMap<(String, i32), (i64, BaseConsumer, Option<i64>)>,
 }
 
 impl GapReader {
-    pub fn new(config: &Config) -> Result<Self, KafkaError> {
-        let consumer = base(config)
-            .set("group.id", format!("{}-reader", config.service.group_id))
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("isolation.level", "read_committed")
-            .set("auto.offset.reset", "earliest")
-            .create()?;
-        Ok(GapReader { consumer, stretches: HashMap::new() })
+    pub fn new(config: &Config) -> Self {
+        GapReader { config: config.clone(), stretches: HashMap::new() }
     }
 
     /// Some(true) once [from, to) of the partition is known to hold no record, Some(false) once a record
     /// was found in it, None while unknown.
     pub fn empty(&mut self, topic: &str, partition: i32, from: i64, to: i64) -> Result<Option<bool>, KafkaError> {
         let key = (topic.to_string(), partition);
-        if self.stretches.get(&key).is_none_or(|(f, t, _)| (*f, *t) != (from, to)) {
-            self.stretches.insert(key.clone(), (from, to, false));
+        if self.stretches.get(&key).is_none_or(|(start, _, _)| *start != from) {
+            let consumer: BaseConsumer = base(&self.config)
+                .set("group.id", format!("{}-reader", self.config.service.group_id))
+                .set("enable.auto.commit", "false")
+                .set("enable.auto.offset.store", "false")
+                .set("isolation.level", "read_committed")
+                .set("auto.offset.reset", "earliest")
+                .create()?;
             let mut assignment = TopicPartitionList::new();
-            for ((topic, partition), (from, _, _)) in &self.stretches {
-                assignment.add_partition_offset(topic, *partition, Offset::Offset(*from))?;
-            }
-            self.consumer.assign(&assignment)?;
+            assignment.add_partition_offset(topic, partition, Offset::Offset(from))?;
+            consumer.assign(&assignment)?;
+            self.stretches.insert(key, (from, consumer, None));
             return Ok(None);
         }
-        while let Some(message) = self.consumer.poll(Duration::ZERO) {
-            let message = message?;
-            if let Some((_, to, found)) = self.stretches.get_mut(&(message.topic().to_string(), message.partition())) {
-                *found |= message.offset() < *to;
-            }
+        let (_, consumer, first) = self.stretches.get_mut(&key).expect("checked above");
+        while let Some(message) = consumer.poll(Duration::ZERO) {
+            let offset = message?.offset();
+            *first = Some(first.map_or(offset, |f| f.min(offset)));
         }
-        let (_, _, found) = self.stretches[&key];
-        if found {
-            return Ok(Some(false));
+        let answer = if first.is_some_and(|f| f < to) {
+            Some(false)
+        } else {
+            let position = consumer.position()?;
+            position
+                .find_partition(topic, partition)
+                .is_some_and(|e| matches!(e.offset(), Offset::Offset(at) if at >= to))
+                .then_some(true)
+        };
+        if answer.is_some() {
+            self.stretches.remove(&key);
         }
-        let position = self.consumer.position()?;
-        let reached = position
-            .find_partition(topic, partition)
-            .is_some_and(|e| matches!(e.offset(), Offset::Offset(at) if at >= to));
-        Ok(reached.then_some(true))
+        Ok(answer)
     }
 }
 

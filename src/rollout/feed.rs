@@ -158,7 +158,7 @@ impl Progress {
             route: GroupOffsets::new(config, &format!("{group}-route"))?,
             merge: GroupOffsets::new(config, &format!("{group}-merge"))?,
             ends: LogEnds::new(config)?,
-            gaps: GapReader::new(config)?,
+            gaps: GapReader::new(config),
             requests: t.requests.clone(),
             routed: t.routed.clone(),
             decisions: t.decisions.clone(),
@@ -223,8 +223,9 @@ impl Pipeline for KafkaPipeline<'_> {
             }
         };
         // Committed short of the end: passed if nothing but markers (or aborted records) lies between.
-        let empty =
-            self.progress.gaps.empty(&topic, partition, from, end).during(format!("reading {topic} past {from}"))?;
+        let gaps = &mut self.progress.gaps;
+        let empty = block_in_place(|| gaps.empty(&topic, partition, from, end))
+            .during(format!("reading {topic} past {from}"))?;
         Ok(empty == Some(true))
     }
 }
