@@ -109,7 +109,7 @@ async fn markers_read_as_empty_and_a_dead_writers_transaction_is_fenced_away() {
     let ends = LogEnds::new(&env.config).unwrap();
     assert_eq!(block_in_place(|| ends.of(&topic, 0)).unwrap().1, 4);
     let mut gaps = GapReader::new(&env.config);
-    let mut known = async |gaps: &mut GapReader, from: i64, to: i64| -> Option<bool> {
+    let known = async |gaps: &mut GapReader, from: i64, to: i64| -> Option<bool> {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(answer) = block_in_place(|| gaps.empty(&topic, 0, from, to)).unwrap() {
