@@ -421,7 +421,9 @@ async fn status(config: &Config, codec: &Codec, deployment: Option<&str>) -> Res
         detail.push_str(&rollout::report::quality_status(config, codec, d).await?);
         details.insert(d.name.clone(), detail);
     }
-    print!("{}", ops::render_status(&registry, deployment, &details)?);
-    println!("{}", rollout::report::controller_status(config));
+    // One write: a reader that stops early (`status | grep -q`) must not make a second one fail.
+    let mut out = ops::render_status(&registry, deployment, &details)?;
+    out.push_str(&rollout::report::controller_status(config));
+    println!("{out}");
     Ok(())
 }
