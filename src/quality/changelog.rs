@@ -52,16 +52,7 @@ fn state_of(entry: &Entry) -> ScoreState {
         label_topic: None,
         label_offset: None,
     };
-    let decision = |d: &Decided| ScoredDecision {
-        user_id: d.user_id.clone(),
-        deployment: d.deployment.clone(),
-        model: d.model.clone(),
-        cohort: d.cohort.clone(),
-        config_version: d.config_version,
-        status: d.status,
-        score: d.score,
-        decided_at: d.decided_at,
-    };
+    let decision = |d: &Decided| d.decision.clone();
     let label = |o: &Outcome, user_id: &str| Label {
         user_id: user_id.to_string(),
         label: o.label,
@@ -99,18 +90,7 @@ fn entry_of(request_id: &str, state: ScoreState) -> Result<Entry, String> {
     let ScoreState { state: kind, partition, decision, shadows, label, label_topic, label_offset } = state;
     let decided = |d: Option<ScoredDecision>| {
         let d = d.ok_or("a decided state without its decision")?;
-        Ok::<_, String>(Decided {
-            partition,
-            user_id: d.user_id,
-            deployment: d.deployment,
-            model: d.model,
-            cohort: d.cohort,
-            config_version: d.config_version,
-            status: d.status,
-            score: d.score,
-            decided_at: d.decided_at,
-            shadows: shadows.clone(),
-        })
+        Ok::<_, String>(Decided { partition, decision: d, shadows: shadows.clone() })
     };
     let outcome = |l: Option<Label>, user_id: Option<&str>| {
         let l = l.ok_or("a labelled state without its label")?;
@@ -126,7 +106,7 @@ fn entry_of(request_id: &str, state: ScoreState) -> Result<Entry, String> {
         ScoreStateKind::Open => Entry::Open(decided(decision)?),
         ScoreStateKind::Labelled => {
             let d = decided(decision)?;
-            let o = outcome(label, Some(&d.user_id))?;
+            let o = outcome(label, Some(&d.decision.user_id))?;
             Entry::Labelled(d, o)
         }
         ScoreStateKind::Early => {
@@ -178,15 +158,17 @@ impl LegacyDecided {
         let served = self.status == DecisionStatus::Ok;
         Decided {
             partition: self.partition,
-            score: self.output.filter(|_| served).and_then(|o| answer_score(&spec, &o)),
+            decision: ScoredDecision {
+                score: self.output.filter(|_| served).and_then(|o| answer_score(&spec, &o)),
+                user_id: self.user_id,
+                deployment: self.deployment,
+                model: self.model,
+                cohort: self.cohort,
+                config_version: self.config_version,
+                status: self.status,
+                decided_at: self.decided_at,
+            },
             shadows: legacy_shadows(self.shadows, &spec),
-            user_id: self.user_id,
-            deployment: self.deployment,
-            model: self.model,
-            cohort: self.cohort,
-            config_version: self.config_version,
-            status: self.status,
-            decided_at: self.decided_at,
         }
     }
 }
@@ -301,7 +283,7 @@ mod tests {
             }
         }
         let Entry::Labelled(d, _) = &written[5].1 else { panic!("{written:?}") };
-        assert_eq!(d.score, Some(0.9), "the served answer's score, read from its 1,000,000 bytes");
+        assert_eq!(d.decision.score, Some(0.9), "the served answer's score, read from its 1,000,000 bytes");
         let shadows: Vec<(&str, bool, Option<f64>)> =
             d.shadows.iter().map(|s| (s.model.as_str(), s.answered, s.score)).collect();
         assert_eq!(
@@ -340,7 +322,7 @@ mod tests {
         let codec = Codec::default();
         let open = br#"{"open":{"partition":2,"user_id":"u","deployment":"fraud","model":"v1","cohort":"control","config_version":3,"status":"Ok","output":[48,46,56],"decided_at":1000,"shadows":[["v3",[48,46,50]],["v4",null]]}}"#;
         let Entry::Open(d) = decode("r", open, &codec, |_| spec.clone()).unwrap() else { panic!() };
-        assert_eq!((d.partition, d.score, d.status), (2, Some(0.8), DecisionStatus::Ok));
+        assert_eq!((d.partition, d.decision.score, d.decision.status), (2, Some(0.8), DecisionStatus::Ok));
         assert_eq!(d.shadows[0], ShadowScore { model: "v3".into(), answered: true, score: Some(0.2) });
         assert_eq!(d.shadows[1], ShadowScore { model: "v4".into(), answered: false, score: None });
         let early = br#"{"early":[{"request_id":"r","user_id":"u","label":1.0,"observed_at":5,"source":"s"},{"topic":"o","partition":1,"offset":9}]}"#;

@@ -24,7 +24,9 @@
 use std::collections::{HashMap, VecDeque};
 
 use super::metrics::{binary_losses, regression_losses};
-use crate::codec::{Decision, DecisionStatus, Millis, Outcome, ScoredOutcome, ShadowComparison, ShadowScore};
+use crate::codec::{
+    Decision, DecisionStatus, Millis, Outcome, ScoredDecision, ScoredOutcome, ShadowComparison, ShadowScore,
+};
 use crate::kafka::SourcePos;
 use crate::record::quality::{QualitySpec, Task};
 
@@ -40,15 +42,9 @@ pub struct JoinConfig {
 pub struct Decided {
     /// The partition of its decision: where its changelog records go.
     pub partition: i32,
-    pub user_id: String,
-    pub deployment: String,
-    pub model: String,
-    pub cohort: String,
-    pub config_version: i64,
-    pub status: DecisionStatus,
-    /// The served answer's score, read when the decision arrived (status OK only).
-    pub score: Option<f64>,
-    pub decided_at: Millis,
+    /// The decision's ids and the served answer's score (read when it arrived, status OK only), as the
+    /// changelog keeps them.
+    pub decision: ScoredDecision,
     /// Shadow answers so far.
     pub shadows: Vec<ShadowScore>,
 }
@@ -189,11 +185,11 @@ impl Join {
         for (id, entry) in last {
             match entry {
                 Some(Entry::Open(d)) => {
-                    opens.push((d.decided_at + config.window_ms, id.clone()));
+                    opens.push((d.decision.decided_at + config.window_ms, id.clone()));
                     join.open.insert(id, d);
                 }
                 Some(Entry::Labelled(d, o)) => {
-                    labels.push((d.decided_at + config.window_ms, id.clone()));
+                    labels.push((d.decision.decided_at + config.window_ms, id.clone()));
                     join.labelled.insert(id, (d, o));
                 }
                 Some(Entry::Early(o, source)) => {
@@ -233,8 +229,7 @@ impl Join {
             None => Vec::new(),
         };
         let served = d.status == DecisionStatus::Ok;
-        let decided = Decided {
-            partition,
+        let decision = ScoredDecision {
             user_id: d.user_id,
             deployment: d.deployment,
             model: d.model,
@@ -243,22 +238,23 @@ impl Join {
             status: d.status,
             score: d.output.as_deref().filter(|_| served).and_then(|o| answer_score(spec, o)),
             decided_at: d.decided_at,
-            shadows,
         };
+        let decided = Decided { partition, decision, shadows };
         if let Some((outcome, source)) = self.early.remove(&id) {
             if source.partition != partition {
                 state(fx, &id, source.partition, None);
             }
             return self.label(id, decided, outcome, spec, fx);
         }
-        self.open_order.push_back((decided.decided_at + self.config.window_ms, id.clone()));
+        self.open_order.push_back((decided.decision.decided_at + self.config.window_ms, id.clone()));
         state(fx, &id, partition, Some(Entry::Open(decided.clone())));
         self.open.insert(id, decided);
         while self.open.len() > self.config.max_open {
             let Some((_, oldest)) = self.open_order.pop_front() else { break };
             if let Some(d) = self.open.remove(&oldest) {
                 state(fx, &oldest, d.partition, None);
-                fx.push(Effect::Evicted { deployment: d.deployment, model: d.model, cohort: d.cohort });
+                let ScoredDecision { deployment, model, cohort, .. } = d.decision;
+                fx.push(Effect::Evicted { deployment, model, cohort });
             }
         }
     }
@@ -314,7 +310,7 @@ impl Join {
         }
         match self.open.remove(&id) {
             Some(decided) => {
-                let spec = spec_of(&decided.deployment);
+                let spec = spec_of(&decided.decision.deployment);
                 if let Some(reason) = malformed(&outcome, &spec) {
                     self.open.insert(id, decided);
                     return fx.push(Effect::Rejected { outcome, source, why: Rejected::Malformed, reason });
@@ -338,20 +334,20 @@ impl Join {
             // Only labels that waited for their decision get here: the deployment's task decides.
             let source = SourcePos { topic: String::new(), partition: decided.partition, offset: -1 };
             state(fx, &id, decided.partition, Some(Entry::Open(decided.clone())));
-            self.open_order.push_back((decided.decided_at + self.config.window_ms, id.clone()));
+            self.open_order.push_back((decided.decision.decided_at + self.config.window_ms, id.clone()));
             self.open.insert(id, decided);
             return fx.push(Effect::Rejected { outcome, source, why: Rejected::Malformed, reason });
         }
         let serving = ShadowScore {
-            model: decided.model.clone(),
-            answered: decided.status == DecisionStatus::Ok,
-            score: decided.score,
+            model: decided.decision.model.clone(),
+            answered: decided.decision.status == DecisionStatus::Ok,
+            score: decided.decision.score,
         };
         fx.push(Effect::Scored(score(&id, &decided, &serving, "serving", &outcome, spec)));
         for answer in &decided.shadows {
             fx.push(Effect::Scored(score(&id, &decided, answer, "shadow", &outcome, spec)));
         }
-        self.labelled_order.push_back((decided.decided_at + self.config.window_ms, id.clone()));
+        self.labelled_order.push_back((decided.decision.decided_at + self.config.window_ms, id.clone()));
         // Kept for duplicates and late shadow answers.
         state(fx, &id, decided.partition, Some(Entry::Labelled(decided.clone(), outcome.clone())));
         self.labelled.insert(id, (decided, outcome));
@@ -362,12 +358,13 @@ impl Join {
     pub fn expire(&mut self, now: Millis, fx: &mut Vec<Effect>) {
         while let Some((at, id)) = pop_due(&mut self.open_order, now) {
             if let Some(d) = self.open.remove(&id) {
-                if d.decided_at + self.config.window_ms != at {
+                if d.decision.decided_at + self.config.window_ms != at {
                     self.open.insert(id, d); // a stale order entry
                     continue;
                 }
                 state(fx, &id, d.partition, None);
-                fx.push(Effect::Unlabelled { deployment: d.deployment, model: d.model, cohort: d.cohort });
+                let ScoredDecision { deployment, model, cohort, .. } = d.decision;
+                fx.push(Effect::Unlabelled { deployment, model, cohort });
             }
         }
         while let Some((_, id)) = pop_due(&mut self.early_order, now) {
@@ -414,12 +411,13 @@ fn malformed(outcome: &Outcome, spec: &QualitySpec) -> Option<String> {
 /// The scored record of one answer (`role` serving or shadow) of a labelled decision.
 fn score(
     request_id: &str,
-    d: &Decided,
+    decided: &Decided,
     answer: &ShadowScore,
     role: &str,
     outcome: &Outcome,
     spec: &QualitySpec,
 ) -> ScoredOutcome {
+    let d = &decided.decision;
     // Read when the answer arrived; a probability only if the task (which may have changed since) says so.
     let value = answer.score.filter(|v| answer.answered && (spec.task == Task::Regression || (0.0..=1.0).contains(v)));
     let (mut zero_one, mut brier, mut log_loss, mut absolute_error, mut squared_error) = (None, None, None, None, None);
