@@ -5,6 +5,7 @@
 #   scripts/kafka.sh start     format storage if needed, start the broker, wait until it answers
 #   scripts/kafka.sh stop      stop the broker started by this script
 #   scripts/kafka.sh status    say whether it runs
+#   scripts/kafka.sh cluster start|stop|...   a three-node cluster instead (scripts/kafka_cluster.sh)
 #   scripts/kafka.sh tool CLASS ARGS...   run a Kafka CLI tool, e.g.
 #       scripts/kafka.sh tool kafka.tools.ConsoleConsumer ... (see docs/operations.md)
 #
@@ -34,6 +35,9 @@ heap="${KAFKA_HEAP:-1g}"
 # formatting its storage, a step before its config is written, one once it answers, its name in messages.
 extra_ports=()
 format_args=()
+# How storage is formatted: a single node is its own controller quorum.
+quorum_format=(--standalone)
+cluster_id() { java_cmd kafka.tools.StorageTool random-uuid 2>/dev/null | tail -1 | grep . || die "kafka.tools.StorageTool random-uuid printed nothing"; }
 prepare() { :; }
 on_ready() { :; }
 broker_name="broker"
@@ -108,11 +112,11 @@ PROPS
 
 java_cmd() { java -Xms256m -Xmx"$heap" -XX:+UseG1GC -Dlog4j2.configurationFile="$state/log4j2.properties" -cp "$lib/*" "$@"; }
 
-start() {
-  need_java "Kafka $version"
-  fetch
+# Formats storage if needed and starts the broker process, without waiting for it (a cluster's nodes
+# wait for each other: none is ready before a quorum of controllers runs).
+launch() {
   if pid="$(running_pid)"; then
-    if answering; then say "$broker_name already running (pid $pid) on 127.0.0.1:$port; reusing it"; on_ready; return 0; fi
+    answering && return 0
     die "a broker from an earlier run (pid $pid) holds $state but does not answer on port $port: run $(basename "$0") stop"
   fi
   rm -f "$pidfile"
@@ -124,17 +128,20 @@ start() {
   prepare
   write_config
   if [ ! -f "$state/data/meta.properties" ]; then
-    local id; id="$(java_cmd kafka.tools.StorageTool random-uuid 2>/dev/null | tail -1)"
-    [ -n "$id" ] || die "kafka.tools.StorageTool random-uuid printed nothing"
-    java_cmd kafka.tools.StorageTool format --standalone -t "$id" -c "$state/server.properties" "${format_args[@]}" \
+    local id; id="$(cluster_id)"
+    java_cmd kafka.tools.StorageTool format "${quorum_format[@]}" -t "$id" -c "$state/server.properties" "${format_args[@]}" \
       >"$state/logs/format.log" 2>&1 || { cat "$state/logs/format.log" >&2; die "formatting storage in $state/data failed"; }
   fi
   : >"$log"
   nohup java -Xms256m -Xmx"$heap" -XX:+UseG1GC -Dlog4j2.configurationFile="$state/log4j2.properties" \
     -cp "$lib/*" kafka.Kafka "$state/server.properties" >"$state/logs/stdout.log" 2>&1 &
   echo $! >"$pidfile"
+  say "starting $broker_name: Kafka $version (pid $(cat "$pidfile")), logs in $state/logs"
+}
+
+# Waits until the broker launched from $state answers and has started.
+await_ready() {
   local pid; pid="$(cat "$pidfile")"
-  say "starting $broker_name: Kafka $version (pid $pid), logs in $state/logs"
   for _ in $(seq 1 120); do
     if ! kill -0 "$pid" 2>/dev/null; then
       tail -40 "$log" "$state/logs/stdout.log" >&2 || true
@@ -150,6 +157,14 @@ start() {
   done
   tail -40 "$log" >&2 || true
   die "the broker did not become ready within 60 s (pid $pid still running; see $log)"
+}
+
+start() {
+  need_java "Kafka $version"
+  fetch
+  if pid="$(running_pid)" && answering; then say "$broker_name already running (pid $pid) on 127.0.0.1:$port; reusing it"; on_ready; return 0; fi
+  launch
+  await_ready
 }
 
 stop() {
@@ -174,6 +189,7 @@ case "${1:-}" in
   start) start ;;
   stop) stop ;;
   status) if pid="$(running_pid)" && answering; then say "running (pid $pid) on 127.0.0.1:$port"; else say "not running"; exit 1; fi ;;
+  cluster) shift; exec "$here/kafka_cluster.sh" "$@" ;;
   tool) shift; need_java "Kafka $version"; fetch; [ -f "$state/log4j2.properties" ] || write_config; java_cmd "$@" ;;
-  *) sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -390,9 +390,12 @@ impl Config {
                 )));
             }
         }
-        if self.topics.partitions < 1 || self.topics.replication_factor < 1 {
+        if self.topics.partitions < 1 {
+            return Err(ConfigError::Invalid("topics.partitions must be at least 1".into()));
+        }
+        if self.topics.replication_factor < 1 && self.topics.replication_factor != -1 {
             return Err(ConfigError::Invalid(
-                "topics.partitions and topics.replication_factor must be at least 1".into(),
+                "topics.replication_factor must be -1 (the brokers' default.replication.factor) or at least 1".into(),
             ));
         }
         self.check_record_sizes()?;

@@ -48,6 +48,9 @@ pub enum Error {
     /// A service task that panicked: a bug.
     #[error("the {task} task panicked ({detail}): this is a bug in switchyard, please report it with the log")]
     Panicked { task: &'static str, detail: String },
+    /// Topics the cluster cannot replicate as configured.
+    #[error("{0}")]
+    Replication(String),
     #[error("stalled: {0}")]
     Stalled(String),
 }

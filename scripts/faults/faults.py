@@ -243,6 +243,16 @@ class Scenario:
             self.models[model] = self._spawn(f"model-{model}", ["demo-model", "--model", model, "--latency-ms", str(latency_ms),
                                                                 "--disagree-percent", str(DISAGREE[model])])
 
+    def dump_stacks(self):
+        """Every thread's stack of each running instance (gdb, if installed) into <dir>/stacks-<i>.txt: where
+        a stalled instance waits."""
+        for i, p in list(self.instances.items()):
+            if p.poll() is None and subprocess.run(["which", "gdb"], capture_output=True).returncode == 0:
+                with open(os.path.join(self.dir, f"stacks-{i}.txt"), "w") as out:
+                    subprocess.run(["gdb", "-p", str(p.pid), "-batch", "-ex", "thread apply all bt"], stdout=out,
+                                   stderr=subprocess.STDOUT, timeout=120)
+                log(f"  stacks of instance {i} in {self.dir}/stacks-{i}.txt")
+
     def signal_model(self, model, sig):
         self.models[model].send_signal(sig)
         log(f"  model {model} <- {signal.Signals(sig).name}")
@@ -1193,6 +1203,190 @@ def controller_failover(s, a):
     s.after_check.append(check)
 
 
+# three-broker cluster (scripts/faults.sh --cluster) ----------------------------------------------------
+CLUSTER_SCRIPT = os.path.join(REPO, "scripts", "kafka_cluster.sh")
+NODES = (1, 2, 3)
+
+
+def java_hash(text):
+    """Java's String.hashCode, which places a group or transactional id on a partition of the offsets or
+    transaction log (Utils.abs(hashCode) % partitions)."""
+    h = 0
+    for c in text:    # UTF-16 code units; the ids here are ASCII
+        h = (31 * h + ord(c)) & 0xFFFFFFFF
+    h = h - (1 << 32) if h >= 1 << 31 else h
+    return 0 if h == -(1 << 31) else abs(h)
+
+
+class Cluster:
+    """The local three-node cluster: which node leads what, and its nodes' lifecycle (through
+    scripts/kafka_cluster.sh, as an operator would)."""
+
+    def __init__(self):
+        self.admin = AdminClient({"bootstrap.servers": BOOTSTRAP, "log_level": 2})
+        self.frozen = set()
+
+    def metadata(self, topic=None):
+        return self.admin.list_topics(topic, timeout=30)
+
+    def leader(self, topic, partition):
+        return self.metadata(topic).topics[topic].partitions[partition].leader
+
+    def leaders(self, topics):
+        """How many partitions of `topics` each node leads."""
+        counts = Counter()
+        for topic in topics:
+            for p in self.metadata(topic).topics[topic].partitions.values():
+                counts[p.leader] += 1
+        return counts
+
+    def coordinator_of_transactions(self, transactional_id):
+        partitions = len(self.metadata("__transaction_state").topics["__transaction_state"].partitions)
+        return self.leader("__transaction_state", java_hash(transactional_id) % partitions)
+
+    def coordinator_of_group(self, group):
+        partitions = len(self.metadata("__consumer_offsets").topics["__consumer_offsets"].partitions)
+        return self.leader("__consumer_offsets", java_hash(group) % partitions)
+
+    def quorum_leader(self):
+        out = subprocess.run([CLUSTER_SCRIPT, "tool", "org.apache.kafka.tools.MetadataQuorumCommand", "--bootstrap-server",
+                              BOOTSTRAP, "describe", "--status"], capture_output=True, text=True, timeout=120)
+        found = re.search(r"LeaderId:\s*(\d+)", out.stdout)
+        if not found:
+            raise RuntimeError(f"no quorum leader in: {out.stdout} {out.stderr[-500:]}")
+        return int(found.group(1))
+
+    def pid(self, node):
+        return int(subprocess.run([CLUSTER_SCRIPT, "pid", str(node)], capture_output=True, text=True, check=True).stdout)
+
+    def signal(self, node, sig):
+        pid = self.pid(node)
+        os.kill(pid, sig)
+        log(f"  node {node} (pid {pid}) <- {signal.Signals(sig).name}")
+        if sig == signal.SIGKILL:
+            while os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z":
+                time.sleep(0.05)
+
+    def stop(self, node):
+        subprocess.run([CLUSTER_SCRIPT, "stop-node", str(node)], check=True, capture_output=True)
+        log(f"  node {node} stopped (SIGTERM, controlled shutdown)")
+
+    def start(self, node):
+        subprocess.run([CLUSTER_SCRIPT, "start-node", str(node)], check=True, capture_output=True)
+        log(f"  node {node} restarted")
+
+    def under_replicated(self):
+        """Partitions (of every topic, internal ones included) whose in-sync replicas are fewer than their
+        replicas."""
+        return sum(1 for t in self.metadata().topics.values() for p in t.partitions.values()
+                   if len(p.isrs) < len(p.replicas))
+
+    def await_in_sync(self, limit_s=120):
+        deadline = time.time() + limit_s
+        while True:
+            behind = self.under_replicated()
+            if behind == 0:
+                return
+            if time.time() > deadline:
+                raise RuntimeError(f"{behind} partitions still under-replicated after {limit_s} s")
+            time.sleep(1)
+
+
+def data_path_leader(s, c):
+    """The node that leads the most partitions of requests, routed and decisions."""
+    counts = c.leaders([s.topics["REQUESTS"], s.topics["ROUTED"], s.topics["DECISIONS"]])
+    return counts.most_common(1)[0][0]
+
+
+def node_fault(s, a, pick, what, down_s=10):
+    """Sends traffic; at 30% kill -9 the node `pick` names, restart it `down_s` later."""
+    c = Cluster()
+    s.setup(instances=1, timeout_ms=1000)
+    def crash_and_restart():
+        node = pick(c)
+        s.notes.setdefault("killed", []).append(f"{what}: node {node}")
+        c.signal(node, signal.SIGKILL)
+        time.sleep(down_s)
+        c.start(node)
+    s.produce(a.count, a.rate, a.users, events=[(a.duration * 0.3, crash_and_restart)])
+    return c
+
+
+def cluster_leader_kill9(s, a):
+    """kill -9 of the node leading most requests, routed and decisions partitions; restarted 10 s later."""
+    stall_at_most(s, CLUSTER_CRASH_STALL_S)
+    node_fault(s, a, lambda c: data_path_leader(s, c), "partition leader")
+
+
+def cluster_coordinator_kill9(s, a):
+    """kill -9 of the node hosting route's transaction coordinator, restarted 10 s later, then (once in
+    sync) of the node hosting route's group coordinator."""
+    c = Cluster()
+    s.setup(instances=1, timeout_ms=1000)
+    route_txn = f"{s.prefix}-route-i0"
+    route_group = f"{s.prefix}-route"
+    def crash(what, pick):
+        def event():
+            node = pick()
+            s.notes.setdefault("killed", []).append(f"{what}: node {node}")
+            c.signal(node, signal.SIGKILL)
+            time.sleep(10)
+            c.start(node)
+            c.await_in_sync()
+        return event
+    stall_at_most(s, CLUSTER_CRASH_STALL_S)
+    s.produce(a.count, a.rate, a.users, events=[
+        (a.duration * 0.2, crash("transaction coordinator", lambda: c.coordinator_of_transactions(route_txn))),
+        (a.duration * 0.55, crash("group coordinator", lambda: c.coordinator_of_group(route_group)))])
+
+
+def cluster_rolling_restart(s, a):
+    """An upgrade: each node in turn stopped with SIGTERM (controlled shutdown), restarted, and the next
+    one only once every partition is in sync again."""
+    c = Cluster()
+    s.setup(instances=1, timeout_ms=1000)
+    def roll():
+        for node in NODES:
+            c.stop(node)
+            c.start(node)
+            c.await_in_sync()
+        s.notes["rolled"] = len(NODES)
+    stall_at_most(s, CLUSTER_ROLL_STALL_S)
+    s.produce(a.count, a.rate, a.users, events=[(a.duration * 0.1, roll)])
+    if s.notes.get("rolled") != len(NODES):
+        s.fail("the rolling restart did not finish while traffic was sent (raise --duration)")
+
+
+def cluster_sigstop(s, a):
+    """The node leading most data-path partitions frozen (SIGSTOP) for 30 s, then resumed."""
+    c = Cluster()
+    s.setup(instances=1, timeout_ms=1000)
+    def freeze():
+        node = data_path_leader(s, c)
+        s.notes["frozen"] = f"node {node}"
+        c.signal(node, signal.SIGSTOP)
+        time.sleep(30)
+        c.signal(node, signal.SIGCONT)
+        c.await_in_sync()
+    stall_at_most(s, CLUSTER_CRASH_STALL_S)
+    s.produce(max(a.count, int(a.rate * 45)), a.rate, a.users, events=[(a.duration * 0.2, freeze)])
+
+
+def cluster_quorum_leader_kill9(s, a):
+    """kill -9 of the controller quorum's leader (each node is also a broker), restarted 10 s later."""
+    stall_at_most(s, CLUSTER_CRASH_STALL_S)
+    node_fault(s, a, lambda c: c.quorum_leader(), "quorum leader")
+
+
+# A crashed node's partitions have no leader until the controllers miss its heartbeats for
+# broker.session.timeout.ms (9 s), then its transactions' and groups' coordinators move: decisions stall
+# about that long (docs/operations.md, "A replicated cluster"). A controlled shutdown moves leaders first.
+CLUSTER_CRASH_STALL_S = 25
+CLUSTER_ROLL_STALL_S = 10
+CLUSTER_SCENARIOS = {f.__name__: f for f in (cluster_coordinator_kill9, cluster_rolling_restart, cluster_leader_kill9,
+                                             cluster_sigstop, cluster_quorum_leader_kill9)}
+
+
 SCENARIOS = {f.__name__: f for f in (canary_10, shadow, blue_green, kill9_instance, sigterm_bounce, scale_1_3_1, broker_kill9, model_stall,
                                      sigstop_instance, stalled_backpressure, garbage_mix, restart_gap_100, restart_gap_1000,
                                      sigterm_handover, dead_instance, oversized_mix, foreign_partitioner_worker, compaction,
@@ -1201,11 +1395,13 @@ SCENARIOS = {f.__name__: f for f in (canary_10, shadow, blue_green, kill9_instan
 EXTRAS = ("stall_s", "stall_open", "delay_max_s", "dead_letters", "dead_lettered", "garbage", "rss_mib_max", "zombie_transactions_refused", "zombie_partitions_lost",
           "intake_paused", "shadow_comparisons", "versions", "exit_code", "big_outcomes", "forwarded", "written_back",
           "status_candidate_percent", "changes", "killed_leader", "status_controller", "history_entries",
-          "decided_and_dead_lettered", "score_s", "scored", "big_scores", "instances_running_at_end", "failed")
+          "decided_and_dead_lettered", "score_s", "scored", "big_scores", "killed", "frozen", "rolled",
+          "instances_running_at_end", "failed")
 
 
 def run_scenario(name, a):
     s = Scenario(name, a.workdir, a.bin, legacy=a.legacy)
+    scenario = SCENARIOS.get(name) or CLUSTER_SCENARIOS[name]
     result = {}
     def overrun(signum, frame):
         raise ScenarioTimeout()
@@ -1213,7 +1409,7 @@ def run_scenario(name, a):
     signal.alarm(int(a.scenario_timeout))
     try:
         try:
-            SCENARIOS[name](s, a)
+            scenario(s, a)
         except Exception as e:
             traceback.print_exc()
             s.fail(f"scenario error: {type(e).__name__}: {e}")
@@ -1235,6 +1431,8 @@ def run_scenario(name, a):
         s.fail(f"check error: {type(e).__name__}: {e}")
     finally:
         signal.alarm(0)
+        if not ok(result) or "failed" in s.notes:
+            s.dump_stacks()
         s.stop_all()
     if s.garbage:
         result["garbage"] = s.garbage
@@ -1244,7 +1442,10 @@ def run_scenario(name, a):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("scenarios", nargs="*", default=list(SCENARIOS), help=f"any of {', '.join(SCENARIOS)}")
+    parser.add_argument("scenarios", nargs="*", help=f"any of {', '.join(SCENARIOS)} (default: all); with --cluster, "
+                                                     f"any of {', '.join(CLUSTER_SCENARIOS)}")
+    parser.add_argument("--cluster", action="store_true",
+                        help="the broker is the three-node cluster of scripts/kafka_cluster.sh: run its scenarios")
     parser.add_argument("--rate", type=int, default=200, help="requests per second")
     parser.add_argument("--duration", type=float, default=20, help="seconds of traffic per scenario")
     parser.add_argument("--users", type=int, default=500)
@@ -1256,9 +1457,11 @@ def main():
     a = parser.parse_args()
     a.count = int(a.rate * a.duration)
     a.bin = os.path.abspath(a.bin)
+    known = CLUSTER_SCENARIOS if a.cluster else SCENARIOS
+    a.scenarios = a.scenarios or list(known)
     for name in a.scenarios:
-        if name not in SCENARIOS:
-            parser.error(f"unknown scenario {name}")
+        if name not in known:
+            parser.error(f"unknown scenario {name}{' (on a cluster)' if a.cluster else ''}")
     if not os.access(a.bin, os.X_OK):
         parser.error(f"{a.bin} is not an executable switchyard binary")
     log(f"binary {a.bin}{' (legacy settings)' if a.legacy else ''}")

@@ -19,7 +19,7 @@ use crate::record::Deployment;
 pub async fn ensure_model_topics<'a>(
     config: &Config,
     deployments: impl IntoIterator<Item = &'a Deployment>,
-) -> Result<(), rdkafka::error::KafkaError> {
+) -> crate::error::Result<()> {
     if !config.topics.create {
         return Ok(());
     }

@@ -80,7 +80,7 @@ pub fn producer(config: &Config) -> Result<FutureProducer, KafkaError> {
 pub fn transactional_producer(config: &Config, transactional_id: &str) -> Result<FutureProducer, KafkaError> {
     producer_settings(config)
         .set("transactional.id", transactional_id)
-        .set_if_absent("transaction.timeout.ms", "10000")
+        .set_if_absent("transaction.timeout.ms", "20000")
         .create()
 }
 
@@ -105,8 +105,8 @@ pub fn group_consumer(
     }
     settings
         .set("group.id", group)
-        .set_if_absent("session.timeout.ms", "10000")
-        .set_if_absent("heartbeat.interval.ms", "2000")
+        .set_if_absent("session.timeout.ms", "20000")
+        .set_if_absent("heartbeat.interval.ms", "3000")
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
@@ -490,8 +490,12 @@ pub async fn retention_ms(config: &Config, topics: &[&str]) -> Result<Vec<(Strin
     Ok(out)
 }
 
-/// Creates the topics that do not exist yet.
-pub async fn ensure_topics(config: &Config, names: &[String], kind: TopicKind) -> Result<(), KafkaError> {
+/// Creates the topics that do not exist yet, with `topics.replication_factor` replicas (-1: the
+/// broker's `default.replication.factor`). Refuses a replication factor the cluster cannot give; warns
+/// about each topic (created now or before) with fewer replicas than the cluster could give it
+/// (`replicas_wanted`): a topic with one replica on a cluster of three is lost with its broker.
+pub async fn ensure_topics(config: &Config, names: &[String], kind: TopicKind) -> Result<(), crate::error::Error> {
+    use crate::error::{During, Error};
     // One request must not name a topic twice (two deployments sharing a model do): librdkafka then
     // returns fewer results than topics and rdkafka 0.39 reads past them (a segfault, seen here).
     let names: std::collections::BTreeSet<&String> = names.iter().collect();
@@ -499,6 +503,10 @@ pub async fn ensure_topics(config: &Config, names: &[String], kind: TopicKind) -
         return Ok(());
     }
     let admin: AdminClient<DefaultClientContext> = base(config).create()?;
+    let brokers = admin.inner().fetch_metadata(None, ADMIN_TIMEOUT).during("counting the cluster's brokers")?.brokers().len();
+    if let Some(refusal) = replication_refused(config.topics.replication_factor, brokers) {
+        return Err(Error::Replication(refusal));
+    }
     let record_limit = TOPIC_RECORD_LIMIT.to_string();
     let kept_for = if let TopicKind::KeptFor(ms) = kind { ms.to_string() } else { String::new() };
     let topics: Vec<NewTopic> = names
@@ -525,16 +533,43 @@ pub async fn ensure_topics(config: &Config, names: &[String], kind: TopicKind) -
         })
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(ADMIN_TIMEOUT)).request_timeout(Some(ADMIN_TIMEOUT));
-    for result in admin.create_topics(&topics, &options).await? {
+    for result in admin.create_topics(&topics, &options).await.during("creating topics")? {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((name, code)) => {
-                return Err(KafkaError::AdminOp(code))
-                    .inspect_err(|_| tracing::error!(topic = %name, %code, "cannot create topic"));
+                return Err(KafkaError::AdminOp(code)).during(format!("creating topic {name}"));
             }
         }
     }
+    for name in names {
+        let metadata = admin.inner().fetch_metadata(Some(name), ADMIN_TIMEOUT).during("reading topic metadata")?;
+        let replicas = metadata.topics().first().and_then(|t| t.partitions().first()).map_or(0, |p| p.replicas().len());
+        if replicas > 0 && replicas < replicas_wanted(brokers) {
+            tracing::warn!(
+                topic = %name, replicas, brokers,
+                "topic has fewer replicas than the cluster can give: it is lost or stops with one broker; raise its \
+                 replication (kafka-reassign-partitions) and set topics.replication_factor or the brokers' \
+                 default.replication.factor"
+            );
+        }
+    }
     Ok(())
+}
+
+/// How many replicas a topic should have on a cluster of `brokers`: 3 (the usual production choice, one
+/// broker may fail while writes need 2 in sync), or every broker of a smaller cluster.
+pub fn replicas_wanted(brokers: usize) -> usize {
+    brokers.min(3)
+}
+
+/// Why a cluster of `brokers` cannot give `replication_factor` replicas (-1: the broker's default).
+pub fn replication_refused(replication_factor: i32, brokers: usize) -> Option<String> {
+    (replication_factor > brokers as i32).then(|| {
+        format!(
+            "topics.replication_factor is {replication_factor} but the cluster has {brokers} broker(s): set it to at \
+             most {brokers}, or to -1 for the brokers' default.replication.factor"
+        )
+    })
 }
 
 /// Waits (up to [`ADMIN_TIMEOUT`]) until `topic` exists with a leader for every partition — a topic
@@ -648,5 +683,25 @@ mod holder_tests {
         assert_eq!(instance_of_member("i1-6f1c8b4e-2f7a-4c55-9a43-0e2c5b9d1a77"), "i1");
         assert_eq!(instance_of_member("host-a-0-6f1c8b4e-2f7a-4c55-9a43-0e2c5b9d1a77"), "host-a-0");
         assert_eq!(instance_of_member("rdkafka"), "rdkafka");
+    }
+}
+
+#[cfg(test)]
+mod replication_tests {
+    use super::*;
+
+    #[test]
+    fn a_replication_factor_above_the_broker_count_is_refused_with_what_to_set() {
+        let refusal = replication_refused(3, 1).expect("refused");
+        assert!(refusal.contains("is 3 but the cluster has 1 broker"), "{refusal}");
+        assert!(refusal.contains("-1"), "names the broker default: {refusal}");
+        assert_eq!(replication_refused(3, 3), None);
+        assert_eq!(replication_refused(-1, 1), None, "the brokers' own default");
+        assert_eq!(replication_refused(1, 5), None, "allowed; warned about per topic");
+    }
+
+    #[test]
+    fn three_replicas_are_wanted_or_every_broker_of_a_smaller_cluster() {
+        assert_eq!([1, 2, 3, 5, 9].map(replicas_wanted), [1, 2, 3, 3, 3]);
     }
 }

@@ -264,6 +264,7 @@ impl TxnStage {
         let mut fenced: Option<u64> = None;
         let mut last_offsets: Option<TopicPartitionList> = None;
         while !self.shutdown.is_triggered() {
+            telemetry::stage_alive(self.name);
             let generation = self.generation();
             if restored != Some(generation) {
                 if !self.rewind().await {
@@ -307,6 +308,7 @@ impl TxnStage {
             }
             stage.after(&self.consumer);
         }
+        telemetry::stage_stopped(self.name);
         Ok(())
     }
 
@@ -362,7 +364,7 @@ impl TxnStage {
             offsets
         };
         let offsets = &signed(offsets, &self.config.service.instance());
-        match self.producer.commit(records, offsets, self.batch_group.as_ref()).await {
+        match self.producer.commit(records, offsets, self.batch_group.take()).await {
             Ok(placed) => {
                 telemetry::record(std::mem::take(&mut outbox.events));
                 self.refused.forget(batch);

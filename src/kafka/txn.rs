@@ -12,16 +12,22 @@ use std::time::Duration;
 
 use rdkafka::TopicPartitionList;
 use rdkafka::consumer::ConsumerGroupMetadata;
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, Producer};
 use tokio::task::block_in_place;
 
 use super::{OutRecord, Placed, refuses_record, send_each, transactional_producer};
 use crate::config::Config;
 use crate::shutdown::Shutdown;
+use crate::telemetry;
 
-/// Bound on each transactional call (init, send offsets, commit, abort).
-const TXN_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on each transactional call (init, commit, abort).
+const TXN_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on registering a batch's offsets: milliseconds when the coordinators answer, and the call that
+/// librdkafka can leave blocked for ever (see [`TxnProducer::call`]), so it is given less.
+const SEND_OFFSETS_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long past its timeout a call may take before it is deemed stuck (see [`TxnProducer::call`]).
+const STUCK_AFTER: Duration = Duration::from_secs(1);
 /// How often a commit that failed with a retriable error is retried before giving up on it.
 const COMMIT_RETRIES: usize = 3;
 
@@ -39,6 +45,8 @@ pub struct TxnProducer {
     config: Config,
     id: String,
     producer: FutureProducer,
+    /// A call of this producer overran its timeout and was abandoned: it must be replaced.
+    stuck: bool,
     shutdown: Shutdown,
 }
 
@@ -62,7 +70,7 @@ impl TxnProducer {
     pub fn new(config: &Config, id: String, shutdown: Shutdown) -> Result<Self, KafkaError> {
         let producer = create(config, &id)?;
         tracing::info!(transactional_id = %id, "transactional producer ready");
-        Ok(TxnProducer { config: config.clone(), id, producer, shutdown })
+        Ok(TxnProducer { config: config.clone(), id, producer, stuck: false, shutdown })
     }
 
     /// Produces `records` and commits them together with `offsets` for the consumer group; returns where
@@ -73,14 +81,14 @@ impl TxnProducer {
         &mut self,
         records: &[OutRecord],
         offsets: &TopicPartitionList,
-        group: Option<&ConsumerGroupMetadata>,
+        group: Option<ConsumerGroupMetadata>,
     ) -> Result<Vec<Placed>, TxnFailure> {
         let mut result = match group {
             Some(group) => self.try_commit(records, offsets, group).await,
             None => Err(TxnFailure { error: KafkaError::Canceled, refused: Vec::new() }),
         };
         if let Err(failure) = &mut result {
-            tracing::warn!(error = %failure.error, records = records.len(), refused = failure.refused.len(),
+            tracing::warn!(transactional_id = %self.id, error = %failure.error, records = records.len(), refused = failure.refused.len(),
                 "transaction failed; its records are discarded and inputs rewound");
             self.recover(&failure.error, !failure.refused.is_empty()).await;
             if failure.refused.len() > 1 {
@@ -99,7 +107,7 @@ impl TxnProducer {
         let size = |r: &OutRecord| r.key.len() + r.payload.as_ref().map_or(0, Vec::len);
         suspects.sort_by_key(|(i, _)| std::cmp::Reverse(size(&records[*i])));
         let mut culprit = None;
-        if block_in_place(|| self.producer.begin_transaction()).is_ok() {
+        if self.call("begin_transaction", TXN_CALL_TIMEOUT, |p| p.begin_transaction()).await.is_ok() {
             for (index, reason) in &suspects {
                 match send_each(&self.producer, std::slice::from_ref(&records[*index])).await.pop() {
                     Some(Err(error)) if refuses_record(&error) => {
@@ -110,7 +118,7 @@ impl TxnProducer {
                     _ => break, // another error: not the record; keep the largest as the suspect
                 }
             }
-            let aborted = block_in_place(|| self.producer.abort_transaction(TXN_CALL_TIMEOUT));
+            let aborted = self.call("abort_transaction", TXN_CALL_TIMEOUT, |p| p.abort_transaction(TXN_CALL_TIMEOUT)).await;
             if culprit.is_some() || aborted.is_err() {
                 self.replace().await;
             }
@@ -119,20 +127,19 @@ impl TxnProducer {
     }
 
     async fn try_commit(
-        &self,
+        &mut self,
         records: &[OutRecord],
         offsets: &TopicPartitionList,
-        group: &ConsumerGroupMetadata,
+        group: ConsumerGroupMetadata,
     ) -> Result<Vec<Placed>, TxnFailure> {
         let failed = |error| TxnFailure { error, refused: Vec::new() };
-        let producer = &self.producer;
-        block_in_place(|| producer.begin_transaction()).map_err(failed)?;
+        self.call("begin_transaction", TXN_CALL_TIMEOUT, |p| p.begin_transaction()).await.map_err(failed)?;
         // Every record's outcome, not just the first error: one refused record fails the whole
         // transaction, and the caller needs to know all of them to redo the rest.
         let mut placed = Vec::with_capacity(records.len());
         let mut first_error = None;
         let mut refused = Vec::new();
-        for (index, result) in send_each(producer, records).await.into_iter().enumerate() {
+        for (index, result) in send_each(&self.producer, records).await.into_iter().enumerate() {
             match result {
                 Ok(at) => placed.push(at),
                 Err(error) => {
@@ -147,12 +154,16 @@ impl TxnProducer {
             return Err(TxnFailure { error, refused });
         }
         if offsets.count() > 0 {
-            block_in_place(|| producer.send_offsets_to_transaction(offsets, group, TXN_CALL_TIMEOUT))
-                .map_err(failed)?;
+            let offsets = offsets.clone();
+            self.call("send_offsets_to_transaction", SEND_OFFSETS_TIMEOUT, move |p| {
+                p.send_offsets_to_transaction(&offsets, &group, SEND_OFFSETS_TIMEOUT)
+            })
+            .await
+            .map_err(failed)?;
         }
         let mut attempt = 0;
         loop {
-            match block_in_place(|| producer.commit_transaction(TXN_CALL_TIMEOUT)) {
+            match self.call("commit_transaction", TXN_CALL_TIMEOUT, |p| p.commit_transaction(TXN_CALL_TIMEOUT)).await {
                 Err(KafkaError::Transaction(e)) if e.is_retriable() && attempt < COMMIT_RETRIES => attempt += 1,
                 Err(error) => return Err(failed(error)),
                 Ok(()) => return Ok(placed),
@@ -168,11 +179,42 @@ impl TxnProducer {
     /// for the partition of a refused batch can leave the next transaction's records waiting until they
     /// time out (seen here: 10 s), while a new producer starts clean.
     async fn recover(&mut self, error: &KafkaError, refused: bool) {
-        let fatal = matches!(error, KafkaError::Transaction(e) if e.is_fatal());
-        if !fatal && !refused && block_in_place(|| self.producer.abort_transaction(TXN_CALL_TIMEOUT)).is_ok() {
+        let fatal = self.stuck || matches!(error, KafkaError::Transaction(e) if e.is_fatal());
+        let abort = |p: &FutureProducer| p.abort_transaction(TXN_CALL_TIMEOUT);
+        if !fatal && !refused && self.call("abort_transaction", TXN_CALL_TIMEOUT, abort).await.is_ok() {
             return;
         }
         self.replace().await;
+    }
+
+    /// Runs one transactional call of the producer on a blocking thread. librdkafka bounds each call by
+    /// the timeout it is given, but not always: `send_offsets_to_transaction` can block for ever once the
+    /// broker that was its group coordinator is gone (librdkafka issues 5456 and 5511, open in 2.15;
+    /// seen here when that broker of a three-broker cluster was killed: route stopped for good, without
+    /// a word). A call still running [`STUCK_AFTER`] past the `timeout` it was given is abandoned with its
+    /// producer (its thread stays blocked, holding it) and the producer marked for replacement: a new one
+    /// under the same transactional id fences it and settles whatever it left open.
+    async fn call<T: Send + 'static>(
+        &mut self,
+        what: &'static str,
+        timeout: Duration,
+        call: impl FnOnce(&FutureProducer) -> Result<T, KafkaError> + Send + 'static,
+    ) -> Result<T, KafkaError> {
+        if self.stuck {
+            return Err(KafkaError::Global(RDKafkaErrorCode::OperationTimedOut));
+        }
+        let producer = self.producer.clone();
+        match tokio::time::timeout(timeout + STUCK_AFTER, tokio::task::spawn_blocking(move || call(&producer))).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(failed)) => std::panic::resume_unwind(failed.into_panic()),
+            Err(_) => {
+                self.stuck = true;
+                telemetry::transactional_call_stuck(what);
+                tracing::error!(transactional_id = %self.id, call = what, after_s = (timeout + STUCK_AFTER).as_secs(),
+                    "a transactional call did not return within its timeout (librdkafka issues 5456, 5511): abandoning the producer for a new one");
+                Err(KafkaError::Global(RDKafkaErrorCode::OperationTimedOut))
+            }
+        }
     }
 
     /// Replaces the producer; re-initialising the same transactional id settles whatever the old one
@@ -184,14 +226,15 @@ impl TxnProducer {
                 Ok(producer) => {
                     tracing::info!(transactional_id = %self.id, "transactional producer re-created");
                     self.producer = producer;
+                    self.stuck = false;
                     return;
                 }
                 Err(error) if self.shutdown.is_triggered() => {
-                    tracing::error!(%error, "cannot re-create the transactional producer; shutting down");
+                    tracing::error!(transactional_id = %self.id, %error, "cannot re-create the transactional producer; shutting down");
                     return;
                 }
                 Err(error) => {
-                    tracing::error!(%error, "cannot re-create the transactional producer; retrying");
+                    tracing::error!(transactional_id = %self.id, %error, "cannot re-create the transactional producer; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }

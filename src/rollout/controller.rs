@@ -26,6 +26,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::task::block_in_place;
@@ -58,7 +59,7 @@ const DECISIONS_PER_TICK: usize = 200_000;
 pub async fn run(config: Config, codec: Codec, mut shutdown: Shutdown) -> Result<(), Error> {
     let topic = config.topics.deployments.clone();
     let group = format!("{}-controller", config.service.group_id);
-    let consumer = kafka::group_consumer(&config, &group, Some(&config.service.instance()))?;
+    let mut consumer = kafka::group_consumer(&config, &group, Some(&config.service.instance()))?;
     match kafka::partition_count(&consumer, &topic)? {
         Some(1) => {}
         other => {
@@ -72,10 +73,25 @@ pub async fn run(config: Config, codec: Codec, mut shutdown: Shutdown) -> Result
     let mut inbox = Vec::new();
     let mut next_tick = Instant::now();
     loop {
+        telemetry::stage_alive("controller");
         tokio::select! {
             _ = shutdown.recv() => break,
             received = tokio::time::timeout(Duration::from_millis(100), consumer.recv()) => match received {
                 Ok(Ok(message)) => inbox.push(message.detach()),
+                Ok(Err(KafkaError::MessageConsumptionFatal(code))) => {
+                    // The consumer is unusable (seen: fenced by its own instance id after the group
+                    // coordinator's broker died): join again with a new one.
+                    tracing::error!(%code, %group, "the controller's consumer cannot go on; joining the group again with a new one");
+                    if let Some(old) = leader.take() {
+                        old.stand_down();
+                    }
+                    inbox.clear();
+                    let fresh = kafka::group_consumer(&config, &group, Some(&config.service.instance()))?;
+                    fresh.subscribe(&[&topic])?;
+                    let old = std::mem::replace(&mut consumer, fresh);
+                    // Closing an unusable consumer may wait on the broker; not on this task.
+                    tokio::task::spawn_blocking(move || drop(old));
+                }
                 Ok(Err(error)) => tracing::warn!(%error, "controller: deployments topic read failed"),
                 Err(_) => {}
             },
@@ -110,6 +126,7 @@ pub async fn run(config: Config, codec: Codec, mut shutdown: Shutdown) -> Result
     if let Some(old) = leader {
         old.stand_down();
     }
+    telemetry::stage_stopped("controller");
     // A static member leaves its group only when it says so: the next leader takes over at once.
     consumer.unsubscribe();
     Ok(())
@@ -236,7 +253,7 @@ impl Leader {
         let mut offsets = TopicPartitionList::new();
         offsets.add_partition_offset(&topic, 0, Offset::Offset(self.next_offset))?;
         let changes = std::mem::take(&mut self.uncommitted);
-        self.producer.commit(&out, &offsets, consumer.group_metadata().as_ref()).await.map_err(|failure| {
+        self.producer.commit(&out, &offsets, consumer.group_metadata()).await.map_err(|failure| {
             Error::KafkaDuring { doing: "committing the controller's changes".into(), source: failure.error }
         })?;
         self.committed = self.next_offset;

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -24,6 +25,18 @@ impl Health {
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::SeqCst)
     }
+}
+
+/// A stage whose loop has not gone round for this long makes the instance not ready (/readyz 503): it
+/// decides nothing meanwhile. The longest legitimate round — a transaction waiting out a broker's
+/// failover, a restore — takes seconds to tens of seconds.
+pub const NOT_READY_AFTER: Duration = Duration::from_secs(60);
+/// ... and for this long, not live (/healthz 503): a supervisor (Kubernetes' liveness probe) restarts it.
+pub const NOT_LIVE_AFTER: Duration = Duration::from_secs(180);
+
+fn describe(stalled: &[(&str, Duration)]) -> String {
+    let each: Vec<String> = stalled.iter().map(|(stage, since)| format!("{stage} ({} s without progress)", since.as_secs())).collect();
+    format!("stalled: {}\n", each.join(", "))
 }
 
 /// Serves on `listener` until shutdown. The caller binds it, so that a taken port stops the service at start.
@@ -49,11 +62,21 @@ pub async fn serve(listener: TcpListener, metrics: PrometheusHandle, health: Hea
             };
             let request = String::from_utf8_lossy(&buf[..n]);
             let path = request.split_whitespace().nth(1).unwrap_or("/");
+            let unavailable = "503 Service Unavailable";
             let (status, content_type, body) = match path {
-                "/metrics" => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
-                "/healthz" => ("200 OK", "text/plain", "ok\n".to_string()),
-                "/readyz" if health.is_ready() => ("200 OK", "text/plain", "ready\n".to_string()),
-                "/readyz" => ("503 Service Unavailable", "text/plain", "not ready\n".to_string()),
+                "/metrics" => {
+                    super::stalled_stages(NOT_READY_AFTER); // sets the stalled gauges
+                    ("200 OK", "text/plain; version=0.0.4", metrics.render())
+                }
+                "/healthz" => match super::stalled_stages(NOT_LIVE_AFTER).as_slice() {
+                    [] => ("200 OK", "text/plain", "ok\n".to_string()),
+                    stalled => (unavailable, "text/plain", describe(stalled)),
+                },
+                "/readyz" if !health.is_ready() => (unavailable, "text/plain", "not ready\n".to_string()),
+                "/readyz" => match super::stalled_stages(NOT_READY_AFTER).as_slice() {
+                    [] => ("200 OK", "text/plain", "ready\n".to_string()),
+                    stalled => (unavailable, "text/plain", describe(stalled)),
+                },
                 _ => ("404 Not Found", "text/plain", "try /metrics, /healthz or /readyz\n".to_string()),
             };
             let response = format!(
@@ -91,6 +114,19 @@ mod tests {
         assert!(get(address, "/readyz").await.starts_with("HTTP/1.1 503"));
         health.set_ready(true);
         assert!(get(address, "/readyz").await.starts_with("HTTP/1.1 200"));
+        // A stage whose loop stopped going round long ago: not ready, then not live.
+        crate::telemetry::stage_alive("test-stage");
+        crate::telemetry::backdate_beat("test-stage", NOT_READY_AFTER + Duration::from_secs(5));
+        let readyz = get(address, "/readyz").await;
+        assert!(readyz.starts_with("HTTP/1.1 503") && readyz.contains("stalled: test-stage (65 s without progress)"), "{readyz}");
+        assert!(get(address, "/healthz").await.starts_with("HTTP/1.1 200"), "not yet for a restart");
+        assert!(get(address, "/metrics").await.contains("switchyard_stage_stalled{stage=\"test-stage\"} 1"));
+        crate::telemetry::backdate_beat("test-stage", NOT_LIVE_AFTER);
+        assert!(get(address, "/healthz").await.starts_with("HTTP/1.1 503"));
+        crate::telemetry::stage_alive("test-stage");
+        assert!(get(address, "/readyz").await.starts_with("HTTP/1.1 200"), "going round again: ready again");
+        assert!(get(address, "/healthz").await.starts_with("HTTP/1.1 200"));
+        crate::telemetry::stage_stopped("test-stage");
         let body = get(address, "/metrics").await;
         assert!(body.contains("switchyard_dead_letters_total{reason=\"undecodable\"}"), "{body}");
         assert!(get(address, "/nope").await.starts_with("HTTP/1.1 404"));

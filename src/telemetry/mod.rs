@@ -3,7 +3,9 @@
 
 pub(crate) mod http;
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -92,6 +94,58 @@ pub fn record(events: impl IntoIterator<Item = Event>) {
 /// A stage's transaction failed: its records were discarded and its inputs are read again.
 pub fn transaction_failed(stage: &str) {
     counter!("switchyard_transactions_failed_total", "stage" => stage.to_string()).increment(1);
+}
+
+/// When each stage's loop last went round: a stage that stops going round (blocked in a call that does
+/// not return, or retrying one that keeps failing) is stalled ([`stalled_stages`]).
+fn beats() -> &'static Mutex<HashMap<&'static str, Instant>> {
+    static BEATS: OnceLock<Mutex<HashMap<&'static str, Instant>>> = OnceLock::new();
+    BEATS.get_or_init(Default::default)
+}
+
+/// `stage` (route, merge, score, controller) went round its loop once more.
+pub fn stage_alive(stage: &'static str) {
+    beats().lock().expect("beats lock").insert(stage, Instant::now());
+}
+
+/// For tests: `stage` last went round `ago`.
+#[cfg(test)]
+pub fn backdate_beat(stage: &'static str, ago: Duration) {
+    beats().lock().expect("beats lock").insert(stage, Instant::now() - ago);
+}
+
+/// `stage` stopped (shutdown): it is no longer watched.
+pub fn stage_stopped(stage: &'static str) {
+    beats().lock().expect("beats lock").remove(stage);
+    gauge!("switchyard_stage_stalled", "stage" => stage).set(0.0);
+}
+
+/// The stages whose loop has not gone round for `after` or longer, with how long, and the
+/// `switchyard_stage_stalled` gauge of every watched stage set to match.
+pub fn stalled_stages(after: Duration) -> Vec<(&'static str, Duration)> {
+    let beats = beats().lock().expect("beats lock");
+    let stalled = overdue(&beats, Instant::now(), after);
+    for stage in beats.keys() {
+        let is = stalled.iter().any(|(s, _)| s == stage);
+        gauge!("switchyard_stage_stalled", "stage" => *stage).set(if is { 1.0 } else { 0.0 });
+    }
+    stalled
+}
+
+/// The entries of `beats` at least `after` old at `now`, oldest first.
+fn overdue(beats: &HashMap<&'static str, Instant>, now: Instant, after: Duration) -> Vec<(&'static str, Duration)> {
+    let mut late: Vec<(&'static str, Duration)> = beats
+        .iter()
+        .map(|(stage, at)| (*stage, now.saturating_duration_since(*at)))
+        .filter(|(_, since)| *since >= after)
+        .collect();
+    late.sort_by_key(|(_, since)| std::cmp::Reverse(*since));
+    late
+}
+
+/// A transactional call overran its timeout and its producer was abandoned for a new one.
+pub fn transactional_call_stuck(call: &'static str) {
+    counter!("switchyard_transactional_calls_stuck_total", "call" => call).increment(1);
 }
 
 /// Requests waiting for their serving model (merge's join state).
@@ -192,4 +246,23 @@ fn scored(s: &crate::codec::ScoredOutcome) {
 /// Decisions waiting for their labels on this instance.
 pub fn open_decisions(count: usize) {
     gauge!("switchyard_quality_open_decisions").set(count as f64);
+}
+
+#[cfg(test)]
+mod stall_tests {
+    use super::*;
+
+    #[test]
+    fn a_stage_is_stalled_once_its_loop_has_not_gone_round_for_the_limit() {
+        let now = Instant::now();
+        let beats = HashMap::from([
+            ("route", now - Duration::from_secs(75)),
+            ("merge", now - Duration::from_secs(1)),
+            ("score", now - Duration::from_secs(60)),
+        ]);
+        let late = overdue(&beats, now, Duration::from_secs(60));
+        assert_eq!(late, vec![("route", Duration::from_secs(75)), ("score", Duration::from_secs(60))]);
+        assert!(overdue(&beats, now, Duration::from_secs(80)).is_empty());
+        assert!(overdue(&HashMap::new(), now, Duration::ZERO).is_empty(), "nothing watched: nothing stalled");
+    }
 }
