@@ -2,7 +2,8 @@
 # Runs every test: unit and property tests, the published cohort-hash vectors, the decoder corpus, the
 # integration tests against a real Kafka broker (and a real schema registry), the Python suites (the
 # model-worker kit, the platform: Kubernetes, Grafana, kcat; security: SASL_SSL and ACLs), and the fault suite (scripts/faults.sh: crashes,
-# restarts, rebalances, broker failure, checked by an independent client). Starts the local broker
+# restarts, rebalances, broker failure, checked by an independent client; then broker faults on a
+# three-node cluster). Starts the local broker
 # (scripts/kafka.sh) unless SWITCHYARD_TEST_BOOTSTRAP points at one, and a schema registry
 # (scripts/registry.sh: Apicurio, built from Maven Central) unless SWITCHYARD_TEST_REGISTRY points at
 # one; stops what it started.
@@ -47,6 +48,12 @@ for suite in scripts/test_python.sh scripts/test_platform.sh scripts/test_securi
   "$suite" 2>&1 | tee -a "$log" || status=1
 done
 cleanup
+# Broker faults on the three-node cluster (scripts/kafka_cluster.sh, replication factor 3,
+# min.insync.replicas 2; started and stopped by faults.sh): the transaction and group coordinators'
+# node killed, and a rolling restart of every node. The other cluster scenarios: docs/faults.md.
+if [ "${SWITCHYARD_SKIP_FAULTS:-0}" != 1 ]; then
+  scripts/faults.sh --cluster --duration 30 cluster_coordinator_kill9 cluster_rolling_restart 2>&1 | tee -a "$log" || status=1
+fi
 
 # One closing line for the whole run: every cargo test binary's summary plus the fault scenarios.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }

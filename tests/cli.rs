@@ -99,3 +99,36 @@ fn deploy_validates_before_connecting() {
     assert!(!ok);
     assert!(err.contains("reach"), "{err}");
 }
+
+/// A replication factor the cluster cannot give is refused with what to set, before any topic is
+/// created; -1 (the default) takes the brokers' own default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_topics_refuses_more_replicas_than_brokers() {
+    let Some(env) = Env::new("replication").await else { return };
+    let requests = env.config.topics.requests.replace(".requests", ".unreplicable");
+    let run = |factor: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .arg("create-topics")
+            .envs(env.vars.iter().cloned())
+            .env("SWITCHYARD__TOPICS__REQUESTS", &requests)
+            .env("SWITCHYARD__TOPICS__REPLICATION_FACTOR", factor)
+            .env("RUST_LOG", "error")
+            .output()
+            .expect("switchyard binary runs")
+    };
+    let refused = run("99");
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(err.contains("topics.replication_factor is 99 but the cluster has"), "{err}");
+    assert!(err.contains("or to -1 for the brokers' default.replication.factor"), "{err}");
+    let admin = switchyard::kafka::reader(&env.config).unwrap();
+    let exists = |topic: &str| {
+        use rdkafka::consumer::Consumer;
+        let metadata = admin.fetch_metadata(Some(topic), std::time::Duration::from_secs(10)).unwrap();
+        metadata.topics().iter().any(|t| t.name() == topic && t.error().is_none())
+    };
+    assert!(!exists(&requests), "nothing is created when the replication is refused");
+    let created = run("-1");
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    assert!(exists(&requests));
+}

@@ -25,6 +25,7 @@ while requests were being sent) and delay_p99_s / delay_max_s (decision timestam
 
 import argparse
 import io
+import itertools
 import json
 import os
 import random
@@ -196,6 +197,9 @@ class Scenario:
         self.closing = False
         self.lock = threading.RLock()
         self.event_thread = None
+        self.events_done = 0.0
+        self.event_windows = []   # (start, end) of each fault event that ran, seconds since the epoch
+        self.timed_out = []       # request ids decided TIMEOUT (filled by check)
         # filled by check()
         self.decided_ids = set()
         self.dead_by_id = {}
@@ -242,6 +246,17 @@ class Scenario:
                 raise RuntimeError(f"scenario is closing; model {model} not started")
             self.models[model] = self._spawn(f"model-{model}", ["demo-model", "--model", model, "--latency-ms", str(latency_ms),
                                                                 "--disagree-percent", str(DISAGREE[model])])
+
+    def delete_topics(self):
+        """Deletes the scenario's topics: a node's restart time grows with the partitions it holds, and the
+        cluster's scenarios restart nodes."""
+        admin = AdminClient({"bootstrap.servers": BOOTSTRAP, "log_level": 2})
+        mine = [t for t in admin.list_topics(timeout=30).topics if t.startswith(self.prefix + ".")]
+        for future in admin.delete_topics(mine, operation_timeout=30).values():
+            try:
+                future.result()
+            except Exception as e:
+                log(f"  could not delete a topic: {e}")
 
     def dump_stacks(self):
         """Every thread's stack of each running instance (gdb, if installed) into <dir>/stacks-<i>.txt: where
@@ -380,13 +395,19 @@ class Scenario:
     # traffic ---------------------------------------------------------------------------------------
     def _run_events(self, events, start, errors):
         """Runs the events in order, each at its time, off the traffic thread: traffic keeps flowing."""
+        self._run_each(events, start, errors)
+        self.events_done = time.time()
+
+    def _run_each(self, events, start, errors):
         for at, action in events:
             while not self.closing and time.time() < start + at:
                 time.sleep(min(0.05, max(0.0, start + at - time.time())))
             if self.closing:
                 return
+            began = time.time()
             try:
                 action()
+                self.event_windows.append((began, time.time()))
             except Exception as e:
                 log(f"  event at {at:.1f} s failed: {e}")
                 errors.append(e)
@@ -404,9 +425,11 @@ class Scenario:
             length += size - len(value)
         return record["payload"], value
 
-    def produce(self, count, rate, users, events=(), garbage_every=0, big=None):
+    def produce(self, count, rate, users, events=(), garbage_every=0, big=None, through=False):
         """Sends `count` requests at `rate`/s; `events` is [(at_second, callable)], run in order on a
-        separate thread while traffic flows; `big` is {n: value size} for deliberately big requests."""
+        separate thread while traffic flows; `big` is {n: value size} for deliberately big requests;
+        `through`: traffic goes on until 5 s after the last event has finished (broker restarts take
+        tens of seconds), `count` requests at least."""
         big = big or {}
         config = {"bootstrap.servers": BOOTSTRAP, "enable.idempotence": True, "linger.ms": 5,
                   "message.timeout.ms": 300000, "log_level": 2}
@@ -423,7 +446,9 @@ class Scenario:
         start = time.time()
         self.event_thread = threading.Thread(target=self._run_events, args=(events, start, errors), daemon=True)
         self.event_thread.start()
-        for n in range(count):
+        for n in itertools.count():
+            if n >= count and not (through and (self.event_thread.is_alive() or time.time() < self.events_done + 5)):
+                break
             due = start + n / rate
             now = time.time()
             if due > now:
@@ -457,7 +482,7 @@ class Scenario:
                 for i, p in list(self.instances.items()):
                     if p.poll() is None:
                         self.rss_samples.append(rss_kib(p.pid))
-        log(f"  sent {count} requests ({self.garbage} garbage records) in {time.time() - start:.1f} s")
+        log(f"  sent {len(self.sent)} requests ({self.garbage} garbage records) in {time.time() - start:.1f} s")
         while self.event_thread.is_alive():
             self.event_thread.join(0.5)
             producer.poll(0)
@@ -591,6 +616,8 @@ class Scenario:
             user, payload = payloads[rid]
             for d in ds:
                 statuses[d["status"]] += 1
+                if d["status"] == "TIMEOUT":
+                    self.timed_out.append(rid)
                 versions[d["config_version"]] += 1
                 if d["model"] != self.expected_model(user, d):
                     wrong_model += 1
@@ -719,7 +746,7 @@ def model_stall(s, a):
                                                 (a.duration * 0.7, lambda: s.signal_model(CONTROL, signal.SIGCONT))])
 
 
-SIGSTOP_PAUSE_S = 16    # past the shipped 10 s session timeout
+SIGSTOP_PAUSE_S = 26    # past the shipped 20 s session timeout
 
 
 def sigstop_instance(s, a):
@@ -831,11 +858,11 @@ def sigterm_handover(s, a):
 
 def dead_instance(s, a):
     """kill -9 of one of two instances, never restarted: the survivor takes over after the session timeout
-    (10 s) and fences the dead instance's transactional ids, which aborts its open transaction at once
+    (20 s) and fences the dead instance's transactional ids, which aborts its open transaction at once
     (without that, it blocked read_committed readers until the broker's transaction timeout check: up to
-    about 20 s; see docs/operations.md)."""
+    about 30 s; see docs/operations.md)."""
     s.setup(instances=2)
-    stall_at_most(s, 15)
+    stall_at_most(s, 27)
     s.produce(a.count, a.rate, a.users, events=[(a.duration * 0.3, lambda: s.signal_instance(1, signal.SIGKILL))])
 
 
@@ -1292,6 +1319,44 @@ class Cluster:
             time.sleep(1)
 
 
+def recovered(s):
+    """After the fault: every running instance ready again (/readyz 200: no stage stalled), and how many
+    transactional calls were found stuck and their producers replaced."""
+    import urllib.request, urllib.error
+    def check(result):
+        stuck = 0
+        for i, p in s.instances.items():
+            if p.poll() is not None:
+                continue
+            address = metrics_address(s, i)
+            try:
+                status = urllib.request.urlopen(f"http://{address}/readyz", timeout=10).status
+            except urllib.error.HTTPError as e:
+                status = f"{e.code} {e.read().decode().strip()}"
+            if status != 200:
+                s.fail(f"instance {i} not ready after the fault: {status}")
+            text = urllib.request.urlopen(f"http://{address}/metrics", timeout=10).read().decode()
+            stuck += sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                         if line.startswith("switchyard_transactional_calls_stuck_total{"))
+        result["stuck_calls_replaced"] = int(stuck)
+    s.after_check.append(check)
+
+
+def timeouts_only_in_faults(s, deadline_s):
+    """Every TIMEOUT is a request whose deadline fell inside a fault: sent between `deadline_s` before a
+    fault event began and the event's end (a node's restart and its partitions back in sync included)."""
+    def check(result):
+        outside = [rid for rid in s.timed_out
+                   if not any(a - deadline_s <= s.sent_at[rid] / 1000 <= b for a, b in s.event_windows)]
+        result["timeouts_outside_faults"] = len(outside)
+        if outside:
+            s.fail(f"{len(outside)} TIMEOUT decisions for requests sent outside the faults")
+    s.after_check.append(check)
+
+
+CLUSTER_DEADLINE_MS = 5000
+
+
 def data_path_leader(s, c):
     """The node that leads the most partitions of requests, routed and decisions."""
     counts = c.leaders([s.topics["REQUESTS"], s.topics["ROUTED"], s.topics["DECISIONS"]])
@@ -1301,14 +1366,16 @@ def data_path_leader(s, c):
 def node_fault(s, a, pick, what, down_s=10):
     """Sends traffic; at 30% kill -9 the node `pick` names, restart it `down_s` later."""
     c = Cluster()
-    s.setup(instances=1, timeout_ms=1000)
+    s.setup(instances=1, timeout_ms=CLUSTER_DEADLINE_MS)
+    recovered(s)
+    timeouts_only_in_faults(s, CLUSTER_DEADLINE_MS / 1000)
     def crash_and_restart():
         node = pick(c)
         s.notes.setdefault("killed", []).append(f"{what}: node {node}")
         c.signal(node, signal.SIGKILL)
         time.sleep(down_s)
         c.start(node)
-    s.produce(a.count, a.rate, a.users, events=[(a.duration * 0.3, crash_and_restart)])
+    s.produce(a.count, a.rate, a.users, events=[(a.duration * 0.3, crash_and_restart)], through=True)
     return c
 
 
@@ -1322,7 +1389,9 @@ def cluster_coordinator_kill9(s, a):
     """kill -9 of the node hosting route's transaction coordinator, restarted 10 s later, then (once in
     sync) of the node hosting route's group coordinator."""
     c = Cluster()
-    s.setup(instances=1, timeout_ms=1000)
+    s.setup(instances=1, timeout_ms=CLUSTER_DEADLINE_MS)
+    recovered(s)
+    timeouts_only_in_faults(s, CLUSTER_DEADLINE_MS / 1000)
     route_txn = f"{s.prefix}-route-i0"
     route_group = f"{s.prefix}-route"
     def crash(what, pick):
@@ -1337,14 +1406,16 @@ def cluster_coordinator_kill9(s, a):
     stall_at_most(s, CLUSTER_CRASH_STALL_S)
     s.produce(a.count, a.rate, a.users, events=[
         (a.duration * 0.2, crash("transaction coordinator", lambda: c.coordinator_of_transactions(route_txn))),
-        (a.duration * 0.55, crash("group coordinator", lambda: c.coordinator_of_group(route_group)))])
+        (a.duration * 0.55, crash("group coordinator", lambda: c.coordinator_of_group(route_group)))], through=True)
 
 
 def cluster_rolling_restart(s, a):
     """An upgrade: each node in turn stopped with SIGTERM (controlled shutdown), restarted, and the next
     one only once every partition is in sync again."""
     c = Cluster()
-    s.setup(instances=1, timeout_ms=1000)
+    s.setup(instances=1, timeout_ms=CLUSTER_DEADLINE_MS)
+    recovered(s)
+    timeouts_only_in_faults(s, CLUSTER_DEADLINE_MS / 1000)
     def roll():
         for node in NODES:
             c.stop(node)
@@ -1352,15 +1423,17 @@ def cluster_rolling_restart(s, a):
             c.await_in_sync()
         s.notes["rolled"] = len(NODES)
     stall_at_most(s, CLUSTER_ROLL_STALL_S)
-    s.produce(a.count, a.rate, a.users, events=[(a.duration * 0.1, roll)])
+    s.produce(a.count, a.rate, a.users, events=[(3, roll)], through=True)
     if s.notes.get("rolled") != len(NODES):
-        s.fail("the rolling restart did not finish while traffic was sent (raise --duration)")
+        s.fail("the rolling restart did not finish")
 
 
 def cluster_sigstop(s, a):
     """The node leading most data-path partitions frozen (SIGSTOP) for 30 s, then resumed."""
     c = Cluster()
-    s.setup(instances=1, timeout_ms=1000)
+    s.setup(instances=1, timeout_ms=CLUSTER_DEADLINE_MS)
+    recovered(s)
+    timeouts_only_in_faults(s, CLUSTER_DEADLINE_MS / 1000)
     def freeze():
         node = data_path_leader(s, c)
         s.notes["frozen"] = f"node {node}"
@@ -1369,7 +1442,7 @@ def cluster_sigstop(s, a):
         c.signal(node, signal.SIGCONT)
         c.await_in_sync()
     stall_at_most(s, CLUSTER_CRASH_STALL_S)
-    s.produce(max(a.count, int(a.rate * 45)), a.rate, a.users, events=[(a.duration * 0.2, freeze)])
+    s.produce(a.count, a.rate, a.users, events=[(a.duration * 0.2, freeze)], through=True)
 
 
 def cluster_quorum_leader_kill9(s, a):
@@ -1381,8 +1454,8 @@ def cluster_quorum_leader_kill9(s, a):
 # A crashed node's partitions have no leader until the controllers miss its heartbeats for
 # broker.session.timeout.ms (9 s), then its transactions' and groups' coordinators move: decisions stall
 # about that long (docs/operations.md, "A replicated cluster"). A controlled shutdown moves leaders first.
-CLUSTER_CRASH_STALL_S = 25
-CLUSTER_ROLL_STALL_S = 10
+CLUSTER_CRASH_STALL_S = 40
+CLUSTER_ROLL_STALL_S = 20
 CLUSTER_SCENARIOS = {f.__name__: f for f in (cluster_coordinator_kill9, cluster_rolling_restart, cluster_leader_kill9,
                                              cluster_sigstop, cluster_quorum_leader_kill9)}
 
@@ -1395,7 +1468,7 @@ SCENARIOS = {f.__name__: f for f in (canary_10, shadow, blue_green, kill9_instan
 EXTRAS = ("stall_s", "stall_open", "delay_max_s", "dead_letters", "dead_lettered", "garbage", "rss_mib_max", "zombie_transactions_refused", "zombie_partitions_lost",
           "intake_paused", "shadow_comparisons", "versions", "exit_code", "big_outcomes", "forwarded", "written_back",
           "status_candidate_percent", "changes", "killed_leader", "status_controller", "history_entries",
-          "decided_and_dead_lettered", "score_s", "scored", "big_scores", "killed", "frozen", "rolled",
+          "decided_and_dead_lettered", "score_s", "scored", "big_scores", "killed", "frozen", "rolled", "stuck_calls_replaced", "timeouts_outside_faults",
           "instances_running_at_end", "failed")
 
 
@@ -1434,6 +1507,8 @@ def run_scenario(name, a):
         if not ok(result) or "failed" in s.notes:
             s.dump_stacks()
         s.stop_all()
+        if a.cluster and ok(result) and "failed" not in s.notes and not a.keep_topics:
+            s.delete_topics()    # a failed scenario's are kept, to look into
     if s.garbage:
         result["garbage"] = s.garbage
     result.update(s.notes)
@@ -1453,6 +1528,7 @@ def main():
     parser.add_argument("--bin", default=DEFAULT_BIN, help="switchyard binary (default: $SWITCHYARD_BIN or target/debug/switchyard)")
     parser.add_argument("--legacy", action="store_true",
                         help="do not pass settings the pre-hardening binary does not know (topics.forwarded_predictions)")
+    parser.add_argument("--keep-topics", action="store_true", help="with --cluster: keep a passed scenario's topics")
     parser.add_argument("--scenario-timeout", type=float, default=900, help="a scenario still running after this many seconds fails")
     a = parser.parse_args()
     a.count = int(a.rate * a.duration)

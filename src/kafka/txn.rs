@@ -25,7 +25,7 @@ use crate::telemetry;
 const TXN_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound on registering a batch's offsets: milliseconds when the coordinators answer, and the call that
 /// librdkafka can leave blocked for ever (see [`TxnProducer::call`]), so it is given less.
-const SEND_OFFSETS_TIMEOUT: Duration = Duration::from_secs(3);
+const SEND_OFFSETS_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long past its timeout a call may take before it is deemed stuck (see [`TxnProducer::call`]).
 const STUCK_AFTER: Duration = Duration::from_secs(1);
 /// How often a commit that failed with a retriable error is retried before giving up on it.
