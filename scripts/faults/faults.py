@@ -862,7 +862,7 @@ def dead_instance(s, a):
     (without that, it blocked read_committed readers until the broker's transaction timeout check: up to
     about 30 s; see docs/operations.md)."""
     s.setup(instances=2)
-    stall_at_most(s, 27)
+    stall_at_most(s, 30)
     s.produce(a.count, a.rate, a.users, events=[(a.duration * 0.3, lambda: s.signal_instance(1, signal.SIGKILL))])
 
 

@@ -503,7 +503,8 @@ pub async fn ensure_topics(config: &Config, names: &[String], kind: TopicKind) -
         return Ok(());
     }
     let admin: AdminClient<DefaultClientContext> = base(config).create()?;
-    let brokers = admin.inner().fetch_metadata(None, ADMIN_TIMEOUT).during("counting the cluster's brokers")?.brokers().len();
+    let brokers =
+        admin.inner().fetch_metadata(None, ADMIN_TIMEOUT).during("counting the cluster's brokers")?.brokers().len();
     if let Some(refusal) = replication_refused(config.topics.replication_factor, brokers) {
         return Err(Error::Replication(refusal));
     }

@@ -118,7 +118,8 @@ impl TxnProducer {
                     _ => break, // another error: not the record; keep the largest as the suspect
                 }
             }
-            let aborted = self.call("abort_transaction", TXN_CALL_TIMEOUT, |p| p.abort_transaction(TXN_CALL_TIMEOUT)).await;
+            let aborted =
+                self.call("abort_transaction", TXN_CALL_TIMEOUT, |p| p.abort_transaction(TXN_CALL_TIMEOUT)).await;
             if culprit.is_some() || aborted.is_err() {
                 self.replace().await;
             }

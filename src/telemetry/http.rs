@@ -35,7 +35,8 @@ pub const NOT_READY_AFTER: Duration = Duration::from_secs(60);
 pub const NOT_LIVE_AFTER: Duration = Duration::from_secs(180);
 
 fn describe(stalled: &[(&str, Duration)]) -> String {
-    let each: Vec<String> = stalled.iter().map(|(stage, since)| format!("{stage} ({} s without progress)", since.as_secs())).collect();
+    let each: Vec<String> =
+        stalled.iter().map(|(stage, since)| format!("{stage} ({} s without progress)", since.as_secs())).collect();
     format!("stalled: {}\n", each.join(", "))
 }
 
@@ -118,7 +119,10 @@ mod tests {
         crate::telemetry::stage_alive("test-stage");
         crate::telemetry::backdate_beat("test-stage", NOT_READY_AFTER + Duration::from_secs(5));
         let readyz = get(address, "/readyz").await;
-        assert!(readyz.starts_with("HTTP/1.1 503") && readyz.contains("stalled: test-stage (65 s without progress)"), "{readyz}");
+        assert!(
+            readyz.starts_with("HTTP/1.1 503") && readyz.contains("stalled: test-stage (65 s without progress)"),
+            "{readyz}"
+        );
         assert!(get(address, "/healthz").await.starts_with("HTTP/1.1 200"), "not yet for a restart");
         assert!(get(address, "/metrics").await.contains("switchyard_stage_stalled{stage=\"test-stage\"} 1"));
         crate::telemetry::backdate_beat("test-stage", NOT_LIVE_AFTER);
