@@ -101,7 +101,7 @@ async fn pipe(input: String, output: String, group: String, id: String, transact
         let offsets = kafka::batch_offsets(&messages);
         match txn.as_mut() {
             Some(txn) => {
-                if let Err(failure) = txn.commit(&out, &offsets, consumer.group_metadata().as_ref()).await {
+                if let Err(failure) = txn.commit(&out, &offsets, consumer.group_metadata()).await {
                     panic!("null pipe transaction failed: {}", failure.error);
                 }
             }

@@ -48,15 +48,14 @@ async fn aborted_transactions_leave_nothing_and_fenced_producers_are_replaced() 
     let mut producer = TxnProducer::new(&env.config, id.clone(), shutdown).unwrap();
 
     // Committed: records visible, offsets moved.
-    producer.commit(&out(5, "first"), &offsets(0), consumer.group_metadata().as_ref()).await.expect("first commit");
+    producer.commit(&out(5, "first"), &offsets(0), consumer.group_metadata()).await.expect("first commit");
     assert_eq!(env.read_raw(&output, 5, LIMIT, SETTLE).await.len(), 5);
     let before = committed_offset(&consumer);
 
     // One record too large for any topic: the transaction fails, names it, and leaves nothing behind.
     let mut records = out(4, "aborted");
     records.insert(2, OutRecord::new(output.clone(), "big", vec![7u8; RECORD_LIMIT + 1]));
-    let failure =
-        producer.commit(&records, &offsets(3), consumer.group_metadata().as_ref()).await.expect_err("refused");
+    let failure = producer.commit(&records, &offsets(3), consumer.group_metadata()).await.expect_err("refused");
     assert_eq!(failure.refused.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![2], "{failure:?}");
     let visible = env.read_raw(&output, 5, LIMIT, SETTLE).await;
     assert_eq!(visible.len(), 5, "nothing of the aborted transaction is visible to read_committed readers");
@@ -67,11 +66,8 @@ async fn aborted_transactions_leave_nothing_and_fenced_producers_are_replaced() 
     // replaced, and the next commit goes through.
     let fencer = kafka::transactional_producer(&env.config, &id).unwrap();
     tokio::task::block_in_place(|| rdkafka::producer::Producer::init_transactions(&fencer, LIMIT)).unwrap();
-    assert!(producer.commit(&out(2, "fenced"), &offsets(3), consumer.group_metadata().as_ref()).await.is_err());
-    producer
-        .commit(&out(2, "after"), &offsets(3), consumer.group_metadata().as_ref())
-        .await
-        .expect("replaced producer commits");
+    assert!(producer.commit(&out(2, "fenced"), &offsets(3), consumer.group_metadata()).await.is_err());
+    producer.commit(&out(2, "after"), &offsets(3), consumer.group_metadata()).await.expect("replaced producer commits");
     let visible = env.read_raw(&output, 7, LIMIT, SETTLE).await;
     assert_eq!(visible.len(), 7);
     assert!(!visible.iter().any(|r| r.value.starts_with(b"fenced") || r.value.starts_with(b"aborted")));

@@ -754,16 +754,27 @@ SIGSTOP_PAUSE_S = 26    # past the shipped 20 s session timeout
 def sigstop_instance(s, a):
     s.setup(instances=2)
     def pause():
+        # Only a zombie that holds partitions can be fenced: wait until both instances' route, merge and
+        # score have theirs (a pause while the group still forms leaves instance 0 with none).
+        deadline = time.time() + 30
+        while time.time() < deadline and min(s.count_in_log(f"switchyard-{i}", "partitions assigned") for i in (0, 1)) < 3:
+            time.sleep(0.5)
+        time.sleep(1)
         s.signal_instance(0, signal.SIGSTOP)
     def cont():
         s.signal_instance(0, signal.SIGCONT)
     # Paused past the (shipped default) session timeout: instance 1 takes over, instance 0 must be fenced.
     s.produce(a.count, a.rate, a.users, events=[(a.duration * 0.25, pause), (a.duration * 0.25 + SIGSTOP_PAUSE_S, cont)])
-    time.sleep(5)
     # Fenced: a transaction it had in flight was refused, or (if it was idle when paused) it found its
-    # partitions lost on waking. Either way nothing it did after its eviction is visible (the invariants).
-    refused = s.count_in_log("switchyard-0", "transaction failed")
-    lost = s.count_in_log("switchyard-0", "partitions lost")
+    # partitions lost on waking, or its consumer fenced for good (then replaced). Either way nothing it
+    # did after its eviction is visible (the invariants). Waking, it notices within a heartbeat or two.
+    deadline = time.time() + 30
+    while True:
+        refused = s.count_in_log("switchyard-0", "transaction failed")
+        lost = s.count_in_log("switchyard-0", "partitions lost", "the consumer cannot go on")
+        if refused or lost or time.time() > deadline:
+            break
+        time.sleep(1)
     s.notes["zombie_transactions_refused"] = refused
     s.notes["zombie_partitions_lost"] = lost
     if refused == 0 and lost == 0:

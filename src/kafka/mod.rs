@@ -92,7 +92,7 @@ pub fn transactional_producer(config: &Config, transactional_id: &str) -> Result
 /// under the same id gets its partitions back at once, without waiting for the group to time the old
 /// member out. A static member does not leave the group when it closes, so a graceful stop must leave
 /// explicitly ([`TxnStage::close`]). An instance that dies for good is removed after the session
-/// timeout (10 s by default, 6 s at least on a broker with default settings).
+/// timeout (20 s by default, 6 s at least on a broker with default settings).
 /// Its [`GroupWatch`] context sees rebalances and reports consumer lag.
 pub fn group_consumer(
     config: &Config,
@@ -119,6 +119,23 @@ pub fn group_consumer(
         // Statistics feed the consumer-lag gauge.
         .set_if_absent("statistics.interval.ms", "5000")
         .create_with_context(GroupWatch::default())
+}
+
+/// Puts a new member of `group` under this instance's id, subscribed to `topics`, in the place of
+/// `consumer`, which became unusable (librdkafka's fatal errors: seen, fenced by its own instance id
+/// after the group coordinator's broker died). The old one is closed off the caller's task: closing may
+/// wait on the broker.
+pub fn rejoin(
+    config: &Config,
+    group: &str,
+    topics: &[&str],
+    consumer: &mut StreamConsumer<GroupWatch>,
+) -> Result<(), KafkaError> {
+    let fresh = group_consumer(config, group, Some(&config.service.instance()))?;
+    fresh.subscribe(topics)?;
+    let old = std::mem::replace(consumer, fresh);
+    tokio::task::spawn_blocking(move || drop(old));
+    Ok(())
 }
 
 /// A consumer outside any group, for reading whole topics (the deployments topic, tests, status): it is

@@ -337,13 +337,10 @@ impl TxnStage {
             return Err(error);
         }
         tracing::error!(%error, group = %self.group, "the consumer cannot go on; joining the group again with a new one");
-        let consumer = group_consumer(&self.config, &self.group, Some(&self.config.service.instance()))?;
         let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
-        consumer.subscribe(&topics)?;
-        self.generation_base = self.generation() + 2;
-        let old = std::mem::replace(&mut self.consumer, consumer);
-        // Closing an unusable consumer may wait on the broker; not on this task.
-        tokio::task::spawn_blocking(move || drop(old));
+        let base = self.generation() + 2;
+        super::rejoin(&self.config, &self.group, &topics, &mut self.consumer)?;
+        self.generation_base = base;
         Ok(Vec::new())
     }
 

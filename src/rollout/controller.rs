@@ -86,11 +86,7 @@ pub async fn run(config: Config, codec: Codec, mut shutdown: Shutdown) -> Result
                         old.stand_down();
                     }
                     inbox.clear();
-                    let fresh = kafka::group_consumer(&config, &group, Some(&config.service.instance()))?;
-                    fresh.subscribe(&[&topic])?;
-                    let old = std::mem::replace(&mut consumer, fresh);
-                    // Closing an unusable consumer may wait on the broker; not on this task.
-                    tokio::task::spawn_blocking(move || drop(old));
+                    kafka::rejoin(&config, &group, &[&topic], &mut consumer)?;
                 }
                 Ok(Err(error)) => tracing::warn!(%error, "controller: deployments topic read failed"),
                 Err(_) => {}
