@@ -69,6 +69,7 @@ impl TxnProducer {
     /// Creates the producer and registers its transactional id (fencing any earlier incarnation).
     pub fn new(config: &Config, id: String, shutdown: Shutdown) -> Result<Self, KafkaError> {
         let producer = create(config, &id)?;
+        telemetry::transactional_calls_watched();
         tracing::info!(transactional_id = %id, "transactional producer ready");
         Ok(TxnProducer { config: config.clone(), id, producer, stuck: false, shutdown })
     }

@@ -143,6 +143,14 @@ fn overdue(beats: &HashMap<&'static str, Instant>, now: Instant, after: Duration
     late
 }
 
+/// The transactional calls that are watched for overrunning ([`transactional_call_stuck`]), exported at 0
+/// from the start, so that dashboards and alerts see the series before the first one.
+pub fn transactional_calls_watched() {
+    for call in ["begin_transaction", "send_offsets_to_transaction", "commit_transaction", "abort_transaction"] {
+        counter!("switchyard_transactional_calls_stuck_total", "call" => call).increment(0);
+    }
+}
+
 /// A transactional call overran its timeout and its producer was abandoned for a new one.
 pub fn transactional_call_stuck(call: &'static str) {
     counter!("switchyard_transactional_calls_stuck_total", "call" => call).increment(1);
