@@ -60,20 +60,25 @@ fetch() {
 
 answering() { (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; }
 
-# The settings of a single-node broker for development and tests, with its data in $1 (shared with
-# scripts/kafka_secure.sh through `kafka.sh single-node-props DIR`).
-single_node_props() {
+# The settings of a broker for development and tests, with its data in $1, its topics (the offsets and
+# transaction logs included) with $2 replicas (default 1) and min.insync.replicas 2 when there are more
+# (shared with scripts/kafka_secure.sh and scripts/kafka_cluster.sh, which source this script).
+broker_props() {
+  local replicas="${2:-1}" in_sync=1
+  [ "$replicas" -gt 1 ] && in_sync=2
   cat <<PROPS
 log.dirs=$1
 num.partitions=4
+default.replication.factor=$replicas
+min.insync.replicas=$in_sync
 auto.create.topics.enable=false
-offsets.topic.replication.factor=1
+offsets.topic.replication.factor=$replicas
 offsets.topic.num.partitions=4
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
+transaction.state.log.replication.factor=$replicas
+transaction.state.log.min.isr=$in_sync
 transaction.state.log.num.partitions=4
-share.coordinator.state.topic.replication.factor=1
-share.coordinator.state.topic.min.isr=1
+share.coordinator.state.topic.replication.factor=$replicas
+share.coordinator.state.topic.min.isr=$in_sync
 group.initial.rebalance.delay.ms=0
 log.cleaner.min.compaction.lag.ms=0
 # Compaction tests need the cleaner to look often (default 15 s).
@@ -81,20 +86,24 @@ log.cleaner.backoff.ms=1000
 PROPS
 }
 
-write_config() {
-  mkdir -p "$state/data" "$state/logs"
-  cat >"$state/server.properties" <<PROPS
+# A node that is broker and controller, node id $1, on PLAINTEXT $port and CONTROLLER $controller_port,
+# with its quorum given by $2 (a controller.quorum.* line).
+plaintext_node_props() {
+  cat <<PROPS
 process.roles=broker,controller
-node.id=1
-controller.quorum.bootstrap.servers=127.0.0.1:$controller_port
+node.id=$1
+$2
 listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$controller_port
 advertised.listeners=PLAINTEXT://127.0.0.1:$port
 controller.listener.names=CONTROLLER
 listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
 inter.broker.listener.name=PLAINTEXT
-$(single_node_props "$state/data")
 PROPS
-  cat >"$state/log4j2.properties" <<PROPS
+}
+
+# Log4j settings: the broker's log in $log (a sourcing script may append appenders and loggers).
+log4j_props() {
+  cat <<PROPS
 status = warn
 appender.file.type = File
 appender.file.name = file
@@ -108,6 +117,15 @@ logger.kafka.level = info
 logger.org.name = org.apache.kafka
 logger.org.level = info
 PROPS
+}
+
+write_config() {
+  mkdir -p "$state/data" "$state/logs"
+  {
+    plaintext_node_props 1 "controller.quorum.bootstrap.servers=127.0.0.1:$controller_port"
+    broker_props "$state/data"
+  } >"$state/server.properties"
+  log4j_props >"$state/log4j2.properties"
 }
 
 java_cmd() { java -Xms256m -Xmx"$heap" -XX:+UseG1GC -Dlog4j2.configurationFile="$state/log4j2.properties" -cp "$lib/*" "$@"; }
@@ -185,7 +203,6 @@ stop() {
 
 case "${1:-}" in
   fetch) need_java "Kafka $version"; fetch ;;
-  single-node-props) single_node_props "${2:?single-node-props DIR}" ;;
   start) start ;;
   stop) stop ;;
   status) if pid="$(running_pid)" && answering; then say "running (pid $pid) on 127.0.0.1:$port"; else say "not running"; exit 1; fi ;;

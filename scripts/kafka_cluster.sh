@@ -66,41 +66,11 @@ cluster_id() {
 
 write_config() {
   mkdir -p "$state/data" "$state/logs"
-  cat >"$state/server.properties" <<PROPS
-process.roles=broker,controller
-node.id=$node_id
-controller.quorum.voters=$(voters)
-listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$controller_port
-advertised.listeners=PLAINTEXT://127.0.0.1:$port
-controller.listener.names=CONTROLLER
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
-inter.broker.listener.name=PLAINTEXT
-log.dirs=$state/data
-num.partitions=4
-default.replication.factor=3
-min.insync.replicas=2
-auto.create.topics.enable=false
-offsets.topic.replication.factor=3
-offsets.topic.num.partitions=12
-transaction.state.log.replication.factor=3
-transaction.state.log.min.isr=2
-transaction.state.log.num.partitions=12
-share.coordinator.state.topic.replication.factor=3
-share.coordinator.state.topic.min.isr=2
-group.initial.rebalance.delay.ms=0
-log.cleaner.min.compaction.lag.ms=0
-log.cleaner.backoff.ms=1000
-PROPS
-  cat >"$state/log4j2.properties" <<PROPS
-status = warn
-appender.file.type = File
-appender.file.name = file
-appender.file.fileName = $log
-appender.file.layout.type = PatternLayout
-appender.file.layout.pattern = [%d] %p %m (%c)%n
-rootLogger.level = info
-rootLogger.appenderRef.file.ref = file
-PROPS
+  {
+    plaintext_node_props "$node_id" "controller.quorum.voters=$(voters)"
+    broker_props "$state/data" 3
+  } >"$state/server.properties"
+  log4j_props >"$state/log4j2.properties"
 }
 
 cluster_start() {

@@ -103,27 +103,15 @@ authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
 allow.everyone.if.no.acl.found=false
 super.users=User:$broker_cn;User:admin
 
-$(single_node_props "$state/data")
+$(broker_props "$state/data")
 PROPS
   )
-  cat >"$state/log4j2.properties" <<PROPS
-status = warn
-appender.file.type = File
-appender.file.name = file
-appender.file.fileName = $log
-appender.file.layout.type = PatternLayout
-appender.file.layout.pattern = [%d] %p %m (%c)%n
+  { log4j_props; cat <<PROPS; } >"$state/log4j2.properties"
 appender.authorizer.type = File
 appender.authorizer.name = authorizer
 appender.authorizer.fileName = $state/logs/authorizer.log
 appender.authorizer.layout.type = PatternLayout
 appender.authorizer.layout.pattern = [%d] %p %m%n
-rootLogger.level = info
-rootLogger.appenderRef.file.ref = file
-logger.kafka.name = kafka
-logger.kafka.level = info
-logger.org.name = org.apache.kafka
-logger.org.level = info
 # Every denied request (INFO) names the principal, operation and resource: how to find a missing ACL.
 logger.authorizer.name = kafka.authorizer.logger
 logger.authorizer.level = info

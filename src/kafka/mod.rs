@@ -559,9 +559,9 @@ pub async fn ensure_topics(config: &Config, names: &[String], kind: TopicKind) -
             }
         }
     }
-    for name in names {
-        let metadata = admin.inner().fetch_metadata(Some(name), ADMIN_TIMEOUT).during("reading topic metadata")?;
-        let replicas = metadata.topics().first().and_then(|t| t.partitions().first()).map_or(0, |p| p.replicas().len());
+    let metadata = admin.inner().fetch_metadata(None, ADMIN_TIMEOUT).during("reading topic metadata")?;
+    for topic in metadata.topics().iter().filter(|t| names.contains(&t.name().to_string())) {
+        let (name, replicas) = (topic.name(), topic.partitions().first().map_or(0, |p| p.replicas().len()));
         if replicas > 0 && replicas < replicas_wanted(brokers) {
             tracing::warn!(
                 topic = %name, replicas, brokers,
