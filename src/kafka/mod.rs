@@ -166,9 +166,25 @@ impl LogEnds {
         Ok(LogEnds(base(config).set("isolation.level", "read_uncommitted").create()?))
     }
 
-    /// The first offset `partition` of `topic` still holds, and its high watermark.
+    /// The first offset `partition` of `topic` still holds, and its high watermark. A topic created a
+    /// moment ago may not be known yet to the broker asked (on a cluster, brokers learn new topics from
+    /// the controller one after another: seen as `UnknownPartition` right after creation), and a leader
+    /// may be moving: those answers are asked again until [`ADMIN_TIMEOUT`].
     pub fn of(&self, topic: &str, partition: i32) -> Result<(i64, i64), KafkaError> {
-        self.0.fetch_watermarks(topic, partition, ADMIN_TIMEOUT)
+        use rdkafka::types::RDKafkaErrorCode as Code;
+        let deadline = std::time::Instant::now() + ADMIN_TIMEOUT;
+        loop {
+            match self.0.fetch_watermarks(topic, partition, ADMIN_TIMEOUT) {
+                Err(KafkaError::MetadataFetch(
+                    Code::UnknownPartition
+                    | Code::UnknownTopicOrPartition
+                    | Code::UnknownTopic
+                    | Code::LeaderNotAvailable
+                    | Code::NotLeaderForPartition,
+                )) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+                answer => return answer,
+            }
+        }
     }
 }
 
