@@ -56,9 +56,14 @@ async fn main() {
                 bootstrap: std::env::var("SWITCHYARD_BOOTSTRAP_SERVERS").unwrap_or_else(|_| "127.0.0.1:9092".into()),
                 run: format!("b{:06x}", rand::random::<u32>() & 0xff_ffff),
             };
-            if let Some(minutes) = value("--soak-minutes") {
-                let rate = value("--rate").expect("--soak-minutes needs --rate").parse().expect("--rate N");
-                bench.soak(rate, minutes.parse().expect("--soak-minutes N")).await;
+            if flag("--soak") {
+                let number = |name: &str| value(name).map(|v| v.parse::<u64>().unwrap_or_else(|_| panic!("{name} N")));
+                let soak = Soak {
+                    rate: number("--rate"),
+                    minutes: number("--minutes").unwrap_or(60),
+                    restart_every: number("--restart-every").unwrap_or(10),
+                };
+                bench.soak(soak).await;
                 return;
             }
             match value("--latency-only") {
@@ -151,8 +156,16 @@ struct Proc {
 }
 
 impl Proc {
-    fn spawn(name: &str, mut command: Command, log: &str) -> Proc {
-        let file = std::fs::File::create(log).expect("log file");
+    fn spawn(name: &str, command: Command, log: &str) -> Proc {
+        Proc::spawn_to(name, command, std::fs::File::create(log).expect("log file"))
+    }
+
+    fn spawn_appending(name: &str, command: Command, log: &str) -> Proc {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log file");
+        Proc::spawn_to(name, command, file)
+    }
+
+    fn spawn_to(name: &str, mut command: Command, file: std::fs::File) -> Proc {
         command.stdout(file.try_clone().expect("log")).stderr(file).stdin(Stdio::null());
         let child = command.spawn().unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
         Proc { child, name: name.to_string() }
@@ -462,6 +475,11 @@ impl Bench {
     /// Starts the system under test (and for the full loop three instant demo models) on `prefix`'s
     /// topics; returns the processes, the system's first.
     async fn start(&self, system: System, full: bool, prefix: &str) -> Vec<Proc> {
+        self.start_with_metrics(system, full, prefix, None).await
+    }
+
+    /// [`Bench::start`], with switchyard's /metrics on `metrics_port` (else on a port of its choosing).
+    async fn start_with_metrics(&self, system: System, full: bool, prefix: &str, metrics_port: Option<u16>) -> Vec<Proc> {
         let config = config_for(&self.bootstrap, prefix);
         let env = env_for(&self.bootstrap, prefix);
         switchyard::service::ensure_core_topics(&config).await.expect("topics");
@@ -478,12 +496,7 @@ impl Bench {
                 let spec: switchyard::record::DeploymentSpec =
                     serde_json::from_str(&self.deployment(full)).expect("deployment");
                 switchyard::control::ops::deploy(&config, "bench", spec).await.expect("deploy");
-                let mut command = Command::new(self.binary("switchyard"));
-                command.args(["run"]).envs(env.iter().cloned()).env("RUST_LOG", "warn");
-                if !full {
-                    command.args(["--only", "route"]);
-                }
-                procs.push(Proc::spawn("switchyard", command, &self.log(&format!("{prefix}-switchyard"))));
+                procs.push(self.switchyard(full, prefix, metrics_port));
             }
             System::Streams => {
                 let t = &config.topics;
@@ -514,6 +527,21 @@ impl Bench {
             }
         }
         procs
+    }
+
+    /// One `switchyard run` on `prefix`'s topics (all stages, or route only).
+    fn switchyard(&self, full: bool, prefix: &str, metrics_port: Option<u16>) -> Proc {
+        let mut command = Command::new(self.binary("switchyard"));
+        command.args(["run"]).envs(env_for(&self.bootstrap, prefix)).env("RUST_LOG", "warn");
+        if let Some(port) = metrics_port {
+            command.env("SWITCHYARD__SERVICE__METRICS_ADDRESS", format!("127.0.0.1:{port}"));
+        }
+        if !full {
+            command.args(["--only", "route"]);
+        }
+        // Appends: a restarted instance (the soak) keeps the log of the one before.
+        let log = self.log(&format!("{prefix}-switchyard"));
+        Proc::spawn_appending("switchyard", command, &log)
     }
 
     async fn throughput(&self, system: System, full: bool, n: u64) -> Throughput {
@@ -612,33 +640,136 @@ impl Bench {
         Latency { rate, sent: sent as usize, decided, route, model, join, end_to_end }
     }
 
-    /// The full loop at `rate` for `minutes`: switchyard's RSS every minute, and the change between the
-    /// second and the last minute (the bound: ±10% between minutes 2 and 10 at 50% load).
-    async fn soak(&self, rate: u64, minutes: u64) {
+    /// The full loop for `soak.minutes` at `soak.rate` (default: half the maximum measured first), the
+    /// switchyard instance stopped (SIGTERM) and started again every `soak.restart_every` minutes. Prints a
+    /// line per minute (RSS, open requests, decisions and TIMEOUTs, end-to-end p50/p99, consumer lag, the
+    /// longest gap between decisions) and writes them to `.bench/<run>/soak.json`, plotted by
+    /// scripts/bench_plot.py.
+    async fn soak(&self, soak: Soak) {
+        let rate = match soak.rate {
+            Some(rate) => rate,
+            None => {
+                println!("measuring the full loop's maximum (30,000 requests preloaded) ...");
+                let max = self.throughput(System::Switchyard, true, 30_000).await;
+                print_throughput("switchyard full loop", &max);
+                (max.rate / 2.0) as u64
+            }
+        };
+        println!(
+            "soak: the full loop at {rate} requests/s for {} minutes, switchyard restarted every {} minutes",
+            soak.minutes, soak.restart_every
+        );
         let prefix = format!("{}-soak", self.run);
         let config = config_for(&self.bootstrap, &prefix);
         let codec = config.codec().expect("codec");
         kafka::ensure_topics(&config, std::slice::from_ref(&config.topics.requests), TopicKind::Stream)
             .await
             .expect("topic");
-        let procs = self.start(System::Switchyard, true, &prefix).await;
-        let sender = tokio::spawn(load(config.clone(), codec.clone(), rate, minutes * 60, format!("{prefix}-m")));
-        let mut rss = Vec::new();
-        for minute in 1..=minutes {
-            tokio::time::sleep(Duration::from_secs(60)).await;
-            rss.push(procs[0].rss_mib());
-            println!("  minute {minute:>2}: switchyard RSS {:.0} MiB", rss[rss.len() - 1]);
+        let port = free_port();
+        let mut procs = self.start_with_metrics(System::Switchyard, true, &prefix, Some(port)).await;
+        let mut instance = Some(procs.remove(0));
+        let mut stopping: Option<tokio::task::JoinHandle<()>> = None;
+        let reader = reader_at(&config, &[&config.topics.decisions], Offset::End).await;
+        let lag = Lag::new(&config, &prefix);
+        let run_id = format!("{prefix}-m");
+        let sender = tokio::spawn(load(config.clone(), codec.clone(), rate, soak.minutes * 60, run_id.clone()));
+        println!(
+            "  {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>7}",
+            "minute", "RSS MiB", "open", "decided", "TIMEOUT", "p50 ms", "p99 ms", "lag route", "lag merge", "gap s"
+        );
+        let mut rows = Vec::new();
+        let (mut total, mut last_decided_at) = (0usize, None::<i64>);
+        // The load's minutes, then up to two more while the backlog drains.
+        for minute in 1..=soak.minutes + 2 {
+            let draining = minute > soak.minutes;
+            let minute_end = Instant::now() + Duration::from_secs(60);
+            let (mut delays, mut decided_at, mut timeouts) = (Vec::new(), Vec::new(), 0usize);
+            while Instant::now() < minute_end {
+                if stopping.as_ref().is_some_and(|s| s.is_finished()) {
+                    stopping.take().expect("checked").await.expect("stop");
+                    instance = Some(self.switchyard(true, &prefix, Some(port)));
+                }
+                let Ok(Ok(message)) = tokio::time::timeout(Duration::from_millis(100), reader.recv()).await else {
+                    continue;
+                };
+                let Ok(d) = codec.decode::<Decision>(message.payload().unwrap_or_default()) else { continue };
+                if !d.request_id.starts_with(&run_id) {
+                    continue;
+                }
+                delays.push((clock::now_millis() - (d.decided_at - d.latency_ms)) as f64);
+                decided_at.push(d.decided_at);
+                timeouts += usize::from(d.status == switchyard::codec::DecisionStatus::Timeout);
+            }
+            decided_at.sort_unstable();
+            let gap_ms = last_decided_at
+                .into_iter()
+                .chain(decided_at.iter().copied())
+                .collect::<Vec<_>>()
+                .windows(2)
+                .map(|w| w[1] - w[0])
+                .max()
+                .unwrap_or(60_000);
+            last_decided_at = decided_at.last().copied().or(last_decided_at);
+            total += delays.len();
+            let [p50, p99, _] = percentiles(delays.clone());
+            let rss = instance.as_ref().map_or(f64::NAN, Proc::rss_mib);
+            let open = scrape_gauge(port, "switchyard_pending_requests");
+            let (lag_route, lag_merge) = lag.now();
+            let restart = !draining && minute % soak.restart_every == 0 && minute < soak.minutes;
+            println!(
+                "  {minute:>6} {rss:>8.0} {:>8} {:>8} {timeouts:>8} {p50:>8.0} {p99:>8.0} {lag_route:>9} {lag_merge:>9} {:>7.1}{}",
+                open.map_or("-".to_string(), |o| format!("{o:.0}")),
+                delays.len(),
+                gap_ms as f64 / 1000.0,
+                if restart { "   <- switchyard restarted" } else if draining { "   (draining)" } else { "" }
+            );
+            rows.push(serde_json::json!({
+                "minute": minute, "rss_mib": rss, "open_requests": open, "decided": delays.len(),
+                "timeouts": timeouts, "p50_ms": p50, "p99_ms": p99, "lag_route": lag_route,
+                "lag_merge": lag_merge, "gap_s": gap_ms as f64 / 1000.0, "restarted": restart,
+                "draining": draining,
+            }));
+            if restart {
+                let old = instance.take().expect("an instance runs");
+                stopping = Some(tokio::task::spawn_blocking(move || old.stop()));
+            }
+            // Merge's lag never falls below one per partition: the marker of route's last transaction.
+            if draining && lag_route == 0 && lag_merge <= i64::from(PARTITIONS) && open.unwrap_or(0.0) == 0.0 {
+                break;
+            }
         }
-        let _ = sender.await;
-        for p in procs {
+        let (_, sent) = sender.await.expect("load");
+        if let Some(s) = stopping {
+            s.await.expect("stop");
+        }
+        for p in instance.into_iter().chain(procs) {
             p.stop();
         }
-        if rss.len() >= 2 {
-            let (second, last) = (rss[1], rss[rss.len() - 1]);
-            println!(
-                "  RSS minute 2 -> minute {minutes}: {second:.0} -> {last:.0} MiB ({:+.1}%)",
-                100.0 * (last - second) / second
-            );
+        println!("  sent {sent}, decided {total} ({} missing)", sent as i64 - total as i64);
+        summarize_soak(&rows, soak.restart_every);
+        let file = format!("{}/.bench/{}/soak.json", self.repo, self.run);
+        let results = serde_json::json!({
+            "run": self.run, "rate": rate, "minutes": soak.minutes, "restart_every": soak.restart_every,
+            "sent": sent, "decided": total, "soak": rows,
+        });
+        std::fs::write(&file, serde_json::to_string_pretty(&results).expect("json")).expect("soak file");
+        println!("\nresults: {file}");
+        self.plot(&file);
+    }
+
+    /// Draws `results` with scripts/bench_plot.py when the plotting venv exists (see docs/benchmarks.md).
+    fn plot(&self, results: &str) {
+        let python = format!("{}/.bench/venv/bin/python", self.repo);
+        let png = results.replace(".json", ".png");
+        let drawn = std::path::Path::new(&python).exists()
+            && Command::new(&python)
+                .args([&format!("{}/scripts/bench_plot.py", self.repo), results, &png])
+                .status()
+                .is_ok_and(|s| s.success());
+        if drawn {
+            println!("plot: {png}");
+        } else {
+            println!("plot: {python} scripts/bench_plot.py {results} {png} (a venv with matplotlib)");
         }
     }
 
@@ -696,6 +827,84 @@ async fn reader_at(config: &Config, topics: &[&str], at: Offset) -> StreamConsum
     }
     reader.assign(&assignment).expect("assign");
     reader
+}
+
+/// What `--soak` runs.
+struct Soak {
+    rate: Option<u64>,
+    minutes: u64,
+    restart_every: u64,
+}
+
+/// How far route (on the requests) and merge (on the routed records) are behind, from their groups'
+/// committed offsets and the partitions' ends. The routed topic is written in transactions, so merge's
+/// lag counts the marker that ends each partition's last one: at rest it is one per partition.
+struct Lag {
+    ends: kafka::LogEnds,
+    route: (kafka::GroupOffsets, String),
+    merge: (kafka::GroupOffsets, String),
+}
+
+impl Lag {
+    fn new(config: &Config, prefix: &str) -> Lag {
+        let group = |stage: &str| kafka::GroupOffsets::new(config, &format!("{prefix}-{stage}")).expect("group reader");
+        Lag {
+            ends: kafka::LogEnds::new(config).expect("log ends"),
+            route: (group("route"), config.topics.requests.clone()),
+            merge: (group("merge"), config.topics.routed.clone()),
+        }
+    }
+
+    /// (route's lag, merge's lag) in records; -1 where the broker did not answer.
+    fn now(&self) -> (i64, i64) {
+        let of = |(group, topic): &(kafka::GroupOffsets, String)| -> Option<i64> {
+            let partitions: Vec<i32> = (0..PARTITIONS).collect();
+            let committed = group.of(topic, &partitions).ok()?;
+            partitions.iter().map(|p| Some(self.ends.of(topic, *p).ok()?.1 - committed.get(p)?.unwrap_or(0))).sum()
+        };
+        (of(&self.route).unwrap_or(-1), of(&self.merge).unwrap_or(-1))
+    }
+}
+
+/// Per restart segment: RSS at its second minute and at its last, and the p99 range; then whether RSS
+/// grew from segment to segment.
+fn summarize_soak(rows: &[serde_json::Value], restart_every: u64) {
+    let loaded: Vec<&serde_json::Value> = rows.iter().filter(|r| r["draining"] == false).collect();
+    let f = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+    let mut ends = Vec::new();
+    for (i, segment) in loaded.chunks(restart_every as usize).enumerate() {
+        let (second, last) = (segment.get(1).map_or(f64::NAN, |r| f(r, "rss_mib")), f(segment[segment.len() - 1], "rss_mib"));
+        let p99: Vec<f64> = segment.iter().map(|r| f(r, "p99_ms")).collect();
+        let open = segment.iter().map(|r| f(r, "open_requests")).fold(0.0, f64::max);
+        println!(
+            "  life {}: RSS minute 2 -> {}: {second:.0} -> {last:.0} MiB ({:+.1}%); p99 {:.0}-{:.0} ms; open requests at most {open:.0}",
+            i + 1,
+            segment.len(),
+            100.0 * (last - second) / second,
+            p99.iter().copied().fold(f64::INFINITY, f64::min),
+            p99.iter().copied().fold(0.0, f64::max)
+        );
+        ends.push(last);
+    }
+    if let (Some(first), Some(last)) = (ends.first(), ends.last()) {
+        println!("  RSS at the end of the first and the last life: {first:.0} -> {last:.0} MiB ({:+.1}%)", 100.0 * (last - first) / first);
+    }
+}
+
+/// A port nothing listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("address").port()
+}
+
+/// An unlabelled gauge from the /metrics page on `port` (None while the instance is down).
+fn scrape_gauge(port: u16, name: &str) -> Option<f64> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut page = String::new();
+    stream.read_to_string(&mut page).ok()?;
+    page.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 fn num_cpus() -> usize {

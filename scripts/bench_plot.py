@@ -1,7 +1,9 @@
 """Plots a results.json of scripts/bench: throughput (requests or records per second) and end-to-end
-latency (p50 and p99 per load level) for switchyard, Kafka Streams and the null pipe.
+latency (p50 and p99 per load level) for switchyard, Kafka Streams and the null pipe; or a soak.json of
+`scripts/bench --soak`: RSS, open requests, latency and lag per minute, restarts marked.
 
     .bench/venv/bin/python scripts/bench_plot.py .bench/<run>/results.json docs/benchmarks.png
+    .bench/venv/bin/python scripts/bench_plot.py .bench/<run>/soak.json docs/soak.png
 """
 import json
 import sys
@@ -11,7 +13,40 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+
+
+def plot_soak(results, out):
+    rows = results["soak"]
+    minutes = [r["minute"] for r in rows]
+    fig, axes = plt.subplots(2, 2, figsize=(13, 7), sharex=True)
+    panels = [
+        (axes[0][0], "switchyard RSS (MiB)", [("rss_mib", "RSS", "-")]),
+        (axes[0][1], "open requests (merge) and consumer lag", [
+            ("open_requests", "open requests", "-"), ("lag_route", "route lag", "--"), ("lag_merge", "merge lag", ":")]),
+        (axes[1][0], "end to end (ms)", [("p50_ms", "p50", "-"), ("p99_ms", "p99", "--")]),
+        (axes[1][1], "decisions per minute", [("decided", "decided", "-"), ("timeouts", "TIMEOUT", "--")]),
+    ]
+    for ax, title, series in panels:
+        for key, label, style in series:
+            ax.plot(minutes, [r[key] if r[key] is not None else float("nan") for r in rows], style, label=label)
+        for r in rows:
+            if r["restarted"]:
+                ax.axvline(r["minute"], color="#bbbbbb", linewidth=0.8)
+        ax.set_title(title)
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8)
+    for ax in axes[1]:
+        ax.set_xlabel("minute (grey lines: switchyard restarted)")
+    fig.suptitle(f"soak: {results['rate']:,} requests/s for {results['minutes']} minutes, run {results['run']}")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
 results = json.load(open(sys.argv[1]))
+if "soak" in results:
+    plot_soak(results, sys.argv[2])
+    sys.exit(0)
 fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
 
 rows = results["throughput"]
