@@ -47,6 +47,7 @@ async fn main() {
             )
             .await
         }
+        Some("models") => models(value("--prefix").expect("--prefix")).await,
         Some("run") => {
             let bench = Bench {
                 quick: flag("--quick"),
@@ -64,6 +65,12 @@ async fn main() {
                     restart_every: number("--restart-every").unwrap_or(10),
                 };
                 bench.soak(soak).await;
+                return;
+            }
+            if flag("--scale") {
+                let counts = value("--counts").unwrap_or_else(|| "1,10,100,300".into());
+                let counts: Vec<usize> = counts.split(',').map(|c| c.trim().parse().expect("--counts N,N,...")).collect();
+                bench.scale(&counts).await;
                 return;
             }
             match value("--latency-only") {
@@ -119,6 +126,45 @@ async fn pipe(input: String, output: String, group: String, id: String, transact
 }
 
 // ---------------------------------------------------------------------------------------------------
+// Instant models for the scale run: every model of `prefix`'s topics answered by one process (one
+// demo-model process per model would not fit 600 models on this machine).
+
+async fn models(prefix: String) {
+    let config = config_for(&std::env::var("SWITCHYARD_BOOTSTRAP_SERVERS").unwrap_or("127.0.0.1:9092".into()), &prefix);
+    let codec = config.codec().expect("codec");
+    let pattern = &config.topics.model_requests;
+    let (before, after) = pattern.split_once("{model}").expect("model topics are named by model");
+    let consumer = kafka::group_consumer(&config, &format!("{prefix}-models"), None).expect("consumer");
+    let regex = format!("^{}[A-Za-z0-9._-]+{}$", before.replace('.', "\\."), after.replace('.', "\\."));
+    consumer.subscribe(&[regex.as_str()]).expect("subscribe");
+    let producer = kafka::producer(&config).expect("producer");
+    let mut workers: HashMap<String, switchyard::tools::demo_model::DemoModel> = HashMap::new();
+    loop {
+        let batch = kafka::batch::next_batch(&consumer, 500, Duration::from_millis(5), Duration::from_millis(200))
+            .await
+            .expect("batch");
+        let mut out = Vec::with_capacity(batch.len());
+        for message in &batch {
+            let Some(model) = message.topic().strip_prefix(before).and_then(|t| t.strip_suffix(after)) else { continue };
+            let Ok(request) = codec.decode::<ModelRequest>(message.payload().unwrap_or_default()) else { continue };
+            let worker = workers.entry(model.to_string()).or_insert_with(|| switchyard::tools::demo_model::DemoModel {
+                model: model.to_string(),
+                latency: Duration::ZERO,
+                error_rate: 0.0,
+                disagree_percent: 0.0,
+                accuracy: None,
+            });
+            let answer = codec.encode(&worker.answer(&request));
+            out.push(OutRecord::new(config.topics.model_predictions(model), message.key().unwrap_or_default(), answer));
+        }
+        if !batch.is_empty() {
+            kafka::send_all(&producer, &out).await.expect("send");
+            consumer.commit(&kafka::batch_offsets(&batch), rdkafka::consumer::CommitMode::Async).expect("commit");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
 
 struct Bench {
     quick: bool,
@@ -132,6 +178,8 @@ struct Bench {
 /// One throughput figure.
 #[derive(Debug, Clone, Default)]
 struct Throughput {
+    /// From the start of the measurement (right after the processes were started) to the first record.
+    first_s: f64,
     rate: f64,
     cpu_per_million: f64,
     peak_rss_mib: f64,
@@ -392,8 +440,13 @@ impl Bench {
         }
     }
 
-    /// Preloads `n` requests of `deployment` into `config`'s requests topic.
+    /// Preloads `n` requests of the deployment `bench` into `config`'s requests topic.
     async fn preload(&self, config: &Config, n: u64) {
+        self.preload_spread(config, n, &["bench".to_string()]).await
+    }
+
+    /// Preloads `n` requests into `config`'s requests topic, taking `deployments` in turn.
+    async fn preload_spread(&self, config: &Config, n: u64, deployments: &[String]) {
         let codec = config.codec().expect("codec");
         kafka::ensure_topics(config, std::slice::from_ref(&config.topics.requests), TopicKind::Stream)
             .await
@@ -405,7 +458,8 @@ impl Bench {
         while i < n {
             let chunk: Vec<OutRecord> = (i..(i + 10_000).min(n))
                 .map(|k| {
-                    let r: Request = load.request(k, &mut rng);
+                    let mut r: Request = load.request(k, &mut rng);
+                    r.deployment.clone_from(&deployments[k as usize % deployments.len()]);
                     OutRecord::new(config.topics.requests.clone(), r.user_id.as_bytes(), codec.encode(&r))
                 })
                 .collect();
@@ -420,7 +474,7 @@ impl Bench {
         let reader = reader_at(config, &[topic], Offset::Beginning).await;
         let limit = Duration::from_secs(if self.quick { 240 } else { 900 });
         let start = Instant::now();
-        let (mut seen, mut mark) = (0u64, None);
+        let (mut seen, mut mark, mut first) = (0u64, None, None);
         while seen < n {
             if start.elapsed() > limit {
                 eprintln!("  {topic}: only {seen} of {n} records after {limit:?}; measuring what there is");
@@ -428,6 +482,7 @@ impl Bench {
             }
             if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(200), reader.recv()).await {
                 seen += 1;
+                first.get_or_insert_with(|| start.elapsed().as_secs_f64());
                 if seen == n / 10 {
                     mark = Some((Instant::now(), procs.iter().map(|p| p.cpu_seconds()).sum::<f64>()));
                 }
@@ -438,6 +493,7 @@ impl Bench {
         let elapsed = at.elapsed().as_secs_f64().max(1e-9);
         let cpu_used = procs.iter().map(|p| p.cpu_seconds()).sum::<f64>() - cpu;
         Throughput {
+            first_s: first.unwrap_or(f64::NAN),
             rate: records / elapsed,
             cpu_per_million: cpu_used / records.max(1.0) * 1e6,
             peak_rss_mib: procs.iter().map(|p| p.peak_rss_mib()).sum(),
@@ -757,6 +813,212 @@ impl Bench {
         self.plot(&file);
     }
 
+    /// Cost as deployments grow: for each of `counts`, that many canary deployments (10%), each with its
+    /// own control and candidate model. Per count: topic creation, route-only and full-loop throughput
+    /// from a preloaded backlog spread over every deployment, start-up (process start to first output),
+    /// switchyard's peak RSS and CPU, the longest pause in decisions while a second instance joins, and
+    /// (at the first count of 50 or more) the controller's CPU with 50 plans running.
+    async fn scale(&self, counts: &[usize]) {
+        println!("switchyard scale benchmark, run {}, broker {}, {PARTITIONS} partitions per topic", self.run, self.bootstrap);
+        let mut rows = Vec::new();
+        let mut plans_measured = false;
+        for &n in counts {
+            let plans = !plans_measured && n >= 50;
+            plans_measured |= plans;
+            let row = self.scale_one(n, plans).await;
+            println!("  {row}");
+            rows.push(row);
+        }
+        println!(
+            "\n  {:>11} {:>9} {:>10} {:>10} {:>10} {:>9} {:>10} {:>8} {:>8} {:>11}",
+            "deployments", "topics s", "route /s", "full /s", "start-up s", "RSS MiB", "CPU-s/M", "join s", "pause s",
+            "decided"
+        );
+        for r in &rows {
+            println!(
+                "  {:>11} {:>9.1} {:>10.0} {:>10.0} {:>10.1} {:>9.0} {:>10.1} {:>8.1} {:>8.1} {:>11}",
+                r["deployments"].as_u64().unwrap_or(0),
+                r["topics_s"].as_f64().unwrap_or(f64::NAN),
+                r["route_rate"].as_f64().unwrap_or(f64::NAN),
+                r["full_rate"].as_f64().unwrap_or(f64::NAN),
+                r["full_first_s"].as_f64().unwrap_or(f64::NAN),
+                r["full_peak_rss_mib"].as_f64().unwrap_or(f64::NAN),
+                r["full_cpu_per_million"].as_f64().unwrap_or(f64::NAN),
+                r["rebalance_assigned_s"].as_f64().unwrap_or(f64::NAN),
+                r["rebalance_gap_s"].as_f64().unwrap_or(f64::NAN),
+                format!("{}/{}", r["rebalance_decided"], r["rebalance_sent"]),
+            );
+        }
+        let file = format!("{}/.bench/{}/scale.json", self.repo, self.run);
+        let results = serde_json::json!({ "run": self.run, "partitions": PARTITIONS, "scale": rows });
+        std::fs::write(&file, serde_json::to_string_pretty(&results).expect("json")).expect("scale file");
+        println!("\nresults: {file}");
+        self.plot(&file);
+    }
+
+    async fn scale_one(&self, n: usize, plans: bool) -> serde_json::Value {
+        let names: Vec<String> = (0..n).map(|i| format!("s{i}")).collect();
+        let (n_route, n_full) = (self.count(200_000, 60_000), self.count(100_000, 30_000));
+        println!("\n== {n} deployment(s), {} model topics", 4 * n);
+
+        // Route only.
+        let prefix = format!("{}-scale{n}-route", self.run);
+        let config = config_for(&self.bootstrap, &prefix);
+        self.scale_setup(&config, n, None).await;
+        self.preload_spread(&config, n_route, &names).await;
+        let proc = self.switchyard(false, &prefix, None);
+        let route = self.measure(&config, &config.topics.routed, n_route, &[&proc]).await;
+        proc.stop();
+        print_throughput(&format!("route, {n} deployment(s)"), &route);
+        delete_topics(&self.bootstrap, &prefix).await;
+
+        // The full loop.
+        let prefix = format!("{}-scale{n}-full", self.run);
+        let config = config_for(&self.bootstrap, &prefix);
+        let topics_s = self.scale_setup(&config, n, None).await;
+        self.preload_spread(&config, n_full, &names).await;
+        let mut command = Command::new(self.binary("examples/bench"));
+        command.args(["models", "--prefix", &prefix]).env("SWITCHYARD_BOOTSTRAP_SERVERS", &self.bootstrap);
+        let models = Proc::spawn("models", command, &self.log(&format!("{prefix}-models")));
+        let instance = self.switchyard(true, &prefix, None);
+        let full = self.measure(&config, &config.topics.decisions, n_full, &[&instance]).await;
+        print_throughput(&format!("full loop, {n} deployment(s)"), &full);
+        println!("  start-up (processes started -> first decision): {:.1} s", full.first_s);
+
+        // The controller's cost: switchyard's CPU over a minute at 200 requests/s, then with 50 plans.
+        let controller = if plans {
+            let before = self.cpu_per_minute(&config, &instance, &names[0]).await;
+            self.scale_setup(&config, 50, Some(2)).await;
+            let with_plans = self.cpu_per_minute(&config, &instance, &names[0]).await;
+            println!("  CPU-s per minute at 200 requests/s: {before:.1}, with 50 plans running {with_plans:.1}");
+            Some((before, with_plans))
+        } else {
+            None
+        };
+
+        // A second instance joins under load: the longest pause in decisions.
+        let (gap_s, assigned_s, decided, sent) = self.rebalance(&config, &prefix, &names[0]).await;
+        println!(
+            "  a second instance joins at 200 requests/s: assigned partitions after {assigned_s:.1} s; longest pause \
+             in decisions {gap_s:.1} s; {decided} of {sent} decided"
+        );
+        instance.stop();
+        models.stop();
+        delete_topics(&self.bootstrap, &prefix).await;
+        serde_json::json!({
+            "deployments": n, "topics_s": topics_s,
+            "route_rate": route.rate, "route_first_s": route.first_s, "route_cpu_per_million": route.cpu_per_million,
+            "route_peak_rss_mib": route.peak_rss_mib,
+            "full_rate": full.rate, "full_first_s": full.first_s, "full_cpu_per_million": full.cpu_per_million,
+            "full_peak_rss_mib": full.peak_rss_mib,
+            "controller_cpu_s_per_minute": controller.map(|c| c.0),
+            "controller_cpu_s_per_minute_50_plans": controller.map(|c| c.1),
+            "rebalance_gap_s": gap_s, "rebalance_assigned_s": assigned_s, "rebalance_decided": decided,
+            "rebalance_sent": sent,
+        })
+    }
+
+    /// Creates the core topics and those of `n` deployments `s<i>` (control `m<i>a`, candidate `m<i>b`),
+    /// and writes the deployments (version `plan_version` with a plan of two long steps when given, else
+    /// version 1 without one). Returns how long creating the topics took, in seconds.
+    async fn scale_setup(&self, config: &Config, n: usize, plan_version: Option<i64>) -> f64 {
+        let now = clock::now_millis();
+        let deployments: Vec<switchyard::record::Deployment> = (0..n)
+            .map(|i| {
+                let (version, plan) = match plan_version {
+                    Some(v) => (
+                        v,
+                        format!(
+                            r#","plan":{{"steps":[{{"canary_percent":10,"bake_ms":3600000,"min_sample":100000000,"max_ms":7200000}},{{"canary_percent":50,"bake_ms":3600000,"min_sample":100000000,"max_ms":7200000}}],"step_started_at":{now}}}"#
+                        ),
+                    ),
+                    None => (1, String::new()),
+                };
+                let json = format!(
+                    r#"{{"version":{version},"strategy":"canary","control":"m{i}a","candidate":"m{i}b","canary_percent":10,"timeout_ms":30000{plan}}}"#
+                );
+                let spec = switchyard::record::DeploymentSpec::from_json(json.as_bytes()).expect("deployment");
+                spec.validate(&format!("s{i}")).expect("valid deployment")
+            })
+            .collect();
+        let started = Instant::now();
+        switchyard::service::ensure_core_topics(config).await.expect("topics");
+        for chunk in deployments.chunks(100) {
+            switchyard::control::ensure_model_topics(config, chunk).await.expect("model topics");
+        }
+        let topics_s = started.elapsed().as_secs_f64();
+        let producer = kafka::producer(config).expect("producer");
+        let records: Vec<OutRecord> = deployments
+            .iter()
+            .map(|d| OutRecord::new(config.topics.deployments.clone(), d.name.as_bytes(), d.spec.to_json().into_bytes()))
+            .collect();
+        kafka::send_all(&producer, &records).await.expect("deployments written");
+        topics_s
+    }
+
+    /// `instance`'s CPU-seconds over a minute while `deployment` gets 200 requests/s.
+    async fn cpu_per_minute(&self, config: &Config, instance: &Proc, deployment: &str) -> f64 {
+        let codec = config.codec().expect("codec");
+        let sender = tokio::spawn(load_to(deployment.into(), config.clone(), codec, 200, 70, format!("{}-cpu", self.run)));
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let cpu = instance.cpu_seconds();
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let used = instance.cpu_seconds() - cpu;
+        let _ = sender.await;
+        used
+    }
+
+    /// Sends 200 requests/s of `deployment` for 80 s and starts a second switchyard instance 10 s in.
+    /// Returns the longest pause between decisions from then on (s), how long the second instance took
+    /// to be assigned partitions by route's and merge's groups (s, NaN if it was not within the run),
+    /// and how many requests were decided of those sent.
+    async fn rebalance(&self, config: &Config, prefix: &str, deployment: &str) -> (f64, f64, usize, u64) {
+        const SECONDS: u64 = 80;
+        let codec = config.codec().expect("codec");
+        let reader = reader_at(config, &[&config.topics.decisions], Offset::End).await;
+        let run_id = format!("{prefix}-join");
+        let sender =
+            tokio::spawn(load_to(deployment.into(), config.clone(), codec.clone(), 200, SECONDS, run_id.clone()));
+        let started = Instant::now();
+        let log = self.log(&format!("{prefix}-switchyard-1"));
+        let mut joined: Option<(Proc, i64)> = None;
+        let (mut assigned_s, mut looked) = (f64::NAN, Instant::now());
+        let mut decided_at = Vec::new();
+        let end = started + Duration::from_secs(SECONDS + 30);
+        while Instant::now() < end && !(sender.is_finished() && decided_at.len() as u64 >= 200 * SECONDS) {
+            if joined.is_none() && started.elapsed() >= Duration::from_secs(10) {
+                let mut command = Command::new(self.binary("switchyard"));
+                command
+                    .args(["run"])
+                    .envs(env_for(&self.bootstrap, prefix))
+                    .env("SWITCHYARD__SERVICE__INSTANCE_ID", format!("{prefix}-1"))
+                    .env("RUST_LOG", "warn,switchyard::kafka::batch=info");
+                joined = Some((Proc::spawn("switchyard 2", command, &log), clock::now_millis()));
+            }
+            if let Some((_, joined_at)) = joined.as_ref().filter(|_| assigned_s.is_nan() && looked.elapsed().as_secs() >= 1) {
+                looked = Instant::now();
+                // route's and merge's groups (the score stage's is a third when quality is on).
+                let lines = std::fs::read_to_string(&log).unwrap_or_default();
+                if lines.matches("partitions assigned").count() >= 2 {
+                    assigned_s = (clock::now_millis() - *joined_at) as f64 / 1000.0;
+                }
+            }
+            let Ok(Ok(message)) = tokio::time::timeout(Duration::from_millis(100), reader.recv()).await else {
+                continue;
+            };
+            let Ok(d) = codec.decode::<Decision>(message.payload().unwrap_or_default()) else { continue };
+            if d.request_id.starts_with(&run_id) {
+                decided_at.push(d.decided_at);
+            }
+        }
+        let (_, sent) = sender.await.expect("load");
+        let (second, joined_at) = joined.expect("the second instance started");
+        second.stop();
+        decided_at.sort_unstable();
+        let gap = decided_at.windows(2).filter(|w| w[1] >= joined_at).map(|w| w[1] - w[0]).max().unwrap_or(0);
+        (gap as f64 / 1000.0, assigned_s, decided_at.len(), sent)
+    }
+
     /// Draws `results` with scripts/bench_plot.py when the plotting venv exists (see docs/benchmarks.md).
     fn plot(&self, results: &str) {
         let python = format!("{}/.bench/venv/bin/python", self.repo);
@@ -801,9 +1063,20 @@ impl Bench {
 
 /// Sends requests at `rate` for `seconds` (the loadgen's smooth 10 ms slices); returns (run id, sent).
 async fn load(config: Config, codec: Codec, rate: u64, seconds: u64, run_id: String) -> (String, u64) {
+    load_to("bench".into(), config, codec, rate, seconds, run_id).await
+}
+
+/// [`load`] for `deployment`.
+async fn load_to(
+    deployment: String,
+    config: Config,
+    codec: Codec,
+    rate: u64,
+    seconds: u64,
+    run_id: String,
+) -> (String, u64) {
     let (_trigger, shutdown) = ShutdownTrigger::new();
-    let loadgen =
-        Loadgen { deployment: "bench".into(), rate, count: rate * seconds, users: USERS, run_id: run_id.clone() };
+    let loadgen = Loadgen { deployment, rate, count: rate * seconds, users: USERS, run_id: run_id.clone() };
     let report = loadgen.run(config, codec, shutdown).await.expect("load");
     (run_id, report.sent)
 }
@@ -888,6 +1161,24 @@ fn summarize_soak(rows: &[serde_json::Value], restart_every: u64) {
     }
     if let (Some(first), Some(last)) = (ends.first(), ends.last()) {
         println!("  RSS at the end of the first and the last life: {first:.0} -> {last:.0} MiB ({:+.1}%)", 100.0 * (last - first) / first);
+    }
+}
+
+/// Deletes every topic named `<prefix>.*` (a scale run's hundreds of topics would otherwise stay).
+async fn delete_topics(bootstrap: &str, prefix: &str) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", bootstrap).create().expect("admin");
+    let metadata = admin.inner().fetch_metadata(None, kafka::ADMIN_TIMEOUT).expect("metadata");
+    let mine: Vec<String> =
+        metadata.topics().iter().map(|t| t.name().to_string()).filter(|t| t.starts_with(&format!("{prefix}."))).collect();
+    let options = AdminOptions::new().operation_timeout(Some(kafka::ADMIN_TIMEOUT));
+    for chunk in mine.chunks(100) {
+        let names: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        if let Err(error) = admin.delete_topics(&names, &options).await {
+            eprintln!("  deleting {} topics of {prefix}: {error}", names.len());
+        }
     }
 }
 

@@ -1,9 +1,11 @@
 """Plots a results.json of scripts/bench: throughput (requests or records per second) and end-to-end
 latency (p50 and p99 per load level) for switchyard, Kafka Streams and the null pipe; or a soak.json of
-`scripts/bench --soak`: RSS, open requests, latency and lag per minute, restarts marked.
+`scripts/bench --soak`: RSS, open requests, latency and lag per minute, restarts marked; or a scale.json
+of `scripts/bench --scale`: throughput, start-up, memory and rebalance pause against the deployments.
 
     .bench/venv/bin/python scripts/bench_plot.py .bench/<run>/results.json docs/benchmarks.png
     .bench/venv/bin/python scripts/bench_plot.py .bench/<run>/soak.json docs/soak.png
+    .bench/venv/bin/python scripts/bench_plot.py .bench/<run>/scale.json docs/scale.png
 """
 import json
 import sys
@@ -43,9 +45,39 @@ def plot_soak(results, out):
     print(f"wrote {out}")
 
 
+def plot_scale(results, out):
+    rows = results["scale"]
+    n = [r["deployments"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    panels = [
+        (axes[0], "throughput (per second)", [("route_rate", "route only"), ("full_rate", "full loop")]),
+        (axes[1], "seconds", [("full_first_s", "start-up to first decision"),
+                              ("rebalance_gap_s", "pause while a 2nd instance joins"),
+                              ("rebalance_assigned_s", "2nd instance assigned partitions"),
+                              ("topics_s", "creating the topics")]),
+        (axes[2], "switchyard peak RSS (MiB)", [("route_peak_rss_mib", "route only"),
+                                                 ("full_peak_rss_mib", "full loop")]),
+    ]
+    for ax, title, series in panels:
+        for key, label in series:
+            ax.plot(n, [r.get(key) if r.get(key) is not None else float("nan") for r in rows], "o-", label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel("deployments (each with its own two models)")
+        ax.set_title(title)
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"cost as deployments grow, {results['partitions']} partitions per topic, run {results['run']}")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
 results = json.load(open(sys.argv[1]))
 if "soak" in results:
     plot_soak(results, sys.argv[2])
+    sys.exit(0)
+if "scale" in results:
+    plot_scale(results, sys.argv[2])
     sys.exit(0)
 fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
 

@@ -182,24 +182,36 @@ impl Topology {
     }
 
     /// Reports, once per topic, an assigned predictions topic whose partition count differs from the
-    /// routed topic's: its answers still reach their requests, forwarded (one extra hop).
+    /// routed topic's: its answers still reach their requests, forwarded (one extra hop). One metadata
+    /// request for all topics not checked yet (merge may be assigned hundreds of predictions topics: a
+    /// request per topic added seconds to each rebalance).
     fn check_predictions_topics(
         &mut self,
         consumer: &StreamConsumer<GroupWatch>,
         assigned: &HashSet<String>,
         config: &Config,
     ) {
-        for topic in assigned {
-            if model_of_topic(&config.topics.model_predictions, topic).is_none() || self.checked.contains(topic) {
-                continue;
+        let unchecked: HashSet<&String> = assigned
+            .iter()
+            .filter(|t| model_of_topic(&config.topics.model_predictions, t).is_some() && !self.checked.contains(*t))
+            .collect();
+        if unchecked.is_empty() {
+            return;
+        }
+        let metadata = match consumer.fetch_metadata(None, kafka::ADMIN_TIMEOUT) {
+            Ok(metadata) => metadata,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the predictions topics' partition counts; checked at the next rebalance");
+                return;
             }
-            if let Ok(Some(n)) = kafka::partition_count(consumer, topic) {
-                if n != self.partitions {
-                    tracing::warn!(%topic, partitions = n, routed_partitions = self.partitions,
-                        "predictions topic has another partition count than the routed topic; its answers are forwarded (one extra hop)");
-                }
-                self.checked.insert(topic.clone());
+        };
+        for topic in metadata.topics().iter().filter(|t| t.error().is_none() && unchecked.contains(&t.name().to_string())) {
+            let n = topic.partitions().len();
+            if n != self.partitions {
+                tracing::warn!(topic = %topic.name(), partitions = n, routed_partitions = self.partitions,
+                    "predictions topic has another partition count than the routed topic; its answers are forwarded (one extra hop)");
             }
+            self.checked.insert(topic.name().to_string());
         }
     }
 
