@@ -69,8 +69,9 @@ async fn main() {
             }
             if flag("--scale") {
                 let counts = value("--counts").unwrap_or_else(|| "1,10,100,300".into());
-                let counts: Vec<usize> = counts.split(',').map(|c| c.trim().parse().expect("--counts N,N,...")).collect();
-                bench.scale(&counts).await;
+                let counts: Vec<usize> =
+                    counts.split(',').map(|c| c.trim().parse().expect("--counts N,N,...")).collect();
+                bench.scale(&counts, flag("--route-only")).await;
                 return;
             }
             match value("--latency-only") {
@@ -145,7 +146,9 @@ async fn models(prefix: String) {
             .expect("batch");
         let mut out = Vec::with_capacity(batch.len());
         for message in &batch {
-            let Some(model) = message.topic().strip_prefix(before).and_then(|t| t.strip_suffix(after)) else { continue };
+            let Some(model) = message.topic().strip_prefix(before).and_then(|t| t.strip_suffix(after)) else {
+                continue;
+            };
             let Ok(request) = codec.decode::<ModelRequest>(message.payload().unwrap_or_default()) else { continue };
             let worker = workers.entry(model.to_string()).or_insert_with(|| switchyard::tools::demo_model::DemoModel {
                 model: model.to_string(),
@@ -220,13 +223,7 @@ impl Proc {
     }
 
     fn cpu_seconds(&self) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        // Fields after the command name (which may hold spaces) start at ") ".
-        let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
-        // utime and stime are fields 14 and 15 of stat, 12 and 13 after the state field's start.
-        (ticks(11) + ticks(12)) / clock_ticks()
+        cpu_seconds_of(self.child.id())
     }
 
     fn peak_rss_mib(&self) -> f64 {
@@ -442,19 +439,19 @@ impl Bench {
 
     /// Preloads `n` requests of the deployment `bench` into `config`'s requests topic.
     async fn preload(&self, config: &Config, n: u64) {
-        self.preload_spread(config, n, &["bench".to_string()]).await
+        self.preload_spread(config, 0..n, &["bench".to_string()]).await
     }
 
-    /// Preloads `n` requests into `config`'s requests topic, taking `deployments` in turn.
-    async fn preload_spread(&self, config: &Config, n: u64, deployments: &[String]) {
+    /// Preloads the requests numbered `keys` into `config`'s requests topic, taking `deployments` in turn.
+    async fn preload_spread(&self, config: &Config, keys: std::ops::Range<u64>, deployments: &[String]) {
         let codec = config.codec().expect("codec");
         kafka::ensure_topics(config, std::slice::from_ref(&config.topics.requests), TopicKind::Stream)
             .await
             .expect("topic");
         let producer = kafka::producer(config).expect("producer");
+        let (mut i, n) = (keys.start, keys.end);
         let load = Loadgen { deployment: "bench".into(), rate: 0, count: n, users: USERS, run_id: self.run.clone() };
         let mut rng = rand::rng();
-        let mut i = 0;
         while i < n {
             let chunk: Vec<OutRecord> = (i..(i + 10_000).min(n))
                 .map(|k| {
@@ -535,7 +532,13 @@ impl Bench {
     }
 
     /// [`Bench::start`], with switchyard's /metrics on `metrics_port` (else on a port of its choosing).
-    async fn start_with_metrics(&self, system: System, full: bool, prefix: &str, metrics_port: Option<u16>) -> Vec<Proc> {
+    async fn start_with_metrics(
+        &self,
+        system: System,
+        full: bool,
+        prefix: &str,
+        metrics_port: Option<u16>,
+    ) -> Vec<Proc> {
         let config = config_for(&self.bootstrap, prefix);
         let env = env_for(&self.bootstrap, prefix);
         switchyard::service::ensure_core_topics(&config).await.expect("topics");
@@ -777,7 +780,13 @@ impl Bench {
                 open.map_or("-".to_string(), |o| format!("{o:.0}")),
                 delays.len(),
                 gap_ms as f64 / 1000.0,
-                if restart { "   <- switchyard restarted" } else if draining { "   (draining)" } else { "" }
+                if restart {
+                    "   <- switchyard restarted"
+                } else if draining {
+                    "   (draining)"
+                } else {
+                    ""
+                }
             );
             rows.push(serde_json::json!({
                 "minute": minute, "rss_mib": rss, "open_requests": open, "decided": delays.len(),
@@ -818,35 +827,51 @@ impl Bench {
     /// from a preloaded backlog spread over every deployment, start-up (process start to first output),
     /// switchyard's peak RSS and CPU, the longest pause in decisions while a second instance joins, and
     /// (at the first count of 50 or more) the controller's CPU with 50 plans running.
-    async fn scale(&self, counts: &[usize]) {
-        println!("switchyard scale benchmark, run {}, broker {}, {PARTITIONS} partitions per topic", self.run, self.bootstrap);
+    /// With `route_only` (for tuning), only the route figures of each count.
+    async fn scale(&self, counts: &[usize], route_only: bool) {
+        println!(
+            "switchyard scale benchmark, run {}, broker {}, {PARTITIONS} partitions per topic",
+            self.run, self.bootstrap
+        );
         let mut rows = Vec::new();
         let mut plans_measured = false;
         for &n in counts {
             let plans = !plans_measured && n >= 50;
             plans_measured |= plans;
-            let row = self.scale_one(n, plans).await;
+            let row = self.scale_one(n, plans, route_only).await;
             println!("  {row}");
             rows.push(row);
         }
         println!(
-            "\n  {:>11} {:>9} {:>10} {:>10} {:>10} {:>9} {:>10} {:>8} {:>8} {:>11}",
-            "deployments", "topics s", "route /s", "full /s", "start-up s", "RSS MiB", "CPU-s/M", "join s", "pause s",
-            "decided"
+            "\n  {:>11} {:>9} {:>10} {:>10} {:>10} {:>9} {:>10} {:>8} {:>8} {:>11} {:>13}",
+            "deployments",
+            "topics s",
+            "route /s",
+            "full /s",
+            "start-up s",
+            "RSS MiB",
+            "CPU-s/M",
+            "join s",
+            "pause s",
+            "decided",
+            "CPU-s/min sy/broker"
         );
         for r in &rows {
+            let f = |key: &str| r[key].as_f64().unwrap_or(f64::NAN);
             println!(
-                "  {:>11} {:>9.1} {:>10.0} {:>10.0} {:>10.1} {:>9.0} {:>10.1} {:>8.1} {:>8.1} {:>11}",
+                "  {:>11} {:>9.1} {:>10.0} {:>10.0} {:>10.1} {:>9.0} {:>10.1} {:>8.1} {:>8.1} {:>11} {:>8.1}/{:.1}",
                 r["deployments"].as_u64().unwrap_or(0),
-                r["topics_s"].as_f64().unwrap_or(f64::NAN),
-                r["route_rate"].as_f64().unwrap_or(f64::NAN),
-                r["full_rate"].as_f64().unwrap_or(f64::NAN),
-                r["full_first_s"].as_f64().unwrap_or(f64::NAN),
-                r["full_peak_rss_mib"].as_f64().unwrap_or(f64::NAN),
-                r["full_cpu_per_million"].as_f64().unwrap_or(f64::NAN),
-                r["rebalance_assigned_s"].as_f64().unwrap_or(f64::NAN),
-                r["rebalance_gap_s"].as_f64().unwrap_or(f64::NAN),
+                f("topics_s"),
+                f("route_rate"),
+                f("full_rate"),
+                f("full_first_s"),
+                f("full_peak_rss_mib"),
+                f("full_cpu_per_million"),
+                f("rebalance_assigned_s"),
+                f("rebalance_gap_s"),
                 format!("{}/{}", r["rebalance_decided"], r["rebalance_sent"]),
+                f("cpu_s_per_minute"),
+                f("broker_cpu_s_per_minute"),
             );
         }
         let file = format!("{}/.bench/{}/scale.json", self.repo, self.run);
@@ -856,7 +881,7 @@ impl Bench {
         self.plot(&file);
     }
 
-    async fn scale_one(&self, n: usize, plans: bool) -> serde_json::Value {
+    async fn scale_one(&self, n: usize, plans: bool, route_only: bool) -> serde_json::Value {
         let names: Vec<String> = (0..n).map(|i| format!("s{i}")).collect();
         let (n_route, n_full) = (self.count(200_000, 60_000), self.count(100_000, 30_000));
         println!("\n== {n} deployment(s), {} model topics", 4 * n);
@@ -865,33 +890,44 @@ impl Bench {
         let prefix = format!("{}-scale{n}-route", self.run);
         let config = config_for(&self.bootstrap, &prefix);
         self.scale_setup(&config, n, None).await;
-        self.preload_spread(&config, n_route, &names).await;
+        self.preload_spread(&config, 0..n_route, &names).await;
         let proc = self.switchyard(false, &prefix, None);
         let route = self.measure(&config, &config.topics.routed, n_route, &[&proc]).await;
         proc.stop();
         print_throughput(&format!("route, {n} deployment(s)"), &route);
         delete_topics(&self.bootstrap, &prefix).await;
+        if route_only {
+            return serde_json::json!({ "deployments": n, "route_rate": route.rate,
+                "route_cpu_per_million": route.cpu_per_million, "route_peak_rss_mib": route.peak_rss_mib });
+        }
 
         // The full loop.
         let prefix = format!("{}-scale{n}-full", self.run);
         let config = config_for(&self.bootstrap, &prefix);
         let topics_s = self.scale_setup(&config, n, None).await;
-        self.preload_spread(&config, n_full, &names).await;
         let mut command = Command::new(self.binary("examples/bench"));
         command.args(["models", "--prefix", &prefix]).env("SWITCHYARD_BOOTSTRAP_SERVERS", &self.bootstrap);
         let models = Proc::spawn("models", command, &self.log(&format!("{prefix}-models")));
         let instance = self.switchyard(true, &prefix, None);
-        let full = self.measure(&config, &config.topics.decisions, n_full, &[&instance]).await;
+        // Start-up: one request, sent as the processes start, until its decision. The load comes after,
+        // so that the rate is the running loop's, not that of a backlog drained after a slow start.
+        self.preload_spread(&config, 0..1, &names).await;
+        let startup = self.measure(&config, &config.topics.decisions, 1, &[]).await;
+        println!("  start-up (processes started -> first decision): {:.1} s", startup.first_s);
+        self.preload_spread(&config, 1..n_full + 1, &names).await;
+        let mut full = self.measure(&config, &config.topics.decisions, n_full + 1, &[&instance]).await;
+        full.first_s = startup.first_s;
         print_throughput(&format!("full loop, {n} deployment(s)"), &full);
-        println!("  start-up (processes started -> first decision): {:.1} s", full.first_s);
 
-        // The controller's cost: switchyard's CPU over a minute at 200 requests/s, then with 50 plans.
-        let controller = if plans {
-            let before = self.cpu_per_minute(&config, &instance, &names[0]).await;
+        // The standing cost at a light load: switchyard's and the broker's CPU over a minute at 200
+        // requests/s; once (the first count of at least 50), again with 50 plans running.
+        let idle = self.cpu_per_minute(&config, &instance, &names[0]).await;
+        println!("  CPU-s per minute at 200 requests/s: switchyard {:.1}, broker {:.1}", idle.0, idle.1);
+        let with_plans = if plans {
             self.scale_setup(&config, 50, Some(2)).await;
-            let with_plans = self.cpu_per_minute(&config, &instance, &names[0]).await;
-            println!("  CPU-s per minute at 200 requests/s: {before:.1}, with 50 plans running {with_plans:.1}");
-            Some((before, with_plans))
+            let cpu = self.cpu_per_minute(&config, &instance, &names[0]).await;
+            println!("  with 50 plans running: switchyard {:.1}, broker {:.1}", cpu.0, cpu.1);
+            Some(cpu)
         } else {
             None
         };
@@ -911,8 +947,9 @@ impl Bench {
             "route_peak_rss_mib": route.peak_rss_mib,
             "full_rate": full.rate, "full_first_s": full.first_s, "full_cpu_per_million": full.cpu_per_million,
             "full_peak_rss_mib": full.peak_rss_mib,
-            "controller_cpu_s_per_minute": controller.map(|c| c.0),
-            "controller_cpu_s_per_minute_50_plans": controller.map(|c| c.1),
+            "cpu_s_per_minute": idle.0, "broker_cpu_s_per_minute": idle.1,
+            "cpu_s_per_minute_50_plans": with_plans.map(|c| c.0),
+            "broker_cpu_s_per_minute_50_plans": with_plans.map(|c| c.1),
             "rebalance_gap_s": gap_s, "rebalance_assigned_s": assigned_s, "rebalance_decided": decided,
             "rebalance_sent": sent,
         })
@@ -950,20 +987,29 @@ impl Bench {
         let producer = kafka::producer(config).expect("producer");
         let records: Vec<OutRecord> = deployments
             .iter()
-            .map(|d| OutRecord::new(config.topics.deployments.clone(), d.name.as_bytes(), d.spec.to_json().into_bytes()))
+            .map(|d| {
+                OutRecord::new(config.topics.deployments.clone(), d.name.as_bytes(), d.spec.to_json().into_bytes())
+            })
             .collect();
         kafka::send_all(&producer, &records).await.expect("deployments written");
         topics_s
     }
 
-    /// `instance`'s CPU-seconds over a minute while `deployment` gets 200 requests/s.
-    async fn cpu_per_minute(&self, config: &Config, instance: &Proc, deployment: &str) -> f64 {
+    /// `instance`'s CPU-seconds over a minute while `deployment` gets 200 requests/s, and the local
+    /// broker's (scripts/kafka.sh's single node; NaN when it is not that broker).
+    async fn cpu_per_minute(&self, config: &Config, instance: &Proc, deployment: &str) -> (f64, f64) {
         let codec = config.codec().expect("codec");
-        let sender = tokio::spawn(load_to(deployment.into(), config.clone(), codec, 200, 70, format!("{}-cpu", self.run)));
+        let broker = std::fs::read_to_string(format!("{}/.kafka/kafka.pid", self.repo))
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok())
+            .filter(|_| self.bootstrap == "127.0.0.1:9092");
+        let broker_cpu = || broker.map_or(f64::NAN, cpu_seconds_of);
+        let sender =
+            tokio::spawn(load_to(deployment.into(), config.clone(), codec, 200, 70, format!("{}-cpu", self.run)));
         tokio::time::sleep(Duration::from_secs(10)).await;
-        let cpu = instance.cpu_seconds();
+        let (cpu, broker_before) = (instance.cpu_seconds(), broker_cpu());
         tokio::time::sleep(Duration::from_secs(60)).await;
-        let used = instance.cpu_seconds() - cpu;
+        let used = (instance.cpu_seconds() - cpu, broker_cpu() - broker_before);
         let _ = sender.await;
         used
     }
@@ -995,11 +1041,13 @@ impl Bench {
                     .env("RUST_LOG", "warn,switchyard::kafka::batch=info");
                 joined = Some((Proc::spawn("switchyard 2", command, &log), clock::now_millis()));
             }
-            if let Some((_, joined_at)) = joined.as_ref().filter(|_| assigned_s.is_nan() && looked.elapsed().as_secs() >= 1) {
+            if let Some((_, joined_at)) =
+                joined.as_ref().filter(|_| assigned_s.is_nan() && looked.elapsed().as_secs() >= 1)
+            {
                 looked = Instant::now();
                 // route's and merge's groups (the score stage's is a third when quality is on).
                 let lines = std::fs::read_to_string(&log).unwrap_or_default();
-                if lines.matches("partitions assigned").count() >= 2 {
+                if assignments(&lines) >= 2 {
                     assigned_s = (clock::now_millis() - *joined_at) as f64 / 1000.0;
                 }
             }
@@ -1146,7 +1194,8 @@ fn summarize_soak(rows: &[serde_json::Value], restart_every: u64) {
     let f = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or(f64::NAN);
     let mut ends = Vec::new();
     for (i, segment) in loaded.chunks(restart_every as usize).enumerate() {
-        let (second, last) = (segment.get(1).map_or(f64::NAN, |r| f(r, "rss_mib")), f(segment[segment.len() - 1], "rss_mib"));
+        let (second, last) =
+            (segment.get(1).map_or(f64::NAN, |r| f(r, "rss_mib")), f(segment[segment.len() - 1], "rss_mib"));
         let p99: Vec<f64> = segment.iter().map(|r| f(r, "p99_ms")).collect();
         let open = segment.iter().map(|r| f(r, "open_requests")).fold(0.0, f64::max);
         println!(
@@ -1160,7 +1209,10 @@ fn summarize_soak(rows: &[serde_json::Value], restart_every: u64) {
         ends.push(last);
     }
     if let (Some(first), Some(last)) = (ends.first(), ends.last()) {
-        println!("  RSS at the end of the first and the last life: {first:.0} -> {last:.0} MiB ({:+.1}%)", 100.0 * (last - first) / first);
+        println!(
+            "  RSS at the end of the first and the last life: {first:.0} -> {last:.0} MiB ({:+.1}%)",
+            100.0 * (last - first) / first
+        );
     }
 }
 
@@ -1171,8 +1223,12 @@ async fn delete_topics(bootstrap: &str, prefix: &str) {
     let admin: AdminClient<DefaultClientContext> =
         rdkafka::ClientConfig::new().set("bootstrap.servers", bootstrap).create().expect("admin");
     let metadata = admin.inner().fetch_metadata(None, kafka::ADMIN_TIMEOUT).expect("metadata");
-    let mine: Vec<String> =
-        metadata.topics().iter().map(|t| t.name().to_string()).filter(|t| t.starts_with(&format!("{prefix}."))).collect();
+    let mine: Vec<String> = metadata
+        .topics()
+        .iter()
+        .map(|t| t.name().to_string())
+        .filter(|t| t.starts_with(&format!("{prefix}.")))
+        .collect();
     let options = AdminOptions::new().operation_timeout(Some(kafka::ADMIN_TIMEOUT));
     for chunk in mine.chunks(100) {
         let names: Vec<&str> = chunk.iter().map(String::as_str).collect();
@@ -1180,6 +1236,28 @@ async fn delete_topics(bootstrap: &str, prefix: &str) {
             eprintln!("  deleting {} topics of {prefix}: {error}", names.len());
         }
     }
+}
+
+/// How many "partitions assigned" lines of a switchyard log gave the instance at least one partition.
+fn assignments(log: &str) -> usize {
+    let plain = |line: &str| {
+        // Drops the terminal's colour codes (ESC [ ... m).
+        let mut out = String::new();
+        let mut chars = line.chars();
+        while let Some(c) = chars.next() {
+            if c == '\u{1b}' {
+                chars.by_ref().find(|c| *c == 'm');
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    };
+    log.lines()
+        .filter(|l| l.contains("partitions assigned"))
+        .map(plain)
+        .filter(|l| !l.trim_end().ends_with("partitions=0"))
+        .count()
 }
 
 /// A port nothing listens on now.
@@ -1190,7 +1268,8 @@ fn free_port() -> u16 {
 /// An unlabelled gauge from the /metrics page on `port` (None while the instance is down).
 fn scrape_gauge(port: u16, name: &str) -> Option<f64> {
     use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2)).ok()?;
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
     let mut page = String::new();
@@ -1224,4 +1303,15 @@ fn print_latency(name: &str, l: &Latency) {
         fmt3(&l.model),
         fmt3(&l.join)
     );
+}
+
+/// The CPU-seconds process `pid` has used (0 when it is gone).
+fn cpu_seconds_of(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at ") ".
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the state field's start.
+    (ticks(11) + ticks(12)) / clock_ticks()
 }

@@ -1,7 +1,8 @@
 """Plots a results.json of scripts/bench: throughput (requests or records per second) and end-to-end
 latency (p50 and p99 per load level) for switchyard, Kafka Streams and the null pipe; or a soak.json of
 `scripts/bench --soak`: RSS, open requests, latency and lag per minute, restarts marked; or a scale.json
-of `scripts/bench --scale`: throughput, start-up, memory and rebalance pause against the deployments.
+of `scripts/bench --scale`: throughput, start-up, memory, rebalance pause and the CPU a light load costs
+against the deployments.
 
     .bench/venv/bin/python scripts/bench_plot.py .bench/<run>/results.json docs/benchmarks.png
     .bench/venv/bin/python scripts/bench_plot.py .bench/<run>/soak.json docs/soak.png
@@ -48,7 +49,7 @@ def plot_soak(results, out):
 def plot_scale(results, out):
     rows = results["scale"]
     n = [r["deployments"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.5))
     panels = [
         (axes[0], "throughput (per second)", [("route_rate", "route only"), ("full_rate", "full loop")]),
         (axes[1], "seconds", [("full_first_s", "start-up to first decision"),
@@ -57,6 +58,8 @@ def plot_scale(results, out):
                               ("topics_s", "creating the topics")]),
         (axes[2], "switchyard peak RSS (MiB)", [("route_peak_rss_mib", "route only"),
                                                  ("full_peak_rss_mib", "full loop")]),
+        (axes[3], "CPU-s per minute at 200 requests/s", [("cpu_s_per_minute", "switchyard"),
+                                                         ("broker_cpu_s_per_minute", "broker")]),
     ]
     for ax, title, series in panels:
         for key, label in series:

@@ -341,7 +341,12 @@ impl Config {
         for (key, raw) in env {
             let overlay = if let Some(path) = key.strip_prefix(ENV_SETTING_PREFIX) {
                 let mut parts: Vec<String> = path.split("__").map(str::to_lowercase).collect();
-                let mut value = env_value(&raw);
+                // librdkafka options are strings, whatever they look like (`linger.ms=5`).
+                let mut value = if parts.starts_with(&["kafka".into(), "options".into()]) {
+                    toml::Value::String(raw)
+                } else {
+                    env_value(&raw)
+                };
                 while let Some(last) = parts.pop() {
                     let mut t = toml::Table::new();
                     t.insert(last, value);
@@ -494,6 +499,7 @@ mod tests {
                 ("SWITCHYARD__SERVICE__BATCH_SIZE", "9"),
                 ("SWITCHYARD_BOOTSTRAP_SERVERS", "broker:1"),
                 ("SWITCHYARD_KAFKA_SECURITY_PROTOCOL", "SASL_SSL"),
+                ("SWITCHYARD__KAFKA__OPTIONS__linger.ms", "5"),
                 ("UNRELATED", "x"),
             ]),
         )
@@ -503,6 +509,7 @@ mod tests {
         assert_eq!(c.service.batch_size, 9);
         assert_eq!(c.kafka.bootstrap_servers, "broker:1");
         assert_eq!(c.kafka.options.get("security.protocol").map(String::as_str), Some("SASL_SSL"));
+        assert_eq!(c.kafka.options.get("linger.ms").map(String::as_str), Some("5"), "a number, as librdkafka takes it");
         assert_eq!(c.topics.requests, "requests", "untouched defaults stay");
     }
 

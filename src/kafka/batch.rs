@@ -162,7 +162,7 @@ pub fn batch_offsets(batch: &[OwnedMessage]) -> TopicPartitionList {
     }
     let mut list = TopicPartitionList::new();
     for ((topic, partition), offset) in next {
-        list.add_partition_offset(topic, partition, Offset::Offset(offset)).expect("a valid offset");
+        super::push_offset(&mut list, topic, partition, Offset::Offset(offset), "");
     }
     list
 }

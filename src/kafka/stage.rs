@@ -16,14 +16,14 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
 
-use rdkafka::TopicPartitionList;
 use rdkafka::consumer::{Consumer, ConsumerGroupMetadata, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedMessage;
+use rdkafka::{Offset, TopicPartitionList};
 
 use super::batch::{self, GroupWatch, SourcePos};
 use super::txn::TxnProducer;
-use super::{OutRecord, Placed, group_consumer};
+use super::{OutRecord, Placed, subscribed};
 use crate::clock::now_millis;
 use crate::config::Config;
 use crate::error::{During, Result};
@@ -167,10 +167,33 @@ fn feed_batch<S: Stage>(
     }
 }
 
-/// Whether a transaction with `records` and `offsets` would change anything, after `last` was committed.
-fn worth_committing(records: &[OutRecord], offsets: &TopicPartitionList, last: Option<&TopicPartitionList>) -> bool {
-    let unchanged = offsets.count() == 0 || last.is_some_and(|last| last.to_topic_map() == offsets.to_topic_map());
-    !records.is_empty() || !unchanged
+/// The entries of `offsets` that differ (offset or metadata) from what the last transaction committed:
+/// all of them after a restore. Merge's offsets name every partition it has read since its assignment —
+/// hundreds of predictions partitions with many deployments — and each committed offset is a record the
+/// group coordinator writes: sending only those that moved keeps a transaction's cost to what it read.
+/// When records are written but no offset moved (merge's deadlines passing), one entry still goes with
+/// them: a transaction's offsets carry the group generation that fences an instance which lost its
+/// partitions.
+fn to_commit(
+    records: &[OutRecord],
+    offsets: &TopicPartitionList,
+    last: Option<&TopicPartitionList>,
+) -> TopicPartitionList {
+    let last = last.map(TopicPartitionList::elements).unwrap_or_default();
+    let committed: HashMap<(&str, i32), (Offset, &str)> =
+        last.iter().map(|e| ((e.topic(), e.partition()), (e.offset(), e.metadata()))).collect();
+    let mut changed = TopicPartitionList::new();
+    for e in offsets.elements() {
+        if committed.get(&(e.topic(), e.partition())) != Some(&(e.offset(), e.metadata())) {
+            super::push_offset(&mut changed, e.topic(), e.partition(), e.offset(), e.metadata());
+        }
+    }
+    if changed.count() == 0 && !records.is_empty() {
+        if let Some(e) = offsets.elements().first() {
+            super::push_offset(&mut changed, e.topic(), e.partition(), e.offset(), e.metadata());
+        }
+    }
+    changed
 }
 
 /// The outcome of [`TxnStage::commit`].
@@ -213,9 +236,8 @@ impl TxnStage {
     /// incarnation of this instance.
     pub fn new(config: &Config, stage: &'static str, topics: &[&str], shutdown: Shutdown) -> Result<Self> {
         let group = format!("{}-{stage}", config.service.group_id);
-        let consumer = group_consumer(config, &group, Some(&config.service.instance()))
-            .during(format!("creating the consumer of group {group}"))?;
-        consumer.subscribe(topics).during(format!("subscribing to {}", topics.join(", ")))?;
+        let consumer = subscribed(config, &group, topics)
+            .during(format!("joining group {group}, subscribed to {}", topics.join(", ")))?;
         let id = config.service.transactional_id(stage);
         let producer = TxnProducer::new(config, id.clone(), shutdown.clone())
             .during(format!("registering the transactional id {id}"))?;
@@ -294,8 +316,9 @@ impl TxnStage {
             feed_batch(stage, &batch, &self.refused, letter, &dead_letter_topic, &mut out);
             stage.tick(now_millis(), &self.consumer, &mut out);
             let offsets = stage.offsets(&batch);
-            if worth_committing(&out.records, &offsets, last_offsets.as_ref()) {
-                match self.commit(&batch, &mut out, &offsets).await {
+            let changed = to_commit(&out.records, &offsets, last_offsets.as_ref());
+            if !out.records.is_empty() || changed.count() > 0 {
+                match self.commit(&batch, &mut out, &changed).await {
                     Commit::Done(placed) => {
                         stage.committed(&out.records, &placed);
                         last_offsets = Some(offsets);
@@ -462,18 +485,12 @@ const OWNER_TAG: &str = "by=";
 
 /// `offsets` with each partition's metadata signed by `instance`.
 fn signed(offsets: &TopicPartitionList, instance: &str) -> TopicPartitionList {
-    let signed = offsets.clone();
-    let entries: Vec<(String, i32, String)> =
-        offsets.elements().iter().map(|e| (e.topic().to_string(), e.partition(), e.metadata().to_string())).collect();
-    for (topic, partition, metadata) in entries {
-        if let Some(mut e) = signed.find_partition(&topic, partition) {
-            let own = without_owner(&metadata);
-            e.set_metadata(if own.is_empty() {
-                format!("{OWNER_TAG}{instance}")
-            } else {
-                format!("{own} {OWNER_TAG}{instance}")
-            });
-        }
+    let mut signed = TopicPartitionList::with_capacity(offsets.count());
+    for e in offsets.elements() {
+        let own = without_owner(e.metadata());
+        let metadata =
+            if own.is_empty() { format!("{OWNER_TAG}{instance}") } else { format!("{own} {OWNER_TAG}{instance}") };
+        super::push_offset(&mut signed, e.topic(), e.partition(), e.offset(), &metadata);
     }
     signed
 }
@@ -597,17 +614,41 @@ mod tests {
     }
 
     #[test]
-    fn a_transaction_is_skipped_only_when_it_would_change_nothing() {
-        let offsets = |n: i64| {
+    fn a_transaction_commits_only_the_offsets_that_moved() {
+        let list = |entries: &[(&str, i32, i64, &str)]| {
             let mut list = TopicPartitionList::new();
-            list.add_partition_offset("in", 0, Offset::Offset(n)).unwrap();
+            for (topic, partition, offset, metadata) in entries {
+                list.add_partition_offset(topic, *partition, Offset::Offset(*offset)).unwrap();
+                list.find_partition(topic, *partition).unwrap().set_metadata(*metadata);
+            }
             list
         };
+        let entries = |l: &TopicPartitionList| {
+            l.elements()
+                .iter()
+                .map(|e| (e.topic().to_string(), e.partition(), e.offset(), e.metadata().to_string()))
+                .collect::<Vec<_>>()
+        };
         let record = [OutRecord::new("out", Vec::new(), Vec::new())];
-        assert!(!worth_committing(&[], &TopicPartitionList::new(), None), "an idle tick");
-        assert!(!worth_committing(&[], &offsets(5), Some(&offsets(5))), "nothing new since the last commit");
-        assert!(worth_committing(&[], &offsets(6), Some(&offsets(5))));
-        assert!(worth_committing(&[], &offsets(5), None), "after a restore");
-        assert!(worth_committing(&record, &TopicPartitionList::new(), None), "a deadline passed");
+        let last = list(&[("routed", 0, 5, "changelog:9"), ("p", 0, 3, ""), ("p", 1, 7, "")]);
+        assert_eq!(to_commit(&[], &TopicPartitionList::new(), None).count(), 0, "an idle tick");
+        assert_eq!(to_commit(&[], &last, Some(&last)).count(), 0, "nothing new since the last commit");
+        assert_eq!(entries(&to_commit(&[], &last, None)), entries(&last), "everything after a restore");
+        let moved = list(&[("routed", 0, 5, "changelog:9"), ("p", 0, 4, ""), ("p", 1, 7, "")]);
+        assert_eq!(entries(&to_commit(&[], &moved, Some(&last))), entries(&list(&[("p", 0, 4, "")])));
+        let marked = list(&[("routed", 0, 5, "changelog:12"), ("p", 0, 3, ""), ("p", 1, 7, "")]);
+        assert_eq!(
+            entries(&to_commit(&[], &marked, Some(&last))),
+            entries(&list(&[("routed", 0, 5, "changelog:12")])),
+            "a new changelog mark is committed"
+        );
+        let new_partition = list(&[("routed", 0, 5, "changelog:9"), ("p", 0, 3, ""), ("p", 1, 7, ""), ("p", 2, 1, "")]);
+        assert_eq!(entries(&to_commit(&[], &new_partition, Some(&last))), entries(&list(&[("p", 2, 1, "")])));
+        assert_eq!(
+            to_commit(&record, &last, Some(&last)).count(),
+            1,
+            "records without a moved offset still carry one, for the group generation"
+        );
+        assert_eq!(to_commit(&record, &TopicPartitionList::new(), None).count(), 0, "a deadline passed, nothing read");
     }
 }

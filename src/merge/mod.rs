@@ -205,7 +205,9 @@ impl Topology {
                 return;
             }
         };
-        for topic in metadata.topics().iter().filter(|t| t.error().is_none() && unchecked.contains(&t.name().to_string())) {
+        for topic in
+            metadata.topics().iter().filter(|t| t.error().is_none() && unchecked.contains(&t.name().to_string()))
+        {
             let n = topic.partitions().len();
             if n != self.partitions {
                 tracing::warn!(topic = %topic.name(), partitions = n, routed_partitions = self.partitions,

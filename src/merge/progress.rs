@@ -50,7 +50,7 @@ impl Progress {
         let mut list = TopicPartitionList::new();
         for ((topic, partition), p) in &self.partitions {
             let safe = p.held.keys().next().copied().unwrap_or(p.next);
-            list.add_partition_offset(topic, *partition, Offset::Offset(safe)).expect("a valid offset");
+            crate::kafka::push_offset(&mut list, topic, *partition, Offset::Offset(safe), "");
         }
         list
     }
