@@ -130,8 +130,8 @@ pub fn subscribed(config: &Config, group: &str, topics: &[&str]) -> Result<Strea
 
 /// Appends `partition` of `topic` at `offset`, with `metadata`, to `list`. rdkafka's
 /// `add_partition_offset` and `find_partition` scan the list comparing topic names, so a list of P
-/// partitions built or matched entry by entry costs P² string comparisons: with merge reading 2,400
-/// predictions partitions (300 deployments), that was most of its CPU, for every transaction.
+/// partitions built or matched entry by entry costs P² string comparisons, for every transaction: with
+/// merge reading 800 predictions partitions (100 deployments), 10–30% of switchyard's CPU in profiles.
 pub fn push_offset(list: &mut TopicPartitionList, topic: &str, partition: i32, offset: Offset, metadata: &str) {
     let mut entry = list.add_partition(topic, partition);
     entry.set_offset(offset).expect("an offset an entry can hold");
