@@ -72,8 +72,14 @@ pub struct QualityConfig {
     pub window_ms: u64,
     /// How long a label waits for its decision.
     pub early_wait_ms: u64,
-    /// Most decisions waiting per instance; past it the oldest are dropped (counted).
-    pub max_open: usize,
+    /// Most requests held per instance; past it the ones due first are dropped (counted).
+    pub max_open: u64,
+    /// Where the score stage's store lives (a directory per group and instance under it).
+    pub state_dir: String,
+    /// The store's block cache, MiB.
+    pub cache_mb: u64,
+    /// The store's write buffers, MiB.
+    pub write_buffer_mb: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -325,6 +331,11 @@ pub fn isolated_env(bootstrap: &str, prefix: &str, partitions: i32) -> Vec<(Stri
         ("SWITCHYARD__SERVICE__GROUP_ID".to_string(), prefix.to_string()),
         ("SWITCHYARD__SERVICE__INSTANCE_ID".to_string(), format!("{prefix}-0")),
         ("SWITCHYARD__SERVICE__METRICS_ADDRESS".to_string(), "127.0.0.1:0".to_string()),
+        // The score stage's store: per group (and instance) under one directory outside the checkout.
+        (
+            "SWITCHYARD__QUALITY__STATE_DIR".to_string(),
+            std::env::temp_dir().join("switchyard-state").display().to_string(),
+        ),
     ]);
     env
 }

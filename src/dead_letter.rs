@@ -31,6 +31,8 @@ pub enum Kind {
     DuplicateLabel,
     /// An outcome label whose decision was not found (not decided, or decided more than the window ago).
     NoDecision,
+    /// An outcome label that came after its decision matured (and was judged without it).
+    LateLabel,
 }
 
 impl Kind {
@@ -43,6 +45,7 @@ impl Kind {
             Kind::Unwritable => "unwritable",
             Kind::DuplicateLabel => "duplicate_label",
             Kind::NoDecision => "no_decision",
+            Kind::LateLabel => "late_label",
         }
     }
 }

@@ -53,6 +53,9 @@ pub enum Error {
     Replication(String),
     #[error("stalled: {0}")]
     Stalled(String),
+    /// The score stage's store on local disk.
+    #[error("{0}")]
+    Store(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

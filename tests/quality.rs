@@ -307,6 +307,12 @@ async fn a_joining_instance_killed_mid_stream_scores_every_label_exactly_once() 
     assert_eq!((scored.len(), ids.len()), (3000, 3000), "every label scored, none twice");
     let letters = env.read_raw(&env.config.topics.dead_letter, 0, Duration::from_secs(5), Duration::from_secs(1)).await;
     assert!(letters.is_empty(), "no label dead-lettered: {:?}", letters.iter().map(|l| &l.headers).collect::<Vec<_>>());
+    // The restarted instance found its partitions' states on disk, checkpointed: none was rebuilt from
+    // the changelog (the first instance, with an empty store, rebuilt each of them).
+    let restarted = std::fs::read_to_string(dir.join("a2.log")).unwrap();
+    let caught_up: Vec<&str> =
+        restarted.lines().filter(|l| l.contains("score state caught up") && !l.contains("partitions=0")).collect();
+    assert!(!caught_up.is_empty() && caught_up.iter().all(|l| l.contains("rebuilt=0")), "{caught_up:?}");
     for child in [&mut a, &mut b] {
         let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
         child.wait().unwrap();
@@ -326,11 +332,12 @@ async fn joined_topics_are_created_to_outlive_the_window() {
     env.config.topics.requests = format!("{prefix}.requests");
     switchyard::service::ensure_core_topics(&env.config).await.unwrap();
     let t = &env.config.topics;
-    let retention: HashMap<String, i64> = kafka::retention_ms(&env.config, &[&t.decisions, &t.outcomes, &t.requests])
-        .await
-        .unwrap()
-        .into_iter()
-        .collect();
+    let retention: HashMap<String, i64> =
+        kafka::topic_config_ms(&env.config, &[&t.decisions, &t.outcomes, &t.requests], "retention.ms")
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
     assert_eq!(retention[&t.decisions], thirty_days as i64);
     assert_eq!(retention[&t.outcomes], thirty_days as i64);
     assert_ne!(retention[&t.requests], thirty_days as i64, "other topics keep the broker's default");

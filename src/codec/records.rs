@@ -146,10 +146,10 @@ pub struct ScoreState {
     pub state: ScoreStateKind,
     /// The partition the state is kept on (see the schema).
     pub partition: i32,
-    /// OPEN and LABELLED.
+    /// OPEN, HELD and LABELLED.
     pub decision: Option<ScoredDecision>,
     pub shadows: Vec<ShadowScore>,
-    /// LABELLED and EARLY.
+    /// HELD, LABELLED and EARLY.
     pub label: Option<Label>,
     /// EARLY: where the label was read (at `partition`).
     pub label_topic: Option<String>,
@@ -164,10 +164,11 @@ pub enum ScoreStateKind {
     Labelled = 1,
     Early = 2,
     EarlyShadows = 3,
+    Held = 4,
 }
 
 impl ScoreStateKind {
-    const SYMBOLS: [&'static str; 4] = ["OPEN", "LABELLED", "EARLY", "EARLY_SHADOWS"];
+    const SYMBOLS: [&'static str; 5] = ["OPEN", "LABELLED", "EARLY", "EARLY_SHADOWS", "HELD"];
 }
 
 /// What scoring needs of a decision: its ids and the served answer's score.
@@ -819,6 +820,7 @@ impl AvroRecord for ScoreState {
             "LABELLED" => ScoreStateKind::Labelled,
             "EARLY" => ScoreStateKind::Early,
             "EARLY_SHADOWS" => ScoreStateKind::EarlyShadows,
+            "HELD" => ScoreStateKind::Held,
             other => return Err(DecodeError::Shape(format!("unknown state {other}"))),
         };
         let partition = f.int("partition")?;

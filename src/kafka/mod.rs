@@ -525,14 +525,14 @@ pub enum TopicKind {
 }
 
 /// `retention.ms` of each of `topics` (-1: kept for ever); topics that cannot be described are left out.
-pub async fn retention_ms(config: &Config, topics: &[&str]) -> Result<Vec<(String, i64)>, KafkaError> {
+pub async fn topic_config_ms(config: &Config, topics: &[&str], name: &str) -> Result<Vec<(String, i64)>, KafkaError> {
     use rdkafka::admin::ResourceSpecifier;
     let admin: AdminClient<DefaultClientContext> = base(config).create()?;
     let specifiers: Vec<ResourceSpecifier> = topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
     let options = AdminOptions::new().request_timeout(Some(ADMIN_TIMEOUT));
     let mut out = Vec::new();
     for (topic, result) in topics.iter().zip(admin.describe_configs(&specifiers, &options).await?) {
-        if let Some(ms) = result.ok().and_then(|r| r.get("retention.ms").and_then(|e| e.value.clone())) {
+        if let Some(ms) = result.ok().and_then(|r| r.get(name).and_then(|e| e.value.clone())) {
             if let Ok(ms) = ms.parse() {
                 out.push((topic.to_string(), ms));
             }

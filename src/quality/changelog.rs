@@ -64,17 +64,18 @@ fn state_of(entry: &Entry) -> ScoreState {
             ScoreState { partition: d.partition, decision: Some(decision(d)), shadows: d.shadows.clone(), ..empty }
         }
         // The label's user is its decision's: not written twice.
-        Entry::Labelled(d, o) => ScoreState {
-            state: ScoreStateKind::Labelled,
+        Entry::Labelled(d, o) | Entry::Held(d, o) => ScoreState {
+            state: if matches!(entry, Entry::Held(..)) { ScoreStateKind::Held } else { ScoreStateKind::Labelled },
             partition: d.partition,
             decision: Some(decision(d)),
             shadows: d.shadows.clone(),
             label: Some(label(o, "")),
             ..empty
         },
-        Entry::Early(o, source) => ScoreState {
+        Entry::Early(o, source, shadows) => ScoreState {
             state: ScoreStateKind::Early,
             partition: source.partition,
+            shadows: shadows.clone(),
             label: Some(label(o, &o.user_id)),
             label_topic: Some(source.topic.clone()),
             label_offset: Some(source.offset),
@@ -104,15 +105,15 @@ fn entry_of(request_id: &str, state: ScoreState) -> Result<Entry, String> {
     };
     Ok(match kind {
         ScoreStateKind::Open => Entry::Open(decided(decision)?),
-        ScoreStateKind::Labelled => {
+        ScoreStateKind::Labelled | ScoreStateKind::Held => {
             let d = decided(decision)?;
             let o = outcome(label, Some(&d.decision.user_id))?;
-            Entry::Labelled(d, o)
+            if kind == ScoreStateKind::Held { Entry::Held(d, o) } else { Entry::Labelled(d, o) }
         }
         ScoreStateKind::Early => {
             let source =
                 SourcePos { topic: label_topic.unwrap_or_default(), partition, offset: label_offset.unwrap_or(-1) };
-            Entry::Early(outcome(label, None)?, source)
+            Entry::Early(outcome(label, None)?, source, shadows)
         }
         ScoreStateKind::EarlyShadows => Entry::EarlyShadows(shadows, partition),
     })
@@ -178,7 +179,7 @@ impl Legacy {
         match self {
             Legacy::Open(d) => Entry::Open(d.decided(spec_of)),
             Legacy::Labelled(d, o) => Entry::Labelled(d.decided(spec_of), o),
-            Legacy::Early(o, source) => Entry::Early(o, source),
+            Legacy::Early(o, source) => Entry::Early(o, source, Vec::new()),
             Legacy::EarlyShadows(answers, partition) => {
                 Entry::EarlyShadows(legacy_shadows(answers, &spec_of(None)), partition)
             }
@@ -192,6 +193,7 @@ mod tests {
     use crate::codec::{Decision, ShadowComparison};
     use crate::config::{Config, SCORE_STATE_ROOM};
     use crate::quality::join::{Effect, Join, JoinConfig};
+    use crate::quality::store::MemStates;
     use crate::record::quality::ScoreFormat;
 
     const CONFIG: JoinConfig = JoinConfig { window_ms: 60_000, early_wait_ms: 5_000, max_open: 1000 };
@@ -259,7 +261,7 @@ mod tests {
     #[test]
     fn an_entry_keeps_scores_not_answers_and_stays_small_whatever_their_size() {
         let spec = QualitySpec { score: ScoreFormat::JsonField("score".into()), ..QualitySpec::default() };
-        let mut join = Join::new(CONFIG);
+        let mut join = Join::new(CONFIG, MemStates::default());
         let mut fx = Vec::new();
         join.on_decision(decision("r", "user-1", big_output(1_000_000)), 1, &spec, &mut fx);
         for (i, model) in ["v2", "v3", "v4", "v5"].into_iter().enumerate() {
@@ -301,7 +303,7 @@ mod tests {
         let max_request_bytes = 1_000_000;
         let user = "u".repeat(max_request_bytes);
         let spec = QualitySpec::default();
-        let mut join = Join::new(CONFIG);
+        let mut join = Join::new(CONFIG, MemStates::default());
         let mut fx = Vec::new();
         join.on_decision(decision("r", &user, b"0.5".to_vec()), 0, &spec, &mut fx);
         for i in 0..250 {
@@ -326,7 +328,7 @@ mod tests {
         assert_eq!(d.shadows[0], ShadowScore { model: "v3".into(), answered: true, score: Some(0.2) });
         assert_eq!(d.shadows[1], ShadowScore { model: "v4".into(), answered: false, score: None });
         let early = br#"{"early":[{"request_id":"r","user_id":"u","label":1.0,"observed_at":5,"source":"s"},{"topic":"o","partition":1,"offset":9}]}"#;
-        let Entry::Early(o, source) = decode("r", early, &codec, |_| spec.clone()).unwrap() else { panic!() };
+        let Entry::Early(o, source, _) = decode("r", early, &codec, |_| spec.clone()).unwrap() else { panic!() };
         assert_eq!((o.label, source.offset), (1.0, 9));
         assert!(decode("r", b"\x08garbage", &codec, |_| spec.clone()).is_err());
         assert!(decode("r", b"{not json", &codec, |_| spec.clone()).is_err());

@@ -1,10 +1,19 @@
 //! Outcomes joined to decisions (and to shadow answers of the same requests): pure. The stage around it
 //! feeds decisions, shadow comparisons and outcome labels in the order it reads them, calls
-//! [`Join::expire`] as time passes, and writes the effects.
+//! [`Join::expire`] as time passes, and writes the effects. What it keeps of each request is one
+//! [`Entry`] in a [`States`] store (memory in tests, local disk in the stage), with the time it comes
+//! due.
 //!
 //! Rules:
 //! - a decision waits for its label until `decided_at + window`; then it is counted unlabelled (label
 //!   coverage) and forgotten;
+//! - **maturity** (a deployment's `quality.maturity_ms`): a decision is judged when it matures, at
+//!   `decided_at + maturity`, whenever its label came: a label that came earlier is held until then
+//!   (scored at maturity, [`Entry::Held`]); a decision without one is scored with the spec's
+//!   `default_label` (source [`IMPLICIT`]: labels by absence, "no chargeback by day 90"), or, without a
+//!   default, counted unlabelled. Scored records then come in the order of their decisions, whatever
+//!   the labels' delays — which is what keeps the quality guard valid when the delay depends on the
+//!   label. A label after maturity is dead-lettered `late_label`;
 //! - a label whose decision is not open yet waits up to `early_wait_ms` for it (labels can overtake
 //!   their decision by the time merge takes); then it is dead-lettered: no decision was found (not
 //!   decided, or decided longer than the window ago);
@@ -16,25 +25,32 @@
 //! - an answer's score is read from its output when the answer arrives, by the deployment's quality
 //!   spec then in force ([`answer_score`]); the join keeps the score, never the output's bytes, so
 //!   what it keeps per request is small whatever the answers' size;
-//! - memory is bounded: past `max_open` the oldest open decisions are evicted (counted);
+//! - the store is bounded: past `max_open` requests the ones due first are dropped (counted);
 //! - every change of a request's state is an [`Effect::State`] for the changelog (the last one per
-//!   request is its state; `None` forgets it), from which [`Join::restore`] rebuilds the join after a
-//!   restart or rebalance without reading the inputs again.
-
-use std::collections::{HashMap, VecDeque};
+//!   request is its state; `None` forgets it), from which [`Join::replay`] rebuilds the store after the
+//!   disk is lost, or the part of it written since its last checkpoint.
 
 use super::metrics::{binary_losses, regression_losses};
+use super::store::{States, Stored};
 use crate::codec::{
     Decision, DecisionStatus, Millis, Outcome, ScoredDecision, ScoredOutcome, ShadowComparison, ShadowScore,
 };
 use crate::kafka::SourcePos;
 use crate::record::quality::{QualitySpec, Task};
 
+/// The `source` of a label by absence: a decision that matured without one, scored with its
+/// deployment's `default_label`.
+pub const IMPLICIT: &str = "implicit";
+
+/// Most requests made due by one [`Join::expire`]: the rest follow at the next tick, so that one
+/// transaction stays small however many come due at once.
+pub const EXPIRE_CHUNK: usize = 20_000;
+
 #[derive(Debug, Clone, Copy)]
 pub struct JoinConfig {
     pub window_ms: i64,
     pub early_wait_ms: i64,
-    pub max_open: usize,
+    pub max_open: u64,
 }
 
 /// What a decision leaves for scoring: its ids and scores, not its answers' bytes.
@@ -54,10 +70,13 @@ pub struct Decided {
 pub enum Entry {
     /// Decided, waiting for its label.
     Open(Decided),
-    /// Labelled: remembered for duplicates and late shadow answers until its window ends.
+    /// Labelled before it matured: scored when it does.
+    Held(Decided, Outcome),
+    /// Labelled and scored: remembered for duplicates and late shadow answers until its window ends.
     Labelled(Decided, Outcome),
-    /// A label waiting for its decision, and where it was read.
-    Early(Outcome, SourcePos),
+    /// A label waiting for its decision, where it was read, and shadow answers that came before the
+    /// decision too.
+    Early(Outcome, SourcePos, Vec<ShadowScore>),
     /// Shadow answers that arrived before their decision (another topic), on this partition.
     EarlyShadows(Vec<ShadowScore>, i32),
 }
@@ -83,6 +102,8 @@ pub enum Rejected {
     Malformed,
     Duplicate,
     NoDecision,
+    /// Its decision matured without it (and was judged then).
+    Late,
 }
 
 impl Rejected {
@@ -91,6 +112,7 @@ impl Rejected {
             Rejected::Malformed => "malformed_label",
             Rejected::Duplicate => "duplicate_label",
             Rejected::NoDecision => "no_decision",
+            Rejected::Late => "late_label",
         }
     }
 }
@@ -106,13 +128,13 @@ pub enum Effect {
         why: Rejected,
         reason: String,
     },
-    /// A decision whose window ended without a label.
+    /// A decision whose window (or maturity, without a default label) ended without a label.
     Unlabelled {
         deployment: String,
         model: String,
         cohort: String,
     },
-    /// An open decision dropped to keep memory bounded.
+    /// An open decision dropped to keep the store bounded.
     Evicted {
         deployment: String,
         model: String,
@@ -126,107 +148,84 @@ pub enum Effect {
     },
 }
 
+/// The join over its store.
 #[derive(Debug)]
-pub struct Join {
+pub struct Join<S> {
     config: JoinConfig,
-    open: HashMap<String, Decided>,
-    /// (expires at, request id), in arrival order; stale entries are skipped.
-    open_order: VecDeque<(Millis, String)>,
-    /// Labelled requests, for duplicates and late shadow answers: the decision and its label.
-    labelled: HashMap<String, (Decided, Outcome)>,
-    labelled_order: VecDeque<(Millis, String)>,
-    early: HashMap<String, (Outcome, SourcePos)>,
-    early_order: VecDeque<(Millis, String)>,
-    /// Shadow answers before their decision: (answers, partition).
-    early_shadows: HashMap<String, (Vec<ShadowScore>, i32)>,
-    early_shadows_order: VecDeque<(Millis, String)>,
+    states: S,
 }
 
-fn state(fx: &mut Vec<Effect>, request_id: &str, partition: i32, entry: Option<Entry>) {
-    fx.push(Effect::State { request_id: request_id.to_string(), partition, entry });
-}
+impl<S: States> Join<S> {
+    pub fn new(config: JoinConfig, states: S) -> Join<S> {
+        Join { config, states }
+    }
 
-impl Join {
-    pub fn new(config: JoinConfig) -> Join {
-        Join {
-            config,
-            open: HashMap::new(),
-            open_order: VecDeque::new(),
-            labelled: HashMap::new(),
-            labelled_order: VecDeque::new(),
-            early: HashMap::new(),
-            early_order: VecDeque::new(),
-            early_shadows: HashMap::new(),
-            early_shadows_order: VecDeque::new(),
+    /// Requests held (open decisions, held and remembered labels, labels and answers waiting for their
+    /// decision).
+    pub fn open(&self) -> u64 {
+        self.states.len()
+    }
+
+    pub fn states(&mut self) -> &mut S {
+        &mut self.states
+    }
+
+    /// When `entry` comes due: a decision at its maturity (or window end), a labelled one at its window
+    /// end, what waits for its decision `early_wait_ms` after `now`.
+    fn due(&self, entry: &Entry, spec: &QualitySpec, now: Millis) -> Millis {
+        let maturity = spec.maturity_ms.map(|m| m as i64);
+        match entry {
+            Entry::Open(d) => d.decision.decided_at + maturity.unwrap_or(self.config.window_ms),
+            Entry::Held(d, _) => d.decision.decided_at + maturity.unwrap_or(0),
+            Entry::Labelled(d, _) => d.decision.decided_at + self.config.window_ms.max(maturity.unwrap_or(0)),
+            Entry::Early(..) | Entry::EarlyShadows(..) => now + self.config.early_wait_ms,
         }
     }
 
-    /// Decisions waiting for their label.
-    pub fn open(&self) -> usize {
-        self.open.len()
+    /// Sets the state of `id` (due as [`Join::due`] says, unless given) and writes it to the changelog.
+    fn set(
+        &mut self,
+        partition: i32,
+        id: &str,
+        entry: Option<Entry>,
+        due: Option<Millis>,
+        spec: &QualitySpec,
+        fx: &mut Vec<Effect>,
+    ) {
+        let stored = entry.clone().map(|entry| Stored { due: due.unwrap_or_else(|| self.due(&entry, spec, 0)), entry });
+        self.states.set(partition, id, stored);
+        fx.push(Effect::State { request_id: id.to_string(), partition, entry });
     }
 
-    /// Rebuilds the join from changelog records (request id, entry), read in changelog order: the last
-    /// record of a request wins. `arrived` stands for when early labels arrived (their wait restarts).
-    pub fn restore(
-        config: JoinConfig,
-        records: impl IntoIterator<Item = (String, Option<Entry>)>,
-        arrived: Millis,
-    ) -> Join {
-        let mut last: HashMap<String, Option<Entry>> = HashMap::new();
-        for (id, entry) in records {
-            last.insert(id, entry);
-        }
-        let mut join = Join::new(config);
-        let mut opens = Vec::new();
-        let mut labels = Vec::new();
-        let mut earlies = Vec::new();
-        let mut shadows = Vec::new();
-        for (id, entry) in last {
-            match entry {
-                Some(Entry::Open(d)) => {
-                    opens.push((d.decision.decided_at + config.window_ms, id.clone()));
-                    join.open.insert(id, d);
-                }
-                Some(Entry::Labelled(d, o)) => {
-                    labels.push((d.decision.decided_at + config.window_ms, id.clone()));
-                    join.labelled.insert(id, (d, o));
-                }
-                Some(Entry::Early(o, source)) => {
-                    earlies.push((arrived + config.early_wait_ms, id.clone()));
-                    join.early.insert(id, (o, source));
-                }
-                Some(Entry::EarlyShadows(answers, partition)) => {
-                    shadows.push((arrived + config.early_wait_ms, id.clone()));
-                    join.early_shadows.insert(id, (answers, partition));
-                }
-                None => {}
-            }
-        }
-        for list in [&mut opens, &mut labels, &mut earlies, &mut shadows] {
-            list.sort_unstable();
-        }
-        join.early_shadows_order = shadows.into();
-        join.open_order = opens.into();
-        join.labelled_order = labels.into();
-        join.early_order = earlies.into();
-        join
+    /// A changelog record (request `id` on `partition`; None: forgotten) read back into the store, when
+    /// the store is rebuilt or catches up with the changelog. `now` stands for when waiting labels
+    /// arrived (their wait restarts).
+    pub fn replay(
+        &mut self,
+        partition: i32,
+        id: &str,
+        entry: Option<Entry>,
+        spec_of: impl Fn(&str) -> QualitySpec,
+        now: Millis,
+    ) {
+        let stored = entry.map(|entry| {
+            let spec = match &entry {
+                Entry::Open(d) | Entry::Held(d, _) | Entry::Labelled(d, _) => spec_of(&d.decision.deployment),
+                Entry::Early(..) | Entry::EarlyShadows(..) => QualitySpec::default(),
+            };
+            Stored { due: self.due(&entry, &spec, now), entry }
+        });
+        self.states.set(partition, id, stored);
     }
 
     /// A decision read at `partition`.
     pub fn on_decision(&mut self, d: Decision, partition: i32, spec: &QualitySpec, fx: &mut Vec<Effect>) {
-        if self.open.contains_key(&d.request_id) || self.labelled.contains_key(&d.request_id) {
-            return; // read again (a replay): already known
-        }
         let id = d.request_id;
-        let shadows = match self.early_shadows.remove(&id) {
-            Some((answers, at)) => {
-                if at != partition {
-                    state(fx, &id, at, None);
-                }
-                answers
-            }
-            None => Vec::new(),
+        let (shadows, early) = match self.states.get(partition, &id).map(|s| s.entry) {
+            Some(Entry::Open(_) | Entry::Held(..) | Entry::Labelled(..)) => return, // read again (a replay)
+            Some(Entry::EarlyShadows(answers, _)) => (answers, None),
+            Some(Entry::Early(outcome, source, answers)) => (answers, Some((outcome, source))),
+            None => (Vec::new(), None),
         };
         let served = d.status == DecisionStatus::Ok;
         let decision = ScoredDecision {
@@ -240,21 +239,29 @@ impl Join {
             decided_at: d.decided_at,
         };
         let decided = Decided { partition, decision, shadows };
-        if let Some((outcome, source)) = self.early.remove(&id) {
-            if source.partition != partition {
-                state(fx, &id, source.partition, None);
-            }
-            return self.label(id, decided, outcome, spec, fx);
+        if let Some((outcome, source)) = early {
+            return self.label(id, decided, outcome, source, spec, fx);
         }
-        self.open_order.push_back((decided.decision.decided_at + self.config.window_ms, id.clone()));
-        state(fx, &id, partition, Some(Entry::Open(decided.clone())));
-        self.open.insert(id, decided);
-        while self.open.len() > self.config.max_open {
-            let Some((_, oldest)) = self.open_order.pop_front() else { break };
-            if let Some(d) = self.open.remove(&oldest) {
-                state(fx, &oldest, d.partition, None);
-                let ScoredDecision { deployment, model, cohort, .. } = d.decision;
-                fx.push(Effect::Evicted { deployment, model, cohort });
+        self.set(partition, &id, Some(Entry::Open(decided)), None, spec, fx);
+        self.evict(fx);
+    }
+
+    /// Drops the requests due first while the store holds more than `max_open`.
+    fn evict(&mut self, fx: &mut Vec<Effect>) {
+        while self.states.len() > self.config.max_open {
+            let Some((partition, id, stored)) = self.states.due(Millis::MAX, 1).pop() else { break };
+            self.states.set(partition, &id, None);
+            fx.push(Effect::State { request_id: id.clone(), partition, entry: None });
+            match stored.entry {
+                Entry::Open(d) | Entry::Held(d, _) => {
+                    let ScoredDecision { deployment, model, cohort, .. } = d.decision;
+                    fx.push(Effect::Evicted { deployment, model, cohort });
+                }
+                Entry::Early(outcome, source, _) => {
+                    let reason = format!("request {id}'s label was dropped to keep the store within quality.max_open");
+                    fx.push(Effect::Rejected { outcome, source, why: Rejected::NoDecision, reason });
+                }
+                Entry::Labelled(..) | Entry::EarlyShadows(..) => {}
             }
         }
     }
@@ -268,30 +275,38 @@ impl Join {
         now: Millis,
         fx: &mut Vec<Effect>,
     ) {
+        let id = c.request_id;
         let answer = shadow_score(spec, c.shadow_model, c.shadow_output.as_deref());
-        if let Some(d) = self.open.get_mut(&c.request_id) {
-            if !d.shadows.iter().any(|s| s.model == answer.model) {
+        let known = |answers: &[ShadowScore]| answers.iter().any(|s| s.model == answer.model);
+        let Some(Stored { due, entry }) = self.states.get(partition, &id) else {
+            let entry = Entry::EarlyShadows(vec![answer], partition);
+            return self.set(partition, &id, Some(entry), Some(now + self.config.early_wait_ms), spec, fx);
+        };
+        let entry = match entry {
+            Entry::Open(mut d) if !known(&d.shadows) => {
                 d.shadows.push(answer);
-                state(fx, &c.request_id, d.partition, Some(Entry::Open(d.clone())));
+                Entry::Open(d)
             }
-        } else if let Some((d, outcome)) = self.labelled.get_mut(&c.request_id) {
-            if !d.shadows.iter().any(|s| s.model == answer.model) {
-                fx.push(Effect::Scored(score(&c.request_id, d, &answer, "shadow", outcome, spec)));
+            Entry::Held(mut d, outcome) if !known(&d.shadows) => {
                 d.shadows.push(answer);
-                state(fx, &c.request_id, d.partition, Some(Entry::Labelled(d.clone(), outcome.clone())));
+                Entry::Held(d, outcome)
             }
-        } else {
-            let id = c.request_id;
-            let (answers, _) = self.early_shadows.entry(id.clone()).or_insert_with(|| {
-                self.early_shadows_order.push_back((now + self.config.early_wait_ms, id.clone()));
-                (Vec::new(), partition)
-            });
-            if !answers.iter().any(|s| s.model == answer.model) {
+            Entry::Labelled(mut d, outcome) if !known(&d.shadows) => {
+                fx.push(Effect::Scored(score(&id, &d, &answer, "shadow", &outcome, spec)));
+                d.shadows.push(answer);
+                Entry::Labelled(d, outcome)
+            }
+            Entry::Early(outcome, source, mut answers) if !known(&answers) => {
                 answers.push(answer);
-                let entry = Entry::EarlyShadows(answers.clone(), partition);
-                state(fx, &id, partition, Some(entry));
+                Entry::Early(outcome, source, answers)
             }
-        }
+            Entry::EarlyShadows(mut answers, at) if !known(&answers) => {
+                answers.push(answer);
+                Entry::EarlyShadows(answers, at)
+            }
+            _ => return, // this model's answer is known already
+        };
+        self.set(partition, &id, Some(entry), Some(due), spec, fx);
     }
 
     /// A label read at `source`; `spec_of` gives a deployment's quality spec.
@@ -304,40 +319,60 @@ impl Join {
         fx: &mut Vec<Effect>,
     ) {
         let id = outcome.request_id.clone();
-        if self.labelled.contains_key(&id) || self.early.contains_key(&id) {
-            let reason = format!("request {id} already has a label");
-            return fx.push(Effect::Rejected { outcome, source, why: Rejected::Duplicate, reason });
-        }
-        match self.open.remove(&id) {
-            Some(decided) => {
+        let partition = source.partition;
+        let reject = |outcome, why, reason| Effect::Rejected { outcome, source: source.clone(), why, reason };
+        let shadows = match self.states.get(partition, &id).map(|s| s.entry) {
+            Some(Entry::Labelled(_, first)) if first.source == IMPLICIT => {
+                let reason = format!(
+                    "request {id}'s decision matured at {} without a label and was scored with the default label; \
+                     a label must come within the deployment's quality.maturity_ms",
+                    first.observed_at
+                );
+                return fx.push(reject(outcome, Rejected::Late, reason));
+            }
+            Some(Entry::Labelled(..) | Entry::Held(..) | Entry::Early(..)) => {
+                let reason = format!("request {id} already has a label");
+                return fx.push(reject(outcome, Rejected::Duplicate, reason));
+            }
+            Some(Entry::Open(decided)) => {
                 let spec = spec_of(&decided.decision.deployment);
-                if let Some(reason) = malformed(&outcome, &spec) {
-                    self.open.insert(id, decided);
-                    return fx.push(Effect::Rejected { outcome, source, why: Rejected::Malformed, reason });
-                }
-                self.label(id, decided, outcome, &spec, fx)
+                return self.label(id, decided, outcome, source, &spec, fx);
             }
-            None => {
-                if !outcome.label.is_finite() {
-                    let reason = format!("label {} is not a number", outcome.label);
-                    return fx.push(Effect::Rejected { outcome, source, why: Rejected::Malformed, reason });
-                }
-                self.early_order.push_back((now + self.config.early_wait_ms, id.clone()));
-                state(fx, &id, source.partition, Some(Entry::Early(outcome.clone(), source.clone())));
-                self.early.insert(id, (outcome, source));
-            }
+            Some(Entry::EarlyShadows(answers, _)) => answers,
+            None => Vec::new(),
+        };
+        if !outcome.label.is_finite() {
+            let reason = format!("label {} is not a number", outcome.label);
+            return fx.push(reject(outcome, Rejected::Malformed, reason));
         }
+        let entry = Entry::Early(outcome, source.clone(), shadows);
+        self.set(partition, &id, Some(entry), Some(now + self.config.early_wait_ms), &QualitySpec::default(), fx);
     }
 
-    fn label(&mut self, id: String, decided: Decided, outcome: Outcome, spec: &QualitySpec, fx: &mut Vec<Effect>) {
+    /// A label meets its decision: scored now, or held until the decision matures.
+    fn label(
+        &mut self,
+        id: String,
+        decided: Decided,
+        outcome: Outcome,
+        source: SourcePos,
+        spec: &QualitySpec,
+        fx: &mut Vec<Effect>,
+    ) {
+        let partition = decided.partition;
         if let Some(reason) = malformed(&outcome, spec) {
-            // Only labels that waited for their decision get here: the deployment's task decides.
-            let source = SourcePos { topic: String::new(), partition: decided.partition, offset: -1 };
-            state(fx, &id, decided.partition, Some(Entry::Open(decided.clone())));
-            self.open_order.push_back((decided.decision.decided_at + self.config.window_ms, id.clone()));
-            self.open.insert(id, decided);
+            // The decision keeps waiting for a good label.
+            self.set(partition, &id, Some(Entry::Open(decided)), None, spec, fx);
             return fx.push(Effect::Rejected { outcome, source, why: Rejected::Malformed, reason });
         }
+        if spec.maturity_ms.is_some() {
+            return self.set(partition, &id, Some(Entry::Held(decided, outcome)), None, spec, fx);
+        }
+        self.score_all(id, decided, outcome, spec, fx);
+    }
+
+    /// Scores the serving answer and every shadow answer of a decision on `outcome`, and remembers it.
+    fn score_all(&mut self, id: String, decided: Decided, outcome: Outcome, spec: &QualitySpec, fx: &mut Vec<Effect>) {
         let serving = ShadowScore {
             model: decided.decision.model.clone(),
             answered: decided.decision.status == DecisionStatus::Ok,
@@ -347,53 +382,62 @@ impl Join {
         for answer in &decided.shadows {
             fx.push(Effect::Scored(score(&id, &decided, answer, "shadow", &outcome, spec)));
         }
-        self.labelled_order.push_back((decided.decision.decided_at + self.config.window_ms, id.clone()));
         // Kept for duplicates and late shadow answers.
-        state(fx, &id, decided.partition, Some(Entry::Labelled(decided.clone(), outcome.clone())));
-        self.labelled.insert(id, (decided, outcome));
+        self.set(decided.partition, &id, Some(Entry::Labelled(decided, outcome)), None, spec, fx);
     }
 
-    /// Ends what is past its time at `now`: decisions past their window (unlabelled), labels that
-    /// waited for their decision in vain, labelled requests past their window (forgotten).
-    pub fn expire(&mut self, now: Millis, fx: &mut Vec<Effect>) {
-        while let Some((at, id)) = pop_due(&mut self.open_order, now) {
-            if let Some(d) = self.open.remove(&id) {
-                if d.decision.decided_at + self.config.window_ms != at {
-                    self.open.insert(id, d); // a stale order entry
-                    continue;
+    /// Ends what is due at `now` (at most [`EXPIRE_CHUNK`] requests; the rest at the next call):
+    /// decisions that matured (scored on their held or default label, or unlabelled) or passed their
+    /// window (unlabelled), labels that waited for their decision in vain, labelled requests past their
+    /// window (forgotten).
+    pub fn expire(&mut self, now: Millis, spec_of: impl Fn(&str) -> QualitySpec, fx: &mut Vec<Effect>) {
+        for (partition, id, Stored { due, entry }) in self.states.due(now, EXPIRE_CHUNK) {
+            match entry {
+                Entry::Open(d) => {
+                    let spec = spec_of(&d.decision.deployment);
+                    // The deployment's maturity may have grown since the decision was stored.
+                    let now_due = self.due(&Entry::Open(d.clone()), &spec, now);
+                    if now_due > due && now_due > now {
+                        self.set(partition, &id, Some(Entry::Open(d)), Some(now_due), &spec, fx);
+                        continue;
+                    }
+                    match (spec.maturity_ms, spec.default_label) {
+                        (Some(_), Some(label)) => {
+                            let outcome = Outcome {
+                                request_id: id.clone(),
+                                user_id: d.decision.user_id.clone(),
+                                label,
+                                observed_at: due,
+                                source: IMPLICIT.to_string(),
+                            };
+                            self.score_all(id, d, outcome, &spec, fx);
+                        }
+                        _ => {
+                            self.set(partition, &id, None, None, &spec, fx);
+                            let ScoredDecision { deployment, model, cohort, .. } = d.decision;
+                            fx.push(Effect::Unlabelled { deployment, model, cohort });
+                        }
+                    }
                 }
-                state(fx, &id, d.partition, None);
-                let ScoredDecision { deployment, model, cohort, .. } = d.decision;
-                fx.push(Effect::Unlabelled { deployment, model, cohort });
-            }
-        }
-        while let Some((_, id)) = pop_due(&mut self.early_order, now) {
-            if let Some((outcome, source)) = self.early.remove(&id) {
-                state(fx, &id, source.partition, None);
-                let reason = format!(
-                    "no decision for request {id} within {} ms of its label: not decided, decided more than the window ago, \
-                     or its deployment has no quality spec",
-                    self.config.early_wait_ms
-                );
-                fx.push(Effect::Rejected { outcome, source, why: Rejected::NoDecision, reason });
-            }
-        }
-        while let Some((_, id)) = pop_due(&mut self.early_shadows_order, now) {
-            if let Some((_, partition)) = self.early_shadows.remove(&id) {
-                state(fx, &id, partition, None);
-            }
-        }
-        while let Some((_, id)) = pop_due(&mut self.labelled_order, now) {
-            if let Some((d, _)) = self.labelled.remove(&id) {
-                state(fx, &id, d.partition, None);
+                Entry::Held(d, outcome) => {
+                    let spec = spec_of(&d.decision.deployment);
+                    self.score_all(id, d, outcome, &spec, fx);
+                }
+                Entry::Early(outcome, source, _) => {
+                    self.set(partition, &id, None, None, &QualitySpec::default(), fx);
+                    let reason = format!(
+                        "no decision for request {id} within {} ms of its label: not decided, decided more than the window ago, \
+                         or its deployment has no quality spec",
+                        self.config.early_wait_ms
+                    );
+                    fx.push(Effect::Rejected { outcome, source, why: Rejected::NoDecision, reason });
+                }
+                Entry::Labelled(..) | Entry::EarlyShadows(..) => {
+                    self.set(partition, &id, None, None, &QualitySpec::default(), fx)
+                }
             }
         }
     }
-}
-
-/// The first entry of `order` if it is due at `now`, taken off it.
-fn pop_due(order: &mut VecDeque<(Millis, String)>, now: Millis) -> Option<(Millis, String)> {
-    if order.front().is_some_and(|(at, _)| *at <= now) { order.pop_front() } else { None }
 }
 
 /// Why a label cannot be scored under `spec`, if it cannot.
@@ -464,6 +508,7 @@ fn score(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quality::store::MemStates;
     use crate::record::quality::ScoreFormat;
 
     const CONFIG: JoinConfig = JoinConfig { window_ms: 60_000, early_wait_ms: 5_000, max_open: 1000 };
@@ -512,7 +557,11 @@ mod tests {
     }
 
     fn src() -> SourcePos {
-        SourcePos { topic: "outcomes".into(), partition: 0, offset: 1 }
+        src_at(0)
+    }
+
+    fn src_at(partition: i32) -> SourcePos {
+        SourcePos { topic: "outcomes".into(), partition, offset: 1 }
     }
 
     fn binary() -> QualitySpec {
@@ -530,17 +579,17 @@ mod tests {
 
     #[test]
     fn the_changelog_rebuilds_the_same_join() {
-        let mut join = Join::new(CONFIG);
+        let mut join = Join::new(CONFIG, MemStates::default());
         let mut fx = Vec::new();
         join.on_decision(decision("open", DecisionStatus::Ok, Some("0.9"), 1_000), 2, &binary(), &mut fx);
         join.on_shadow(shadow("open", "v3", "0.1"), 2, &binary(), 1_000, &mut fx);
         join.on_decision(decision("done", DecisionStatus::Ok, Some("0.2"), 1_000), 1, &binary(), &mut fx);
-        join.on_outcome(label("done", 0.0, 2_000), src(), |_| binary(), 2_000, &mut fx);
+        join.on_outcome(label("done", 0.0, 2_000), src_at(1), |_| binary(), 2_000, &mut fx);
         join.on_outcome(label("early", 1.0, 2_000), src(), |_| binary(), 2_000, &mut fx);
-        let records: Vec<(String, Option<Entry>)> = fx
+        let records: Vec<(i32, String, Option<Entry>)> = fx
             .iter()
             .filter_map(|e| match e {
-                Effect::State { request_id, entry, .. } => Some((request_id.clone(), entry.clone())),
+                Effect::State { request_id, partition, entry } => Some((*partition, request_id.clone(), entry.clone())),
                 _ => None,
             })
             .collect();
@@ -551,9 +600,9 @@ mod tests {
         assert_eq!(partitions, [2, 2, 1, 1, 0], "each state goes to its request's partition");
         // Through Avro, as the changelog carries it.
         let codec = crate::codec::Codec::default();
-        let records: Vec<(String, Option<Entry>)> = records
+        let records: Vec<(i32, String, Option<Entry>)> = records
             .into_iter()
-            .map(|(id, e)| {
+            .map(|(p, id, e)| {
                 let e = e.map(|e| {
                     crate::quality::changelog::decode(
                         &id,
@@ -563,14 +612,17 @@ mod tests {
                     )
                     .unwrap()
                 });
-                (id, e)
+                (p, id, e)
             })
             .collect();
-        let mut restored = Join::restore(CONFIG, records, 2_000);
-        assert_eq!((restored.open.len(), restored.labelled.len(), restored.early.len()), (1, 1, 1));
+        let mut restored = Join::new(CONFIG, MemStates::default());
+        for (p, id, entry) in records {
+            restored.replay(p, &id, entry, |_| binary(), 2_000);
+        }
+        assert_eq!(restored.open(), 3, "open, labelled, early");
         fx.clear();
-        restored.on_outcome(label("open", 1.0, 3_000), src(), |_| binary(), 3_000, &mut fx);
-        restored.on_outcome(label("done", 0.0, 3_000), src(), |_| binary(), 3_000, &mut fx);
+        restored.on_outcome(label("open", 1.0, 3_000), src_at(2), |_| binary(), 3_000, &mut fx);
+        restored.on_outcome(label("done", 0.0, 3_000), src_at(1), |_| binary(), 3_000, &mut fx);
         restored.on_decision(decision("early", DecisionStatus::Ok, Some("0.8"), 2_500), 0, &binary(), &mut fx);
         let models: Vec<&str> = scored(&fx).iter().map(|s| s.model.as_str()).collect();
         assert_eq!(models, ["v2", "v3", "v2"], "the open request and its shadow, then the early label's decision");
@@ -579,7 +631,7 @@ mod tests {
 
     #[test]
     fn labels_before_with_and_after_their_decision_are_scored_once() {
-        let mut join = Join::new(CONFIG);
+        let mut join = Join::new(CONFIG, MemStates::default());
         let mut fx = Vec::new();
         // After: the usual case, with a shadow answer of the same request.
         join.on_decision(decision("a", DecisionStatus::Ok, Some("0.9"), 1_000), 0, &binary(), &mut fx);
@@ -610,7 +662,7 @@ mod tests {
 
     #[test]
     fn a_shadow_answer_read_before_its_decision_is_kept_for_it() {
-        let mut join = Join::new(CONFIG);
+        let mut join = Join::new(CONFIG, MemStates::default());
         let mut fx = Vec::new();
         join.on_shadow(shadow("a", "v3", "0.2"), 0, &binary(), 0, &mut fx);
         join.on_decision(decision("a", DecisionStatus::Ok, Some("0.9"), 10), 0, &binary(), &mut fx);
@@ -619,25 +671,25 @@ mod tests {
         assert_eq!(models, ["v2", "v3"]);
         fx.clear();
         join.on_shadow(shadow("orphan", "v3", "0.2"), 1, &binary(), 0, &mut fx);
-        join.expire(CONFIG.early_wait_ms, &mut fx);
+        join.expire(CONFIG.early_wait_ms, |_| binary(), &mut fx);
         assert!(matches!(fx.last(), Some(Effect::State { entry: None, partition: 1, .. })), "{fx:?}");
     }
 
     #[test]
     fn windows_end_decisions_and_waiting_labels_with_a_count_or_a_reason() {
-        let mut join = Join::new(CONFIG);
+        let mut join = Join::new(CONFIG, MemStates::default());
         let mut fx = Vec::new();
         join.on_decision(decision("old", DecisionStatus::Ok, Some("0.4"), 0), 0, &binary(), &mut fx);
         join.on_outcome(label("never", 1.0, 1_000), src(), |_| binary(), 1_000, &mut fx);
         fx.clear();
-        join.expire(5_999, &mut fx);
+        join.expire(5_999, |_| binary(), &mut fx);
         assert!(fx.is_empty());
-        join.expire(6_000, &mut fx);
+        join.expire(6_000, |_| binary(), &mut fx);
         let seen = visible(&fx);
         assert!(
             matches!(seen[0], Effect::Rejected { why: Rejected::NoDecision, reason, .. } if reason.contains("never"))
         );
-        join.expire(60_000, &mut fx);
+        join.expire(60_000, |_| binary(), &mut fx);
         let seen = visible(&fx);
         assert!(matches!(seen[1], Effect::Unlabelled { model, cohort, .. } if model == "v2" && cohort == "candidate"));
         assert!(
@@ -647,14 +699,14 @@ mod tests {
         assert_eq!(join.open(), 0);
         fx.clear();
         join.on_outcome(label("old", 1.0, 70_000), src(), |_| binary(), 70_000, &mut fx);
-        join.expire(75_000, &mut fx);
+        join.expire(75_000, |_| binary(), &mut fx);
         let seen = visible(&fx);
         assert!(matches!(seen[0], Effect::Rejected { why: Rejected::NoDecision, .. }), "past the window: not found");
     }
 
     #[test]
     fn malformed_labels_are_refused_and_the_decision_keeps_waiting() {
-        let mut join = Join::new(CONFIG);
+        let mut join = Join::new(CONFIG, MemStates::default());
         let mut fx = Vec::new();
         join.on_decision(decision("a", DecisionStatus::Ok, Some("0.9"), 0), 0, &binary(), &mut fx);
         join.on_outcome(label("a", 0.5, 10), src(), |_| binary(), 10, &mut fx);
@@ -670,7 +722,7 @@ mod tests {
 
     #[test]
     fn errors_and_timeouts_have_no_score_and_regression_has_its_losses() {
-        let mut join = Join::new(CONFIG);
+        let mut join = Join::new(CONFIG, MemStates::default());
         let mut fx = Vec::new();
         join.on_decision(decision("t", DecisionStatus::Timeout, None, 0), 0, &binary(), &mut fx);
         join.on_decision(decision("f", DecisionStatus::Fallback, Some("0.0"), 0), 0, &binary(), &mut fx);
@@ -679,8 +731,11 @@ mod tests {
         let all = scored(&fx);
         assert!(all.iter().all(|s| s.score.is_none() && s.zero_one.is_none()), "{all:?}");
         assert_eq!((all[0].status.as_str(), all[1].status.as_str()), ("TIMEOUT", "FALLBACK"));
-        let regression =
-            QualitySpec { task: Task::Regression, score: ScoreFormat::JsonField("eta".into()), threshold: 0.5 };
+        let regression = QualitySpec {
+            task: Task::Regression,
+            score: ScoreFormat::JsonField("eta".into()),
+            ..QualitySpec::default()
+        };
         fx.clear();
         join.on_decision(decision("r", DecisionStatus::Ok, Some(r#"{"eta":12.5}"#), 0), 0, &regression, &mut fx);
         join.on_outcome(label("r", 10.0, 5), src(), |_| regression.clone(), 5, &mut fx);
@@ -690,7 +745,7 @@ mod tests {
 
     #[test]
     fn memory_is_bounded_by_evicting_the_oldest() {
-        let mut join = Join::new(JoinConfig { max_open: 2, ..CONFIG });
+        let mut join = Join::new(JoinConfig { max_open: 2, ..CONFIG }, MemStates::default());
         let mut fx = Vec::new();
         for (i, id) in ["a", "b", "c"].into_iter().enumerate() {
             join.on_decision(decision(id, DecisionStatus::Ok, Some("0.5"), i as i64), 0, &binary(), &mut fx);

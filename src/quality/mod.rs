@@ -9,6 +9,8 @@
 //! - [`metrics`]: losses of one labelled decision, and quality per model and arm from counts that add
 //!   up across instances (accuracy, Brier, log-loss, AUC, calibration error; MAE, RMSE, bias).
 //! - [`changelog`]: the join's changelog records (Avro `ScoreState`), a score per answer.
+//! - [`store`]: where the join keeps its requests' states: memory, or local disk (an embedded LSM tree
+//!   that holds weeks of open decisions in bounded memory, with checkpoints of the changelog).
 //!
 //! Kafka:
 //! - [`stage`]: the score stage around the join, exactly once, on the stage driver like route and merge
@@ -18,3 +20,4 @@ pub mod changelog;
 pub mod join;
 pub mod metrics;
 pub mod stage;
+pub mod store;

@@ -12,17 +12,19 @@ use std::time::Duration;
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::{Offset, TopicPartitionList};
 
 use super::changelog;
 use super::join::{Effect, Join, JoinConfig, Rejected};
+use super::store::{DiskConfig, DiskStates};
 use crate::clock;
 use crate::codec::{Codec, Decision, Outcome, ShadowComparison};
 use crate::config::Config;
 use crate::control::SharedRegistry;
 use crate::dead_letter::{self, Kind, Letter};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::kafka::partitioner::partition_for_key;
-use crate::kafka::{self, GroupWatch, OutRecord, Outbox, SourcePos, Stage, TxnStage};
+use crate::kafka::{self, GroupWatch, OutRecord, Outbox, Placed, SourcePos, Stage, TxnStage};
 use crate::record::quality::QualitySpec;
 use crate::shutdown::Shutdown;
 use crate::telemetry::{self, Event};
@@ -44,7 +46,9 @@ async fn topics(config: &Config) -> Result<()> {
     let topics = [t.decisions.as_str(), t.shadow_comparisons.as_str(), t.outcomes.as_str(), t.score_changelog.as_str()];
     kafka::same_partition_count(&reader, &topics, "the score stage").await?;
     let joined = [t.decisions.as_str(), t.shadow_comparisons.as_str(), t.outcomes.as_str()];
-    for problem in short_retention(&kafka::retention_ms(config, &joined).await?, config.quality.window_ms) {
+    for problem in
+        short_retention(&kafka::topic_config_ms(config, &joined, "retention.ms").await?, config.quality.window_ms)
+    {
         tracing::error!("{problem}");
     }
     Ok(())
@@ -65,30 +69,90 @@ pub fn short_retention(retentions: &[(String, i64)], window_ms: u64) -> Vec<Stri
         .collect()
 }
 
-/// Reads the changelog partitions of `assigned` back into a join. `specs` (the quality specs in force)
-/// read the answers' scores of entries an earlier version wrote (see [`changelog::decode`]).
-pub async fn restore(
+/// The store's directory of this instance: `<quality.state_dir>/<group_id>-score-<instance>`.
+pub fn store_dir(config: &Config) -> std::path::PathBuf {
+    let s = &config.service;
+    std::path::Path::new(&config.quality.state_dir).join(format!("{}-score-{}", s.group_id, s.instance()))
+}
+
+/// Opens this instance's store (waiting up to 30 s for a previous process to let it go).
+pub fn open_store(config: &Config) -> Result<DiskStates> {
+    let q = &config.quality;
+    let disk = DiskConfig {
+        dir: store_dir(config),
+        cache_bytes: q.cache_mb << 20,
+        write_buffer_bytes: q.write_buffer_mb << 20,
+    };
+    DiskStates::open(&disk, Duration::from_secs(30)).map_err(Error::Store)
+}
+
+/// What a catch-up did: changelog records read, partitions rebuilt from the start.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CaughtUp {
+    pub records: u64,
+    pub rebuilt: usize,
+}
+
+/// Brings the store of `join` up to the changelog partitions `assigned`: each from the offset its
+/// checkpoint says the store reflects; a partition without a usable checkpoint (none, before the log's
+/// start, past its end, or older than the changelog keeps tombstones, `tombstones_ms`: a tombstone read
+/// since might be gone) is wiped and rebuilt from the whole changelog. Writes checkpoints as it goes (an
+/// interrupted rebuild resumes) and at the end.
+pub async fn catch_up(
     config: &Config,
     codec: &Codec,
     specs: &HashMap<String, QualitySpec>,
     assigned: &[i32],
-) -> Result<Join> {
+    tombstones_ms: i64,
+    join: &mut Join<DiskStates>,
+) -> Result<CaughtUp> {
     // Early shadow answers in an old entry do not name their deployment: the only spec, if one.
-    let spec_of = |deployment: Option<&str>| match deployment {
+    let old_spec_of = |deployment: Option<&str>| match deployment {
         Some(name) => specs.get(name).cloned().unwrap_or_default(),
         None if specs.len() == 1 => specs.values().next().cloned().unwrap_or_default(),
         None => QualitySpec::default(),
     };
+    let spec_of = |deployment: &str| specs.get(deployment).cloned().unwrap_or_default();
     let topic = &config.topics.score_changelog;
     let reader = kafka::reader(config)?;
-    let (tpl, targets) = kafka::batch::whole(config, &reader, topic, assigned.iter().copied())?;
-    reader.assign(&tpl)?;
+    kafka::batch::locate(&reader, topic)?;
+    let now = clock::now_millis();
+    join.states().discard();
+    join.states().assign(assigned);
+    let mut from = TopicPartitionList::new();
+    let mut targets = HashMap::new();
+    let mut done = CaughtUp::default();
+    for (partition, (low, high)) in kafka::log_ends(config, topic, assigned.iter().copied())? {
+        let checkpoint = join.states().checkpoint(partition).map_err(Error::Store)?;
+        let start = match checkpoint {
+            Some(c) if c.offset >= low && c.offset <= high && now - c.written_at <= tombstones_ms => c.offset,
+            _ => {
+                let wiped = join.states().wipe(partition).map_err(Error::Store)?;
+                tracing::info!(
+                    partition,
+                    ?checkpoint,
+                    low,
+                    high,
+                    wiped,
+                    "rebuilding the score state of a partition from the changelog"
+                );
+                done.rebuilt += 1;
+                low
+            }
+        };
+        from.add_partition_offset(topic, partition, Offset::Offset(start))?;
+        if start < high {
+            targets.insert(partition, high);
+        }
+    }
+    reader.assign(&from)?;
     let started = std::time::Instant::now();
-    let mut records = Vec::new();
-    // Positions are checked every 10,000 records (and when none arrives): asking per record costs more
-    // than reading it.
+    // Where each partition has been read to, written with the store's changes every 20,000 records.
+    let mut read_to: HashMap<i32, i64> = HashMap::new();
     let mut since_check = 0;
     loop {
+        // Positions are checked every 10,000 records (and when none arrives): asking per record costs
+        // more than reading it.
         if since_check == 0 && kafka::batch::caught_up(&reader, topic, &targets) {
             break;
         }
@@ -99,9 +163,11 @@ pub async fn restore(
         since_check = (since_check + 1) % 10_000;
         let message = message?;
         let id = String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned();
+        read_to.insert(message.partition(), message.offset() + 1);
+        done.records += 1;
         let entry = match message.payload() {
             None => None,
-            Some(value) => match changelog::decode(&id, value, codec, spec_of) {
+            Some(value) => match changelog::decode(&id, value, codec, old_spec_of) {
                 Ok(entry) => Some(entry),
                 Err(error) => {
                     tracing::warn!(offset = message.offset(), %error, "unreadable score changelog record skipped");
@@ -109,16 +175,32 @@ pub async fn restore(
                 }
             },
         };
-        records.push((id, entry));
+        join.replay(message.partition(), &id, entry, spec_of, now);
+        if done.records % 20_000 == 0 {
+            let checkpoints: Vec<(i32, i64)> = read_to.iter().map(|(p, o)| (*p, *o)).collect();
+            join.states().commit(&checkpoints, now).map_err(Error::Store)?;
+        }
     }
-    let join = Join::restore(join_config(config), records, clock::now_millis());
+    // Every partition is read to its end as it stood at the start (past records the reader skipped:
+    // transaction markers, aborted records); records written since were written by no one (the
+    // partitions are this instance's now).
+    let ends: Vec<(i32, i64)> = (from.elements().iter())
+        .map(|e| {
+            let start = if let Offset::Offset(o) = e.offset() { o } else { 0 };
+            let end = targets.get(&e.partition()).copied().unwrap_or(start);
+            (e.partition(), end.max(read_to.get(&e.partition()).copied().unwrap_or(0)))
+        })
+        .collect();
+    join.states().commit(&ends, now).map_err(Error::Store)?;
     tracing::info!(
-        open = join.open(),
+        held = join.open(),
         partitions = assigned.len(),
+        rebuilt = done.rebuilt,
+        records = done.records,
         ms = started.elapsed().as_millis() as u64,
-        "score changelog restored"
+        "score state caught up with the changelog"
     );
-    Ok(join)
+    Ok(done)
 }
 
 /// The quality spec of each deployment that has one.
@@ -134,19 +216,22 @@ struct Score {
     registry: SharedRegistry,
     /// Partition count of the joined topics: an outcome must be on its key's partition.
     partitions: usize,
-    join: Join,
+    join: Join<DiskStates>,
+    /// How long the changelog keeps tombstones (its `delete.retention.ms`).
+    tombstones_ms: i64,
     /// The quality specs in force for the current batch, and when it is fed.
     specs: HashMap<String, QualitySpec>,
     now: i64,
 }
 
 impl Stage for Score {
-    /// Reads the changelog partitions of the new assignment back into a new join.
+    /// Brings the store up to the changelog partitions of the assignment.
     async fn restore(&mut self, consumer: &StreamConsumer<GroupWatch>) -> Result<()> {
         let decisions = &self.config.topics.decisions;
         let assigned: Vec<i32> =
             consumer.assignment()?.elements_for_topic(decisions).iter().map(|e| e.partition()).collect();
-        self.join = restore(&self.config, &self.codec, &specs(&self.registry), &assigned).await?;
+        let specs = specs(&self.registry);
+        catch_up(&self.config, &self.codec, &specs, &assigned, self.tombstones_ms, &mut self.join).await?;
         Ok(())
     }
 
@@ -163,11 +248,30 @@ impl Stage for Score {
         self.write(fx, Some(index), out);
     }
 
-    /// Decisions past their window, labels that waited for their decision in vain.
+    /// Decisions that matured or passed their window, labels that waited for their decision in vain.
     fn tick(&mut self, _now: i64, _: &StreamConsumer<GroupWatch>, out: &mut Outbox) {
         let mut fx = Vec::new();
-        self.join.expire(self.now, &mut fx);
+        let specs = &self.specs;
+        self.join.expire(self.now, |d| specs.get(d).cloned().unwrap_or_default(), &mut fx);
         self.write(fx, None, out);
+    }
+
+    /// The batch's changes go to the store, with the changelog offsets they reflect.
+    fn committed(&mut self, records: &[OutRecord], placed: &[Placed]) {
+        let changelog = &self.config.topics.score_changelog;
+        let mut ends: HashMap<i32, i64> = HashMap::new();
+        for (record, (partition, offset)) in records.iter().zip(placed) {
+            if record.topic == *changelog {
+                let end = ends.entry(*partition).or_default();
+                *end = (*end).max(offset + 1);
+            }
+        }
+        let ends: Vec<(i32, i64)> = ends.into_iter().collect();
+        if let Err(error) = self.join.states().commit(&ends, self.now) {
+            // The transaction is in the changelog, not in the store: a restart reads it back from there.
+            tracing::error!(%error, "cannot write the score state store; stopping (a restart catches up from the changelog)");
+            std::process::exit(74);
+        }
     }
 
     fn after(&mut self, _: &StreamConsumer<GroupWatch>) {
@@ -182,17 +286,36 @@ pub async fn run(config: Config, codec: Codec, registry: SharedRegistry, shutdow
         tracing::error!(%error, "the score stage cannot run: no outcome labels are joined");
         return Ok(());
     }
+    let states = open_store(&config)?;
     let t = &config.topics;
+    let tombstones_ms = kafka::topic_config_ms(&config, &[t.score_changelog.as_str()], "delete.retention.ms")
+        .await?
+        .first()
+        .map_or(DEFAULT_DELETE_RETENTION_MS, |(_, ms)| *ms);
     let inputs = [t.decisions.as_str(), t.shadow_comparisons.as_str(), t.outcomes.as_str()];
     let mut stage = TxnStage::new(&config, "score", &inputs, shutdown)?;
     let partitions = kafka::partition_count(stage.consumer(), &t.decisions)?.unwrap_or(1);
-    let join = Join::new(join_config(&config));
-    let mut score =
-        Score { config, codec, registry, partitions, join, specs: HashMap::new(), now: clock::now_millis() };
+    let join = Join::new(join_config(&config), states);
+    let mut score = Score {
+        config,
+        codec,
+        registry,
+        partitions,
+        join,
+        tombstones_ms,
+        specs: HashMap::new(),
+        now: clock::now_millis(),
+    };
     stage.drive(&mut score, TICK, dead_letter::refused).await?;
     stage.close().await;
+    if let Err(error) = score.join.states().sync() {
+        tracing::warn!(%error, "cannot flush the score state store at stop (a restart catches up from the changelog)");
+    }
     Ok(())
 }
+
+/// Kafka's default `delete.retention.ms` (a day), if the changelog's cannot be read.
+const DEFAULT_DELETE_RETENTION_MS: i64 = 86_400_000;
 
 impl Score {
     /// The join's effects as records (made from the input at `origin`, if one) and events.
@@ -279,6 +402,7 @@ fn output(effect: Effect, config: &Config, codec: &Codec) -> (Option<OutRecord>,
                 Rejected::Malformed => Kind::Invalid,
                 Rejected::Duplicate => Kind::DuplicateLabel,
                 Rejected::NoDecision => Kind::NoDecision,
+                Rejected::Late => Kind::LateLabel,
             };
             let value = codec.encode(&outcome);
             let letter = Letter { source, key: Some(outcome.user_id.as_bytes()), value: Some(&value), kind, reason };

@@ -25,6 +25,15 @@ pub struct QualitySpec {
     /// Classification: a score at or above it means positive (for the 0/1 loss and accuracy).
     #[serde(default = "default_threshold")]
     pub threshold: f64,
+    /// Judge each decision when it matures, this long after it was made: a label that came earlier is
+    /// held until then; one that comes later is dead-lettered `late_label` (conversion and chargeback
+    /// windows). None: each label is scored when it arrives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maturity_ms: Option<u64>,
+    /// With `maturity_ms`: the label of a decision that matures without one (labels by absence: "no
+    /// chargeback by day 90" is a 0). None: such a decision counts as unlabelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_label: Option<f64>,
 }
 
 fn default_threshold() -> f64 {
@@ -33,7 +42,13 @@ fn default_threshold() -> f64 {
 
 impl Default for QualitySpec {
     fn default() -> Self {
-        QualitySpec { task: Task::default(), score: ScoreFormat::default(), threshold: default_threshold() }
+        QualitySpec {
+            task: Task::default(),
+            score: ScoreFormat::default(),
+            threshold: default_threshold(),
+            maturity_ms: None,
+            default_label: None,
+        }
     }
 }
 
@@ -45,7 +60,20 @@ impl QualitySpec {
         if matches!(&self.score, ScoreFormat::JsonField(f) if f.is_empty()) {
             return Err("quality.score.json_field names no field".into());
         }
-        Ok(())
+        if self.maturity_ms == Some(0) {
+            return Err("quality.maturity_ms must be positive (leave it out to score labels as they arrive)".into());
+        }
+        match self.default_label {
+            Some(_) if self.maturity_ms.is_none() => {
+                Err("quality.default_label needs quality.maturity_ms: the time after which a missing label means it"
+                    .into())
+            }
+            Some(label) if !label.is_finite() => Err(format!("quality.default_label {label} is not a number")),
+            Some(label) if self.task == Task::BinaryClassification && label != 0.0 && label != 1.0 => {
+                Err(format!("quality.default_label {label} is neither 0 nor 1 (binary classification)"))
+            }
+            _ => Ok(()),
+        }
     }
 }
 

@@ -224,6 +224,10 @@ fn scored(s: &crate::codec::ScoredOutcome) {
         ("cohort", s.cohort.clone()),
     ];
     counter!("switchyard_quality_labelled_total", &labels).increment(1);
+    if s.source == crate::quality::join::IMPLICIT {
+        // Labels by absence (a decision matured without one): also counted apart.
+        counter!("switchyard_quality_implicit_total", &labels).increment(1);
+    }
     histogram!("switchyard_quality_label_delay_seconds", &labels).record(s.label_delay_ms as f64 / 1000.0);
     let Some(score) = s.score else {
         counter!("switchyard_quality_unscored_total", &labels).increment(1);
@@ -252,7 +256,7 @@ fn scored(s: &crate::codec::ScoredOutcome) {
 }
 
 /// Decisions waiting for their labels on this instance.
-pub fn open_decisions(count: usize) {
+pub fn open_decisions(count: u64) {
     gauge!("switchyard_quality_open_decisions").set(count as f64);
 }
 

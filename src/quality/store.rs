@@ -1,0 +1,513 @@
+//! Where the join keeps its requests' states ([`States`]): each request's [`Entry`] with the time it
+//! comes due (a decision's maturity or window end, a waiting label's wait), by partition.
+//!
+//! - [`MemStates`]: in memory, for the pure join's tests and simulations.
+//! - [`DiskStates`]: on local disk in an embedded LSM tree (fjall), so that the open decisions of a
+//!   weeks-long window fit: memory is its block cache and write buffers, bounded by configuration
+//!   whatever the number of requests. The changelog topic stays the source of truth; the store is a
+//!   cache of it that lets a restart skip reading it again:
+//!   - a batch's changes are kept apart in memory until its transaction commits ([`DiskStates::commit`]);
+//!     a failed transaction drops them ([`DiskStates::discard`]), so the disk only ever holds committed
+//!     state (as Kafka's KIP-892 proposes for Streams);
+//!   - each commit also writes, atomically with the changes, the changelog offset per partition that the
+//!     store reflects (its checkpoint): after a restart, a crash or a rebalance only the changelog's tail
+//!     past it is read; a partition without a usable checkpoint is rebuilt from the whole changelog.
+//!
+//! Layout (three fjall partitions): `states`: partition (4 bytes) · request id → due (8) · Avro
+//! `ScoreState`; `due`: partition · due · request id → nothing, the expiry order; `meta`: per partition
+//! its checkpoint and the number of states.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use fjall::{Keyspace, PartitionCreateOptions, PartitionHandle, PersistMode};
+
+use super::changelog;
+use super::join::Entry;
+use crate::codec::{Codec, Millis};
+use crate::record::quality::QualitySpec;
+
+/// A request's state and when it comes due.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stored {
+    pub due: Millis,
+    pub entry: Entry,
+}
+
+/// The join's storage.
+pub trait States {
+    /// The state of request `id` on `partition`, as the batch so far left it.
+    fn get(&mut self, partition: i32, id: &str) -> Option<Stored>;
+    /// Sets (Some) or forgets (None) the state of request `id` on `partition`.
+    fn set(&mut self, partition: i32, id: &str, state: Option<Stored>);
+    /// Up to `limit` states due at or before `now`, earliest first.
+    fn due(&mut self, now: Millis, limit: usize) -> Vec<(i32, String, Stored)>;
+    /// States held.
+    fn len(&self) -> u64;
+}
+
+/// States in memory.
+#[derive(Debug, Default)]
+pub struct MemStates {
+    map: HashMap<(i32, String), Stored>,
+    order: BTreeSet<(Millis, i32, String)>,
+}
+
+impl States for MemStates {
+    fn get(&mut self, partition: i32, id: &str) -> Option<Stored> {
+        self.map.get(&(partition, id.to_string())).cloned()
+    }
+
+    fn set(&mut self, partition: i32, id: &str, state: Option<Stored>) {
+        let key = (partition, id.to_string());
+        if let Some(old) = self.map.remove(&key) {
+            self.order.remove(&(old.due, partition, key.1.clone()));
+        }
+        if let Some(state) = state {
+            self.order.insert((state.due, partition, key.1.clone()));
+            self.map.insert(key, state);
+        }
+    }
+
+    fn due(&mut self, now: Millis, limit: usize) -> Vec<(i32, String, Stored)> {
+        (self.order.iter())
+            .take_while(|(due, _, _)| *due <= now)
+            .take(limit)
+            .map(|(_, p, id)| (*p, id.clone(), self.map[&(*p, id.clone())].clone()))
+            .collect()
+    }
+
+    fn len(&self) -> u64 {
+        self.map.len() as u64
+    }
+}
+
+/// Where a partition's state on disk stands: the changelog offset it reflects (the next one to read)
+/// and when that was written (wall clock, ms).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub offset: i64,
+    pub written_at: Millis,
+}
+
+/// A change not committed yet: the due of the state on disk (to move its index key) and the new state.
+#[derive(Debug)]
+struct Pending {
+    on_disk: Option<Millis>,
+    state: Option<Stored>,
+}
+
+/// Settings of the store on disk.
+#[derive(Debug, Clone)]
+pub struct DiskConfig {
+    pub dir: PathBuf,
+    /// Block cache, bytes.
+    pub cache_bytes: u64,
+    /// Memtables of all its partitions together, bytes.
+    pub write_buffer_bytes: u64,
+}
+
+/// States on local disk (see the module docs).
+pub struct DiskStates {
+    keyspace: Keyspace,
+    states: PartitionHandle,
+    due: PartitionHandle,
+    meta: PartitionHandle,
+    /// Plain Avro for the entries (the store is local: no registry framing).
+    codec: Codec,
+    /// The partitions whose states are followed (due, len).
+    assigned: Vec<i32>,
+    /// States on disk per partition (assigned or not).
+    counts: HashMap<i32, u64>,
+    pending: HashMap<(i32, String), Pending>,
+    /// States the pending changes add (or, negative, remove) on assigned partitions.
+    delta: i64,
+    /// Held so that a second process cannot open the same store.
+    _lock: File,
+}
+
+impl std::fmt::Debug for DiskStates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiskStates").field("assigned", &self.assigned).field("counts", &self.counts).finish()
+    }
+}
+
+fn state_key(partition: i32, id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(4 + id.len());
+    key.extend_from_slice(&partition.to_be_bytes());
+    key.extend_from_slice(id.as_bytes());
+    key
+}
+
+/// Millis in an order-keeping byte form (negative times sort first).
+fn ordered(ms: Millis) -> [u8; 8] {
+    ((ms as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+fn due_key(partition: i32, due: Millis, id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(12 + id.len());
+    key.extend_from_slice(&partition.to_be_bytes());
+    key.extend_from_slice(&ordered(due));
+    key.extend_from_slice(id.as_bytes());
+    key
+}
+
+fn meta_key(kind: u8, partition: i32) -> [u8; 5] {
+    let p = partition.to_be_bytes();
+    [kind, p[0], p[1], p[2], p[3]]
+}
+
+const CHECKPOINT: u8 = b'c';
+const COUNT: u8 = b'n';
+
+fn io(error: impl std::fmt::Display) -> String {
+    format!("score state store: {error}")
+}
+
+impl DiskStates {
+    /// Opens (or creates) the store in `config.dir`. A second process cannot open it while this one
+    /// holds it: the lock is retried for up to `lock_wait` (a previous process shutting down).
+    pub fn open(config: &DiskConfig, lock_wait: std::time::Duration) -> Result<DiskStates, String> {
+        std::fs::create_dir_all(&config.dir).map_err(|e| format!("creating {}: {e}", config.dir.display()))?;
+        let lock = lock(&config.dir.join("LOCK"), lock_wait)?;
+        let keyspace = fjall::Config::new(config.dir.join("lsm"))
+            .cache_size(config.cache_bytes)
+            .max_write_buffer_size(config.write_buffer_bytes)
+            // Journals are persisted with each commit ([`DiskStates::commit`]).
+            .manual_journal_persist(true)
+            .fsync_ms(None)
+            .open()
+            .map_err(io)?;
+        let options = || PartitionCreateOptions::default().manual_journal_persist(true);
+        let states = keyspace.open_partition("states", options()).map_err(io)?;
+        let due = keyspace.open_partition("due", options()).map_err(io)?;
+        let meta = keyspace.open_partition("meta", options()).map_err(io)?;
+        let mut counts = HashMap::new();
+        for kv in meta.prefix([COUNT]) {
+            let (key, value) = kv.map_err(io)?;
+            let partition = i32::from_be_bytes(key[1..5].try_into().map_err(io)?);
+            counts.insert(partition, u64::from_be_bytes(value[..8].try_into().map_err(io)?));
+        }
+        Ok(DiskStates {
+            keyspace,
+            states,
+            due,
+            meta,
+            codec: Codec::default(),
+            assigned: Vec::new(),
+            counts,
+            pending: HashMap::new(),
+            delta: 0,
+            _lock: lock,
+        })
+    }
+
+    /// Follows `partitions` from now on (their states count in [`States::len`] and come due).
+    pub fn assign(&mut self, partitions: &[i32]) {
+        self.discard();
+        self.assigned = partitions.to_vec();
+    }
+
+    /// Where partition `partition`'s state stands, if it was ever written.
+    pub fn checkpoint(&self, partition: i32) -> Result<Option<Checkpoint>, String> {
+        let Some(value) = self.meta.get(meta_key(CHECKPOINT, partition)).map_err(io)? else { return Ok(None) };
+        let number = |at: usize| value.get(at..at + 8).and_then(|b| b.try_into().ok()).map(i64::from_be_bytes);
+        Ok(number(0).zip(number(8)).map(|(offset, written_at)| Checkpoint { offset, written_at }))
+    }
+
+    /// Forgets everything kept of `partition` (before rebuilding it from the changelog).
+    pub fn wipe(&mut self, partition: i32) -> Result<u64, String> {
+        self.discard();
+        let mut removed = 0;
+        for tree in [&self.states, &self.due] {
+            let mut batch = self.keyspace.batch();
+            for kv in tree.prefix(partition.to_be_bytes()) {
+                batch.remove(tree, kv.map_err(io)?.0);
+                removed += 1;
+                if batch.len() >= 10_000 {
+                    std::mem::replace(&mut batch, self.keyspace.batch()).commit().map_err(io)?;
+                }
+            }
+            batch.commit().map_err(io)?;
+        }
+        let mut batch = self.keyspace.batch().durability(Some(PersistMode::Buffer));
+        batch.remove(&self.meta, meta_key(CHECKPOINT, partition));
+        batch.remove(&self.meta, meta_key(COUNT, partition));
+        batch.commit().map_err(io)?;
+        self.counts.remove(&partition);
+        Ok(removed / 2)
+    }
+
+    /// Drops the changes of a batch whose transaction failed.
+    pub fn discard(&mut self) {
+        self.pending.clear();
+        self.delta = 0;
+    }
+
+    /// Writes the batch's changes, with `checkpoints` (partition, the changelog offset the store now
+    /// reflects) in one atomic write, flushed to the operating system (a kill -9 loses nothing of it).
+    pub fn commit(&mut self, checkpoints: &[(i32, i64)], now: Millis) -> Result<(), String> {
+        if self.pending.is_empty() && checkpoints.is_empty() {
+            return Ok(());
+        }
+        let mut batch = self.keyspace.batch().durability(Some(PersistMode::Buffer));
+        let mut touched: BTreeSet<i32> = BTreeSet::new();
+        self.delta = 0;
+        for ((partition, id), change) in self.pending.drain() {
+            let count = self.counts.entry(partition).or_default();
+            match (&change.on_disk, &change.state) {
+                (None, Some(_)) => *count += 1,
+                (Some(_), None) => *count = count.saturating_sub(1),
+                _ => {}
+            }
+            touched.insert(partition);
+            if let Some(before) = change.on_disk {
+                if change.state.as_ref().is_none_or(|s| s.due != before) {
+                    batch.remove(&self.due, due_key(partition, before, &id));
+                }
+            }
+            match change.state {
+                Some(state) => {
+                    if change.on_disk != Some(state.due) {
+                        batch.insert(&self.due, due_key(partition, state.due, &id), []);
+                    }
+                    let mut value = state.due.to_be_bytes().to_vec();
+                    value.extend_from_slice(&changelog::encode(&state.entry, &self.codec));
+                    batch.insert(&self.states, state_key(partition, &id), value);
+                }
+                None if change.on_disk.is_some() => batch.remove(&self.states, state_key(partition, &id)),
+                None => {}
+            }
+        }
+        for partition in touched {
+            batch.insert(&self.meta, meta_key(COUNT, partition), self.counts[&partition].to_be_bytes());
+        }
+        for (partition, offset) in checkpoints {
+            let mut value = offset.to_be_bytes().to_vec();
+            value.extend_from_slice(&now.to_be_bytes());
+            batch.insert(&self.meta, meta_key(CHECKPOINT, *partition), value);
+        }
+        batch.commit().map_err(io)
+    }
+
+    /// Flushes everything to the disk itself (at a clean stop).
+    pub fn sync(&self) -> Result<(), String> {
+        self.keyspace.persist(PersistMode::SyncAll).map_err(io)
+    }
+
+    /// Bytes on disk.
+    pub fn disk_bytes(&self) -> u64 {
+        self.keyspace.disk_space()
+    }
+
+    fn read(&self, partition: i32, id: &str) -> Option<Stored> {
+        let value = match self.states.get(state_key(partition, id)) {
+            Ok(value) => value?,
+            Err(error) => {
+                tracing::error!(%error, "score state store: cannot read a request's state");
+                return None;
+            }
+        };
+        let due = i64::from_be_bytes(value.get(..8)?.try_into().ok()?);
+        match changelog::decode(id, &value[8..], &self.codec, |_| QualitySpec::default()) {
+            Ok(entry) => Some(Stored { due, entry }),
+            Err(error) => {
+                tracing::error!(%error, request_id = id, "score state store: unreadable state skipped");
+                None
+            }
+        }
+    }
+
+    /// The due of the state on disk, if one (without decoding it).
+    fn read_due(&self, partition: i32, id: &str) -> Option<Millis> {
+        let value = self.states.get(state_key(partition, id)).ok()??;
+        Some(i64::from_be_bytes(value.get(..8)?.try_into().ok()?))
+    }
+
+    /// The due of the state as the batch left it: Some(None) when the batch forgot it.
+    fn pending_due(&self, partition: i32, id: &str) -> Option<Option<Millis>> {
+        self.pending.get(&(partition, id.to_string())).map(|p| p.state.as_ref().map(|s| s.due))
+    }
+}
+
+impl States for DiskStates {
+    fn get(&mut self, partition: i32, id: &str) -> Option<Stored> {
+        match self.pending.get(&(partition, id.to_string())) {
+            Some(pending) => pending.state.clone(),
+            None => self.read(partition, id),
+        }
+    }
+
+    fn set(&mut self, partition: i32, id: &str, state: Option<Stored>) {
+        let key = (partition, id.to_string());
+        let held_before = match self.pending.get(&key) {
+            Some(pending) => pending.state.is_some(),
+            None => {
+                let on_disk = self.read_due(partition, id);
+                self.pending.insert(key.clone(), Pending { on_disk, state: None });
+                on_disk.is_some()
+            }
+        };
+        if self.assigned.contains(&partition) {
+            self.delta += state.is_some() as i64 - held_before as i64;
+        }
+        self.pending.get_mut(&key).expect("inserted above").state = state;
+    }
+
+    fn due(&mut self, now: Millis, limit: usize) -> Vec<(i32, String, Stored)> {
+        let mut found = Vec::new();
+        for &partition in &self.assigned {
+            let start = due_key(partition, Millis::MIN, "");
+            let mut end = partition.to_be_bytes().to_vec();
+            end.extend_from_slice(&ordered(now.saturating_add(1)));
+            for kv in self.due.range(start..end) {
+                let Ok((key, _)) = kv else { break };
+                let Some(due) =
+                    key.get(4..12).and_then(|b| b.try_into().ok()).map(|b| (u64::from_be_bytes(b) ^ (1 << 63)) as i64)
+                else {
+                    continue;
+                };
+                let id = String::from_utf8_lossy(&key[12..]).into_owned();
+                // The batch may have changed it already: its own due then counts (below).
+                if self.pending_due(partition, &id).is_some() {
+                    continue;
+                }
+                // An index key always names a state with that due (both change in one write).
+                if let Some(state) = self.read(partition, &id).filter(|s| s.due == due) {
+                    found.push((partition, id, state));
+                }
+                if found.len() >= limit {
+                    break;
+                }
+            }
+        }
+        for ((partition, id), pending) in &self.pending {
+            if let Some(state) = pending.state.as_ref().filter(|s| s.due <= now) {
+                if self.assigned.contains(partition) {
+                    found.push((*partition, id.clone(), state.clone()));
+                }
+            }
+        }
+        found.sort_by_key(|(_, _, s)| s.due);
+        found.truncate(limit);
+        found
+    }
+
+    fn len(&self) -> u64 {
+        let on_disk: u64 = self.assigned.iter().map(|p| self.counts.get(p).copied().unwrap_or(0)).sum();
+        (on_disk as i64 + self.delta).max(0) as u64
+    }
+}
+
+/// An exclusive lock on `path`, waited for up to `wait`.
+fn lock(path: &Path, wait: std::time::Duration) -> Result<File, String> {
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("opening {}: {e}", path.display()))?;
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(100))
+            }
+            Err(error) => {
+                return Err(format!(
+                    "{} is held by another process ({error}): each instance needs its own quality.state_dir",
+                    path.display()
+                ));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{DecisionStatus, ScoredDecision};
+    use crate::quality::join::Decided;
+
+    fn open(at: Millis, user: &str) -> Stored {
+        let decision = ScoredDecision {
+            user_id: user.into(),
+            deployment: "fraud".into(),
+            model: "v1".into(),
+            cohort: "control".into(),
+            config_version: 1,
+            status: DecisionStatus::Ok,
+            score: Some(0.5),
+            decided_at: at,
+        };
+        Stored { due: at + 100, entry: Entry::Open(Decided { partition: 0, decision, shadows: Vec::new() }) }
+    }
+
+    fn config(dir: &Path) -> DiskConfig {
+        DiskConfig { dir: dir.to_path_buf(), cache_bytes: 1 << 20, write_buffer_bytes: 1 << 20 }
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("switchyard-store-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    /// The same operations on both stores, and what the disk keeps across a reopen.
+    #[test]
+    fn the_disk_store_keeps_only_committed_changes_and_agrees_with_memory() {
+        let dir = temp_dir("commit");
+        let mut disk = DiskStates::open(&config(&dir), std::time::Duration::ZERO).unwrap();
+        let mut mem = MemStates::default();
+        disk.assign(&[0, 1]);
+        for states in [&mut disk as &mut dyn States, &mut mem] {
+            states.set(0, "a", Some(open(1_000, "ua")));
+            states.set(1, "b", Some(open(500, "ub")));
+            states.set(0, "c", Some(open(2_000, "uc")));
+            states.set(0, "c", None);
+            assert_eq!(states.len(), 2);
+            assert_eq!(states.get(0, "a"), Some(open(1_000, "ua")), "read back before the commit");
+            let due: Vec<String> = states.due(1_100, 10).into_iter().map(|(_, id, _)| id).collect();
+            assert_eq!(due, ["b", "a"], "earliest first, pending changes included");
+        }
+        disk.commit(&[(0, 7), (1, 3)], 42).unwrap();
+        // A failed batch: moved and forgotten, then dropped.
+        disk.set(0, "a", Some(Stored { due: 9_999, ..open(1_000, "ua") }));
+        disk.set(1, "b", None);
+        assert_eq!(disk.len(), 1);
+        disk.discard();
+        assert_eq!(disk.len(), 2);
+        // A committed move of the due time.
+        disk.set(0, "a", Some(Stored { due: 5_000, ..open(1_000, "ua") }));
+        disk.commit(&[(0, 8)], 43).unwrap();
+        drop(disk);
+
+        let mut disk = DiskStates::open(&config(&dir), std::time::Duration::ZERO).unwrap();
+        disk.assign(&[0, 1]);
+        assert_eq!(disk.len(), 2);
+        assert_eq!(disk.checkpoint(0).unwrap(), Some(Checkpoint { offset: 8, written_at: 43 }));
+        assert_eq!(disk.checkpoint(1).unwrap(), Some(Checkpoint { offset: 3, written_at: 42 }));
+        assert_eq!(disk.checkpoint(2).unwrap(), None);
+        let due: Vec<(String, Millis)> = disk.due(10_000, 10).into_iter().map(|(_, id, s)| (id, s.due)).collect();
+        assert_eq!(due, [("b".to_string(), 600), ("a".to_string(), 5_000)], "the old due key is gone");
+        disk.assign(&[1]);
+        assert_eq!(disk.len(), 1, "only assigned partitions count");
+        assert_eq!(disk.wipe(1).unwrap(), 1);
+        assert_eq!((disk.len(), disk.checkpoint(1).unwrap()), (0, None));
+        disk.assign(&[0, 1]);
+        assert_eq!(disk.len(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_second_process_cannot_open_the_same_store() {
+        let dir = temp_dir("lock");
+        let _first = DiskStates::open(&config(&dir), std::time::Duration::ZERO).unwrap();
+        // Locks are per open file description: a second open in this process is refused like another's.
+        let error = DiskStates::open(&config(&dir), std::time::Duration::from_millis(200)).unwrap_err();
+        assert!(error.contains("held by another process"), "{error}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
