@@ -756,4 +756,97 @@ mod tests {
         join.on_outcome(label("c", 1.0, 10), src(), |_| binary(), 10, &mut fx);
         assert_eq!(scored(&fx).len(), 1, "the evicted decision is not scored");
     }
+
+    fn matured(maturity_ms: u64, default_label: Option<f64>) -> QualitySpec {
+        QualitySpec { maturity_ms: Some(maturity_ms), default_label, ..binary() }
+    }
+
+    #[test]
+    fn with_maturity_labels_wait_for_it_and_absence_is_the_default_label() {
+        let spec = matured(30_000, Some(0.0));
+        let mut join = Join::new(CONFIG, MemStates::default());
+        let mut fx = Vec::new();
+        join.on_decision(decision("early", DecisionStatus::Ok, Some("0.9"), 1_000), 0, &spec, &mut fx);
+        join.on_decision(decision("never", DecisionStatus::Ok, Some("0.8"), 2_000), 0, &spec, &mut fx);
+        join.on_decision(decision("late", DecisionStatus::Ok, Some("0.1"), 3_000), 0, &spec, &mut fx);
+        join.on_outcome(label("early", 1.0, 5_000), src(), |_| spec.clone(), 5_000, &mut fx);
+        join.on_shadow(shadow("early", "v3", "0.4"), 0, &spec, 6_000, &mut fx);
+        assert!(scored(&fx).is_empty(), "a label before maturity is held: {fx:?}");
+        join.expire(30_999, |_| spec.clone(), &mut fx);
+        assert!(scored(&fx).is_empty());
+        join.expire(31_000, |_| spec.clone(), &mut fx);
+        let at_31: Vec<(&str, &str, f64, &str)> =
+            scored(&fx).iter().map(|s| (s.request_id.as_str(), s.model.as_str(), s.label, s.source.as_str())).collect();
+        assert_eq!(at_31, [("early", "v2", 1.0, "test"), ("early", "v3", 1.0, "test")], "its own label, at maturity");
+        fx.clear();
+        join.expire(33_000, |_| spec.clone(), &mut fx);
+        let implicit: Vec<(&str, f64, &str, i64, Option<f64>)> = scored(&fx)
+            .iter()
+            .map(|s| (s.request_id.as_str(), s.label, s.source.as_str(), s.label_delay_ms, s.zero_one))
+            .collect();
+        assert_eq!(
+            implicit,
+            [("never", 0.0, IMPLICIT, 30_000, Some(1.0)), ("late", 0.0, IMPLICIT, 30_000, Some(0.0))],
+            "no label by maturity: the default label, observed at maturity"
+        );
+        fx.clear();
+        join.on_outcome(label("late", 1.0, 40_000), src(), |_| spec.clone(), 40_000, &mut fx);
+        join.on_outcome(label("early", 1.0, 40_000), src(), |_| spec.clone(), 40_000, &mut fx);
+        let why: Vec<Rejected> =
+            fx.iter().filter_map(|e| if let Effect::Rejected { why, .. } = e { Some(*why) } else { None }).collect();
+        assert_eq!(why, [Rejected::Late, Rejected::Duplicate], "{fx:?}");
+        assert!(scored(&fx).is_empty());
+        // Without a default label, a decision that matures unlabelled counts as unlabelled.
+        let spec = matured(30_000, None);
+        fx.clear();
+        join.on_decision(decision("none", DecisionStatus::Ok, Some("0.5"), 50_000), 0, &spec, &mut fx);
+        join.expire(80_000, |_| spec.clone(), &mut fx);
+        assert!(visible(&fx).iter().any(|e| matches!(e, Effect::Unlabelled { .. })), "{fx:?}");
+        assert!(scored(&fx).is_empty());
+    }
+
+    /// Labels whose delay depends on the label (positives within 1-30 "days", negatives never): with
+    /// maturity every decision is scored exactly once, in the order of its decision, whatever the delays.
+    #[test]
+    fn with_maturity_scored_records_come_in_decision_order_whatever_the_label_delays() {
+        use rand::rngs::StdRng;
+        use rand::{Rng, SeedableRng};
+        const DAY: i64 = 1_000;
+        let spec = matured(30 * DAY as u64, Some(0.0));
+        let mut rng = StdRng::seed_from_u64(5);
+        let mut join =
+            Join::new(JoinConfig { window_ms: 60 * DAY, max_open: 1_000_000, ..CONFIG }, MemStates::default());
+        // (time, kind): decisions every 10 ms over 60 days, positives (10%) labelled 1-30 days later.
+        let mut events: Vec<(i64, usize)> = Vec::new();
+        let n = 6_000;
+        for i in 0..n {
+            events.push((i as i64 * 10, i));
+            if rng.random::<f64>() < 0.1 {
+                events.push((i as i64 * 10 + rng.random_range(DAY..30 * DAY), n + i));
+            }
+        }
+        events.sort_unstable();
+        let mut fx = Vec::new();
+        let mut order = Vec::new();
+        let mut positives = 0;
+        for (now, what) in events.into_iter().chain([(200 * DAY, usize::MAX), (200 * DAY, usize::MAX)]) {
+            join.expire(now, |_| spec.clone(), &mut fx);
+            if what < n {
+                let id = what.to_string();
+                join.on_decision(decision(&id, DecisionStatus::Ok, Some("0.2"), now), 0, &spec, &mut fx);
+            } else if what != usize::MAX {
+                positives += 1;
+                join.on_outcome(label(&(what - n).to_string(), 1.0, now), src(), |_| spec.clone(), now, &mut fx);
+            }
+            for s in scored(&fx) {
+                order.push((s.decided_at, s.label, s.source == IMPLICIT));
+            }
+            fx.clear();
+        }
+        assert_eq!(order.len(), n, "every decision scored once");
+        assert!(order.windows(2).all(|w| w[0].0 <= w[1].0), "in the order of their decisions");
+        let explicit = order.iter().filter(|(_, label, implicit)| *label == 1.0 && !implicit).count();
+        assert_eq!(explicit, positives, "every positive with its own label, every other one by absence");
+        assert_eq!(join.open(), 0);
+    }
 }

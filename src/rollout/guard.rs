@@ -540,4 +540,82 @@ mod tests {
         g.observe(Block { n: 0, bad: 0 }, Block { n: 0, bad: 0 });
         assert_eq!(g.log_e(), 0.0, "no data, no evidence");
     }
+
+    /// Positive outcomes (a chargeback: the loss is the label) whose label comes 1 to `max_delay` days
+    /// after the decision, negatives by absence at 30 days; users decided evenly over 60 days at a 10%
+    /// canary; the mean guard checked every 100 observations at α 0.05. `matured`: each user counts when
+    /// its decision matures (the score stage's `maturity_ms`: in decision order); otherwise when its label
+    /// is known (positives at arrival, negatives at 30 days). Returns the users observed when it fired.
+    fn run_delayed(
+        rng: &mut StdRng,
+        rates: [f64; 2],
+        max_delay_days: [f64; 2],
+        users: usize,
+        matured: bool,
+    ) -> Option<usize> {
+        let (maturity, span) = (30.0, 60.0);
+        let mut observed: Vec<(f64, usize, f64)> = (0..users)
+            .map(|i| {
+                let decided = span * i as f64 / users as f64;
+                let arm = usize::from(rng.random::<f64>() < 0.1);
+                let positive = rng.random::<f64>() < rates[arm];
+                let known =
+                    if positive { decided + rng.random_range(1.0..max_delay_days[arm]) } else { decided + maturity };
+                (if matured { decided + maturity } else { known }, arm, f64::from(u8::from(positive)))
+            })
+            .collect();
+        observed.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mut guard = MeanGuard::new(0.0, 0.02);
+        for (i, (_, arm, loss)) in observed.into_iter().enumerate() {
+            guard.observe(arm, loss);
+            if (i + 1) % 100 == 0 && guard.log_e() >= (1.0f64 / 0.05).ln() {
+                return Some(i + 1);
+            }
+        }
+        None
+    }
+
+    /// Label delays that depend on the label and on the arm (the candidate's chargebacks come within 10
+    /// days, control's within 30; equally often): judged as labels arrive, the candidate looks worse
+    /// early on and the guard fires far more often than α; judged on matured users, it holds α.
+    #[test]
+    fn judged_on_matured_users_the_quality_guard_holds_alpha_when_label_delays_depend_on_the_label() {
+        let mut rng = StdRng::seed_from_u64(53);
+        let runs = 400;
+        let mut alarms = [0, 0];
+        for matured in [true, false] {
+            for _ in 0..runs {
+                if run_delayed(&mut rng, [0.1, 0.1], [30.0, 10.0], 20_000, matured).is_some() {
+                    alarms[usize::from(matured)] += 1;
+                }
+            }
+        }
+        let [arrival, matured] = alarms;
+        eprintln!(
+            "equal chargeback rates (10%), candidate's labelled within 10 days, control's within 30, 20,000 users: \
+             false alarms judged at arrival {arrival} in {runs}, on matured users {matured} in {runs}"
+        );
+        assert!(matured as f64 <= 0.05 * runs as f64, "{matured} false alarms in {runs}");
+        assert!(arrival as f64 >= 0.2 * runs as f64, "judged at arrival: only {arrival} false alarms in {runs}");
+    }
+
+    /// A candidate with 20% more chargebacks (12% against 10%) at a 10% canary, judged on matured users.
+    #[test]
+    fn judged_on_matured_users_a_candidate_with_20_percent_more_positives_is_caught() {
+        let mut rng = StdRng::seed_from_u64(59);
+        let runs = 200;
+        let users = 200_000;
+        let mut needed: Vec<usize> =
+            (0..runs).filter_map(|_| run_delayed(&mut rng, [0.10, 0.12], [30.0, 30.0], users, true)).collect();
+        needed.sort_unstable();
+        let quantile = |q: f64| needed.get(((needed.len() as f64 * q) as usize).min(needed.len().max(1) - 1)).copied();
+        eprintln!(
+            "10% -> 12% chargebacks at a 10% canary, judged on matured users: caught in {} of {runs} within {users} users; \
+             median {:?}, 90th percentile {:?} matured users",
+            needed.len(),
+            quantile(0.5),
+            quantile(0.9)
+        );
+        assert!(needed.len() as f64 >= 0.9 * runs as f64, "caught in {} of {runs}", needed.len());
+    }
 }
