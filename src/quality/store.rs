@@ -91,11 +91,13 @@ pub struct Checkpoint {
     pub written_at: Millis,
 }
 
-/// A change not committed yet: the due of the state on disk (to move its index key) and the new state.
+/// A state the current batch read or changed: the due of the state on disk (to move its index key) and
+/// the state now. Reading keeps it too, so that the change that usually follows needs no second lookup.
 #[derive(Debug)]
 struct Pending {
     on_disk: Option<Millis>,
     state: Option<Stored>,
+    changed: bool,
 }
 
 /// Settings of the store on disk.
@@ -133,10 +135,45 @@ impl std::fmt::Debug for DiskStates {
     }
 }
 
+/// How a request id is kept in keys: a canonical UUID (lower-case, with dashes) or 32 lower-case hex
+/// digits as their 16 bytes, any other id as it is — a request id is in two keys per state, and text
+/// UUIDs would be most of the store.
+fn packed_id(id: &str, key: &mut Vec<u8>) {
+    let hex = |b: u8| b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
+    let bytes = id.as_bytes();
+    let uuid = bytes.len() == 36
+        && bytes.iter().enumerate().all(|(i, &b)| if [8, 13, 18, 23].contains(&i) { b == b'-' } else { hex(b) });
+    if !uuid && !(bytes.len() == 32 && bytes.iter().all(|&b| hex(b))) {
+        key.push(ID_TEXT);
+        return key.extend_from_slice(bytes);
+    }
+    key.push(if uuid { ID_UUID } else { ID_HEX });
+    let nibble = |b: u8| if b.is_ascii_digit() { b - b'0' } else { b - b'a' + 10 };
+    let digits: Vec<u8> = bytes.iter().filter(|&&b| b != b'-').map(|&b| nibble(b)).collect();
+    key.extend(digits.chunks(2).map(|pair| pair[0] << 4 | pair[1]));
+}
+
+/// The request id of a key's packed id ([`packed_id`]).
+fn unpacked_id(packed: &[u8]) -> String {
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    match packed.split_first() {
+        Some((&ID_UUID, b)) if b.len() == 16 => {
+            format!("{}-{}-{}-{}-{}", hex(&b[..4]), hex(&b[4..6]), hex(&b[6..8]), hex(&b[8..10]), hex(&b[10..]))
+        }
+        Some((&ID_HEX, b)) if b.len() == 16 => hex(b),
+        Some((_, text)) => String::from_utf8_lossy(text).into_owned(),
+        None => String::new(),
+    }
+}
+
+const ID_TEXT: u8 = 0;
+const ID_UUID: u8 = 1;
+const ID_HEX: u8 = 2;
+
 fn state_key(partition: i32, id: &str) -> Vec<u8> {
-    let mut key = Vec::with_capacity(4 + id.len());
+    let mut key = Vec::with_capacity(5 + id.len());
     key.extend_from_slice(&partition.to_be_bytes());
-    key.extend_from_slice(id.as_bytes());
+    packed_id(id, &mut key);
     key
 }
 
@@ -146,10 +183,10 @@ fn ordered(ms: Millis) -> [u8; 8] {
 }
 
 fn due_key(partition: i32, due: Millis, id: &str) -> Vec<u8> {
-    let mut key = Vec::with_capacity(12 + id.len());
+    let mut key = Vec::with_capacity(13 + id.len());
     key.extend_from_slice(&partition.to_be_bytes());
     key.extend_from_slice(&ordered(due));
-    key.extend_from_slice(id.as_bytes());
+    packed_id(id, &mut key);
     key
 }
 
@@ -174,6 +211,9 @@ impl DiskStates {
         let keyspace = fjall::Config::new(config.dir.join("lsm"))
             .cache_size(config.cache_bytes)
             .max_write_buffer_size(config.write_buffer_bytes)
+            // The journal a crash leaves is replayed when the store is opened again: kept about as large
+            // as the write buffers (fjall's floor is 24 MiB), it bounds that replay to seconds.
+            .max_journaling_size(config.write_buffer_bytes.max(32 << 20))
             // Journals are persisted with each commit ([`DiskStates::commit`]).
             .manual_journal_persist(true)
             .fsync_ms(None)
@@ -181,7 +221,8 @@ impl DiskStates {
             .map_err(io)?;
         let options = || PartitionCreateOptions::default().manual_journal_persist(true);
         let states = keyspace.open_partition("states", options()).map_err(io)?;
-        let due = keyspace.open_partition("due", options()).map_err(io)?;
+        // Only ever scanned by range: bloom filters (10 bits a key, in memory) would buy nothing.
+        let due = keyspace.open_partition("due", options().bloom_filter_bits(None)).map_err(io)?;
         let meta = keyspace.open_partition("meta", options()).map_err(io)?;
         let mut counts = HashMap::new();
         for kv in meta.prefix([COUNT]) {
@@ -248,13 +289,14 @@ impl DiskStates {
     /// Writes the batch's changes, with `checkpoints` (partition, the changelog offset the store now
     /// reflects) in one atomic write, flushed to the operating system (a kill -9 loses nothing of it).
     pub fn commit(&mut self, checkpoints: &[(i32, i64)], now: Millis) -> Result<(), String> {
-        if self.pending.is_empty() && checkpoints.is_empty() {
+        if checkpoints.is_empty() && !self.pending.values().any(|p| p.changed) {
+            self.pending.clear();
             return Ok(());
         }
         let mut batch = self.keyspace.batch().durability(Some(PersistMode::Buffer));
         let mut touched: BTreeSet<i32> = BTreeSet::new();
         self.delta = 0;
-        for ((partition, id), change) in self.pending.drain() {
+        for ((partition, id), change) in self.pending.drain().filter(|(_, change)| change.changed) {
             let count = self.counts.entry(partition).or_default();
             match (&change.on_disk, &change.state) {
                 (None, Some(_)) => *count += 1,
@@ -291,8 +333,12 @@ impl DiskStates {
         batch.commit().map_err(io)
     }
 
-    /// Flushes everything to the disk itself (at a clean stop).
+    /// Writes the write buffers out as tables and flushes everything to the disk itself (at a clean
+    /// stop): opening the store again then has no journal to replay.
     pub fn sync(&self) -> Result<(), String> {
+        for tree in [&self.states, &self.due, &self.meta] {
+            tree.rotate_memtable_and_wait().map_err(io)?;
+        }
         self.keyspace.persist(PersistMode::SyncAll).map_err(io)
     }
 
@@ -333,10 +379,14 @@ impl DiskStates {
 
 impl States for DiskStates {
     fn get(&mut self, partition: i32, id: &str) -> Option<Stored> {
-        match self.pending.get(&(partition, id.to_string())) {
-            Some(pending) => pending.state.clone(),
-            None => self.read(partition, id),
+        let key = (partition, id.to_string());
+        if let Some(pending) = self.pending.get(&key) {
+            return pending.state.clone();
         }
+        let state = self.read(partition, id);
+        let on_disk = state.as_ref().map(|s| s.due);
+        self.pending.insert(key, Pending { on_disk, state: state.clone(), changed: false });
+        state
     }
 
     fn set(&mut self, partition: i32, id: &str, state: Option<Stored>) {
@@ -345,20 +395,23 @@ impl States for DiskStates {
             Some(pending) => pending.state.is_some(),
             None => {
                 let on_disk = self.read_due(partition, id);
-                self.pending.insert(key.clone(), Pending { on_disk, state: None });
+                self.pending.insert(key.clone(), Pending { on_disk, state: None, changed: true });
                 on_disk.is_some()
             }
         };
         if self.assigned.contains(&partition) {
             self.delta += state.is_some() as i64 - held_before as i64;
         }
-        self.pending.get_mut(&key).expect("inserted above").state = state;
+        let pending = self.pending.get_mut(&key).expect("inserted above");
+        pending.state = state;
+        pending.changed = true;
     }
 
     fn due(&mut self, now: Millis, limit: usize) -> Vec<(i32, String, Stored)> {
         let mut found = Vec::new();
         for &partition in &self.assigned {
-            let start = due_key(partition, Millis::MIN, "");
+            let mut start = partition.to_be_bytes().to_vec();
+            start.extend_from_slice(&ordered(Millis::MIN));
             let mut end = partition.to_be_bytes().to_vec();
             end.extend_from_slice(&ordered(now.saturating_add(1)));
             for kv in self.due.range(start..end) {
@@ -368,7 +421,7 @@ impl States for DiskStates {
                 else {
                     continue;
                 };
-                let id = String::from_utf8_lossy(&key[12..]).into_owned();
+                let id = unpacked_id(&key[12..]);
                 // The batch may have changed it already: its own due then counts (below).
                 if self.pending_due(partition, &id).is_some() {
                     continue;
@@ -499,6 +552,27 @@ mod tests {
         disk.assign(&[0, 1]);
         assert_eq!(disk.len(), 1);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn request_ids_are_packed_in_keys_and_read_back_the_same() {
+        for id in [
+            "0b0f6c3e-8d6a-4c1e-9a51-3f2d7e9b1c04",
+            "0b0f6c3e8d6a4c1e9a513f2d7e9b1c04",
+            "0B0F6C3E-8D6A-4C1E-9A51-3F2D7E9B1C04",
+            "0b0f6c3e-8d6a-4c1e-9a51-3f2d7e9b1c0z",
+            "0b0f6c3e+8d6a-4c1e-9a51-3f2d7e9b1c04",
+            "req-42",
+            "",
+            "ünïcode-id",
+            "ü0f6c3e-8d6a-4c1e-9a51-3f2d7e9b1c04",
+        ] {
+            let mut key = Vec::new();
+            packed_id(id, &mut key);
+            assert_eq!(unpacked_id(&key), id);
+            let packs = id.len() >= 32 && !id.contains(['B', 'z', '+', 'ü']);
+            assert_eq!(key.len(), if packs { 17 } else { 1 + id.len() }, "{id}");
+        }
     }
 
     #[test]

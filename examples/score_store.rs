@@ -1,0 +1,284 @@
+//! Measures the score stage's store of open decisions on local disk (docs/benchmarks.md, "Labels weeks
+//! later"): N decisions written straight to the store through the join (as the stage does, a commit
+//! per 5,000), its resident memory and bytes on disk per open decision, labels joined per second with N
+//! open, the time to open it again after a clean close and after kill -9, and (with the local broker)
+//! the rate at which a lost store is rebuilt from the changelog topic.
+//!
+//!     cargo run --release --example score_store [-- N [REBUILD]]   (default N = 10,000,000, REBUILD =
+//!                                                                   1,000,000 changelog records)
+//!
+//! The store goes to .bench/score-store (removed first); the shipped settings (64 MiB cache, 64 MiB
+//! write buffers).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use switchyard::codec::{Codec, Decision, DecisionStatus, Outcome};
+use switchyard::config::Config;
+use switchyard::kafka::{self, OutRecord, SourcePos};
+use switchyard::quality::changelog;
+use switchyard::quality::join::{Effect, Join, JoinConfig};
+use switchyard::quality::store::{DiskConfig, DiskStates};
+use switchyard::record::quality::QualitySpec;
+
+// As in the switchyard binary.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const BATCH: usize = 5_000;
+const PARTITIONS: usize = 12;
+
+fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0.0);
+    kb / 1024.0
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let meta = entry.metadata().unwrap();
+        total += if meta.is_dir() { dir_bytes(&entry.path()) } else { meta.len() };
+    }
+    total
+}
+
+/// Request ids as UUIDs (text, random-looking), users from a million.
+fn request_id(i: u64) -> String {
+    let (a, b) = (i.wrapping_mul(0x9E37_79B9_7F4A_7C15), i.wrapping_mul(0xC2B2_AE3D_27D4_EB4F) ^ i);
+    format!("{:08x}-{:04x}-4{:03x}-a{:03x}-{:012x}", a >> 32, (a >> 16) & 0xffff, a & 0xfff, b >> 52, b & 0xffff_ffff_ffff)
+}
+
+fn decision(i: u64, at: i64) -> Decision {
+    Decision {
+        request_id: request_id(i),
+        user_id: format!("user-{}", i.wrapping_mul(7_919) % 1_000_000),
+        deployment: "fraud".into(),
+        model: if i % 10 == 0 { "fraud-v2".into() } else { "fraud-v1".into() },
+        strategy: "canary".into(),
+        cohort: if i % 10 == 0 { "candidate".into() } else { "control".into() },
+        bucket: (i % 10_000) as i32,
+        config_version: 7,
+        status: DecisionStatus::Ok,
+        output: Some(format!("0.{:04}", i % 10_000).into_bytes()),
+        error: None,
+        latency_ms: 12,
+        decided_at: at,
+    }
+}
+
+fn partition(i: u64) -> i32 {
+    (i % PARTITIONS as u64) as i32
+}
+
+fn disk_config(dir: &Path) -> DiskConfig {
+    DiskConfig { dir: dir.to_path_buf(), cache_bytes: 64 << 20, write_buffer_bytes: 64 << 20 }
+}
+
+fn open(dir: &Path) -> Join<DiskStates> {
+    let config = JoinConfig { window_ms: 90 * 86_400_000, early_wait_ms: 300_000, max_open: u64::MAX };
+    let mut states = DiskStates::open(&disk_config(dir), Duration::from_secs(30)).unwrap();
+    states.assign(&(0..PARTITIONS as i32).collect::<Vec<_>>());
+    Join::new(config, states)
+}
+
+/// Writes decisions `from..to` in commits of [`BATCH`]; prints progress every `every`.
+fn write(join: &mut Join<DiskStates>, from: u64, to: u64, every: u64, dir: &Path) {
+    let spec = QualitySpec::default();
+    let mut fx = Vec::new();
+    let started = Instant::now();
+    let mut last = (Instant::now(), from);
+    for i in from..to {
+        join.on_decision(decision(i, 1_700_000_000_000 + i as i64 / 10), partition(i), &spec, &mut fx);
+        fx.clear();
+        if (i + 1) % BATCH as u64 == 0 || i + 1 == to {
+            join.states().commit(&[(partition(i), i as i64)], 0).unwrap();
+        }
+        if (i + 1) % every == 0 {
+            let rate = (i + 1 - last.1) as f64 / last.0.elapsed().as_secs_f64();
+            println!(
+                "  {:>11} open: {:>8.0} writes/s, RSS {:.0} MiB, {:.1} bytes on disk each ({:.0} s)",
+                i + 1,
+                rate,
+                rss_mib(),
+                dir_bytes(dir) as f64 / (i + 1) as f64,
+                started.elapsed().as_secs_f64()
+            );
+            last = (Instant::now(), i + 1);
+        }
+    }
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let first = args.next();
+    if first.as_deref() == Some("--crash-child") {
+        // Opens the store and writes until killed.
+        let dir = PathBuf::from(args.next().unwrap());
+        let from: u64 = args.next().unwrap().parse().unwrap();
+        let mut join = open(&dir);
+        write(&mut join, from, u64::MAX, u64::MAX, &dir);
+        return;
+    }
+    let n: u64 = first.and_then(|a| a.replace('_', "").parse().ok()).unwrap_or(10_000_000);
+    let rebuild: u64 = args.next().and_then(|a| a.replace('_', "").parse().ok()).unwrap_or(1_000_000);
+    let dir = PathBuf::from(".bench/score-store");
+    let _ = std::fs::remove_dir_all(&dir);
+    println!("score store: {n} open decisions, {PARTITIONS} partitions, commits of {BATCH}, in {}", dir.display());
+
+    let started = Instant::now();
+    let mut join = open(&dir);
+    write(&mut join, 0, n, (n / 10).max(1), &dir);
+    let secs = started.elapsed().as_secs_f64();
+    let rss = rss_mib();
+    join.states().sync().unwrap();
+    println!(
+        "written: {n} open decisions in {secs:.0} s = {:.0}/s; RSS {rss:.0} MiB; {:.1} bytes on disk per open decision \
+         (states {:.1}, expiry index {:.1}; tables written out)",
+        n as f64 / secs,
+        dir_bytes(&dir) as f64 / n as f64,
+        dir_bytes(&dir.join("lsm/partitions/states")) as f64 / n as f64,
+        dir_bytes(&dir.join("lsm/partitions/due")) as f64 / n as f64,
+    );
+
+    // Labels for random open decisions (each once: a stride through 0..n coprime with it).
+    let labels = 1_000_000.min(n);
+    let stride = (0..).map(|k| 1_000_003 + 2 * k).find(|s| gcd(*s, n) == 1).unwrap();
+    let spec = QualitySpec::default();
+    let source = SourcePos { topic: "outcomes".into(), partition: 0, offset: 0 };
+    let mut fx = Vec::new();
+    let started = Instant::now();
+    let mut scored = 0;
+    for k in 0..labels {
+        let i = (k * stride) % n;
+        let outcome = Outcome {
+            request_id: request_id(i),
+            user_id: String::new(),
+            label: f64::from(u8::from(i % 3 == 0)),
+            observed_at: 1_800_000_000_000,
+            source: "bench".into(),
+        };
+        join.on_outcome(outcome, SourcePos { partition: partition(i), ..source.clone() }, |_| spec.clone(), 0, &mut fx);
+        scored += fx.iter().filter(|e| matches!(e, Effect::Scored(_))).count();
+        fx.clear();
+        if (k + 1) % BATCH as u64 == 0 {
+            join.states().commit(&[], 0).unwrap();
+        }
+    }
+    join.states().commit(&[], 0).unwrap();
+    let secs = started.elapsed().as_secs_f64();
+    assert_eq!(scored as u64, labels, "every label met its decision");
+    println!(
+        "labels joined with {n} open: {labels} in {secs:.1} s = {:.0}/s (random decisions; RSS {:.0} MiB)",
+        labels as f64 / secs,
+        rss_mib()
+    );
+    join.states().sync().unwrap();
+    println!(
+        "  after the labels, tables written out: {:.1} bytes on disk per decision (labelled ones are kept for the window)",
+        dir_bytes(&dir) as f64 / n as f64
+    );
+    drop(join);
+
+    let started = Instant::now();
+    let join = open(&dir);
+    println!(
+        "reopened after a clean close: {:.2} s ({} held)",
+        started.elapsed().as_secs_f64(),
+        join.open()
+    );
+    drop(join);
+
+    // kill -9 of a process writing to it, then opened again (the journal replayed).
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--crash-child", &dir.display().to_string(), &n.to_string()])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(8));
+    let _ = std::process::Command::new("kill").args(["-KILL", &child.id().to_string()]).status();
+    let mut child = child;
+    child.wait().unwrap();
+    let started = Instant::now();
+    let mut join = open(&dir);
+    println!(
+        "reopened after kill -9 mid-write: {:.2} s ({} held)",
+        started.elapsed().as_secs_f64(),
+        join.open()
+    );
+    let checkpoint = join.states().checkpoint(partition(n)).unwrap();
+    println!("  its checkpoint on partition {}: {checkpoint:?}", partition(n));
+    drop(join);
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(rebuild_rate(rebuild));
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+/// Writes `n` open decisions' changelog records to a new changelog topic and rebuilds a store from it.
+async fn rebuild_rate(n: u64) {
+    let mut cfg = Config::load(None, std::env::vars()).expect("configuration");
+    let prefix = format!("bench-{:08x}", rand::random::<u32>());
+    cfg.topics.score_changelog = format!("{prefix}.score-state");
+    if kafka::check_reachable(&cfg).await.is_err() {
+        println!("rebuild: no broker at {} (scripts/kafka.sh start), skipped", cfg.kafka.bootstrap_servers);
+        return;
+    }
+    kafka::ensure_topics(&cfg, std::slice::from_ref(&cfg.topics.score_changelog), kafka::TopicKind::Changelog)
+        .await
+        .unwrap();
+    let codec = Codec::default();
+    let spec = QualitySpec::default();
+    let producer = kafka::producer(&cfg).unwrap();
+    let dir = PathBuf::from(".bench/score-store-rebuild");
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut writer = Join::new(
+        JoinConfig { window_ms: 90 * 86_400_000, early_wait_ms: 300_000, max_open: u64::MAX },
+        switchyard::quality::store::MemStates::default(),
+    );
+    let partitions = cfg.topics.partitions as u64;
+    let mut fx = Vec::new();
+    for chunk in (0..n).step_by(20_000) {
+        let mut records = Vec::new();
+        for i in chunk..(chunk + 20_000).min(n) {
+            writer.on_decision(decision(i, 1_700_000_000_000 + i as i64), (i % partitions) as i32, &spec, &mut fx);
+            for e in fx.drain(..) {
+                if let Effect::State { request_id, partition, entry: Some(entry) } = e {
+                    let value = changelog::encode(&entry, &codec);
+                    let mut r = OutRecord::new(cfg.topics.score_changelog.clone(), request_id.into_bytes(), value);
+                    r.partition = Some(partition);
+                    records.push(r);
+                }
+            }
+        }
+        kafka::send_all(&producer, &records).await.unwrap();
+        // The writer's memory is not what is measured.
+        *writer.states() = switchyard::quality::store::MemStates::default();
+    }
+    cfg.quality.state_dir = dir.display().to_string();
+    let mut join = Join::new(
+        JoinConfig { window_ms: 90 * 86_400_000, early_wait_ms: 300_000, max_open: u64::MAX },
+        switchyard::quality::stage::open_store(&cfg).unwrap(),
+    );
+    let specs = std::collections::HashMap::from([("fraud".to_string(), spec)]);
+    let assigned: Vec<i32> = (0..cfg.topics.partitions).collect();
+    let started = Instant::now();
+    let done = switchyard::quality::stage::catch_up(&cfg, &codec, &specs, &assigned, i64::MAX, &mut join)
+        .await
+        .unwrap();
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "rebuilt from the changelog: {} records of {} partitions in {secs:.1} s = {:.0} records/s ({} held)",
+        done.records,
+        done.rebuilt,
+        done.records as f64 / secs,
+        join.open()
+    );
+    println!("  (delete the topic {} when done)", cfg.topics.score_changelog);
+}
