@@ -50,7 +50,14 @@ fn dir_bytes(dir: &Path) -> u64 {
 /// Request ids as UUIDs (text, random-looking), users from a million.
 fn request_id(i: u64) -> String {
     let (a, b) = (i.wrapping_mul(0x9E37_79B9_7F4A_7C15), i.wrapping_mul(0xC2B2_AE3D_27D4_EB4F) ^ i);
-    format!("{:08x}-{:04x}-4{:03x}-a{:03x}-{:012x}", a >> 32, (a >> 16) & 0xffff, a & 0xfff, b >> 52, b & 0xffff_ffff_ffff)
+    format!(
+        "{:08x}-{:04x}-4{:03x}-a{:03x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xfff,
+        b >> 52,
+        b & 0xffff_ffff_ffff
+    )
 }
 
 fn decision(i: u64, at: i64) -> Decision {
@@ -186,11 +193,7 @@ fn main() {
 
     let started = Instant::now();
     let join = open(&dir);
-    println!(
-        "reopened after a clean close: {:.2} s ({} held)",
-        started.elapsed().as_secs_f64(),
-        join.open()
-    );
+    println!("reopened after a clean close: {:.2} s ({} held)", started.elapsed().as_secs_f64(), join.open());
     drop(join);
 
     // kill -9 of a process writing to it, then opened again (the journal replayed).
@@ -204,11 +207,7 @@ fn main() {
     child.wait().unwrap();
     let started = Instant::now();
     let mut join = open(&dir);
-    println!(
-        "reopened after kill -9 mid-write: {:.2} s ({} held)",
-        started.elapsed().as_secs_f64(),
-        join.open()
-    );
+    println!("reopened after kill -9 mid-write: {:.2} s ({} held)", started.elapsed().as_secs_f64(), join.open());
     let checkpoint = join.states().checkpoint(partition(n)).unwrap();
     println!("  its checkpoint on partition {}: {checkpoint:?}", partition(n));
     drop(join);
@@ -269,9 +268,8 @@ async fn rebuild_rate(n: u64) {
     let specs = std::collections::HashMap::from([("fraud".to_string(), spec)]);
     let assigned: Vec<i32> = (0..cfg.topics.partitions).collect();
     let started = Instant::now();
-    let done = switchyard::quality::stage::catch_up(&cfg, &codec, &specs, &assigned, i64::MAX, &mut join)
-        .await
-        .unwrap();
+    let done =
+        switchyard::quality::stage::catch_up(&cfg, &codec, &specs, &assigned, i64::MAX, &mut join).await.unwrap();
     let secs = started.elapsed().as_secs_f64();
     println!(
         "rebuilt from the changelog: {} records of {} partitions in {secs:.1} s = {:.0} records/s ({} held)",

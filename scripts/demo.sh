@@ -7,7 +7,8 @@
 # its requests; the history says who did what and why. Last, outcome labels: a labeller reports what
 # really happened, answers are scored, and a candidate that is faster but less accurate (churn-v2, 75%
 # against 90%) is rolled back by the quality guard, not by latency; then a blue/green switch to it on
-# probation is switched back by the paired guard. Stops everything it started.
+# probation is switched back by the paired guard; then chargebacks that come late and honest payments that
+# never get a label: decisions judged when they mature. Stops everything it started.
 #
 # DEMO_RATE (requests/s, default 200) and DEMO_SECONDS (per phase, default 8) tune it.
 set -euo pipefail
@@ -51,6 +52,8 @@ fi
 
 export SWITCHYARD_BOOTSTRAP_SERVERS="127.0.0.1:${KAFKA_PORT:-9092}"
 export RUST_LOG="${RUST_LOG:-info,rdkafka=warn,librdkafka=error}"
+# The score stage's store of open decisions, with the demo's logs.
+export SWITCHYARD__QUALITY__STATE_DIR="$logs/state"
 
 step "creating topics and a canary deployment: 10% of users on fraud-v2, fraud-v3 mirrored"
 $bin create-topics
@@ -70,7 +73,7 @@ fi
 $bin demo-model --model fraud-v4 --latency-ms 15 --error-rate 0.3 >"$logs/fraud-v4.log" 2>&1 & pids+=($!)
 $bin demo-model --model churn-v1 --latency-ms 30 --accuracy 0.9 >"$logs/churn-v1.log" 2>&1 & pids+=($!)
 $bin demo-model --model churn-v2 --latency-ms 2 --accuracy 0.75 >"$logs/churn-v2.log" 2>&1 & pids+=($!)
-$bin labeller --delay-ms 2000 >"$logs/labeller.log" 2>&1 & pids+=($!)
+$bin labeller --delay-ms 2000 --positives-only chargeback >"$logs/labeller.log" 2>&1 & pids+=($!)
 for _ in $(seq 1 60); do curl -fs 127.0.0.1:9898/readyz >/dev/null 2>&1 && break; sleep 0.5; done
 curl -fs 127.0.0.1:9898/readyz
 
@@ -104,7 +107,7 @@ run_plan() { # title, until, deployment (default fraud)
   local load=$! start=$SECONDS
   until $bin status "$name" 2>/dev/null | grep -q "$2"; do
     sleep 2; local waited=$((SECONDS - start))
-    echo "-- after ${waited} s:"; $bin status "$name" | grep -E 'plan:|probation:|last change|observed split|^    (error_rate|timeout_rate|latency|sample_ratio|coverage|quality|paired_quality|new − old)' || true
+    echo "-- after ${waited} s:"; $bin status "$name" | grep -E 'plan:|probation:|last change|labels mature|observed split|^    (error_rate|timeout_rate|latency|sample_ratio|coverage|quality|paired_quality|new − old)' || true
     if [ "$waited" -ge 120 ]; then
       echo "the plan did not finish in 120 s (waited for \"$2\"); its history:"; $bin history "$name" || true
       kill "$load"; exit 1
@@ -163,6 +166,19 @@ $bin deploy churn --strategy blue_green --control churn-v1 --candidate churn-v2 
 $bin promote churn --probation-ms 120000 --reason "switch to churn-v2 on probation"
 run_plan "the paired guard judges the switch" "last change by guard:" churn
 $bin history churn | tail -6
+
+step "labels weeks later, in compressed time: a chargeback comes 2 s after a payment, an honest payment never gets a label; each decision matures 6 s after it is made, judged on its chargeback or, without one, as honest (default_label 0)"
+late_plan='{"steps":[{"canary_percent":50,"bake_ms":8000,"min_sample":100,"max_ms":90000}],
+            "guards":["error_rate","quality"],
+            "quality_guard":{"loss":"zero_one","margin":0.02}}'
+$bin deploy chargeback --strategy canary --control churn-v1 --candidate churn-v2 --timeout-ms 1000 \
+  --quality '{"maturity_ms":6000,"default_label":0}' --plan "$late_plan" --reason "the fast model on chargebacks"
+run_plan "the quality guard judges matured users only: none before 6 s into the step" "last change by guard:" chargeback
+echo "-- answers scored on a label by absence (implicit) and in all, per model:"
+curl -fs 127.0.0.1:9898/metrics | awk '
+  /^switchyard_quality_(implicit|labelled)_total\{/ && /deployment="chargeback"/ && /role="serving"/ {
+    match($0, /model="[^"]*"/); m = substr($0, RSTART + 7, RLENGTH - 8); k = ($0 ~ /implicit/) ? "implicit" : "labelled"; n[m " " k] += $NF }
+  END { for (x in n) printf "  %s %d\n", x, n[x] }' | sort
 
 step "what Prometheus sees (excerpt of 127.0.0.1:9898/metrics)"
 curl -fs 127.0.0.1:9898/metrics | grep -E '^switchyard_(decisions_total|shadow_comparisons_total|config_version|pending_requests|dead_letters_total|rollout_changes_total|quality_labelled_total)' | sort

@@ -108,6 +108,10 @@ pub enum Command {
         /// Share of requests that get a label, 0..1.
         #[arg(long, default_value_t = 1.0, value_parser = parse_share)]
         coverage: f64,
+        /// A deployment whose requests get a label only when it is positive (labels by absence: pair
+        /// with its quality spec's maturity_ms and default_label). Repeatable.
+        #[arg(long = "positives-only", value_name = "DEPLOYMENT")]
+        positives_only: Vec<String>,
     },
     /// Produce Avro requests.
     Loadgen {
@@ -385,9 +389,10 @@ pub async fn run(cli: Cli) -> Result<()> {
                 DemoModel { model, latency: Duration::from_millis(latency_ms), error_rate, disagree_percent, accuracy };
             worker.run(config, codec, shutdown).await
         }
-        Command::Labeller { delay_ms, coverage } => {
+        Command::Labeller { delay_ms, coverage, positives_only } => {
             shutdown::on_signals(trigger);
-            Labeller { delay: Duration::from_millis(delay_ms), coverage }.run(config, codec, shutdown).await
+            let labeller = Labeller { delay: Duration::from_millis(delay_ms), coverage, positives_only };
+            labeller.run(config, codec, shutdown).await
         }
         Command::Loadgen { deployment, rate, count, users, run_id } => {
             shutdown::on_signals(trigger);

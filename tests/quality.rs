@@ -320,6 +320,77 @@ async fn a_joining_instance_killed_mid_stream_scores_every_label_exactly_once() 
     env.stop().await;
 }
 
+/// Labels by absence: a deployment whose decisions mature 6 s after they are made, labelled 0 when no
+/// label came by then. Only the positives are labelled (at once, before maturity), and the instance is
+/// stopped and started again while they are held: every decision is scored exactly once, at maturity,
+/// the positives on their own labels and the rest on the default one, marked implicit; a label after
+/// maturity is dead-lettered `late_label`; the restarted instance read nothing back from the changelog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decisions_mature_into_scores_by_absence_across_a_restart() {
+    let Some(mut env) = Env::new("maturity").await else { return };
+    env.deploy(
+        "fraud",
+        r#"{"strategy":"single","control":"v1","timeout_ms":5000,"quality":{"maturity_ms":6000,"default_label":0}}"#,
+    )
+    .await;
+    let dir = std::env::temp_dir().join(format!("switchyard-{}", env.config.service.group_id));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut a = env.spawn_instance("a", &dir.join("a.log"));
+    env.start_worker(DemoModel {
+        model: "v1".into(),
+        latency: Duration::from_millis(2),
+        error_rate: 0.0,
+        disagree_percent: 0.0,
+        accuracy: Some(0.9),
+    });
+    let sent = requests("fraud", "maturity", 300, 60);
+    env.send(&sent).await;
+    let decisions = env.read::<Decision>(&env.config.topics.decisions, 300, LIMIT, Duration::from_secs(1)).await;
+    let first_decided = decisions.iter().map(|d| d.value.decided_at).min().unwrap();
+    let positives: Vec<&switchyard::codec::Request> = sent.iter().filter(|r| truth(&r.payload)).collect();
+    env.produce(positives.iter().map(|r| outcome_record(&env, r, 1.0)).collect()).await;
+    // Stopped and started again while the labels are held, before any decision matures.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(clock::now_millis() < first_decided + 6_000, "the restart must come before maturity");
+    let _ = std::process::Command::new("kill").args(["-TERM", &a.id().to_string()]).status();
+    a.wait().unwrap();
+    a = env.spawn_instance("a", &dir.join("a2.log"));
+
+    let scored =
+        env.read::<ScoredOutcome>(&env.config.topics.scored_outcomes, 300, LIMIT, Duration::from_secs(8)).await;
+    let ids: HashSet<&str> = scored.iter().map(|r| r.value.request_id.as_str()).collect();
+    assert_eq!((scored.len(), ids.len()), (300, 300), "every decision scored once");
+    let positive_ids: HashSet<&str> = positives.iter().map(|r| r.request_id.as_str()).collect();
+    for s in scored.iter().map(|r| &r.value) {
+        if positive_ids.contains(s.request_id.as_str()) {
+            assert_eq!((s.label, s.source.as_str()), (1.0, "test"), "{s:?}");
+        } else {
+            assert_eq!((s.label, s.source.as_str(), s.label_delay_ms), (0.0, "implicit", 6_000), "{s:?}");
+        }
+        assert!(s.decided_at + 6_000 <= clock::now_millis());
+    }
+    eprintln!("{} positives labelled, {} negatives by absence", positive_ids.len(), 300 - positive_ids.len());
+    assert!(!positive_ids.is_empty() && positive_ids.len() < 300);
+
+    let negative = sent.iter().find(|r| !truth(&r.payload)).unwrap();
+    env.produce(vec![outcome_record(&env, negative, 1.0)]).await;
+    let letters = env.read_raw(&env.config.topics.dead_letter, 1, LIMIT, Duration::from_secs(2)).await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].headers["dlq.kind"], "late_label");
+    assert!(letters[0].headers["dlq.reason"].contains("matured"), "{:?}", letters[0].headers);
+
+    let restarted = std::fs::read_to_string(dir.join("a2.log")).unwrap();
+    let caught_up: Vec<&str> =
+        restarted.lines().filter(|l| l.contains("score state caught up") && !l.contains("partitions=0")).collect();
+    assert!(
+        !caught_up.is_empty() && caught_up.iter().all(|l| l.contains("rebuilt=0") && l.contains("records=0")),
+        "after a clean stop the store is current: {caught_up:?}"
+    );
+    let _ = std::process::Command::new("kill").args(["-TERM", &a.id().to_string()]).status();
+    a.wait().unwrap();
+    env.stop().await;
+}
+
 /// The topics the score stage joins are created to keep records at least as long as its window.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn joined_topics_are_created_to_outlive_the_window() {

@@ -117,8 +117,14 @@ pub async fn catch_up(
     let reader = kafka::reader(config)?;
     kafka::batch::locate(&reader, topic)?;
     let now = clock::now_millis();
-    join.states().discard();
     join.states().assign(assigned);
+    // A broker set up anew under the same address has a new cluster id: what the store holds is of
+    // another changelog.
+    if let Some(cluster) = reader.client().fetch_cluster_id(kafka::ADMIN_TIMEOUT) {
+        if join.states().belong_to(&cluster).map_err(Error::Store)? {
+            tracing::warn!(%cluster, "the score state store was written from another Kafka cluster: wiped, rebuilt from the changelog");
+        }
+    }
     let mut from = TopicPartitionList::new();
     let mut targets = HashMap::new();
     let mut done = CaughtUp::default();

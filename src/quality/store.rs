@@ -197,6 +197,8 @@ fn meta_key(kind: u8, partition: i32) -> [u8; 5] {
 
 const CHECKPOINT: u8 = b'c';
 const COUNT: u8 = b'n';
+/// The Kafka cluster whose changelog the store reflects.
+const CLUSTER: &[u8] = b"cluster";
 
 fn io(error: impl std::fmt::Display) -> String {
     format!("score state store: {error}")
@@ -278,6 +280,25 @@ impl DiskStates {
         batch.commit().map_err(io)?;
         self.counts.remove(&partition);
         Ok(removed / 2)
+    }
+
+    /// Makes sure the store reflects the changelog of cluster `id`: a store written from another
+    /// cluster's (a broker set up anew under the same address) is wiped whole. Returns whether it was.
+    pub fn belong_to(&mut self, cluster: &str) -> Result<bool, String> {
+        let stored = self.meta.get(CLUSTER).map_err(io)?;
+        if stored.as_deref() == Some(cluster.as_bytes()) {
+            return Ok(false);
+        }
+        let mut partitions: BTreeSet<i32> = self.counts.keys().copied().collect();
+        for kv in self.meta.prefix([CHECKPOINT]) {
+            let (key, _) = kv.map_err(io)?;
+            partitions.extend(key.get(1..5).and_then(|b| b.try_into().ok()).map(i32::from_be_bytes));
+        }
+        for partition in &partitions {
+            self.wipe(*partition)?;
+        }
+        self.meta.insert(CLUSTER, cluster.as_bytes()).map_err(io)?;
+        Ok(stored.is_some())
     }
 
     /// Drops the changes of a batch whose transaction failed.
@@ -573,6 +594,21 @@ mod tests {
             let packs = id.len() >= 32 && !id.contains(['B', 'z', '+', 'ü']);
             assert_eq!(key.len(), if packs { 17 } else { 1 + id.len() }, "{id}");
         }
+    }
+
+    #[test]
+    fn a_store_of_another_cluster_is_wiped() {
+        let dir = temp_dir("cluster");
+        let mut disk = DiskStates::open(&config(&dir), std::time::Duration::ZERO).unwrap();
+        disk.assign(&[0, 3]);
+        assert!(!disk.belong_to("one").unwrap(), "a new store belongs to its first cluster");
+        disk.set(3, "a", Some(open(1_000, "ua")));
+        disk.commit(&[(3, 9)], 1).unwrap();
+        assert!(!disk.belong_to("one").unwrap());
+        assert_eq!(disk.len(), 1);
+        assert!(disk.belong_to("two").unwrap());
+        assert_eq!((disk.len(), disk.checkpoint(3).unwrap(), disk.get(3, "a")), (0, None, None));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

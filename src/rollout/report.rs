@@ -19,6 +19,7 @@ use crate::error::{Error, Result};
 use crate::kafka;
 use crate::record::Deployment;
 use crate::record::plan::{GuardKind, Plan, PlanState};
+use crate::record::quality::QualitySpec;
 
 /// How long `status` reads decisions before it reports what it has.
 const READ_LIMIT: Duration = Duration::from_secs(60);
@@ -42,6 +43,9 @@ pub async fn plan_status(config: &Config, codec: &Codec, d: &Deployment) -> Resu
     }
     let Some(plan) = &d.spec.plan else { return Ok(out) };
     out.push_str(&describe_plan(plan, clock::now_millis()));
+    if let Some(line) = maturity_line(plan, d.spec.quality.as_ref(), clock::now_millis()) {
+        out.push_str(&line);
+    }
     if plan.state != PlanState::Running {
         return Ok(out);
     }
@@ -74,6 +78,34 @@ fn describe_plan(plan: &Plan, now: i64) -> String {
         plan.on_alarm,
         plan.on_end
     )
+}
+
+/// When a step judged on labels of a deployment with a maturity gets its first quality evidence: its
+/// users count once their decisions mature, so nothing comes before `maturity_ms` into the step. None
+/// when the plan does not judge labels or the labels need no maturity.
+fn maturity_line(plan: &Plan, quality: Option<&QualitySpec>, now: i64) -> Option<String> {
+    let maturity = quality?.maturity_ms? as i64;
+    if !plan.guards.iter().any(|g| matches!(g, GuardKind::Quality | GuardKind::Coverage)) {
+        return None;
+    }
+    let first = plan.step_started_at + maturity;
+    let when = if first > now {
+        format!("in {:.0} s", (first - now) as f64 / 1000.0)
+    } else {
+        format!("{:.0} s ago", (now - first) as f64 / 1000.0)
+    };
+    let mut line = format!(
+        "  labels mature {:.0} s after each decision: this step's first matured users {when}; the quality guard judges only those\n",
+        maturity as f64 / 1000.0
+    );
+    if plan.current().max_ms < maturity as u64 {
+        let _ = writeln!(
+            line,
+            "  warning: the step's max_ms ({} s) ends before any of its decisions matures: it will pause without quality evidence",
+            plan.current().max_ms / 1000
+        );
+    }
+    Some(line)
 }
 
 /// The step's evidence rebuilt as the controller builds it — its scored outcomes, then its decisions,
@@ -338,5 +370,28 @@ mod plan_tests {
         let text = describe_evidence(plan, &StepEvidence::new(&d).unwrap());
         assert!(text.contains("control 0 (0.00%), candidate 0 (0.00%)"), "{text}");
         assert_eq!(text.lines().filter(|l| l.contains(" e = ")).count(), plan.guards.len(), "{text}");
+        assert_eq!(maturity_line(plan, None, 31_000), None);
+    }
+
+    #[test]
+    fn a_step_judged_on_matured_labels_says_when_its_first_users_mature() {
+        let d = DeploymentSpec::from_json(
+            br#"{"version":4,"strategy":"canary","control":"a","candidate":"b","canary_percent":5,
+                 "quality":{"maturity_ms":30000,"default_label":0},
+                 "plan":{"steps":[{"canary_percent":5,"bake_ms":20000,"min_sample":100,"max_ms":20000}],
+                         "guards":["error_rate","quality"],"step":0,"step_started_at":1000,"state":"running"}}"#,
+        )
+        .unwrap()
+        .validate("d")
+        .unwrap();
+        let plan = d.spec.plan.as_ref().unwrap();
+        let line = maturity_line(plan, d.spec.quality.as_ref(), 11_000).unwrap();
+        assert!(
+            line.contains("labels mature 30 s after each decision: this step's first matured users in 20 s"),
+            "{line}"
+        );
+        assert!(line.contains("warning: the step's max_ms (20 s) ends before any of its decisions matures"), "{line}");
+        let later = maturity_line(plan, d.spec.quality.as_ref(), 41_000).unwrap();
+        assert!(later.contains("first matured users 10 s ago"), "{later}");
     }
 }

@@ -1,8 +1,10 @@
 //! `switchyard labeller`: the demo's source of truth. It reads the requests topic and, `delay` after each
 //! request was sent, writes its outcome label — [`demo_model::truth`] of the payload — to the outcomes
 //! topic, keyed by user id with Kafka's murmur2 partitioner (co-partitioned with the decisions). A
-//! `coverage` share of requests gets a label; the rest never does. At least once: offsets are committed
-//! after the labels of the requests before them are written.
+//! `coverage` share of requests gets a label; the rest never does. For the deployments named in
+//! `positives_only`, only positive outcomes are written (chargebacks: the honest payments never get a
+//! label; their deployment's quality spec says what absence means). At least once: offsets are
+//! committed after the labels of the requests before them are written.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -26,16 +28,22 @@ pub struct Labeller {
     pub delay: Duration,
     /// Share (0..=1) of requests that get a label.
     pub coverage: f64,
+    /// Deployments whose requests get a label only when it is positive.
+    pub positives_only: Vec<String>,
 }
 
 impl Labeller {
     /// The label of `request`, if it gets one: deterministic in its request id.
     pub fn label(&self, request: &Request) -> Option<Outcome> {
         let draw = f64::from(murmur3_x86_32(format!("label:{}", request.request_id).as_bytes(), 0) % 10_000);
+        let positive = truth(&request.payload);
+        if !positive && self.positives_only.contains(&request.deployment) {
+            return None;
+        }
         (draw < self.coverage * 10_000.0).then(|| Outcome {
             request_id: request.request_id.clone(),
             user_id: request.user_id.clone(),
-            label: f64::from(u8::from(truth(&request.payload))),
+            label: f64::from(u8::from(positive)),
             observed_at: request.sent_at + self.delay.as_millis() as i64,
             source: "demo-labeller".into(),
         })
@@ -94,7 +102,8 @@ mod tests {
 
     #[test]
     fn labels_follow_coverage_and_carry_the_truth() {
-        let labeller = Labeller { delay: Duration::from_millis(2_000), coverage: 0.8 };
+        let labeller =
+            Labeller { delay: Duration::from_millis(2_000), coverage: 0.8, positives_only: vec!["late".into()] };
         let requests: Vec<Request> = (0..10_000)
             .map(|i| Request {
                 request_id: format!("r{i}"),
@@ -112,5 +121,12 @@ mod tests {
         assert_eq!(first.label, f64::from(u8::from(truth(&request.payload))));
         assert_eq!((first.observed_at, first.user_id.as_str()), (3_000, request.user_id.as_str()));
         assert_eq!(labeller.label(request), Some(first.clone()), "deterministic");
+        let late: Vec<Outcome> = requests
+            .iter()
+            .map(|r| Request { deployment: "late".into(), ..r.clone() })
+            .filter_map(|r| labeller.label(&r))
+            .collect();
+        assert!(late.iter().all(|o| o.label == 1.0), "only positives for a positives-only deployment");
+        assert_eq!(late.len(), labels.iter().filter(|o| o.label == 1.0).count());
     }
 }
