@@ -9,6 +9,15 @@
 //!
 //! The store goes to .bench/score-store (removed first); the shipped settings (64 MiB cache, 64 MiB
 //! write buffers).
+//!
+//!     cargo run --release --example score_store -- --e2e N      (needs the local broker and
+//!                                                                 target/release/switchyard)
+//!
+//! End to end through Kafka: N decisions of a deployment with a quality spec written to the decisions
+//! topic and taken in by `switchyard run` (the release binary, shipped settings), its resident memory and
+//! store on disk with N open; then stopped with SIGTERM and started again, and killed with kill -9 and
+//! started again: how long until its store has caught up, and until labels sent after the start are
+//! scored again.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -123,6 +132,16 @@ fn write(join: &mut Join<DiskStates>, from: u64, to: u64, every: u64, dir: &Path
 fn main() {
     let mut args = std::env::args().skip(1);
     let first = args.next();
+    if first.as_deref() == Some("--e2e") {
+        let n: u64 = args.next().and_then(|a| a.replace('_', "").parse().ok()).unwrap_or(5_000_000);
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        return runtime.block_on(end_to_end(n));
+    }
+    if first.as_deref() == Some("--restarts") {
+        // The restart figures of a store written by an earlier run (.bench/score-store, N decisions).
+        let n: u64 = args.next().and_then(|a| a.replace('_', "").parse().ok()).unwrap();
+        return restarts(Path::new(".bench/score-store"), n);
+    }
     if first.as_deref() == Some("--crash-child") {
         // Opens the store and writes until killed.
         let dir = PathBuf::from(args.next().unwrap());
@@ -191,8 +210,17 @@ fn main() {
     );
     drop(join);
 
+    restarts(&dir, n);
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(rebuild_rate(rebuild));
+}
+
+/// Opens the store in `dir` (holding `n` decisions) after a clean close, then after kill -9 of a process
+/// writing to it.
+fn restarts(dir: &Path, n: u64) {
     let started = Instant::now();
-    let join = open(&dir);
+    let join = open(dir);
     println!("reopened after a clean close: {:.2} s ({} held)", started.elapsed().as_secs_f64(), join.open());
     drop(join);
 
@@ -206,14 +234,13 @@ fn main() {
     let mut child = child;
     child.wait().unwrap();
     let started = Instant::now();
-    let mut join = open(&dir);
-    println!("reopened after kill -9 mid-write: {:.2} s ({} held)", started.elapsed().as_secs_f64(), join.open());
-    let checkpoint = join.states().checkpoint(partition(n)).unwrap();
-    println!("  its checkpoint on partition {}: {checkpoint:?}", partition(n));
-    drop(join);
-
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(rebuild_rate(rebuild));
+    let join = open(dir);
+    println!(
+        "reopened after kill -9 mid-write: {:.2} s ({} held: the {} the killed process committed are kept)",
+        started.elapsed().as_secs_f64(),
+        join.open(),
+        join.open() - n
+    );
 }
 
 fn gcd(a: u64, b: u64) -> u64 {
@@ -279,4 +306,199 @@ async fn rebuild_rate(n: u64) {
         join.open()
     );
     println!("  (delete the topic {} when done)", cfg.topics.score_changelog);
+}
+
+/// A `switchyard run` of the end-to-end part, its log and its metrics address.
+struct Instance {
+    child: std::process::Child,
+    log: PathBuf,
+    metrics: String,
+}
+
+impl Instance {
+    fn start(vars: &[(String, String)], log: PathBuf, metrics: &str) -> Instance {
+        let child = std::process::Command::new("target/release/switchyard")
+            .args(["run", "--instance-id", "bench-0"])
+            .envs(vars.iter().cloned())
+            .env("SWITCHYARD__SERVICE__METRICS_ADDRESS", metrics)
+            .env("RUST_LOG", "info,rdkafka=warn,librdkafka=error")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("target/release/switchyard (cargo build --release)");
+        Instance { child, log, metrics: metrics.to_string() }
+    }
+
+    fn signal(&mut self, signal: &str) -> Duration {
+        let started = Instant::now();
+        let _ = std::process::Command::new("kill").args([signal, &self.child.id().to_string()]).status();
+        self.child.wait().unwrap();
+        started.elapsed()
+    }
+
+    fn rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let kb: f64 = status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0.0);
+        kb / 1024.0
+    }
+
+    /// The sum of a metric's series on /metrics (None while it does not answer).
+    fn metric(&self, name: &str) -> Option<f64> {
+        let output = std::process::Command::new("curl")
+            .args(["-fs", &format!("http://{}/metrics", self.metrics)])
+            .output()
+            .ok()?;
+        if !output.status.success() {
+            return None;
+        }
+        let text = String::from_utf8_lossy(&output.stdout);
+        Some(
+            text.lines()
+                .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum(),
+        )
+    }
+
+    /// Waits until the log has a line containing every one of `parts`; how long it took from `since`.
+    fn wait_for_log(&self, parts: &[&str], since: Instant, limit: Duration) -> Option<(Duration, String)> {
+        while since.elapsed() < limit {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if let Some(line) = log.lines().find(|l| parts.iter().all(|p| l.contains(p))) {
+                return Some((since.elapsed(), line.to_string()));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+async fn end_to_end(n: u64) {
+    let bootstrap = std::env::var("SWITCHYARD_BOOTSTRAP_SERVERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let prefix = format!("b{:06x}", rand::random::<u32>() & 0xff_ffff);
+    let partitions = 12;
+    let state = PathBuf::from(".bench/score-e2e");
+    let _ = std::fs::remove_dir_all(&state);
+    std::fs::create_dir_all(&state).unwrap();
+    let mut vars = switchyard::config::isolated_env(&bootstrap, &prefix, partitions);
+    vars.retain(|(k, _)| k != "SWITCHYARD__QUALITY__STATE_DIR");
+    vars.push(("SWITCHYARD__QUALITY__STATE_DIR".into(), state.join("store").display().to_string()));
+    let cfg = Config::load(None, vars.clone()).unwrap();
+    let codec = Codec::default();
+    let deploy = std::process::Command::new("target/release/switchyard")
+        .args(["deploy", "bench", "--strategy", "single", "--control", "m1", "--quality", "{}", "--reason", "bench"])
+        .envs(vars.iter().cloned())
+        .env("RUST_LOG", "error")
+        .status()
+        .unwrap();
+    assert!(deploy.success(), "switchyard deploy");
+    let metrics = "127.0.0.1:9897";
+    let mut instance = Instance::start(&vars, state.join("run-1.log"), metrics);
+    let started = Instant::now();
+    instance.wait_for_log(&["score state caught up", "partitions=12"], started, Duration::from_secs(120)).unwrap();
+    println!(
+        "end to end: {n} decisions of a deployment with a quality spec, {partitions} partitions, topics {prefix}.*"
+    );
+
+    // The decisions, as merge writes them (keyed by user, with the deployment header).
+    let producer = kafka::producer(&cfg).unwrap();
+    let started = Instant::now();
+    let at = switchyard::clock::now_millis();
+    for chunk in (0..n).step_by(20_000) {
+        let records: Vec<OutRecord> = (chunk..(chunk + 20_000).min(n))
+            .map(|i| {
+                let d = Decision { deployment: "bench".into(), model: "m1".into(), ..decision(i, at) };
+                OutRecord::new(cfg.topics.decisions.clone(), d.user_id.clone().into_bytes(), codec.encode(&d))
+                    .header("deployment", "bench")
+            })
+            .collect();
+        kafka::send_all(&producer, &records).await.unwrap();
+    }
+    println!("  written to the decisions topic in {:.0} s", started.elapsed().as_secs_f64());
+    let mut last_report = Instant::now();
+    loop {
+        let open = instance.metric("switchyard_quality_open_decisions").unwrap_or(0.0) as u64;
+        if open >= n {
+            break;
+        }
+        if last_report.elapsed() > Duration::from_secs(30) {
+            println!(
+                "    {open} open after {:.0} s, RSS {:.0} MiB",
+                started.elapsed().as_secs_f64(),
+                instance.rss_mib()
+            );
+            last_report = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "  {n} open in the score stage after {secs:.0} s ({:.0} decisions/s taken in); switchyard RSS {:.0} MiB; store {:.1} bytes on disk per open decision",
+        n as f64 / secs,
+        instance.rss_mib(),
+        dir_bytes(&state.join("store")) as f64 / n as f64
+    );
+
+    let mut sent_labels = 0;
+    for (round, signal) in [(2, "-TERM"), (3, "-KILL")] {
+        let stopped = instance.signal(signal);
+        let started = Instant::now();
+        instance = Instance::start(&vars, state.join(format!("run-{round}.log")), metrics);
+        let caught_up =
+            instance.wait_for_log(&["score state caught up", "partitions=12"], started, Duration::from_secs(600));
+        // Labels for 10,000 open decisions, sent once it runs again: how long until they are scored.
+        let labels: Vec<OutRecord> = (sent_labels..sent_labels + 10_000)
+            .map(|k| {
+                let i = (k * 7_919) % n;
+                let d = decision(i, at);
+                let o = Outcome {
+                    request_id: d.request_id,
+                    user_id: d.user_id,
+                    label: 1.0,
+                    observed_at: switchyard::clock::now_millis(),
+                    source: "bench".into(),
+                };
+                OutRecord::new(cfg.topics.outcomes.clone(), o.user_id.clone().into_bytes(), codec.encode(&o))
+            })
+            .collect();
+        sent_labels += 10_000;
+        kafka::send_all(&producer, &labels).await.unwrap();
+        let mut scored_at = None;
+        while started.elapsed() < Duration::from_secs(600) {
+            if instance.metric("switchyard_quality_labelled_total").unwrap_or(0.0) as u64 >= 10_000 {
+                scored_at = Some(started.elapsed());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (after, how) = match signal {
+            "-TERM" => ("SIGTERM", "stopped"),
+            _ => ("kill -9", "killed"),
+        };
+        match caught_up {
+            Some((took, line)) => {
+                let fields: Vec<&str> = line
+                    .split(' ')
+                    .filter(|f| ["held=", "rebuilt=", "records=", "ms="].iter().any(|p| f.starts_with(p)))
+                    .collect();
+                println!(
+                    "  restart after {after} ({how} in {:.1} s): store caught up {:.1} s after the start ({}); 10,000 labels sent then all scored after {}",
+                    stopped.as_secs_f64(),
+                    took.as_secs_f64(),
+                    fields.join(" "),
+                    scored_at.map_or("(not within 600 s)".to_string(), |t| format!("{:.1} s", t.as_secs_f64()))
+                );
+            }
+            None => println!(
+                "  restart after {after}: the store did not catch up within 600 s (see {})",
+                instance.log.display()
+            ),
+        }
+    }
+    instance.signal("-TERM");
+    println!("  (topics {prefix}.* left on the broker; logs in {})", state.display());
 }

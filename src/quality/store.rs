@@ -125,6 +125,10 @@ pub struct DiskStates {
     pending: HashMap<(i32, String), Pending>,
     /// States the pending changes add (or, negative, remove) on assigned partitions.
     delta: i64,
+    /// Per partition, a due time below which no state is left: the expiry scan starts there. The index
+    /// keys of expired states are deleted, and an LSM tree keeps their tombstones until compaction: a
+    /// scan from the start would walk over all of them at every tick.
+    floor: HashMap<i32, Millis>,
     /// Held so that a second process cannot open the same store.
     _lock: File,
 }
@@ -242,6 +246,7 @@ impl DiskStates {
             counts,
             pending: HashMap::new(),
             delta: 0,
+            floor: HashMap::new(),
             _lock: lock,
         })
     }
@@ -305,6 +310,7 @@ impl DiskStates {
     pub fn discard(&mut self) {
         self.pending.clear();
         self.delta = 0;
+        self.floor.clear();
     }
 
     /// Writes the batch's changes, with `checkpoints` (partition, the changelog offset the store now
@@ -423,6 +429,9 @@ impl States for DiskStates {
         if self.assigned.contains(&partition) {
             self.delta += state.is_some() as i64 - held_before as i64;
         }
+        if let (Some(state), Some(floor)) = (&state, self.floor.get_mut(&partition)) {
+            *floor = (*floor).min(state.due);
+        }
         let pending = self.pending.get_mut(&key).expect("inserted above");
         pending.state = state;
         pending.changed = true;
@@ -432,7 +441,7 @@ impl States for DiskStates {
         let mut found = Vec::new();
         for &partition in &self.assigned {
             let mut start = partition.to_be_bytes().to_vec();
-            start.extend_from_slice(&ordered(Millis::MIN));
+            start.extend_from_slice(&ordered(self.floor.get(&partition).copied().unwrap_or(Millis::MIN)));
             let mut end = partition.to_be_bytes().to_vec();
             end.extend_from_slice(&ordered(now.saturating_add(1)));
             for kv in self.due.range(start..end) {
@@ -465,6 +474,12 @@ impl States for DiskStates {
         }
         found.sort_by_key(|(_, _, s)| s.due);
         found.truncate(limit);
+        // The caller ends or moves every state returned: the next scan of a partition starts at the last
+        // due returned (a state set below it lowers it again, see `set`).
+        for (partition, _, state) in &found {
+            let floor = self.floor.entry(*partition).or_insert(Millis::MIN);
+            *floor = (*floor).max(state.due);
+        }
         found
     }
 
@@ -594,6 +609,26 @@ mod tests {
             let packs = id.len() >= 32 && !id.contains(['B', 'z', '+', 'ü']);
             assert_eq!(key.len(), if packs { 17 } else { 1 + id.len() }, "{id}");
         }
+    }
+
+    /// The expiry scan starts past the states it already handed out, and still finds one set below that.
+    #[test]
+    fn the_expiry_scan_skips_what_it_handed_out_but_not_what_is_set_below_it() {
+        let dir = temp_dir("floor");
+        let mut disk = DiskStates::open(&config(&dir), std::time::Duration::ZERO).unwrap();
+        disk.assign(&[0]);
+        disk.set(0, "a", Some(open(0, "ua")));
+        disk.set(0, "c", Some(open(900, "uc")));
+        disk.commit(&[], 1).unwrap();
+        let ids = |found: Vec<(i32, String, Stored)>| found.into_iter().map(|(_, id, _)| id).collect::<Vec<_>>();
+        assert_eq!(ids(disk.due(200, 10)), ["a"]);
+        disk.set(0, "a", None);
+        disk.commit(&[], 2).unwrap();
+        assert_eq!(disk.floor[&0], 100, "the scan starts at the last due handed out");
+        disk.set(0, "b", Some(open(-50, "ub")));
+        disk.commit(&[], 3).unwrap();
+        assert_eq!(ids(disk.due(2_000, 10)), ["b", "c"]);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

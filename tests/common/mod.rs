@@ -142,7 +142,7 @@ impl Env {
 
     /// Starts the demo labeller (the truth of each request, `delay` after it was sent).
     pub fn start_labeller(&mut self, delay: Duration) {
-        let labeller = switchyard::tools::labeller::Labeller { delay, coverage: 1.0 };
+        let labeller = switchyard::tools::labeller::Labeller { delay, coverage: 1.0, positives_only: Vec::new() };
         let (config, codec, shutdown) = (self.config.clone(), self.codec.clone(), self.shutdown.clone());
         self.tasks.push(tokio::spawn(async move {
             labeller.run(config, codec, shutdown).await.expect("labeller runs");
