@@ -91,8 +91,10 @@ fn partition(i: u64) -> i32 {
     (i % PARTITIONS as u64) as i32
 }
 
+/// The shipped settings (64 MiB each); SCORE_STORE_CACHE_MB sets the block cache, for experiments.
 fn disk_config(dir: &Path) -> DiskConfig {
-    DiskConfig { dir: dir.to_path_buf(), cache_bytes: 64 << 20, write_buffer_bytes: 64 << 20 }
+    let cache_mb: u64 = std::env::var("SCORE_STORE_CACHE_MB").ok().and_then(|v| v.parse().ok()).unwrap_or(64);
+    DiskConfig { dir: dir.to_path_buf(), cache_bytes: cache_mb << 20, write_buffer_bytes: 64 << 20 }
 }
 
 fn open(dir: &Path) -> Join<DiskStates> {
@@ -137,6 +139,15 @@ fn main() {
         let runtime = tokio::runtime::Runtime::new().unwrap();
         return runtime.block_on(end_to_end(n));
     }
+    if first.as_deref() == Some("--labels") {
+        // More labels on a store written by an earlier run: N decisions, from the FROM-th label on.
+        let n: u64 = args.next().and_then(|a| a.replace('_', "").parse().ok()).unwrap();
+        let from: u64 = args.next().and_then(|a| a.replace('_', "").parse().ok()).unwrap_or(1_000_000);
+        let dir = Path::new(".bench/score-store");
+        let mut join = open(dir);
+        labels(&mut join, n, from);
+        return;
+    }
     if first.as_deref() == Some("--restarts") {
         // The restart figures of a store written by an earlier run (.bench/score-store, N decisions).
         let n: u64 = args.next().and_then(|a| a.replace('_', "").parse().ok()).unwrap();
@@ -171,38 +182,7 @@ fn main() {
         dir_bytes(&dir.join("lsm/partitions/due")) as f64 / n as f64,
     );
 
-    // Labels for random open decisions (each once: a stride through 0..n coprime with it).
-    let labels = 1_000_000.min(n);
-    let stride = (0..).map(|k| 1_000_003 + 2 * k).find(|s| gcd(*s, n) == 1).unwrap();
-    let spec = QualitySpec::default();
-    let source = SourcePos { topic: "outcomes".into(), partition: 0, offset: 0 };
-    let mut fx = Vec::new();
-    let started = Instant::now();
-    let mut scored = 0;
-    for k in 0..labels {
-        let i = (k * stride) % n;
-        let outcome = Outcome {
-            request_id: request_id(i),
-            user_id: String::new(),
-            label: f64::from(u8::from(i % 3 == 0)),
-            observed_at: 1_800_000_000_000,
-            source: "bench".into(),
-        };
-        join.on_outcome(outcome, SourcePos { partition: partition(i), ..source.clone() }, |_| spec.clone(), 0, &mut fx);
-        scored += fx.iter().filter(|e| matches!(e, Effect::Scored(_))).count();
-        fx.clear();
-        if (k + 1) % BATCH as u64 == 0 {
-            join.states().commit(&[], 0).unwrap();
-        }
-    }
-    join.states().commit(&[], 0).unwrap();
-    let secs = started.elapsed().as_secs_f64();
-    assert_eq!(scored as u64, labels, "every label met its decision");
-    println!(
-        "labels joined with {n} open: {labels} in {secs:.1} s = {:.0}/s (random decisions; RSS {:.0} MiB)",
-        labels as f64 / secs,
-        rss_mib()
-    );
+    labels(&mut join, n, 0);
     join.states().sync().unwrap();
     println!(
         "  after the labels, tables written out: {:.1} bytes on disk per decision (labelled ones are kept for the window)",
@@ -240,6 +220,43 @@ fn restarts(dir: &Path, n: u64) {
         started.elapsed().as_secs_f64(),
         join.open(),
         join.open() - n
+    );
+}
+
+/// Labels 1,000,000 random open decisions of the `n` in the store (each once: a stride through 0..n
+/// coprime with it, from its `from`-th step), committing every 5,000, and prints the rate.
+fn labels(join: &mut Join<DiskStates>, n: u64, from: u64) {
+    let labels = 1_000_000.min(n);
+    let stride = (0..).map(|k| 1_000_003 + 2 * k).find(|s| gcd(*s, n) == 1).unwrap();
+    let spec = QualitySpec::default();
+    let source = SourcePos { topic: "outcomes".into(), partition: 0, offset: 0 };
+    let mut fx = Vec::new();
+    let started = Instant::now();
+    let mut scored = 0;
+    for k in from..from + labels {
+        let i = (k * stride) % n;
+        let outcome = Outcome {
+            request_id: request_id(i),
+            user_id: String::new(),
+            label: f64::from(u8::from(i % 3 == 0)),
+            observed_at: 1_800_000_000_000,
+            source: "bench".into(),
+        };
+        join.on_outcome(outcome, SourcePos { partition: partition(i), ..source.clone() }, |_| spec.clone(), 0, &mut fx);
+        scored += fx.iter().filter(|e| matches!(e, Effect::Scored(_))).count();
+        fx.clear();
+        if (k + 1) % BATCH as u64 == 0 {
+            join.states().commit(&[], 0).unwrap();
+        }
+    }
+    join.states().commit(&[], 0).unwrap();
+    let secs = started.elapsed().as_secs_f64();
+    assert_eq!(scored as u64, labels, "every label met its decision");
+    println!(
+        "labels joined with {} held: {labels} in {secs:.1} s = {:.0}/s (random decisions; RSS {:.0} MiB)",
+        join.open(),
+        labels as f64 / secs,
+        rss_mib()
     );
 }
 

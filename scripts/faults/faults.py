@@ -177,6 +177,9 @@ class Scenario:
             "SWITCHYARD__SERVICE__GROUP_ID": t,
             "RUST_LOG": "info,rdkafka=warn",
         })
+        if not legacy:
+            # The score stage's stores (one per group and instance) with the suite's other files.
+            self.env["SWITCHYARD__QUALITY__STATE_DIR"] = os.path.join(REPO, ".faults", "state")
         self.instances = {}
         self.stopped = set()     # instances deliberately stopped and not restarted
         self.exit_codes = {}     # instance -> exit code of its last stop

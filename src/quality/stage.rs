@@ -228,6 +228,8 @@ struct Score {
     /// The quality specs in force for the current batch, and when it is fed.
     specs: HashMap<String, QualitySpec>,
     now: i64,
+    /// When the store's checkpoints were last marked current.
+    touched: i64,
 }
 
 impl Stage for Score {
@@ -282,6 +284,12 @@ impl Stage for Score {
 
     fn after(&mut self, _: &StreamConsumer<GroupWatch>) {
         telemetry::open_decisions(self.join.open());
+        if self.now - self.touched >= 60_000 {
+            self.touched = self.now;
+            if let Err(error) = self.join.states().touch_checkpoints(self.now) {
+                tracing::warn!(%error, "cannot mark the score state store's checkpoints current");
+            }
+        }
     }
 }
 
@@ -311,6 +319,7 @@ pub async fn run(config: Config, codec: Codec, registry: SharedRegistry, shutdow
         tombstones_ms,
         specs: HashMap::new(),
         now: clock::now_millis(),
+        touched: clock::now_millis(),
     };
     stage.drive(&mut score, TICK, dead_letter::refused).await?;
     stage.close().await;
