@@ -38,7 +38,12 @@ const BATCH: usize = 5_000;
 const PARTITIONS: usize = 12;
 
 fn rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    rss_of("self")
+}
+
+/// VmRSS of process `pid` ("self": this one), MiB.
+fn rss_of(pid: &str) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let kb: f64 = status
         .lines()
         .find(|l| l.starts_with("VmRSS:"))
@@ -354,13 +359,7 @@ impl Instance {
     }
 
     fn rss_mib(&self) -> f64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
-        let kb: f64 = status
-            .lines()
-            .find(|l| l.starts_with("VmRSS:"))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-            .unwrap_or(0.0);
-        kb / 1024.0
+        rss_of(&self.child.id().to_string())
     }
 
     /// The sum of a metric's series on /metrics (None while it does not answer).

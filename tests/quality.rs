@@ -26,6 +26,33 @@ fn outcome_record(env: &Env, request: &switchyard::codec::Request, label: f64) -
     OutRecord::new(env.config.topics.outcomes.clone(), o.user_id.as_bytes(), env.codec.encode(&o))
 }
 
+/// A directory for this test's instance logs.
+fn logs_dir(env: &Env) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("switchyard-{}", env.config.service.group_id));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Model v1, 90% accurate against the labeller's truth.
+fn start_v1(env: &mut Env) {
+    env.start_worker(DemoModel {
+        model: "v1".into(),
+        latency: Duration::from_millis(2),
+        error_rate: 0.0,
+        disagree_percent: 0.0,
+        accuracy: Some(0.9),
+    });
+}
+
+/// The score stage's catch-up lines in an instance's log, for a non-empty assignment.
+fn caught_up(log: &std::path::Path) -> Vec<String> {
+    let log = std::fs::read_to_string(log).unwrap();
+    log.lines()
+        .filter(|l| l.contains("score state caught up") && !l.contains("partitions=0"))
+        .map(str::to_string)
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn labels_are_joined_scored_once_and_bad_ones_dead_lettered_with_reasons() {
     let Some(mut env) = Env::new("labels").await else { return };
@@ -276,17 +303,10 @@ async fn a_blue_green_switch_on_probation_switches_back_on_quality_and_a_good_on
 async fn a_joining_instance_killed_mid_stream_scores_every_label_exactly_once() {
     let Some(mut env) = Env::new("labelkill").await else { return };
     env.deploy("fraud", r#"{"strategy":"single","control":"v1","timeout_ms":5000,"quality":{}}"#).await;
-    let dir = std::env::temp_dir().join(format!("switchyard-{}", env.config.service.group_id));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = logs_dir(&env);
     let mut a = env.spawn_instance("a", &dir.join("a.log"));
     let mut b = env.spawn_instance("b", &dir.join("b.log"));
-    env.start_worker(DemoModel {
-        model: "v1".into(),
-        latency: Duration::from_millis(2),
-        error_rate: 0.0,
-        disagree_percent: 0.0,
-        accuracy: Some(0.9),
-    });
+    start_v1(&mut env);
     let sent = requests("fraud", "labelkill", 3000, 600);
     env.send(&sent).await;
     env.read::<Decision>(&env.config.topics.decisions, 3000, LIMIT, Duration::from_secs(1)).await;
@@ -309,9 +329,7 @@ async fn a_joining_instance_killed_mid_stream_scores_every_label_exactly_once() 
     assert!(letters.is_empty(), "no label dead-lettered: {:?}", letters.iter().map(|l| &l.headers).collect::<Vec<_>>());
     // The restarted instance found its partitions' states on disk, checkpointed: none was rebuilt from
     // the changelog (the first instance, with an empty store, rebuilt each of them).
-    let restarted = std::fs::read_to_string(dir.join("a2.log")).unwrap();
-    let caught_up: Vec<&str> =
-        restarted.lines().filter(|l| l.contains("score state caught up") && !l.contains("partitions=0")).collect();
+    let caught_up = caught_up(&dir.join("a2.log"));
     assert!(!caught_up.is_empty() && caught_up.iter().all(|l| l.contains("rebuilt=0")), "{caught_up:?}");
     for child in [&mut a, &mut b] {
         let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
@@ -333,16 +351,9 @@ async fn decisions_mature_into_scores_by_absence_across_a_restart() {
         r#"{"strategy":"single","control":"v1","timeout_ms":5000,"quality":{"maturity_ms":6000,"default_label":0}}"#,
     )
     .await;
-    let dir = std::env::temp_dir().join(format!("switchyard-{}", env.config.service.group_id));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = logs_dir(&env);
     let mut a = env.spawn_instance("a", &dir.join("a.log"));
-    env.start_worker(DemoModel {
-        model: "v1".into(),
-        latency: Duration::from_millis(2),
-        error_rate: 0.0,
-        disagree_percent: 0.0,
-        accuracy: Some(0.9),
-    });
+    start_v1(&mut env);
     let sent = requests("fraud", "maturity", 300, 60);
     env.send(&sent).await;
     let decisions = env.read::<Decision>(&env.config.topics.decisions, 300, LIMIT, Duration::from_secs(1)).await;
@@ -379,9 +390,7 @@ async fn decisions_mature_into_scores_by_absence_across_a_restart() {
     assert_eq!(letters[0].headers["dlq.kind"], "late_label");
     assert!(letters[0].headers["dlq.reason"].contains("matured"), "{:?}", letters[0].headers);
 
-    let restarted = std::fs::read_to_string(dir.join("a2.log")).unwrap();
-    let caught_up: Vec<&str> =
-        restarted.lines().filter(|l| l.contains("score state caught up") && !l.contains("partitions=0")).collect();
+    let caught_up = caught_up(&dir.join("a2.log"));
     assert!(
         !caught_up.is_empty() && caught_up.iter().all(|l| l.contains("rebuilt=0") && l.contains("records=0")),
         "after a clean stop the store is current: {caught_up:?}"
