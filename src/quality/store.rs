@@ -264,9 +264,15 @@ impl DiskStates {
         Ok(number(0).zip(number(8)).map(|(offset, written_at)| Checkpoint { offset, written_at }))
     }
 
-    /// Forgets everything kept of `partition` (before rebuilding it from the changelog).
+    /// Forgets everything kept of `partition` (before rebuilding it from the changelog). Its checkpoint
+    /// goes first: a wipe cut short by a crash leaves a partition without one, wiped again before use.
     pub fn wipe(&mut self, partition: i32) -> Result<u64, String> {
         self.discard();
+        let mut batch = self.keyspace.batch().durability(Some(PersistMode::Buffer));
+        batch.remove(&self.meta, meta_key(CHECKPOINT, partition));
+        batch.remove(&self.meta, meta_key(COUNT, partition));
+        batch.commit().map_err(io)?;
+        self.counts.remove(&partition);
         let mut removed = 0;
         for tree in [&self.states, &self.due] {
             let mut batch = self.keyspace.batch();
@@ -279,11 +285,6 @@ impl DiskStates {
             }
             batch.commit().map_err(io)?;
         }
-        let mut batch = self.keyspace.batch().durability(Some(PersistMode::Buffer));
-        batch.remove(&self.meta, meta_key(CHECKPOINT, partition));
-        batch.remove(&self.meta, meta_key(COUNT, partition));
-        batch.commit().map_err(io)?;
-        self.counts.remove(&partition);
         Ok(removed / 2)
     }
 
