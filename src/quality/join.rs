@@ -36,11 +36,7 @@ use crate::codec::{
     Decision, DecisionStatus, Millis, Outcome, ScoredDecision, ScoredOutcome, ShadowComparison, ShadowScore,
 };
 use crate::kafka::SourcePos;
-use crate::record::quality::{QualitySpec, Task};
-
-/// The `source` of a label by absence: a decision that matured without one, scored with its
-/// deployment's `default_label`.
-pub const IMPLICIT: &str = "implicit";
+use crate::record::quality::{IMPLICIT, QualitySpec, Task};
 
 /// Most requests made due by one [`Join::expire`]: the rest follow at the next tick, so that one
 /// transaction stays small however many come due at once.

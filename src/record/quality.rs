@@ -14,6 +14,10 @@ pub enum ScoreFormat {
     JsonField(String),
 }
 
+/// The `source` of a label by absence: a decision that matured without one, scored with its
+/// deployment's `default_label`.
+pub const IMPLICIT: &str = "implicit";
+
 /// What the models of a deployment predict, and how their outputs are scored against labels.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -224,7 +224,7 @@ fn scored(s: &crate::codec::ScoredOutcome) {
         ("cohort", s.cohort.clone()),
     ];
     counter!("switchyard_quality_labelled_total", &labels).increment(1);
-    if s.source == crate::quality::join::IMPLICIT {
+    if s.source == crate::record::quality::IMPLICIT {
         // Labels by absence (a decision matured without one): also counted apart.
         counter!("switchyard_quality_implicit_total", &labels).increment(1);
     }
