@@ -300,7 +300,13 @@ pub async fn run(config: Config, codec: Codec, registry: SharedRegistry, shutdow
         tracing::error!(%error, "the score stage cannot run: no outcome labels are joined");
         return Ok(());
     }
-    let states = open_store(&config)?;
+    // Opening may wait for a previous process's lock and replays a journal: off the async workers.
+    let states = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || open_store(&config))
+            .await
+            .map_err(|e| Error::Store(format!("opening the score state store: {e}")))??
+    };
     let t = &config.topics;
     let tombstones_ms = kafka::topic_config_ms(&config, &[t.score_changelog.as_str()], "delete.retention.ms")
         .await?
