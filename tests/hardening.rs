@@ -185,9 +185,9 @@ async fn counters_equal_the_topics_after_aborted_transactions() {
     for (round, chunk) in sent.chunks(200).enumerate() {
         env.send(chunk).await;
         if round % 2 == 1 {
-            // A producer with a service producer's transactional id fences it: the batch in hand is aborted.
-            let stage = if round % 4 == 1 { "route" } else { "merge" };
-            fence(&env, &env.config.service.transactional_id(stage));
+            // A producer with merge's transactional id fences it: the batch in hand is aborted. (route
+            // has no transaction: its copies after a failure are the fault suite's `route_replay`.)
+            fence(&env, &env.config.service.transactional_id("merge"));
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
@@ -402,5 +402,83 @@ async fn a_restore_waits_for_a_transaction_open_when_it_began() {
     let ids: Vec<&str> = restored.states.iter().map(|s| s.request_id.as_str()).collect();
     assert_eq!(ids, ["decided-in-the-open-transaction"]);
     assert!(restored.states[0].finished);
+    env.stop().await;
+}
+
+/// route has no transaction: when it dies before committing its offsets it writes a request's routing
+/// again, maybe under another deployment version. merge keeps the first routing of each request — a
+/// copy is dropped while its request is open, after it was decided, and after merge restarted, where only
+/// the routing marks committed with merge's offsets can tell a copy from a first routing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merge_keeps_the_first_routing_of_each_request_across_a_restart() {
+    let Some(mut env) = Env::new("firsts").await else { return };
+    env.deploy("firsts", r#"{"strategy":"canary","control":"f1","candidate":"f2","canary_percent":50}"#).await;
+    env.start_model("f1", 0, 0.0, 0.0);
+    env.start_model("f2", 0, 0.0, 0.0);
+    let dir = std::env::temp_dir().join(format!("switchyard-{}", env.config.service.group_id));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut instance = env.spawn_instance("a", &dir.join("a.log"));
+    // What route writes for request `i` (at offset i of requests partition 0) under `version`, served
+    // by `model`: the model request, then the routed record naming its source.
+    let routing = |i: usize, version: i64, model: &str| -> Vec<OutRecord> {
+        let request = request("firsts", i, 16);
+        let routed = switchyard::codec::Routed {
+            request_id: request.request_id.clone(),
+            user_id: request.user_id.clone(),
+            deployment: "firsts".into(),
+            strategy: "single".into(),
+            cohort: "control".into(),
+            bucket: 0,
+            config_version: version,
+            serving_model: model.into(),
+            shadow_models: Vec::new(),
+            timeout_ms: 20_000,
+            sent_at: request.sent_at,
+            routed_at: clock::now_millis(),
+            fallback: None,
+        };
+        let copy = ModelRequest {
+            request: request.clone(),
+            model: model.into(),
+            role: switchyard::codec::Role::Primary,
+            config_version: version,
+            routed_at: routed.routed_at,
+        };
+        let key = request.user_id.as_bytes();
+        vec![
+            OutRecord::new(env.config.topics.model_requests(model), key, env.codec.encode(&copy)),
+            OutRecord::new(env.config.topics.routed.clone(), key, env.codec.encode(&routed))
+                .header(switchyard::codec::ROUTED_SOURCE_HEADER, switchyard::codec::routed_source(0, i as i64)),
+        ]
+    };
+    let (n, decisions_topic) = (200, env.config.topics.decisions.clone());
+    env.produce((0..n).flat_map(|i| routing(i, 1, "f1")).collect()).await;
+    // Copies of the first half under version 2 while the requests are open or just decided.
+    env.produce((0..n / 2).flat_map(|i| routing(i, 2, "f2")).collect()).await;
+    let decided = env.read::<Decision>(&decisions_topic, n, LIMIT, SETTLE).await;
+    assert_eq!(decided.len(), n, "one decision each, copies or not");
+
+    // merge restarts: what it remembered of finished requests is gone, only its commits remain.
+    let _ = std::process::Command::new("kill").args(["-TERM", &instance.id().to_string()]).status();
+    assert!(instance.wait().unwrap().success());
+    instance = env.spawn_instance("a", &dir.join("a2.log"));
+    // Copies of every request under version 2, then 50 requests routed for the first time.
+    env.produce((0..n).flat_map(|i| routing(i, 2, "f2")).collect()).await;
+    env.produce((n..n + 50).flat_map(|i| routing(i, 2, "f2")).collect()).await;
+    let decided = env.read::<Decision>(&decisions_topic, n + 50, LIMIT, Duration::from_secs(5)).await;
+    let _ = std::process::Command::new("kill").args(["-TERM", &instance.id().to_string()]).status();
+    let _ = instance.wait();
+    assert_eq!(decided.len(), n + 50, "no copy decided again after the restart");
+    for d in &decided {
+        let i: usize = d.value.request_id.rsplit('-').next().unwrap().parse().unwrap();
+        let expected = if i < n { (1, "f1") } else { (2, "f2") };
+        assert_eq!(
+            (d.value.config_version, d.value.model.as_str()),
+            expected,
+            "{} decided as its first routing",
+            d.value.request_id
+        );
+        assert_eq!(d.value.status, DecisionStatus::Ok);
+    }
     env.stop().await;
 }

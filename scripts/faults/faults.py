@@ -53,7 +53,7 @@ with open(os.path.join(REPO, "config", "isolated-topics.json")) as f:
 LEGACY_UNKNOWN_TOPICS = ("FORWARDED_PREDICTIONS", "HISTORY", "OUTCOMES", "SCORED_OUTCOMES", "SCORE_CHANGELOG")
 SCHEMAS = {name: fastavro.parse_schema(json.load(open(os.path.join(REPO, "schemas", f"{name}.avsc"))))
            for name in ("Request", "Decision", "ModelRequest", "Prediction", "ShadowComparison", "Outcome",
-                        "ScoredOutcome")}
+                        "ScoredOutcome", "Routed")}
 
 CONTROL, CANDIDATE, MIRROR = "v1", "v2", "v3"
 CANARY_PERCENT = 30
@@ -824,6 +824,64 @@ def blue_green(s, a):
                                                 (a.duration * 0.66, lambda: s.cli("rollback", s.deployment))])
 
 
+ROUTE_REPLAY_PERCENTS = (60, 10, 90)   # canary percent of each version deployed while route is down
+
+
+def route_replay(s, a):
+    """route writes without a transaction: a kill -9 mid-batch leaves routings whose offsets were never
+    committed, and the restarted route writes them again — under a new deployment version, deployed
+    while the instance was down. Three times. merge must keep each request's first routing: one decision
+    per request, made as that first routed record says (its version and serving model), however the
+    copies differ."""
+    s.setup(instances=1)
+    s.expected_model = lambda user, d: "?"
+    def kill_redeploy_restart(percent):
+        def event():
+            # Frozen for 2 s (well within the session timeout), route wakes to a backlog of about 2,000
+            # requests: killed 0.15 s later, it is mid-batch, with records written whose offsets are
+            # not committed.
+            s.signal_instance(0, signal.SIGSTOP)
+            time.sleep(2)
+            s.signal_instance(0, signal.SIGCONT)
+            time.sleep(0.15)
+            s.signal_instance(0, signal.SIGKILL)
+            s.cli("deploy", s.deployment, "--strategy", "canary", "--control", CONTROL, "--candidate", CANDIDATE,
+                  "--canary-percent", str(percent), "--mirror", MIRROR, "--timeout-ms", "5000")
+            s.start_instance(0)
+            time.sleep(4)   # routing again (under the new version) before the next round
+        return event
+    rate, duration = 1000, min(a.duration, 15)
+    s.produce(int(rate * duration), rate, a.users, through=True,
+              events=[(duration * f, kill_redeploy_restart(p)) for f, p in zip((0.2, 0.4, 0.6), ROUTE_REPLAY_PERCENTS)])
+    s.expected_model = expect_by_version(s)
+
+    def check(result):
+        routings = defaultdict(list)
+        for m in sorted(s.read_snapshot(s.topics["ROUTED"], limit_s=60), key=lambda m: (m.partition(), m.offset())):
+            r = decode("Routed", m.value())
+            routings[r["request_id"]].append(r)
+        versions = defaultdict(set)    # per request: the versions it was routed under, by its model requests
+        for model in (CONTROL, CANDIDATE, MIRROR):
+            for m in s.read_snapshot(s.topics["MODEL_REQUESTS"].replace("{model}", model), limit_s=60):
+                r = decode("ModelRequest", m.value())
+                versions[r["request_id"]].add(r["config_version"])
+        s.notes["routed_copies"] = sum(len(rs) - 1 for rs in routings.values())
+        rerouted = sum(1 for v in versions.values() if len(v) > 1)
+        s.notes["routed_again_under_a_new_version"] = rerouted
+        if not rerouted:
+            s.fail("no request was routed again under a new version: the scenario did not exercise the replay")
+        not_as_first = 0
+        for m in s.read_all(s.topics["DECISIONS"], result["decided"], 30, settle_s=1, group_suffix="firsts"):
+            d = decode("Decision", m.value())
+            first = routings.get(d["request_id"], [None])[0]
+            if first is None or (d["config_version"], d["model"]) != (first["config_version"], first["serving_model"]):
+                not_as_first += 1
+        s.notes["not_decided_as_first_routing"] = not_as_first
+        if not_as_first:
+            s.fail(f"{not_as_first} decisions not made as their request's first routing says")
+    s.after_check.append(check)
+
+
 def garbage_mix(s, a):
     s.setup(instances=1)
     s.produce(a.count, a.rate, a.users, garbage_every=10)
@@ -1407,13 +1465,13 @@ def cluster_leader_kill9(s, a):
 
 
 def cluster_coordinator_kill9(s, a):
-    """kill -9 of the node hosting route's transaction coordinator, restarted 10 s later, then (once in
+    """kill -9 of the node hosting merge's transaction coordinator, restarted 10 s later, then (once in
     sync) of the node hosting route's group coordinator."""
     c = Cluster()
     s.setup(instances=1, timeout_ms=CLUSTER_DEADLINE_MS)
     recovered(s)
     timeouts_only_in_faults(s, CLUSTER_DEADLINE_MS / 1000)
-    route_txn = f"{s.prefix}-route-i0"
+    merge_txn = f"{s.prefix}-merge-i0"
     route_group = f"{s.prefix}-route"
     def crash(what, pick):
         def event():
@@ -1426,7 +1484,7 @@ def cluster_coordinator_kill9(s, a):
         return event
     stall_at_most(s, CLUSTER_CRASH_STALL_S)
     s.produce(a.count, a.rate, a.users, events=[
-        (a.duration * 0.2, crash("transaction coordinator", lambda: c.coordinator_of_transactions(route_txn))),
+        (a.duration * 0.2, crash("transaction coordinator", lambda: c.coordinator_of_transactions(merge_txn))),
         (a.duration * 0.55, crash("group coordinator", lambda: c.coordinator_of_group(route_group)))], through=True)
 
 
@@ -1484,13 +1542,13 @@ CLUSTER_SCENARIOS = {f.__name__: f for f in (cluster_coordinator_kill9, cluster_
 SCENARIOS = {f.__name__: f for f in (canary_10, shadow, blue_green, kill9_instance, sigterm_bounce, scale_1_3_1, broker_kill9, model_stall,
                                      sigstop_instance, stalled_backpressure, garbage_mix, restart_gap_100, restart_gap_1000,
                                      sigterm_handover, dead_instance, oversized_mix, foreign_partitioner_worker, compaction,
-                                     controller_failover, large_answers_scored)}
+                                     controller_failover, large_answers_scored, route_replay)}
 
 EXTRAS = ("stall_s", "stall_open", "delay_max_s", "dead_letters", "dead_lettered", "garbage", "rss_mib_max", "zombie_transactions_refused", "zombie_partitions_lost",
           "intake_paused", "shadow_comparisons", "versions", "exit_code", "big_outcomes", "forwarded", "written_back",
           "status_candidate_percent", "changes", "killed_leader", "status_controller", "history_entries",
           "decided_and_dead_lettered", "score_s", "scored", "big_scores", "killed", "frozen", "rolled", "stuck_calls_replaced", "timeouts_outside_faults", "timeouts_starting",
-          "instances_running_at_end", "failed")
+          "instances_running_at_end", "routed_copies", "routed_again_under_a_new_version", "not_decided_as_first_routing", "failed")
 
 
 def run_scenario(name, a):

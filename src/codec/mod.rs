@@ -13,8 +13,9 @@ use apache_avro::Schema;
 use serde::Deserialize;
 
 pub use records::{
-    AvroRecord, Decision, DecisionStatus, Label, MergeState, Millis, ModelRequest, Outcome, Prediction, Request, Role,
-    Routed, ScoreState, ScoreStateKind, ScoredDecision, ScoredOutcome, ShadowComparison, ShadowScore,
+    AvroRecord, Decision, DecisionStatus, Label, MergeState, Millis, ModelRequest, Outcome, Prediction,
+    ROUTED_SOURCE_HEADER, Request, Role, Routed, ScoreState, ScoreStateKind, ScoredDecision, ScoredOutcome,
+    ShadowComparison, ShadowScore, parse_routed_source, routed_source,
 };
 pub use registry::{RegistryConfig, RegistryError, SchemaRegistry};
 

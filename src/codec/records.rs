@@ -128,6 +128,22 @@ pub struct Routed {
     pub fallback: Option<Vec<u8>>,
 }
 
+/// Header of a routed record naming the request it was made from, `<partition>:<offset>` of the
+/// requests topic: route may write a request's routing more than once (it commits its input offsets
+/// after its records, not in a transaction with them), and merge keeps only the first of them.
+pub const ROUTED_SOURCE_HEADER: &str = "source";
+
+/// The value of [`ROUTED_SOURCE_HEADER`] for the request at `offset` of requests partition `partition`.
+pub fn routed_source(partition: i32, offset: i64) -> String {
+    format!("{partition}:{offset}")
+}
+
+/// The (partition, offset) a [`ROUTED_SOURCE_HEADER`] value names, if it is one.
+pub fn parse_routed_source(value: &[u8]) -> Option<(i32, i64)> {
+    let (partition, offset) = std::str::from_utf8(value).ok()?.split_once(':')?;
+    Some((partition.parse().ok()?, offset.parse().ok()?))
+}
+
 /// Internal: how far merge got with one request (its changelog record).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct MergeState {

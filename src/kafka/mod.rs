@@ -5,18 +5,20 @@
 //!
 //! - [`batch`]: consuming in batches, rebalances, rewinding.
 //! - [`txn`]: transactional output — records and input offsets committed together.
+//! - [`idempotent`]: output without a transaction — records acknowledged first, input offsets after.
 //! - [`stage`]: the one consume → produce → commit-or-rewind loop that drives route, merge and the score
 //!   stage through their hooks, and what to do with a record the broker refuses.
 //! - [`partitioner`]: Kafka's default partitioner, to tell where a keyed record belongs.
 
 pub mod batch;
+pub(crate) mod idempotent;
 pub(crate) mod partitioner;
 pub(crate) mod stage;
 pub mod txn;
 
 pub use batch::{GroupWatch, SourcePos, batch_offsets};
 pub use partitioner::partition_for_key;
-pub use stage::{Outbox, Stage, TxnStage};
+pub use stage::{Outbox, Output, Stage, TxnStage};
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -72,6 +74,31 @@ fn producer_settings(config: &Config) -> ClientConfig {
 /// A producer for records that must not be lost or reordered (tools and control-plane writes).
 pub fn producer(config: &Config) -> Result<FutureProducer, KafkaError> {
     producer_settings(config).create()
+}
+
+/// A producer for a stage's output without a transaction (see [`idempotent`]): it never gives up on a
+/// record (no message timeout: it retries until the broker takes it) and never leaves a gap in what it
+/// writes to a partition — a failure that could (a batch refused while later ones succeed) stops it
+/// with a fatal error instead (`enable.gapless.guarantee`). So within one producer, what reaches a
+/// partition is an unbroken prefix of what was sent to it, in order: what merge's replay detection
+/// relies on.
+pub fn gapless_producer(config: &Config) -> Result<FutureProducer<Gapless>, KafkaError> {
+    producer_settings(config)
+        .set("enable.gapless.guarantee", "true")
+        .set("message.timeout.ms", "0")
+        .create_with_context(Gapless)
+}
+
+/// librdkafka's log as usual, less its warning that `enable.gapless.guarantee` is experimental: set on
+/// purpose, it would otherwise greet every start.
+pub struct Gapless;
+
+impl rdkafka::ClientContext for Gapless {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        if !(fac == "CONFWARN" && log_message.contains("enable.gapless.guarantee")) {
+            DefaultClientContext.log(level, fac, log_message);
+        }
+    }
 }
 
 /// A producer for transactions (see [`txn`]): a stable transactional id and a short transaction
@@ -413,8 +440,11 @@ pub type Placed = (i32, i64);
 
 /// Produces every record and waits for the broker's answer to each, in the order given. A full local
 /// queue is waited out, not reported.
-pub async fn send_each(producer: &FutureProducer, records: &[OutRecord]) -> Vec<Result<Placed, KafkaError>> {
-    let sends = records.iter().map(|record| {
+pub async fn send_each<'a, C: rdkafka::ClientContext + 'static>(
+    producer: &FutureProducer<C>,
+    records: impl IntoIterator<Item = &'a OutRecord>,
+) -> Vec<Result<Placed, KafkaError>> {
+    let sends = records.into_iter().map(|record| {
         let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
         for (name, value) in &record.headers {
             headers = headers.insert(rdkafka::message::Header { key: name, value: Some(value) });

@@ -1,7 +1,8 @@
-//! The transactional stage every consuming service runs on — route, merge and the score stage — and the
-//! one loop that drives them ([`TxnStage::drive`]): consume a batch, notice a rebalance under it, feed it
-//! to the stage, produce what it turned into and commit that with the input offsets in one transaction,
-//! or rewind, rebuild the stage's state and read again. A stage supplies only its hooks ([`Stage`]): it
+//! The stage every consuming service runs on — route, merge and the score stage — and the one loop that
+//! drives them ([`TxnStage::drive`]): consume a batch, notice a rebalance under it, feed it to the stage,
+//! produce what it turned into and commit that with the input offsets — in one transaction (merge, the
+//! score stage), or after every record is acknowledged (route: see [`Output`]) — or rewind, rebuild the
+//! stage's state and read again. A stage supplies only its hooks ([`Stage`]): it
 //! never consumes, commits or rewinds itself (arroyo's operator shape: the engine owns the loop).
 //!
 //! One record the broker refuses for what it is (too large for its topic, invalid) fails its whole
@@ -22,6 +23,7 @@ use rdkafka::message::OwnedMessage;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::batch::{self, GroupWatch, SourcePos};
+use super::idempotent::IdempotentProducer;
 use super::txn::TxnProducer;
 use super::{OutRecord, Placed, subscribed};
 use crate::clock::now_millis;
@@ -205,7 +207,23 @@ enum Commit {
     Failed,
 }
 
-/// A consumer in the stage's group and a transactional producer, with what the broker refused.
+/// How a stage's batches become durable.
+pub enum Output {
+    /// Records and input offsets in one transaction: readers with read_committed see a batch exactly
+    /// once or not at all.
+    Transactional,
+    /// Records acknowledged first, input offsets committed after (see [`super::idempotent`]): visible at
+    /// once, written again after a crash. Only for a stage whose readers drop the copies (route: merge).
+    /// The records for topic `last` are written only once all the others are acknowledged.
+    Idempotent { last: String },
+}
+
+enum Producer {
+    Transactional(TxnProducer),
+    Idempotent(IdempotentProducer),
+}
+
+/// A consumer in the stage's group and its producer, with what the broker refused.
 pub struct TxnStage {
     /// `route`, `merge` or `score`, for metrics and logs.
     name: &'static str,
@@ -218,7 +236,7 @@ pub struct TxnStage {
     topics: Vec<String>,
     /// When consumers became unusable lately.
     lost_consumers: Vec<std::time::Instant>,
-    producer: TxnProducer,
+    producer: Producer,
     refused: Refused,
     /// Failed transactions in a row, for backing off when the cause is not a refused record.
     failures: u32,
@@ -231,16 +249,31 @@ pub struct TxnStage {
 }
 
 impl TxnStage {
-    /// Joins the group `<group_id>-<stage>` as this instance, subscribed to `topics` (names or `^regex`),
-    /// and registers the transactional id `<group_id>-<stage>-<instance_id>`, fencing any earlier
-    /// incarnation of this instance.
-    pub fn new(config: &Config, stage: &'static str, topics: &[&str], shutdown: Shutdown) -> Result<Self> {
+    /// Joins the group `<group_id>-<stage>` as this instance, subscribed to `topics` (names or `^regex`).
+    /// A transactional stage registers the transactional id `<group_id>-<stage>-<instance_id>`, fencing
+    /// any earlier incarnation of this instance.
+    pub fn new(
+        config: &Config,
+        stage: &'static str,
+        topics: &[&str],
+        output: Output,
+        shutdown: Shutdown,
+    ) -> Result<Self> {
         let group = format!("{}-{stage}", config.service.group_id);
         let consumer = subscribed(config, &group, topics)
             .during(format!("joining group {group}, subscribed to {}", topics.join(", ")))?;
-        let id = config.service.transactional_id(stage);
-        let producer = TxnProducer::new(config, id.clone(), shutdown.clone())
-            .during(format!("registering the transactional id {id}"))?;
+        let producer = match output {
+            Output::Transactional => {
+                let id = config.service.transactional_id(stage);
+                Producer::Transactional(
+                    TxnProducer::new(config, id.clone(), shutdown.clone())
+                        .during(format!("registering the transactional id {id}"))?,
+                )
+            }
+            Output::Idempotent { last } => Producer::Idempotent(
+                IdempotentProducer::new(config, last, shutdown.clone()).during("creating the idempotent producer")?,
+            ),
+        };
         tracing::info!(%group, ?topics, instance = %config.service.instance(), "{stage} consuming");
         Ok(TxnStage {
             name: stage,
@@ -384,7 +417,11 @@ impl TxnStage {
             offsets
         };
         let offsets = &signed(offsets, &self.config.service.instance());
-        match self.producer.commit(records, offsets, self.batch_group.take()).await {
+        let result = match &mut self.producer {
+            Producer::Transactional(producer) => producer.commit(records, offsets, self.batch_group.take()).await,
+            Producer::Idempotent(producer) => producer.commit(records, offsets, &self.consumer).await,
+        };
+        match result {
             Ok(placed) => {
                 telemetry::record(std::mem::take(&mut outbox.events));
                 self.refused.forget(batch);
@@ -428,6 +465,9 @@ impl TxnStage {
     /// gave its partitions up in the rebalance, with nothing open; it is left alone. In the background:
     /// the stage goes on meanwhile.
     fn fence_previous_owners(&self) {
+        if !matches!(self.producer, Producer::Transactional(_)) {
+            return; // no transactional ids: nothing left open
+        }
         let Ok(committed) = batch::committed(&self.consumer) else { return };
         let me = self.config.service.instance();
         let owners: std::collections::BTreeSet<String> = committed

@@ -7,6 +7,7 @@
 //! ([`TxnStage::drive`]) commits its outputs, its changelog records and the input offsets below the
 //! oldest record it still needs in one transaction.
 
+mod firsts;
 pub(crate) mod join;
 mod progress;
 pub mod restore;
@@ -19,7 +20,7 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message, OwnedMessage};
 
 use crate::clock;
-use crate::codec::{Codec, Prediction, Routed};
+use crate::codec::{Codec, Prediction, ROUTED_SOURCE_HEADER, Routed, parse_routed_source};
 use crate::config::Config;
 use crate::dead_letter::{self, Kind, Letter};
 use crate::error::Result;
@@ -27,6 +28,7 @@ use crate::kafka::partitioner::partition_for_key;
 use crate::kafka::{self, GroupWatch, OutRecord, Outbox, Placed, SourcePos, Stage, TxnStage};
 use crate::shutdown::Shutdown;
 use crate::telemetry::{self, Event};
+use firsts::Firsts;
 use join::{Effects, Join, JoinConfig, Output};
 use progress::Progress;
 use restore::Restored;
@@ -148,6 +150,8 @@ struct State {
     join: Join,
     progress: Progress,
     marks: ChangelogMarks,
+    /// Which routed records are first routings (the rest are copies route wrote again).
+    firsts: Firsts,
     /// Topics of the assignment the state was built for (it changes only with the generation).
     assigned: HashSet<String>,
 }
@@ -159,7 +163,13 @@ impl State {
             max_remembered: config.service.max_pending,
             max_orphans: config.service.max_pending * 4,
         });
-        State { join, progress: Progress::default(), marks: ChangelogMarks::default(), assigned: HashSet::new() }
+        State {
+            join,
+            progress: Progress::default(),
+            marks: ChangelogMarks::default(),
+            firsts: Firsts::default(),
+            assigned: HashSet::new(),
+        }
     }
 }
 
@@ -255,6 +265,7 @@ impl Stage for Merge {
         self.topology.check_predictions_topics(consumer, &self.state.assigned, config);
         let restored = restore::load(config, &self.codec, &committed).await?;
         self.state.marks = ChangelogMarks::new(&restored);
+        self.state.firsts = Firsts::restored(restored.firsts);
         self.state.join.restore(restored.states);
         Ok(())
     }
@@ -272,6 +283,14 @@ impl Stage for Merge {
         if message.topic() == config.topics.routed {
             match codec.decode::<Routed>(value) {
                 Ok(routed) => {
+                    if let Some(from) = routed_source(message) {
+                        if !state.firsts.first(source.partition, source.offset, from) {
+                            // route wrote this request's routing again (a crash or rebalance before
+                            // its offsets were committed): the first one stands.
+                            out.events.push(Event::RoutedCopyDropped { deployment: routed.deployment });
+                            return;
+                        }
+                    }
                     state.progress.hold(&source);
                     state.marks.opened(&source, state.join.restoring());
                     let first = fx.outputs.len();
@@ -370,10 +389,18 @@ impl Stage for Merge {
         out.records.extend(made);
     }
 
-    /// Below the oldest record still needed, with each routed partition's changelog mark.
+    /// Below the oldest record still needed, with each routed partition's changelog and routing marks.
     fn offsets(&mut self, _batch: &[OwnedMessage]) -> TopicPartitionList {
-        let mut offsets = self.state.progress.offsets();
-        self.state.marks.annotate(&mut offsets, &self.config.topics.routed, self.state.join.restoring());
+        let (routed, state) = (&self.config.topics.routed, &mut self.state);
+        let mut offsets = state.progress.offsets();
+        state.marks.annotate(&mut offsets, routed, state.join.restoring());
+        for mut element in offsets.elements_for_topic(routed) {
+            if let rdkafka::Offset::Offset(offset) = element.offset() {
+                let firsts = state.firsts.at(element.partition(), offset);
+                let metadata = [element.metadata(), firsts.as_str()].join(" ");
+                element.set_metadata(metadata.trim_start());
+            }
+        }
         offsets
     }
 
@@ -389,6 +416,14 @@ impl Stage for Merge {
         telemetry::pending(self.state.join.pending());
         self.flow.apply(consumer, &self.config, &self.state.join);
     }
+}
+
+/// The request a routed record was made from (requests partition, offset), as route names it; None for
+/// a routed record of an earlier version (written in a transaction with its offsets: never a copy).
+fn routed_source(message: &OwnedMessage) -> Option<(i32, i64)> {
+    let headers = message.headers()?;
+    let header = headers.iter().find(|h| h.key == ROUTED_SOURCE_HEADER)?;
+    parse_routed_source(header.value?)
 }
 
 /// The join's outputs from `first` on were made from input `index` (see [`OutRecord::origin`]).
@@ -443,7 +478,7 @@ impl FlowControl {
 pub async fn run(config: Config, codec: Codec, shutdown: Shutdown) -> Result<()> {
     let predictions = config.topics.model_predictions_regex();
     let topics = [config.topics.routed.as_str(), config.topics.forwarded_predictions.as_str(), predictions.as_str()];
-    let mut stage = TxnStage::new(&config, "merge", &topics, shutdown)?;
+    let mut stage = TxnStage::new(&config, "merge", &topics, kafka::Output::Transactional, shutdown)?;
     let topology = Topology::load(stage.consumer(), &config).await?;
     let state = State::new(&config);
     let mut merge = Merge { config, codec, topology, state, flow: FlowControl::default(), fx: Effects::default() };

@@ -38,6 +38,8 @@ pub struct Restored {
     /// Routed end at restore time: once merge has read this far, every request with a restored state
     /// has been read again (its routed record existed before the restore).
     pub routed_end: HashMap<i32, i64>,
+    /// The routing marks committed with each routed partition's offset (see [`super::firsts`]).
+    pub firsts: HashMap<i32, super::firsts::Marks>,
 }
 
 /// Prefix of the offset-commit metadata in which merge records, with each routed partition's committed
@@ -56,7 +58,8 @@ pub async fn load(config: &Config, codec: &Codec, committed: &TopicPartitionList
         .iter()
         .map(|e| {
             let own = kafka::stage::without_owner(e.metadata());
-            (e.partition(), e.offset(), own.strip_prefix(METADATA_PREFIX).and_then(|m| m.parse().ok()))
+            restored.firsts.insert(e.partition(), super::firsts::decode(own));
+            (e.partition(), e.offset(), changelog_mark(own))
         })
         .collect();
     // The changelog's ends count records of transactions not resolved yet: the committed offsets may
@@ -97,6 +100,11 @@ pub async fn load(config: &Config, codec: &Codec, committed: &TopicPartitionList
         restored.states = read_states(&reader, codec, changelog, &restored.start, &targets).await?;
     }
     Ok(restored)
+}
+
+/// The changelog mark in a routed partition's commit metadata (space-separated tokens), if it has one.
+fn changelog_mark(metadata: &str) -> Option<i64> {
+    metadata.split(' ').find_map(|t| t.strip_prefix(METADATA_PREFIX)).and_then(|m| m.parse().ok())
 }
 
 /// Where the restore of one routed partition starts reading the changelog.
@@ -219,6 +227,14 @@ mod tests {
         assert_eq!(clamp(Offset::End, 10, 60), 60);
         assert_eq!(clamp(Offset::Beginning, 10, 60), 10);
         assert_eq!(clamp(Offset::Beginning, 80, 60), 60, "a low watermark past the end is the end");
+    }
+
+    #[test]
+    fn the_changelog_mark_is_read_beside_other_tokens() {
+        assert_eq!(changelog_mark("changelog:12"), Some(12));
+        assert_eq!(changelog_mark("changelog:12 firsts:3=4"), Some(12));
+        assert_eq!(changelog_mark("firsts:3=4"), None);
+        assert_eq!(changelog_mark(""), None);
     }
 
     #[test]

@@ -313,7 +313,7 @@ pub async fn run(config: Config, codec: Codec, registry: SharedRegistry, shutdow
         .first()
         .map_or(DEFAULT_DELETE_RETENTION_MS, |(_, ms)| *ms);
     let inputs = [t.decisions.as_str(), t.shadow_comparisons.as_str(), t.outcomes.as_str()];
-    let mut stage = TxnStage::new(&config, "score", &inputs, shutdown)?;
+    let mut stage = TxnStage::new(&config, "score", &inputs, kafka::Output::Transactional, shutdown)?;
     let partitions = kafka::partition_count(stage.consumer(), &t.decisions)?.unwrap_or(1);
     let join = Join::new(join_config(&config), states);
     let mut score = Score {

@@ -12,13 +12,13 @@ use rdkafka::consumer::StreamConsumer;
 use rdkafka::message::{Message, OwnedMessage};
 
 use crate::clock;
-use crate::codec::{Codec, Millis, ModelRequest, Request, Role, Routed};
+use crate::codec::{Codec, Millis, ModelRequest, ROUTED_SOURCE_HEADER, Request, Role, Routed, routed_source};
 use crate::cohort;
 use crate::config::Config;
 use crate::control::{Registry, SharedRegistry};
 use crate::dead_letter::{self, Kind, Letter};
 use crate::error::Result;
-use crate::kafka::{GroupWatch, OutRecord, Outbox, Stage, TxnStage};
+use crate::kafka::{GroupWatch, OutRecord, Outbox, Output, Stage, TxnStage};
 use crate::record::Deployment;
 use crate::shutdown::Shutdown;
 use crate::telemetry::Event;
@@ -100,8 +100,9 @@ pub fn admit(
     }
 }
 
-/// The records a plan is published as; `request` is the value its request was decoded from.
-pub fn records(plan: &Plan, request: &[u8], config: &Config, codec: &Codec) -> Vec<OutRecord> {
+/// The records a plan is published as; `request` is the value its request was decoded from, at
+/// `source` (partition, offset) of the requests topic.
+pub fn records(plan: &Plan, request: &[u8], source: (i32, i64), config: &Config, codec: &Codec) -> Vec<OutRecord> {
     let key = plan.routed.user_id.as_bytes();
     let mut out: Vec<OutRecord> = plan
         .copies
@@ -115,7 +116,10 @@ pub fn records(plan: &Plan, request: &[u8], config: &Config, codec: &Codec) -> V
                 .header("deployment", plan.routed.deployment.as_str())
         })
         .collect();
-    out.push(OutRecord::new(config.topics.routed.clone(), key, codec.encode(&plan.routed)));
+    out.push(
+        OutRecord::new(config.topics.routed.clone(), key, codec.encode(&plan.routed))
+            .header(ROUTED_SOURCE_HEADER, routed_source(source.0, source.1)),
+    );
     out
 }
 
@@ -138,7 +142,8 @@ fn process(
                 role: copy.role.as_str(),
             }));
             let value = message.payload().unwrap_or_default();
-            out.records.extend(records(&plan, value, config, codec).into_iter().map(|mut record| {
+            let source = (message.partition(), message.offset());
+            out.records.extend(records(&plan, value, source, config, codec).into_iter().map(|mut record| {
                 record.origin = Some(index);
                 record
             }));
@@ -168,10 +173,13 @@ impl Stage for Route {
 
 /// Runs route until shutdown. Starts consuming only after `registry` holds the whole deployments topic.
 ///
-/// Each batch is one transaction (see [`TxnStage::drive`]): its per-model requests, routing records and
-/// dead letters, and the requests' offsets.
+/// Each batch's per-model requests and dead letters are written, then its routing records, then the
+/// requests' offsets committed (see the module docs).
 pub async fn run(config: Config, codec: Codec, registry: SharedRegistry, shutdown: Shutdown) -> Result<()> {
-    let mut stage = TxnStage::new(&config, "route", &[config.topics.requests.as_str()], shutdown)?;
+    // A routed record only once its model requests are written: the routing merge keeps (the first)
+    // always has its copies, even when route dies mid-batch.
+    let output = Output::Idempotent { last: config.topics.routed.clone() };
+    let mut stage = TxnStage::new(&config, "route", &[config.topics.requests.as_str()], output, shutdown)?;
     stage.drive(&mut Route { config, codec, registry }, IDLE, dead_letter::refused).await?;
     stage.close().await;
     tracing::info!("route stopped");

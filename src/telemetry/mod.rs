@@ -34,6 +34,9 @@ pub fn install() -> PrometheusHandle {
 pub enum Event {
     /// A request was published to a model's input topic.
     Routed { deployment: String, model: String, role: &'static str },
+    /// merge dropped a routed record that repeats a request's routing (route wrote a batch again after a
+    /// crash or rebalance); the first routing stands.
+    RoutedCopyDropped { deployment: String },
     /// A record went to the dead-letter topic.
     DeadLettered { kind: &'static str },
     /// A decision was published.
@@ -62,6 +65,9 @@ pub fn record(events: impl IntoIterator<Item = Event>) {
             Event::Routed { deployment, model, role } => {
                 counter!("switchyard_requests_routed_total", "deployment" => deployment, "model" => model, "role" => role)
                     .increment(1)
+            }
+            Event::RoutedCopyDropped { deployment } => {
+                counter!("switchyard_routed_copies_dropped_total", "deployment" => deployment).increment(1)
             }
             Event::DeadLettered { kind } => counter!("switchyard_dead_letters_total", "reason" => kind).increment(1),
             Event::Decided { deployment, model, cohort, status } => counter!("switchyard_decisions_total",
