@@ -4,7 +4,8 @@
 //! the same run; nothing passes or fails.
 //!
 //!   bench run [--quick] --repo DIR --streams-classpath CP [--kafka-tool scripts/kafka.sh]
-//!   bench pipe --input T --output T --group G --id ID [--transactional] --batch N   (the null pipe)
+//!   bench run --latency [--runs 3] [--seconds 30] --repo DIR ...   (latency against the transactional floor)
+//!   bench pipe --input T --output T --group G --id ID [--transactional] --batch N [--wait-ms 5]   (the null pipe)
 //!
 //! Throughput: a backlog of requests is preloaded, then the system under test starts; the rate is taken
 //! between the 10% and the 100% mark of its output as a read_committed consumer sees it (start-up and
@@ -44,6 +45,7 @@ async fn main() {
                 value("--id").expect("--id"),
                 flag("--transactional"),
                 value("--batch").map_or(500, |b| b.parse().expect("--batch N")),
+                Duration::from_millis(value("--wait-ms").map_or(5, |w| w.parse().expect("--wait-ms N"))),
             )
             .await
         }
@@ -74,6 +76,11 @@ async fn main() {
                 bench.scale(&counts, flag("--route-only")).await;
                 return;
             }
+            if flag("--latency") {
+                let number = |name: &str, default: u64| value(name).map_or(default, |v| v.parse().expect("N"));
+                bench.latency_against_floor(number("--runs", 3) as usize, number("--seconds", 30)).await;
+                return;
+            }
             match value("--latency-only") {
                 // For tuning: one open-loop run of switchyard at this rate.
                 Some(rate) => {
@@ -90,7 +97,15 @@ async fn main() {
 // ---------------------------------------------------------------------------------------------------
 // The null pipe: consume → produce → commit, no decoding, hashing or joining.
 
-async fn pipe(input: String, output: String, group: String, id: String, transactional: bool, batch: usize) {
+async fn pipe(
+    input: String,
+    output: String,
+    group: String,
+    id: String,
+    transactional: bool,
+    batch: usize,
+    wait: Duration,
+) {
     let config = config_for(&std::env::var("SWITCHYARD_BOOTSTRAP_SERVERS").unwrap_or("127.0.0.1:9092".into()), &group);
     let consumer = kafka::group_consumer(&config, &group, Some(&id)).expect("consumer");
     consumer.subscribe(&[&input]).expect("subscribe");
@@ -99,9 +114,8 @@ async fn pipe(input: String, output: String, group: String, id: String, transact
         .then(|| kafka::txn::TxnProducer::new(&config, format!("{group}-{id}"), shutdown.clone()).expect("producer"));
     let plain = kafka::producer(&config).expect("producer");
     loop {
-        let messages = kafka::batch::next_batch(&consumer, batch, Duration::from_millis(5), Duration::from_millis(200))
-            .await
-            .expect("batch");
+        let messages =
+            kafka::batch::next_batch(&consumer, batch, wait, Duration::from_millis(200)).await.expect("batch");
         if messages.is_empty() {
             continue;
         }
@@ -629,7 +643,8 @@ impl Bench {
         kafka::ensure_topics(&config, std::slice::from_ref(&config.topics.requests), TopicKind::Stream)
             .await
             .expect("topic");
-        let procs = self.start(system, true, &prefix).await;
+        let port = free_port();
+        let procs = self.start_with_metrics(system, true, &prefix, Some(port)).await;
         let (model_requests, predictions) = (config.topics.model_requests("v1"), config.topics.model_predictions("v1"));
         let reader = reader_at(&config, &[&config.topics.decisions, &model_requests, &predictions], Offset::End).await;
         // Warm up: let the system join its groups and answer a first trickle before measuring.
@@ -676,6 +691,7 @@ impl Bench {
         }
         let (_, sent) = sender.await.expect("load");
         let rss_end = procs[0].rss_mib();
+        let commits = if system == System::Switchyard { scrape(port).map(|p| commit_summary(&p)) } else { None };
         for p in procs {
             p.stop();
         }
@@ -694,6 +710,7 @@ impl Bench {
         }
         if system == System::Switchyard {
             println!("  (switchyard RSS {rss_start:.0} MiB after warm-up, {rss_end:.0} MiB at the end)");
+            println!("  (batches made durable, mean time: {})", commits.unwrap_or_default());
         }
         let [route, model, join, end_to_end] = hops.map(percentiles);
         Latency { rate, sent: sent as usize, decided, route, model, join, end_to_end }
@@ -1085,13 +1102,44 @@ impl Bench {
 
     /// One plain hop: a producer (acks=all) to a read_committed consumer, at `rate` for `seconds`.
     async fn plain_hop(&self, rate: u64, seconds: u64) -> [f64; 3] {
-        let prefix = format!("{}-hop", self.run);
+        self.hop(rate, seconds, false).await
+    }
+
+    /// The transactional floor: one hop through the null pipe (consume what has arrived → produce →
+    /// commit the batch and its offsets in one transaction, one producer), send → visible to a
+    /// read_committed reader, at `rate` for `seconds`. What any exactly-once pipeline pays for one
+    /// transactional hop on this broker, with nothing else to do.
+    async fn transactional_floor(&self, rate: u64, seconds: u64) -> [f64; 3] {
+        self.hop(rate, seconds, true).await
+    }
+
+    /// Send → visible to a read_committed reader at `rate` for `seconds`: of the requests topic itself
+    /// (a plain hop), or with `through_pipe` of the transactional null pipe's output.
+    async fn hop(&self, rate: u64, seconds: u64, through_pipe: bool) -> [f64; 3] {
+        let prefix = format!("{}-hop{rate}{}", self.run, if through_pipe { "-txn" } else { "" });
         let config = config_for(&self.bootstrap, &prefix);
         let codec = config.codec().expect("codec");
-        kafka::ensure_topics(&config, std::slice::from_ref(&config.topics.requests), TopicKind::Stream)
-            .await
-            .expect("topic");
-        let reader = reader_at(&config, &[&config.topics.requests], Offset::End).await;
+        let output = format!("{prefix}.out");
+        let topics = [config.topics.requests.clone(), output.clone()];
+        kafka::ensure_topics(&config, &topics, TopicKind::Stream).await.expect("topics");
+        let pipe = through_pipe.then(|| {
+            let mut command = Command::new(self.binary("examples/bench"));
+            command
+                .args(["pipe", "--input", &config.topics.requests, "--output", &output, "--group", &prefix])
+                .args(["--id", "0", "--batch", "5000", "--wait-ms", "0", "--transactional"])
+                .env("SWITCHYARD_BOOTSTRAP_SERVERS", &self.bootstrap);
+            Proc::spawn("transactional null pipe", command, &self.log(&prefix))
+        });
+        let read = if through_pipe { &output } else { &config.topics.requests };
+        let reader = reader_at(&config, &[read], Offset::End).await;
+        if through_pipe {
+            // Warm up: the pipe joins its group and commits a first trickle before the measurement.
+            let _ = load(config.clone(), codec.clone(), rate.min(100), 3, format!("{prefix}-warm")).await;
+            let drain_until = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < drain_until {
+                let _ = tokio::time::timeout(Duration::from_millis(100), reader.recv()).await;
+            }
+        }
         let sender = tokio::spawn(load(config.clone(), codec.clone(), rate, seconds, format!("{prefix}-m")));
         let mut delays = Vec::new();
         let end = Instant::now() + Duration::from_secs(seconds + 5);
@@ -1105,7 +1153,62 @@ impl Bench {
             }
         }
         let _ = sender.await;
+        if let Some(pipe) = pipe {
+            pipe.stop();
+        }
         percentiles(delays)
+    }
+
+    /// switchyard's end-to-end latency against the transactional floor measured in the same run, at
+    /// 1,000 requests/s and at 10% and 50% of the full loop's maximum (measured first), `runs` times.
+    async fn latency_against_floor(&self, runs: usize, seconds: u64) {
+        println!("switchyard latency against the transactional floor, run {}, broker {}", self.run, self.bootstrap);
+        println!("measuring the full loop's maximum (30,000 requests preloaded) ...");
+        let max = self.throughput(System::Switchyard, true, 30_000).await;
+        print_throughput("switchyard full loop", &max);
+        let rates = [1000, (max.rate * 0.1) as u64, (max.rate * 0.5) as u64];
+        println!("\n== send -> visible to read_committed, {seconds} s per measurement (ms: p50 / p99 / p99.9)");
+        // (rate, floor p50/p99/p99.9, switchyard p50/p99/p99.9), per measurement.
+        type Row = (u64, [f64; 3], [f64; 3]);
+        let mut rows: Vec<Row> = Vec::new();
+        for run in 1..=runs {
+            for &rate in &rates {
+                let floor = self.transactional_floor(rate, seconds).await;
+                let sy = self.latency(System::Switchyard, rate, seconds).await;
+                println!(
+                    "  run {run}, {rate}/s: transactional floor {} | switchyard {} (route {} ms p50) | p50 {:.2}x, p99 {:.2}x",
+                    fmt3(&floor),
+                    fmt3(&sy.end_to_end),
+                    sy.route[0].round(),
+                    sy.end_to_end[0] / floor[0].max(1e-9),
+                    sy.end_to_end[1] / floor[1].max(1e-9)
+                );
+                rows.push((rate, floor, sy.end_to_end));
+            }
+        }
+        println!("\n== spread over {runs} runs (min - max)");
+        let span = |values: Vec<f64>| {
+            let (lo, hi) = values.iter().fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
+            format!("{lo:.1} - {hi:.1}")
+        };
+        for &rate in &rates {
+            let at: Vec<_> = rows.iter().filter(|r| r.0 == rate).collect();
+            let get = |f: &dyn Fn(&Row) -> f64| span(at.iter().map(|r| f(r)).collect());
+            println!(
+                "  {rate}/s: floor p50 {} p99 {} | switchyard p50 {} p99 {} | ratio p50 {} p99 {}",
+                get(&|r| r.1[0]),
+                get(&|r| r.1[1]),
+                get(&|r| r.2[0]),
+                get(&|r| r.2[1]),
+                get(&|r| r.2[0] / r.1[0].max(1e-9)),
+                get(&|r| r.2[1] / r.1[1].max(1e-9))
+            );
+        }
+        let mut at_tenth: Vec<f64> =
+            rows.iter().filter(|r| r.0 == rates[1]).map(|r| r.2[1] / r.1[1].max(1e-9)).collect();
+        at_tenth.sort_by(f64::total_cmp);
+        println!();
+        println!("ratio latency-p99/transactional-floor-p99 = {:.2}", at_tenth[at_tenth.len() / 2]);
     }
 }
 
@@ -1265,8 +1368,8 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("address").port()
 }
 
-/// An unlabelled gauge from the /metrics page on `port` (None while the instance is down).
-fn scrape_gauge(port: u16, name: &str) -> Option<f64> {
+/// The /metrics page on `port` (None while the instance is down).
+fn scrape(port: u16) -> Option<String> {
     use std::io::{Read, Write};
     let mut stream =
         std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2)).ok()?;
@@ -1274,7 +1377,28 @@ fn scrape_gauge(port: u16, name: &str) -> Option<f64> {
     stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
     let mut page = String::new();
     stream.read_to_string(&mut page).ok()?;
+    Some(page)
+}
+
+/// A sample (`name` with its labels as printed, e.g. `x_sum{stage="merge"}`) from a /metrics page.
+fn sample(page: &str, name: &str) -> Option<f64> {
     page.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// An unlabelled gauge from the /metrics page on `port` (None while the instance is down).
+fn scrape_gauge(port: u16, name: &str) -> Option<f64> {
+    sample(&scrape(port)?, name)
+}
+
+/// Each stage's batches made durable and their mean duration (`switchyard_commit_seconds`), from a
+/// /metrics page: "route 412 batches, 8.1 ms; merge ...".
+fn commit_summary(page: &str) -> String {
+    let stages = ["route", "merge", "score"].iter().filter_map(|stage| {
+        let count = sample(page, &format!("switchyard_commit_seconds_count{{stage=\"{stage}\"}}"))?;
+        let sum = sample(page, &format!("switchyard_commit_seconds_sum{{stage=\"{stage}\"}}"))?;
+        Some(format!("{stage} {count:.0} batches, {:.1} ms", sum / count.max(1.0) * 1000.0))
+    });
+    stages.collect::<Vec<_>>().join("; ")
 }
 
 fn num_cpus() -> usize {

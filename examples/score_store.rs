@@ -79,9 +79,9 @@ fn decision(i: u64, at: i64) -> Decision {
         request_id: request_id(i),
         user_id: format!("user-{}", i.wrapping_mul(7_919) % 1_000_000),
         deployment: "fraud".into(),
-        model: if i % 10 == 0 { "fraud-v2".into() } else { "fraud-v1".into() },
+        model: if i.is_multiple_of(10) { "fraud-v2".into() } else { "fraud-v1".into() },
         strategy: "canary".into(),
-        cohort: if i % 10 == 0 { "candidate".into() } else { "control".into() },
+        cohort: if i.is_multiple_of(10) { "candidate".into() } else { "control".into() },
         bucket: (i % 10_000) as i32,
         config_version: 7,
         status: DecisionStatus::Ok,
@@ -243,7 +243,7 @@ fn labels(join: &mut Join<DiskStates>, n: u64, from: u64) {
         let outcome = Outcome {
             request_id: request_id(i),
             user_id: String::new(),
-            label: f64::from(u8::from(i % 3 == 0)),
+            label: f64::from(u8::from(i.is_multiple_of(3))),
             observed_at: 1_800_000_000_000,
             source: "bench".into(),
         };

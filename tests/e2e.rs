@@ -264,10 +264,10 @@ async fn bad_input_is_dead_lettered_and_valid_traffic_flows_around_it() {
     let mut records = Vec::new();
     for (i, request) in valid.iter().enumerate() {
         records.push(OutRecord::new(topic.clone(), request.user_id.as_bytes(), env.codec.encode(request)));
-        if let Some((_, value)) = bad.get(i / 10) {
-            if i % 10 == 5 {
-                records.push(OutRecord::new(topic.clone(), format!("bad-{i}").into_bytes(), value.clone()));
-            }
+        if let Some((_, value)) = bad.get(i / 10)
+            && i % 10 == 5
+        {
+            records.push(OutRecord::new(topic.clone(), format!("bad-{i}").into_bytes(), value.clone()));
         }
     }
     // Bad output from a model worker: garbage, and an answer claiming to come from another model.

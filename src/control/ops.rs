@@ -19,14 +19,12 @@ use crate::record::{Change, Deployment, DeploymentSpec, Strategy};
 
 /// Validates `spec` against the record in force and writes it. Returns the deployment as written.
 pub async fn write(config: &Config, registry: &Registry, name: &str, spec: DeploymentSpec) -> Result<Deployment> {
-    if let Some(current) = registry.get(name) {
-        if spec.version <= current.version() {
-            return Err(crate::record::InvalidDeployment::StaleVersion {
-                got: spec.version,
-                current: current.version(),
-            }
-            .into());
-        }
+    if let Some(current) = registry.get(name)
+        && spec.version <= current.version()
+    {
+        return Err(
+            crate::record::InvalidDeployment::StaleVersion { got: spec.version, current: current.version() }.into()
+        );
     }
     let deployment = spec.validate(name)?;
     super::ensure_model_topics(config, [&deployment]).await?;

@@ -115,10 +115,10 @@ impl ClientContext for GroupWatch {
             for (partition, p) in partitions {
                 let offset = |name: &str| p.get(name).and_then(serde_json::Value::as_i64).unwrap_or(-1);
                 let (end, next) = (offset("ls_offset"), offset("app_offset"));
-                if let (Ok(partition), true) = (partition.parse::<i32>(), end >= 0 && next >= 0) {
-                    if partition >= 0 {
-                        crate::telemetry::consumer_lag(topic, partition, (end - next).max(0));
-                    }
+                if let (Ok(partition), true) = (partition.parse::<i32>(), end >= 0 && next >= 0)
+                    && partition >= 0
+                {
+                    crate::telemetry::consumer_lag(topic, partition, (end - next).max(0));
                 }
             }
         }

@@ -562,10 +562,10 @@ pub async fn topic_config_ms(config: &Config, topics: &[&str], name: &str) -> Re
     let options = AdminOptions::new().request_timeout(Some(ADMIN_TIMEOUT));
     let mut out = Vec::new();
     for (topic, result) in topics.iter().zip(admin.describe_configs(&specifiers, &options).await?) {
-        if let Some(ms) = result.ok().and_then(|r| r.get(name).and_then(|e| e.value.clone())) {
-            if let Ok(ms) = ms.parse() {
-                out.push((topic.to_string(), ms));
-            }
+        if let Some(ms) = result.ok().and_then(|r| r.get(name).and_then(|e| e.value.clone()))
+            && let Ok(ms) = ms.parse()
+        {
+            out.push((topic.to_string(), ms));
         }
     }
     Ok(out)

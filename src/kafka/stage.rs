@@ -190,10 +190,11 @@ fn to_commit(
             super::push_offset(&mut changed, e.topic(), e.partition(), e.offset(), e.metadata());
         }
     }
-    if changed.count() == 0 && !records.is_empty() {
-        if let Some(e) = offsets.elements().first() {
-            super::push_offset(&mut changed, e.topic(), e.partition(), e.offset(), e.metadata());
-        }
+    if changed.count() == 0
+        && !records.is_empty()
+        && let Some(e) = offsets.elements().first()
+    {
+        super::push_offset(&mut changed, e.topic(), e.partition(), e.offset(), e.metadata());
     }
     changed
 }
@@ -417,12 +418,14 @@ impl TxnStage {
             offsets
         };
         let offsets = &signed(offsets, &self.config.service.instance());
+        let began = std::time::Instant::now();
         let result = match &mut self.producer {
             Producer::Transactional(producer) => producer.commit(records, offsets, self.batch_group.take()).await,
             Producer::Idempotent(producer) => producer.commit(records, offsets, &self.consumer).await,
         };
         match result {
             Ok(placed) => {
+                telemetry::batch_committed(self.name, began.elapsed().as_secs_f64());
                 telemetry::record(std::mem::take(&mut outbox.events));
                 self.refused.forget(batch);
                 self.failures = 0;

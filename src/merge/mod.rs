@@ -52,6 +52,7 @@ pub fn records(outputs: Vec<Output>, config: &Config, codec: &Codec, events: &mu
         .into_iter()
         .map(|output| match output {
             Output::Decision(d) => {
+                events.push(Event::Hop { hop: "end_to_end", since: d.decided_at - d.latency_ms });
                 events.push(Event::Decided {
                     deployment: d.deployment.clone(),
                     model: d.model.clone(),
@@ -283,13 +284,13 @@ impl Stage for Merge {
         if message.topic() == config.topics.routed {
             match codec.decode::<Routed>(value) {
                 Ok(routed) => {
-                    if let Some(from) = routed_source(message) {
-                        if !state.firsts.first(source.partition, source.offset, from) {
-                            // route wrote this request's routing again (a crash or rebalance before
-                            // its offsets were committed): the first one stands.
-                            out.events.push(Event::RoutedCopyDropped { deployment: routed.deployment });
-                            return;
-                        }
+                    if let Some(from) = routed_source(message)
+                        && !state.firsts.first(source.partition, source.offset, from)
+                    {
+                        // route wrote this request's routing again (a crash or rebalance before
+                        // its offsets were committed): the first one stands.
+                        out.events.push(Event::RoutedCopyDropped);
+                        return;
                     }
                     state.progress.hold(&source);
                     state.marks.opened(&source, state.join.restoring());
@@ -479,6 +480,7 @@ pub async fn run(config: Config, codec: Codec, shutdown: Shutdown) -> Result<()>
     let predictions = config.topics.model_predictions_regex();
     let topics = [config.topics.routed.as_str(), config.topics.forwarded_predictions.as_str(), predictions.as_str()];
     let mut stage = TxnStage::new(&config, "merge", &topics, kafka::Output::Transactional, shutdown)?;
+    telemetry::routed_copies_watched();
     let topology = Topology::load(stage.consumer(), &config).await?;
     let state = State::new(&config);
     let mut merge = Merge { config, codec, topology, state, flow: FlowControl::default(), fx: Effects::default() };

@@ -35,12 +35,12 @@ impl Progress {
     }
 
     pub fn release(&mut self, pos: &SourcePos) {
-        if let Some(p) = self.partitions.get_mut(&(pos.topic.clone(), pos.partition)) {
-            if let Some(count) = p.held.get_mut(&pos.offset) {
-                *count -= 1;
-                if *count == 0 {
-                    p.held.remove(&pos.offset);
-                }
+        if let Some(p) = self.partitions.get_mut(&(pos.topic.clone(), pos.partition))
+            && let Some(count) = p.held.get_mut(&pos.offset)
+        {
+            *count -= 1;
+            if *count == 0 {
+                p.held.remove(&pos.offset);
             }
         }
     }

@@ -120,10 +120,10 @@ pub async fn catch_up(
     join.states().assign(assigned);
     // A broker set up anew under the same address has a new cluster id: what the store holds is of
     // another changelog.
-    if let Some(cluster) = reader.client().fetch_cluster_id(kafka::ADMIN_TIMEOUT) {
-        if join.states().belong_to(&cluster).map_err(Error::Store)? {
-            tracing::warn!(%cluster, "the score state store was written from another Kafka cluster: wiped, rebuilt from the changelog");
-        }
+    if let Some(cluster) = reader.client().fetch_cluster_id(kafka::ADMIN_TIMEOUT)
+        && join.states().belong_to(&cluster).map_err(Error::Store)?
+    {
+        tracing::warn!(%cluster, "the score state store was written from another Kafka cluster: wiped, rebuilt from the changelog");
     }
     let mut from = TopicPartitionList::new();
     let mut targets = HashMap::new();
@@ -368,19 +368,19 @@ impl Score {
             if scored_by_none(deployment) {
                 return;
             }
-            if let Ok(d) = codec.decode::<Decision>(value) {
-                if let Some(spec) = specs.get(&d.deployment) {
-                    join.on_decision(d, message.partition(), spec, fx);
-                }
+            if let Ok(d) = codec.decode::<Decision>(value)
+                && let Some(spec) = specs.get(&d.deployment)
+            {
+                join.on_decision(d, message.partition(), spec, fx);
             }
         } else if message.topic() == t.shadow_comparisons {
             if scored_by_none(None) {
                 return;
             }
-            if let Ok(c) = codec.decode::<ShadowComparison>(value) {
-                if let Some(spec) = specs.get(&c.deployment) {
-                    join.on_shadow(c, message.partition(), spec, now, fx);
-                }
+            if let Ok(c) = codec.decode::<ShadowComparison>(value)
+                && let Some(spec) = specs.get(&c.deployment)
+            {
+                join.on_shadow(c, message.partition(), spec, now, fx);
             }
         } else {
             let outcome = match codec.decode::<Outcome>(value) {

@@ -45,6 +45,9 @@ pub trait States {
     fn due(&mut self, now: Millis, limit: usize) -> Vec<(i32, String, Stored)>;
     /// States held.
     fn len(&self) -> u64;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// States in memory.
@@ -147,7 +150,7 @@ fn packed_id(id: &str, key: &mut Vec<u8>) {
     let bytes = id.as_bytes();
     let uuid = bytes.len() == 36
         && bytes.iter().enumerate().all(|(i, &b)| if [8, 13, 18, 23].contains(&i) { b == b'-' } else { hex(b) });
-    if !uuid && !(bytes.len() == 32 && bytes.iter().all(|&b| hex(b))) {
+    if !(uuid || bytes.len() == 32 && bytes.iter().all(|&b| hex(b))) {
         key.push(ID_TEXT);
         return key.extend_from_slice(bytes);
     }
@@ -332,10 +335,10 @@ impl DiskStates {
                 _ => {}
             }
             touched.insert(partition);
-            if let Some(before) = change.on_disk {
-                if change.state.as_ref().is_none_or(|s| s.due != before) {
-                    batch.remove(&self.due, due_key(partition, before, &id));
-                }
+            if let Some(before) = change.on_disk
+                && change.state.as_ref().is_none_or(|s| s.due != before)
+            {
+                batch.remove(&self.due, due_key(partition, before, &id));
             }
             match change.state {
                 Some(state) => {
@@ -483,10 +486,10 @@ impl States for DiskStates {
             }
         }
         for ((partition, id), pending) in &self.pending {
-            if let Some(state) = pending.state.as_ref().filter(|s| s.due <= now) {
-                if self.assigned.contains(partition) {
-                    found.push((*partition, id.clone(), state.clone()));
-                }
+            if let Some(state) = pending.state.as_ref().filter(|s| s.due <= now)
+                && self.assigned.contains(partition)
+            {
+                found.push((*partition, id.clone(), state.clone()));
             }
         }
         found.sort_by_key(|(_, _, s)| s.due);

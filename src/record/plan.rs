@@ -300,10 +300,10 @@ impl Plan {
         if self.step_started_at <= 0 {
             return Err(InvalidPlan::NoStartTime);
         }
-        if let Some(q) = &self.quality_guard {
-            if !(q.margin >= 0.0 && q.tau > 0.0 && q.margin.is_finite() && q.tau.is_finite()) {
-                return Err(InvalidPlan::QualityGuard);
-            }
+        if let Some(q) = &self.quality_guard
+            && !(q.margin >= 0.0 && q.tau > 0.0 && q.margin.is_finite() && q.tau.is_finite())
+        {
+            return Err(InvalidPlan::QualityGuard);
         }
         Ok(())
     }

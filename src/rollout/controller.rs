@@ -317,10 +317,10 @@ impl Leader {
             }
         }
         for d in &on_probation {
-            if !self.probations.contains_key(&d.name) {
-                if let Some(e) = ProbationEvidence::new(d) {
-                    self.probations.insert(d.name.clone(), e);
-                }
+            if !self.probations.contains_key(&d.name)
+                && let Some(e) = ProbationEvidence::new(d)
+            {
+                self.probations.insert(d.name.clone(), e);
             }
         }
         (running, on_probation)
@@ -374,10 +374,10 @@ impl Leader {
                 |d: &Decision| d.decided_at,
                 |decision| {
                     let e = evidence.get_mut(&decision.deployment);
-                    if let Some(e) = e.filter(|e| decision.config_version as u64 == e.version) {
-                        if let Some(observation) = Observation::of(&decision) {
-                            e.add(observation);
-                        }
+                    if let Some(e) = e.filter(|e| decision.config_version as u64 == e.version)
+                        && let Some(observation) = Observation::of(&decision)
+                    {
+                        e.add(observation);
                     }
                 },
             )

@@ -521,10 +521,10 @@ mod tests {
                 let candidate = i % 2 == 0;
                 let accuracy = if candidate { 0.8 } else { 0.9 };
                 guard.observe(usize::from(candidate), f64::from(u8::from(rng.random::<f64>() >= accuracy)));
-                if i % 100 == 0 {
-                    if let Some((low, high)) = guard.interval(0.05) {
-                        missed |= !(low..=high).contains(&0.1);
-                    }
+                if i % 100 == 0
+                    && let Some((low, high)) = guard.interval(0.05)
+                {
+                    missed |= !(low..=high).contains(&0.1);
                 }
             }
             misses += usize::from(missed);

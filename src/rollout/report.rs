@@ -140,10 +140,10 @@ async fn step_evidence(config: &Config, codec: &Codec, d: &Deployment) -> Result
             100_000,
             |d: &Decision| d.decided_at,
             |decision| {
-                if ours(&decision.deployment, decision.config_version) {
-                    if let Some(o) = Observation::of(&decision) {
-                        evidence.add(o);
-                    }
+                if ours(&decision.deployment, decision.config_version)
+                    && let Some(o) = Observation::of(&decision)
+                {
+                    evidence.add(o);
                 }
             },
         )

@@ -136,6 +136,7 @@ fn process(
     match admit(message.payload(), config.service.max_request_bytes, codec, registry) {
         Ok((request, deployment)) => {
             let plan = plan(request, &deployment, clock::now_millis());
+            out.events.push(Event::Hop { hop: "route", since: plan.routed.sent_at });
             out.events.extend(plan.copies.iter().map(|copy| Event::Routed {
                 deployment: plan.routed.deployment.clone(),
                 model: copy.model.clone(),

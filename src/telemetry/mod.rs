@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-/// Latency buckets (seconds) for the per-model prediction histogram.
+/// Latency buckets (seconds) of every histogram: predictions, hops, commits.
 const LATENCY_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
 /// Installs the process-wide Prometheus recorder once and returns its handle.
@@ -36,7 +36,12 @@ pub enum Event {
     Routed { deployment: String, model: String, role: &'static str },
     /// merge dropped a routed record that repeats a request's routing (route wrote a batch again after a
     /// crash or rebalance); the first routing stands.
-    RoutedCopyDropped { deployment: String },
+    RoutedCopyDropped,
+    /// A request passed a hop of the data path, which began at `since` (its producer's `sent_at`): the
+    /// histogram `switchyard_hop_seconds{hop}` takes the time from then to when the hop's records were
+    /// durable — `route`: its model requests and routed record acknowledged; `end_to_end`: its decision
+    /// committed. Measured against the producer's clock: a skew between hosts shifts it.
+    Hop { hop: &'static str, since: i64 },
     /// A record went to the dead-letter topic.
     DeadLettered { kind: &'static str },
     /// A decision was published.
@@ -66,8 +71,10 @@ pub fn record(events: impl IntoIterator<Item = Event>) {
                 counter!("switchyard_requests_routed_total", "deployment" => deployment, "model" => model, "role" => role)
                     .increment(1)
             }
-            Event::RoutedCopyDropped { deployment } => {
-                counter!("switchyard_routed_copies_dropped_total", "deployment" => deployment).increment(1)
+            Event::RoutedCopyDropped => counter!("switchyard_routed_copies_dropped_total").increment(1),
+            Event::Hop { hop, since } => {
+                let seconds = (crate::clock::now_millis() - since).max(0) as f64 / 1000.0;
+                histogram!("switchyard_hop_seconds", "hop" => hop).record(seconds)
             }
             Event::DeadLettered { kind } => counter!("switchyard_dead_letters_total", "reason" => kind).increment(1),
             Event::Decided { deployment, model, cohort, status } => counter!("switchyard_decisions_total",
@@ -95,6 +102,18 @@ pub fn record(events: impl IntoIterator<Item = Event>) {
             .increment(1),
         }
     }
+}
+
+/// merge runs: its count of dropped routed copies is exported from 0 on (copies are rare; a dashboard
+/// shows the series before the first one).
+pub fn routed_copies_watched() {
+    counter!("switchyard_routed_copies_dropped_total").increment(0);
+}
+
+/// A stage made a batch durable (a transaction committed, or route's records acknowledged and its
+/// offsets committed) in `seconds`.
+pub fn batch_committed(stage: &str, seconds: f64) {
+    histogram!("switchyard_commit_seconds", "stage" => stage.to_string()).record(seconds);
 }
 
 /// A stage's transaction failed: its records were discarded and its inputs are read again.
