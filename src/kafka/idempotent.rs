@@ -18,7 +18,7 @@ use rdkafka::producer::{FutureProducer, Producer};
 
 use super::batch::GroupWatch;
 use super::txn::TxnFailure;
-use super::{Gapless, OutRecord, Placed, gapless_producer, refuses_record, send_each};
+use super::{Gapless, OutRecord, Placed, find_culprit, gapless_producer, largest, refuses_record, send_each};
 use crate::config::Config;
 use crate::shutdown::Shutdown;
 
@@ -30,17 +30,17 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub struct IdempotentProducer {
     config: Config,
     producer: FutureProducer<Gapless>,
-    /// The topic whose records are written only once all others of their batch are acknowledged.
-    last: String,
+    /// The topics whose records are written only once all others of their batch are acknowledged.
+    last: Vec<String>,
     shutdown: Shutdown,
 }
 
 impl IdempotentProducer {
-    pub fn new(config: &Config, last: String, shutdown: Shutdown) -> Result<Self, KafkaError> {
+    pub fn new(config: &Config, last: Vec<String>, shutdown: Shutdown) -> Result<Self, KafkaError> {
         Ok(IdempotentProducer { config: config.clone(), producer: gapless_producer(config)?, last, shutdown })
     }
 
-    /// Produces `records` — those for the `last` topic once all the others are acknowledged — waits
+    /// Produces `records` — those for the `last` topics once all the others are acknowledged — waits
     /// until each is acknowledged, then commits `offsets` for the consumer group (asynchronously: a
     /// commit lost with a crash only means more is written again). Returns where each record was placed.
     /// On error nothing is committed: the caller rewinds, and what was written already is written again.
@@ -55,7 +55,8 @@ impl IdempotentProducer {
             shutdown.recv().await;
             tokio::time::sleep(SHUTDOWN_GRACE).await;
         };
-        let (first, last): (Vec<usize>, Vec<usize>) = (0..records.len()).partition(|i| records[*i].topic != self.last);
+        let (first, last): (Vec<usize>, Vec<usize>) =
+            (0..records.len()).partition(|i| !self.last.contains(&records[*i].topic));
         let waves = async {
             let mut results: Vec<Option<Result<Placed, KafkaError>>> = (0..records.len()).map(|_| None).collect();
             for wave in [first, last] {
@@ -93,6 +94,15 @@ impl IdempotentProducer {
                 // A refused batch among acknowledged ones (the gapless guarantee) or a lost producer id.
                 tracing::warn!(?code, %reason, "the producer stopped; a new one writes the batch again");
                 self.replace().await;
+            }
+            if refused.len() > 1 {
+                // Records batched with a refused one are refused with it: find the one refused alone
+                // (the others it writes are copies, which their readers drop).
+                let culprit = find_culprit(&self.producer, records, &refused).await;
+                if culprit.is_some() && self.producer.client().fatal_error().is_some() {
+                    self.replace().await;
+                }
+                refused = vec![culprit.unwrap_or_else(|| largest(records, refused))];
             }
             return Err(TxnFailure { error, refused });
         }

@@ -474,6 +474,38 @@ pub async fn send_all(producer: &FutureProducer, records: &[OutRecord]) -> Resul
     send_each(producer, records).await.into_iter().find_map(Result::err).map_or(Ok(()), Err)
 }
 
+/// Which of `suspects` (index into `records`, reason), all reported refused together, the broker refuses
+/// on its own: it refuses a whole produce request when one record in it is too large, so every record
+/// batched with the culprit reports the same error. Sends the suspects one at a time, largest first, and
+/// returns the first one refused alone; None if none is (the batch as a whole was too large) or another
+/// error came first. The records sent are written (a transactional caller aborts them).
+pub async fn find_culprit<C: rdkafka::ClientContext + 'static>(
+    producer: &FutureProducer<C>,
+    records: &[OutRecord],
+    suspects: &[(usize, String)],
+) -> Option<(usize, String)> {
+    let mut by_size: Vec<&(usize, String)> = suspects.iter().collect();
+    by_size.sort_by_key(|(i, _)| std::cmp::Reverse(size(&records[*i])));
+    for (index, reason) in by_size {
+        match send_each(producer, [&records[*index]]).await.pop() {
+            Some(Err(error)) if refuses_record(&error) => return Some((*index, reason.clone())),
+            Some(Ok(_)) => {}
+            _ => return None, // another error: not the record
+        }
+    }
+    None
+}
+
+/// The largest of `suspects`: the culprit when none is refused alone.
+pub fn largest(records: &[OutRecord], mut suspects: Vec<(usize, String)>) -> (usize, String) {
+    suspects.sort_by_key(|(i, _)| std::cmp::Reverse(size(&records[*i])));
+    suspects.swap_remove(0)
+}
+
+fn size(record: &OutRecord) -> usize {
+    record.key.len() + record.payload.as_ref().map_or(0, Vec::len)
+}
+
 /// Whether the broker (or the client, before sending) refused this one record for what it is — too
 /// large, invalid — so that sending it again can never succeed. Such a record's input is dead-lettered;
 /// every other error (a broker away, a timeout, a fenced producer, missing rights) is retried as a whole.

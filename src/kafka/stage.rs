@@ -215,8 +215,8 @@ pub enum Output {
     Transactional,
     /// Records acknowledged first, input offsets committed after (see [`super::idempotent`]): visible at
     /// once, written again after a crash. Only for a stage whose readers drop the copies (route: merge).
-    /// The records for topic `last` are written only once all the others are acknowledged.
-    Idempotent { last: String },
+    /// The records for the topics in `last` are written only once all the others are acknowledged.
+    Idempotent { last: Vec<String> },
 }
 
 enum Producer {

@@ -16,7 +16,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, Producer};
 use tokio::task::block_in_place;
 
-use super::{OutRecord, Placed, refuses_record, send_each, transactional_producer};
+use super::{OutRecord, Placed, find_culprit, largest, refuses_record, send_each, transactional_producer};
 use crate::config::Config;
 use crate::shutdown::Shutdown;
 use crate::telemetry;
@@ -104,28 +104,17 @@ impl TxnProducer {
     /// the same error. Sends the suspects one at a time, largest first, in a transaction that is always
     /// aborted, and returns the first one refused alone (or, if none is, the largest: the batch as a
     /// whole was too large). One culprit per failed transaction: the next attempt finds the next one.
-    async fn probe(&mut self, records: &[OutRecord], mut suspects: Vec<(usize, String)>) -> Vec<(usize, String)> {
-        let size = |r: &OutRecord| r.key.len() + r.payload.as_ref().map_or(0, Vec::len);
-        suspects.sort_by_key(|(i, _)| std::cmp::Reverse(size(&records[*i])));
+    async fn probe(&mut self, records: &[OutRecord], suspects: Vec<(usize, String)>) -> Vec<(usize, String)> {
         let mut culprit = None;
         if self.call("begin_transaction", TXN_CALL_TIMEOUT, |p| p.begin_transaction()).await.is_ok() {
-            for (index, reason) in &suspects {
-                match send_each(&self.producer, std::slice::from_ref(&records[*index])).await.pop() {
-                    Some(Err(error)) if refuses_record(&error) => {
-                        culprit = Some((*index, reason.clone()));
-                        break;
-                    }
-                    Some(Ok(_)) => {}
-                    _ => break, // another error: not the record; keep the largest as the suspect
-                }
-            }
+            culprit = find_culprit(&self.producer, records, &suspects).await;
             let aborted =
                 self.call("abort_transaction", TXN_CALL_TIMEOUT, |p| p.abort_transaction(TXN_CALL_TIMEOUT)).await;
             if culprit.is_some() || aborted.is_err() {
                 self.replace().await;
             }
         }
-        vec![culprit.unwrap_or_else(|| suspects.swap_remove(0))]
+        vec![culprit.unwrap_or_else(|| largest(records, suspects))]
     }
 
     async fn try_commit(

@@ -174,12 +174,13 @@ impl Stage for Route {
 
 /// Runs route until shutdown. Starts consuming only after `registry` holds the whole deployments topic.
 ///
-/// Each batch's per-model requests and dead letters are written, then its routing records, then the
+/// Each batch's per-model requests are written, then its routing records and dead letters, then the
 /// requests' offsets committed (see the module docs).
 pub async fn run(config: Config, codec: Codec, registry: SharedRegistry, shutdown: Shutdown) -> Result<()> {
-    // A routed record only once its model requests are written: the routing merge keeps (the first)
-    // always has its copies, even when route dies mid-batch.
-    let output = Output::Idempotent { last: config.topics.routed.clone() };
+    // What settles a request — its routed record or its dead letter — only once its model requests are
+    // written: the routing merge keeps (the first) always has its copies, and a batch that fails (a
+    // record refused, route killed) leaves at most model requests behind, not dead letters written twice.
+    let output = Output::Idempotent { last: vec![config.topics.routed.clone(), config.topics.dead_letter.clone()] };
     let mut stage = TxnStage::new(&config, "route", &[config.topics.requests.as_str()], output, shutdown)?;
     stage.drive(&mut Route { config, codec, registry }, IDLE, dead_letter::refused).await?;
     stage.close().await;
