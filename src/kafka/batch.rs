@@ -170,8 +170,24 @@ pub fn batch_offsets(batch: &[OwnedMessage]) -> TopicPartitionList {
 /// The committed offsets of the current assignment, as stored by the group coordinator (with
 /// read_committed, librdkafka waits for pending transactional commits to settle).
 pub fn committed<C: ConsumerContext + 'static>(consumer: &StreamConsumer<C>) -> Result<TopicPartitionList, KafkaError> {
+    use rdkafka::types::RDKafkaErrorCode as Code;
     let assignment = consumer.assignment()?;
-    consumer.committed_offsets(assignment, ADMIN_TIMEOUT)
+    // Asked in short attempts: a group coordinator that died does not answer, and one query given the
+    // whole ADMIN_TIMEOUT waited that long (seen: merge's restore stalled 30 s when the node of its
+    // group coordinator was killed) while the coordinator had moved within seconds.
+    let deadline = std::time::Instant::now() + ADMIN_TIMEOUT;
+    loop {
+        match consumer.committed_offsets(assignment.clone(), Duration::from_secs(2)) {
+            Err(KafkaError::MetadataFetch(
+                Code::OperationTimedOut
+                | Code::CoordinatorNotAvailable
+                | Code::NotCoordinator
+                | Code::CoordinatorLoadInProgress
+                | Code::BrokerTransportFailure,
+            )) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+            answer => return answer,
+        }
+    }
 }
 
 fn try_rewind<C: ConsumerContext + 'static>(consumer: &StreamConsumer<C>) -> Result<(), KafkaError> {

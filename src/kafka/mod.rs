@@ -216,19 +216,41 @@ impl LogEnds {
     /// the controller one after another: seen as `UnknownPartition` right after creation), and a leader
     /// may be moving: those answers are asked again until [`ADMIN_TIMEOUT`].
     pub fn of(&self, topic: &str, partition: i32) -> Result<(i64, i64), KafkaError> {
-        use rdkafka::types::RDKafkaErrorCode as Code;
-        let deadline = std::time::Instant::now() + ADMIN_TIMEOUT;
-        loop {
-            match self.0.fetch_watermarks(topic, partition, ADMIN_TIMEOUT) {
-                Err(KafkaError::MetadataFetch(
-                    Code::UnknownPartition
-                    | Code::UnknownTopicOrPartition
-                    | Code::UnknownTopic
-                    | Code::LeaderNotAvailable
-                    | Code::NotLeaderForPartition,
-                )) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
-                answer => return answer,
-            }
+        watermarks(&self.0, topic, partition)
+    }
+}
+
+/// How long one watermark query may wait for a partition's leader before it is asked again: a leader
+/// that died does not answer, and a query given the whole [`ADMIN_TIMEOUT`] waited for it that long
+/// (seen: merge's restore stalled 30 s after the node leading a changelog partition was killed) while
+/// the partition had a new leader within seconds.
+const WATERMARK_ATTEMPT: Duration = Duration::from_secs(2);
+
+/// `consumer`'s watermarks of `partition` of `topic` (for a read_committed consumer the high one is the
+/// last stable offset). A topic created a moment ago may not be known yet to the broker asked (on a
+/// cluster, brokers learn new topics from the controller one after another: seen as `UnknownPartition`
+/// right after creation), and a leader may be moving or gone: those answers, and a query that timed out,
+/// are asked again (librdkafka refreshes the leader meanwhile) until [`ADMIN_TIMEOUT`]. Blocking.
+pub fn watermarks<C: ConsumerContext, K: Consumer<C>>(
+    consumer: &K,
+    topic: &str,
+    partition: i32,
+) -> Result<(i64, i64), KafkaError> {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    let deadline = std::time::Instant::now() + ADMIN_TIMEOUT;
+    loop {
+        match consumer.fetch_watermarks(topic, partition, WATERMARK_ATTEMPT) {
+            Err(KafkaError::MetadataFetch(
+                Code::UnknownPartition
+                | Code::UnknownTopicOrPartition
+                | Code::UnknownTopic
+                | Code::LeaderNotAvailable
+                | Code::NotLeaderForPartition
+                | Code::OperationTimedOut
+                | Code::BrokerTransportFailure
+                | Code::AllBrokersDown,
+            )) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+            answer => return answer,
         }
     }
 }

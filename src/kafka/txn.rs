@@ -28,6 +28,8 @@ const TXN_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 const SEND_OFFSETS_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long past its timeout a call may take before it is deemed stuck (see [`TxnProducer::call`]).
 const STUCK_AFTER: Duration = Duration::from_secs(1);
+/// How long registering a transactional id at start is retried while the coordinator is not ready.
+const INIT_PATIENCE: Duration = Duration::from_secs(60);
 /// How often a commit that failed with a retriable error is retried before giving up on it.
 const COMMIT_RETRIES: usize = 3;
 
@@ -68,7 +70,20 @@ pub fn fence(config: &Config, id: &str) -> Result<(), KafkaError> {
 impl TxnProducer {
     /// Creates the producer and registers its transactional id (fencing any earlier incarnation).
     pub fn new(config: &Config, id: String, shutdown: Shutdown) -> Result<Self, KafkaError> {
-        let producer = create(config, &id)?;
+        // The transaction coordinator may be loading or moving (a cluster just started, a node just
+        // died): a retriable error is asked again, for up to a minute, instead of stopping the service.
+        let deadline = std::time::Instant::now() + INIT_PATIENCE;
+        let producer = loop {
+            match create(config, &id) {
+                Err(KafkaError::Transaction(e))
+                    if e.is_retriable() && std::time::Instant::now() < deadline && !shutdown.is_triggered() =>
+                {
+                    tracing::warn!(transactional_id = %id, error = %e, "cannot register the transactional id yet; retrying");
+                    block_in_place(|| std::thread::sleep(Duration::from_millis(500)));
+                }
+                result => break result?,
+            }
+        };
         telemetry::transactional_calls_watched();
         tracing::info!(transactional_id = %id, "transactional producer ready");
         Ok(TxnProducer { config: config.clone(), id, producer, stuck: false, shutdown })

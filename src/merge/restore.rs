@@ -68,7 +68,7 @@ pub async fn load(config: &Config, codec: &Codec, committed: &TopicPartitionList
     let mut by_time = TopicPartitionList::new();
     for (partition, committed_offset, mark) in routed {
         // Routed records not readable yet were never read by anyone: their requests have no state.
-        let (_, routed_high) = reader.fetch_watermarks(&config.topics.routed, partition, ADMIN_TIMEOUT)?;
+        let (_, routed_high) = kafka::watermarks(&reader, &config.topics.routed, partition)?;
         let (low, end) = changelog_ends[&partition];
         restored.routed_end.insert(partition, routed_high);
         restored.changelog_end.insert(partition, end);

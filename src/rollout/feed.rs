@@ -59,7 +59,7 @@ impl Feed {
         let mut assignment = TopicPartitionList::new();
         let (mut start, mut end_at_open) = (HashMap::new(), HashMap::new());
         for e in found.elements() {
-            let (low, high) = block_in_place(|| consumer.fetch_watermarks(&topic, e.partition(), ADMIN_TIMEOUT))
+            let (low, high) = block_in_place(|| kafka::watermarks(&consumer, &topic, e.partition()))
                 .during(format!("finding where {topic} ends"))?;
             let at = match (from, e.offset()) {
                 (Some(_), Offset::Offset(n)) => n.max(low),
@@ -123,7 +123,7 @@ impl Feed {
     pub fn read_through(&mut self, now: Millis) -> Millis {
         let mut through = now;
         for (partition, position) in self.positions() {
-            let end = block_in_place(|| self.consumer.fetch_watermarks(&self.topic, partition, ADMIN_TIMEOUT))
+            let end = block_in_place(|| kafka::watermarks(&self.consumer, &self.topic, partition))
                 .map_or(i64::MAX, |(_, high)| high);
             let newest = self.newest.get(&partition).copied().unwrap_or(0);
             through = through.min(if position < end { newest } else { newest.max(now - IDLE_MS) });
