@@ -628,16 +628,19 @@ class Scenario:
                     wrong_model += 1
                 if d["status"] == "OK" and d["output"] != self.answer_output(d["model"], rid, payload):
                     shadow_served += 1
-        # per-user order, on the decisions topic (one partition per user)
+        # per-user order, on the decisions topic (one partition per user), among the decisions of one
+        # serving model: a decision comes when its model answers, and two models answer at their own pace
+        # (a user moved between arms by a version change, while a backlog drains after a restart, may see
+        # a later request of the faster model decided first)
         sequence = {r: n for n, (r, _, _) in enumerate(self.sent)}
         per_user = defaultdict(list)
         timed_out_users = set()
         for p, o, ts, d in sorted(decisions, key=lambda x: (x[0], x[1])):
             if d["request_id"] in sequence:
-                per_user[d["user_id"]].append(sequence[d["request_id"]])
+                per_user[(d["user_id"], d["model"])].append(sequence[d["request_id"]])
                 if d["status"] == "TIMEOUT":
                     timed_out_users.add(d["user_id"])
-        order_violations = sum(1 for u, seq in per_user.items() if u not in timed_out_users and seq != sorted(seq))
+        order_violations = sum(1 for (u, _), seq in per_user.items() if u not in timed_out_users and seq != sorted(seq))
         result.update({
             "sent": len(self.sent), "decided": len(self.decided_ids), "missing": missing,
             "duplicates": duplicates, "unknown": unknown, "wrong_model": wrong_model, "shadow_served": shadow_served,

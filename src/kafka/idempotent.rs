@@ -17,8 +17,8 @@ use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, Producer};
 
 use super::batch::GroupWatch;
-use super::txn::TxnFailure;
-use super::{Gapless, OutRecord, Placed, find_culprit, gapless_producer, largest, refuses_record, send_each};
+use super::txn::{TxnFailure, outcomes};
+use super::{Gapless, OutRecord, Placed, find_culprit, gapless_producer, largest, send_each};
 use crate::config::Config;
 use crate::shutdown::Shutdown;
 
@@ -76,36 +76,27 @@ impl IdempotentProducer {
             () = given_up => return Err(TxnFailure { error: KafkaError::Canceled, refused: Vec::new() }),
         };
         let results = results.into_iter().map(|r| r.unwrap_or(Err(KafkaError::Canceled)));
-        let mut placed = Vec::with_capacity(records.len());
-        let (mut first_error, mut refused) = (None, Vec::new());
-        for (index, result) in results.enumerate() {
-            match result {
-                Ok(at) => placed.push(at),
-                Err(error) => {
-                    if refuses_record(&error) {
-                        refused.push((index, error.to_string()));
-                    }
-                    first_error.get_or_insert(error);
-                }
-            }
-        }
-        if let Some(error) = first_error {
-            if let Some((code, reason)) = self.producer.client().fatal_error() {
-                // A refused batch among acknowledged ones (the gapless guarantee) or a lost producer id.
-                tracing::warn!(?code, %reason, "the producer stopped; a new one writes the batch again");
-                self.replace().await;
-            }
-            if refused.len() > 1 {
-                // Records batched with a refused one are refused with it: find the one refused alone
-                // (the others it writes are copies, which their readers drop).
-                let culprit = find_culprit(&self.producer, records, &refused).await;
-                if culprit.is_some() && self.producer.client().fatal_error().is_some() {
+        let placed = match outcomes(results) {
+            Ok(placed) => placed,
+            Err(mut failure) => {
+                if let Some((code, reason)) = self.producer.client().fatal_error() {
+                    // A refused batch among acknowledged ones (the gapless guarantee) or a lost producer id.
+                    tracing::warn!(?code, %reason, "the producer stopped; a new one writes the batch again");
                     self.replace().await;
                 }
-                refused = vec![culprit.unwrap_or_else(|| largest(records, refused))];
+                if failure.refused.len() > 1 {
+                    // Records batched with a refused one are refused with it: find the one refused alone
+                    // (the others it writes are copies, which their readers drop).
+                    let suspects = std::mem::take(&mut failure.refused);
+                    let culprit = find_culprit(&self.producer, records, &suspects).await;
+                    if culprit.is_some() && self.producer.client().fatal_error().is_some() {
+                        self.replace().await;
+                    }
+                    failure.refused = vec![culprit.unwrap_or_else(|| largest(records, suspects))];
+                }
+                return Err(failure);
             }
-            return Err(TxnFailure { error, refused });
-        }
+        };
         if offsets.count() > 0 {
             consumer.commit(offsets, CommitMode::Async).map_err(|error| TxnFailure { error, refused: Vec::new() })?;
         }

@@ -42,6 +42,27 @@ pub struct TxnFailure {
     pub refused: Vec<(usize, String)>,
 }
 
+/// Where each record was placed, or the first error with every record refused for what it is
+/// ((index, reason): see [`super::refuses_record`]).
+pub fn outcomes(results: impl IntoIterator<Item = Result<Placed, KafkaError>>) -> Result<Vec<Placed>, TxnFailure> {
+    let (mut placed, mut first_error, mut refused) = (Vec::new(), None, Vec::new());
+    for (index, result) in results.into_iter().enumerate() {
+        match result {
+            Ok(at) => placed.push(at),
+            Err(error) => {
+                if refuses_record(&error) {
+                    refused.push((index, error.to_string()));
+                }
+                first_error.get_or_insert(error);
+            }
+        }
+    }
+    match first_error {
+        Some(error) => Err(TxnFailure { error, refused }),
+        None => Ok(placed),
+    }
+}
+
 /// A producer that commits batches transactionally, and recovers from failed transactions.
 pub struct TxnProducer {
     config: Config,
@@ -142,23 +163,7 @@ impl TxnProducer {
         self.call("begin_transaction", TXN_CALL_TIMEOUT, |p| p.begin_transaction()).await.map_err(failed)?;
         // Every record's outcome, not just the first error: one refused record fails the whole
         // transaction, and the caller needs to know all of them to redo the rest.
-        let mut placed = Vec::with_capacity(records.len());
-        let mut first_error = None;
-        let mut refused = Vec::new();
-        for (index, result) in send_each(&self.producer, records).await.into_iter().enumerate() {
-            match result {
-                Ok(at) => placed.push(at),
-                Err(error) => {
-                    if refuses_record(&error) {
-                        refused.push((index, error.to_string()));
-                    }
-                    first_error.get_or_insert(error);
-                }
-            }
-        }
-        if let Some(error) = first_error {
-            return Err(TxnFailure { error, refused });
-        }
+        let placed = outcomes(send_each(&self.producer, records).await)?;
         if offsets.count() > 0 {
             let offsets = offsets.clone();
             self.call("send_offsets_to_transaction", SEND_OFFSETS_TIMEOUT, move |p| {
