@@ -838,15 +838,15 @@ def route_replay(s, a):
     copies differ."""
     s.setup(instances=1)
     s.expected_model = lambda user, d: "?"
-    def kill_redeploy_restart(percent):
+    def kill_redeploy_restart(percent, after_s):
         def event():
-            # Frozen for 2 s (well within the session timeout), route wakes to a backlog of about 2,000
-            # requests: killed 0.15 s later, it is mid-batch, with records written whose offsets are
-            # not committed.
+            # Frozen for 3 s (well within the session timeout), route wakes to a backlog of about 3,000
+            # requests: killed a moment later (0.05, 0.1, 0.2 s: different points of its batches), it is
+            # mid-batch, with records written whose offsets are not committed.
             s.signal_instance(0, signal.SIGSTOP)
-            time.sleep(2)
+            time.sleep(3)
             s.signal_instance(0, signal.SIGCONT)
-            time.sleep(0.15)
+            time.sleep(after_s)
             s.signal_instance(0, signal.SIGKILL)
             s.cli("deploy", s.deployment, "--strategy", "canary", "--control", CONTROL, "--candidate", CANDIDATE,
                   "--canary-percent", str(percent), "--mirror", MIRROR, "--timeout-ms", "5000")
@@ -855,7 +855,8 @@ def route_replay(s, a):
         return event
     rate, duration = 1000, min(a.duration, 15)
     s.produce(int(rate * duration), rate, a.users, through=True,
-              events=[(duration * f, kill_redeploy_restart(p)) for f, p in zip((0.2, 0.4, 0.6), ROUTE_REPLAY_PERCENTS)])
+              events=[(duration * f, kill_redeploy_restart(p, after)) for f, p, after in
+                      zip((0.2, 0.4, 0.6), ROUTE_REPLAY_PERCENTS, (0.05, 0.1, 0.2))])
     s.expected_model = expect_by_version(s)
 
     def check(result):
