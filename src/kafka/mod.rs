@@ -255,6 +255,31 @@ pub fn watermarks<C: ConsumerContext, K: Consumer<C>>(
     }
 }
 
+/// The first offset `partition` of `topic` holds and its high watermark, as the last fetch response
+/// `consumer` got for it reported them: local, no request to the broker (librdkafka's
+/// `rd_kafka_get_watermark_offsets`, which rust-rdkafka does not wrap). None until a fetch answered.
+pub fn fetched_watermarks<C: ConsumerContext>(
+    consumer: &StreamConsumer<C>,
+    topic: &str,
+    partition: i32,
+) -> Option<(i64, i64)> {
+    let topic = std::ffi::CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the client pointer is valid while `consumer` lives; librdkafka reads the NUL-terminated
+    // topic name during the call only, writes the two offsets, and takes its own locks.
+    let error = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    (error == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && low >= 0 && high >= 0)
+        .then_some((low, high))
+}
+
 /// [`LogEnds`] of `partitions` of `topic`, asked once.
 pub fn log_ends(
     config: &Config,

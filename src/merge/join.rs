@@ -5,7 +5,8 @@
 //! - the serving model's first prediction becomes the one decision (OK, or MODEL_ERROR if it carries an
 //!   error) if it was written by the deadline (`routed_at + timeout_ms`, judged by the prediction
 //!   record's timestamp, so the outcome does not depend on how far behind merge is); a request with no
-//!   answer written by its deadline gets a TIMEOUT decision;
+//!   answer written by its deadline gets a TIMEOUT decision, once merge has read its model's
+//!   predictions past the deadline (see [`super::reads`]);
 //! - shadow predictions are compared with the served answer (once it exists) and never decided on;
 //! - anything else (a second answer, an answer after the decision, an answer from a model the request
 //!   was not routed to) is discarded and counted;
@@ -24,12 +25,14 @@ use crate::telemetry::Event;
 /// predictions, even if its deadline has already passed in wall-clock time.
 pub const REPLAY_GRACE_MS: Millis = 1_000;
 
-/// Longest a request waits past its deadline while its serving model's predictions topic is not (yet)
-/// assigned to this instance — a deployment's new topics take a metadata refresh to be subscribed.
-pub const MAX_DISCOVERY_MS: Millis = 30_000;
+/// Longest a request waits past its deadline for the answers it still lacks to be read: while a
+/// model's predictions topic is not (yet) assigned to this instance (a deployment's new topics take a
+/// metadata refresh to be subscribed), or merge reads its partition behind the deadline (catching up
+/// after a restart or rebalance).
+pub const MAX_WAIT_MS: Millis = 30_000;
 
-/// How often a request waiting for its predictions topic to be assigned is looked at again.
-const DISCOVERY_RECHECK_MS: Millis = 100;
+/// How often a request waiting for its answers to be read is looked at again.
+const RECHECK_MS: Millis = 100;
 
 #[derive(Debug, Clone)]
 pub struct JoinConfig {
@@ -159,6 +162,9 @@ pub struct Join {
     finished_order: VecDeque<(Millis, String)>,
     /// Progress restored from the changelog, waiting for the routed record to be read again.
     restored: HashMap<String, MergeState>,
+    /// When the last restore was: the requests it found open had to wait for it, so their wait for
+    /// unread answers is counted from it.
+    restored_at: Millis,
 }
 
 fn latency(prediction: &Prediction, routed: &Routed) -> i64 {
@@ -176,6 +182,7 @@ impl Join {
             finished: HashMap::new(),
             finished_order: VecDeque::new(),
             restored: HashMap::new(),
+            restored_at: Millis::MIN,
         }
     }
 
@@ -190,8 +197,9 @@ impl Join {
         self.orphans.values().map(Vec::len).sum()
     }
 
-    /// Loads changelog states (in changelog order: the last state of a request wins).
-    pub fn restore(&mut self, states: impl IntoIterator<Item = MergeState>) {
+    /// Loads changelog states (in changelog order: the last state of a request wins), at `now`.
+    pub fn restore(&mut self, states: impl IntoIterator<Item = MergeState>, now: Millis) {
+        self.restored_at = now;
         for state in states {
             self.restored.insert(state.request_id.clone(), state);
         }
@@ -348,18 +356,29 @@ impl Join {
 
     /// Decides every request whose deadline passed (TIMEOUT) and, if `routed_flowing`, drops orphans
     /// past their time (while the routed topic is paused, their routed records are merely not read yet).
-    /// `visible(model)` says whether that model's predictions can reach this instance at all; a request
-    /// whose serving model is not visible yet waits (up to [`MAX_DISCOVERY_MS`]) instead of timing out.
-    pub fn expire(&mut self, now: Millis, visible: impl Fn(&str) -> bool, routed_flowing: bool, fx: &mut Effects) {
+    /// `read_past(model, partition, t)` says whether merge has read every answer `model` wrote to
+    /// `partition` by `t` (false while its predictions topic is not assigned here). A request waits
+    /// while an answer it lacks may still be written in time but unread: up to [`MAX_WAIT_MS`] past
+    /// its deadline, or past the last restore if that was later.
+    pub fn expire(
+        &mut self,
+        now: Millis,
+        read_past: impl Fn(&str, i32, Millis) -> bool,
+        routed_flowing: bool,
+        fx: &mut Effects,
+    ) {
         while let Some((deadline, id)) = self.deadlines.first().cloned() {
             if deadline > now {
                 break;
             }
             self.deadlines.pop_first();
             let Some(entry) = self.entries.get_mut(&id) else { continue };
-            let discovery_limit = entry.routed.routed_at + entry.routed.timeout_ms + MAX_DISCOVERY_MS;
-            if entry.served.is_none() && !visible(&entry.routed.serving_model) && now < discovery_limit {
-                entry.deadline = now + DISCOVERY_RECHECK_MS;
+            let answers_due = entry.routed.routed_at + entry.routed.timeout_ms;
+            let unread = |model: &str| !read_past(model, entry.partition, answers_due);
+            let lacking = (entry.served.is_none() && unread(&entry.routed.serving_model))
+                || (entry.shadows.iter()).any(|s| !s.compared && s.answer.is_none() && unread(&s.model));
+            if lacking && now < answers_due.max(self.restored_at) + MAX_WAIT_MS {
+                entry.deadline = now + RECHECK_MS;
                 self.deadlines.insert((entry.deadline, id));
                 continue;
             }
@@ -575,7 +594,7 @@ mod tests {
         assert!(comparisons(&fx)[0].agreed);
         j.on_prediction(answer("a", "v1", "again", 1009), pos(3), 1009, 1010, &mut fx);
         j.on_routed(routed("a", &["v2"]), pos(4), 1011, &mut fx);
-        j.expire(5000, |_| true, true, &mut fx);
+        j.expire(5000, |_, _, _| true, true, &mut fx);
         assert_eq!(decisions(&fx).len(), 1, "one decision whatever arrives later");
         assert_eq!(fx.released.len(), 5);
     }
@@ -586,9 +605,9 @@ mod tests {
         let mut fx = Effects::default();
         j.on_routed(routed("a", &["v2"]), pos(0), 1000, &mut fx);
         j.on_prediction(answer("a", "v2", "s", 1100), pos(1), 1100, 1100, &mut fx);
-        j.expire(1499, |_| true, true, &mut fx);
+        j.expire(1499, |_, _, _| true, true, &mut fx);
         assert!(decisions(&fx).is_empty());
-        j.expire(1500, |_| true, true, &mut fx);
+        j.expire(1500, |_, _, _| true, true, &mut fx);
         let d = decisions(&fx);
         assert_eq!((d.len(), d[0].status, d[0].output.is_none()), (1, DecisionStatus::Timeout, true));
         assert!(d[0].error.as_deref().unwrap().contains("v1 did not answer within 500 ms"));
@@ -619,7 +638,7 @@ mod tests {
         let mut with_fallback = routed("a", &[]);
         with_fallback.fallback = Some(b"0.5".to_vec());
         j.on_routed(with_fallback.clone(), pos(0), 1000, &mut fx);
-        j.expire(1500, |_| true, true, &mut fx);
+        j.expire(1500, |_, _, _| true, true, &mut fx);
         let mut late = with_fallback;
         late.request_id = "b".into();
         j.on_routed(late, pos(1), 1000, &mut fx);
@@ -657,7 +676,7 @@ mod tests {
         assert_eq!(j.orphans(), 2);
         j.on_routed(routed("a", &[]), pos(0), 1001, &mut fx);
         assert_eq!(decisions(&fx).len(), 1);
-        j.expire(1000 + 10_001, |_| true, true, &mut fx);
+        j.expire(1000 + 10_001, |_, _, _| true, true, &mut fx);
         assert_eq!(j.orphans(), 0);
         assert_eq!(fx.released.len(), 3);
     }
@@ -667,7 +686,7 @@ mod tests {
         let mut j = join();
         let mut fx = Effects::default();
         j.on_prediction(answer("a", "v1", "x", 1000), pos(1), 1000, 1000, &mut fx);
-        j.expire(1000 + 20_000, |_| true, false, &mut fx);
+        j.expire(1000 + 20_000, |_, _, _| true, false, &mut fx);
         assert_eq!(j.orphans(), 1, "kept past its TTL while routed records are not being read");
         j.on_routed(routed("a", &[]), pos(0), 21_000, &mut fx);
         assert_eq!(decisions(&fx)[0].status, DecisionStatus::Ok);
@@ -684,17 +703,32 @@ mod tests {
     }
 
     #[test]
-    fn waits_for_an_unassigned_predictions_topic_but_not_forever() {
+    fn waits_while_answers_written_in_time_may_be_unread_but_not_forever() {
         let mut j = join();
         let mut fx = Effects::default();
-        j.on_routed(routed("a", &[]), pos(0), 1000, &mut fx);
-        j.expire(1600, |model| model != "v1", true, &mut fx);
-        assert!(decisions(&fx).is_empty(), "v1's topic is not assigned yet: no timeout");
+        j.on_routed(routed("a", &["v2"]), pos(0), 1000, &mut fx);
+        j.expire(1600, |model, _, _| model != "v1", true, &mut fx);
+        assert!(decisions(&fx).is_empty(), "v1's partition is not read past the deadline (1500): no timeout");
         j.on_prediction(answer("a", "v1", "x", 1450), pos(1), 1450, 1800, &mut fx);
         assert_eq!(decisions(&fx)[0].status, DecisionStatus::Ok);
+        j.expire(1900, |model, _, _| model != "v2", true, &mut fx);
+        assert_eq!(j.pending(), 1, "the shadow's answer may still be unread");
+        j.expire(2000, |_, partition, t| partition == 0 && t == 1500, true, &mut fx);
+        assert_eq!(j.pending(), 0, "read past the deadline on the request's partition: the shadow is missing");
         j.on_routed(routed("b", &[]), pos(2), 1000, &mut fx);
-        j.expire(1000 + 500 + MAX_DISCOVERY_MS, |model| model != "v1", true, &mut fx);
-        assert_eq!(decisions(&fx)[1].status, DecisionStatus::Timeout);
+        j.expire(1000 + 500 + MAX_WAIT_MS - 1, |_, _, _| false, true, &mut fx);
+        assert_eq!(decisions(&fx).len(), 1);
+        j.expire(1000 + 500 + MAX_WAIT_MS + RECHECK_MS, |_, _, _| false, true, &mut fx);
+        assert_eq!(decisions(&fx)[1].status, DecisionStatus::Timeout, "not forever");
+        // After a restore, counted from it: the requests it found open waited for it.
+        let mut j = join();
+        let mut fx = Effects::default();
+        j.restore([], 20_000);
+        j.on_routed(routed("c", &[]), pos(3), 20_000, &mut fx);
+        j.expire(20_000 + MAX_WAIT_MS - 1, |_, _, _| false, true, &mut fx);
+        assert!(decisions(&fx).is_empty());
+        j.expire(20_000 + MAX_WAIT_MS + RECHECK_MS, |_, _, _| false, true, &mut fx);
+        assert_eq!(decisions(&fx)[0].status, DecisionStatus::Timeout);
     }
 
     fn states(fx: &Effects) -> Vec<MergeState> {
@@ -724,7 +758,7 @@ mod tests {
 
         // Second life: the same inputs are read again from the committed offsets.
         let mut second = join();
-        second.restore(changelog);
+        second.restore(changelog, 2000);
         let mut fx = Effects::default();
         second.on_prediction(answer("a", "v1", "x", 1010), pos(2), 1010, 2000, &mut fx);
         assert_eq!(second.orphans(), 0, "an answer to a finished request is not kept waiting");
@@ -751,7 +785,7 @@ mod tests {
         let s = states(&fx);
         assert_eq!((s.len(), s[1].finished, s[1].compared.clone()), (2, true, vec!["v2".to_string()]));
         j.on_routed(routed("t", &[]), pos(3), 1000, &mut fx);
-        j.expire(1500, |_| true, true, &mut fx);
+        j.expire(1500, |_, _, _| true, true, &mut fx);
         assert!(states(&fx).last().unwrap().finished, "a timeout is recorded too");
     }
 
@@ -779,7 +813,7 @@ mod tests {
         }
         // Restoring the coalesced changelog gives the same state as the full one.
         let mut restored = join();
-        restored.restore(s);
+        restored.restore(s, 2000);
         let mut again = Effects::default();
         restored.on_routed(routed("a", &["v2"]), pos(0), 2000, &mut again);
         restored.on_prediction(answer("a", "v2", "x", 1010), pos(4), 1010, 2001, &mut again);
@@ -792,7 +826,7 @@ mod tests {
         let mut fx = Effects::default();
         // Routed long ago (merge restarted); its answer is further down the predictions topic.
         j.on_routed(routed("a", &[]), pos(0), 60_000, &mut fx);
-        j.expire(60_400, |_| true, true, &mut fx);
+        j.expire(60_400, |_, _, _| true, true, &mut fx);
         assert!(decisions(&fx).is_empty());
         j.on_prediction(answer("a", "v1", "x", 1100), pos(1), 1100, 60_400, &mut fx);
         assert_eq!(decisions(&fx)[0].status, DecisionStatus::Ok);

@@ -10,6 +10,7 @@
 mod firsts;
 pub(crate) mod join;
 mod progress;
+mod reads;
 pub mod restore;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -31,6 +32,7 @@ use crate::telemetry::{self, Event};
 use firsts::Firsts;
 use join::{Effects, Join, JoinConfig, Output};
 use progress::Progress;
+use reads::Reads;
 use restore::Restored;
 
 /// How often deadlines are checked when no record arrives.
@@ -155,6 +157,8 @@ struct State {
     firsts: Firsts,
     /// Topics of the assignment the state was built for (it changes only with the generation).
     assigned: HashSet<String>,
+    /// How far each predictions partition has been read, in write time.
+    reads: Reads,
 }
 
 impl State {
@@ -170,6 +174,7 @@ impl State {
             marks: ChangelogMarks::default(),
             firsts: Firsts::default(),
             assigned: HashSet::new(),
+            reads: Reads::default(),
         }
     }
 }
@@ -263,11 +268,17 @@ impl Stage for Merge {
         self.state = State::new(config);
         let committed = kafka::batch::committed(consumer)?;
         self.state.assigned = committed.elements().iter().map(|e| e.topic().to_string()).collect();
+        for element in committed.elements() {
+            if model_of_topic(&config.topics.model_predictions, element.topic()).is_some() {
+                let start = if let rdkafka::Offset::Offset(offset) = element.offset() { offset } else { 0 };
+                self.state.reads.starts(element.topic(), element.partition(), start);
+            }
+        }
         self.topology.check_predictions_topics(consumer, &self.state.assigned, config);
         let restored = restore::load(config, &self.codec, &committed).await?;
         self.state.marks = ChangelogMarks::new(&restored);
         self.state.firsts = Firsts::restored(restored.firsts);
-        self.state.join.restore(restored.states);
+        self.state.join.restore(restored.states, clock::now_millis());
         Ok(())
     }
 
@@ -315,6 +326,9 @@ impl Stage for Merge {
         let Some(topic_model) = topic_model else {
             return reject(Kind::Invalid, format!("topic {} matches no configured input", message.topic()));
         };
+        if let (false, Some(written_at)) = (forwarded, message.timestamp().to_millis()) {
+            state.reads.read(&source, written_at);
+        }
         if value.len() > config.service.max_prediction_bytes {
             let reason = format!(
                 "prediction of {} bytes exceeds service.max_prediction_bytes = {}; its request is decided at its deadline",
@@ -369,8 +383,12 @@ impl Stage for Merge {
         let (config, state) = (&self.config, &mut self.state);
         let mut fx = std::mem::take(&mut self.fx);
         if consumer.context().settled(now, join::REPLAY_GRACE_MS) {
-            let visible = |model: &str| state.assigned.contains(&config.topics.model_predictions(model));
-            state.join.expire(now, visible, !self.flow.routed_paused, &mut fx);
+            let reads = &state.reads;
+            let read_past = |model: &str, partition: i32, t: i64| {
+                let topic = config.topics.model_predictions(model);
+                reads.past(&topic, partition, t, || kafka::fetched_watermarks(consumer, &topic, partition))
+            };
+            state.join.expire(now, read_past, !self.flow.routed_paused, &mut fx);
         }
         for pos in &fx.released {
             state.progress.release(pos);

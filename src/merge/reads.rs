@@ -1,0 +1,72 @@
+//! How far merge has read each predictions partition, in the time the answers were written. An answer
+//! counts if it was *written* by its request's deadline, so a request may time out only once merge has
+//! read its serving model's partition past that deadline, or to its end: after a restart merge reads
+//! its routed and predictions partitions at different paces, and judging by the wall clock alone timed
+//! out requests whose answers had been written in time but not read yet.
+
+use std::collections::HashMap;
+
+use crate::codec::Millis;
+use crate::kafka::SourcePos;
+
+#[derive(Debug, Default)]
+pub struct Reads {
+    partitions: HashMap<(String, i32), Read>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Read {
+    /// Next offset merge will read.
+    next: i64,
+    /// Latest write time of a record read (answers are written in about that order).
+    written: Millis,
+}
+
+impl Reads {
+    /// Where reading `partition` of `topic` starts (its committed offset) after an assignment.
+    pub fn starts(&mut self, topic: &str, partition: i32, offset: i64) {
+        self.partitions.insert((topic.to_string(), partition), Read { next: offset, written: Millis::MIN });
+    }
+
+    /// A record written at `written_at` was read.
+    pub fn read(&mut self, pos: &SourcePos, written_at: Millis) {
+        let read = (self.partitions.entry((pos.topic.clone(), pos.partition)))
+            .or_insert(Read { next: pos.offset, written: Millis::MIN });
+        read.next = read.next.max(pos.offset + 1);
+        read.written = read.written.max(written_at);
+    }
+
+    /// Whether every record written to `partition` of `topic` by `t` has been read: one written later
+    /// has been, or merge has read up to `end` (where the partition ended as last seen, with the
+    /// first offset it still holds), or up to where it ends. False for a partition not assigned.
+    pub fn past(&self, topic: &str, partition: i32, t: Millis, end: impl FnOnce() -> Option<(i64, i64)>) -> bool {
+        let Some(read) = self.partitions.get(&(topic.to_string(), partition)) else { return false };
+        read.written > t || end().is_some_and(|(low, high)| read.next.max(low) >= high)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pos(offset: i64) -> SourcePos {
+        SourcePos { topic: "p".into(), partition: 0, offset }
+    }
+
+    #[test]
+    fn past_a_time_once_a_later_record_or_the_end_is_read() {
+        let mut reads = Reads::default();
+        assert!(!reads.past("p", 0, 1000, || Some((0, 0))), "not assigned");
+        reads.starts("p", 0, 10);
+        assert!(!reads.past("p", 0, 1000, || Some((0, 12))), "two records still to read");
+        assert!(!reads.past("p", 0, 1000, || None), "end unknown");
+        assert!(reads.past("p", 0, 1000, || Some((0, 10))), "at its end");
+        assert!(reads.past("p", 0, 1000, || Some((12, 12))), "the rest was deleted");
+        reads.read(&pos(10), 900);
+        assert!(!reads.past("p", 0, 1000, || Some((0, 12))));
+        reads.read(&pos(11), 1001);
+        assert!(reads.past("p", 0, 1000, || None), "read a record written after it");
+        assert!(!reads.past("p", 0, 1001, || Some((0, 13))));
+        assert!(!reads.past("p", 1, 0, || Some((0, 0))), "another partition");
+    }
+}
