@@ -27,7 +27,7 @@ use switchyard::config::Config;
 use switchyard::kafka::{self, OutRecord, SourcePos};
 use switchyard::quality::changelog;
 use switchyard::quality::join::{Effect, Join, JoinConfig};
-use switchyard::quality::store::{DiskConfig, DiskStates};
+use switchyard::quality::store::{DiskConfig, DiskStates, States};
 use switchyard::record::quality::QualitySpec;
 
 // As in the switchyard binary.
@@ -229,39 +229,61 @@ fn restarts(dir: &Path, n: u64) {
 }
 
 /// Labels 1,000,000 random open decisions of the `n` in the store (each once: a stride through 0..n
-/// coprime with it, from its `from`-th step), committing every 5,000, and prints the rate.
+/// coprime with it, from its `from`-th step), committing every 5,000, and prints the rate: batches taking
+/// turns between reading each state when its label meets it and reading the batch's states ahead in
+/// parallel first (`States::prefetch`, as the score stage does), so both rates come from the same store
+/// at the same time.
 fn labels(join: &mut Join<DiskStates>, n: u64, from: u64) {
     let labels = 1_000_000.min(n);
     let stride = (0..).map(|k| 1_000_003 + 2 * k).find(|s| gcd(*s, n) == 1).unwrap();
     let spec = QualitySpec::default();
     let source = SourcePos { topic: "outcomes".into(), partition: 0, offset: 0 };
     let mut fx = Vec::new();
-    let started = Instant::now();
     let mut scored = 0;
-    for k in from..from + labels {
-        let i = (k * stride) % n;
-        let outcome = Outcome {
-            request_id: request_id(i),
-            user_id: String::new(),
-            label: f64::from(u8::from(i.is_multiple_of(3))),
-            observed_at: 1_800_000_000_000,
-            source: "bench".into(),
-        };
-        join.on_outcome(outcome, SourcePos { partition: partition(i), ..source.clone() }, |_| spec.clone(), 0, &mut fx);
-        scored += fx.iter().filter(|e| matches!(e, Effect::Scored(_))).count();
-        fx.clear();
-        if (k + 1) % BATCH as u64 == 0 {
-            join.states().commit(&[], 0).unwrap();
+    // [one by one, read ahead]: labels, seconds
+    let mut took = [(0u64, 0f64); 2];
+    let outcome = |i: u64| Outcome {
+        request_id: request_id(i),
+        user_id: String::new(),
+        label: f64::from(u8::from(i.is_multiple_of(3))),
+        observed_at: 1_800_000_000_000,
+        source: "bench".into(),
+    };
+    for (b, batch) in (from..from + labels).collect::<Vec<_>>().chunks(BATCH).enumerate() {
+        let started = Instant::now();
+        let ahead = b % 2 == 1;
+        if ahead {
+            join.states()
+                .prefetch(batch.iter().map(|k| (k * stride) % n).map(|i| (partition(i), request_id(i))).collect());
         }
+        for k in batch {
+            let i = (k * stride) % n;
+            join.on_outcome(
+                outcome(i),
+                SourcePos { partition: partition(i), ..source.clone() },
+                |_| spec.clone(),
+                0,
+                &mut fx,
+            );
+            scored += fx.iter().filter(|e| matches!(e, Effect::Scored(_))).count();
+            fx.clear();
+        }
+        join.states().commit(&[], 0).unwrap();
+        let t = &mut took[usize::from(ahead)];
+        t.0 += batch.len() as u64;
+        t.1 += started.elapsed().as_secs_f64();
     }
-    join.states().commit(&[], 0).unwrap();
-    let secs = started.elapsed().as_secs_f64();
     assert_eq!(scored as u64, labels, "every label met its decision");
+    let rate = |(count, secs): (u64, f64)| count as f64 / secs;
     println!(
-        "labels joined with {} held: {labels} in {secs:.1} s = {:.0}/s (random decisions; RSS {:.0} MiB)",
+        "labels joined with {} held: {labels} (random decisions; RSS {:.0} MiB): {:.0}/s read one by one, {:.0}/s with \
+         each batch's states read ahead on {} threads; ratio read-ahead/one-by-one = {:.2}",
         join.open(),
-        labels as f64 / secs,
-        rss_mib()
+        rss_mib(),
+        rate(took[0]),
+        rate(took[1]),
+        std::thread::available_parallelism().map_or(1, usize::from),
+        rate(took[1]) / rate(took[0]),
     );
 }
 

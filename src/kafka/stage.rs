@@ -78,8 +78,9 @@ pub trait Stage {
     /// tried again a second later.
     fn restore(&mut self, consumer: &StreamConsumer<GroupWatch>) -> impl Future<Output = Result<()>> + Send;
 
-    /// Before each batch's inputs are fed (also before an empty one), with the time it is fed at.
-    fn begin(&mut self, _now: i64) {}
+    /// Before each batch's inputs are fed (also before an empty one), with the time it is fed at and
+    /// the batch (a stage may read ahead what its records will need).
+    fn begin(&mut self, _now: i64, _batch: &[OwnedMessage]) {}
 
     /// One input record, at `index` of its batch. Records made from it carry `origin: Some(index)`
     /// ([`Outbox::push_from`]): the driver then dead-letters this input if the broker refuses them.
@@ -346,7 +347,7 @@ impl TxnStage {
                 continue; // part of the batch may belong to partitions lost since: restored above
             }
             let mut out = Outbox::default();
-            stage.begin(now_millis());
+            stage.begin(now_millis(), &batch);
             feed_batch(stage, &batch, &self.refused, letter, &dead_letter_topic, &mut out);
             stage.tick(now_millis(), &self.consumer, &mut out);
             let offsets = stage.offsets(&batch);

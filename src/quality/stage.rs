@@ -16,7 +16,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::changelog;
 use super::join::{Effect, Join, JoinConfig, Rejected};
-use super::store::{DiskConfig, DiskStates};
+use super::store::{DiskConfig, DiskStates, States};
 use crate::clock;
 use crate::codec::{Codec, Decision, Outcome, ShadowComparison};
 use crate::config::Config;
@@ -243,9 +243,15 @@ impl Stage for Score {
         Ok(())
     }
 
-    fn begin(&mut self, now: i64) {
+    /// Reads the states the batch's labels will meet ahead, in parallel ([`States::prefetch`]).
+    fn begin(&mut self, now: i64, batch: &[OwnedMessage]) {
         self.specs = specs(&self.registry);
         self.now = now;
+        let outcomes = &self.config.topics.outcomes;
+        let keys = (batch.iter().filter(|m| m.topic() == *outcomes))
+            .filter_map(|m| Some((m.partition(), self.codec.decode::<Outcome>(m.payload()?).ok()?.request_id)))
+            .collect();
+        self.join.states().prefetch(keys);
     }
 
     /// Every record made from an input names it (changelog states, scored records, dead letters): one

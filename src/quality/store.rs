@@ -43,6 +43,9 @@ pub trait States {
     fn set(&mut self, partition: i32, id: &str, state: Option<Stored>);
     /// Up to `limit` states due at or before `now`, earliest first.
     fn due(&mut self, now: Millis, limit: usize) -> Vec<(i32, String, Stored)>;
+    /// Reads ahead the states of `keys` (partition, request id) that a batch is about to get, in
+    /// parallel where the storage gains by it. Nothing else changes.
+    fn prefetch(&mut self, _keys: Vec<(i32, String)>) {}
     /// States held.
     fn len(&self) -> u64;
     fn is_empty(&self) -> bool {
@@ -172,6 +175,9 @@ fn unpacked_id(packed: &[u8]) -> String {
         None => String::new(),
     }
 }
+
+/// Keys per reading thread below which [`States::prefetch`] is not worth its threads.
+const PREFETCH_MIN: usize = 64;
 
 const ID_TEXT: u8 = 0;
 const ID_UUID: u8 = 1;
@@ -436,6 +442,31 @@ impl States for DiskStates {
         state
     }
 
+    /// Point reads of an LSM tree spend their time finding and decompressing a block and decoding the
+    /// state (perf: 61% and 13% of a label's join with 100 M open), independent for each key: a batch's
+    /// are split among the cores.
+    fn prefetch(&mut self, mut keys: Vec<(i32, String)>) {
+        keys.retain(|key| !self.pending.contains_key(key));
+        keys.sort_unstable();
+        keys.dedup();
+        let threads = std::thread::available_parallelism().map_or(1, usize::from);
+        if keys.len() < PREFETCH_MIN * 2 || threads < 2 {
+            return;
+        }
+        let chunk = keys.len().div_ceil(threads);
+        let this = &*self;
+        let read: Vec<Vec<Option<Stored>>> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (keys.chunks(chunk))
+                .map(|part| scope.spawn(move || part.iter().map(|(p, id)| this.read(*p, id)).collect::<Vec<_>>()))
+                .collect();
+            workers.into_iter().map(|w| w.join().expect("a store read panicked")).collect()
+        });
+        for (key, state) in keys.into_iter().zip(read.into_iter().flatten()) {
+            let on_disk = state.as_ref().map(|s| s.due);
+            self.pending.insert(key, Pending { on_disk, state, changed: false });
+        }
+    }
+
     fn set(&mut self, partition: i32, id: &str, state: Option<Stored>) {
         let key = (partition, id.to_string());
         let held_before = match self.pending.get(&key) {
@@ -610,6 +641,40 @@ mod tests {
         assert_eq!((disk.len(), disk.checkpoint(1).unwrap()), (0, None));
         disk.assign(&[0, 1]);
         assert_eq!(disk.len(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Reading a batch's states ahead changes nothing the batch sees: committed states, states the batch
+    /// changed already, states that do not exist, and a batch that fails.
+    #[test]
+    fn states_read_ahead_are_the_states_the_batch_would_have_read() {
+        let dir = temp_dir("prefetch");
+        let mut disk = DiskStates::open(&config(&dir), std::time::Duration::ZERO).unwrap();
+        disk.assign(&[0, 1]);
+        let ids: Vec<String> = (0..1_000).map(|i| format!("r{i}")).collect();
+        for (i, id) in ids.iter().enumerate() {
+            disk.set((i % 2) as i32, id, Some(open(i as Millis, id)));
+        }
+        disk.commit(&[(0, 1)], 1).unwrap();
+        disk.set(0, "r0", None);
+        disk.set(1, "r1", Some(open(7, "moved")));
+        let mut keys: Vec<(i32, String)> = ids.iter().enumerate().map(|(i, id)| ((i % 2) as i32, id.clone())).collect();
+        keys.extend([(0, "absent".to_string()), (1, "r0".to_string()), (0, "r2".to_string())]);
+        disk.prefetch(keys);
+        assert_eq!(disk.get(0, "r0"), None, "forgotten by the batch before");
+        assert_eq!(disk.get(1, "r1"), Some(open(7, "moved")), "changed by the batch before");
+        assert_eq!(disk.get(0, "r2"), Some(open(2, "r2")));
+        assert_eq!(disk.get(1, "r999"), Some(open(999, "r999")));
+        assert_eq!((disk.get(0, "absent"), disk.get(1, "r0")), (None, None));
+        assert_eq!(disk.len(), 999);
+        disk.discard();
+        assert_eq!(disk.len(), 1_000);
+        assert_eq!(disk.get(0, "r0"), Some(open(0, "r0")), "the failed batch's changes are gone");
+        disk.prefetch(ids.iter().enumerate().map(|(i, id)| ((i % 2) as i32, id.clone())).collect());
+        disk.set(0, "r4", None);
+        disk.commit(&[], 2).unwrap();
+        assert_eq!(disk.len(), 999);
+        assert_eq!(disk.get(0, "r4"), None, "a state read ahead and then forgotten is removed from the disk");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
