@@ -242,6 +242,8 @@ fn labels(join: &mut Join<DiskStates>, n: u64, from: u64) {
     let mut scored = 0;
     // [one by one, read ahead]: labels, seconds
     let mut took = [(0u64, 0f64); 2];
+    // Of the batches read ahead: seconds reading ahead, joining, committing.
+    let mut parts = [0f64; 3];
     let outcome = |i: u64| Outcome {
         request_id: request_id(i),
         user_id: String::new(),
@@ -255,7 +257,9 @@ fn labels(join: &mut Join<DiskStates>, n: u64, from: u64) {
         if ahead {
             join.states()
                 .prefetch(batch.iter().map(|k| (k * stride) % n).map(|i| (partition(i), request_id(i))).collect());
+            parts[0] += started.elapsed().as_secs_f64();
         }
+        let joining = Instant::now();
         for k in batch {
             let i = (k * stride) % n;
             join.on_outcome(
@@ -268,7 +272,12 @@ fn labels(join: &mut Join<DiskStates>, n: u64, from: u64) {
             scored += fx.iter().filter(|e| matches!(e, Effect::Scored(_))).count();
             fx.clear();
         }
+        let committing = Instant::now();
         join.states().commit(&[], 0).unwrap();
+        if ahead {
+            parts[1] += (committing - joining).as_secs_f64();
+            parts[2] += committing.elapsed().as_secs_f64();
+        }
         let t = &mut took[usize::from(ahead)];
         t.0 += batch.len() as u64;
         t.1 += started.elapsed().as_secs_f64();
@@ -284,6 +293,13 @@ fn labels(join: &mut Join<DiskStates>, n: u64, from: u64) {
         rate(took[1]),
         std::thread::available_parallelism().map_or(1, usize::from),
         rate(took[1]) / rate(took[0]),
+    );
+    let per_label = |secs: f64| secs * 1e6 / took[1].0 as f64;
+    println!(
+        "  per label read ahead: {:.1} µs reading ahead, {:.1} µs joining, {:.1} µs committing",
+        per_label(parts[0]),
+        per_label(parts[1]),
+        per_label(parts[2])
     );
 }
 

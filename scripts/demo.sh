@@ -107,7 +107,7 @@ run_plan() { # title, until, deployment (default fraud)
   local load=$! start=$SECONDS
   until $bin status "$name" 2>/dev/null | grep -q "$2"; do
     sleep 2; local waited=$((SECONDS - start))
-    echo "-- after ${waited} s:"; $bin status "$name" | grep -E 'plan:|probation:|last change|labels mature|observed split|^    (error_rate|timeout_rate|latency|sample_ratio|coverage|quality|paired_quality|new − old)' || true
+    echo "-- after ${waited} s:"; $bin status "$name" | grep -E 'plan:|probation:|last change|labels mature|observed split|^    (error_rate|timeout_rate|latency|sample_ratio|coverage|quality|paired_quality|disagreement|new − old)' || true
     if [ "$waited" -ge 120 ]; then
       echo "the plan did not finish in 120 s (waited for \"$2\"); its history:"; $bin history "$name" || true
       kill "$load"; exit 1

@@ -19,15 +19,24 @@ use switchyard::record::plan::PlanState;
 use switchyard::record::{Deployment, DeploymentSpec, Strategy};
 use switchyard::rollout::history::{Entry, Verdict};
 
-/// A canary deployment of `candidate` next to `control` with a plan over `steps` (canary percents).
-async fn deploy_plan(env: &Env, name: &str, control: &str, candidate: &str, steps: &[f64], bake_ms: u64, max_ms: u64) {
+/// A canary deployment of `candidate` next to `control` (`models`) with a plan over `steps` (canary
+/// percents); `extra` is added to the plan's fields (e.g. `,"guards":[...]`).
+async fn deploy_plan(
+    env: &Env,
+    name: &str,
+    (control, candidate): (&str, &str),
+    steps: &[f64],
+    bake_ms: u64,
+    max_ms: u64,
+    extra: &str,
+) {
     let steps: Vec<String> = steps
         .iter()
         .map(|p| format!(r#"{{"canary_percent":{p},"bake_ms":{bake_ms},"min_sample":20,"max_ms":{max_ms}}}"#))
         .collect();
     let json = format!(
         r#"{{"version":1,"strategy":"canary","control":"{control}","candidate":"{candidate}","canary_percent":{},
-            "timeout_ms":2000,"plan":{{"steps":[{}],"step_started_at":{}}},
+            "timeout_ms":2000,"plan":{{"steps":[{}],"step_started_at":{}{extra}}},
             "change":{{"actor":"operator:test","reason":"start {name}"}}}}"#,
         steps_first(&steps),
         steps.join(","),
@@ -131,10 +140,11 @@ async fn settled_history(env: &Env, name: &str) -> Vec<Entry> {
     }
 }
 
-/// Plans of four deployments side by side under one service: a healthy candidate walks its plan and is
-/// promoted; one failing 20% of requests is rolled back by the error guard; a slow one by the latency
-/// guard; one without traffic pauses at its step's maximum instead of advancing. `history` and
-/// `status` say why.
+/// Plans of five deployments side by side under one service: a healthy candidate walks its plan and is
+/// promoted (its answers agree with control's: its disagreement guard stays quiet); one failing 20% of
+/// requests is rolled back by the error guard; a slow one by the latency guard; one answering otherwise
+/// than control on 30% of requests by the disagreement guard (bound 10%), before any label; one without
+/// traffic pauses at its step's maximum instead of advancing. `history` and `status` say why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plans_promote_a_healthy_candidate_and_guards_roll_back_failing_and_slow_ones() {
     let Some(mut env) = Env::new("plans").await else { return };
@@ -143,11 +153,19 @@ async fn plans_promote_a_healthy_candidate_and_guards_roll_back_failing_and_slow
     env.start_model("good", 2, 0.0, 0.0);
     env.start_model("failing", 2, 0.2, 0.0);
     env.start_model("slow", 600, 0.0, 0.0);
-    deploy_plan(&env, "healthy", "v1", "good", &[5.0, 20.0, 50.0], 3000, 90_000).await;
-    deploy_plan(&env, "broken", "v1", "failing", &[5.0, 20.0, 50.0], 3000, 90_000).await;
-    deploy_plan(&env, "sluggish", "v1", "slow", &[10.0, 50.0], 3000, 90_000).await;
-    deploy_plan(&env, "idle", "v1", "good", &[5.0, 50.0], 1000, 8000).await;
+    env.start_model("contrary", 2, 0.0, 30.0);
+    // Judged by the disagreement guard, the healthy candidate's answers are compared with control's on
+    // every request (copies both ways); the contrary deployment gets a third of the others' traffic so
+    // that v1, which serves every control arm, keeps up on two cores.
+    let all_and_pairs = r#","guards":["error_rate","timeout_rate","latency","sample_ratio","disagreement"]"#;
+    deploy_plan(&env, "healthy", ("v1", "good"), &[5.0, 20.0, 50.0], 3000, 90_000, all_and_pairs).await;
+    deploy_plan(&env, "broken", ("v1", "failing"), &[5.0, 20.0, 50.0], 3000, 90_000, "").await;
+    deploy_plan(&env, "sluggish", ("v1", "slow"), &[10.0, 50.0], 3000, 90_000, "").await;
+    let pairs = r#","guards":["error_rate","disagreement"],"disagreement_guard":{"max_rate":0.1}"#;
+    deploy_plan(&env, "contrary", ("v1", "contrary"), &[10.0, 50.0], 3000, 90_000, pairs).await;
+    deploy_plan(&env, "idle", ("v1", "good"), &[5.0, 50.0], 1000, 8000, "").await;
     let stop = traffic(&env, &["healthy", "broken", "sluggish"], 150, 3000);
+    let stop_contrary = traffic(&env, &["contrary"], 50, 1000);
 
     let limit = Duration::from_secs(120);
     let promoted = wait_for(&env, "healthy", limit, |d| d.strategy() == Strategy::Single).await;
@@ -159,6 +177,8 @@ async fn plans_promote_a_healthy_candidate_and_guards_roll_back_failing_and_slow
     );
     let sluggish = wait_for(&env, "sluggish", limit, |d| d.spec.plan.is_none()).await;
     assert_eq!(sluggish.spec.change.as_ref().unwrap().actor, "guard:latency", "{:?}", sluggish.spec.change);
+    let contrary = wait_for(&env, "contrary", limit, |d| d.spec.plan.is_none()).await;
+    assert_eq!(contrary.spec.change.as_ref().unwrap().actor, "guard:disagreement", "{:?}", contrary.spec.change);
     let idle =
         wait_for(&env, "idle", limit, |d| d.spec.plan.as_ref().is_some_and(|p| p.state != PlanState::Running)).await;
     let plan = idle.spec.plan.as_ref().unwrap();
@@ -169,8 +189,9 @@ async fn plans_promote_a_healthy_candidate_and_guards_roll_back_failing_and_slow
     );
     assert!(idle.spec.change.as_ref().unwrap().reason.contains("no evidence"));
     stop.send(true).unwrap();
+    stop_contrary.send(true).unwrap();
     // Ended plans read step 0 ("none running"); a paused one keeps its step.
-    for name in ["healthy", "broken", "sluggish"] {
+    for name in ["healthy", "broken", "sluggish", "contrary"] {
         assert_eq!(common::counter("switchyard_rollout_step", &[&format!("deployment=\"{name}\"")]), 0.0, "{name}");
     }
     assert_eq!(common::counter("switchyard_rollout_step", &["deployment=\"idle\""]), 1.0);
@@ -246,7 +267,7 @@ async fn a_controller_killed_mid_plan_hands_over_and_writes_each_step_once() {
     env.start_model("v1", 2, 0.0, 0.0);
     env.start_model("v2", 2, 0.0, 0.0);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    deploy_plan(&env, "fraud", "v1", "v2", &[5.0, 10.0, 20.0, 40.0], 4000, 120_000).await;
+    deploy_plan(&env, "fraud", ("v1", "v2"), &[5.0, 10.0, 20.0, 40.0], 4000, 120_000, "").await;
     let stop = traffic(&env, &["fraud"], 200, 4000);
 
     // Once the plan is past its first step, kill the leader.

@@ -6,6 +6,7 @@ pub mod hash;
 
 use std::collections::HashMap;
 
+use crate::record::plan::GuardKind;
 use crate::record::{Deployment, Rule, Side, Strategy};
 
 /// Where one request goes.
@@ -46,6 +47,8 @@ impl Route<'_> {
 ///   under canary and blue/green, unless an override pins the user.
 /// - mirror models get a copy under every strategy, sampled like shadow.
 /// - blue/green on probation: the side switched away from gets a copy, sampled like shadow.
+/// - canary whose plan has the disagreement guard: the model not serving a request (the candidate for
+///   control's users, control for the candidate's) gets a copy, sampled like shadow — the guard's pairs.
 pub fn route<'a>(deployment: &'a Deployment, user_id: &str, attributes: &HashMap<String, String>) -> Route<'a> {
     let spec = &deployment.spec;
     let bucket = hash::bucket(&deployment.salt, user_id);
@@ -68,10 +71,16 @@ pub fn route<'a>(deployment: &'a Deployment, user_id: &str, attributes: &HashMap
     let mut shadows = Vec::new();
     let warm =
         spec.probation.as_ref().map(|_| spec.control.as_str()).filter(|&old| old != deployment.model_for(cohort));
-    let wants_copies = spec.strategy == Strategy::Shadow || !spec.mirror.is_empty() || warm.is_some();
+    let pairs = spec.strategy == Strategy::Canary
+        && spec.plan.as_ref().is_some_and(|p| p.guards.contains(&GuardKind::Disagreement));
+    let wants_copies = spec.strategy == Strategy::Shadow || !spec.mirror.is_empty() || warm.is_some() || pairs;
     if wants_copies && hash::shadow_bucket(&deployment.salt, user_id) < deployment.shadow_threshold {
         if spec.strategy == Strategy::Shadow {
             shadows.extend(spec.candidate.as_deref());
+        }
+        if pairs {
+            let other = if cohort == Side::Candidate { Side::Control } else { Side::Candidate };
+            shadows.push(deployment.model_for(other));
         }
         shadows.extend(warm);
         shadows.extend(spec.mirror.iter().map(String::as_str));
@@ -127,6 +136,39 @@ mod tests {
 
     fn deployment(json: &str) -> Deployment {
         DeploymentSpec::from_json(json.as_bytes()).unwrap().validate("fraud").unwrap()
+    }
+
+    #[test]
+    fn a_canary_judged_on_disagreement_copies_each_request_of_the_shadow_sample_to_the_other_model() {
+        let canary = |guards: &str, shadow_percent: f64| {
+            deployment(&format!(
+                r#"{{"version":2,"strategy":"canary","control":"v1","candidate":"v2","canary_percent":30,
+                    "shadow_percent":{shadow_percent},"mirror":["v3"],
+                    "plan":{{"steps":[{{"canary_percent":30,"bake_ms":1,"min_sample":1,"max_ms":10}}],
+                             "guards":{guards},"step_started_at":1}}}}"#
+            ))
+        };
+        let judged = canary(r#"["error_rate","disagreement"]"#, 100.0);
+        let (mut control, mut candidate) = (0, 0);
+        for i in 0..2_000 {
+            let r = route(&judged, &format!("u{i}"), &NONE);
+            match r.cohort {
+                Side::Control => {
+                    control += 1;
+                    assert_eq!((r.serving, r.shadows.as_slice()), ("v1", &["v2", "v3"][..]));
+                }
+                Side::Candidate => {
+                    candidate += 1;
+                    assert_eq!((r.serving, r.shadows.as_slice()), ("v2", &["v1", "v3"][..]));
+                }
+            }
+        }
+        assert!(control > 0 && candidate > 0);
+        let unjudged = canary(r#"["error_rate"]"#, 100.0);
+        assert!((0..200).all(|i| route(&unjudged, &format!("u{i}"), &NONE).shadows == ["v3"]), "mirrors only");
+        let sampled = canary(r#"["disagreement"]"#, 10.0);
+        let paired = (0..2_000).filter(|i| route(&sampled, &format!("u{i}"), &NONE).shadows.len() == 2).count();
+        assert!((100..300).contains(&paired), "the shadow sample: {paired} of 2,000");
     }
 
     fn canary(percent: f64) -> Deployment {

@@ -95,6 +95,11 @@ pub enum GuardKind {
     /// Blue/green probation only: the new side's loss against the old side's on the same labelled
     /// requests (see `rollout::probation`).
     PairedQuality,
+    /// Share of shadow pairs on which the candidate's answer differs from control's, above
+    /// `disagreement_guard.max_rate`: judged before any label comes. While a plan has this guard, route
+    /// copies the shadow sample's requests to the model not serving them (the candidate on control's
+    /// users, control on the candidate's), and each user's first request in the step is a pair.
+    Disagreement,
 }
 
 impl GuardKind {
@@ -110,6 +115,7 @@ impl GuardKind {
             GuardKind::Quality => "quality",
             GuardKind::Coverage => "coverage",
             GuardKind::PairedQuality => "paired_quality",
+            GuardKind::Disagreement => "disagreement",
         }
     }
 }
@@ -189,6 +195,20 @@ impl Default for QualityGuard {
     }
 }
 
+/// The disagreement guard's bound: it fires once the share of shadow pairs whose answers differ is
+/// shown to be above `max_rate`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DisagreementGuard {
+    pub max_rate: f64,
+}
+
+impl Default for DisagreementGuard {
+    fn default() -> Self {
+        DisagreementGuard { max_rate: 0.05 }
+    }
+}
+
 fn default_guards() -> Vec<GuardKind> {
     GuardKind::ALL.to_vec()
 }
@@ -208,6 +228,9 @@ pub struct Plan {
     /// The quality guard's loss, margin and scale (used when `guards` has `quality`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quality_guard: Option<QualityGuard>,
+    /// The disagreement guard's bound (used when `guards` has `disagreement`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disagreement_guard: Option<DisagreementGuard>,
     /// The latency guard's threshold; without it each step fixes one from its first control
     /// observations (see `rollout::evidence`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -257,6 +280,8 @@ pub enum InvalidPlan {
     NoStartTime,
     #[error("quality_guard: margin must be at least 0 and tau above 0")]
     QualityGuard,
+    #[error("disagreement_guard: max_rate must be above 0 and below 1, got {0}")]
+    DisagreementGuard(f64),
 }
 
 impl Plan {
@@ -304,6 +329,11 @@ impl Plan {
             && !(q.margin >= 0.0 && q.tau > 0.0 && q.margin.is_finite() && q.tau.is_finite())
         {
             return Err(InvalidPlan::QualityGuard);
+        }
+        if let Some(g) = &self.disagreement_guard
+            && !(g.max_rate > 0.0 && g.max_rate < 1.0)
+        {
+            return Err(InvalidPlan::DisagreementGuard(g.max_rate));
         }
         Ok(())
     }

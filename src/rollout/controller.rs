@@ -38,7 +38,7 @@ use super::history;
 use super::probation::ProbationEvidence;
 use super::settle::Settled;
 use crate::clock;
-use crate::codec::{Codec, Decision, Millis, ScoredOutcome};
+use crate::codec::{Codec, Decision, Millis, ScoredOutcome, ShadowComparison};
 use crate::config::Config;
 use crate::control::Registry;
 use crate::error::{During, Error};
@@ -153,6 +153,8 @@ struct Leader {
     progress: Option<(Progress, Settled)>,
     /// Scored outcomes, while a running plan has a guard on labels or a deployment is on probation.
     scored: Option<Feed>,
+    /// Shadow comparisons, while a running plan has the disagreement guard.
+    comparisons: Option<Feed>,
     /// Deployments whose rollout gauges this leader set.
     reported: HashSet<String>,
     /// The changes in the transaction under way, counted once it commits: (deployment, actor, ended).
@@ -203,6 +205,7 @@ impl Leader {
             feed: None,
             progress: None,
             scored: None,
+            comparisons: None,
             reported: HashSet::new(),
             uncommitted: Vec::new(),
         })
@@ -343,6 +346,12 @@ impl Leader {
             let topic = &self.config.topics.scored_outcomes;
             self.scored = Some(Feed::open(&self.config, self.codec.clone(), topic, reads.from)?);
         }
+        if !reads.comparisons {
+            self.comparisons = None;
+        } else if self.comparisons.is_none() {
+            let topic = &self.config.topics.shadow_comparisons;
+            self.comparisons = Some(Feed::open(&self.config, self.codec.clone(), topic, reads.from)?);
+        }
         Ok(())
     }
 
@@ -362,6 +371,20 @@ impl Leader {
                         }
                         if let Some(e) = probations.get_mut(&s.deployment).filter(|e| e.version == version) {
                             e.add(&s);
+                        }
+                    },
+                )
+                .await?;
+        }
+        if let Some(comparisons) = self.comparisons.as_mut() {
+            comparisons
+                .drain(
+                    Duration::from_millis(1),
+                    DECISIONS_PER_TICK,
+                    |c: &ShadowComparison| c.compared_at,
+                    |c| {
+                        if let Some(e) = evidence.get_mut(&c.deployment) {
+                            e.add_comparison(&c);
                         }
                     },
                 )
@@ -413,6 +436,8 @@ struct Reads {
     decisions: bool,
     /// The scored outcomes: while a running plan has a guard on labels, or a deployment is on probation.
     labels: bool,
+    /// The shadow comparisons: while a running plan has the disagreement guard.
+    comparisons: bool,
     /// From the earliest start of a running step or a probation (None: nothing to judge).
     from: Option<Millis>,
 }
@@ -423,6 +448,7 @@ fn reads(running: &[Deployment], on_probation: &[Deployment]) -> Reads {
     Reads {
         decisions: !running.is_empty(),
         labels: !on_probation.is_empty() || plans().any(|p| p.guards.iter().any(on_labels)),
+        comparisons: plans().any(|p| p.guards.contains(&GuardKind::Disagreement)),
         from: plans()
             .map(|p| p.step_started_at)
             .chain(on_probation.iter().filter_map(|d| d.spec.probation.as_ref().map(|p| p.started_at)))
@@ -468,21 +494,27 @@ mod tests {
 
     #[test]
     fn the_leader_reads_only_what_it_judges_from_the_earliest_start() {
-        assert_eq!(reads(&[], &[]), Reads { decisions: false, labels: false, from: None }, "nothing to judge");
+        let none = Reads { decisions: false, labels: false, comparisons: false, from: None };
+        assert_eq!(reads(&[], &[]), none, "nothing to judge");
         let rates = plan(5_000, r#"["error_rate","sample_ratio"]"#);
-        assert_eq!(
-            reads(std::slice::from_ref(&rates), &[]),
-            Reads { decisions: true, labels: false, from: Some(5_000) }
-        );
+        assert_eq!(reads(std::slice::from_ref(&rates), &[]), Reads { decisions: true, from: Some(5_000), ..none });
         let labels = plan(3_000, r#"["error_rate","quality"]"#);
-        assert_eq!(reads(&[rates, labels], &[]), Reads { decisions: true, labels: true, from: Some(3_000) });
+        assert_eq!(
+            reads(&[rates.clone(), labels], &[]),
+            Reads { decisions: true, labels: true, from: Some(3_000), ..none }
+        );
+        let pairs = plan(4_000, r#"["disagreement"]"#);
+        assert_eq!(
+            reads(&[rates, pairs], &[]),
+            Reads { decisions: true, comparisons: true, from: Some(4_000), ..none }
+        );
         let probation = deployment(
             r#"{"version":3,"strategy":"blue_green","control":"a","candidate":"b","active":"candidate","quality":{},
                 "probation":{"started_at":1000,"duration_ms":60000}}"#,
         );
         assert_eq!(
             reads(&[], &[probation]),
-            Reads { decisions: false, labels: true, from: Some(1_000) },
+            Reads { labels: true, from: Some(1_000), ..none },
             "a probation judges labels only"
         );
     }

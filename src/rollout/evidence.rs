@@ -16,11 +16,11 @@
 //!   [`BURN_IN`] control users answered OK; the guard scores only blocks after it is fixed, and the
 //!   controller writes it into the plan when the step passes, so that later steps start with it.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
-use super::guard::{Block, MeanGuard, RateGuard, SampleRatioGuard};
+use super::guard::{Block, ExcessRateGuard, MeanGuard, RateGuard, SampleRatioGuard};
 use super::plan::Reading;
-use crate::codec::{Decision, DecisionStatus, Millis, ScoredOutcome};
+use crate::codec::{Decision, DecisionStatus, Millis, ScoredOutcome, ShadowComparison};
 use crate::record::Side;
 use crate::record::figures::{Counts, Figures, GuardFigures, round3};
 use crate::record::plan::{GuardKind, Loss};
@@ -122,6 +122,12 @@ pub struct StepEvidence {
     covered: HashSet<String>,
     coverage_wait_ms: i64,
     coverage: RateGuard,
+    /// The disagreement guard: the deployment's (control, candidate) models, the shadow comparisons of
+    /// pairs of them read so far (request id -> compared at, agreed) waiting for their request's block,
+    /// and the test.
+    pair_models: (String, String),
+    comparisons: HashMap<String, (Millis, bool)>,
+    disagreement: ExcessRateGuard,
     arms: [ArmSummary; 2],
     late: u64,
 }
@@ -155,6 +161,9 @@ impl StepEvidence {
             covered: HashSet::new(),
             coverage_wait_ms: quality.coverage_wait_ms as i64,
             coverage: RateGuard::default(),
+            pair_models: (deployment.spec.control.clone(), deployment.spec.candidate.clone().unwrap_or_default()),
+            comparisons: HashMap::new(),
+            disagreement: ExcessRateGuard::new(plan.disagreement_guard.clone().unwrap_or_default().max_rate),
             arms: [ArmSummary::default(); 2],
             late: 0,
         })
@@ -200,6 +209,23 @@ impl StepEvidence {
         }
     }
 
+    /// Adds a shadow comparison for the disagreement guard: one between the deployment's control and
+    /// candidate (either serving), both of which answered. It counts if its request turns out to be a
+    /// user's first in the step (see `score`), and only if it was read by the time that request's block
+    /// is scored: a comparison comes by its request's deadline, like the decision, but on another topic.
+    /// A pair where either model failed or missed the deadline says nothing about their answers (the
+    /// error and timeout guards judge that): an overloaded control must not make the candidate look
+    /// different.
+    pub fn add_comparison(&mut self, c: &ShadowComparison) {
+        let (control, candidate) = &self.pair_models;
+        let pair = (&c.serving_model == control && &c.shadow_model == candidate)
+            || (&c.serving_model == candidate && &c.shadow_model == control);
+        let answered = c.serving_output.is_some() && c.shadow_output.is_some();
+        if pair && answered && self.guards.contains(&GuardKind::Disagreement) {
+            self.comparisons.insert(c.request_id.clone(), (c.compared_at, c.agreed));
+        }
+    }
+
     /// Scores every block whose decisions are all in by `settled`: the time before which every request
     /// produced has been decided and read (see `settle`), less [`GRACE_MS`].
     pub fn score_until(&mut self, settled: Millis) {
@@ -211,6 +237,10 @@ impl StepEvidence {
             self.score(block);
             self.scored_below += 1;
         }
+        // A request is compared after it was sent: comparisons from before the first block not scored
+        // (less a margin for the clocks of client and merge) belong to blocks already scored.
+        let keep_from = self.started_at + self.scored_below * BLOCK_MS - GRACE_MS;
+        self.comparisons.retain(|_, (at, _)| *at >= keep_from);
     }
 
     fn score(&mut self, mut block: Vec<Observation>) {
@@ -226,6 +256,12 @@ impl StepEvidence {
         // one block of time still carries evidence.
         for chunk in first.chunks(CHUNK) {
             self.score_chunk(chunk);
+        }
+        // The disagreement guard: the users' first requests that are shadow pairs, in routing order.
+        for o in &first {
+            if let Some((_, agreed)) = self.comparisons.remove(&o.request_id) {
+                self.disagreement.observe(usize::from(o.arm == Side::Candidate), !agreed);
+            }
         }
         if self.guards.contains(&GuardKind::Coverage) {
             let block = self.scored_below;
@@ -317,6 +353,7 @@ impl StepEvidence {
                     (a.n, b.n)
                 }
                 GuardKind::Coverage => self.coverage.samples(),
+                GuardKind::Disagreement => self.disagreement.samples(),
                 GuardKind::PairedQuality => (0, 0),
             };
             (a.min(ga), b.min(gb))
@@ -364,6 +401,7 @@ impl StepEvidence {
             GuardKind::SampleRatio => self.ratio.log_e(),
             GuardKind::Quality => self.quality.log_e(),
             GuardKind::Coverage => self.coverage.log_e(),
+            GuardKind::Disagreement => self.disagreement.log_e(),
             GuardKind::PairedQuality => 0.0,
         }
     }
@@ -383,6 +421,10 @@ impl StepEvidence {
                     GuardKind::TimeoutRate => counts(&self.timeout),
                     GuardKind::Latency => counts(&self.latency),
                     GuardKind::Coverage => counts(&self.coverage),
+                    GuardKind::Disagreement => {
+                        let (n, bad) = (self.disagreement.samples(), self.disagreement.bad());
+                        (Counts { n: n.0, bad: bad.0 }, Counts { n: n.1, bad: bad.1 })
+                    }
                     GuardKind::PairedQuality => Default::default(),
                     GuardKind::SampleRatio => {
                         let (a, b) = self.users();
@@ -450,6 +492,73 @@ mod tests {
         e.add(obs("u3", Side::Control, DecisionStatus::Ok, 5, 100_900));
         assert_eq!(e.late(), 1, "a decision for a scored block is late, not counted");
         assert_eq!(e.users(), (1, 1));
+    }
+
+    #[test]
+    fn the_disagreement_guard_takes_the_shadow_pair_of_each_users_first_request() {
+        let d = DeploymentSpec::from_json(
+            br#"{"version":7,"strategy":"canary","control":"a","candidate":"b","canary_percent":50,
+                "overrides":{"vip":"candidate"},"mirror":["m"],
+                "plan":{"steps":[{"canary_percent":50,"bake_ms":0,"min_sample":1,"max_ms":60000}],
+                        "guards":["disagreement"],"disagreement_guard":{"max_rate":0.1},"step_started_at":100000}}"#,
+        )
+        .unwrap()
+        .validate("fraud")
+        .unwrap();
+        let mut e = StepEvidence::new(&d).unwrap();
+        let pair = |o: &Observation, serving: &str, shadow: &str, agreed: bool| ShadowComparison {
+            request_id: o.request_id.clone(),
+            deployment: "fraud".into(),
+            serving_model: serving.into(),
+            serving_output: Some(b"0.5".to_vec()),
+            shadow_model: shadow.into(),
+            shadow_output: Some(if agreed { b"0.5".to_vec() } else { b"0.9".to_vec() }),
+            agreed,
+            serving_latency_ms: Some(5),
+            shadow_latency_ms: 5,
+            compared_at: o.sent_at + 5,
+        };
+        let first = obs("u1", Side::Control, DecisionStatus::Ok, 5, 100_100);
+        let second = obs("u1", Side::Control, DecisionStatus::Ok, 5, 100_200);
+        let other = obs("u2", Side::Candidate, DecisionStatus::Ok, 5, 100_300);
+        let vip = obs("vip", Side::Candidate, DecisionStatus::Ok, 5, 100_400);
+        let unpaired = obs("u3", Side::Control, DecisionStatus::Ok, 5, 100_500);
+        let timed_out = obs("u4", Side::Control, DecisionStatus::Timeout, 2000, 100_600);
+        e.add_comparison(&pair(&second, "a", "b", false)); // not the user's first request
+        e.add_comparison(&pair(&first, "a", "b", true));
+        e.add_comparison(&pair(&other, "b", "a", false)); // the candidate serving, control the shadow
+        e.add_comparison(&pair(&vip, "b", "a", false)); // overridden: not randomised
+        e.add_comparison(&pair(&unpaired, "a", "m", false)); // a mirror, not the pair
+        e.add_comparison(&ShadowComparison { serving_output: None, ..pair(&timed_out, "a", "b", false) });
+        for o in [&first, &second, &other, &vip, &unpaired, &timed_out] {
+            e.add(o.clone());
+        }
+        e.score_until(100_000 + 1_000 + GRACE_MS);
+        let figures = e.figures(0);
+        let g = &figures.guards[0];
+        assert_eq!(
+            (g.guard, g.control, g.candidate),
+            (GuardKind::Disagreement, Counts { n: 1, bad: 0 }, Counts { n: 1, bad: 1 })
+        );
+        assert_eq!(e.scored(), (1, 1), "pairs are the guard's sample");
+        assert_eq!(e.comparisons.len(), 2, "kept a while: the clocks of client and merge may differ");
+        e.score_until(100_000 + 4_000 + GRACE_MS);
+        assert!(e.comparisons.is_empty(), "comparisons of scored blocks are dropped: {:?}", e.comparisons);
+        // Disagreeing on every pair fires it; agreeing keeps it quiet.
+        let mut loud = StepEvidence::new(&d).unwrap();
+        let mut quiet = StepEvidence::new(&d).unwrap();
+        for i in 0..200 {
+            let o = obs(&format!("k{i}"), Side::Control, DecisionStatus::Ok, 5, 101_000 + i);
+            loud.add_comparison(&pair(&o, "a", "b", false));
+            quiet.add_comparison(&pair(&o, "a", "b", true));
+            loud.add(o.clone());
+            quiet.add(o);
+        }
+        loud.score_until(102_000 + GRACE_MS);
+        quiet.score_until(102_000 + GRACE_MS);
+        let log_threshold = d.spec.plan.as_ref().unwrap().budget().log_threshold();
+        assert!(loud.log_e(GuardKind::Disagreement) > log_threshold);
+        assert!(quiet.log_e(GuardKind::Disagreement) <= 0.0);
     }
 
     #[test]

@@ -264,6 +264,49 @@ impl PairedGuard {
     }
 }
 
+/// Is the share of bad observations above a bound `p0`? One sample, one-sided: under the null every
+/// observation is bad with probability at most `p0`. Each observation multiplies the e-process by the
+/// likelihood ratio of a plug-in rate `q` (the share so far, Jeffreys-smoothed, never below `p0`) against
+/// `p0`: `q/p0` if bad, `(1 − q)/(1 − p0)` if not. With `q ≥ p0`, its expectation under any rate
+/// `p ≤ p0` is at most 1, so the null is composite and the test valid for all of it. Observations are
+/// also counted per arm, for the figures.
+#[derive(Debug, Clone)]
+pub struct ExcessRateGuard {
+    p0: f64,
+    n: [u64; 2],
+    bad: [u64; 2],
+    log_e: f64,
+}
+
+impl ExcessRateGuard {
+    pub fn new(p0: f64) -> Self {
+        ExcessRateGuard { p0, n: [0; 2], bad: [0; 2], log_e: 0.0 }
+    }
+
+    /// One observation of `arm` (0 control, 1 candidate).
+    pub fn observe(&mut self, arm: usize, bad: bool) {
+        let (n, b) = ((self.n[0] + self.n[1]) as f64, (self.bad[0] + self.bad[1]) as f64);
+        let q = ((b + 0.5) / (n + 1.0)).max(self.p0);
+        self.log_e += if bad { (q / self.p0).ln() } else { ((1.0 - q) / (1.0 - self.p0)).ln() };
+        self.n[arm] += 1;
+        self.bad[arm] += u64::from(bad);
+    }
+
+    pub fn log_e(&self) -> f64 {
+        self.log_e
+    }
+
+    /// Observations so far: (control, candidate).
+    pub fn samples(&self) -> (u64, u64) {
+        (self.n[0], self.n[1])
+    }
+
+    /// Bad observations so far: (control, candidate).
+    pub fn bad(&self) -> (u64, u64) {
+        (self.bad[0], self.bad[1])
+    }
+}
+
 /// The false-alarm budget α of a whole rollout, split evenly over its guards and steps: each guard in
 /// each step fires when its e-process reaches `guards · steps / α`.
 #[derive(Debug, Clone, Copy)]
@@ -336,6 +379,41 @@ mod tests {
             "rate guard, equal arms, 10% canary, 20,000 users checked every 100: {alarms} alarms in {runs} rollouts"
         );
         assert!(alarms as f64 <= alpha * runs as f64, "{alarms} false alarms in {runs}");
+    }
+
+    /// Runs an excess-rate guard over `n` observations bad with probability `p`, against bound `p0`;
+    /// returns the observations seen when it fired, if it did.
+    fn run_excess(rng: &mut StdRng, p0: f64, p: f64, n: usize, log_threshold: f64) -> Option<usize> {
+        let mut guard = ExcessRateGuard::new(p0);
+        (1..=n).find(|i| {
+            guard.observe(i % 2, rng.random::<f64>() < p);
+            guard.log_e() >= log_threshold
+        })
+    }
+
+    #[test]
+    fn a_disagreement_rate_at_its_bound_raises_false_alarms_at_most_alpha_and_one_above_it_is_caught() {
+        let mut rng = StdRng::seed_from_u64(23);
+        let alpha: f64 = 0.05;
+        let threshold = (1.0 / alpha).ln();
+        let runs = 1000;
+        for (p0, p) in [(0.05, 0.05), (0.2, 0.2), (0.05, 0.02)] {
+            let alarms = (0..runs).filter(|_| run_excess(&mut rng, p0, p, 10_000, threshold).is_some()).count();
+            eprintln!(
+                "excess-rate guard, bound {p0}, rate {p}, checked after each of 10,000: {alarms} alarms in {runs}"
+            );
+            assert!(alarms as f64 <= alpha * runs as f64, "bound {p0}, rate {p}: {alarms} false alarms in {runs}");
+        }
+        // As a plan of 5 steps with 5 guards judges it: a candidate disagreeing on 10% against a 5% bound.
+        let threshold = Budget { alpha: 0.05, guards: 5, steps: 5 }.log_threshold();
+        let mut needed: Vec<usize> =
+            (0..200).map(|_| run_excess(&mut rng, 0.05, 0.10, 100_000, threshold).expect("caught")).collect();
+        needed.sort_unstable();
+        let (median, p90) = (needed[needed.len() / 2], needed[needed.len() * 9 / 10]);
+        eprintln!(
+            "excess-rate guard, 10% against a 5% bound: caught after {median} pairs (median), {p90} (90th percentile)"
+        );
+        assert!(p90 < 5_000, "{median} / {p90}");
     }
 
     #[test]

@@ -13,7 +13,7 @@ use super::history::{self, Entry};
 use super::probation::ProbationEvidence;
 use super::settle::Settled;
 use crate::clock;
-use crate::codec::{Codec, Decision, ScoredOutcome};
+use crate::codec::{Codec, Decision, ScoredOutcome, ShadowComparison};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::kafka;
@@ -126,6 +126,22 @@ async fn step_evidence(config: &Config, codec: &Codec, d: &Deployment) -> Result
             |s| {
                 if ours(&s.deployment, s.config_version) {
                     evidence.add_scored(&s);
+                }
+            },
+        )
+        .await?;
+    }
+    if plan.guards.contains(&GuardKind::Disagreement) {
+        let topic = &config.topics.shadow_comparisons;
+        read_all(
+            config,
+            codec,
+            topic,
+            plan.step_started_at,
+            |c: &ShadowComparison| c.compared_at,
+            |c| {
+                if c.deployment == d.name {
+                    evidence.add_comparison(&c);
                 }
             },
         )
