@@ -1241,7 +1241,7 @@ async fn reader_at(config: &Config, topics: &[&str], at: Offset) -> StreamConsum
             // "End" as an offset fixed now, so that nothing sent after this call is skipped.
             let offset = match at {
                 Offset::End => {
-                    let (_, high) = reader.fetch_watermarks(topic, p, kafka::ADMIN_TIMEOUT).expect("watermarks");
+                    let (_, high) = kafka::watermarks(&reader, topic, p).expect("watermarks");
                     Offset::Offset(high)
                 }
                 other => other,
