@@ -269,9 +269,9 @@ impl Stage for Merge {
         let committed = kafka::batch::committed(consumer)?;
         self.state.assigned = committed.elements().iter().map(|e| e.topic().to_string()).collect();
         for element in committed.elements() {
-            if model_of_topic(&config.topics.model_predictions, element.topic()).is_some() {
+            if let Some(model) = model_of_topic(&config.topics.model_predictions, element.topic()) {
                 let start = if let rdkafka::Offset::Offset(offset) = element.offset() { offset } else { 0 };
-                self.state.reads.starts(element.topic(), element.partition(), start);
+                self.state.reads.starts(&model, element.partition(), start);
             }
         }
         self.topology.check_predictions_topics(consumer, &self.state.assigned, config);
@@ -327,7 +327,7 @@ impl Stage for Merge {
             return reject(Kind::Invalid, format!("topic {} matches no configured input", message.topic()));
         };
         if let (false, Some(written_at)) = (forwarded, message.timestamp().to_millis()) {
-            state.reads.read(&source, written_at);
+            state.reads.read(&topic_model, &source, written_at);
         }
         if value.len() > config.service.max_prediction_bytes {
             let reason = format!(
@@ -385,8 +385,9 @@ impl Stage for Merge {
         if consumer.context().settled(now, join::REPLAY_GRACE_MS) {
             let reads = &state.reads;
             let read_past = |model: &str, partition: i32, t: i64| {
-                let topic = config.topics.model_predictions(model);
-                reads.past(&topic, partition, t, || kafka::fetched_watermarks(consumer, &topic, partition))
+                reads.past(model, partition, t, || {
+                    kafka::fetched_watermarks(consumer, &config.topics.model_predictions(model), partition)
+                })
             };
             state.join.expire(now, read_past, !self.flow.routed_paused, &mut fx);
         }

@@ -9,9 +9,11 @@ use std::collections::HashMap;
 use crate::codec::Millis;
 use crate::kafka::SourcePos;
 
+/// Per model (its predictions topic), per partition. Keyed by name so that a look-up allocates nothing:
+/// `read` runs for every prediction merge reads.
 #[derive(Debug, Default)]
 pub struct Reads {
-    partitions: HashMap<(String, i32), Read>,
+    models: HashMap<String, HashMap<i32, Read>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -23,24 +25,31 @@ struct Read {
 }
 
 impl Reads {
-    /// Where reading `partition` of `topic` starts (its committed offset) after an assignment.
-    pub fn starts(&mut self, topic: &str, partition: i32, offset: i64) {
-        self.partitions.insert((topic.to_string(), partition), Read { next: offset, written: Millis::MIN });
+    /// Where reading `partition` of `model`'s predictions starts (its committed offset) after an
+    /// assignment.
+    pub fn starts(&mut self, model: &str, partition: i32, offset: i64) {
+        let read = Read { next: offset, written: Millis::MIN };
+        self.models.entry(model.to_string()).or_default().insert(partition, read);
     }
 
-    /// A record written at `written_at` was read.
-    pub fn read(&mut self, pos: &SourcePos, written_at: Millis) {
-        let read = (self.partitions.entry((pos.topic.clone(), pos.partition)))
-            .or_insert(Read { next: pos.offset, written: Millis::MIN });
+    /// A prediction of `model` written at `written_at` was read at `pos`.
+    pub fn read(&mut self, model: &str, pos: &SourcePos, written_at: Millis) {
+        let read = match self.models.get_mut(model) {
+            Some(partitions) => partitions.entry(pos.partition),
+            None => self.models.entry(model.to_string()).or_default().entry(pos.partition),
+        }
+        .or_insert(Read { next: pos.offset, written: Millis::MIN });
         read.next = read.next.max(pos.offset + 1);
         read.written = read.written.max(written_at);
     }
 
-    /// Whether every record written to `partition` of `topic` by `t` has been read: one written later
+    /// Whether every prediction `model` wrote to `partition` by `t` has been read: one written later
     /// has been, or merge has read up to `end` (where the partition ended as last seen, with the
-    /// first offset it still holds), or up to where it ends. False for a partition not assigned.
-    pub fn past(&self, topic: &str, partition: i32, t: Millis, end: impl FnOnce() -> Option<(i64, i64)>) -> bool {
-        let Some(read) = self.partitions.get(&(topic.to_string(), partition)) else { return false };
+    /// first offset it still holds; asked only then). False for a partition not assigned.
+    pub fn past(&self, model: &str, partition: i32, t: Millis, end: impl FnOnce() -> Option<(i64, i64)>) -> bool {
+        let Some(read) = self.models.get(model).and_then(|partitions| partitions.get(&partition)) else {
+            return false;
+        };
         read.written > t || end().is_some_and(|(low, high)| read.next.max(low) >= high)
     }
 }
@@ -50,7 +59,7 @@ mod tests {
     use super::*;
 
     fn pos(offset: i64) -> SourcePos {
-        SourcePos { topic: "p".into(), partition: 0, offset }
+        SourcePos { topic: "model.p.predictions".into(), partition: 0, offset }
     }
 
     #[test]
@@ -62,9 +71,9 @@ mod tests {
         assert!(!reads.past("p", 0, 1000, || None), "end unknown");
         assert!(reads.past("p", 0, 1000, || Some((0, 10))), "at its end");
         assert!(reads.past("p", 0, 1000, || Some((12, 12))), "the rest was deleted");
-        reads.read(&pos(10), 900);
+        reads.read("p", &pos(10), 900);
         assert!(!reads.past("p", 0, 1000, || Some((0, 12))));
-        reads.read(&pos(11), 1001);
+        reads.read("p", &pos(11), 1001);
         assert!(reads.past("p", 0, 1000, || None), "read a record written after it");
         assert!(!reads.past("p", 0, 1001, || Some((0, 13))));
         assert!(!reads.past("p", 1, 0, || Some((0, 0))), "another partition");
