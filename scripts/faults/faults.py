@@ -832,6 +832,26 @@ ROUTE_REPLAY_PERCENTS = (60, 10, 90)   # canary percent of each version deployed
 REWIND_AFTER_S, REWIND_RECORDS = 0.2, 300
 
 
+def committed_on(admin, group, topic):
+    """`group`'s committed offsets on `topic`, {partition: offset} (empty while its coordinator loads)."""
+    try:
+        committed = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)])[group].result()
+    except KafkaException:
+        return {}
+    return {tp.partition: tp.offset for tp in committed.topic_partitions if tp.topic == topic and tp.offset >= 0}
+
+
+def wait_for_commits(group, topic, limit_s=90):
+    """Waits until `group` commits past where it stands now on `topic`: it is consuming (an instance just
+    started on a broker just started takes seconds to get its partitions)."""
+    admin = AdminClient({"bootstrap.servers": BOOTSTRAP, "log_level": 2})
+    before, deadline = sum(committed_on(admin, group, topic).values()), time.time() + limit_s
+    while sum(committed_on(admin, group, topic).values()) <= before:
+        if time.time() > deadline:
+            raise RuntimeError(f"group {group} committed nothing on {topic} in {limit_s} s")
+        time.sleep(0.2)
+
+
 def rewind_group(s, group, topic, records):
     """Moves `group`'s committed offsets on `topic` back by `records` per partition (not below the log
     start), once the group is empty: a killed static member stays in it until its session timeout."""
@@ -847,19 +867,17 @@ def rewind_group(s, group, topic, records):
         if time.time() > deadline:
             raise RuntimeError(f"group {group} still {state} after 90 s")
         time.sleep(0.5)
-    committed = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)])[group].result()
+    committed = committed_on(admin, group, topic)
     consumer = Consumer({"bootstrap.servers": BOOTSTRAP, "group.id": f"{s.prefix}-rewind", "log_level": 2})
     moved = []
-    for tp in committed.topic_partitions:
-        if tp.topic == topic and tp.offset >= 0:
-            low, _ = consumer.get_watermark_offsets(TopicPartition(topic, tp.partition), timeout=30)
-            moved.append(TopicPartition(topic, tp.partition, max(low, tp.offset - records)))
+    for partition, offset in committed.items():
+        low, _ = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=30)
+        moved.append(TopicPartition(topic, partition, max(low, offset - records)))
     consumer.close()
     if not moved:
         raise RuntimeError(f"group {group} has no committed offsets on {topic} to rewind")
     admin.alter_consumer_group_offsets([ConsumerGroupTopicPartitions(group, moved)])[group].result()
-    log(f"  {group}: rewound {sum(tp.offset for tp in committed.topic_partitions if tp.topic == topic) - sum(tp.offset for tp in moved)} "
-        f"records on {len(moved)} partitions")
+    log(f"  {group}: rewound {sum(committed.values()) - sum(tp.offset for tp in moved)} records on {len(moved)} partitions")
 
 
 def route_replay(s, a):
@@ -876,6 +894,9 @@ def route_replay(s, a):
             # requests: killed a moment later (0.05, 0.1, 0.2 s: different points of its batches), it is
             # mid-batch, with records written whose offsets are not committed — when the kill lands
             # inside that window, which timing cannot promise (one CI run caught none in three).
+            # Only once route is routing: on a broker just started, the first kills came before it had
+            # its partitions, and nothing was ever committed to rewind.
+            wait_for_commits(f"{s.prefix}-route", s.topics["REQUESTS"])
             s.signal_instance(0, signal.SIGSTOP)
             time.sleep(3)
             s.signal_instance(0, signal.SIGCONT)
