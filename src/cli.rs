@@ -168,6 +168,10 @@ pub struct DeployArgs {
     /// Answer served (status FALLBACK) when the serving model misses the deadline.
     #[arg(long)]
     pub fallback: Option<String>,
+    /// A safe canary: requests the candidate serves also go to control, whose answer is served (status
+    /// HEDGED) when the candidate errs or misses the deadline.
+    #[arg(long)]
+    pub hedge: bool,
     /// USER=control|candidate (repeat for several).
     #[arg(long = "override", value_parser = parse_override)]
     pub overrides: Vec<(String, Side)>,
@@ -278,6 +282,7 @@ impl DeployArgs {
             salt: self.salt.clone(),
             timeout_ms: self.timeout_ms,
             fallback: self.fallback.clone(),
+            hedge: self.hedge,
             overrides: self.overrides.iter().cloned().collect(),
             rules: self.rules.clone(),
             quality,

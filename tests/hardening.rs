@@ -436,6 +436,7 @@ async fn merge_keeps_the_first_routing_of_each_request_across_a_restart() {
             sent_at: request.sent_at,
             routed_at: clock::now_millis(),
             fallback: None,
+            hedge_model: None,
         };
         let copy = ModelRequest {
             request: request.clone(),

@@ -477,9 +477,13 @@ mod tests {
             error: Some("boom".into()),
             produced_at: 9,
         });
-        for status in
-            [DecisionStatus::Ok, DecisionStatus::ModelError, DecisionStatus::Timeout, DecisionStatus::Fallback]
-        {
+        for status in [
+            DecisionStatus::Ok,
+            DecisionStatus::ModelError,
+            DecisionStatus::Timeout,
+            DecisionStatus::Fallback,
+            DecisionStatus::Hedged,
+        ] {
             round_trip(Decision {
                 request_id: "r".into(),
                 user_id: "u".into(),
@@ -522,6 +526,7 @@ mod tests {
             sent_at: 1,
             routed_at: 2,
             fallback: Some(b"0.5".to_vec()),
+            hedge_model: Some("a".into()),
         });
         round_trip(MergeState {
             request_id: "r".into(),

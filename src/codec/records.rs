@@ -67,10 +67,12 @@ pub enum DecisionStatus {
     ModelError,
     Timeout,
     Fallback,
+    /// A hedged canary's candidate erred or missed the deadline; control's answer was served.
+    Hedged,
 }
 
 impl DecisionStatus {
-    const SYMBOLS: [&'static str; 4] = ["OK", "MODEL_ERROR", "TIMEOUT", "FALLBACK"];
+    const SYMBOLS: [&'static str; 5] = ["OK", "MODEL_ERROR", "TIMEOUT", "FALLBACK", "HEDGED"];
 
     pub fn as_str(self) -> &'static str {
         Self::SYMBOLS[self as usize]
@@ -126,6 +128,9 @@ pub struct Routed {
     pub sent_at: Millis,
     pub routed_at: Millis,
     pub fallback: Option<Vec<u8>>,
+    /// A hedged canary: the shadow model (control) whose answer is served when the serving model errs
+    /// or misses the deadline.
+    pub hedge_model: Option<String>,
 }
 
 /// Header of a routed record naming the request it was made from, `<partition>:<offset>` of the
@@ -707,6 +712,7 @@ impl AvroRecord for Routed {
             ("sent_at", Value::TimestampMillis(self.sent_at)),
             ("routed_at", Value::TimestampMillis(self.routed_at)),
             ("fallback", opt_bytes(&self.fallback)),
+            ("hedge_model", opt_string(&self.hedge_model)),
         ])
     }
 
@@ -726,6 +732,7 @@ impl AvroRecord for Routed {
             sent_at: f.long("sent_at")?,
             routed_at: f.long("routed_at")?,
             fallback: f.opt_bytes("fallback")?,
+            hedge_model: f.opt_string("hedge_model")?,
         })
     }
 }
@@ -770,6 +777,7 @@ fn status_of(symbol: &str) -> Result<DecisionStatus, DecodeError> {
         "MODEL_ERROR" => Ok(DecisionStatus::ModelError),
         "TIMEOUT" => Ok(DecisionStatus::Timeout),
         "FALLBACK" => Ok(DecisionStatus::Fallback),
+        "HEDGED" => Ok(DecisionStatus::Hedged),
         other => Err(DecodeError::Shape(format!("unknown status {other}"))),
     }
 }

@@ -20,6 +20,9 @@ pub struct Route<'a> {
     pub bucket: u16,
     /// Models that get a SHADOW copy; their answers are compared, never served.
     pub shadows: Vec<&'a str>,
+    /// A hedged canary's candidate request: control, also among the shadows, whose answer is served
+    /// when the candidate's is not.
+    pub hedge: Option<&'a str>,
     /// The attribute rule that chose the side, if one did.
     pub rule: Option<&'a Rule>,
 }
@@ -49,6 +52,8 @@ impl Route<'_> {
 /// - blue/green on probation: the side switched away from gets a copy, sampled like shadow.
 /// - canary whose plan has the disagreement guard: the model not serving a request (the candidate for
 ///   control's users, control for the candidate's) gets a copy, sampled like shadow — the guard's pairs.
+/// - hedged canary: every request the candidate serves also goes to control (one copy, whatever else
+///   would copy it there), which stands in when the candidate errs or misses the deadline.
 pub fn route<'a>(deployment: &'a Deployment, user_id: &str, attributes: &HashMap<String, String>) -> Route<'a> {
     let spec = &deployment.spec;
     let bucket = hash::bucket(&deployment.salt, user_id);
@@ -85,8 +90,13 @@ pub fn route<'a>(deployment: &'a Deployment, user_id: &str, attributes: &HashMap
         shadows.extend(warm);
         shadows.extend(spec.mirror.iter().map(String::as_str));
     }
+    let hedge =
+        (spec.hedge && spec.strategy == Strategy::Canary && cohort == Side::Candidate).then_some(spec.control.as_str());
+    if let Some(control) = hedge.filter(|control| !shadows.contains(control)) {
+        shadows.push(control);
+    }
 
-    Route { serving: deployment.model_for(cohort), cohort, bucket, shadows, rule }
+    Route { serving: deployment.model_for(cohort), cohort, bucket, shadows, hedge, rule }
 }
 
 #[cfg(test)]
@@ -169,6 +179,34 @@ mod tests {
         let sampled = canary(r#"["disagreement"]"#, 10.0);
         let paired = (0..2_000).filter(|i| route(&sampled, &format!("u{i}"), &NONE).shadows.len() == 2).count();
         assert!((100..300).contains(&paired), "the shadow sample: {paired} of 2,000");
+    }
+
+    #[test]
+    fn a_hedged_canary_copies_each_candidate_request_to_control_once() {
+        let hedged = |guards: &str| {
+            deployment(&format!(
+                r#"{{"version":2,"strategy":"canary","control":"v1","candidate":"v2","canary_percent":30,
+                    "hedge":true,"mirror":["v3"],"overrides":{{"vip":"candidate"}},
+                    "plan":{{"steps":[{{"canary_percent":30,"bake_ms":1,"min_sample":1,"max_ms":10}}],
+                             "guards":{guards},"step_started_at":1}}}}"#
+            ))
+        };
+        for d in [hedged(r#"["error_rate"]"#), hedged(r#"["disagreement"]"#)] {
+            let (mut control, mut candidate) = (0, 0);
+            for user in (0..2_000).map(|i| format!("u{i}")).chain(["vip".to_string()]) {
+                let r = route(&d, &user, &NONE);
+                if r.cohort == Side::Candidate {
+                    candidate += 1;
+                    assert_eq!(r.hedge, Some("v1"));
+                    assert_eq!(r.shadows.iter().filter(|m| **m == "v1").count(), 1, "{:?}", r.shadows);
+                } else {
+                    control += 1;
+                    assert_eq!(r.hedge, None, "control's own users need no stand-in");
+                }
+            }
+            assert!(control > 1_000 && candidate > 400, "{control} / {candidate}");
+        }
+        assert_eq!(route(&canary(100.0), "u1", &NONE).hedge, None, "only when asked for");
     }
 
     fn canary(percent: f64) -> Deployment {

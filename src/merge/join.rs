@@ -7,7 +7,10 @@
 //!   record's timestamp, so the outcome does not depend on how far behind merge is); a request with no
 //!   answer written by its deadline gets a TIMEOUT decision, once merge has read its model's
 //!   predictions past the deadline (see [`super::reads`]);
-//! - shadow predictions are compared with the served answer (once it exists) and never decided on;
+//! - shadow predictions are compared with the served answer (once it exists) and never decided on,
+//!   except a hedged canary's: when the serving model's answer is an error or missed the deadline, the
+//!   decision waits for the hedge model's answer (by the same deadline) and serves it, status HEDGED;
+//!   without one, the failure is the decision;
 //! - anything else (a second answer, an answer after the decision, an answer from a model the request
 //!   was not routed to) is discarded and counted;
 //! - a prediction that arrives before its routed record waits (bounded, for `orphan_ttl_ms`);
@@ -105,8 +108,18 @@ impl Effects {
 #[derive(Debug)]
 struct ShadowSlot {
     model: String,
-    answer: Option<Prediction>,
+    /// An answer held until the served one exists, and when it was written.
+    answer: Option<(Prediction, Millis)>,
     compared: bool,
+}
+
+/// How the serving model failed a request, while a hedged decision waits for the hedge's answer.
+#[derive(Debug)]
+enum Failure {
+    /// It answered with an error, in time.
+    Error(Prediction),
+    /// Its answer was written after the deadline, or none was read by it: the message says which.
+    Missed(String),
 }
 
 /// The served answer, once decided.
@@ -126,9 +139,68 @@ struct Entry {
     holds: Vec<SourcePos>,
     served: Option<Served>,
     shadows: Vec<ShadowSlot>,
+    /// The serving model's failure, held while the hedge's answer may still come.
+    failed: Option<Failure>,
 }
 
 impl Entry {
+    /// Publishes the decision, and compares the shadow answers held until the served answer existed.
+    fn decide(&mut self, decision: Decision, served: Served, now: Millis, fx: &mut Effects) {
+        fx.outputs.push(Output::Decision(decision));
+        for slot in &mut self.shadows {
+            if let Some((answer, _)) = slot.answer.take() {
+                compare(&self.routed, &served, slot, answer, now, fx);
+            }
+        }
+        self.served = Some(served);
+    }
+
+    /// Decides a request whose serving model failed (`self.failed`): with the hedge model's answer
+    /// (HEDGED) when it was written by the deadline without an error; else with the failure itself, once
+    /// the hedge's answer is in or `give_up`. Does nothing while the hedge's answer may still come.
+    fn decide_failure(&mut self, give_up: bool, now: Millis, fx: &mut Effects) {
+        let due = self.routed.routed_at + self.routed.timeout_ms;
+        let hedge = self.routed.hedge_model.as_deref().and_then(|m| self.shadows.iter().find(|s| s.model == m));
+        let stand_in = match hedge.map(|slot| &slot.answer) {
+            Some(Some((answer, written_at))) if answer.error.is_none() && *written_at <= due => Some(answer),
+            Some(None) if !give_up => return,
+            _ => None,
+        };
+        let Some(failure) = self.failed.take() else { return };
+        let reason = match &failure {
+            Failure::Error(p) => {
+                format!("{} failed: {}", p.model, p.error.as_deref().unwrap_or_default())
+            }
+            Failure::Missed(message) => message.clone(),
+        };
+        let (decision, served) = match (stand_in, failure) {
+            (Some(answer), failure) => {
+                let served = match failure {
+                    Failure::Error(p) => {
+                        Served { ok: false, latency_ms: Some(latency(&p, &self.routed)), output: p.output }
+                    }
+                    Failure::Missed(_) => Served { ok: false, latency_ms: None, output: None },
+                };
+                let mut d = decision(
+                    &self.routed,
+                    DecisionStatus::Hedged,
+                    answer.output.clone(),
+                    Some(format!("{reason}; {}'s answer served", answer.model)),
+                    now,
+                );
+                d.model = answer.model.clone();
+                (d, served)
+            }
+            (None, Failure::Error(p)) => {
+                let served =
+                    Served { ok: false, latency_ms: Some(latency(&p, &self.routed)), output: p.output.clone() };
+                (decision(&self.routed, DecisionStatus::ModelError, p.output, p.error, now), served)
+            }
+            (None, Failure::Missed(_)) => missed_deadline(&self.routed, reason, now),
+        };
+        self.decide(decision, served, now, fx);
+    }
+
     fn complete(&self) -> bool {
         self.served.is_some() && self.shadows.iter().all(|s| s.compared)
     }
@@ -254,7 +326,8 @@ impl Join {
         }
         self.deadlines.insert((deadline, id.clone()));
         let partition = pos.partition;
-        self.entries.insert(id.clone(), Entry { routed, partition, deadline, holds: vec![pos], served, shadows });
+        self.entries
+            .insert(id.clone(), Entry { routed, partition, deadline, holds: vec![pos], served, shadows, failed: None });
         for (prediction, pos, written_at) in self.orphans.remove(&id).unwrap_or_default() {
             self.on_prediction(prediction, pos, written_at, now, fx);
         }
@@ -286,7 +359,7 @@ impl Join {
         };
         entry.holds.push(pos);
         if prediction.model == entry.routed.serving_model {
-            if entry.served.is_some() {
+            if entry.served.is_some() || entry.failed.is_some() {
                 fx.events.push(Event::PredictionDiscarded { model: prediction.model.clone(), reason: "duplicate" });
                 return;
             }
@@ -295,37 +368,29 @@ impl Join {
                 seconds: latency(&prediction, &entry.routed) as f64 / 1000.0,
             });
             let deadline = entry.routed.routed_at + entry.routed.timeout_ms;
-            let served = if written_at > deadline {
+            if written_at > deadline {
                 fx.events.push(Event::PredictionDiscarded { model: prediction.model.clone(), reason: "late" });
-                let error = format!(
+                entry.failed = Some(Failure::Missed(format!(
                     "{} answered {} ms after routing, past the {} ms deadline",
                     prediction.model,
                     written_at - entry.routed.routed_at,
                     entry.routed.timeout_ms
-                );
-                missed_deadline(&entry.routed, error, now, fx)
+                )));
+            } else if prediction.error.is_some() {
+                entry.failed = Some(Failure::Error(prediction));
             } else {
-                let status = if prediction.error.is_some() { DecisionStatus::ModelError } else { DecisionStatus::Ok };
                 let served = Served {
-                    ok: prediction.error.is_none(),
+                    ok: true,
                     latency_ms: Some(latency(&prediction, &entry.routed)),
                     output: prediction.output.clone(),
                 };
-                fx.outputs.push(Output::Decision(decision(
-                    &entry.routed,
-                    status,
-                    prediction.output,
-                    prediction.error,
-                    now,
-                )));
-                served
-            };
-            for slot in &mut entry.shadows {
-                if let Some(answer) = slot.answer.take() {
-                    compare(&entry.routed, &served, slot, answer, now, fx);
-                }
+                let d = decision(&entry.routed, DecisionStatus::Ok, prediction.output, None, now);
+                entry.decide(d, served, now, fx);
             }
-            entry.served = Some(served);
+            entry.decide_failure(false, now, fx);
+            if entry.served.is_none() {
+                return; // the hedge's answer may still come: nothing to publish yet
+            }
         } else if let Some(slot) = entry.shadows.iter_mut().find(|s| s.model == prediction.model) {
             if slot.compared || slot.answer.is_some() {
                 fx.events.push(Event::PredictionDiscarded { model: prediction.model.clone(), reason: "duplicate" });
@@ -338,8 +403,11 @@ impl Join {
             match &entry.served {
                 Some(served) => compare(&entry.routed, served, slot, prediction, now, fx),
                 None => {
-                    slot.answer = Some(prediction);
-                    return;
+                    slot.answer = Some((prediction, written_at));
+                    entry.decide_failure(false, now, fx);
+                    if entry.served.is_none() {
+                        return;
+                    }
                 }
             }
         } else {
@@ -375,7 +443,7 @@ impl Join {
             let Some(entry) = self.entries.get_mut(&id) else { continue };
             let answers_due = entry.routed.routed_at + entry.routed.timeout_ms;
             let unread = |model: &str| !read_past(model, entry.partition, answers_due);
-            let lacking = (entry.served.is_none() && unread(&entry.routed.serving_model))
+            let lacking = (entry.served.is_none() && entry.failed.is_none() && unread(&entry.routed.serving_model))
                 || (entry.shadows.iter()).any(|s| !s.compared && s.answer.is_none() && unread(&s.model));
             if lacking && now < answers_due.max(self.restored_at) + MAX_WAIT_MS {
                 entry.deadline = now + RECHECK_MS;
@@ -383,15 +451,11 @@ impl Join {
                 continue;
             }
             if entry.served.is_none() {
-                let error =
-                    format!("{} did not answer within {} ms", entry.routed.serving_model, entry.routed.timeout_ms);
-                let served = missed_deadline(&entry.routed, error, now, fx);
-                for slot in &mut entry.shadows {
-                    if let Some(answer) = slot.answer.take() {
-                        compare(&entry.routed, &served, slot, answer, now, fx);
-                    }
-                }
-                entry.served = Some(served);
+                let routed = &entry.routed;
+                entry.failed.get_or_insert_with(|| {
+                    Failure::Missed(format!("{} did not answer within {} ms", routed.serving_model, routed.timeout_ms))
+                });
+                entry.decide_failure(true, now, fx);
             }
             for slot in entry.shadows.iter().filter(|s| !s.compared) {
                 fx.events.push(Event::ShadowMissing {
@@ -477,11 +541,11 @@ fn decision(
 }
 
 /// The decision for a request whose serving model missed the deadline: the deployment's fallback answer
-/// (FALLBACK) if it has one, else TIMEOUT. Returns what counts as served, for shadow comparisons.
-fn missed_deadline(routed: &Routed, error: String, now: Millis, fx: &mut Effects) -> Served {
+/// (FALLBACK) if it has one, else TIMEOUT; and what counts as served, for shadow comparisons.
+fn missed_deadline(routed: &Routed, error: String, now: Millis) -> (Decision, Served) {
     let status = if routed.fallback.is_some() { DecisionStatus::Fallback } else { DecisionStatus::Timeout };
-    fx.outputs.push(Output::Decision(decision(routed, status, routed.fallback.clone(), Some(error), now)));
-    Served { output: routed.fallback.clone(), ok: false, latency_ms: None }
+    let decision = decision(routed, status, routed.fallback.clone(), Some(error), now);
+    (decision, Served { output: routed.fallback.clone(), ok: false, latency_ms: None })
 }
 
 fn compare(routed: &Routed, served: &Served, slot: &mut ShadowSlot, answer: Prediction, now: Millis, fx: &mut Effects) {
@@ -532,6 +596,7 @@ mod tests {
             sent_at: 900,
             routed_at: 1000,
             fallback: None,
+            hedge_model: None,
         }
     }
 
@@ -818,6 +883,106 @@ mod tests {
         restored.on_routed(routed("a", &["v2"]), pos(0), 2000, &mut again);
         restored.on_prediction(answer("a", "v2", "x", 1010), pos(4), 1010, 2001, &mut again);
         assert!(decisions(&again).is_empty() && comparisons(&again).is_empty(), "a is finished");
+    }
+
+    fn hedged(id: &str) -> Routed {
+        let mut r = routed(id, &["v1"]);
+        (r.strategy, r.cohort, r.serving_model, r.hedge_model) =
+            ("canary".into(), "candidate".into(), "v2".into(), Some("v1".into()));
+        r
+    }
+
+    fn failed(id: &str, model: &str, at: Millis) -> Prediction {
+        Prediction { output: None, error: Some("boom".into()), ..answer(id, model, "", at) }
+    }
+
+    #[test]
+    fn a_hedged_canary_serves_control_when_the_candidate_fails_and_only_then() {
+        let mut j = join();
+        let mut fx = Effects::default();
+        // Candidate errs first: the decision waits for control's answer, then serves it.
+        j.on_routed(hedged("err"), pos(0), 1000, &mut fx);
+        j.on_prediction(failed("err", "v2", 1010), pos(1), 1010, 1011, &mut fx);
+        assert!(fx.outputs.is_empty(), "nothing published while control may still answer");
+        j.on_prediction(answer("err", "v1", "safe", 1020), pos(2), 1020, 1021, &mut fx);
+        // Control first, then the candidate errs: at once.
+        j.on_routed(hedged("first"), pos(3), 1000, &mut fx);
+        j.on_prediction(answer("first", "v1", "safe", 1005), pos(4), 1005, 1006, &mut fx);
+        j.on_prediction(failed("first", "v2", 1010), pos(5), 1010, 1011, &mut fx);
+        // The candidate answers well: it is served, control's answer only compared.
+        j.on_routed(hedged("ok"), pos(6), 1000, &mut fx);
+        j.on_prediction(answer("ok", "v2", "mine", 1010), pos(7), 1010, 1011, &mut fx);
+        j.on_prediction(answer("ok", "v1", "safe", 1012), pos(8), 1012, 1013, &mut fx);
+        // The candidate says nothing: at the deadline, control's answer written in time.
+        j.on_routed(hedged("silent"), pos(9), 1000, &mut fx);
+        j.on_prediction(answer("silent", "v1", "safe", 1100), pos(10), 1100, 1101, &mut fx);
+        j.expire(1500, |_, _, _| true, true, &mut fx);
+        let d = decisions(&fx);
+        let got: Vec<_> = d.iter().map(|d| (d.request_id.as_str(), d.status, d.model.as_str())).collect();
+        assert_eq!(
+            got,
+            [
+                ("err", DecisionStatus::Hedged, "v1"),
+                ("first", DecisionStatus::Hedged, "v1"),
+                ("ok", DecisionStatus::Ok, "v2"),
+                ("silent", DecisionStatus::Hedged, "v1")
+            ]
+        );
+        for hedged in [d[0], d[1], d[3]] {
+            assert_eq!((hedged.output.as_deref(), hedged.cohort.as_str()), (Some(&b"safe"[..]), "candidate"));
+        }
+        assert!(d[0].error.as_deref().unwrap().starts_with("v2 failed: boom; v1's answer served"));
+        assert!(d[3].error.as_deref().unwrap().contains("v2 did not answer within 500 ms"));
+        let c = comparisons(&fx);
+        assert_eq!(c.len(), 4, "control's answer is compared with the candidate's in every case");
+        assert_eq!(c.iter().filter(|c| c.agreed).count(), 0);
+        assert_eq!(j.pending(), 0);
+        assert_eq!(fx.released.len(), 11);
+    }
+
+    #[test]
+    fn a_hedged_canary_keeps_the_failure_when_control_cannot_stand_in() {
+        let mut j = join();
+        let mut fx = Effects::default();
+        j.on_routed(hedged("both"), pos(0), 1000, &mut fx);
+        j.on_prediction(failed("both", "v1", 1005), pos(1), 1005, 1006, &mut fx);
+        j.on_prediction(failed("both", "v2", 1010), pos(2), 1010, 1011, &mut fx);
+        j.on_routed(hedged("late"), pos(3), 1000, &mut fx);
+        j.on_prediction(answer("late", "v1", "safe", 1600), pos(4), 1600, 1601, &mut fx);
+        j.on_routed(hedged("alone"), pos(5), 1000, &mut fx);
+        j.on_prediction(failed("alone", "v2", 1010), pos(6), 1010, 1011, &mut fx);
+        j.expire(1500, |model, _, _| model != "v1", true, &mut fx);
+        assert_eq!(decisions(&fx).len(), 2, "alone's stand-in may still be unread; late's was written too late");
+        j.expire(1700, |_, _, _| true, true, &mut fx);
+        let d = decisions(&fx);
+        let got: Vec<_> = d.iter().map(|d| (d.request_id.as_str(), d.status, d.model.as_str())).collect();
+        assert_eq!(
+            got,
+            [
+                ("both", DecisionStatus::ModelError, "v2"),
+                ("late", DecisionStatus::Timeout, "v2"),
+                ("alone", DecisionStatus::ModelError, "v2")
+            ]
+        );
+        assert_eq!(d[2].error.as_deref(), Some("boom"));
+    }
+
+    #[test]
+    fn a_hedged_decision_is_not_made_twice_after_a_restart() {
+        let mut first = join();
+        let mut fx = Effects::default();
+        first.on_routed(hedged("h"), pos(0), 1000, &mut fx);
+        first.on_prediction(failed("h", "v2", 1010), pos(1), 1010, 1011, &mut fx);
+        assert!(states(&fx).is_empty(), "no state while the decision waits for control");
+        first.on_prediction(answer("h", "v1", "safe", 1020), pos(2), 1020, 1021, &mut fx);
+        assert_eq!(decisions(&fx)[0].status, DecisionStatus::Hedged);
+        let mut second = join();
+        second.restore(states(&fx), 2000);
+        let mut again = Effects::default();
+        second.on_routed(hedged("h"), pos(0), 2000, &mut again);
+        second.on_prediction(failed("h", "v2", 1010), pos(1), 1010, 2001, &mut again);
+        second.on_prediction(answer("h", "v1", "safe", 1020), pos(2), 1020, 2002, &mut again);
+        assert!(decisions(&again).is_empty());
     }
 
     #[test]

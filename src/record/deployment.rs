@@ -125,6 +125,11 @@ pub struct DeploymentSpec {
     /// such a request gets a TIMEOUT decision.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback: Option<String>,
+    /// Canary only, a safe canary: each request the candidate serves is also sent to control, and when
+    /// the candidate errs or misses the deadline the user gets control's answer (status HEDGED). The
+    /// guards still count the candidate's failure.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hedge: bool,
     /// Users forced to one side (canary and blue/green).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub overrides: BTreeMap<String, Side>,
@@ -248,6 +253,8 @@ pub enum InvalidDeployment {
     Rule(usize),
     #[error("{0}")]
     Quality(String),
+    #[error("hedge makes a safe canary: strategy must be canary, not {0}")]
+    HedgeStrategy(Strategy),
     #[error("a plan drives a canary: strategy must be canary, not {0}")]
     PlanStrategy(Strategy),
     #[error("plan: {0}")]
@@ -350,6 +357,9 @@ impl DeploymentSpec {
                 return Err(InvalidDeployment::Rule(i + 1));
             }
         }
+        if self.hedge && self.strategy != Strategy::Canary {
+            return Err(InvalidDeployment::HedgeStrategy(self.strategy));
+        }
         if let Some(quality) = &self.quality {
             quality.validate().map_err(InvalidDeployment::Quality)?;
         }
@@ -446,6 +456,7 @@ mod tests {
             (r#"{"version":1,"strategy":"single","control":"m","overrides":{"":"control"}}"#, "empty user"),
             (&big_fallback, "at most 65536"),
             (r#"{"version":1,"strategy":"single","control":"m","overrides":{"u":"blue"}}"#, "unknown variant"),
+            (r#"{"version":1,"strategy":"blue_green","control":"m","candidate":"n","hedge":true}"#, "hedge makes"),
             (
                 r#"{"version":1,"strategy":"shadow","control":"m","candidate":"n","plan":{"steps":[{"canary_percent":5,"bake_ms":0,"min_sample":1,"max_ms":1}],"step_started_at":1}}"#,
                 "strategy must be canary",

@@ -49,6 +49,7 @@ pub fn promote(current: &DeploymentSpec, version: u64) -> Result<DeploymentSpec,
         next.active = Side::Candidate;
     } else {
         next.strategy = Strategy::Single;
+        next.hedge = false;
         next.control = candidate;
         next.candidate = None;
         next.canary_percent = 0.0;
@@ -164,14 +165,15 @@ mod tests {
     fn canary_moves() {
         let c = spec(
             r#"{"version":5,"strategy":"canary","control":"v1","candidate":"v2","canary_percent":20,
-                        "mirror":["v3"],"overrides":{"a":"candidate","b":"control"}}"#,
+                        "mirror":["v3"],"overrides":{"a":"candidate","b":"control"},"hedge":true}"#,
         );
         let rolled = rollback(&c, 6).unwrap();
-        assert_eq!(rolled.canary_percent, 0.0);
+        assert_eq!((rolled.canary_percent, rolled.hedge), (0.0, true));
         assert_eq!(rolled.overrides.len(), 1, "nobody stays pinned to the candidate");
         let promoted = promote(&c, 6).unwrap();
         assert_eq!(promoted.control, "v2");
         assert_eq!(promoted.mirror, vec!["v3".to_string()]);
+        assert!(!promoted.hedge, "a single deployment has no canary to hedge");
         promoted.clone().validate("d").unwrap();
         rolled.clone().validate("d").unwrap();
     }

@@ -50,6 +50,12 @@ pub struct Observation {
 }
 
 impl Observation {
+    /// An error for the error-rate guard: the arm's model answered with an error, or a hedged canary
+    /// served control's answer because the candidate erred or missed the deadline.
+    fn failed(&self) -> bool {
+        matches!(self.status, DecisionStatus::ModelError | DecisionStatus::Hedged)
+    }
+
     /// The observation a decision makes for the deployment's plan, if it makes one.
     pub fn of(decision: &Decision) -> Option<Observation> {
         let arm = match decision.cohort.as_str() {
@@ -300,12 +306,12 @@ impl StepEvidence {
             let i = usize::from(o.arm == Side::Candidate);
             let a = &mut arms[i];
             a.n += 1;
-            a.errors += u64::from(o.status == DecisionStatus::ModelError);
+            a.errors += u64::from(o.failed());
             a.timeouts += u64::from(matches!(o.status, DecisionStatus::Timeout | DecisionStatus::Fallback));
             a.slow += u64::from(self.latency_threshold.is_some_and(|t| o.latency_ms > t));
             let s = &mut self.arms[i];
             s.users += 1;
-            s.errors += u64::from(o.status == DecisionStatus::ModelError);
+            s.errors += u64::from(o.failed());
             s.timeouts += u64::from(matches!(o.status, DecisionStatus::Timeout | DecisionStatus::Fallback));
             s.latency_sum_ms += o.latency_ms;
         }
@@ -473,6 +479,17 @@ mod tests {
 
     fn obs(user: &str, arm: Side, status: DecisionStatus, latency_ms: i64, sent_at: Millis) -> Observation {
         Observation { request_id: format!("{user}-{sent_at}"), user: user.into(), arm, status, latency_ms, sent_at }
+    }
+
+    #[test]
+    fn a_hedged_decision_is_an_error_of_its_arm() {
+        let mut e = StepEvidence::new(&deployment()).unwrap();
+        e.add(obs("u1", Side::Candidate, DecisionStatus::Hedged, 500, 100_100));
+        e.add(obs("u2", Side::Candidate, DecisionStatus::Ok, 5, 100_200));
+        e.add(obs("u3", Side::Control, DecisionStatus::Ok, 5, 100_300));
+        e.score_until(100_000 + 1_000 + GRACE_MS);
+        let (control, candidate) = e.arms();
+        assert_eq!((candidate.users, candidate.errors, candidate.timeouts, control.errors), (2, 1, 0, 0));
     }
 
     #[test]

@@ -51,6 +51,7 @@ pub fn plan(request: Request, deployment: &Deployment, routed_at: Millis) -> Pla
         sent_at: request.sent_at,
         routed_at,
         fallback: deployment.spec.fallback.as_ref().map(|f| f.clone().into_bytes()),
+        hedge_model: route.hedge.map(str::to_string),
     };
     let copy = |model: &str, role| ModelRequest {
         request: request.clone(),
