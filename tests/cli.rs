@@ -20,9 +20,15 @@ async fn deploy_status_promote_rollback_and_rejections() {
         "v2",
         "--canary-percent",
         "10",
+        "--hedge",
     ]);
     assert!(ok, "{err}");
-    assert!(out.contains("fraud version 1 written: 10.00% -> v2 (candidate), 90.00% -> v1 (control)"), "{out}");
+    assert!(
+        out.contains(
+            "fraud version 1 written: 10.00% -> v2 (candidate), 90.00% -> v1 (control); hedged: v1 answers when v2 fails"
+        ),
+        "{out}"
+    );
 
     // Invalid input is refused before anything is written.
     let (ok, _, err) = env.cli(&[

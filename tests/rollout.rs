@@ -12,7 +12,7 @@ use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use switchyard::clock;
-use switchyard::codec::{Decision, Request};
+use switchyard::codec::{Decision, DecisionStatus, Request};
 use switchyard::control::watcher;
 use switchyard::kafka::{self, OutRecord};
 use switchyard::record::plan::PlanState;
@@ -24,12 +24,25 @@ use switchyard::rollout::history::{Entry, Verdict};
 async fn deploy_plan(
     env: &Env,
     name: &str,
-    (control, candidate): (&str, &str),
+    models: (&str, &str),
     steps: &[f64],
     bake_ms: u64,
     max_ms: u64,
     extra: &str,
 ) {
+    let spec = plan_spec(name, models, steps, bake_ms, max_ms, extra);
+    switchyard::control::ops::deploy(&env.config, name, spec).await.expect("deploy");
+}
+
+/// The record [`deploy_plan`] writes.
+fn plan_spec(
+    name: &str,
+    (control, candidate): (&str, &str),
+    steps: &[f64],
+    bake_ms: u64,
+    max_ms: u64,
+    extra: &str,
+) -> DeploymentSpec {
     let steps: Vec<String> = steps
         .iter()
         .map(|p| format!(r#"{{"canary_percent":{p},"bake_ms":{bake_ms},"min_sample":20,"max_ms":{max_ms}}}"#))
@@ -42,8 +55,7 @@ async fn deploy_plan(
         steps.join(","),
         clock::now_millis()
     );
-    let spec = DeploymentSpec::from_json(json.as_bytes()).unwrap();
-    switchyard::control::ops::deploy(&env.config, name, spec).await.expect("deploy");
+    DeploymentSpec::from_json(json.as_bytes()).unwrap()
 }
 
 fn steps_first(steps: &[String]) -> f64 {
@@ -249,6 +261,52 @@ async fn plans_promote_a_healthy_candidate_and_guards_roll_back_failing_and_slow
         let kept = before.iter().filter(|(u, c)| *c == "candidate" && after.contains_key(*u)).count();
         assert!(kept > 0 && moved.is_empty(), "step {step}: {kept} candidate users kept, {moved:?} left the cohort");
     }
+    env.stop().await;
+}
+
+/// Safe canaries: a candidate failing 30% of its requests, and one that never answers in time, each
+/// hedged by control. Their users get control's answer (HEDGED) instead of an error or a timeout: not one
+/// MODEL_ERROR or TIMEOUT decision. The error-rate guard still sees the failures and rolls both back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hedged_canary_gives_its_users_no_errors_and_is_still_rolled_back() {
+    let Some(mut env) = Env::new("hedge").await else { return };
+    env.start_service();
+    env.start_model("v1", 2, 0.0, 0.0);
+    env.start_model("flaky", 2, 0.3, 0.0);
+    env.start_model("stalled", 2_500, 0.0, 0.0);
+    for (name, candidate) in [("flaky", "flaky"), ("stalled", "stalled")] {
+        let mut spec = plan_spec(name, ("v1", candidate), &[10.0, 50.0], 3000, 90_000, r#","guards":["error_rate"]"#);
+        spec.hedge = true;
+        switchyard::control::ops::deploy(&env.config, name, spec).await.expect("deploy");
+    }
+    let stop = traffic(&env, &["flaky", "stalled"], 100, 2000);
+    for name in ["flaky", "stalled"] {
+        let d = wait_for(&env, name, Duration::from_secs(120), |d| d.spec.plan.is_none()).await;
+        let change = d.spec.change.as_ref().unwrap();
+        assert_eq!((d.spec.canary_percent, change.actor.as_str()), (0.0, "guard:error_rate"), "{name}: {change:?}");
+    }
+    // Requests routed to the candidates just before the rollback are still decided.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.send(true).unwrap();
+
+    let decisions =
+        env.read::<Decision>(&env.config.topics.decisions, 1, Duration::from_secs(30), Duration::from_secs(3)).await;
+    for name in ["flaky", "stalled"] {
+        let mine: Vec<&Decision> = decisions.iter().map(|r| &r.value).filter(|d| d.deployment == name).collect();
+        let count = |status: DecisionStatus| mine.iter().filter(|d| d.status == status).count();
+        let candidate = mine.iter().filter(|d| d.cohort == "candidate").count();
+        let hedged = count(DecisionStatus::Hedged);
+        eprintln!("{name}: {} decisions, {candidate} served by the candidate's arm, {hedged} hedged", mine.len());
+        assert_eq!(count(DecisionStatus::Ok) + hedged, mine.len(), "{name}: every user got an answer");
+        assert!(
+            mine.iter().all(|d| d.output.is_some() && (d.status == DecisionStatus::Ok || d.model == "v1")),
+            "{name}: a hedged decision carries control's answer"
+        );
+        let share = hedged as f64 / candidate as f64;
+        let want = if name == "flaky" { 0.15..0.45 } else { 0.95..1.0001 };
+        assert!(candidate >= 20 && want.contains(&share), "{name}: {hedged} of {candidate} hedged");
+    }
+    assert!(common::counter("switchyard_decisions_total", &["status=\"HEDGED\""]) > 0.0);
     env.stop().await;
 }
 

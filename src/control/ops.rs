@@ -126,6 +126,9 @@ pub fn describe_split(d: &Deployment) -> String {
     }
     copies.extend(spec.mirror.iter().cloned());
     let mut text = serving;
+    if spec.hedge {
+        let _ = write!(text, "; hedged: {} answers when {candidate} fails", spec.control);
+    }
     if !copies.is_empty() {
         let _ = write!(
             text,
@@ -202,5 +205,14 @@ mod tests {
         );
         assert!(text.contains("version 4 at offset 1: canary_percent must be between 0 and 100"), "{text}");
         assert!(render_status(&r, Some("other"), &BTreeMap::new()).is_err());
+        r.apply(
+            Some(b"fraud"),
+            Some(
+                br#"{"version":5,"strategy":"canary","control":"v1","candidate":"v2","canary_percent":5,"hedge":true}"#,
+            ),
+            2,
+        );
+        let text = render_status(&r, None, &BTreeMap::new()).unwrap();
+        assert!(text.contains("95.00% -> v1 (control); hedged: v1 answers when v2 fails"), "{text}");
     }
 }
