@@ -89,6 +89,7 @@ fn decision(i: u64, at: i64) -> Decision {
         error: None,
         latency_ms: 12,
         decided_at: at,
+        propensity: Some(if i.is_multiple_of(10) { 0.1 } else { 0.9 }),
     }
 }
 

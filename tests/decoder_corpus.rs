@@ -111,6 +111,7 @@ fn records_of_another_schema_are_refused() {
         error: None,
         latency_ms: 1,
         decided_at: 1,
+        propensity: None,
     };
     assert!(codec.decode::<Request>(&codec.encode(&decision)).is_err());
     assert!(codec.decode::<Request>(&codec.encode(&prediction())).is_err());

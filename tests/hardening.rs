@@ -437,6 +437,7 @@ async fn merge_keeps_the_first_routing_of_each_request_across_a_restart() {
             routed_at: clock::now_millis(),
             fallback: None,
             hedge_model: None,
+            propensity: Some(1.0),
         };
         let copy = ModelRequest {
             request: request.clone(),

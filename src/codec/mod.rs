@@ -96,6 +96,36 @@ impl RecordKind {
         });
         &schemas[self as usize]
     }
+
+    /// The schemas of earlier versions of this record, newest first: the schema without its trailing
+    /// fields that have defaults (how switchyard's records grow: a field is only ever appended, with a
+    /// default). A bare Avro record written by an earlier version ends where the fields added since
+    /// begin; read with its writer's schema, the added fields take their defaults.
+    pub fn earlier_schemas(self) -> &'static [Schema] {
+        static EARLIER: OnceLock<Vec<Vec<Schema>>> = OnceLock::new();
+        let earlier = EARLIER.get_or_init(|| {
+            RecordKind::ALL
+                .iter()
+                .map(|kind| {
+                    kind.schema();
+                    let mut json: serde_json::Value =
+                        serde_json::from_str(kind.schema_text()).expect("schemas/ files are JSON");
+                    let mut schemas = Vec::new();
+                    loop {
+                        let fields = json["fields"].as_array_mut().expect("a record schema has fields");
+                        if fields.len() < 2 || fields.last().is_none_or(|f| f.get("default").is_none()) {
+                            break;
+                        }
+                        fields.pop();
+                        let text = serde_json::to_string(&json).expect("JSON serialises");
+                        schemas.push(Schema::parse_str(&text).expect("a prefix of a valid schema is valid"));
+                    }
+                    schemas
+                })
+                .collect()
+        });
+        &earlier[self as usize]
+    }
 }
 
 /// Why bytes could not be read as a record.
@@ -301,15 +331,25 @@ impl Codec {
                 (&bytes[5..], writer)
             }
         };
-        let mut reader = body;
-        let value = match &writer {
-            None => apache_avro::from_avro_datum(T::KIND.schema(), &mut reader, None),
-            Some(writer) => apache_avro::from_avro_datum(writer, &mut reader, Some(T::KIND.schema())),
-        }
-        .map_err(|e| DecodeError::Avro(e.to_string()))?;
-        if !reader.is_empty() {
-            return Err(DecodeError::Trailing(reader.len()));
-        }
+        let read = |writer: Option<&Schema>| {
+            let mut reader = body;
+            let value = match writer {
+                None => apache_avro::from_avro_datum(T::KIND.schema(), &mut reader, None),
+                Some(writer) => apache_avro::from_avro_datum(writer, &mut reader, Some(T::KIND.schema())),
+            }
+            .map_err(|e| DecodeError::Avro(e.to_string()))?;
+            if !reader.is_empty() {
+                return Err(DecodeError::Trailing(reader.len()));
+            }
+            Ok(value)
+        };
+        let value = match (read(writer.as_deref()), &writer) {
+            (Ok(value), _) => value,
+            // Bare Avro names no writer's schema: a record an earlier version wrote lacks the fields
+            // added since (see `RecordKind::earlier_schemas`).
+            (Err(e), None) => T::KIND.earlier_schemas().iter().find_map(|earlier| read(Some(earlier)).ok()).ok_or(e)?,
+            (Err(e), Some(_)) => return Err(e),
+        };
         T::from_value(value)
     }
 }
@@ -423,6 +463,56 @@ mod tests {
         vec![Codec::default(), Codec::new(Framing::Confluent(ids))]
     }
 
+    /// A rolling upgrade reads records the previous version wrote: bare Avro without the fields added
+    /// since (Routed's hedge_model and propensity, Decision's propensity, each a null union: one byte).
+    #[test]
+    fn records_written_before_fields_were_added_still_decode() {
+        let codec = Codec::default();
+        let routed = Routed {
+            request_id: "r".into(),
+            user_id: "u".into(),
+            deployment: "d".into(),
+            strategy: "single".into(),
+            cohort: "control".into(),
+            bucket: 1,
+            config_version: 2,
+            serving_model: "a".into(),
+            shadow_models: vec![],
+            timeout_ms: 500,
+            sent_at: 1,
+            routed_at: 2,
+            fallback: Some(b"0.5".to_vec()),
+            hedge_model: None,
+            propensity: None,
+        };
+        let bytes = codec.encode(&routed);
+        for dropped in 1..=2 {
+            let old = &bytes[..bytes.len() - dropped];
+            assert_eq!(codec.decode::<Routed>(old).unwrap(), routed, "without the last {dropped} field(s)");
+        }
+        assert!(codec.decode::<Routed>(&bytes[..bytes.len() - 3]).is_err(), "fallback has a default too, but cut");
+        let decision = Decision {
+            request_id: "r".into(),
+            user_id: "u".into(),
+            deployment: "d".into(),
+            model: "m".into(),
+            strategy: "canary".into(),
+            cohort: "control".into(),
+            bucket: 3,
+            config_version: 4,
+            status: DecisionStatus::Ok,
+            output: Some(b"0.9".to_vec()),
+            error: None,
+            latency_ms: 12,
+            decided_at: 13,
+            propensity: None,
+        };
+        let bytes = codec.encode(&decision);
+        assert_eq!(codec.decode::<Decision>(&bytes[..bytes.len() - 1]).unwrap(), decision);
+        assert_eq!(RecordKind::Routed.earlier_schemas().len(), 3, "fallback, hedge_model, propensity");
+        assert!(RecordKind::Request.earlier_schemas().len() < 20);
+    }
+
     fn round_trip<T: AvroRecord + PartialEq + std::fmt::Debug>(record: T) {
         // One value tree for both: a map's order is its HashMap's (a clone keeps it).
         let value = record.to_value();
@@ -498,6 +588,7 @@ mod tests {
                 error: Some("late".into()),
                 latency_ms: 12,
                 decided_at: 13,
+                propensity: Some(0.25),
             });
         }
         round_trip(ShadowComparison {
@@ -527,6 +618,7 @@ mod tests {
             routed_at: 2,
             fallback: Some(b"0.5".to_vec()),
             hedge_model: Some("a".into()),
+            propensity: Some(0.9),
         });
         round_trip(MergeState {
             request_id: "r".into(),

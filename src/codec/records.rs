@@ -95,6 +95,9 @@ pub struct Decision {
     pub error: Option<String>,
     pub latency_ms: i64,
     pub decided_at: Millis,
+    /// The probability with which the request's side was chosen (the share of users the deployment
+    /// version gave it); None when an override or a rule chose it. Offline evaluation weighs by it.
+    pub propensity: Option<f64>,
 }
 
 /// A shadow model's answer next to the served one.
@@ -131,6 +134,8 @@ pub struct Routed {
     /// A hedged canary: the shadow model (control) whose answer is served when the serving model errs
     /// or misses the deadline.
     pub hedge_model: Option<String>,
+    /// See [`Decision::propensity`].
+    pub propensity: Option<f64>,
 }
 
 /// Header of a routed record naming the request it was made from, `<partition>:<offset>` of the
@@ -516,6 +521,7 @@ impl AvroRecord for Decision {
             ("error", opt_string(&self.error)),
             ("latency_ms", Value::Long(self.latency_ms)),
             ("decided_at", Value::TimestampMillis(self.decided_at)),
+            ("propensity", opt_double(self.propensity)),
         ])
     }
 
@@ -536,6 +542,7 @@ impl AvroRecord for Decision {
             error: f.opt_string("error")?,
             latency_ms: f.long("latency_ms")?,
             decided_at: f.long("decided_at")?,
+            propensity: f.opt_double("propensity")?,
         })
     }
 }
@@ -713,6 +720,7 @@ impl AvroRecord for Routed {
             ("routed_at", Value::TimestampMillis(self.routed_at)),
             ("fallback", opt_bytes(&self.fallback)),
             ("hedge_model", opt_string(&self.hedge_model)),
+            ("propensity", opt_double(self.propensity)),
         ])
     }
 
@@ -733,6 +741,7 @@ impl AvroRecord for Routed {
             routed_at: f.long("routed_at")?,
             fallback: f.opt_bytes("fallback")?,
             hedge_model: f.opt_string("hedge_model")?,
+            propensity: f.opt_double("propensity")?,
         })
     }
 }

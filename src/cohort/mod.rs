@@ -10,7 +10,7 @@ use crate::record::plan::GuardKind;
 use crate::record::{Deployment, Rule, Side, Strategy};
 
 /// Where one request goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Route<'a> {
     /// The model whose answer becomes the decision.
     pub serving: &'a str,
@@ -25,6 +25,10 @@ pub struct Route<'a> {
     pub hedge: Option<&'a str>,
     /// The attribute rule that chose the side, if one did.
     pub rule: Option<&'a Rule>,
+    /// The probability that a user drawn at random gets this side under this deployment version (the
+    /// share of buckets it owns): the propensity an offline evaluation weighs the decision by. None when
+    /// an override or a rule chose the side (not randomised).
+    pub propensity: Option<f64>,
 }
 
 impl Route<'_> {
@@ -96,7 +100,16 @@ pub fn route<'a>(deployment: &'a Deployment, user_id: &str, attributes: &HashMap
         shadows.push(control);
     }
 
-    Route { serving: deployment.model_for(cohort), cohort, bucket, shadows, hedge, rule }
+    let propensity = match (pinned, spec.strategy) {
+        (Some(_), _) => None,
+        (None, Strategy::Canary) => {
+            let share = f64::from(deployment.canary_threshold) / f64::from(crate::record::deployment::BUCKETS);
+            Some(if cohort == Side::Candidate { share } else { 1.0 - share })
+        }
+        (None, _) => Some(1.0),
+    };
+
+    Route { serving: deployment.model_for(cohort), cohort, bucket, shadows, hedge, rule, propensity }
 }
 
 #[cfg(test)]
@@ -213,6 +226,27 @@ mod tests {
         deployment(&format!(
             r#"{{"version":1,"strategy":"canary","control":"v1","candidate":"v2","canary_percent":{percent}}}"#
         ))
+    }
+
+    #[test]
+    fn the_propensity_is_the_share_of_the_side_and_none_when_not_randomised() {
+        let d = deployment(
+            r#"{"version":1,"strategy":"canary","control":"v1","candidate":"v2","canary_percent":12.5,
+                "overrides":{"vip":"candidate"},"rules":[{"attribute":"country","values":["DE"],"side":"control"}]}"#,
+        );
+        let by_side = |user: &str| {
+            let r = route(&d, user, &NONE);
+            (r.cohort, r.propensity)
+        };
+        let sides: Vec<_> = (0..400).map(|i| by_side(&format!("u{i}"))).collect();
+        assert!(sides.contains(&(Side::Candidate, Some(0.125))) && sides.contains(&(Side::Control, Some(0.875))));
+        assert!(sides.iter().all(|(side, p)| *p == Some(if *side == Side::Candidate { 0.125 } else { 0.875 })));
+        assert_eq!(by_side("vip"), (Side::Candidate, None));
+        let de: HashMap<String, String> = [("country".to_string(), "DE".to_string())].into();
+        assert_eq!(route(&d, "u1", &de).propensity, None);
+        assert_eq!(route(&canary(0.0), "u1", &NONE).propensity, Some(1.0));
+        let single = deployment(r#"{"version":1,"strategy":"single","control":"v1"}"#);
+        assert_eq!(route(&single, "u1", &NONE).propensity, Some(1.0));
     }
 
     #[test]

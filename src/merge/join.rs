@@ -537,6 +537,7 @@ fn decision(
         error,
         latency_ms: (now - routed.sent_at).max(0),
         decided_at: now,
+        propensity: routed.propensity,
     }
 }
 
@@ -597,6 +598,7 @@ mod tests {
             routed_at: 1000,
             fallback: None,
             hedge_model: None,
+            propensity: Some(1.0),
         }
     }
 

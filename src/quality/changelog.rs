@@ -227,6 +227,7 @@ mod tests {
             error: None,
             latency_ms: 10,
             decided_at: 1_000,
+            propensity: None,
         }
     }
 

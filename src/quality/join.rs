@@ -524,6 +524,7 @@ mod tests {
             error: None,
             latency_ms: 10,
             decided_at: at,
+            propensity: Some(0.5),
         }
     }
 

@@ -677,6 +677,7 @@ mod tests {
             error: None,
             latency_ms: 30,
             decided_at: 1_000,
+            propensity: None,
         };
         assert_eq!(Observation::of(&decision("candidate")).map(|o| (o.arm, o.sent_at)), Some((Side::Candidate, 970)));
         assert_eq!(Observation::of(&decision("candidate:rule:country")), None, "not randomised: left out");

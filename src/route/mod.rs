@@ -52,6 +52,7 @@ pub fn plan(request: Request, deployment: &Deployment, routed_at: Millis) -> Pla
         routed_at,
         fallback: deployment.spec.fallback.as_ref().map(|f| f.clone().into_bytes()),
         hedge_model: route.hedge.map(str::to_string),
+        propensity: route.propensity,
     };
     let copy = |model: &str, role| ModelRequest {
         request: request.clone(),
