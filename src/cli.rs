@@ -10,7 +10,7 @@ use crate::codec::Codec;
 use crate::config::Config;
 use crate::control::{ops, watcher};
 use crate::error::{Error, Result};
-use crate::record::plan::{Plan, PlanState};
+use crate::record::plan::{Loss, Plan, PlanState};
 use crate::record::{DeploymentSpec, Rule, Side, Strategy};
 use crate::service::{self, Roles};
 use crate::shutdown::{self, ShutdownTrigger};
@@ -80,6 +80,22 @@ pub enum Command {
     },
     /// Every change of a deployment (or of all), accepted or rejected: by whom, why, with the evidence.
     History { deployment: Option<String> },
+    /// Estimate what another split would have given, from the decisions of the last `--minutes` and
+    /// their scored labels: failure rate and loss under `--candidate-percent`, doubly robust and inverse
+    /// propensity, with 95% intervals.
+    Evaluate {
+        deployment: String,
+        /// The split to evaluate: the candidate's share of users, 0–100.
+        #[arg(long, value_parser = parse_percent)]
+        candidate_percent: f64,
+        /// How far back to read decisions.
+        #[arg(long, default_value_t = 60)]
+        minutes: u64,
+        /// The loss of scored answers: zero_one, brier, log_loss (classification), absolute, squared
+        /// (regression).
+        #[arg(long, value_parser = parse_json_enum::<Loss>, default_value = "zero_one")]
+        loss: Loss,
+    },
     /// Delete a deployment (tombstone).
     Delete { deployment: String },
     /// Create the service's topics.
@@ -380,6 +396,13 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::History { deployment } => {
             let entries = rollout::report::read_history(&config, deployment.as_deref()).await?;
             print!("{}", rollout::report::render_history(&entries));
+            Ok(())
+        }
+        Command::Evaluate { deployment, candidate_percent, minutes, loss } => {
+            let since = clock::now_millis() - (minutes * 60_000) as i64;
+            let text =
+                rollout::report::evaluate(&config, &codec, &deployment, candidate_percent / 100.0, since, loss).await?;
+            print!("{text}");
             Ok(())
         }
         Command::Delete { deployment } => {

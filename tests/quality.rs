@@ -586,3 +586,76 @@ async fn large_answers_are_scored_and_never_stall_their_partitions() {
     }
     env.stop().await;
 }
+
+/// `switchyard evaluate` on a 90/10 canary: control 90% accurate and never failing, the candidate 70%
+/// accurate and failing 20% of requests. A 50/50 split would fail 10% of requests and be wrong on 20%
+/// of the answered ones: both estimates' intervals hold those truths, and the candidate's failures show
+/// in its logged arm. An override's requests are not randomised and are left out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evaluate_estimates_a_fifty_fifty_split_from_a_ninety_ten_canary() {
+    let Some(mut env) = Env::new("evaluate").await else { return };
+    env.deploy(
+        "fraud",
+        r#"{"strategy":"canary","control":"v1","candidate":"v2","canary_percent":10,"timeout_ms":5000,
+            "quality":{},"overrides":{"user-0":"candidate"}}"#,
+    )
+    .await;
+    env.start_service();
+    for (model, accuracy, error_rate) in [("v1", 0.9, 0.0), ("v2", 0.7, 0.2)] {
+        env.start_worker(DemoModel {
+            model: model.into(),
+            latency: Duration::from_millis(2),
+            error_rate,
+            disagree_percent: 0.0,
+            accuracy: Some(accuracy),
+        });
+    }
+    env.start_labeller(Duration::from_millis(300));
+    let sent = requests("fraud", "eval", 6_000, 3_000);
+    for chunk in sent.chunks(500) {
+        env.send(chunk).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Wait until the answered decisions have their scored labels.
+    let parse = |text: &str, what: &str, estimator: &str| -> Option<(f64, f64, f64)> {
+        let line = text.lines().find(|l| l.trim_start().starts_with(what))?;
+        let rest = &line[line.find(&format!("{estimator} "))? + estimator.len() + 1..];
+        let numbers: Vec<f64> = rest
+            .split(|c: char| !(c.is_ascii_digit() || c == '.' || c == '-'))
+            .filter(|s| !s.is_empty())
+            .take(3)
+            .map(|s| s.parse().unwrap())
+            .collect();
+        Some((numbers[0], numbers[1], numbers[2]))
+    };
+    let start = std::time::Instant::now();
+    let text = loop {
+        let (ok, text, err) = env.cli(&["evaluate", "fraud", "--candidate-percent", "50", "--minutes", "10"]);
+        assert!(ok, "{err}");
+        let scored = text.lines().find(|l| l.contains("zero_one loss")).and_then(|l| {
+            let arms = &l[l.find("logged by arm")?..];
+            Some(
+                arms.split("n=").skip(1).map(|n| n.split(')').next().unwrap().parse::<usize>().unwrap()).sum::<usize>(),
+            )
+        });
+        if text.contains("5998 decisions with a known propensity") && scored.is_some_and(|n| n >= 5_300) {
+            break text;
+        }
+        assert!(start.elapsed() < LIMIT, "not all decided and scored: {text}");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    };
+    eprintln!("{text}");
+    assert!(text.contains("2 left out"), "user-0's two requests: {text}");
+    for (what, truth, estimators) in [("failure rate", 0.1, &["DR", "IPS"][..]), ("zero_one loss", 0.2, &["DR"])] {
+        for estimator in estimators {
+            let (value, low, high) = parse(&text, what, estimator).unwrap();
+            assert!(low <= truth && truth <= high, "{what} {estimator}: {value} [{low}, {high}] misses {truth}");
+            assert!(high - low < 0.1, "{what} {estimator}: an interval that says something");
+        }
+    }
+    assert!(text.contains("failure rate") && text.contains("control 0.0000"), "{text}");
+    let (ok, text, _) = env.cli(&["evaluate", "fraud", "--candidate-percent", "10", "--minutes", "10"]);
+    let (value, _, _) = parse(&text, "failure rate", "DR").unwrap();
+    assert!(ok && (0.005..0.04).contains(&value), "the split that ran: about 2% failed: {text}");
+    env.stop().await;
+}

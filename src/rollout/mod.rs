@@ -13,11 +13,13 @@
 //!   progress, not from a wait.
 //! - [`decide`]: the next deployment record the controller writes, with actor, reason and figures.
 //! - [`history`]: the audit entry of each deployments-topic record, and its rendering.
+//! - [`offline`]: what another split would have given, estimated from the logged decisions and their
+//!   propensities (inverse propensity, doubly robust), for `switchyard evaluate`.
 //!
 //! Kafka:
 //! - [`feed`]: reads the decisions of every partition from a point in time; route's and merge's progress.
 //! - [`controller`]: the one leader among the instances that drives the plans and writes the history.
-//! - [`report`]: what `status` and `history` read and print.
+//! - [`report`]: what `status`, `history` and `evaluate` read and print.
 
 pub(crate) mod controller;
 pub(crate) mod decide;
@@ -25,6 +27,7 @@ pub(crate) mod evidence;
 pub(crate) mod feed;
 pub(crate) mod guard;
 pub mod history;
+pub mod offline;
 pub(crate) mod plan;
 pub(crate) mod probation;
 pub(crate) mod report;

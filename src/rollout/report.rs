@@ -313,6 +313,105 @@ pub async fn probation_status(config: &Config, codec: &Codec, d: &Deployment) ->
     Ok(out)
 }
 
+/// `switchyard evaluate`: what a split giving the candidate `candidate_share` (0..=1) would have given
+/// over the decisions of `name` since `since`, estimated from the splits that ran (see
+/// [`super::offline`]): the failure rate (decisions not OK) from every decision with a propensity, and
+/// the `loss` from those with a scored label.
+pub async fn evaluate(
+    config: &Config,
+    codec: &Codec,
+    name: &str,
+    candidate_share: f64,
+    since: crate::codec::Millis,
+    loss: crate::record::plan::Loss,
+) -> Result<String> {
+    use super::offline::{self, Logged};
+    use crate::codec::DecisionStatus;
+    use crate::record::Side;
+    use std::collections::HashMap;
+
+    let mut decisions: HashMap<String, (Logged, bool)> = HashMap::new();
+    let mut not_randomised = 0u64;
+    read_all(
+        config,
+        codec,
+        &config.topics.decisions,
+        since,
+        |d: &Decision| d.decided_at,
+        |d| {
+            if d.deployment != name || d.decided_at < since {
+                return;
+            }
+            let arm = match d.cohort.as_str() {
+                "control" => Some(Side::Control),
+                "candidate" => Some(Side::Candidate),
+                _ => None,
+            };
+            match (arm, d.propensity.filter(|p| *p > 0.0)) {
+                (Some(arm), Some(propensity)) => {
+                    let failed = f64::from(u8::from(d.status != DecisionStatus::Ok));
+                    let logged = Logged { user: d.user_id, arm, propensity, reward: failed };
+                    decisions.insert(d.request_id, (logged, false));
+                }
+                _ => not_randomised += 1,
+            }
+        },
+    )
+    .await?;
+    let mut losses = Vec::new();
+    read_all(
+        config,
+        codec,
+        &config.topics.scored_outcomes,
+        since,
+        |s: &ScoredOutcome| s.observed_at,
+        |s| {
+            if s.deployment != name || s.role != "serving" {
+                return;
+            }
+            if let (Some((logged, seen)), Some(value)) = (decisions.get_mut(&s.request_id), loss.of(&s)) {
+                if !*seen {
+                    *seen = true;
+                    losses.push(Logged { reward: value, ..logged.clone() });
+                }
+            }
+        },
+    )
+    .await?;
+    let failures: Vec<Logged> = decisions.into_values().map(|(logged, _)| logged).collect();
+    let mut out = format!(
+        "{name}: {} decisions with a known propensity, {} left out (an override or a rule chose their side)\n",
+        failures.len(),
+        not_randomised
+    );
+    let _ = writeln!(out, "  target split: candidate {:.2}%", candidate_share * 100.0);
+    let estimate = |e: Option<offline::Estimate>| match e {
+        Some(e) => format!("{:.4} [{:.4}, {:.4}]", e.value, e.low, e.high),
+        None => "not estimable (an arm the split uses was never served)".to_string(),
+    };
+    let arms = |logs: &[Logged]| {
+        let arms: Vec<String> =
+            offline::arm_means(logs).iter().map(|(arm, mean, n)| format!("{arm} {mean:.4} (n={n})")).collect();
+        if arms.is_empty() { "none".to_string() } else { arms.join(", ") }
+    };
+    let _ = writeln!(
+        out,
+        "  failure rate: DR {}; IPS {}; logged by arm: {}",
+        estimate(offline::doubly_robust(&failures, candidate_share)),
+        estimate(offline::ips(&failures, candidate_share)),
+        arms(&failures)
+    );
+    // Only answered, labelled decisions have a loss: not a sample of decisions as logged, so no IPS.
+    let _ = writeln!(
+        out,
+        "  {} loss of answered requests: DR {}; logged by arm: {}",
+        loss.as_str(),
+        estimate(offline::doubly_robust(&losses, candidate_share)),
+        arms(&losses)
+    );
+    Ok(out)
+}
+
 /// Reads every record of `topic` written from `from` on that was there when it opened (at most
 /// [`READ_LIMIT`]), handing each to `f`.
 async fn read_all<T: crate::codec::AvroRecord>(
