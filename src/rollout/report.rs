@@ -369,11 +369,10 @@ pub async fn evaluate(
             if s.deployment != name || s.role != "serving" {
                 return;
             }
-            if let (Some((logged, seen)), Some(value)) = (decisions.get_mut(&s.request_id), loss.of(&s)) {
-                if !*seen {
-                    *seen = true;
-                    losses.push(Logged { reward: value, ..logged.clone() });
-                }
+            // One loss per decision: a label scored twice (a replay) counts once.
+            if let (Some((logged, seen @ false)), Some(value)) = (decisions.get_mut(&s.request_id), loss.of(&s)) {
+                *seen = true;
+                losses.push(Logged { reward: value, ..logged.clone() });
             }
         },
     )
