@@ -192,6 +192,7 @@ class Scenario:
         self.big = {}            # request_id -> value size of deliberately big requests
         self.big_answers = {}    # request_id -> (prediction value size, models that answer it so)
         self.answers = {}        # (request_id, model) -> output of a big answer, once built
+        self.failing = {}        # model -> percent of requests it answers with an error (see `fails`)
         self.garbage = 0
         self.rss_samples = []
         self.notes = {}
@@ -295,6 +296,11 @@ class Scenario:
             self.answers[key] = prediction["output"]
         return self.answers[key]
 
+    def fails(self, model, request_id):
+        """Whether `model` answers this request with an error: deterministic, so the check knows."""
+        percent = self.failing.get(model, 0)
+        return percent > 0 and mmh3.hash(f"fail:{model}:{request_id}".encode(), 0, signed=False) % 100 < percent
+
     def start_worker(self, model, partitioner=None):
         """A model worker written from the documented contract, as another team would: confluent-kafka with
         its default partitioner (not murmur2) unless another is given, read_committed input, same key and
@@ -333,6 +339,8 @@ class Scenario:
                     prediction = {"request_id": request["request_id"], "model": model,
                                   "output": self.answer_output(model, request["request_id"], request["payload"]),
                                   "error": None, "produced_at": int(time.time() * 1000)}
+                    if self.fails(model, request["request_id"]):
+                        prediction["output"], prediction["error"] = None, "injected failure"
                     value = encode("Prediction", prediction)
                     size = self.big_answers.get(request["request_id"], (None, ()))[0]
                     if model in self.big_answers.get(request["request_id"], (None, ()))[1] and len(value) != size:
@@ -627,7 +635,7 @@ class Scenario:
                 versions[d["config_version"]] += 1
                 if d["model"] != self.expected_model(user, d):
                     wrong_model += 1
-                if d["status"] == "OK" and d["output"] != self.answer_output(d["model"], rid, payload):
+                if d["status"] in ("OK", "HEDGED") and d["output"] != self.answer_output(d["model"], rid, payload):
                     shadow_served += 1
         # per-user order, on the decisions topic (one partition per user), among the decisions of one
         # serving model: a decision comes when its model answers, and two models answer at their own pace
@@ -806,6 +814,48 @@ def canary_10(s, a):
     s.setup(deploy=["--strategy", "canary", "--control", CONTROL, "--candidate", CANDIDATE, "--canary-percent", "10"])
     s.expected_model = lambda user, d: CANDIDATE if bucket(s.deployment, user) < 1000 else CONTROL
     s.produce(a.count, a.rate, a.users)
+
+
+def hedged_canary_kill9(s, a):
+    """Safe canary: a 30% canary whose candidate fails 30% of its requests, hedged by control, while the
+    instance is killed with SIGKILL twice. Each candidate user's request the candidate fails is decided
+    HEDGED with control's answer, every other one OK with the candidate's: no MODEL_ERROR, and exactly
+    one decision each, across the crashes."""
+    s.failing[CANDIDATE] = 30
+    s.setup(deploy=["--strategy", "canary", "--control", CONTROL, "--candidate", CANDIDATE,
+                    "--canary-percent", "30", "--hedge"], models=False)
+    s.start_model(CONTROL)
+    s.start_worker(CANDIDATE, partitioner="murmur2_random")   # this file's worker: it can fail on purpose
+    candidate_user = lambda user: bucket(s.deployment, user) < 3000
+    s.expected_model = lambda user, d: CONTROL if d["status"] == "HEDGED" or not candidate_user(user) else CANDIDATE
+    def crash_and_restart():
+        s.signal_instance(0, signal.SIGKILL)
+        time.sleep(1)
+        s.start_instance(0)
+    s.produce(a.count, a.rate, a.users, events=[(a.duration * f, crash_and_restart) for f in (0.3, 0.6)])
+
+    def check(result):
+        users = {r: u for r, u, _ in s.sent}
+        decisions = s.read_all(s.topics["DECISIONS"], len(s.sent), 60, group_suffix="hedge")
+        wrong = hedged = 0
+        for m in decisions:
+            d = decode("Decision", m.value())
+            rid = d["request_id"]
+            if rid not in users or d["status"] == "TIMEOUT":
+                continue
+            if candidate_user(users[rid]) and s.fails(CANDIDATE, rid):
+                want = "HEDGED"
+            else:
+                want = "OK"
+            hedged += d["status"] == "HEDGED"
+            wrong += d["status"] != want
+        result["hedged"] = hedged
+        result["hedged_wrongly_or_not"] = wrong
+        if result["statuses"].get("MODEL_ERROR", 0):
+            s.fail(f"{result['statuses']['MODEL_ERROR']} MODEL_ERROR decisions: a hedged canary's users saw its errors")
+        if wrong or not hedged:
+            s.fail(f"{wrong} decisions not as the hedge rule says ({hedged} hedged)")
+    s.after_check.append(check)
 
 
 def shadow(s, a):
@@ -1615,13 +1665,13 @@ CLUSTER_SCENARIOS = {f.__name__: f for f in (cluster_coordinator_kill9, cluster_
 SCENARIOS = {f.__name__: f for f in (canary_10, shadow, blue_green, kill9_instance, sigterm_bounce, scale_1_3_1, broker_kill9, model_stall,
                                      sigstop_instance, stalled_backpressure, garbage_mix, restart_gap_100, restart_gap_1000,
                                      sigterm_handover, dead_instance, oversized_mix, foreign_partitioner_worker, compaction,
-                                     controller_failover, large_answers_scored, route_replay)}
+                                     controller_failover, large_answers_scored, route_replay, hedged_canary_kill9)}
 
 EXTRAS = ("stall_s", "stall_open", "delay_max_s", "dead_letters", "dead_lettered", "garbage", "rss_mib_max", "zombie_transactions_refused", "zombie_partitions_lost",
           "intake_paused", "shadow_comparisons", "versions", "exit_code", "big_outcomes", "forwarded", "written_back",
           "status_candidate_percent", "changes", "killed_leader", "status_controller", "history_entries",
           "decided_and_dead_lettered", "score_s", "scored", "big_scores", "killed", "frozen", "rolled", "stuck_calls_replaced", "timeouts_outside_faults", "timeouts_starting",
-          "instances_running_at_end", "routed_copies", "routed_again_under_a_new_version", "not_decided_as_first_routing", "failed")
+          "instances_running_at_end", "routed_copies", "routed_again_under_a_new_version", "not_decided_as_first_routing", "hedged", "hedged_wrongly_or_not", "failed")
 
 
 def run_scenario(name, a):
