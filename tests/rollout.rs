@@ -310,6 +310,56 @@ async fn a_hedged_canary_gives_its_users_no_errors_and_is_still_rolled_back() {
     env.stop().await;
 }
 
+/// Adaptive allocation: a bandit between a control failing 20% of requests and a candidate that never
+/// fails moves most traffic to the candidate, one interval at a time, and users only ever move onto the
+/// arm that grows; the other way round the candidate's share falls to the floor (or its error guard
+/// rolls it back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bandit_moves_traffic_to_the_better_arm_and_keeps_users_where_their_arm_grows() {
+    let Some(mut env) = Env::new("bandit").await else { return };
+    env.start_service();
+    env.start_model("shaky", 2, 0.2, 0.0);
+    env.start_model("steady", 2, 0.0, 0.0);
+    let bandit = r#","guards":["error_rate","timeout_rate"],
+        "bandit":{"interval_ms":2000,"floor_percent":5,"max_change_percent":30}"#;
+    deploy_plan(&env, "up", ("shaky", "steady"), &[10.0], 0, 300_000, bandit).await;
+    deploy_plan(&env, "down", ("steady", "shaky"), &[50.0], 0, 300_000, bandit).await;
+    let stop = traffic(&env, &["up", "down"], 100, 2000);
+    let up = wait_for(&env, "up", Duration::from_secs(90), |d| d.spec.canary_percent >= 80.0).await;
+    let down = wait_for(&env, "down", Duration::from_secs(90), |d| d.spec.canary_percent <= 5.0).await;
+    stop.send(true).unwrap();
+    assert!(up.spec.plan.is_some(), "no guard fired on the better candidate: {:?}", up.spec.change);
+    eprintln!("down ended at {}%: {:?}", down.spec.canary_percent, down.spec.change);
+
+    let entries = settled_history(&env, "up").await;
+    let shares: Vec<f64> = read_all(&env, &env.config.topics.deployments)
+        .await
+        .into_iter()
+        .filter(|(_, key, _)| key == "up")
+        .map(|(_, _, v)| DeploymentSpec::from_json(&v.unwrap()).unwrap().canary_percent)
+        .collect();
+    eprintln!("up: shares {shares:?}");
+    assert!(shares.windows(2).all(|w| w[1] > w[0]), "the share only grew: {shares:?}");
+    assert!(entries[1..].iter().all(|e| e.change.as_ref().unwrap().reason.contains("bandit (errors reward)")));
+    // Stickiness: a user served by the candidate under one version is served by it under every later one.
+    let decisions =
+        env.read::<Decision>(&env.config.topics.decisions, 1, Duration::from_secs(30), Duration::from_secs(3)).await;
+    let mut by_version: BTreeMap<i64, HashMap<String, String>> = BTreeMap::new();
+    for d in decisions.iter().map(|r| &r.value).filter(|d| d.deployment == "up") {
+        by_version.entry(d.config_version).or_default().insert(d.user_id.clone(), d.cohort.clone());
+        let want = shares[d.config_version as usize - 1] / 100.0;
+        let got = if d.cohort == "candidate" { want } else { 1.0 - want };
+        assert_eq!(d.propensity, Some(got), "each decision carries its side's share under its version");
+    }
+    let versions: Vec<&HashMap<String, String>> = by_version.values().collect();
+    for pair in versions.windows(2) {
+        let left =
+            pair[0].iter().filter(|(u, c)| *c == "candidate" && pair[1].get(*u).is_some_and(|c| c != "candidate"));
+        assert_eq!(left.count(), 0, "nobody left the growing arm");
+    }
+    env.stop().await;
+}
+
 /// Two instances; the one leading the controller is killed with SIGKILL while the plan runs. The other
 /// takes over, the plan completes, and each step's record is on the deployments topic once and in the
 /// history once.

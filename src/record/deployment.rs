@@ -261,6 +261,8 @@ pub enum InvalidDeployment {
     Plan(#[from] InvalidPlan),
     #[error("canary_percent {got} is not the share of the plan's current step {step} ({want})")]
     PlanShare { got: f64, step: usize, want: f64 },
+    #[error("canary_percent {got} is outside the bandit's bounds ({floor} to {ceiling})")]
+    BanditShare { got: f64, floor: f64, ceiling: f64 },
     #[error("{0}")]
     Probation(#[from] InvalidProbation),
 }
@@ -368,9 +370,17 @@ impl DeploymentSpec {
                 return Err(InvalidDeployment::PlanStrategy(self.strategy));
             }
             plan.validate()?;
-            let want = plan.current().canary_percent;
-            if threshold(want) != canary_threshold {
-                return Err(InvalidDeployment::PlanShare { got: self.canary_percent, step: plan.step + 1, want });
+            if let Some(bandit) = &plan.bandit {
+                // The bandit moves the share within its bounds; the step's share is only where it began.
+                let (floor, ceiling) = (bandit.floor_percent, 100.0 - bandit.floor_percent);
+                if canary_threshold < threshold(floor) || canary_threshold > threshold(ceiling) {
+                    return Err(InvalidDeployment::BanditShare { got: self.canary_percent, floor, ceiling });
+                }
+            } else {
+                let want = plan.current().canary_percent;
+                if threshold(want) != canary_threshold {
+                    return Err(InvalidDeployment::PlanShare { got: self.canary_percent, step: plan.step + 1, want });
+                }
             }
         }
         if let Some(probation) = &self.probation {
@@ -457,6 +467,18 @@ mod tests {
             (&big_fallback, "at most 65536"),
             (r#"{"version":1,"strategy":"single","control":"m","overrides":{"u":"blue"}}"#, "unknown variant"),
             (r#"{"version":1,"strategy":"blue_green","control":"m","candidate":"n","hedge":true}"#, "hedge makes"),
+            (
+                r#"{"version":1,"strategy":"canary","control":"m","candidate":"n","canary_percent":5,"plan":{"steps":[{"canary_percent":5,"bake_ms":0,"min_sample":1,"max_ms":1}],"step_started_at":1,"bandit":{}}}"#,
+                "not the sample_ratio guard",
+            ),
+            (
+                r#"{"version":1,"strategy":"canary","control":"m","candidate":"n","canary_percent":2,"plan":{"steps":[{"canary_percent":5,"bake_ms":0,"min_sample":1,"max_ms":1}],"step_started_at":1,"guards":["error_rate"],"bandit":{}}}"#,
+                "outside the bandit's bounds (5 to 95)",
+            ),
+            (
+                r#"{"version":1,"strategy":"canary","control":"m","candidate":"n","canary_percent":5,"plan":{"steps":[{"canary_percent":5,"bake_ms":0,"min_sample":1,"max_ms":1}],"step_started_at":1,"guards":["error_rate"],"bandit":{"reward":"quality"}}}"#,
+                "reward quality needs the quality guard",
+            ),
             (
                 r#"{"version":1,"strategy":"shadow","control":"m","candidate":"n","plan":{"steps":[{"canary_percent":5,"bake_ms":0,"min_sample":1,"max_ms":1}],"step_started_at":1}}"#,
                 "strategy must be canary",

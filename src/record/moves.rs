@@ -38,6 +38,11 @@ fn next_of(current: &DeploymentSpec, version: u64) -> DeploymentSpec {
     next.version = version;
     next.change = None;
     next.probation = None;
+    if let Some(plan) = next.plan.as_mut() {
+        // A move starts the step's evidence afresh; only a bandit's reallocation continues it.
+        plan.step_version = None;
+        plan.allocated_at = None;
+    }
     next
 }
 
@@ -72,6 +77,21 @@ pub fn rollback(current: &DeploymentSpec, version: u64) -> Result<DeploymentSpec
         }
     }
     next.overrides.retain(|_, side| *side == Side::Control);
+    Ok(next)
+}
+
+/// A bandit moves the canary to `percent` at `now` (its plan stays in its step).
+pub fn reallocate(
+    current: &DeploymentSpec,
+    version: u64,
+    percent: f64,
+    now: Millis,
+) -> Result<DeploymentSpec, MoveError> {
+    let mut next = next_of(current, version);
+    let plan = next.plan.as_mut().filter(|p| p.bandit.is_some()).ok_or(MoveError::NoPlan("reallocate"))?;
+    plan.allocated_at = Some(now);
+    plan.step_version = Some(current.plan.as_ref().and_then(|p| p.step_version).unwrap_or(current.version));
+    next.canary_percent = percent;
     Ok(next)
 }
 

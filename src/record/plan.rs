@@ -209,6 +209,57 @@ impl Default for DisagreementGuard {
     }
 }
 
+/// Adaptive allocation (`rollout::bandit`): instead of walking steps, the controller moves the canary's
+/// share every `interval_ms` toward the probability that the candidate is the better arm (Thompson
+/// sampling's probability matching), keeping each arm at least `floor_percent` and moving at most
+/// `max_change_percent` per interval. The plan's one step gives the starting share and, in `max_ms`,
+/// how long the bandit runs before the plan pauses with the split where it is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bandit {
+    #[serde(default = "default_bandit_interval_ms")]
+    pub interval_ms: u64,
+    #[serde(default = "default_floor_percent")]
+    pub floor_percent: f64,
+    #[serde(default = "default_max_change_percent")]
+    pub max_change_percent: f64,
+    /// What makes an arm better: `errors` (fewer decisions not OK: errors, timeouts, fallbacks, hedged),
+    /// or `quality` (a lower mean loss of `quality_guard.loss` on scored labels, a loss within 0..1).
+    #[serde(default)]
+    pub reward: BanditReward,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BanditReward {
+    #[default]
+    Errors,
+    Quality,
+}
+
+fn default_bandit_interval_ms() -> u64 {
+    60_000
+}
+
+fn default_floor_percent() -> f64 {
+    5.0
+}
+
+fn default_max_change_percent() -> f64 {
+    10.0
+}
+
+impl Default for Bandit {
+    fn default() -> Self {
+        Bandit {
+            interval_ms: default_bandit_interval_ms(),
+            floor_percent: default_floor_percent(),
+            max_change_percent: default_max_change_percent(),
+            reward: BanditReward::default(),
+        }
+    }
+}
+
 fn default_guards() -> Vec<GuardKind> {
     GuardKind::ALL.to_vec()
 }
@@ -247,6 +298,23 @@ pub struct Plan {
     pub step_started_at: Millis,
     #[serde(default)]
     pub state: PlanState,
+    /// Adaptive allocation instead of fixed steps (see [`Bandit`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandit: Option<Bandit>,
+    /// A bandit's last move of the share (ms since the epoch); the step's start before the first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocated_at: Option<Millis>,
+    /// The record version that started the current step, when later versions continue it (a bandit's
+    /// moves): the step's evidence is the decisions of that version and after. None: this version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_version: Option<u64>,
+}
+
+impl Plan {
+    /// The first version whose decisions are the current step's evidence, for a record of `version`.
+    pub fn evidence_from(&self, version: u64) -> u64 {
+        self.step_version.unwrap_or(version)
+    }
 }
 
 /// Most steps a plan may have.
@@ -282,6 +350,12 @@ pub enum InvalidPlan {
     QualityGuard,
     #[error("disagreement_guard: max_rate must be above 0 and below 1, got {0}")]
     DisagreementGuard(f64),
+    #[error(
+        "bandit: one step (its share is where allocation starts), interval_ms at least 1000, floor_percent \
+         above 0 and below 50, max_change_percent above 0 and at most 100, and not the sample_ratio guard \
+         (its null is a fixed share: list the guards without it); reward quality needs the quality guard"
+    )]
+    Bandit,
 }
 
 impl Plan {
@@ -334,6 +408,18 @@ impl Plan {
             && !(g.max_rate > 0.0 && g.max_rate < 1.0)
         {
             return Err(InvalidPlan::DisagreementGuard(g.max_rate));
+        }
+        if let Some(b) = &self.bandit
+            && !(self.steps.len() == 1
+                && b.interval_ms >= 1_000
+                && b.floor_percent > 0.0
+                && b.floor_percent < 50.0
+                && b.max_change_percent > 0.0
+                && b.max_change_percent <= 100.0
+                && !self.guards.contains(&GuardKind::SampleRatio)
+                && (b.reward != BanditReward::Quality || self.guards.contains(&GuardKind::Quality)))
+        {
+            return Err(InvalidPlan::Bandit);
         }
         Ok(())
     }

@@ -312,7 +312,7 @@ impl Leader {
             .collect();
         let on_probation: Vec<_> =
             self.registry.deployments().filter(|d| d.spec.probation.is_some()).map(|d| Deployment::clone(d)).collect();
-        self.evidence.retain(|name, e| running.iter().any(|d| d.name == *name && d.version() == e.version));
+        self.evidence.retain(|name, e| running.iter().any(|d| d.name == *name && e.covers(d)));
         self.probations.retain(|name, e| on_probation.iter().any(|d| d.name == *name && d.version() == e.version));
         for d in &running {
             if !self.evidence.contains_key(&d.name) {
@@ -366,7 +366,7 @@ impl Leader {
                     |s: &ScoredOutcome| s.observed_at,
                     |s| {
                         let version = s.config_version as u64;
-                        if let Some(e) = evidence.get_mut(&s.deployment).filter(|e| e.version == version) {
+                        if let Some(e) = evidence.get_mut(&s.deployment).filter(|e| e.accepts(version)) {
                             e.add_scored(&s);
                         }
                         if let Some(e) = probations.get_mut(&s.deployment).filter(|e| e.version == version) {
@@ -397,7 +397,7 @@ impl Leader {
                 |d: &Decision| d.decided_at,
                 |decision| {
                     let e = evidence.get_mut(&decision.deployment);
-                    if let Some(e) = e.filter(|e| decision.config_version as u64 == e.version)
+                    if let Some(e) = e.filter(|e| e.accepts(decision.config_version as u64))
                         && let Some(observation) = Observation::of(&decision)
                     {
                         e.add(observation);

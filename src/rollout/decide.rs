@@ -1,12 +1,14 @@
 //! What the controller writes next for one deployment: the plan's verdict on its step's evidence,
 //! turned into the next deployment record with its actor, reason and figures. Pure.
 
+use super::bandit;
 use super::evidence::StepEvidence;
 use super::plan::{Verdict, judge};
 use super::probation::{self, ProbationEvidence};
 use crate::codec::Millis;
+use crate::record::deployment::threshold;
 use crate::record::moves;
-use crate::record::plan::{GuardKind, OnAlarm, OnEnd, PlanState};
+use crate::record::plan::{Bandit, BanditReward, GuardKind, OnAlarm, OnEnd, PlanState};
 use crate::record::{Change, Deployment, DeploymentSpec};
 
 /// The record the controller writes next for `deployment` (as `version`), or None to wait.
@@ -17,14 +19,17 @@ pub fn next_record(
     version: u64,
 ) -> Option<DeploymentSpec> {
     let plan = deployment.spec.plan.as_ref().filter(|p| p.state == PlanState::Running)?;
-    if evidence.version != deployment.version() {
+    if !evidence.covers(deployment) {
         return None;
     }
     let figures = evidence.figures(plan.step);
     let (control, candidate) = evidence.scored();
     let spec = &deployment.spec;
     let (next, actor, reason) = match judge(plan, (control, candidate), &evidence.readings(), now) {
-        Verdict::Hold => return None,
+        Verdict::Hold => match &plan.bandit {
+            Some(bandit) => reallocation(deployment, bandit, evidence, now, version)?,
+            None => return None,
+        },
         Verdict::Advance(index) => (
             moves::advance(spec, version, index, now).ok().map(|mut next| {
                 // Later steps judge latency against the threshold this step fixed.
@@ -71,6 +76,43 @@ pub fn next_record(
     let mut next = next;
     next.change = Some(Change { actor, reason, figures: Some(figures) });
     Some(next)
+}
+
+/// A bandit's next move, once its interval has passed since the last: the canary's share toward the
+/// probability that the candidate is better ([`bandit::next_share`]); None when it would not change.
+fn reallocation(
+    deployment: &Deployment,
+    spec: &Bandit,
+    evidence: &StepEvidence,
+    now: Millis,
+    version: u64,
+) -> Option<(DeploymentSpec, String, String)> {
+    let plan = deployment.spec.plan.as_ref()?;
+    if now - plan.allocated_at.unwrap_or(plan.step_started_at) < spec.interval_ms as i64 {
+        return None;
+    }
+    let (control, candidate) = evidence.bandit_counts(spec.reward);
+    let limits = bandit::Limits { floor: spec.floor_percent / 100.0, max_change: spec.max_change_percent / 100.0 };
+    let current = deployment.spec.canary_percent / 100.0;
+    let share = bandit::next_share(current, control, candidate, limits);
+    if threshold(share * 100.0) == deployment.canary_threshold {
+        return None;
+    }
+    let percent = (share * 10_000.0).round() / 100.0;
+    let reason = format!(
+        "bandit ({} reward): P(candidate better) = {:.3} from {}/{} control and {}/{} candidate users good: canary {}% -> {percent}%",
+        match spec.reward {
+            BanditReward::Errors => "errors",
+            BanditReward::Quality => "quality",
+        },
+        bandit::p_candidate_better(control, candidate),
+        control.good,
+        control.good + control.bad,
+        candidate.good,
+        candidate.good + candidate.bad,
+        deployment.spec.canary_percent
+    );
+    Some((moves::reallocate(&deployment.spec, version, percent, now).ok()?, "plan".to_string(), reason))
 }
 
 /// The record the controller writes next for a deployment on probation (as `version`), or None to wait:
@@ -141,6 +183,52 @@ mod tests {
         }
         e.score_until(start + users * 10 + 1_000 + GRACE_MS);
         e
+    }
+
+    /// A bandit between a control failing one user in ten and a candidate that never fails: every
+    /// interval the share moves up by at most its maximum change, in one step whose evidence the next
+    /// versions continue; it never advances or completes, and pauses at its maximum duration.
+    #[test]
+    fn a_bandit_moves_the_share_each_interval_and_its_versions_continue_the_step() {
+        let d = deployment(
+            r#"{"version":4,"strategy":"canary","control":"a","candidate":"b","canary_percent":10,
+                "plan":{"steps":[{"canary_percent":10,"bake_ms":0,"min_sample":1,"max_ms":600000}],
+                        "guards":["error_rate","timeout_rate"],"step_started_at":1000000,
+                        "bandit":{"interval_ms":1000,"floor_percent":5,"max_change_percent":20}}}"#,
+        );
+        let mut e = StepEvidence::new(&d).unwrap();
+        for i in 0..1000 {
+            let arm = if i % 10 == 0 { Side::Candidate } else { Side::Control };
+            let failed = arm == Side::Control && i % 7 == 0;
+            e.add(Observation {
+                request_id: format!("r{i}"),
+                user: format!("u{i}"),
+                arm,
+                status: if failed { DecisionStatus::ModelError } else { DecisionStatus::Ok },
+                latency_ms: 4,
+                sent_at: 1_000_000 + i * 10,
+            });
+        }
+        e.score_until(1_000_000 + 10_000 + 1_000 + GRACE_MS);
+        assert_eq!(next_record(&d, &e, 1_000_999, 5), None, "the interval has not passed");
+        let next = next_record(&d, &e, 1_001_000 + 20_000, 5).unwrap();
+        let plan = next.plan.as_ref().unwrap();
+        assert_eq!(
+            (next.canary_percent, plan.step, plan.step_version, plan.allocated_at),
+            (30.0, 0, Some(4), Some(1_021_000))
+        );
+        let change = next.change.as_ref().unwrap();
+        assert!(change.actor == "plan" && change.reason.contains("canary 10% -> 30%"), "{}", change.reason);
+        let d = next.validate("fraud").unwrap();
+        assert!(e.covers(&d) && e.accepts(5) && !e.accepts(3), "version 5 continues the step of version 4");
+        assert_eq!(next_record(&d, &e, 1_021_500, 6), None, "the next interval has not passed");
+        let again = next_record(&d, &e, 1_022_000, 6).unwrap();
+        assert_eq!((again.canary_percent, again.plan.as_ref().unwrap().step_version), (50.0, Some(4)));
+        let end = next_record(&d, &e, 1_000_000 + 600_000, 6).unwrap();
+        assert_eq!(end.plan.as_ref().unwrap().state, PlanState::Paused, "{:?}", end.change);
+        assert_eq!(end.canary_percent, 30.0, "the split held where the bandit left it");
+        // A fresh leader builds the evidence from the step's first version.
+        assert_eq!(StepEvidence::new(&d).unwrap().version, 4);
     }
 
     #[test]

@@ -18,6 +18,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
+use super::bandit::Counts as Tally;
 use super::guard::{Block, ExcessRateGuard, MeanGuard, RateGuard, SampleRatioGuard};
 use super::plan::Reading;
 use crate::codec::{Decision, DecisionStatus, Millis, ScoredOutcome, ShadowComparison};
@@ -100,7 +101,9 @@ impl ArmSummary {
 /// The evidence of one step of one deployment's plan.
 #[derive(Debug, Clone)]
 pub struct StepEvidence {
+    /// The version that started the step; a bandit's later versions continue it (`adaptive`).
     pub version: u64,
+    adaptive: bool,
     started_at: Millis,
     guards: Vec<GuardKind>,
     log_threshold: f64,
@@ -145,7 +148,8 @@ impl StepEvidence {
         let share = f64::from(deployment.canary_threshold) / 10_000.0;
         let quality = plan.quality_guard.clone().unwrap_or_default();
         Some(StepEvidence {
-            version: deployment.version(),
+            version: plan.evidence_from(deployment.version()),
+            adaptive: plan.bandit.is_some(),
             started_at: plan.step_started_at,
             guards: plan.guards.clone(),
             log_threshold: plan.budget().log_threshold(),
@@ -173,6 +177,40 @@ impl StepEvidence {
             arms: [ArmSummary::default(); 2],
             late: 0,
         })
+    }
+
+    /// Whether this is the evidence of the step `deployment` is in.
+    pub fn covers(&self, deployment: &crate::record::Deployment) -> bool {
+        deployment.spec.plan.as_ref().is_some_and(|p| p.evidence_from(deployment.version()) == self.version)
+            && (deployment.version() == self.version || self.adaptive)
+    }
+
+    /// Whether a record made under `version` belongs to this step.
+    pub fn accepts(&self, version: u64) -> bool {
+        version == self.version || (self.adaptive && version > self.version)
+    }
+
+    /// Per arm (control, candidate), good and bad outcomes of the users scored so far, as a bandit's
+    /// `reward` counts them.
+    pub fn bandit_counts(&self, reward: crate::record::plan::BanditReward) -> (Tally, Tally) {
+        use crate::record::plan::BanditReward;
+        match reward {
+            BanditReward::Errors => {
+                let counts = |a: &ArmSummary| {
+                    let bad = a.errors + a.timeouts;
+                    Tally { good: a.users.saturating_sub(bad), bad }
+                };
+                (counts(&self.arms[0]), counts(&self.arms[1]))
+            }
+            BanditReward::Quality => {
+                let (a, b) = self.quality.arms();
+                let counts = |m: &super::guard::Moments| {
+                    let bad = (m.mean.clamp(0.0, 1.0) * m.n as f64).round() as u64;
+                    Tally { good: m.n - bad.min(m.n), bad: bad.min(m.n) }
+                };
+                (counts(&a), counts(&b))
+            }
+        }
     }
 
     fn block_of(&self, sent_at: Millis) -> i64 {

@@ -21,6 +21,7 @@
 //! - [`controller`]: the one leader among the instances that drives the plans and writes the history.
 //! - [`report`]: what `status`, `history` and `evaluate` read and print.
 
+pub(crate) mod bandit;
 pub(crate) mod controller;
 pub(crate) mod decide;
 pub(crate) mod evidence;

@@ -5,7 +5,9 @@
 //! Rules:
 //! - no data, no evidence: a step advances only when both arms have their minimum sample and the bake
 //!   time has passed, and pauses when its maximum duration passes first;
-//! - a guard at or above its share of the budget fires, whatever the step's progress.
+//! - a guard at or above its share of the budget fires, whatever the step's progress;
+//! - a bandit plan neither advances nor completes: its share moves (`rollout::bandit`) until its step's
+//!   maximum duration, when it pauses with the split where it is.
 
 use super::guard::Budget;
 use crate::codec::Millis;
@@ -68,6 +70,16 @@ pub fn judge(plan: &Plan, samples: (u64, u64), readings: &[Reading], now: Millis
     let step = plan.current();
     let elapsed = (now - plan.step_started_at).max(0) as u64;
     let (control, candidate) = samples;
+    if plan.bandit.is_some() {
+        if elapsed >= step.max_ms {
+            return Verdict::Pause(format!(
+                "the bandit ran its maximum of {} ms ({control} control, {candidate} candidate users; no guard fired): \
+                 split held",
+                step.max_ms
+            ));
+        }
+        return Verdict::Hold;
+    }
     let sampled = control >= step.min_sample && candidate >= step.min_sample;
     let uncleared: Vec<&str> = readings.iter().filter(|r| !r.cleared).map(|r| r.guard.as_str()).collect();
     if sampled && elapsed >= step.bake_ms && uncleared.is_empty() {

@@ -43,6 +43,18 @@ pub async fn plan_status(config: &Config, codec: &Codec, d: &Deployment) -> Resu
     }
     let Some(plan) = &d.spec.plan else { return Ok(out) };
     out.push_str(&describe_plan(plan, clock::now_millis()));
+    if let Some(b) = &plan.bandit {
+        let _ = writeln!(
+            out,
+            "  bandit: canary now {}% (started at {}%), moved every {} s by at most {} points toward P(candidate better), each arm at least {}%; reward {:?}",
+            d.spec.canary_percent,
+            plan.current().canary_percent,
+            b.interval_ms / 1000,
+            b.max_change_percent,
+            b.floor_percent,
+            b.reward
+        );
+    }
     if let Some(line) = maturity_line(plan, d.spec.quality.as_ref(), clock::now_millis()) {
         out.push_str(&line);
     }
@@ -114,7 +126,10 @@ fn maturity_line(plan: &Plan, quality: Option<&QualitySpec>, now: i64) -> Option
 async fn step_evidence(config: &Config, codec: &Codec, d: &Deployment) -> Result<(StepEvidence, bool)> {
     let plan = d.spec.plan.as_ref().expect("a plan");
     let mut evidence = StepEvidence::new(d).expect("a plan");
-    let ours = |deployment: &str, version: i64| deployment == d.name && version as u64 == d.version();
+    // The step's versions: its first (a bandit's moves continue it) through the one in force.
+    let first = d.spec.plan.as_ref().map_or(d.version(), |p| p.evidence_from(d.version()));
+    let ours =
+        |deployment: &str, version: i64| deployment == d.name && (first..=d.version()).contains(&(version as u64));
     if plan.guards.iter().any(|g| matches!(g, GuardKind::Quality | GuardKind::Coverage)) {
         let topic = &config.topics.scored_outcomes;
         read_all(
