@@ -73,7 +73,7 @@ fn report(outcome: &Outcome) {
         Outcome::Installed(d) => {
             tracing::info!(deployment = %d.name, version = d.version(), strategy = %d.strategy(),
                 control = %d.spec.control, candidate = ?d.spec.candidate, "deployment in force");
-            telemetry::config_applied(&d.name, d.version());
+            telemetry::config_applied(&d.name, d.version(), d.candidate_percent());
         }
         Outcome::Deleted(name) => {
             tracing::info!(deployment = %name, "deployment deleted");

@@ -211,6 +211,16 @@ impl Deployment {
         }
     }
 
+    /// The share of users the candidate serves, in percent (overrides and rules aside): the canary's
+    /// share, 100 for blue/green with the candidate active, else 0.
+    pub fn candidate_percent(&self) -> f64 {
+        match self.spec.strategy {
+            Strategy::Canary => f64::from(self.canary_threshold) / 100.0,
+            Strategy::BlueGreen if self.spec.active == Side::Candidate => 100.0,
+            _ => 0.0,
+        }
+    }
+
     /// Every model this deployment can send requests to (control, candidate, mirrors).
     pub fn models(&self) -> Vec<&str> {
         let mut models = vec![self.spec.control.as_str()];

@@ -187,13 +187,15 @@ pub fn pending(count: usize) {
 }
 
 /// A deployment record was put in force.
-pub fn config_applied(deployment: &str, version: u64) {
+pub fn config_applied(deployment: &str, version: u64, candidate_percent: f64) {
     gauge!("switchyard_config_version", "deployment" => deployment.to_string()).set(version as f64);
+    gauge!("switchyard_candidate_percent", "deployment" => deployment.to_string()).set(candidate_percent);
 }
 
 /// A deployment was deleted by a tombstone.
 pub fn config_deleted(deployment: &str) {
     gauge!("switchyard_config_version", "deployment" => deployment.to_string()).set(0.0);
+    gauge!("switchyard_candidate_percent", "deployment" => deployment.to_string()).set(0.0);
 }
 
 /// A deployment record was rejected; the last good config stays in force.
