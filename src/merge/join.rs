@@ -122,6 +122,16 @@ enum Failure {
     Missed(String),
 }
 
+impl Failure {
+    /// What counts as served for shadow comparisons: the failed answer (or the fallback, for a miss).
+    fn served(&self, routed: &Routed) -> Served {
+        match self {
+            Failure::Error(p) => Served { ok: false, latency_ms: Some(latency(p, routed)), output: p.output.clone() },
+            Failure::Missed(_) => Served { ok: false, latency_ms: None, output: routed.fallback.clone() },
+        }
+    }
+}
+
 /// The served answer, once decided.
 #[derive(Debug, Clone)]
 struct Served {
@@ -173,29 +183,15 @@ impl Entry {
             }
             Failure::Missed(message) => message.clone(),
         };
-        let (decision, served) = match (stand_in, failure) {
-            (Some(answer), failure) => {
-                let served = match failure {
-                    Failure::Error(p) => {
-                        Served { ok: false, latency_ms: Some(latency(&p, &self.routed)), output: p.output }
-                    }
-                    Failure::Missed(_) => Served { ok: false, latency_ms: None, output: None },
-                };
-                let mut d = decision(
-                    &self.routed,
-                    DecisionStatus::Hedged,
-                    answer.output.clone(),
-                    Some(format!("{reason}; {}'s answer served", answer.model)),
-                    now,
-                );
+        let served = failure.served(&self.routed);
+        let decision = match (stand_in, failure) {
+            (Some(answer), _) => {
+                let error = format!("{reason}; {}'s answer served", answer.model);
+                let mut d = decision(&self.routed, DecisionStatus::Hedged, answer.output.clone(), Some(error), now);
                 d.model = answer.model.clone();
-                (d, served)
+                d
             }
-            (None, Failure::Error(p)) => {
-                let served =
-                    Served { ok: false, latency_ms: Some(latency(&p, &self.routed)), output: p.output.clone() };
-                (decision(&self.routed, DecisionStatus::ModelError, p.output, p.error, now), served)
-            }
+            (None, Failure::Error(p)) => decision(&self.routed, DecisionStatus::ModelError, p.output, p.error, now),
             (None, Failure::Missed(_)) => missed_deadline(&self.routed, reason, now),
         };
         self.decide(decision, served, now, fx);
@@ -542,11 +538,10 @@ fn decision(
 }
 
 /// The decision for a request whose serving model missed the deadline: the deployment's fallback answer
-/// (FALLBACK) if it has one, else TIMEOUT; and what counts as served, for shadow comparisons.
-fn missed_deadline(routed: &Routed, error: String, now: Millis) -> (Decision, Served) {
+/// (FALLBACK) if it has one, else TIMEOUT.
+fn missed_deadline(routed: &Routed, error: String, now: Millis) -> Decision {
     let status = if routed.fallback.is_some() { DecisionStatus::Fallback } else { DecisionStatus::Timeout };
-    let decision = decision(routed, status, routed.fallback.clone(), Some(error), now);
-    (decision, Served { output: routed.fallback.clone(), ok: false, latency_ms: None })
+    decision(routed, status, routed.fallback.clone(), Some(error), now)
 }
 
 fn compare(routed: &Routed, served: &Served, slot: &mut ShadowSlot, answer: Prediction, now: Millis, fx: &mut Effects) {
