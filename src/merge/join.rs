@@ -882,6 +882,11 @@ mod tests {
         assert!(decisions(&again).is_empty() && comparisons(&again).is_empty(), "a is finished");
     }
 
+    /// Each decision's (request, status, model).
+    fn by_request<'a>(decisions: &[&'a Decision]) -> Vec<(&'a str, DecisionStatus, &'a str)> {
+        decisions.iter().map(|d| (d.request_id.as_str(), d.status, d.model.as_str())).collect()
+    }
+
     fn hedged(id: &str) -> Routed {
         let mut r = routed(id, &["v1"]);
         (r.strategy, r.cohort, r.serving_model, r.hedge_model) =
@@ -915,9 +920,8 @@ mod tests {
         j.on_prediction(answer("silent", "v1", "safe", 1100), pos(10), 1100, 1101, &mut fx);
         j.expire(1500, |_, _, _| true, true, &mut fx);
         let d = decisions(&fx);
-        let got: Vec<_> = d.iter().map(|d| (d.request_id.as_str(), d.status, d.model.as_str())).collect();
         assert_eq!(
-            got,
+            by_request(&d),
             [
                 ("err", DecisionStatus::Hedged, "v1"),
                 ("first", DecisionStatus::Hedged, "v1"),
@@ -952,9 +956,8 @@ mod tests {
         assert_eq!(decisions(&fx).len(), 2, "alone's stand-in may still be unread; late's was written too late");
         j.expire(1700, |_, _, _| true, true, &mut fx);
         let d = decisions(&fx);
-        let got: Vec<_> = d.iter().map(|d| (d.request_id.as_str(), d.status, d.model.as_str())).collect();
         assert_eq!(
-            got,
+            by_request(&d),
             [
                 ("both", DecisionStatus::ModelError, "v2"),
                 ("late", DecisionStatus::Timeout, "v2"),
