@@ -528,6 +528,8 @@ mod tests {
         e.score_until(100_000 + 1_000 + GRACE_MS);
         let (control, candidate) = e.arms();
         assert_eq!((candidate.users, candidate.errors, candidate.timeouts, control.errors), (2, 1, 0, 0));
+        let (control, candidate) = e.bandit_counts(crate::record::plan::BanditReward::Errors);
+        assert_eq!((control.good, control.bad, candidate.good, candidate.bad), (1, 0, 1, 1), "hedged is bad");
     }
 
     #[test]
@@ -662,6 +664,9 @@ mod tests {
         assert_eq!(q.mean_loss, Some((0.1, 0.3)));
         assert!(q.e_value >= q.threshold, "{q:?}");
         assert_eq!(e.scored(), (400, 400), "the step's sample counts labelled users");
+        // A bandit rewarding quality counts the same users: good answers and wrong ones.
+        let (control, candidate) = e.bandit_counts(crate::record::plan::BanditReward::Quality);
+        assert_eq!((control.good, control.bad, candidate.good, candidate.bad), (360, 40, 280, 120));
     }
 
     #[test]
