@@ -1424,6 +1424,68 @@ def controller_failover(s, a):
     s.after_check.append(check)
 
 
+BANDIT_PLAN = {"steps": [{"canary_percent": 10, "bake_ms": 0, "min_sample": 1, "max_ms": 600000}],
+               "guards": ["error_rate", "timeout_rate", "latency"], "alpha": 0.05, "on_alarm": "rollback",
+               "bandit": {"interval_ms": 3000, "floor_percent": 5, "max_change_percent": 20}}
+
+
+def bandit_controller_failover(s, a):
+    """A bandit over equal models (A/A), two instances; the instance leading the controller is killed (-9)
+    after the bandit's third move and restarted 12 s later. The new leader continues the same step from
+    its first version: every move names that version as the step's (one e-process per guard, not one per
+    leader or version), moves stay at least an interval apart (no two leaders moving at once), the bandit
+    keeps moving after the failover, and no guard fires on equal models."""
+    s.cli("create-topics")
+    s.cli("deploy", s.deployment, "--strategy", "canary", "--control", CONTROL, "--candidate", CANDIDATE,
+          "--canary-percent", "10", "--plan", json.dumps(BANDIT_PLAN), "--reason", "bandit failover scenario")
+    for model in (CONTROL, CANDIDATE):
+        s.start_model(model)
+    for i in range(2):
+        s.start_instance(i)
+    s.expected_model = lambda user, d: "?"
+    killed = {}
+
+    def kill_leader_after_three_moves():
+        deadline = time.time() + 90
+        while time.time() < deadline and len([r for r in deployment_records(s) if r]) < 4:
+            time.sleep(0.5)
+        if time.time() >= deadline:
+            raise RuntimeError("the bandit did not move three times within 90 s")
+        i = leader(s)
+        if i is None:
+            raise RuntimeError("no instance says it leads the rollout controller")
+        killed["instance"], killed["at"] = i, time.time()
+        s.signal_instance(i, signal.SIGKILL)
+        time.sleep(12)
+        s.start_instance(i)
+
+    s.produce(FAILOVER_RATE * 60, FAILOVER_RATE, FAILOVER_USERS, events=[(0, kill_leader_after_three_moves)])
+    s.expected_model = expect_by_version(s)
+
+    def check(result):
+        records = [r for r in deployment_records(s) if r]
+        first = records[0]["version"]
+        moves = records[1:]
+        s.notes["changes"] = [f"v{r['version']} {r['change']['actor']} {r.get('canary_percent')}%" for r in moves]
+        s.notes["killed_leader"] = killed.get("instance")
+        fired = [r for r in moves if r["change"]["actor"].startswith("guard:")]
+        if fired:
+            s.fail(f"{fired[0]['change']['actor']} fired on equal models: {fired[0]['change']['reason']}")
+        bandit_moves = [r for r in moves if "bandit" in r["change"]["reason"]]
+        wrong_step = [r["version"] for r in bandit_moves if r["plan"].get("step_version") != first]
+        if wrong_step:
+            s.fail(f"moves {wrong_step} do not continue the step of version {first}")
+        times = [r["plan"]["allocated_at"] for r in bandit_moves]
+        close = [b - a for a, b in zip(times, times[1:]) if b - a < BANDIT_PLAN["bandit"]["interval_ms"]]
+        if close:
+            s.fail(f"moves closer than the interval: {close} ms apart")
+        after = [t for t in times if killed.get("at") and t > killed["at"] * 1000 + 1000]
+        s.notes["moves_after_failover"] = len(after)
+        if not after:
+            s.fail("the bandit did not move again after the failover")
+    s.after_check.append(check)
+
+
 # three-broker cluster (scripts/faults.sh --cluster) ----------------------------------------------------
 CLUSTER_SCRIPT = os.path.join(REPO, "scripts", "kafka_cluster.sh")
 NODES = (1, 2, 3)
@@ -1665,13 +1727,14 @@ CLUSTER_SCENARIOS = {f.__name__: f for f in (cluster_coordinator_kill9, cluster_
 SCENARIOS = {f.__name__: f for f in (canary_10, shadow, blue_green, kill9_instance, sigterm_bounce, scale_1_3_1, broker_kill9, model_stall,
                                      sigstop_instance, stalled_backpressure, garbage_mix, restart_gap_100, restart_gap_1000,
                                      sigterm_handover, dead_instance, oversized_mix, foreign_partitioner_worker, compaction,
-                                     controller_failover, large_answers_scored, route_replay, hedged_canary_kill9)}
+                                     controller_failover, large_answers_scored, route_replay, hedged_canary_kill9,
+                                     bandit_controller_failover)}
 
 EXTRAS = ("stall_s", "stall_open", "delay_max_s", "dead_letters", "dead_lettered", "garbage", "rss_mib_max", "zombie_transactions_refused", "zombie_partitions_lost",
           "intake_paused", "shadow_comparisons", "versions", "exit_code", "big_outcomes", "forwarded", "written_back",
           "status_candidate_percent", "changes", "killed_leader", "status_controller", "history_entries",
           "decided_and_dead_lettered", "score_s", "scored", "big_scores", "killed", "frozen", "rolled", "stuck_calls_replaced", "timeouts_outside_faults", "timeouts_starting",
-          "instances_running_at_end", "routed_copies", "routed_again_under_a_new_version", "not_decided_as_first_routing", "hedged", "hedged_wrongly_or_not", "failed")
+          "instances_running_at_end", "routed_copies", "routed_again_under_a_new_version", "not_decided_as_first_routing", "hedged", "hedged_wrongly_or_not", "moves_after_failover", "failed")
 
 
 def run_scenario(name, a):

@@ -2,9 +2,9 @@
 //! candidate's next share is the posterior probability that it is the better arm, kept within a floor
 //! per arm and moved at most a maximum per interval. Pure: the controller gives it the evidence.
 //!
-//! The posterior of each arm's rate of good outcomes is Beta(1 + good, 1 + bad); the probability that
-//! the candidate's is higher is taken in closed form from the normal approximation of the two Betas'
-//! difference (no random draws: the same evidence always gives the same share, so a new controller
+//! The posterior of each arm's rate of good outcomes is Beta(2p + good, 2(1 − p) + bad), `p` the pooled
+//! rate of both arms; the probability that the candidate's is higher is taken in closed form from the
+//! normal approximation of the two Betas' difference (no random draws: the same evidence always gives the same share, so a new controller
 //! leader computes what the old one would have).
 //!
 //! The guards stay valid under this allocation. Each block's factor of the rate guard's e-process
@@ -34,21 +34,40 @@ fn phi(z: f64) -> f64 {
     0.5 * libm::erfc(-z / std::f64::consts::SQRT_2)
 }
 
+/// Weight of the prior, in outcomes.
+const PRIOR_WEIGHT: f64 = 2.0;
+
 /// Posterior probability that the candidate's rate of good outcomes is above control's.
+///
+/// Each arm's prior is centred on the pooled rate of both arms (weight [`PRIOR_WEIGHT`]), not on 1/2:
+/// with a uniform prior and rare failures, the arm with fewer users looks worse only because its mean is
+/// pulled further toward 1/2 — equal models would drift toward the bigger arm (seen in the fault suite:
+/// an A/A bandit settling at 23%).
 pub fn p_candidate_better(control: Counts, candidate: Counts) -> f64 {
+    let good = (control.good + candidate.good) as f64;
+    let all = good + (control.bad + candidate.bad) as f64;
+    let pooled = (good + 1.0) / (all + 2.0);
     let moments = |c: Counts| {
-        let (a, b) = (1.0 + c.good as f64, 1.0 + c.bad as f64);
+        let (a, b) = (PRIOR_WEIGHT * pooled + c.good as f64, PRIOR_WEIGHT * (1.0 - pooled) + c.bad as f64);
         (a / (a + b), a * b / ((a + b) * (a + b) * (a + b + 1.0)))
     };
     let ((mc, vc), (mt, vt)) = (moments(control), moments(candidate));
     phi((mt - mc) / (vc + vt).sqrt())
 }
 
-/// The candidate's share for the next interval, from `current` and the evidence so far.
+/// Smallest move worth a new deployment version: one percentage point.
+const MIN_MOVE: f64 = 0.01;
+
+/// The candidate's share for the next interval, from `current` and the evidence so far (`current` when
+/// the move would be under [`MIN_MOVE`]: equal arms must not write a version every interval).
 pub fn next_share(current: f64, control: Counts, candidate: Counts, limits: Limits) -> f64 {
     let target = p_candidate_better(control, candidate).clamp(limits.floor, 1.0 - limits.floor);
+    let step = (target - current).clamp(-limits.max_change, limits.max_change);
+    if step.abs() < MIN_MOVE {
+        return current;
+    }
     // Shares travel in the record as percents with two decimals.
-    let share = current + (target - current).clamp(-limits.max_change, limits.max_change);
+    let share = current + step;
     (share * 10_000.0).round() / 10_000.0
 }
 
@@ -73,6 +92,10 @@ mod tests {
         assert_eq!(next_share(0.92, worse, even, LIMITS), 0.95, "nor above 1 − floor");
         let none = Counts::default();
         assert_eq!(next_share(0.1, none, none, LIMITS), 0.2, "no evidence: toward an even split");
+        let (big, small) = (Counts { good: 5_000, bad: 0 }, Counts { good: 500, bad: 0 });
+        let p = p_candidate_better(big, small);
+        assert!((0.45..0.55).contains(&p), "no failures on either arm: no reason to prefer the bigger ({p})");
+        assert_eq!(next_share(0.5, big, small, LIMITS), 0.5, "a move under a point is not made");
     }
 
     /// One simulated run: `users` users arrive in intervals of `interval`, each lands on the candidate
@@ -143,8 +166,8 @@ mod tests {
             for seed in 0..runs {
                 let (_, shares, on_worse) = run(10_000 + seed, 20_000, 500, rates);
                 let better = |s: f64| if rates.1 < rates.0 { s } else { 1.0 - s };
-                // From 10%: the worse candidate is at the floor, the better one holds 80%.
-                let reached = |s: f64| if rates.1 < rates.0 { better(s) >= 0.8 } else { s <= LIMITS.floor };
+                // From 10%: the worse candidate is within a point of the floor, the better one holds 80%.
+                let reached = |s: f64| if rates.1 < rates.0 { better(s) >= 0.8 } else { s < LIMITS.floor + MIN_MOVE };
                 let first = shares.iter().position(|s| reached(*s)).map_or(usize::MAX, |i| (i + 1) * 500);
                 until.push(first);
                 // Regret: bad outcomes beyond the best fixed split's (the floor on the worse arm).
