@@ -1426,7 +1426,7 @@ def controller_failover(s, a):
 
 BANDIT_PLAN = {"steps": [{"canary_percent": 10, "bake_ms": 0, "min_sample": 1, "max_ms": 600000}],
                "guards": ["error_rate", "timeout_rate", "latency"], "alpha": 0.05, "on_alarm": "rollback",
-               "bandit": {"interval_ms": 3000, "floor_percent": 5, "max_change_percent": 20}}
+               "bandit": {"interval_ms": 3000, "floor_percent": 5, "max_change_percent": 5}}
 
 
 def bandit_controller_failover(s, a):
