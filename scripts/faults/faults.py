@@ -1344,20 +1344,38 @@ def gauge(address, name, labels):
     return None
 
 
+def start_plan_on_two_instances(s, percent, plan, reason):
+    """The scenario's canary at `percent` with `plan`, both models, two instances."""
+    s.cli("create-topics")
+    s.cli("deploy", s.deployment, "--strategy", "canary", "--control", CONTROL, "--candidate", CANDIDATE,
+          "--canary-percent", str(percent), "--plan", json.dumps(plan), "--reason", reason)
+    for model in (CONTROL, CANDIDATE):
+        s.start_model(model)
+    for i in range(2):
+        s.start_instance(i)
+    s.expected_model = lambda user, d: "?"
+
+
+def kill_leader(s, killed):
+    """kill -9 of the instance leading the rollout controller, restarted 12 s later; `killed` gets which
+    and when."""
+    i = leader(s)
+    if i is None:
+        raise RuntimeError("no instance says it leads the rollout controller")
+    killed["instance"], killed["at"] = i, time.time()
+    s.signal_instance(i, signal.SIGKILL)
+    time.sleep(12)
+    s.start_instance(i)
+    return i
+
+
 def controller_failover(s, a):
     """A rollout plan 5% -> 20% -> 50% on equal models, two instances; the instance leading the controller
     is killed (-9) 2 s into step 2 and restarted 12 s later. The new leader rebuilds the step's evidence from
     the decisions: no guard may fire (the models are equal: a fault of the infrastructure must not look like
     a bad model), the plan is promoted, each record gets one history entry, and no instance exports a
     running step once the plan ended."""
-    s.cli("create-topics")
-    s.cli("deploy", s.deployment, "--strategy", "canary", "--control", CONTROL, "--candidate", CANDIDATE,
-          "--canary-percent", "5", "--plan", json.dumps(FAILOVER_PLAN), "--reason", "failover scenario")
-    for model in (CONTROL, CANDIDATE):
-        s.start_model(model)
-    for i in range(2):
-        s.start_instance(i)
-    s.expected_model = lambda user, d: "?"
+    start_plan_on_two_instances(s, 5, FAILOVER_PLAN, "failover scenario")
     killed = {}
 
     def kill_leader_in_step_2():
@@ -1370,13 +1388,7 @@ def controller_failover(s, a):
         else:
             raise RuntimeError("the plan did not reach step 2 within 90 s")
         time.sleep(2)
-        i = leader(s)
-        if i is None:
-            raise RuntimeError("no instance says it leads the rollout controller")
-        killed["instance"] = i
-        s.signal_instance(i, signal.SIGKILL)
-        time.sleep(12)
-        s.start_instance(i)
+        i = kill_leader(s, killed)
         time.sleep(3)
         status = s.cli("status", s.deployment)
         line = next((l for l in status.splitlines() if l.startswith("rollout controller:")), "")
@@ -1435,14 +1447,7 @@ def bandit_controller_failover(s, a):
     its first version: every move names that version as the step's (one e-process per guard, not one per
     leader or version), moves stay at least an interval apart (no two leaders moving at once), the bandit
     keeps moving after the failover, and no guard fires on equal models."""
-    s.cli("create-topics")
-    s.cli("deploy", s.deployment, "--strategy", "canary", "--control", CONTROL, "--candidate", CANDIDATE,
-          "--canary-percent", "10", "--plan", json.dumps(BANDIT_PLAN), "--reason", "bandit failover scenario")
-    for model in (CONTROL, CANDIDATE):
-        s.start_model(model)
-    for i in range(2):
-        s.start_instance(i)
-    s.expected_model = lambda user, d: "?"
+    start_plan_on_two_instances(s, 10, BANDIT_PLAN, "bandit failover scenario")
     killed = {}
 
     def kill_leader_after_three_moves():
@@ -1451,13 +1456,7 @@ def bandit_controller_failover(s, a):
             time.sleep(0.5)
         if time.time() >= deadline:
             raise RuntimeError("the bandit did not move three times within 90 s")
-        i = leader(s)
-        if i is None:
-            raise RuntimeError("no instance says it leads the rollout controller")
-        killed["instance"], killed["at"] = i, time.time()
-        s.signal_instance(i, signal.SIGKILL)
-        time.sleep(12)
-        s.start_instance(i)
+        kill_leader(s, killed)
 
     s.produce(FAILOVER_RATE * 60, FAILOVER_RATE, FAILOVER_USERS, events=[(0, kill_leader_after_three_moves)])
     s.expected_model = expect_by_version(s)

@@ -118,7 +118,7 @@ impl RecordKind {
             RecordKind::ALL
                 .iter()
                 .map(|kind| {
-                    kind.schema();
+                    kind.schema(); // sets the decoder's allocation limit before any decode
                     let mut json: serde_json::Value =
                         serde_json::from_str(kind.schema_text()).expect("schemas/ files are JSON");
                     let mut schemas = Vec::new();
