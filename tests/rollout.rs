@@ -311,8 +311,8 @@ async fn a_hedged_canary_gives_its_users_no_errors_and_is_still_rolled_back() {
 }
 
 /// Adaptive allocation: a bandit between a control failing 20% of requests and a candidate that never
-/// fails moves most traffic to the candidate, one interval at a time, and users only ever move onto the
-/// arm that grows; the other way round the candidate's share falls to the floor (or its error guard
+/// fails moves most traffic to the candidate, one interval at a time (on little evidence it may also step
+/// back), and users only ever move onto the arm that grows; the other way round the candidate's share falls to the floor (or its error guard
 /// rolls it back).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bandit_moves_traffic_to_the_better_arm_and_keeps_users_where_their_arm_grows() {
@@ -339,9 +339,9 @@ async fn a_bandit_moves_traffic_to_the_better_arm_and_keeps_users_where_their_ar
         .map(|(_, _, v)| DeploymentSpec::from_json(&v.unwrap()).unwrap().canary_percent)
         .collect();
     eprintln!("up: shares {shares:?}");
-    assert!(shares.windows(2).all(|w| w[1] > w[0]), "the share only grew: {shares:?}");
+    assert!(shares.last().is_some_and(|s| *s >= 80.0), "most traffic on the better arm: {shares:?}");
     assert!(entries[1..].iter().all(|e| e.change.as_ref().unwrap().reason.contains("bandit (errors reward)")));
-    // Stickiness: a user served by the candidate under one version is served by it under every later one.
+    // Stickiness: from one version to the next, users only move onto the arm whose share grew.
     let decisions =
         env.read::<Decision>(&env.config.topics.decisions, 1, Duration::from_secs(30), Duration::from_secs(3)).await;
     let mut by_version: BTreeMap<i64, HashMap<String, String>> = BTreeMap::new();
@@ -354,11 +354,17 @@ async fn a_bandit_moves_traffic_to_the_better_arm_and_keeps_users_where_their_ar
         let off = (d.propensity.expect("randomised") - got).abs();
         assert!(off < 1e-9, "each decision carries its side's share under its version: {:?} vs {got}", d.propensity);
     }
-    let versions: Vec<&HashMap<String, String>> = by_version.values().collect();
-    for pair in versions.windows(2) {
-        let left =
-            pair[0].iter().filter(|(u, c)| *c == "candidate" && pair[1].get(*u).is_some_and(|c| c != "candidate"));
-        assert_eq!(left.count(), 0, "nobody left the growing arm");
+    for ((&v, before), (&w, after)) in by_version.iter().zip(by_version.iter().skip(1)) {
+        let grew = shares[w as usize - 1] > shares[v as usize - 1];
+        let shrinking = if grew { "control" } else { "candidate" };
+        let moved_onto_shrinking =
+            before.iter().filter(|(u, c)| *c != shrinking && after.get(*u).is_some_and(|c| c == shrinking));
+        assert_eq!(
+            moved_onto_shrinking.count(),
+            0,
+            "v{v} -> v{}: a user moved onto the shrinking {shrinking} arm",
+            v + 1
+        );
     }
     env.stop().await;
 }
