@@ -184,8 +184,8 @@ fn main() {
          (states {:.1}, expiry index {:.1}; tables written out)",
         n as f64 / secs,
         dir_bytes(&dir) as f64 / n as f64,
-        dir_bytes(&dir.join("lsm/partitions/states")) as f64 / n as f64,
-        dir_bytes(&dir.join("lsm/partitions/due")) as f64 / n as f64,
+        join.states().disk_space().0 as f64 / n as f64,
+        join.states().disk_space().1 as f64 / n as f64,
     );
 
     labels(&mut join, n, 0);
