@@ -191,6 +191,7 @@ class Scenario:
         self.sent_at = {}        # request_id -> send time (ms since the epoch, float)
         self.big = {}            # request_id -> value size of deliberately big requests
         self.big_answers = {}    # request_id -> (prediction value size, models that answer it so)
+        self.big_answer_rule = None  # (model, model request) -> (size, models) or None: more big_answers
         self.answers = {}        # (request_id, model) -> output of a big answer, once built
         self.failing = {}        # model -> percent of requests it answers with an error (see `fails`)
         self.garbage = 0
@@ -323,7 +324,7 @@ class Scenario:
         config = {"bootstrap.servers": BOOTSTRAP, "linger.ms": 5, "log_level": 2}
         if partitioner:
             config["partitioner"] = partitioner
-        if self.big_answers:
+        if self.big_answers or self.big_answer_rule:
             config["message.max.bytes"] = 2097152    # switchyard's topics take records up to 2 MiB
         producer = Producer(config)
         answered = 0
@@ -336,6 +337,9 @@ class Scenario:
                     request = try_decode("ModelRequest", msg.value())
                     if request is None:
                         continue
+                    rule = self.big_answer_rule and self.big_answer_rule(model, request)
+                    if rule:
+                        self.big_answers.setdefault(request["request_id"], rule)
                     prediction = {"request_id": request["request_id"], "model": model,
                                   "output": self.answer_output(model, request["request_id"], request["payload"]),
                                   "error": None, "produced_at": int(time.time() * 1000)}
@@ -820,13 +824,18 @@ def hedged_canary_kill9(s, a):
     """Safe canary: a 30% canary whose candidate fails 30% of its requests, hedged by control, while the
     instance is killed with SIGKILL twice. Each candidate user's request the candidate fails is decided
     HEDGED with control's answer, every other one OK with the candidate's: no MODEL_ERROR, and exactly
-    one decision each, across the crashes."""
+    one decision each, across the crashes. For one in four of the requests to be hedged, control's answer
+    is exactly service.max_prediction_bytes: the HEDGED decision carries it whole."""
     s.failing[CANDIDATE] = 30
     s.setup(deploy=["--strategy", "canary", "--control", CONTROL, "--candidate", CANDIDATE,
                     "--canary-percent", "30", "--hedge"], models=False)
-    s.start_model(CONTROL)
-    s.start_worker(CANDIDATE, partitioner="murmur2_random")   # this file's worker: it can fail on purpose
     candidate_user = lambda user: bucket(s.deployment, user) < 3000
+    hedged_big = lambda rid, user: candidate_user(user) and s.fails(CANDIDATE, rid) and int(rid.rsplit("-", 1)[1]) % 4 == 0
+    s.big_answer_rule = lambda model, r: (MAX_PREDICTION_BYTES, {CONTROL}) \
+        if model == CONTROL and hedged_big(r["request_id"], r["user_id"]) else None
+    # This file's workers: the candidate can fail on purpose, control can answer at the size limit.
+    s.start_worker(CONTROL, partitioner="murmur2_random")
+    s.start_worker(CANDIDATE, partitioner="murmur2_random")
     s.expected_model = lambda user, d: CONTROL if d["status"] == "HEDGED" or not candidate_user(user) else CANDIDATE
     def crash_and_restart():
         s.signal_instance(0, signal.SIGKILL)
@@ -837,7 +846,7 @@ def hedged_canary_kill9(s, a):
     def check(result):
         users = {r: u for r, u, _ in s.sent}
         decisions = s.read_all(s.topics["DECISIONS"], len(s.sent), 60, group_suffix="hedge")
-        wrong = hedged = 0
+        wrong = hedged = big = 0
         for m in decisions:
             d = decode("Decision", m.value())
             rid = d["request_id"]
@@ -849,12 +858,20 @@ def hedged_canary_kill9(s, a):
                 want = "OK"
             hedged += d["status"] == "HEDGED"
             wrong += d["status"] != want
+            if hedged_big(rid, users[rid]) and d["status"] == "HEDGED":
+                big += 1
+                if d["output"] != s.answers.get((rid, CONTROL)):
+                    s.fail(f"{rid}: HEDGED with {len(d['output'] or b'')} bytes, not control's answer of "
+                           f"{MAX_PREDICTION_BYTES} bytes")
         result["hedged"] = hedged
+        result["hedged_at_size_limit"] = big
         result["hedged_wrongly_or_not"] = wrong
         if result["statuses"].get("MODEL_ERROR", 0):
             s.fail(f"{result['statuses']['MODEL_ERROR']} MODEL_ERROR decisions: a hedged canary's users saw its errors")
         if wrong or not hedged:
             s.fail(f"{wrong} decisions not as the hedge rule says ({hedged} hedged)")
+        if not big:
+            s.fail("no request was hedged with an answer at the size limit")
     s.after_check.append(check)
 
 
