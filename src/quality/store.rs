@@ -231,7 +231,6 @@ impl DiskStates {
             tracing::warn!(dir = %earlier.display(), "score state store: an earlier release's store is removed; its partitions are rebuilt from the changelog");
             std::fs::remove_dir_all(&earlier).map_err(|e| format!("removing {}: {e}", earlier.display()))?;
         }
-        #[allow(deprecated)] // `max_write_buffer_size` is not applied by fjall 3: the memtables below are.
         let db = Database::builder(config.dir.join("db"))
             .cache_size(config.cache_bytes)
             // The journal a crash leaves is replayed when the store is opened again: kept about as large
@@ -245,7 +244,8 @@ impl DiskStates {
             .worker_threads(1)
             .open()
             .map_err(io)?;
-        // The write buffers: half for the states, a quarter each for the expiry index and the rest.
+        // The write buffers: half for the states, a quarter each for the expiry index and the rest. fjall
+        // keeps a keyspace's options from its creation: a new size applies to a new store only.
         let options = |share: u64| {
             move || {
                 KeyspaceCreateOptions::default()
