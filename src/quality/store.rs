@@ -21,7 +21,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use fjall::config::{CompressionPolicy, FilterPolicy};
+use fjall::config::{CompressionPolicy, FilterPolicy, PartitioningPolicy, PinningPolicy};
 use fjall::{CompressionType, Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
 use super::changelog;
@@ -254,6 +254,15 @@ impl DiskStates {
                     // Compressed at every level (fjall 3 leaves the first two uncompressed): a state is
                     // about 60 bytes, and LZ4 keeps the disk at the size fjall 2 gave.
                     .data_block_compression_policy(CompressionPolicy::all(CompressionType::Lz4))
+                    // Filters and indexes held in memory at every level, whole, as fjall 2 held them
+                    // (about 1.25 + 0.5 bytes per state). fjall 3 leaves them to the block cache below
+                    // the first levels: once the tables outgrow the cache, every decision's look-up for
+                    // an early label (a miss) read a table's whole filter from the page cache and
+                    // checksummed it, and writes fell to a crawl past 40 M open (perf: 70% of the time).
+                    .filter_block_pinning_policy(PinningPolicy::all(true))
+                    .index_block_pinning_policy(PinningPolicy::all(true))
+                    .filter_block_partitioning_policy(PartitioningPolicy::all(false))
+                    .index_block_partitioning_policy(PartitioningPolicy::all(false))
             }
         };
         let states = db.keyspace("states", options(2)).map_err(io)?;
