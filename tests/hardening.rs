@@ -180,22 +180,38 @@ async fn counters_equal_the_topics_after_aborted_transactions() {
     env.start_service();
     env.start_model("a1", 0, 0.0, 0.0);
     env.start_model("a2", 0, 0.0, 0.0);
-    let failed_before = counter("switchyard_transactions_failed_total", &[]);
     let sent = requests(&deployment, "abort", 1200, 300);
-    for (round, chunk) in sent.chunks(200).enumerate() {
-        env.send(chunk).await;
-        if round % 2 == 1 {
-            // A producer with merge's transactional id fences it: the batch in hand is aborted. (route
-            // has no transaction: its copies after a failure are the fault suite's `route_replay`.)
+    let chunks: Vec<&[Request]> = sent.chunks(200).collect();
+    // The first chunk decided: merge's producer is initialised (a fence before that would be settled
+    // by merge's own initialisation, fencing nothing).
+    env.send(chunks[0]).await;
+    env.read::<Decision>(&env.config.topics.decisions, chunks[0].len(), LIMIT, Duration::ZERO).await;
+    let failed_before = counter("switchyard_transactions_failed_total", &[]);
+    for (round, chunk) in chunks.iter().enumerate().skip(1) {
+        let fenced = round % 2 == 1;
+        let failed = counter("switchyard_transactions_failed_total", &[]);
+        if fenced {
+            // A producer with merge's transactional id fences it: the transaction carrying this chunk
+            // fails. (route has no transaction: its copies after a failure are the fault suite's
+            // `route_replay`.)
             fence(&env, &env.config.service.transactional_id("merge"));
+        }
+        env.send(chunk).await;
+        if fenced {
+            // Until merge has failed and replaced its producer, the next fence could be settled by
+            // merge's own new producer instead of fencing it.
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while counter("switchyard_transactions_failed_total", &[]) == failed && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let decisions = env.read::<Decision>(&env.config.topics.decisions, sent.len(), LIMIT, SETTLE).await;
     assert_eq!(decisions.len(), sent.len(), "exactly one decision each, aborts or not");
     assert!(
-        counter("switchyard_transactions_failed_total", &[]) - failed_before >= 2.0,
-        "the fencing aborted transactions"
+        counter("switchyard_transactions_failed_total", &[]) - failed_before >= 3.0,
+        "each of the three fences aborted a transaction of merge"
     );
 
     let label = format!("deployment=\"{deployment}\"");
