@@ -694,6 +694,10 @@ mod tests {
             label_offset: None,
         };
         round_trip(open.clone());
+        // Every status a decision can have, HEDGED included, in a state kept for scoring.
+        for status in DecisionStatus::ALL {
+            round_trip(ScoreState { decision: Some(ScoredDecision { status, ..decided.clone() }), ..open.clone() });
+        }
         round_trip(ScoreState {
             state: ScoreStateKind::Labelled,
             decision: Some(ScoredDecision { status: DecisionStatus::Timeout, score: None, ..decided }),

@@ -73,6 +73,7 @@ pub enum DecisionStatus {
 
 impl DecisionStatus {
     const SYMBOLS: [&'static str; 5] = ["OK", "MODEL_ERROR", "TIMEOUT", "FALLBACK", "HEDGED"];
+    pub const ALL: [DecisionStatus; 5] = [Self::Ok, Self::ModelError, Self::Timeout, Self::Fallback, Self::Hedged];
 
     pub fn as_str(self) -> &'static str {
         Self::SYMBOLS[self as usize]
