@@ -341,6 +341,11 @@ impl Codec {
                 (&bytes[5..], writer)
             }
         };
+        if writer.is_none()
+            && let Some(record) = T::read_direct(body)
+        {
+            return Ok(record);
+        }
         let read = |writer: Option<&Schema>| {
             let mut reader = body;
             let value = match writer {
@@ -533,6 +538,19 @@ mod tests {
         for codec in all_framings() {
             let bytes = codec.encode(&record);
             assert_eq!(codec.decode::<T>(&bytes).unwrap(), record);
+        }
+        // A record read straight from its bytes reads as the value tree does, and a cut or extended
+        // one is left to the general reading.
+        let direct = T::read_direct(&written);
+        let hot = matches!(T::KIND, RecordKind::Decision | RecordKind::Outcome | RecordKind::ScoreState);
+        assert_eq!(direct.is_some(), hot, "{record:?}: the score stage's records are read straight");
+        if let Some(direct) = direct {
+            let general = apache_avro::from_avro_datum(T::KIND.schema(), &mut &written[..], None).unwrap();
+            assert_eq!(direct, T::from_value(general).unwrap());
+            for cut in 0..written.len() {
+                assert!(T::read_direct(&written[..cut]).is_none(), "{record:?} cut at {cut}");
+            }
+            assert!(T::read_direct(&[&written[..], &[0]].concat()).is_none());
         }
     }
 

@@ -268,9 +268,19 @@ impl<'a> Binary<'a> {
         self.0 = rest;
         Some(taken)
     }
-    fn string(&mut self) -> Option<String> {
+    fn bytes(&mut self) -> Option<Vec<u8>> {
         let n = usize::try_from(self.long()?).ok()?;
-        String::from_utf8(self.take(n)?.to_vec()).ok()
+        Some(self.take(n)?.to_vec())
+    }
+    fn string(&mut self) -> Option<String> {
+        String::from_utf8(self.bytes()?).ok()
+    }
+    fn status(&mut self) -> Option<DecisionStatus> {
+        DecisionStatus::ALL.get(usize::try_from(self.long()?).ok()?).copied()
+    }
+    /// The record read, if the bytes end where it does.
+    fn end<T>(self, record: T) -> Option<T> {
+        self.0.is_empty().then_some(record)
     }
     fn double(&mut self) -> Option<f64> {
         Some(f64::from_le_bytes(self.take(8)?.try_into().ok()?))
@@ -598,6 +608,28 @@ impl AvroRecord for Decision {
         ])
     }
 
+    /// The score stage reads every decision.
+    fn read_direct(body: &[u8]) -> Option<Self> {
+        let mut b = Binary(body);
+        let decision = Decision {
+            request_id: b.string()?,
+            user_id: b.string()?,
+            deployment: b.string()?,
+            model: b.string()?,
+            strategy: b.string()?,
+            cohort: b.string()?,
+            bucket: b.int()?,
+            config_version: b.long()?,
+            status: b.status()?,
+            output: b.optional(Binary::bytes)?,
+            error: b.optional(Binary::string)?,
+            latency_ms: b.long()?,
+            decided_at: b.long()?,
+            propensity: b.optional(Binary::double)?,
+        };
+        b.end(decision)
+    }
+
     fn from_value(value: Value) -> Result<Self, DecodeError> {
         let mut f = Fields::of(value)?;
         let status = status_of(&f.symbol("status")?)?;
@@ -641,6 +673,19 @@ impl AvroRecord for Outcome {
             ("observed_at", Value::TimestampMillis(self.observed_at)),
             ("source", s(&self.source)),
         ])
+    }
+
+    /// The score stage reads every label.
+    fn read_direct(body: &[u8]) -> Option<Self> {
+        let mut b = Binary(body);
+        let outcome = Outcome {
+            request_id: b.string()?,
+            user_id: b.string()?,
+            label: b.double()?,
+            observed_at: b.long()?,
+            source: b.string()?,
+        };
+        b.end(outcome)
     }
 
     fn from_value(value: Value) -> Result<Self, DecodeError> {
@@ -887,7 +932,7 @@ impl AvroRecord for ScoreState {
                 model: b.string()?,
                 cohort: b.string()?,
                 config_version: b.long()?,
-                status: *DecisionStatus::ALL.get(usize::try_from(b.long()?).ok()?)?,
+                status: b.status()?,
                 score: b.optional(Binary::double)?,
                 decided_at: b.long()?,
             })
@@ -900,7 +945,7 @@ impl AvroRecord for ScoreState {
         })?;
         let label_topic = b.optional(Binary::string)?;
         let label_offset = b.optional(Binary::long)?;
-        b.0.is_empty().then_some(ScoreState { state, partition, decision, shadows, label, label_topic, label_offset })
+        b.end(ScoreState { state, partition, decision, shadows, label, label_topic, label_offset })
     }
 
     fn to_value(&self) -> Value {
