@@ -203,8 +203,7 @@ async fn counters_equal_the_topics_after_aborted_transactions() {
             // Until merge has failed and replaced its producer, the next fence could be settled by
             // merge's own new producer instead of fencing it.
             let deadline = std::time::Instant::now() + Duration::from_secs(30);
-            while counter("switchyard_transactions_failed_total", &[]) == failed && std::time::Instant::now() < deadline
-            {
+            while counter("switchyard_transactions_failed_total", &[]) == failed && std::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }

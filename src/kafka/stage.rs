@@ -108,9 +108,6 @@ pub trait Stage {
     fn after(&mut self, _consumer: &StreamConsumer<GroupWatch>) {}
 }
 
-/// How often a stage looks for more input while the batch before commits (see [`TxnStage::drive`]).
-const WRITE_AHEAD_POLL: Duration = Duration::from_millis(2);
-
 /// The inputs whose outputs the broker refused, by where they were read.
 #[derive(Debug, Default)]
 struct Refused(HashMap<SourcePos, Refusal>);
@@ -152,19 +149,17 @@ impl Refused {
     }
 }
 
-/// Feeds `batch` from its `from`-th input on to `stage`; an input whose outputs the broker refused before
-/// is dead-lettered instead (`letter`, to `dead_letter_topic`) and the stage only told
-/// ([`Stage::skipped`]).
+/// Feeds `batch` to `stage`; an input whose outputs the broker refused before is dead-lettered instead
+/// (`letter`, to `dead_letter_topic`) and the stage only told ([`Stage::skipped`]).
 fn feed_batch<S: Stage>(
     stage: &mut S,
     batch: &[OwnedMessage],
-    from: usize,
     refused: &Refused,
     letter: RefusedLetter,
     dead_letter_topic: &str,
     out: &mut Outbox,
 ) {
-    for (index, message) in batch.iter().enumerate().skip(from) {
+    for (index, message) in batch.iter().enumerate() {
         match refused.of(message) {
             Some(refusal) => {
                 out.push_from(index, letter(message, refusal, dead_letter_topic));
@@ -234,11 +229,8 @@ pub fn second_id(id: &str) -> String {
 enum Producer {
     /// The transactional producers not committing a batch right now (one or two; see
     /// [`Output::Alternating`]).
-    Transactional {
-        idle: Vec<TxnProducer>,
-        ids: Vec<String>,
-    },
-    Idempotent(Box<IdempotentProducer>),
+    Transactional { idle: Vec<TxnProducer>, ids: Vec<String> },
+    Idempotent(IdempotentProducer),
 }
 
 /// A batch written whose commit may still be running: [`TxnStage::settle`] waits for it and applies
@@ -316,15 +308,14 @@ impl TxnStage {
                 } else {
                     // Not taking turns: the second id only settles what an earlier process left open.
                     let idle = vec![register(&ids[0])?];
-                    super::txn::fence(config, &ids[1])
-                        .during(format!("registering the transactional id {}", ids[1]))?;
+                    super::txn::fence(config, &ids[1]).during(format!("registering the transactional id {}", ids[1]))?;
                     idle
                 };
                 Producer::Transactional { idle, ids }
             }
-            Output::Idempotent { last } => Producer::Idempotent(Box::new(
+            Output::Idempotent { last } => Producer::Idempotent(
                 IdempotentProducer::new(config, last, shutdown.clone()).during("creating the idempotent producer")?,
-            )),
+            ),
         };
         tracing::info!(%group, ?topics, instance = %config.service.instance(), "{stage} consuming");
         Ok(TxnStage {
@@ -359,9 +350,9 @@ impl TxnStage {
     /// Each batch (up to `service.batch_size` records within `service.batch_wait_ms`; an empty one after
     /// `idle` without input, so that [`Stage::tick`] runs) is one transaction: the records its inputs and
     /// the tick turned into, and [`Stage::offsets`], fenced by the group generation from before the batch
-    /// was read; its events are recorded only once it committed. With two producers taking turns
-    /// ([`Output::Alternating`]) a batch's commit runs while the next batch is read, fed and written; the
-    /// next commits only after it. A batch read across a rebalance is dropped. After a rebalance and
+    /// was read; its events are recorded only once it committed. A batch's commit runs while the next
+    /// batch is read (and, with two producers taking turns, fed and written: [`Output::Alternating`]);
+    /// the next commits only after it. A batch read across a rebalance is dropped. After a rebalance and
     /// after a failed transaction the partitions are rewound to their committed offsets and the stage
     /// restored ([`Stage::restore`]) before anything is read again, never while a commit runs.
     /// Inputs whose outputs the broker refused are dead-lettered with `letter` (see the module docs).
@@ -395,42 +386,32 @@ impl TxnStage {
                 }
                 continue;
             }
-            // Without a producer to write the next batch, the one before is committed first (and its
-            // [`Stage::committed`] comes before the next batch is read).
+            let batch =
+                self.next_batch(max, wait, idle).await.during(format!("consuming {}", self.topics.join(", ")))?;
+            if self.generation() != generation {
+                continue; // part of the batch may belong to partitions lost since: restored above
+            }
+            // Without a producer to write this batch, the one before is committed first (and its
+            // [`Stage::committed`] comes before this batch is fed).
             if !self.has_idle_producer() && !self.settle(stage, &mut last_offsets).await {
                 restored = None; // the batch's effects are gone: rewind and restore
                 continue;
             }
-            let consuming = format!("consuming {}", self.topics.join(", "));
-            let mut batch = self.next_batch(max, wait, idle).await.during(&consuming)?;
-            if self.generation() != generation {
-                continue; // part of the batch may belong to partitions lost since: restored above
-            }
             let mut out = Outbox::default();
+            stage.begin(now_millis(), &batch);
+            feed_batch(stage, &batch, &self.refused, letter, &dead_letter_topic, &mut out);
+            stage.tick(now_millis(), &self.consumer, &mut out);
+            // Written while the batch before commits, if it still does.
             let began = std::time::Instant::now();
-            // This batch's records written so far, while the batch before commits (if it still does).
-            let mut sent: Option<(TxnProducer, Result<Vec<Placed>, TxnFailure>)> = None;
-            let mut fed = 0;
-            let moved = loop {
-                stage.begin(now_millis(), &batch[fed..]);
-                feed_batch(stage, &batch, fed, &self.refused, letter, &dead_letter_topic, &mut out);
-                stage.tick(now_millis(), &self.consumer, &mut out);
-                fed = batch.len();
-                self.write_ahead(&mut sent, &out.records).await;
-                let sending = sent.as_ref().is_none_or(|(_, result)| result.is_ok());
-                // While the batch before commits, what arrives joins this batch (and is written at once):
-                // it commits right after that one, and no record waits for a commit it is not part of.
-                if !self.commit_running() || !sending || batch.len() >= max {
-                    break false;
+            let sent = match &mut self.producer {
+                Producer::Transactional { idle, .. } if !out.records.is_empty() => {
+                    let mut producer = idle.pop().expect("an idle producer");
+                    let sent = producer.send(&out.records).await;
+                    Some((producer, sent))
                 }
-                let more =
-                    self.next_batch(max - batch.len(), Duration::ZERO, WRITE_AHEAD_POLL).await.during(&consuming)?;
-                if self.generation() != generation {
-                    break true;
-                }
-                batch.extend(more);
+                _ => None,
             };
-            if !self.settle(stage, &mut last_offsets).await || moved {
+            if !self.settle(stage, &mut last_offsets).await {
                 if let Some((mut producer, sent)) = sent {
                     if sent.is_ok() {
                         producer.abandon().await;
@@ -456,38 +437,6 @@ impl TxnStage {
         self.settle(stage, &mut last_offsets).await;
         telemetry::stage_stopped(self.name);
         Ok(())
-    }
-
-    /// Writes the records of `records` not yet written (past those `sent` placed) in the open
-    /// transaction of an idle producer — while the batch before may still commit on the other.
-    async fn write_ahead(
-        &mut self,
-        sent: &mut Option<(TxnProducer, Result<Vec<Placed>, TxnFailure>)>,
-        records: &[OutRecord],
-    ) {
-        let Producer::Transactional { idle, .. } = &mut self.producer else { return };
-        let written = match sent {
-            Some((_, Ok(placed))) => placed.len(),
-            Some((_, Err(_))) => return,
-            None => 0,
-        };
-        if records.len() == written {
-            return;
-        }
-        let (producer, result) = sent.get_or_insert_with(|| (idle.pop().expect("an idle producer"), Ok(Vec::new())));
-        match (producer.send(&records[written..]).await, result.as_mut()) {
-            (Ok(placed), Ok(all)) => all.extend(placed),
-            (Err(mut failure), _) => {
-                failure.refused.iter_mut().for_each(|(index, _)| *index += written);
-                *result = Err(failure);
-            }
-            (Ok(_), Err(_)) => unreachable!("nothing is written after a failure"),
-        }
-    }
-
-    /// Whether the batch before is still committing.
-    fn commit_running(&self) -> bool {
-        matches!(&self.sealing, Some(Sealing { commit: Committing::Running(task), .. }) if !task.is_finished())
     }
 
     fn has_idle_producer(&self) -> bool {
@@ -815,7 +764,7 @@ mod tests {
         let mut refused = Refused::default();
         refused.note(&batch, &records, &[(0, "Broker: Message size too large".into())]);
         let (mut stage, mut out) = (Noting::default(), Outbox::default());
-        feed_batch(&mut stage, &batch, 0, &refused, letter, "dlq", &mut out);
+        feed_batch(&mut stage, &batch, &refused, letter, "dlq", &mut out);
         assert_eq!((stage.fed, stage.skipped), (vec![0, 2], vec![8]), "the stage never sees the refused input");
         let dead: Vec<&OutRecord> = out.records.iter().filter(|r| r.topic == "dlq").collect();
         assert_eq!(dead.len(), 1);

@@ -70,8 +70,6 @@ pub struct TxnProducer {
     producer: FutureProducer,
     /// A call of this producer overran its timeout and was abandoned: it must be replaced.
     stuck: bool,
-    /// A transaction is open (records sent, not yet committed or aborted).
-    open: bool,
     shutdown: Shutdown,
 }
 
@@ -109,7 +107,7 @@ impl TxnProducer {
         };
         telemetry::transactional_calls_watched();
         tracing::info!(transactional_id = %id, "transactional producer ready");
-        Ok(TxnProducer { config: config.clone(), id, producer, stuck: false, open: false, shutdown })
+        Ok(TxnProducer { config: config.clone(), id, producer, stuck: false, shutdown })
     }
 
     /// Produces `records` and commits them together with `offsets` for the consumer group; returns where
@@ -127,18 +125,12 @@ impl TxnProducer {
         Ok(placed)
     }
 
-    /// The first half of [`TxnProducer::commit`]: produces `records` in the open transaction, opening
-    /// one if none is (a transaction may be sent to several times before it is finished); returns where
-    /// each record was placed (written, not yet visible). On error the transaction has been aborted or
-    /// the producer replaced, and the records the broker refused are named (indexes into `records`).
+    /// The first half of [`TxnProducer::commit`]: opens a transaction and produces `records` in it;
+    /// returns where each record was placed (written, not yet visible). On error the transaction has
+    /// been aborted or the producer replaced, and the records the broker refused are named.
     pub async fn send(&mut self, records: &[OutRecord]) -> Result<Vec<Placed>, TxnFailure> {
         let failed = |error| TxnFailure { error, refused: Vec::new() };
-        let began = match self.open {
-            true => Ok(()),
-            false => self.call("begin_transaction", TXN_CALL_TIMEOUT, |p| p.begin_transaction()).await,
-        };
-        self.open = began.is_ok();
-        let mut result = match began {
+        let mut result = match self.call("begin_transaction", TXN_CALL_TIMEOUT, |p| p.begin_transaction()).await {
             // Every record's outcome, not just the first error: one refused record fails the whole
             // transaction, and the caller needs to know all of them to redo the rest.
             Ok(()) => outcomes(send_each(&self.producer, records).await),
@@ -165,7 +157,6 @@ impl TxnProducer {
             Some(group) => self.try_finish(offsets, group).await,
             None => Err(TxnFailure { error: KafkaError::Canceled, refused: Vec::new() }),
         };
-        self.open = false;
         if let Err(failure) = &mut result {
             self.failed(failure, 0).await;
         }
@@ -202,11 +193,7 @@ impl TxnProducer {
         vec![culprit.unwrap_or_else(|| largest(records, suspects))]
     }
 
-    async fn try_finish(
-        &mut self,
-        offsets: &TopicPartitionList,
-        group: ConsumerGroupMetadata,
-    ) -> Result<(), TxnFailure> {
+    async fn try_finish(&mut self, offsets: &TopicPartitionList, group: ConsumerGroupMetadata) -> Result<(), TxnFailure> {
         let failed = |error| TxnFailure { error, refused: Vec::new() };
         if offsets.count() > 0 {
             let offsets = offsets.clone();
@@ -234,7 +221,6 @@ impl TxnProducer {
     /// for the partition of a refused batch can leave the next transaction's records waiting until they
     /// time out (seen here: 10 s), while a new producer starts clean.
     async fn recover(&mut self, error: &KafkaError, refused: bool) {
-        self.open = false;
         let fatal = self.stuck || matches!(error, KafkaError::Transaction(e) if e.is_fatal());
         let abort = |p: &FutureProducer| p.abort_transaction(TXN_CALL_TIMEOUT);
         if !fatal && !refused && self.call("abort_transaction", TXN_CALL_TIMEOUT, abort).await.is_ok() {
