@@ -58,7 +58,6 @@ async fn main() {
                 kafka_tool: value("--kafka-tool"),
                 bootstrap: std::env::var("SWITCHYARD_BOOTSTRAP_SERVERS").unwrap_or_else(|_| "127.0.0.1:9092".into()),
                 run: format!("b{:06x}", rand::random::<u32>() & 0xff_ffff),
-                one_producer: std::cell::Cell::new(false),
             };
             if flag("--soak") {
                 let number = |name: &str| value(name).map(|v| v.parse::<u64>().unwrap_or_else(|_| panic!("{name} N")));
@@ -191,9 +190,6 @@ struct Bench {
     kafka_tool: Option<String>,
     bootstrap: String,
     run: String,
-    /// switchyard started with `service.overlap_commits = false` (merge's batches committed one after
-    /// the other, as before overlapping commits): for the comparison in the same run.
-    one_producer: std::cell::Cell<bool>,
 }
 
 /// One throughput figure.
@@ -610,9 +606,6 @@ impl Bench {
     fn switchyard(&self, full: bool, prefix: &str, metrics_port: Option<u16>) -> Proc {
         let mut command = Command::new(self.binary("switchyard"));
         command.args(["run"]).envs(env_for(&self.bootstrap, prefix)).env("RUST_LOG", "warn");
-        if self.one_producer.get() {
-            command.env("SWITCHYARD__SERVICE__OVERLAP_COMMITS", "false");
-        }
         if let Some(port) = metrics_port {
             command.env("SWITCHYARD__SERVICE__METRICS_ADDRESS", format!("127.0.0.1:{port}"));
         }
@@ -644,8 +637,7 @@ impl Bench {
 
     /// Sends at `rate` for `seconds` and times each request's hops.
     async fn latency(&self, system: System, rate: u64, seconds: u64) -> Latency {
-        let one = if self.one_producer.get() { "-1p" } else { "" };
-        let prefix = format!("{}-{}-lat{rate}{one}", self.run, if system == System::Switchyard { "sy" } else { "ks" });
+        let prefix = format!("{}-{}-lat{rate}", self.run, if system == System::Switchyard { "sy" } else { "ks" });
         let config = config_for(&self.bootstrap, &prefix);
         let codec = config.codec().expect("codec");
         kafka::ensure_topics(&config, std::slice::from_ref(&config.topics.requests), TopicKind::Stream)
@@ -1176,29 +1168,22 @@ impl Bench {
         print_throughput("switchyard full loop", &max);
         let rates = [1000, (max.rate * 0.1) as u64, (max.rate * 0.5) as u64];
         println!("\n== send -> visible to read_committed, {seconds} s per measurement (ms: p50 / p99 / p99.9)");
-        // (rate, floor, switchyard, switchyard with one producer in merge: p50/p99/p99.9), per measurement.
-        type Row = (u64, [f64; 3], [f64; 3], [f64; 3]);
+        // (rate, floor p50/p99/p99.9, switchyard p50/p99/p99.9), per measurement.
+        type Row = (u64, [f64; 3], [f64; 3]);
         let mut rows: Vec<Row> = Vec::new();
         for run in 1..=runs {
             for &rate in &rates {
                 let floor = self.transactional_floor(rate, seconds).await;
                 let sy = self.latency(System::Switchyard, rate, seconds).await;
-                self.one_producer.set(true);
-                let one = self.latency(System::Switchyard, rate, seconds).await;
-                self.one_producer.set(false);
                 println!(
-                    "  run {run}, {rate}/s: transactional floor {} | switchyard {} (route {} ms p50) | p50 {:.2}x, p99 {:.2}x | \
-                     commits not overlapping {} (p50 {:.2}x, p99 {:.2}x)",
+                    "  run {run}, {rate}/s: transactional floor {} | switchyard {} (route {} ms p50) | p50 {:.2}x, p99 {:.2}x",
                     fmt3(&floor),
                     fmt3(&sy.end_to_end),
                     sy.route[0].round(),
                     sy.end_to_end[0] / floor[0].max(1e-9),
-                    sy.end_to_end[1] / floor[1].max(1e-9),
-                    fmt3(&one.end_to_end),
-                    one.end_to_end[0] / floor[0].max(1e-9),
-                    one.end_to_end[1] / floor[1].max(1e-9),
+                    sy.end_to_end[1] / floor[1].max(1e-9)
                 );
-                rows.push((rate, floor, sy.end_to_end, one.end_to_end));
+                rows.push((rate, floor, sy.end_to_end));
             }
         }
         println!("\n== spread over {runs} runs (min - max)");
@@ -1210,16 +1195,13 @@ impl Bench {
             let at: Vec<_> = rows.iter().filter(|r| r.0 == rate).collect();
             let get = |f: &dyn Fn(&Row) -> f64| span(at.iter().map(|r| f(r)).collect());
             println!(
-                "  {rate}/s: floor p50 {} p99 {} | switchyard p50 {} p99 {} | ratio p50 {} p99 {} | \
-                 commits not overlapping p50 {} p99 {}",
+                "  {rate}/s: floor p50 {} p99 {} | switchyard p50 {} p99 {} | ratio p50 {} p99 {}",
                 get(&|r| r.1[0]),
                 get(&|r| r.1[1]),
                 get(&|r| r.2[0]),
                 get(&|r| r.2[1]),
                 get(&|r| r.2[0] / r.1[0].max(1e-9)),
-                get(&|r| r.2[1] / r.1[1].max(1e-9)),
-                get(&|r| r.3[0]),
-                get(&|r| r.3[1]),
+                get(&|r| r.2[1] / r.1[1].max(1e-9))
             );
         }
         let mut at_tenth: Vec<f64> =

@@ -159,7 +159,6 @@ pub struct ServiceConfig {
     pub metrics_address: String,
     pub batch_size: usize,
     pub batch_wait_ms: u64,
-    pub overlap_commits: bool,
     pub max_pending: usize,
     pub max_request_bytes: usize,
     pub max_prediction_bytes: usize,

@@ -18,7 +18,7 @@ pub mod txn;
 
 pub use batch::{GroupWatch, SourcePos, batch_offsets};
 pub use partitioner::partition_for_key;
-pub use stage::{Outbox, Output, Stage, TxnStage, second_id};
+pub use stage::{Outbox, Output, Stage, TxnStage};
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -24,7 +24,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::batch::{self, GroupWatch, SourcePos};
 use super::idempotent::IdempotentProducer;
-use super::txn::{TxnFailure, TxnProducer};
+use super::txn::TxnProducer;
 use super::{OutRecord, Placed, subscribed};
 use crate::clock::now_millis;
 use crate::config::Config;
@@ -200,55 +200,29 @@ fn to_commit(
     changed
 }
 
+/// The outcome of [`TxnStage::commit`].
+#[derive(Debug)]
+enum Commit {
+    /// Committed; where each record was placed, in the order given.
+    Done(Vec<Placed>),
+    /// Nothing of the batch is visible; its inputs must be read again (rewind and rebuild).
+    Failed,
+}
+
 /// How a stage's batches become durable.
 pub enum Output {
     /// Records and input offsets in one transaction: readers with read_committed see a batch exactly
     /// once or not at all.
     Transactional,
-    /// As `Transactional`, with two transactional producers taking turns when `overlap` is set: the next
-    /// batch is read, fed and written while the one before commits, and commits as soon as that one has
-    /// (never before: its offsets follow the earlier batch's). A record then waits for its own batch's
-    /// commit, not also for the one in flight when it arrived. A failed commit aborts the batch written
-    /// after it too; both are read again. Only for a stage whose [`Stage::committed`] may come after the
-    /// next batch was fed (merge; not the score stage, whose store writes a batch's changes there).
-    /// The second producer's id is `<id>#2` ([`second_id`]); without `overlap` it is only registered
-    /// at start, settling anything an earlier process that overlapped left open.
-    Alternating { overlap: bool },
     /// Records acknowledged first, input offsets committed after (see [`super::idempotent`]): visible at
     /// once, written again after a crash. Only for a stage whose readers drop the copies (route: merge).
     /// The records for the topics in `last` are written only once all the others are acknowledged.
     Idempotent { last: Vec<String> },
 }
 
-/// The transactional id of the producer that takes turns with the one of id `id` (see
-/// [`Output::Alternating`]).
-pub fn second_id(id: &str) -> String {
-    format!("{id}#2")
-}
-
 enum Producer {
-    /// The transactional producers not committing a batch right now (one or two; see
-    /// [`Output::Alternating`]).
-    Transactional { idle: Vec<TxnProducer>, ids: Vec<String> },
+    Transactional(TxnProducer),
     Idempotent(IdempotentProducer),
-}
-
-/// A batch written whose commit may still be running: [`TxnStage::settle`] waits for it and applies
-/// its outcome.
-struct Sealing {
-    batch: Vec<OwnedMessage>,
-    outbox: Outbox,
-    /// What the stage asked to commit ([`Stage::offsets`]): the next transaction commits what differs.
-    offsets: TopicPartitionList,
-    placed: Vec<Placed>,
-    began: std::time::Instant,
-    commit: Committing,
-}
-
-enum Committing {
-    Done(Result<(), TxnFailure>),
-    /// The commit runs on its own task, which hands the producer back.
-    Running(tokio::task::JoinHandle<(TxnProducer, Result<(), TxnFailure>)>),
 }
 
 /// A consumer in the stage's group and its producer, with what the broker refused.
@@ -273,8 +247,6 @@ pub struct TxnStage {
     /// metadata read at commit time would be the *new* generation's, and a batch of partitions already
     /// handed to another instance would commit under it (seen: requests decided by both instances).
     batch_group: Option<ConsumerGroupMetadata>,
-    /// The batch before, while its commit may still run.
-    sealing: Option<Sealing>,
     shutdown: Shutdown,
 }
 
@@ -293,25 +265,12 @@ impl TxnStage {
         let consumer = subscribed(config, &group, topics)
             .during(format!("joining group {group}, subscribed to {}", topics.join(", ")))?;
         let producer = match output {
-            Output::Transactional | Output::Alternating { .. } => {
-                let first = config.service.transactional_id(stage);
-                let (ids, taking_turns) = match output {
-                    Output::Alternating { overlap } => (vec![first.clone(), second_id(&first)], overlap),
-                    _ => (vec![first], false),
-                };
-                let register = |id: &String| {
+            Output::Transactional => {
+                let id = config.service.transactional_id(stage);
+                Producer::Transactional(
                     TxnProducer::new(config, id.clone(), shutdown.clone())
-                        .during(format!("registering the transactional id {id}"))
-                };
-                let idle = if taking_turns || ids.len() == 1 {
-                    ids.iter().map(register).collect::<Result<Vec<_>>>()?
-                } else {
-                    // Not taking turns: the second id only settles what an earlier process left open.
-                    let idle = vec![register(&ids[0])?];
-                    super::txn::fence(config, &ids[1]).during(format!("registering the transactional id {}", ids[1]))?;
-                    idle
-                };
-                Producer::Transactional { idle, ids }
+                        .during(format!("registering the transactional id {id}"))?,
+                )
             }
             Output::Idempotent { last } => Producer::Idempotent(
                 IdempotentProducer::new(config, last, shutdown.clone()).during("creating the idempotent producer")?,
@@ -330,7 +289,6 @@ impl TxnStage {
             refused: Refused::default(),
             failures: 0,
             batch_group: None,
-            sealing: None,
             shutdown,
         })
     }
@@ -350,11 +308,9 @@ impl TxnStage {
     /// Each batch (up to `service.batch_size` records within `service.batch_wait_ms`; an empty one after
     /// `idle` without input, so that [`Stage::tick`] runs) is one transaction: the records its inputs and
     /// the tick turned into, and [`Stage::offsets`], fenced by the group generation from before the batch
-    /// was read; its events are recorded only once it committed. A batch's commit runs while the next
-    /// batch is read (and, with two producers taking turns, fed and written: [`Output::Alternating`]);
-    /// the next commits only after it. A batch read across a rebalance is dropped. After a rebalance and
-    /// after a failed transaction the partitions are rewound to their committed offsets and the stage
-    /// restored ([`Stage::restore`]) before anything is read again, never while a commit runs.
+    /// was read; its events are recorded only once it committed. A batch read across a rebalance is
+    /// dropped. After a rebalance and after a failed transaction the partitions are rewound to their
+    /// committed offsets and the stage restored ([`Stage::restore`]) before anything is read again.
     /// Inputs whose outputs the broker refused are dead-lettered with `letter` (see the module docs).
     pub async fn drive<S: Stage>(&mut self, stage: &mut S, idle: Duration, letter: RefusedLetter) -> Result<()> {
         let (max, wait) = (self.config.service.batch_size, Duration::from_millis(self.config.service.batch_wait_ms));
@@ -368,7 +324,6 @@ impl TxnStage {
             telemetry::stage_alive(self.name);
             let generation = self.generation();
             if restored != Some(generation) {
-                self.settle(stage, &mut last_offsets).await;
                 if !self.rewind().await {
                     continue; // shutting down
                 }
@@ -391,65 +346,28 @@ impl TxnStage {
             if self.generation() != generation {
                 continue; // part of the batch may belong to partitions lost since: restored above
             }
-            // Without a producer to write this batch, the one before is committed first (and its
-            // [`Stage::committed`] comes before this batch is fed).
-            if !self.has_idle_producer() && !self.settle(stage, &mut last_offsets).await {
-                restored = None; // the batch's effects are gone: rewind and restore
-                continue;
-            }
             let mut out = Outbox::default();
             stage.begin(now_millis(), &batch);
             feed_batch(stage, &batch, &self.refused, letter, &dead_letter_topic, &mut out);
             stage.tick(now_millis(), &self.consumer, &mut out);
-            // Written while the batch before commits, if it still does.
-            let began = std::time::Instant::now();
-            let sent = match &mut self.producer {
-                Producer::Transactional { idle, .. } if !out.records.is_empty() => {
-                    let mut producer = idle.pop().expect("an idle producer");
-                    let sent = producer.send(&out.records).await;
-                    Some((producer, sent))
-                }
-                _ => None,
-            };
-            if !self.settle(stage, &mut last_offsets).await {
-                if let Some((mut producer, sent)) = sent {
-                    if sent.is_ok() {
-                        producer.abandon().await;
-                    }
-                    self.idle(producer);
-                }
-                restored = None;
-                continue;
-            }
             let offsets = stage.offsets(&batch);
             let changed = to_commit(&out.records, &offsets, last_offsets.as_ref());
             if !out.records.is_empty() || changed.count() > 0 {
-                let sealing = self.seal(batch, out, offsets, &changed, sent, began).await;
-                let done = matches!(sealing.commit, Committing::Done(_));
-                self.sealing = Some(sealing);
-                if done && !self.settle(stage, &mut last_offsets).await {
-                    restored = None;
-                    continue;
+                match self.commit(&batch, &mut out, &changed).await {
+                    Commit::Done(placed) => {
+                        stage.committed(&out.records, &placed);
+                        last_offsets = Some(offsets);
+                    }
+                    Commit::Failed => {
+                        restored = None; // the batch's effects are gone: rewind and restore
+                        continue;
+                    }
                 }
             }
             stage.after(&self.consumer);
         }
-        self.settle(stage, &mut last_offsets).await;
         telemetry::stage_stopped(self.name);
         Ok(())
-    }
-
-    fn has_idle_producer(&self) -> bool {
-        match &self.producer {
-            Producer::Transactional { idle, .. } => !idle.is_empty(),
-            Producer::Idempotent(_) => true,
-        }
-    }
-
-    fn idle(&mut self, producer: TxnProducer) {
-        if let Producer::Transactional { idle, .. } = &mut self.producer {
-            idle.push(producer);
-        }
     }
 
     /// The next batch (see [`batch::next_batch`]).
@@ -484,93 +402,39 @@ impl TxnStage {
         Ok(Vec::new())
     }
 
-    /// Commits `batch`'s outbox with `offsets` (what changed since the last commit), fenced by the group
-    /// generation from before the batch was read: on its own task for a transactional stage (its records
-    /// already `sent`, or sent here), at once for an idempotent one. [`TxnStage::settle`] takes the
-    /// outcome.
-    async fn seal(
-        &mut self,
-        batch: Vec<OwnedMessage>,
-        outbox: Outbox,
-        offsets: TopicPartitionList,
-        changed: &TopicPartitionList,
-        sent: Option<(TxnProducer, Result<Vec<Placed>, TxnFailure>)>,
-        began: std::time::Instant,
-    ) -> Sealing {
+    /// Produces the outbox's records (made from `batch`) and commits them with `offsets`, fenced by the
+    /// group generation from before the batch was read; then, and only then, records (and takes) its
+    /// events. On failure, the inputs of records the broker refused are remembered (see the module docs).
+    async fn commit(&mut self, batch: &[OwnedMessage], outbox: &mut Outbox, offsets: &TopicPartitionList) -> Commit {
         let records = &outbox.records;
         // Records made without inputs (merge's deadlines passing) must be fenced too: a transaction
         // without offsets carries no group generation, and an instance that has just lost a partition
         // could still decide its requests (seen: TIMEOUT here, OK on the new owner). Commit the
         // offsets as they stand instead.
         let standing;
-        let changed = if changed.count() == 0 && !records.is_empty() {
+        let offsets = if offsets.count() == 0 && !records.is_empty() {
             standing = self.standing_offsets();
             &standing
         } else {
-            changed
+            offsets
         };
-        let changed = signed(changed, &self.config.service.instance());
-        let (placed, commit) = match &mut self.producer {
-            Producer::Transactional { idle, .. } => {
-                let (mut producer, sent) = match sent {
-                    Some(sent) => sent,
-                    None => {
-                        let mut producer = idle.pop().expect("an idle producer");
-                        let sent = producer.send(records).await;
-                        (producer, sent)
-                    }
-                };
-                match sent {
-                    Ok(placed) => {
-                        let group = self.batch_group.take();
-                        let task = tokio::spawn(async move {
-                            let result = producer.finish(&changed, group).await;
-                            (producer, result)
-                        });
-                        (placed, Committing::Running(task))
-                    }
-                    Err(failure) => {
-                        idle.push(producer);
-                        (Vec::new(), Committing::Done(Err(failure)))
-                    }
-                }
-            }
-            Producer::Idempotent(producer) => match producer.commit(records, &changed, &self.consumer).await {
-                Ok(placed) => (placed, Committing::Done(Ok(()))),
-                Err(failure) => (Vec::new(), Committing::Done(Err(failure))),
-            },
-        };
-        Sealing { batch, outbox, offsets, placed, began, commit }
-    }
-
-    /// Waits for the commit of the batch before, if one runs, and applies its outcome: committed, its
-    /// events are recorded (and taken) and the stage told ([`Stage::committed`]); failed, the inputs of
-    /// records the broker refused are remembered (see the module docs). Whether nothing failed.
-    async fn settle<S: Stage>(&mut self, stage: &mut S, last_offsets: &mut Option<TopicPartitionList>) -> bool {
-        let Some(mut sealing) = self.sealing.take() else { return true };
-        let result = match sealing.commit {
-            Committing::Done(result) => result,
-            Committing::Running(task) => match task.await {
-                Ok((producer, result)) => {
-                    self.idle(producer);
-                    result
-                }
-                Err(failed) => std::panic::resume_unwind(failed.into_panic()),
-            },
+        let offsets = &signed(offsets, &self.config.service.instance());
+        let began = std::time::Instant::now();
+        let result = match &mut self.producer {
+            Producer::Transactional(producer) => producer.commit(records, offsets, self.batch_group.take()).await,
+            Producer::Idempotent(producer) => producer.commit(records, offsets, &self.consumer).await,
         };
         match result {
-            Ok(()) => {
-                telemetry::batch_committed(self.name, sealing.began.elapsed().as_secs_f64());
-                telemetry::record(std::mem::take(&mut sealing.outbox.events));
-                self.refused.forget(&sealing.batch);
+            Ok(placed) => {
+                telemetry::batch_committed(self.name, began.elapsed().as_secs_f64());
+                telemetry::record(std::mem::take(&mut outbox.events));
+                self.refused.forget(batch);
                 self.failures = 0;
-                stage.committed(&sealing.outbox.records, &sealing.placed);
-                *last_offsets = Some(sealing.offsets);
-                true
+                Commit::Done(placed)
             }
             Err(failure) => {
                 telemetry::transaction_failed(self.name);
-                self.refused.note(&sealing.batch, &sealing.outbox.records, &failure.refused);
+                self.refused.note(batch, records, &failure.refused);
                 if failure.refused.is_empty() {
                     // Not the data: the broker, the network or our rights. Back off instead of spinning.
                     self.failures += 1;
@@ -579,7 +443,7 @@ impl TxnStage {
                         tokio::time::sleep(backoff).await;
                     }
                 }
-                false
+                Commit::Failed
             }
         }
     }
@@ -605,10 +469,9 @@ impl TxnStage {
     /// gave its partitions up in the rebalance, with nothing open; it is left alone. In the background:
     /// the stage goes on meanwhile.
     fn fence_previous_owners(&self) {
-        let Producer::Transactional { ids, .. } = &self.producer else {
+        if !matches!(self.producer, Producer::Transactional(_)) {
             return; // no transactional ids: nothing left open
-        };
-        let turns = ids.len();
+        }
         let Ok(committed) = batch::committed(&self.consumer) else { return };
         let me = self.config.service.instance();
         let owners: std::collections::BTreeSet<String> = committed
@@ -627,14 +490,12 @@ impl TxnStage {
                 Err(error) => return tracing::warn!(%error, %group, "cannot list the group's members; fencing no one"),
             };
             for owner in owners.into_iter().filter(|o| !members.contains(o)) {
-                let first = config.service.transactional_id_of(stage, &owner);
-                for id in [first.clone(), second_id(&first)].iter().take(turns) {
-                    match super::txn::fence(&config, id) {
-                        Ok(()) => tracing::info!(transactional_id = %id,
-                            "fenced the transactional id of a previous owner of these partitions that left the group: a transaction it left open is aborted"),
-                        Err(error) => {
-                            tracing::warn!(transactional_id = %id, %error, "cannot fence a previous owner's transactional id")
-                        }
+                let id = config.service.transactional_id_of(stage, &owner);
+                match super::txn::fence(&config, &id) {
+                    Ok(()) => tracing::info!(transactional_id = %id,
+                        "fenced the transactional id of a previous owner of these partitions that left the group: a transaction it left open is aborted"),
+                    Err(error) => {
+                        tracing::warn!(transactional_id = %id, %error, "cannot fence a previous owner's transactional id")
                     }
                 }
             }

@@ -120,59 +120,19 @@ impl TxnProducer {
         offsets: &TopicPartitionList,
         group: Option<ConsumerGroupMetadata>,
     ) -> Result<Vec<Placed>, TxnFailure> {
-        let placed = self.send(records).await?;
-        self.finish(offsets, group).await?;
-        Ok(placed)
-    }
-
-    /// The first half of [`TxnProducer::commit`]: opens a transaction and produces `records` in it;
-    /// returns where each record was placed (written, not yet visible). On error the transaction has
-    /// been aborted or the producer replaced, and the records the broker refused are named.
-    pub async fn send(&mut self, records: &[OutRecord]) -> Result<Vec<Placed>, TxnFailure> {
-        let failed = |error| TxnFailure { error, refused: Vec::new() };
-        let mut result = match self.call("begin_transaction", TXN_CALL_TIMEOUT, |p| p.begin_transaction()).await {
-            // Every record's outcome, not just the first error: one refused record fails the whole
-            // transaction, and the caller needs to know all of them to redo the rest.
-            Ok(()) => outcomes(send_each(&self.producer, records).await),
-            Err(error) => Err(failed(error)),
+        let mut result = match group {
+            Some(group) => self.try_commit(records, offsets, group).await,
+            None => Err(TxnFailure { error: KafkaError::Canceled, refused: Vec::new() }),
         };
         if let Err(failure) = &mut result {
-            self.failed(failure, records.len()).await;
+            tracing::warn!(transactional_id = %self.id, error = %failure.error, records = records.len(), refused = failure.refused.len(),
+                "transaction failed; its records are discarded and inputs rewound");
+            self.recover(&failure.error, !failure.refused.is_empty()).await;
             if failure.refused.len() > 1 {
                 failure.refused = self.probe(records, std::mem::take(&mut failure.refused)).await;
             }
         }
         result
-    }
-
-    /// The second half of [`TxnProducer::commit`]: commits the open transaction with `offsets` for the
-    /// consumer group `group` (fenced by its generation). On error the transaction has been aborted or
-    /// the producer replaced.
-    pub async fn finish(
-        &mut self,
-        offsets: &TopicPartitionList,
-        group: Option<ConsumerGroupMetadata>,
-    ) -> Result<(), TxnFailure> {
-        let mut result = match group {
-            Some(group) => self.try_finish(offsets, group).await,
-            None => Err(TxnFailure { error: KafkaError::Canceled, refused: Vec::new() }),
-        };
-        if let Err(failure) = &mut result {
-            self.failed(failure, 0).await;
-        }
-        result
-    }
-
-    /// Aborts the open transaction whose records were sent ([`TxnProducer::send`]) but which will not be
-    /// committed: a batch before it failed, and its inputs are read again.
-    pub async fn abandon(&mut self) {
-        self.recover(&KafkaError::Canceled, false).await;
-    }
-
-    async fn failed(&mut self, failure: &TxnFailure, records: usize) {
-        tracing::warn!(transactional_id = %self.id, error = %failure.error, records, refused = failure.refused.len(),
-            "transaction failed; its records are discarded and inputs rewound");
-        self.recover(&failure.error, !failure.refused.is_empty()).await;
     }
 
     /// Finds which of `suspects` the broker refuses on its own. The broker refuses a whole produce
@@ -193,8 +153,17 @@ impl TxnProducer {
         vec![culprit.unwrap_or_else(|| largest(records, suspects))]
     }
 
-    async fn try_finish(&mut self, offsets: &TopicPartitionList, group: ConsumerGroupMetadata) -> Result<(), TxnFailure> {
+    async fn try_commit(
+        &mut self,
+        records: &[OutRecord],
+        offsets: &TopicPartitionList,
+        group: ConsumerGroupMetadata,
+    ) -> Result<Vec<Placed>, TxnFailure> {
         let failed = |error| TxnFailure { error, refused: Vec::new() };
+        self.call("begin_transaction", TXN_CALL_TIMEOUT, |p| p.begin_transaction()).await.map_err(failed)?;
+        // Every record's outcome, not just the first error: one refused record fails the whole
+        // transaction, and the caller needs to know all of them to redo the rest.
+        let placed = outcomes(send_each(&self.producer, records).await)?;
         if offsets.count() > 0 {
             let offsets = offsets.clone();
             self.call("send_offsets_to_transaction", SEND_OFFSETS_TIMEOUT, move |p| {
@@ -208,7 +177,7 @@ impl TxnProducer {
             match self.call("commit_transaction", TXN_CALL_TIMEOUT, |p| p.commit_transaction(TXN_CALL_TIMEOUT)).await {
                 Err(KafkaError::Transaction(e)) if e.is_retriable() && attempt < COMMIT_RETRIES => attempt += 1,
                 Err(error) => return Err(failed(error)),
-                Ok(()) => return Ok(()),
+                Ok(()) => return Ok(placed),
             }
         }
     }

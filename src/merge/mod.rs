@@ -498,7 +498,7 @@ impl FlowControl {
 pub async fn run(config: Config, codec: Codec, shutdown: Shutdown) -> Result<()> {
     let predictions = config.topics.model_predictions_regex();
     let topics = [config.topics.routed.as_str(), config.topics.forwarded_predictions.as_str(), predictions.as_str()];
-    let mut stage = TxnStage::new(&config, "merge", &topics, kafka::Output::Alternating { overlap: config.service.overlap_commits }, shutdown)?;
+    let mut stage = TxnStage::new(&config, "merge", &topics, kafka::Output::Transactional, shutdown)?;
     telemetry::routed_copies_watched();
     let topology = Topology::load(stage.consumer(), &config).await?;
     let state = State::new(&config);
