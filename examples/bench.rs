@@ -110,8 +110,9 @@ async fn pipe(
     let consumer = kafka::group_consumer(&config, &group, Some(&id)).expect("consumer");
     consumer.subscribe(&[&input]).expect("subscribe");
     let (_trigger, shutdown) = ShutdownTrigger::new();
-    let mut txn = transactional
-        .then(|| kafka::txn::TxnProducer::new(&config, format!("{group}-{id}"), shutdown.clone()).expect("producer"));
+    let mut txn = transactional.then(|| {
+        kafka::txn::TxnProducer::new(&config, "pipe", format!("{group}-{id}"), shutdown.clone()).expect("producer")
+    });
     let plain = kafka::producer(&config).expect("producer");
     loop {
         let messages =
@@ -605,7 +606,9 @@ impl Bench {
     /// One `switchyard run` on `prefix`'s topics (all stages, or route only).
     fn switchyard(&self, full: bool, prefix: &str, metrics_port: Option<u16>) -> Proc {
         let mut command = Command::new(self.binary("switchyard"));
-        command.args(["run"]).envs(env_for(&self.bootstrap, prefix)).env("RUST_LOG", "warn");
+        // BENCH_SWITCHYARD_LOG: switchyard's RUST_LOG, for a look inside (e.g. with SWITCHYARD_KAFKA_DEBUG).
+        let log_filter = std::env::var("BENCH_SWITCHYARD_LOG").unwrap_or_else(|_| "warn".into());
+        command.args(["run"]).envs(env_for(&self.bootstrap, prefix)).env("RUST_LOG", log_filter);
         if let Some(port) = metrics_port {
             command.env("SWITCHYARD__SERVICE__METRICS_ADDRESS", format!("127.0.0.1:{port}"));
         }
@@ -1396,7 +1399,15 @@ fn commit_summary(page: &str) -> String {
     let stages = ["route", "merge", "score"].iter().filter_map(|stage| {
         let count = sample(page, &format!("switchyard_commit_seconds_count{{stage=\"{stage}\"}}"))?;
         let sum = sample(page, &format!("switchyard_commit_seconds_sum{{stage=\"{stage}\"}}"))?;
-        Some(format!("{stage} {count:.0} batches, {:.1} ms", sum / count.max(1.0) * 1000.0))
+        let mean = |step: &str| {
+            let labels = format!("{{stage=\"{stage}\",step=\"{step}\"}}");
+            let count = sample(page, &format!("switchyard_transaction_step_seconds_count{labels}"))?;
+            let sum = sample(page, &format!("switchyard_transaction_step_seconds_sum{labels}"))?;
+            Some(format!("{step} {:.1}", sum / count.max(1.0) * 1000.0))
+        };
+        let steps: Vec<String> = ["produce", "send_offsets", "commit"].iter().filter_map(|s| mean(s)).collect();
+        let steps = if steps.is_empty() { String::new() } else { format!(" ({} ms)", steps.join(", ")) };
+        Some(format!("{stage} {count:.0} batches, {:.1} ms{steps}", sum / count.max(1.0) * 1000.0))
     });
     stages.collect::<Vec<_>>().join("; ")
 }

@@ -201,7 +201,8 @@ async fn counters_equal_the_topics_after_aborted_transactions() {
             // Until merge has failed and replaced its producer, the next fence could be settled by
             // merge's own new producer instead of fencing it.
             let deadline = std::time::Instant::now() + Duration::from_secs(30);
-            while counter("switchyard_transactions_failed_total", &[]) == failed && std::time::Instant::now() < deadline {
+            while counter("switchyard_transactions_failed_total", &[]) == failed && std::time::Instant::now() < deadline
+            {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
@@ -213,6 +214,15 @@ async fn counters_equal_the_topics_after_aborted_transactions() {
         counter("switchyard_transactions_failed_total", &[]) - failed_before >= 3.0,
         "each of the three fences aborted a transaction of merge"
     );
+
+    // Each of merge's committed transactions recorded its steps (where a commit's time goes).
+    let merge = "stage=\"merge\"";
+    let step = |name: &str| counter("switchyard_transaction_step_seconds_count", &[merge, &format!("step=\"{name}\"")]);
+    let (produced, committed) = (step("produce"), step("commit"));
+    let batches = counter("switchyard_commit_seconds_count", &[merge]);
+    assert!(step("send_offsets") >= 1.0 && committed >= 1.0, "merge's transaction steps are recorded");
+    assert!(produced >= committed, "a commit step follows a produce step: {produced} < {committed}");
+    assert!((committed - batches).abs() <= 3.0, "one commit step per committed batch: {committed} against {batches}");
 
     let label = format!("deployment=\"{deployment}\"");
     assert_eq!(counter("switchyard_decisions_total", &[&label]), decisions.len() as f64, "decisions counted once each");

@@ -45,7 +45,7 @@ async fn aborted_transactions_leave_nothing_and_fenced_producers_are_replaced() 
     };
     let (_trigger, shutdown) = ShutdownTrigger::new();
     let id = format!("{}-txn-producer", env.config.service.group_id);
-    let mut producer = TxnProducer::new(&env.config, id.clone(), shutdown).unwrap();
+    let mut producer = TxnProducer::new(&env.config, "test", id.clone(), shutdown).unwrap();
 
     // Committed: records visible, offsets moved.
     producer.commit(&out(5, "first"), &offsets(0), consumer.group_metadata()).await.expect("first commit");

@@ -268,7 +268,7 @@ impl TxnStage {
             Output::Transactional => {
                 let id = config.service.transactional_id(stage);
                 Producer::Transactional(
-                    TxnProducer::new(config, id.clone(), shutdown.clone())
+                    TxnProducer::new(config, stage, id.clone(), shutdown.clone())
                         .during(format!("registering the transactional id {id}"))?,
                 )
             }

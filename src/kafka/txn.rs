@@ -66,6 +66,8 @@ pub fn outcomes(results: impl IntoIterator<Item = Result<Placed, KafkaError>>) -
 /// A producer that commits batches transactionally, and recovers from failed transactions.
 pub struct TxnProducer {
     config: Config,
+    /// The stage it commits for, in metrics.
+    stage: &'static str,
     id: String,
     producer: FutureProducer,
     /// A call of this producer overran its timeout and was abandoned: it must be replaced.
@@ -90,7 +92,7 @@ pub fn fence(config: &Config, id: &str) -> Result<(), KafkaError> {
 
 impl TxnProducer {
     /// Creates the producer and registers its transactional id (fencing any earlier incarnation).
-    pub fn new(config: &Config, id: String, shutdown: Shutdown) -> Result<Self, KafkaError> {
+    pub fn new(config: &Config, stage: &'static str, id: String, shutdown: Shutdown) -> Result<Self, KafkaError> {
         // The transaction coordinator may be loading or moving (a cluster just started, a node just
         // died): a retriable error is asked again, for up to a minute, instead of stopping the service.
         let deadline = std::time::Instant::now() + INIT_PATIENCE;
@@ -107,7 +109,7 @@ impl TxnProducer {
         };
         telemetry::transactional_calls_watched();
         tracing::info!(transactional_id = %id, "transactional producer ready");
-        Ok(TxnProducer { config: config.clone(), id, producer, stuck: false, shutdown })
+        Ok(TxnProducer { config: config.clone(), stage, id, producer, stuck: false, shutdown })
     }
 
     /// Produces `records` and commits them together with `offsets` for the consumer group; returns where
@@ -163,21 +165,29 @@ impl TxnProducer {
         self.call("begin_transaction", TXN_CALL_TIMEOUT, |p| p.begin_transaction()).await.map_err(failed)?;
         // Every record's outcome, not just the first error: one refused record fails the whole
         // transaction, and the caller needs to know all of them to redo the rest.
+        let producing = std::time::Instant::now();
         let placed = outcomes(send_each(&self.producer, records).await)?;
+        telemetry::transaction_step(self.stage, "produce", producing.elapsed().as_secs_f64());
         if offsets.count() > 0 {
+            let registering = std::time::Instant::now();
             let offsets = offsets.clone();
             self.call("send_offsets_to_transaction", SEND_OFFSETS_TIMEOUT, move |p| {
                 p.send_offsets_to_transaction(&offsets, &group, SEND_OFFSETS_TIMEOUT)
             })
             .await
             .map_err(failed)?;
+            telemetry::transaction_step(self.stage, "send_offsets", registering.elapsed().as_secs_f64());
         }
+        let committing = std::time::Instant::now();
         let mut attempt = 0;
         loop {
             match self.call("commit_transaction", TXN_CALL_TIMEOUT, |p| p.commit_transaction(TXN_CALL_TIMEOUT)).await {
                 Err(KafkaError::Transaction(e)) if e.is_retriable() && attempt < COMMIT_RETRIES => attempt += 1,
                 Err(error) => return Err(failed(error)),
-                Ok(()) => return Ok(placed),
+                Ok(()) => {
+                    telemetry::transaction_step(self.stage, "commit", committing.elapsed().as_secs_f64());
+                    return Ok(placed);
+                }
             }
         }
     }

@@ -171,7 +171,12 @@ impl Leader {
         shutdown: &Shutdown,
     ) -> Result<Leader, Error> {
         let topic = &config.topics.deployments;
-        let producer = TxnProducer::new(config, format!("{}-controller", config.service.group_id), shutdown.clone())?;
+        let producer = TxnProducer::new(
+            config,
+            "controller",
+            format!("{}-controller", config.service.group_id),
+            shutdown.clone(),
+        )?;
         let committed = block_in_place(|| consumer.committed(ADMIN_TIMEOUT))
             .during("reading the controller's committed position")?
             .elements()

@@ -116,6 +116,13 @@ pub fn batch_committed(stage: &str, seconds: f64) {
     histogram!("switchyard_commit_seconds", "stage" => stage.to_string()).record(seconds);
 }
 
+/// One step of a stage's transaction took `seconds`: `produce` (its records sent and acknowledged),
+/// `send_offsets` (the input offsets registered with the group), `commit` (EndTxn) — where a commit's
+/// time goes ([`batch_committed`] is their sum with the batch's own work).
+pub fn transaction_step(stage: &'static str, step: &'static str, seconds: f64) {
+    histogram!("switchyard_transaction_step_seconds", "stage" => stage, "step" => step).record(seconds);
+}
+
 /// A stage's transaction failed: its records were discarded and its inputs are read again.
 pub fn transaction_failed(stage: &str) {
     counter!("switchyard_transactions_failed_total", "stage" => stage.to_string()).increment(1);
