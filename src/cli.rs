@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::control::{ops, watcher};
 use crate::error::{Error, Result};
 use crate::record::plan::{Loss, Plan, PlanState};
+use crate::record::deployment::Candidate;
 use crate::record::{DeploymentSpec, Rule, Side, Strategy};
 use crate::service::{self, Roles};
 use crate::shutdown::{self, ShutdownTrigger};
@@ -166,8 +167,10 @@ pub struct DeployArgs {
     pub strategy: Strategy,
     #[arg(long)]
     pub control: String,
+    /// The new model; repeat for an A/B/n canary, where each candidate serves --canary-percent of users
+    /// (or the plan's step share) in buckets of its own.
     #[arg(long)]
-    pub candidate: Option<String>,
+    pub candidate: Vec<String>,
     #[arg(long, default_value_t = 0.0)]
     pub canary_percent: f64,
     #[arg(long, default_value_t = 100.0)]
@@ -285,12 +288,26 @@ impl DeployArgs {
             Some(p) => format!("deploy with a plan of {} steps", p.steps.len()),
             None => "deploy".to_string(),
         });
+        // One candidate: the two-arm record; several: each its share, in list order (arms::layout).
+        let (candidate, candidates, canary_percent) = match self.candidate.as_slice() {
+            [] => (None, Vec::new(), canary_percent),
+            [one] => (Some(one.clone()), Vec::new(), canary_percent),
+            several => (
+                None,
+                several
+                    .iter()
+                    .map(|model| Candidate { model: model.clone(), percent: canary_percent, buckets: Vec::new() })
+                    .collect(),
+                0.0,
+            ),
+        };
         Ok(DeploymentSpec {
             probation: None,
             version: 0,
             strategy: self.strategy,
             control: self.control.clone(),
-            candidate: self.candidate.clone(),
+            candidate,
+            candidates,
             canary_percent,
             shadow_percent: self.shadow_percent,
             active: self.active,

@@ -16,6 +16,9 @@ pub struct Route<'a> {
     pub serving: &'a str,
     /// The side the serving model belongs to (`control` / `candidate`).
     pub cohort: Side,
+    /// A/B/n: the candidate arm serving (index in `spec.candidates`); None for control's users and for
+    /// two-arm deployments.
+    pub arm: Option<usize>,
     /// The user's canary bucket (0..10000), carried on the decision for audits.
     pub bucket: u16,
     /// Models that get a SHADOW copy; their answers are compared, never served.
@@ -32,12 +35,13 @@ pub struct Route<'a> {
 }
 
 impl Route<'_> {
-    /// The cohort as decisions carry it: the side, and for a request routed by a rule
-    /// `<side>:rule:<attribute>`.
+    /// The cohort as decisions carry it: the side, `candidate:<model>` for an A/B/n candidate, and for
+    /// a request routed by a rule `<side>:rule:<attribute>`.
     pub fn cohort_label(&self) -> String {
-        match self.rule {
-            Some(rule) => format!("{}:rule:{}", self.cohort, rule.attribute),
-            None => self.cohort.as_str().to_string(),
+        match (self.rule, self.arm) {
+            (Some(rule), _) => format!("{}:rule:{}", self.cohort, rule.attribute),
+            (None, Some(_)) => format!("{}:{}", self.cohort, self.serving),
+            (None, None) => self.cohort.as_str().to_string(),
         }
     }
 }
@@ -46,7 +50,8 @@ impl Route<'_> {
 ///
 /// - single: control serves.
 /// - shadow: control serves; the candidate gets a copy if the user is in the shadow sample.
-/// - canary: the candidate serves users with `bucket < round(canary_percent * 100)`.
+/// - canary: the candidate serves users with `bucket < round(canary_percent * 100)`; an A/B/n canary's
+///   candidates each serve the users in their own buckets (`record::arms`).
 /// - blue_green: the `active` side serves everyone.
 /// - overrides pin a user to a side under canary and blue/green (the strategies where the candidate
 ///   serves anyone); under single and shadow nobody but control is ever served.
@@ -69,12 +74,24 @@ pub fn route<'a>(deployment: &'a Deployment, user_id: &str, attributes: &HashMap
         _ => None,
     };
     let pinned = override_side.or(rule.map(|r| r.side));
+    // An A/B/n record pins users to control only (validated).
+    let arm = match (pinned, spec.strategy) {
+        (None, Strategy::Canary) => crate::record::arms::arm_of(&deployment.arms, bucket),
+        _ => None,
+    };
     let cohort = match spec.strategy {
         Strategy::Single | Strategy::Shadow => Side::Control,
+        Strategy::Canary if !deployment.arms.is_empty() => {
+            if arm.is_some() { Side::Candidate } else { Side::Control }
+        }
         Strategy::Canary => {
             pinned.unwrap_or(if bucket < deployment.canary_threshold { Side::Candidate } else { Side::Control })
         }
         Strategy::BlueGreen => pinned.unwrap_or(spec.active),
+    };
+    let serving = match arm {
+        Some(i) => spec.candidates[i].model.as_str(),
+        None => deployment.model_for(cohort),
     };
 
     let mut shadows = Vec::new();
@@ -103,13 +120,18 @@ pub fn route<'a>(deployment: &'a Deployment, user_id: &str, attributes: &HashMap
     let propensity = match (pinned, spec.strategy) {
         (Some(_), _) => None,
         (None, Strategy::Canary) => {
-            let share = f64::from(deployment.canary_threshold) / f64::from(crate::record::deployment::BUCKETS);
-            Some(if cohort == Side::Candidate { share } else { 1.0 - share })
+            let buckets = f64::from(crate::record::deployment::BUCKETS);
+            let share = f64::from(deployment.canary_threshold) / buckets;
+            Some(match arm {
+                Some(i) => deployment.arms[i].iter().map(|[start, end]| f64::from(end - start)).sum::<f64>() / buckets,
+                None if cohort == Side::Candidate => share,
+                None => 1.0 - share,
+            })
         }
         (None, _) => Some(1.0),
     };
 
-    Route { serving: deployment.model_for(cohort), cohort, bucket, shadows, hedge, rule, propensity }
+    Route { serving, cohort, arm, bucket, shadows, hedge, rule, propensity }
 }
 
 #[cfg(test)]
@@ -247,6 +269,36 @@ mod tests {
         assert_eq!(route(&canary(0.0), "u1", &NONE).propensity, Some(1.0));
         let single = deployment(r#"{"version":1,"strategy":"single","control":"v1"}"#);
         assert_eq!(route(&single, "u1", &NONE).propensity, Some(1.0));
+    }
+
+    /// Three candidates at 10% each: every arm serves its own buckets, the decision's cohort names the
+    /// candidate, the propensity is the arm's share; an override pins to control.
+    #[test]
+    fn an_abn_canary_serves_each_candidate_its_own_buckets() {
+        let d = deployment(
+            r#"{"version":1,"strategy":"canary","control":"v1","mirror":["m"],"overrides":{"vip":"control"},
+                "candidates":[{"model":"v2","percent":10},{"model":"v3","percent":10},{"model":"v4","percent":12.5}]}"#,
+        );
+        let mut served: HashMap<String, usize> = HashMap::new();
+        for i in 0..20_000 {
+            let r = route(&d, &format!("u{i}"), &NONE);
+            let (label, want, share) = match r.bucket {
+                0..1000 => ("candidate:v2", "v2", 0.1),
+                1000..2000 => ("candidate:v3", "v3", 0.1),
+                2000..3250 => ("candidate:v4", "v4", 0.125),
+                _ => ("control", "v1", 0.675),
+            };
+            assert_eq!((r.serving, r.cohort_label().as_str(), r.propensity), (want, label, Some(share)));
+            assert_eq!(r.shadows, ["m"]);
+            *served.entry(label.to_string()).or_default() += 1;
+        }
+        for (label, share) in [("candidate:v2", 0.1), ("candidate:v3", 0.1), ("candidate:v4", 0.125)] {
+            let got = served[label] as f64 / 20_000.0;
+            assert!((got - share).abs() < 0.01, "{label}: {got}");
+        }
+        let vip = route(&d, "vip", &NONE);
+        assert_eq!((vip.serving, vip.cohort_label().as_str(), vip.propensity), ("v1", "control", None));
+        assert_eq!(d.models(), ["v1", "v2", "v3", "v4", "m"]);
     }
 
     #[test]

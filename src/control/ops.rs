@@ -41,7 +41,7 @@ pub fn operator_change(reason: String) -> Change {
         Ok(user) if !user.is_empty() => format!("operator:{user}"),
         _ => "operator".to_string(),
     };
-    Change { actor, reason, figures: None }
+    Change { actor, reason, figures: None, arms: Vec::new() }
 }
 
 /// Writes `spec` as the next version of `name` (the version in `spec` is replaced).
@@ -114,6 +114,13 @@ pub fn describe_split(d: &Deployment) -> String {
     let serving = match spec.strategy {
         Strategy::Single => format!("100.00% -> {} (control)", spec.control),
         Strategy::Shadow => format!("100.00% -> {} (control); {candidate} gets copies", spec.control),
+        Strategy::Canary if !spec.candidates.is_empty() => {
+            let mut arms: Vec<String> =
+                spec.candidates.iter().map(|c| format!("{:.2}% -> {} (candidate)", c.percent, c.model)).collect();
+            let share = f64::from(d.canary_threshold) / 100.0;
+            arms.push(format!("{:.2}% -> {} (control)", 100.0 - share, spec.control));
+            arms.join(", ")
+        }
         Strategy::Canary => {
             let share = f64::from(d.canary_threshold) / 100.0;
             format!("{:.2}% -> {candidate} (candidate), {:.2}% -> {} (control)", share, 100.0 - share, spec.control)

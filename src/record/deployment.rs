@@ -106,6 +106,10 @@ pub struct DeploymentSpec {
     /// Canary: share of users served by the candidate, 0–100 in steps of 0.01.
     #[serde(default)]
     pub canary_percent: f64,
+    /// Canary with several candidates (A/B/n), instead of `candidate` and `canary_percent`: each with
+    /// its share and the buckets it owns.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub candidates: Vec<Candidate>,
     /// Shadow and mirror: share of users whose requests are copied.
     #[serde(default = "default_shadow_percent")]
     pub shadow_percent: f64,
@@ -166,6 +170,23 @@ pub struct Rule {
     pub side: Side,
 }
 
+/// One arm of an A/B/n canary: a candidate model, its share, and the cohort buckets it owns.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Candidate {
+    pub model: String,
+    /// Share of users it serves, 0–100 in steps of 0.01.
+    pub percent: f64,
+    /// The buckets it owns, as `[start, end)` ranges whose widths add up to `percent × 100`. Empty: laid
+    /// out in list order from bucket 0 (each arm after the ones before it). switchyard's own moves
+    /// (`arms::reassign`) always write them, so that a share that grows keeps its users in place.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub buckets: Vec<[u16; 2]>,
+}
+
+/// Most candidates an A/B/n canary may have.
+pub const MAX_CANDIDATES: usize = 20;
+
 /// Most attribute rules a deployment may have.
 pub const MAX_RULES: usize = 100;
 
@@ -179,6 +200,9 @@ pub struct Change {
     /// The controller's evidence: its step's users and guard statistics.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub figures: Option<Figures>,
+    /// An A/B/n plan's evidence instead: each candidate's figures against control.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub arms: Vec<Figures>,
 }
 
 /// A validated deployment, ready for routing.
@@ -188,8 +212,11 @@ pub struct Deployment {
     pub spec: DeploymentSpec,
     /// `spec.salt`, or the deployment name.
     pub salt: String,
-    /// Candidate buckets: `bucket < canary_threshold` serves the candidate.
+    /// Candidate buckets: `bucket < canary_threshold` serves the candidate. A/B/n: the candidates'
+    /// buckets together.
     pub canary_threshold: u16,
+    /// A/B/n: the buckets of each of `spec.candidates`, in list order (see `arms`); empty otherwise.
+    pub arms: Vec<super::arms::Ranges>,
     /// Shadow-sampling buckets: `shadow_bucket < shadow_threshold` gets copies.
     pub shadow_threshold: u16,
 }
@@ -221,10 +248,11 @@ impl Deployment {
         }
     }
 
-    /// Every model this deployment can send requests to (control, candidate, mirrors).
+    /// Every model this deployment can send requests to (control, candidates, mirrors).
     pub fn models(&self) -> Vec<&str> {
         let mut models = vec![self.spec.control.as_str()];
         models.extend(self.spec.candidate.as_deref());
+        models.extend(self.spec.candidates.iter().map(|c| c.model.as_str()));
         models.extend(self.spec.mirror.iter().map(String::as_str));
         models
     }
@@ -243,6 +271,8 @@ pub enum InvalidDeployment {
     StaleVersion { got: u64, current: u64 },
     #[error("{field} {name:?} is not a valid model name: use 1-200 characters of [A-Za-z0-9._-]")]
     ModelName { field: &'static str, name: String },
+    #[error("candidates (A/B/n): {0}")]
+    Candidates(String),
     #[error("strategy {0} needs a candidate model")]
     MissingCandidate(Strategy),
     #[error("strategy single takes no candidate (got {0:?}); use shadow, canary or blue_green")]
@@ -332,6 +362,7 @@ impl DeploymentSpec {
         }
         check_model("control", &self.control)?;
         match (&self.candidate, self.strategy) {
+            (None, Strategy::Canary) if !self.candidates.is_empty() => {}
             (None, Strategy::Single) => {}
             (Some(candidate), Strategy::Single) => {
                 return Err(InvalidDeployment::UnexpectedCandidate(candidate.clone()));
@@ -346,6 +377,8 @@ impl DeploymentSpec {
         }
         let mut seen: Vec<&str> = vec![&self.control];
         seen.extend(self.candidate.as_deref());
+        let arms = self.validate_candidates()?;
+        seen.extend(self.candidates.iter().map(|c| c.model.as_str()));
         for mirror in &self.mirror {
             check_model("mirror", mirror)?;
             if seen.contains(&mirror.as_str()) {
@@ -353,7 +386,11 @@ impl DeploymentSpec {
             }
             seen.push(mirror);
         }
-        let canary_threshold = check_percent("canary_percent", self.canary_percent)?;
+        let canary_threshold = if arms.is_empty() {
+            check_percent("canary_percent", self.canary_percent)?
+        } else {
+            arms.iter().flatten().map(|[start, end]| end - start).sum()
+        };
         let shadow_threshold = check_percent("shadow_percent", self.shadow_percent)?;
         if self.timeout_ms == 0 || self.timeout_ms > MAX_TIMEOUT_MS {
             return Err(InvalidDeployment::Timeout(self.timeout_ms));
@@ -386,6 +423,17 @@ impl DeploymentSpec {
                 if canary_threshold < threshold(floor) || canary_threshold > threshold(ceiling) {
                     return Err(InvalidDeployment::BanditShare { got: self.canary_percent, floor, ceiling });
                 }
+            } else if !self.candidates.is_empty() {
+                let want = plan.current().canary_percent;
+                if let Some(c) = self.candidates.iter().find(|c| threshold(c.percent) != threshold(want)) {
+                    return Err(InvalidDeployment::Candidates(format!(
+                        "{} serves {}%, not the share of the plan's current step {} ({want}%): a step's share is \
+                         each candidate's",
+                        c.model,
+                        c.percent,
+                        plan.step + 1
+                    )));
+                }
             } else {
                 let want = plan.current().canary_percent;
                 if threshold(want) != canary_threshold {
@@ -403,7 +451,66 @@ impl DeploymentSpec {
             probation.validate()?;
         }
         let salt = self.salt.clone().unwrap_or_else(|| name.to_string());
-        Ok(Deployment { name: name.to_string(), spec: self, salt, canary_threshold, shadow_threshold })
+        let mut spec = self;
+        if let Some(plan) = spec.plan.as_mut().filter(|_| !arms.is_empty()) {
+            // The budget splits α over the candidates the plan started with: later cuts keep the count.
+            plan.candidates.get_or_insert(spec.candidates.len());
+        }
+        Ok(Deployment { name: name.to_string(), spec, salt, canary_threshold, shadow_threshold, arms })
+    }
+
+    /// An A/B/n canary's own rules; its arms' buckets (none without candidates).
+    fn validate_candidates(&self) -> Result<Vec<super::arms::Ranges>, InvalidDeployment> {
+        if self.candidates.is_empty() {
+            return Ok(Vec::new());
+        }
+        let fail = |why: String| Err(InvalidDeployment::Candidates(why));
+        if self.strategy != Strategy::Canary {
+            return fail(format!("several candidates make an A/B/n canary: strategy must be canary, not {}", self.strategy));
+        }
+        if self.candidate.is_some() || self.canary_percent != 0.0 {
+            return fail("they replace candidate and canary_percent: set one or the other".into());
+        }
+        if self.candidates.len() > MAX_CANDIDATES {
+            return fail(format!("at most {MAX_CANDIDATES}, got {}", self.candidates.len()));
+        }
+        for (i, c) in self.candidates.iter().enumerate() {
+            check_model("candidate", &c.model)?;
+            if c.model == self.control || self.candidates[..i].iter().any(|o| o.model == c.model) {
+                return fail(format!("{:?} is listed twice or is also control", c.model));
+            }
+            check_percent("candidates' percent", c.percent)?;
+        }
+        let total: u32 = self.candidates.iter().map(|c| u32::from(threshold(c.percent))).sum();
+        if total > BUCKETS {
+            return fail(format!("their shares add up to {}%, above 100%", f64::from(total) / 100.0));
+        }
+        if self.hedge {
+            return fail("hedge takes a single candidate".into());
+        }
+        if self.overrides.values().any(|side| *side != Side::Control) || self.rules.iter().any(|r| r.side != Side::Control)
+        {
+            return fail("overrides and rules may pin users to control only (which candidate would \"candidate\" be?)".into());
+        }
+        if let Some(plan) = &self.plan {
+            if plan.bandit.is_some() || plan.guards.contains(&super::plan::GuardKind::Disagreement) {
+                return fail("a plan judges them with the error, timeout, latency, sample-ratio, quality and coverage guards; \
+                             the bandit and the disagreement guard take a single candidate"
+                    .into());
+            }
+            let widest = plan.steps.iter().map(|s| threshold(s.canary_percent)).max().unwrap_or(0);
+            if u32::from(widest) * self.candidates.len() as u32 > BUCKETS {
+                return fail(format!(
+                    "the plan's widest step gives each of {} candidates {}%: more than 100% together",
+                    self.candidates.len(),
+                    f64::from(widest) / 100.0
+                ));
+            }
+            if plan.candidates.is_some_and(|k| k < self.candidates.len()) {
+                return fail("plan.candidates counts the candidates the plan started with: not fewer than are left".into());
+            }
+        }
+        super::arms::layout(&self.candidates).map_err(InvalidDeployment::Candidates)
     }
 }
 

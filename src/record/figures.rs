@@ -37,6 +37,9 @@ pub struct GuardFigures {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Figures {
+    /// A/B/n: the candidate these figures judge against control.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate: Option<String>,
     /// The step, counting from 1.
     pub step: usize,
     /// Users observed: (control, candidate).

@@ -6,6 +6,8 @@
 //! - [`deployment`]: the record itself ([`DeploymentSpec`] as written, [`Deployment`] validated), the
 //!   strategies and sides, attribute rules, who changed it and why; a share of users as a bucket
 //!   threshold.
+//! - [`arms`]: an A/B/n canary's candidates and the buckets each owns; how buckets move when shares
+//!   change (sticky: only a shrinking arm's users move).
 //! - [`moves`]: the common moves (promote, rollback, a plan's advance, pause, resume, a probation's
 //!   end) as the next version of a record, and why a move is refused.
 //! - [`plan`]: a rollout plan as the record carries it (steps, guards, budget, actions, where it stands).
@@ -13,6 +15,7 @@
 //! - [`figures`]: the controller's evidence carried by a change (guards' e-values and counts per arm).
 //! - [`quality`]: how a deployment's model outputs are scored against outcome labels.
 
+pub mod arms;
 pub mod deployment;
 pub mod figures;
 pub mod moves;

@@ -30,6 +30,23 @@ pub enum MoveError {
     NoPlan(&'static str),
     #[error("the plan is {state}; only a {want} plan can be {verb}")]
     PlanState { state: &'static str, want: &'static str, verb: &'static str },
+    #[error("an A/B/n canary with {0} candidates: only one can be promoted, once the others are cut")]
+    SeveralCandidates(usize),
+    #[error("{0:?} is not one of the candidates")]
+    NotACandidate(String),
+    #[error("{0}")]
+    Buckets(String),
+}
+
+/// The A/B/n candidates with new shares (`share(model, percent)`; None drops one), their buckets moved
+/// as little as the shares allow (`arms::reassign`).
+fn reshare(
+    current: &DeploymentSpec,
+    share: impl Fn(&str, f64) -> Option<f64>,
+) -> Result<Vec<super::deployment::Candidate>, MoveError> {
+    let wanted: Vec<(String, f64)> =
+        current.candidates.iter().filter_map(|c| share(&c.model, c.percent).map(|p| (c.model.clone(), p))).collect();
+    super::arms::reassign(&current.candidates, &wanted).map_err(MoveError::Buckets)
 }
 
 /// The record as it stands, as the next version, before a move changes it.
@@ -47,7 +64,11 @@ fn next_of(current: &DeploymentSpec, version: u64) -> DeploymentSpec {
 }
 
 pub fn promote(current: &DeploymentSpec, version: u64) -> Result<DeploymentSpec, MoveError> {
-    let candidate = current.candidate.clone().ok_or(MoveError::NothingToMove("promote"))?;
+    let candidate = match current.candidates.as_slice() {
+        [] => current.candidate.clone().ok_or(MoveError::NothingToMove("promote"))?,
+        [one] => one.model.clone(),
+        several => return Err(MoveError::SeveralCandidates(several.len())),
+    };
     let mut next = next_of(current, version);
     next.plan = None;
     if current.strategy == Strategy::BlueGreen && current.active == Side::Control {
@@ -57,6 +78,7 @@ pub fn promote(current: &DeploymentSpec, version: u64) -> Result<DeploymentSpec,
         next.hedge = false;
         next.control = candidate;
         next.candidate = None;
+        next.candidates.clear();
         next.canary_percent = 0.0;
         next.active = Side::Control;
         next.overrides.clear();
@@ -69,7 +91,10 @@ pub fn rollback(current: &DeploymentSpec, version: u64) -> Result<DeploymentSpec
     next.plan = None;
     match current.strategy {
         Strategy::Single => return Err(MoveError::NothingToMove("roll back")),
-        Strategy::Canary => next.canary_percent = 0.0,
+        Strategy::Canary => {
+            next.canary_percent = 0.0;
+            next.candidates = reshare(current, |_, _| Some(0.0))?;
+        }
         Strategy::BlueGreen => next.active = Side::Control,
         Strategy::Shadow => {
             next.strategy = Strategy::Single;
@@ -102,7 +127,29 @@ pub fn advance(current: &DeploymentSpec, version: u64, index: usize, now: Millis
     plan.step = index;
     plan.step_started_at = now;
     plan.state = PlanState::Running;
-    next.canary_percent = plan.current().canary_percent;
+    let percent = plan.current().canary_percent;
+    if current.candidates.is_empty() {
+        next.canary_percent = percent;
+    } else {
+        next.candidates = reshare(current, |_, _| Some(percent))?;
+    }
+    Ok(next)
+}
+
+/// An A/B/n candidate leaves (its guard fired): its buckets go back to control, the others keep theirs,
+/// and a running plan's step starts again `now` for them (the split changed under its evidence).
+pub fn cut(current: &DeploymentSpec, version: u64, model: &str, now: Millis) -> Result<DeploymentSpec, MoveError> {
+    if !current.candidates.iter().any(|c| c.model == model) {
+        return Err(MoveError::NotACandidate(model.to_string()));
+    }
+    let mut next = next_of(current, version);
+    next.candidates = reshare(current, |m, percent| (m != model).then_some(percent))?;
+    if next.candidates.is_empty() {
+        return rollback(current, version);
+    }
+    if let Some(plan) = next.plan.as_mut() {
+        plan.step_started_at = now;
+    }
     Ok(next)
 }
 
@@ -227,6 +274,46 @@ mod tests {
         }
         let bare = spec(r#"{"version":1,"strategy":"canary","control":"v1","candidate":"v2"}"#);
         assert!(matches!(pause(&bare, 2), Err(MoveError::NoPlan(_))));
+    }
+
+    /// A/B/n: a plan's advance gives every candidate the step's share, keeping its buckets; a cut frees
+    /// one candidate's buckets and restarts the step; a rollback takes every candidate to 0%; only the
+    /// last candidate can be promoted.
+    #[test]
+    fn abn_moves_keep_each_candidates_buckets() {
+        let abn = spec(
+            r#"{"version":3,"strategy":"canary","control":"v1",
+                "candidates":[{"model":"a","percent":5},{"model":"b","percent":5},{"model":"c","percent":5}],
+                "plan":{"steps":[{"canary_percent":5,"bake_ms":0,"min_sample":1,"max_ms":10},
+                                 {"canary_percent":20,"bake_ms":0,"min_sample":1,"max_ms":10}],
+                        "guards":["error_rate"],"step_started_at":5}}"#,
+        );
+        let validated = abn.clone().validate("d").unwrap().spec;
+        assert_eq!(validated.plan.as_ref().unwrap().candidates, Some(3), "validation counts the candidates");
+        let buckets = |s: &DeploymentSpec| s.candidates.iter().map(|c| c.buckets.clone()).collect::<Vec<_>>();
+        let next = advance(&validated, 4, 1, 99).unwrap();
+        assert_eq!(buckets(&next), [
+            vec![[0, 500], [1500, 3000]],
+            vec![[500, 1000], [3000, 4500]],
+            vec![[1000, 1500], [4500, 6000]]
+        ]);
+        next.clone().validate("d").unwrap();
+        let cut_b = cut(&next, 5, "b", 200).unwrap();
+        assert_eq!(buckets(&cut_b), [vec![[0, 500], [1500, 3000]], vec![[1000, 1500], [4500, 6000]]]);
+        let plan = cut_b.plan.as_ref().unwrap();
+        assert_eq!((plan.step, plan.step_started_at, plan.candidates), (1, 200, Some(3)));
+        cut_b.clone().validate("d").unwrap();
+        assert!(cut(&cut_b, 6, "b", 300).unwrap_err().to_string().contains("not one of the candidates"));
+        assert!(promote(&cut_b, 6).unwrap_err().to_string().contains("2 candidates"));
+        let rolled = rollback(&cut_b, 6).unwrap();
+        assert!(rolled.candidates.iter().all(|c| c.percent == 0.0 && c.buckets.is_empty()));
+        rolled.clone().validate("d").unwrap();
+        let last = cut(&cut(&cut_b, 6, "a", 300).unwrap(), 7, "c", 400).unwrap();
+        assert_eq!((last.plan, last.candidates.len()), (None, 1), "cutting the last candidate rolls back");
+        let one = cut(&cut_b, 6, "a", 300).unwrap();
+        let promoted = promote(&one, 7).unwrap();
+        assert_eq!((promoted.strategy, promoted.control.as_str(), promoted.candidates.len()), (Strategy::Single, "c", 0));
+        promoted.clone().validate("d").unwrap();
     }
 
     #[test]

@@ -308,6 +308,10 @@ pub struct Plan {
     /// moves): the step's evidence is the decisions of that version and after. None: this version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step_version: Option<u64>,
+    /// A/B/n: how many candidates the plan started with (α is split over them and over the steps they
+    /// may restart when one is cut). None: as many as the record has; the controller's first cut sets it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidates: Option<usize>,
 }
 
 impl Plan {

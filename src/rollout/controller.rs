@@ -32,7 +32,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::task::block_in_place;
 
 use super::decide;
-use super::evidence::{Observation, StepEvidence};
+use super::evidence::{Observation, PlanEvidence};
 use super::feed::{Feed, Progress};
 use super::history;
 use super::probation::ProbationEvidence;
@@ -145,7 +145,7 @@ struct Leader {
     /// The offset committed with the last transaction.
     committed: i64,
     /// Per deployment with a running plan: its step's evidence.
-    evidence: HashMap<String, StepEvidence>,
+    evidence: HashMap<String, PlanEvidence>,
     /// Per deployment on probation: its paired evidence.
     probations: HashMap<String, ProbationEvidence>,
     feed: Option<Feed>,
@@ -299,7 +299,7 @@ impl Leader {
         for d in &on_probation {
             let Some(e) = self.probations.get(&d.name) else { continue };
             self.reported.insert(d.name.clone());
-            telemetry::rollout(&d.name, 0, &e.figures(), 0);
+            telemetry::rollout(&d.name, 0, &[e.figures()], 0);
             let next = decide::probation_record(d, e, now, self.registry.next_version(&d.name));
             self.write_change(d, next, out);
         }
@@ -321,7 +321,7 @@ impl Leader {
         self.probations.retain(|name, e| on_probation.iter().any(|d| d.name == *name && d.version() == e.version));
         for d in &running {
             if !self.evidence.contains_key(&d.name) {
-                self.evidence.insert(d.name.clone(), StepEvidence::new(d).expect("a running plan"));
+                self.evidence.insert(d.name.clone(), PlanEvidence::new(d).expect("a running plan"));
             }
         }
         for d in &on_probation {

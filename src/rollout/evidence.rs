@@ -44,6 +44,8 @@ pub struct Observation {
     pub request_id: String,
     pub user: String,
     pub arm: Side,
+    /// A/B/n: the candidate that served (the arm is `Candidate`).
+    pub candidate: Option<String>,
     pub status: DecisionStatus,
     pub latency_ms: i64,
     /// When the request was sent: routing order.
@@ -59,19 +61,30 @@ impl Observation {
 
     /// The observation a decision makes for the deployment's plan, if it makes one.
     pub fn of(decision: &Decision) -> Option<Observation> {
-        let arm = match decision.cohort.as_str() {
-            "control" => Side::Control,
-            "candidate" => Side::Candidate,
-            _ => return None,
-        };
+        let (arm, candidate) = arm_of(&decision.cohort)?;
         Some(Observation {
             request_id: decision.request_id.clone(),
             user: decision.user_id.clone(),
             arm,
+            candidate: candidate.map(str::to_string),
             status: decision.status,
             latency_ms: decision.latency_ms,
             sent_at: decision.decided_at - decision.latency_ms,
         })
+    }
+}
+
+/// The arm a decision's cohort names — `control`, `candidate`, or an A/B/n `candidate:<model>` — with the
+/// A/B/n candidate; None for a cohort routed by an attribute rule (`<side>:rule:<attribute>`: not
+/// randomised).
+pub fn arm_of(cohort: &str) -> Option<(Side, Option<&str>)> {
+    match cohort.split_once(':') {
+        None if cohort == "control" => Some((Side::Control, None)),
+        None if cohort == "candidate" => Some((Side::Candidate, None)),
+        Some(("candidate", model)) if crate::record::deployment::is_valid_name(model) => {
+            Some((Side::Candidate, Some(model)))
+        }
+        _ => None,
     }
 }
 
@@ -103,6 +116,8 @@ impl ArmSummary {
 pub struct StepEvidence {
     /// The version that started the step; a bandit's later versions continue it (`adaptive`).
     pub version: u64,
+    /// A/B/n: the candidate judged against control; the other candidates' users are left out.
+    pub judged: Option<String>,
     adaptive: bool,
     started_at: Millis,
     guards: Vec<GuardKind>,
@@ -142,13 +157,32 @@ pub struct StepEvidence {
 }
 
 impl StepEvidence {
-    /// Evidence for the step the plan of `deployment` is in (its version started it).
+    /// Evidence for the step the plan of `deployment` is in (its version started it). A/B/n: that of
+    /// its first candidate (the controller keeps a [`PlanEvidence`]: all of them).
+    #[cfg(test)]
     pub fn new(deployment: &crate::record::Deployment) -> Option<StepEvidence> {
+        Self::judging(deployment, (!deployment.arms.is_empty()).then_some(0))
+    }
+
+    /// The step's evidence on control and one candidate: the A/B/n candidate of index `arm`, or the
+    /// candidate of a two-arm deployment. The sample-ratio guard expects the two arms' users in the
+    /// ratio of their shares.
+    fn judging(deployment: &crate::record::Deployment, arm: Option<usize>) -> Option<StepEvidence> {
         let plan = deployment.spec.plan.as_ref()?;
-        let share = f64::from(deployment.canary_threshold) / 10_000.0;
+        let buckets = |n: u16| f64::from(n) / 10_000.0;
+        let (share, judged) = match arm {
+            None => (buckets(deployment.canary_threshold), None),
+            Some(i) => {
+                let own = deployment.arms[i].iter().map(|[start, end]| end - start).sum::<u16>();
+                let control = 10_000 - deployment.canary_threshold;
+                (f64::from(own) / f64::from(own + control).max(1.0), Some(deployment.spec.candidates[i].model.clone()))
+            }
+        };
+        let candidate = judged.clone().or(deployment.spec.candidate.clone()).unwrap_or_default();
         let quality = plan.quality_guard.clone().unwrap_or_default();
         Some(StepEvidence {
             version: plan.evidence_from(deployment.version()),
+            judged,
             adaptive: plan.bandit.is_some(),
             started_at: plan.step_started_at,
             guards: plan.guards.clone(),
@@ -171,7 +205,7 @@ impl StepEvidence {
             covered: HashSet::new(),
             coverage_wait_ms: quality.coverage_wait_ms as i64,
             coverage: RateGuard::default(),
-            pair_models: (deployment.spec.control.clone(), deployment.spec.candidate.clone().unwrap_or_default()),
+            pair_models: (deployment.spec.control.clone(), candidate),
             comparisons: HashMap::new(),
             disagreement: ExcessRateGuard::new(plan.disagreement_guard.clone().unwrap_or_default().max_rate),
             arms: [ArmSummary::default(); 2],
@@ -219,7 +253,8 @@ impl StepEvidence {
 
     /// Adds one observation (of this step's version); one for a block already scored is counted late.
     pub fn add(&mut self, observation: Observation) {
-        if self.excluded.contains(&observation.user) {
+        let other_candidate = observation.arm == Side::Candidate && observation.candidate != self.judged;
+        if self.excluded.contains(&observation.user) || other_candidate {
             return;
         }
         let block = self.block_of(observation.sent_at);
@@ -239,9 +274,9 @@ impl StepEvidence {
         if s.role != "serving" || self.excluded.contains(&s.user_id) {
             return;
         }
-        let arm = match s.cohort.as_str() {
-            "control" => 0,
-            "candidate" => 1,
+        let arm = match arm_of(&s.cohort) {
+            Some((Side::Control, _)) => 0,
+            Some((Side::Candidate, candidate)) if candidate == self.judged.as_deref() => 1,
             _ => return,
         };
         let Some(loss) = self.quality_loss.of(s) else { return };
@@ -494,7 +529,73 @@ impl StepEvidence {
                 }
             })
             .collect();
-        Figures { step: step + 1, users: self.users(), guards }
+        Figures { candidate: self.judged.clone(), step: step + 1, users: self.users(), guards }
+    }
+}
+
+/// The evidence of a plan's step: one [`StepEvidence`] for a two-arm canary; for an A/B/n canary one
+/// per candidate, each judging it against control (they share control's users, each sees only its own
+/// candidate's).
+#[derive(Debug, Clone)]
+pub struct PlanEvidence {
+    pub arms: Vec<StepEvidence>,
+}
+
+impl PlanEvidence {
+    pub fn new(deployment: &crate::record::Deployment) -> Option<PlanEvidence> {
+        let arms: Option<Vec<_>> = if deployment.arms.is_empty() {
+            vec![StepEvidence::judging(deployment, None)].into_iter().collect()
+        } else {
+            (0..deployment.arms.len()).map(|i| StepEvidence::judging(deployment, Some(i))).collect()
+        };
+        arms.map(|arms| PlanEvidence { arms })
+    }
+
+    pub fn covers(&self, deployment: &crate::record::Deployment) -> bool {
+        let judged = |e: &StepEvidence| e.judged.clone();
+        let candidates: Vec<_> = deployment.spec.candidates.iter().map(|c| Some(c.model.clone())).collect();
+        let same_arms = if candidates.is_empty() {
+            self.arms.len() == 1 && self.arms[0].judged.is_none()
+        } else {
+            self.arms.iter().map(judged).collect::<Vec<_>>() == candidates
+        };
+        same_arms && self.arms.iter().all(|e| e.covers(deployment))
+    }
+
+    pub fn accepts(&self, version: u64) -> bool {
+        self.arms[0].accepts(version)
+    }
+
+    pub fn add(&mut self, observation: Observation) {
+        for e in &mut self.arms {
+            e.add(observation.clone());
+        }
+    }
+
+    pub fn add_scored(&mut self, s: &ScoredOutcome) {
+        self.arms.iter_mut().for_each(|e| e.add_scored(s));
+    }
+
+    pub fn add_comparison(&mut self, c: &ShadowComparison) {
+        self.arms.iter_mut().for_each(|e| e.add_comparison(c));
+    }
+
+    pub fn score_until(&mut self, settled: Millis) {
+        self.arms.iter_mut().for_each(|e| e.score_until(settled));
+    }
+
+    pub fn score_coverage_until(&mut self, labels_by: Millis, timeout_ms: u64) {
+        self.arms.iter_mut().for_each(|e| e.score_coverage_until(labels_by, timeout_ms));
+    }
+
+    /// Decisions that arrived after their block was scored (control's count in every arm: the most).
+    pub fn late(&self) -> u64 {
+        self.arms.iter().map(StepEvidence::late).max().unwrap_or(0)
+    }
+
+    /// Each arm's figures.
+    pub fn figures(&self, step: usize) -> Vec<Figures> {
+        self.arms.iter().map(|e| e.figures(step)).collect()
     }
 }
 
@@ -516,7 +617,7 @@ mod tests {
     }
 
     fn obs(user: &str, arm: Side, status: DecisionStatus, latency_ms: i64, sent_at: Millis) -> Observation {
-        Observation { request_id: format!("{user}-{sent_at}"), user: user.into(), arm, status, latency_ms, sent_at }
+        Observation { request_id: format!("{user}-{sent_at}"), user: user.into(), arm, candidate: None, status, latency_ms, sent_at }
     }
 
     #[test]
@@ -866,6 +967,7 @@ mod simulation {
                 request_id: String::new(),
                 user: population.ids[u].clone(),
                 arm: if candidate { Side::Candidate } else { Side::Control },
+                candidate: None,
                 status,
                 latency_ms,
                 sent_at,

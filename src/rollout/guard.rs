@@ -314,12 +314,23 @@ pub struct Budget {
     pub alpha: f64,
     pub guards: usize,
     pub steps: usize,
+    /// Candidates judged against control (A/B/n; 1 otherwise). Each cut of one restarts the step for
+    /// the others, so a candidate may be judged in up to `steps + candidates - 1` steps.
+    pub candidates: usize,
 }
 
 impl Budget {
-    /// The log of the e-value at which one guard in one step fires.
+    /// The log of the e-value at which one guard in one step fires for one candidate: α split evenly
+    /// over every (guard, candidate, step) test the rollout can make — a union bound, valid however
+    /// the tests depend on each other.
     pub fn log_threshold(&self) -> f64 {
-        ((self.guards.max(1) * self.steps.max(1)) as f64 / self.alpha).ln()
+        (self.tests() as f64 / self.alpha).ln()
+    }
+
+    /// The number of (guard, candidate, step) tests.
+    pub fn tests(&self) -> usize {
+        let k = self.candidates.max(1);
+        self.guards.max(1) * k * (self.steps.max(1) + k - 1)
     }
 }
 
@@ -405,7 +416,7 @@ mod tests {
             assert!(alarms as f64 <= alpha * runs as f64, "bound {p0}, rate {p}: {alarms} false alarms in {runs}");
         }
         // As a plan of 5 steps with 5 guards judges it: a candidate disagreeing on 10% against a 5% bound.
-        let threshold = Budget { alpha: 0.05, guards: 5, steps: 5 }.log_threshold();
+        let threshold = Budget { alpha: 0.05, guards: 5, steps: 5, candidates: 1 }.log_threshold();
         let mut needed: Vec<usize> =
             (0..200).map(|_| run_excess(&mut rng, 0.05, 0.10, 100_000, threshold).expect("caught")).collect();
         needed.sort_unstable();
@@ -419,7 +430,7 @@ mod tests {
     #[test]
     fn a_doubled_error_rate_is_caught() {
         let mut rng = StdRng::seed_from_u64(11);
-        let threshold = Budget { alpha: 0.05, guards: 4, steps: 5 }.log_threshold();
+        let threshold = Budget { alpha: 0.05, guards: 4, steps: 5, candidates: 1 }.log_threshold();
         let mut needed: Vec<usize> =
             (0..200).filter_map(|_| run_rate(&mut rng, 0.1, 2.0, 400_000, 100, threshold)).collect();
         assert!(needed.len() >= 190, "fired in {} of 200 rollouts", needed.len());
@@ -438,7 +449,7 @@ mod tests {
     /// rollouts the error guard fires in some step.
     fn demo_plan_catches(rng: &mut StdRng, candidate_rate: f64, runs: usize) -> usize {
         use crate::rollout::evidence::CHUNK;
-        let threshold = Budget { alpha: 0.05, guards: 4, steps: 3 }.log_threshold();
+        let threshold = Budget { alpha: 0.05, guards: 4, steps: 3, candidates: 1 }.log_threshold();
         let caught = |rng: &mut StdRng| {
             [(0.01, 2000), (0.1, 300), (0.5, 170)].into_iter().any(|(share, users)| {
                 let mut guard = RateGuard::default();
@@ -612,8 +623,12 @@ mod tests {
 
     #[test]
     fn budget_splits_alpha_over_guards_and_steps() {
-        let b = Budget { alpha: 0.05, guards: 4, steps: 5 };
+        let b = Budget { alpha: 0.05, guards: 4, steps: 5, candidates: 1 };
         assert!((b.log_threshold() - 400f64.ln()).abs() < 1e-12);
+        // Three candidates over five steps: each may be judged in up to seven (two cuts restart a step).
+        let abn = Budget { candidates: 3, ..b };
+        assert_eq!(abn.tests(), 4 * 3 * 7);
+        assert!((abn.log_threshold() - (84.0f64 / 0.05).ln()).abs() < 1e-12);
         let mut g = RateGuard::default();
         g.observe(Block { n: 0, bad: 0 }, Block { n: 0, bad: 0 });
         assert_eq!(g.log_e(), 0.0, "no data, no evidence");

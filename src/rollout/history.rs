@@ -83,10 +83,12 @@ pub fn render(entries: &[Entry]) -> String {
         if let Some(split) = &e.split {
             let _ = writeln!(out, "    split: {split}");
         }
-        if let Some(figures) = e.change.as_ref().and_then(|c| c.figures.as_ref()) {
+        let figures = e.change.iter().flat_map(|c| c.figures.iter().chain(&c.arms));
+        for figures in figures {
+            let candidate = figures.candidate.as_ref().map_or("candidate".to_string(), |m| format!("candidate {m}"));
             let _ = writeln!(
                 out,
-                "    step {}: {} control, {} candidate users",
+                "    step {}: {} control, {} {candidate} users",
                 figures.step, figures.users.0, figures.users.1
             );
             for g in &figures.guards {

@@ -16,9 +16,15 @@ use crate::record::plan::{GuardKind, Plan};
 // The budget is the guards' arithmetic (`rollout::guard`), so it is defined here, next to its
 // reader, and not in the record: the record knows nothing of e-processes.
 impl Plan {
-    /// The budget of this plan's guards over its steps.
+    /// The budget of this plan's guards over its steps (and candidates: a validated A/B/n record's plan
+    /// always counts them).
     pub fn budget(&self) -> Budget {
-        Budget { alpha: self.alpha, guards: self.guards.len(), steps: self.steps.len() }
+        Budget {
+            alpha: self.alpha,
+            guards: self.guards.len(),
+            steps: self.steps.len(),
+            candidates: self.candidates.unwrap_or(1),
+        }
     }
 }
 
@@ -51,19 +57,22 @@ pub enum Verdict {
 /// Judges the plan's current step at `now` from its observations per arm, (control, candidate) users,
 /// and the guards' readings.
 pub fn judge(plan: &Plan, samples: (u64, u64), readings: &[Reading], now: Millis) -> Verdict {
-    let log_threshold = plan.budget().log_threshold();
+    let budget = plan.budget();
+    let log_threshold = budget.log_threshold();
     if let Some(fired) = readings.iter().find(|r| r.log_e >= log_threshold) {
+        let split = match budget.candidates {
+            1 => format!("{} guards and {} steps", plan.guards.len(), plan.steps.len()),
+            k => format!("{} tests: {} guards x {k} candidates x {} steps", budget.tests(), plan.guards.len(), plan.steps.len() + k - 1),
+        };
         return Verdict::Alarm {
             guard: fired.guard,
             reason: format!(
-                "guard {} fired in step {}: e-value {:.1} reached {:.1} (alpha {} over {} guards and {} steps)",
+                "guard {} fired in step {}: e-value {:.1} reached {:.1} (alpha {} over {split})",
                 fired.guard.as_str(),
                 plan.step + 1,
                 fired.log_e.exp(),
                 log_threshold.exp(),
                 plan.alpha,
-                plan.guards.len(),
-                plan.steps.len()
             ),
         };
     }

@@ -92,6 +92,7 @@ impl ProbationEvidence {
         let (old, new) = self.guard.sides();
         let bad = |m: &Moments| (m.mean * m.n as f64).round() as u64;
         Figures {
+            candidate: None,
             step: 1,
             users: (self.pairs(), self.pairs()),
             guards: vec![GuardFigures {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 
-use super::evidence::{Observation, StepEvidence};
+use super::evidence::{Observation, PlanEvidence, StepEvidence};
 use super::feed::{Feed, Progress};
 use super::history::{self, Entry};
 use super::probation::ProbationEvidence;
@@ -123,9 +123,9 @@ fn maturity_line(plan: &Plan, quality: Option<&QualitySpec>, now: i64) -> Option
 /// The step's evidence rebuilt as the controller builds it — its scored outcomes, then its decisions,
 /// scored as far as route and merge have settled — and whether they settled within [`READ_LIMIT`] (a
 /// stalled stage is reported rather than waited for).
-async fn step_evidence(config: &Config, codec: &Codec, d: &Deployment) -> Result<(StepEvidence, bool)> {
+async fn step_evidence(config: &Config, codec: &Codec, d: &Deployment) -> Result<(PlanEvidence, bool)> {
     let plan = d.spec.plan.as_ref().expect("a plan");
-    let mut evidence = StepEvidence::new(d).expect("a plan");
+    let mut evidence = PlanEvidence::new(d).expect("a plan");
     // The step's versions: its first (a bandit's moves continue it) through the one in force.
     let first = d.spec.plan.as_ref().map_or(d.version(), |p| p.evidence_from(d.version()));
     let ours =
@@ -192,8 +192,33 @@ async fn step_evidence(config: &Config, codec: &Codec, d: &Deployment) -> Result
     Ok((evidence, settled.through().is_some()))
 }
 
-/// The observed split, each arm's rates and each guard against its threshold.
-fn describe_evidence(plan: &Plan, evidence: &StepEvidence) -> String {
+/// The observed split, each arm's rates and each guard against its threshold; for an A/B/n canary, each
+/// candidate against control.
+fn describe_evidence(plan: &Plan, evidence: &PlanEvidence) -> String {
+    let mut out = String::new();
+    let budget = plan.budget();
+    let _ = writeln!(
+        out,
+        "  guards: alpha {} over {} guards and {} steps{}: each fires at e-value {:.1}",
+        plan.alpha,
+        plan.guards.len(),
+        plan.steps.len(),
+        match budget.candidates {
+            1 => String::new(),
+            k => format!(", for each of {k} candidates (up to {} steps each, counting restarts after a cut)", plan.steps.len() + k - 1),
+        },
+        budget.log_threshold().exp()
+    );
+    for arm in &evidence.arms {
+        if let Some(model) = &arm.judged {
+            let _ = writeln!(out, "  candidate {model} against control:");
+        }
+        out.push_str(&describe_arm(plan, arm));
+    }
+    out
+}
+
+fn describe_arm(plan: &Plan, evidence: &StepEvidence) -> String {
     let mut out = String::new();
     let (control, candidate) = evidence.arms();
     let share = |n: u64| 100.0 * n as f64 / (control.users + candidate.users).max(1) as f64;
@@ -215,13 +240,6 @@ fn describe_evidence(plan: &Plan, evidence: &StepEvidence) -> String {
             a.mean_latency_ms()
         );
     }
-    let _ = writeln!(
-        out,
-        "  guards (alpha {} over {} guards and {} steps):",
-        plan.alpha,
-        plan.guards.len(),
-        plan.steps.len()
-    );
     for g in &evidence.figures(plan.step).guards {
         let _ = writeln!(out, "    {}", super::describe_guard(g));
     }
@@ -496,7 +514,7 @@ mod plan_tests {
         let plan = d.spec.plan.as_ref().unwrap();
         let line = describe_plan(plan, 31_000);
         assert!(line.starts_with("  plan: running at step 2/3 (canary 20%), 30 s in step; bake 20 s"), "{line}");
-        let text = describe_evidence(plan, &StepEvidence::new(&d).unwrap());
+        let text = describe_evidence(plan, &PlanEvidence::new(&d).unwrap());
         assert!(text.contains("control 0 (0.00%), candidate 0 (0.00%)"), "{text}");
         assert_eq!(text.lines().filter(|l| l.contains(" e = ")).count(), plan.guards.len(), "{text}");
         assert_eq!(maturity_line(plan, None, 31_000), None);

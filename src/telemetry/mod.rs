@@ -216,20 +216,29 @@ pub fn consumer_lag(topic: &str, partition: i32, lag: i64) {
         .set(lag as f64);
 }
 
-/// A running plan's step and evidence, as the controller last judged it.
-pub fn rollout(deployment: &str, step: usize, figures: &crate::record::figures::Figures, late: u64) {
+/// A running plan's step and evidence, as the controller last judged it: one set of figures per
+/// candidate judged (A/B/n: each labelled with its candidate; its arm `candidate:<model>`).
+pub fn rollout(deployment: &str, step: usize, arms: &[crate::record::figures::Figures], late: u64) {
     let d = deployment.to_string();
     gauge!("switchyard_rollout_step", "deployment" => d.clone()).set((step + 1) as f64);
-    gauge!("switchyard_rollout_users", "deployment" => d.clone(), "arm" => "control").set(figures.users.0 as f64);
-    gauge!("switchyard_rollout_users", "deployment" => d.clone(), "arm" => "candidate").set(figures.users.1 as f64);
     gauge!("switchyard_rollout_late_decisions", "deployment" => d.clone()).set(late as f64);
-    for g in &figures.guards {
-        let guard = g.guard.as_str();
-        gauge!("switchyard_rollout_guard_e_value", "deployment" => d.clone(), "guard" => guard).set(g.e_value);
-        gauge!("switchyard_rollout_guard_threshold", "deployment" => d.clone(), "guard" => guard).set(g.threshold);
-        for (arm, counts) in [("control", g.control), ("candidate", g.candidate)] {
-            gauge!("switchyard_rollout_guard_bad_ratio", "deployment" => d.clone(), "guard" => guard, "arm" => arm)
-                .set(counts.bad as f64 / counts.n.max(1) as f64);
+    for figures in arms {
+        let arm = figures.candidate.as_ref().map_or("candidate".to_string(), |m| format!("candidate:{m}"));
+        let mut labels = vec![("deployment", d.clone())];
+        labels.extend(figures.candidate.as_ref().map(|m| ("candidate", m.clone())));
+        let with = |extra: &[(&'static str, String)]| {
+            labels.iter().chain(extra).map(|(k, v)| metrics::Label::new(*k, v.clone())).collect::<Vec<_>>()
+        };
+        gauge!("switchyard_rollout_users", with(&[("arm", "control".into())])).set(figures.users.0 as f64);
+        gauge!("switchyard_rollout_users", with(&[("arm", arm.clone())])).set(figures.users.1 as f64);
+        for g in &figures.guards {
+            let guard = ("guard", g.guard.as_str().to_string());
+            gauge!("switchyard_rollout_guard_e_value", with(std::slice::from_ref(&guard))).set(g.e_value);
+            gauge!("switchyard_rollout_guard_threshold", with(std::slice::from_ref(&guard))).set(g.threshold);
+            for (side, counts) in [("control".to_string(), g.control), (arm.clone(), g.candidate)] {
+                gauge!("switchyard_rollout_guard_bad_ratio", with(&[guard.clone(), ("arm", side)]))
+                    .set(counts.bad as f64 / counts.n.max(1) as f64);
+            }
         }
     }
 }
