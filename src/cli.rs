@@ -53,6 +53,9 @@ pub enum Command {
         deployment: String,
         #[arg(long)]
         reason: Option<String>,
+        /// A/B/n: the candidate that becomes control (the others stop serving).
+        #[arg(long, value_name = "MODEL", conflicts_with = "probation_ms")]
+        candidate: Option<String>,
         /// Blue/green: keep the old side warm for this many ms after the switch, and switch back if the
         /// new side's answers score worse on the same labelled requests (needs the `quality` spec).
         #[arg(long, value_name = "MS")]
@@ -66,6 +69,10 @@ pub enum Command {
         deployment: String,
         #[arg(long)]
         reason: Option<String>,
+        /// A/B/n: cut only this candidate — its users go back to control, the others keep theirs and a
+        /// running plan's step starts again for them.
+        #[arg(long, value_name = "MODEL")]
+        candidate: Option<String>,
     },
     /// Hold a running rollout plan at its step (the split stays).
     Pause {
@@ -392,9 +399,9 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Status { deployment } => status(&config, &codec, deployment.as_deref()).await,
-        Command::Promote { deployment, reason, probation_ms, probation_guard } => {
+        Command::Promote { deployment, reason, candidate, probation_ms, probation_guard } => {
             let what = match probation_ms {
-                None => ops::Move::Promote,
+                None => ops::Move::Promote(candidate),
                 Some(ms) => {
                     let guard = match probation_guard {
                         Some(json) => {
@@ -407,7 +414,12 @@ pub async fn run(cli: Cli) -> Result<()> {
             };
             moved(&config, &deployment, what, reason).await
         }
-        Command::Rollback { deployment, reason } => moved(&config, &deployment, ops::Move::Rollback, reason).await,
+        Command::Rollback { deployment, reason, candidate: None } => {
+            moved(&config, &deployment, ops::Move::Rollback, reason).await
+        }
+        Command::Rollback { deployment, reason, candidate: Some(model) } => {
+            moved(&config, &deployment, ops::Move::Cut(model), reason).await
+        }
         Command::Pause { deployment, reason } => moved(&config, &deployment, ops::Move::Pause, reason).await,
         Command::Resume { deployment, reason } => moved(&config, &deployment, ops::Move::Resume, reason).await,
         Command::History { deployment } => {

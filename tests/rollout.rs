@@ -264,6 +264,88 @@ async fn plans_promote_a_healthy_candidate_and_guards_roll_back_failing_and_slow
     env.stop().await;
 }
 
+/// A/B/n: three candidates against one control, 10% of users each, one of them failing 30% of its
+/// requests. Its error guard cuts it alone — its users go back to control, the other two keep theirs
+/// and their step starts again — and the two healthy ones walk the plan to its end, where the split
+/// holds for the operator to choose (`promote --candidate`). Decisions name each candidate; a user
+/// only changes arm when its arm is cut (to control) or when it was control's and an arm grows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abn_canary_cuts_its_failing_candidate_and_the_others_go_on() {
+    let Some(mut env) = Env::new("abn").await else { return };
+    env.start_service();
+    env.start_model("v1", 2, 0.0, 0.0);
+    env.start_model("good-a", 2, 0.0, 0.0);
+    env.start_model("good-b", 2, 0.0, 0.0);
+    env.start_model("failing", 2, 0.3, 0.0);
+    let step = |p: u32| format!(r#"{{"canary_percent":{p},"bake_ms":3000,"min_sample":150,"max_ms":120000}}"#);
+    let json = format!(
+        r#"{{"version":1,"strategy":"canary","control":"v1","timeout_ms":2000,
+            "candidates":[{{"model":"good-a","percent":10}},{{"model":"failing","percent":10}},{{"model":"good-b","percent":10}}],
+            "plan":{{"steps":[{},{}],"guards":["error_rate","timeout_rate","sample_ratio"],"step_started_at":{}}}}}"#,
+        step(10),
+        step(20),
+        clock::now_millis()
+    );
+    switchyard::control::ops::deploy(&env.config, "abn", DeploymentSpec::from_json(json.as_bytes()).unwrap())
+        .await
+        .expect("deploy");
+    let stop = traffic(&env, &["abn"], 200, 3000);
+
+    let limit = Duration::from_secs(150);
+    let cut = wait_for(&env, "abn", limit, |d| d.spec.candidates.len() == 2).await;
+    let change = cut.spec.change.as_ref().unwrap();
+    assert_eq!(change.actor, "guard:error_rate", "{change:?}");
+    assert!(change.reason.starts_with("candidate failing: guard error_rate fired"), "{}", change.reason);
+    let models: Vec<&str> = cut.spec.candidates.iter().map(|c| c.model.as_str()).collect();
+    assert_eq!(models, ["good-a", "good-b"]);
+    assert_eq!(cut.spec.plan.as_ref().unwrap().state, PlanState::Running, "the others go on");
+    let failing = change.arms.iter().find(|f| f.candidate.as_deref() == Some("failing")).unwrap();
+    let error = &failing.guards[0];
+    assert!(error.e_value >= error.threshold && error.candidate.bad > 0 && error.control.bad == 0, "{error:?}");
+    let done = wait_for(&env, "abn", limit, |d| d.spec.plan.as_ref().is_some_and(|p| p.state != PlanState::Running)).await;
+    let plan = done.spec.plan.as_ref().unwrap();
+    assert_eq!((plan.state, plan.step), (PlanState::Done, 1), "{:?}", done.spec.change);
+    assert!(done.spec.candidates.iter().all(|c| c.percent == 20.0));
+    assert!(done.spec.change.as_ref().unwrap().reason.contains("several candidates passed"));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.send(true).unwrap();
+
+    // Every arm's decisions carry its candidate; per version, users move only as the buckets say.
+    let decisions =
+        env.read::<Decision>(&env.config.topics.decisions, 1, Duration::from_secs(30), Duration::from_secs(3)).await;
+    let mine: Vec<&Decision> = decisions.iter().map(|r| &r.value).filter(|d| d.deployment == "abn").collect();
+    let mut by_version: BTreeMap<i64, HashMap<&str, &str>> = BTreeMap::new();
+    for d in &mine {
+        assert!(["control", "candidate:good-a", "candidate:good-b", "candidate:failing"].contains(&d.cohort.as_str()));
+        let served = d.cohort.strip_prefix("candidate:").unwrap_or("v1");
+        assert!(d.model == served || d.status != DecisionStatus::Ok, "{d:?}");
+        by_version.entry(d.config_version).or_default().insert(&d.user_id, &d.cohort);
+    }
+    let versions: Vec<i64> = by_version.keys().copied().collect();
+    assert!(versions.len() >= 3, "deploy, cut, advance: {versions:?}");
+    for pair in versions.windows(2) {
+        let (before, after) = (&by_version[&pair[0]], &by_version[&pair[1]]);
+        for (user, was) in before {
+            let Some(is) = after.get(user) else { continue };
+            let cut_to_control = *was == "candidate:failing" && *is == "control";
+            assert!(was == is || *was == "control" || cut_to_control, "{user}: {was} -> {is} (versions {pair:?})");
+        }
+    }
+    let after_cut = by_version.range(cut.version() as i64..).flat_map(|(_, users)| users.values());
+    assert!(after_cut.clone().all(|c| *c != "candidate:failing"), "nobody is served by the cut candidate");
+    for arm in ["candidate:good-a", "candidate:good-b", "candidate:failing"] {
+        assert!(common::counter("switchyard_decisions_total", &[&format!("cohort=\"{arm}\"")]) > 0.0, "{arm}");
+    }
+    let (ok, text, err) = env.cli(&["history", "abn"]);
+    assert!(ok, "{err}");
+    eprintln!("{text}");
+    assert!(text.contains("candidate failing: guard error_rate fired") && text.contains("candidate good-b users"), "{text}");
+    let (ok, text, err) = env.cli(&["promote", "abn", "--candidate", "good-b"]);
+    assert!(ok, "{err}");
+    assert!(text.contains("100.00% -> good-b (control)"), "{text}");
+    env.stop().await;
+}
+
 /// Safe canaries: a candidate failing 30% of its requests, and one that never answers in time, each
 /// hedged by control. Their users get control's answer (HEDGED) instead of an error or a timeout: not one
 /// MODEL_ERROR or TIMEOUT decision. The error-rate guard still sees the failures and rolls both back.

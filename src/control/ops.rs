@@ -54,10 +54,13 @@ pub async fn deploy(config: &Config, name: &str, mut spec: DeploymentSpec) -> Re
 /// An operator's move on a deployment in force.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Move {
-    Promote,
+    /// The candidate (A/B/n: the one named) takes over.
+    Promote(Option<String>),
     /// A blue/green switch on probation for this long (ms), judged by this guard.
     PromoteOnProbation(u64, QualityGuard),
     Rollback,
+    /// A/B/n: one candidate stops serving.
+    Cut(String),
     Pause,
     Resume,
 }
@@ -65,9 +68,10 @@ pub enum Move {
 impl Move {
     fn as_str(&self) -> &'static str {
         match self {
-            Move::Promote => "promote",
+            Move::Promote(_) => "promote",
             Move::PromoteOnProbation(..) => "promote on probation",
             Move::Rollback => "rollback",
+            Move::Cut(_) => "rollback of one candidate",
             Move::Pause => "pause",
             Move::Resume => "resume",
         }
@@ -80,7 +84,8 @@ pub async fn apply_move(config: &Config, name: &str, what: Move, reason: Option<
     let current = registry.get(name).ok_or_else(|| moves::MoveError::Unknown(name.to_string()))?;
     let version = registry.next_version(name);
     let mut next = match what {
-        Move::Promote => moves::promote(&current.spec, version),
+        Move::Promote(None) => moves::promote(&current.spec, version),
+        Move::Promote(Some(ref model)) => moves::promote_candidate(&current.spec, version, model),
         Move::PromoteOnProbation(duration_ms, ref quality_guard) => {
             let probation = Probation {
                 started_at: clock::now_millis(),
@@ -91,6 +96,7 @@ pub async fn apply_move(config: &Config, name: &str, what: Move, reason: Option<
             moves::promote_on_probation(&current.spec, version, probation)
         }
         Move::Rollback => moves::rollback(&current.spec, version),
+        Move::Cut(ref model) => moves::cut(&current.spec, version, model, clock::now_millis()),
         Move::Pause => moves::pause(&current.spec, version),
         Move::Resume => moves::resume(&current.spec, version, clock::now_millis()),
     }?;

@@ -361,6 +361,7 @@ impl DeploymentSpec {
             return Err(InvalidDeployment::ZeroVersion);
         }
         check_model("control", &self.control)?;
+        let arms = self.validate_candidates()?;
         match (&self.candidate, self.strategy) {
             (None, Strategy::Canary) if !self.candidates.is_empty() => {}
             (None, Strategy::Single) => {}
@@ -377,7 +378,6 @@ impl DeploymentSpec {
         }
         let mut seen: Vec<&str> = vec![&self.control];
         seen.extend(self.candidate.as_deref());
-        let arms = self.validate_candidates()?;
         seen.extend(self.candidates.iter().map(|c| c.model.as_str()));
         for mirror in &self.mirror {
             check_model("mirror", mirror)?;
@@ -618,6 +618,44 @@ mod tests {
             ),
             (r#"{"version":1,"strategy":"single","control":"m","quality":{"threshold":1.5}}"#, "quality.threshold"),
             (r#"{"version":1,"strategy":"single","control":"m","quality":{"task":"ranking"}}"#, "unknown variant"),
+            (r#"{"version":1,"strategy":"shadow","control":"m","candidates":[{"model":"a","percent":1}]}"#, "strategy must be canary"),
+            (
+                r#"{"version":1,"strategy":"canary","control":"m","candidate":"n","candidates":[{"model":"a","percent":1}]}"#,
+                "replace candidate and canary_percent",
+            ),
+            (
+                r#"{"version":1,"strategy":"canary","control":"m","candidates":[{"model":"a","percent":1},{"model":"a","percent":1}]}"#,
+                "listed twice",
+            ),
+            (r#"{"version":1,"strategy":"canary","control":"m","candidates":[{"model":"m","percent":1}]}"#, "also control"),
+            (
+                r#"{"version":1,"strategy":"canary","control":"m","candidates":[{"model":"a","percent":60},{"model":"b","percent":50}]}"#,
+                "add up to 110%",
+            ),
+            (
+                r#"{"version":1,"strategy":"canary","control":"m","candidates":[{"model":"a","percent":1}],"overrides":{"u":"candidate"}}"#,
+                "pin users to control only",
+            ),
+            (
+                r#"{"version":1,"strategy":"canary","control":"m","candidates":[{"model":"a","percent":1}],"hedge":true}"#,
+                "hedge takes a single candidate",
+            ),
+            (
+                r#"{"version":1,"strategy":"canary","control":"m","candidates":[{"model":"a","percent":1,"buckets":[[0,50]]}]}"#,
+                "hold 50 of 10000",
+            ),
+            (
+                r#"{"version":1,"strategy":"canary","control":"m","candidates":[{"model":"a","percent":5},{"model":"b","percent":6}],"plan":{"steps":[{"canary_percent":5,"bake_ms":0,"min_sample":1,"max_ms":1}],"step_started_at":1}}"#,
+                "b serves 6%, not the share of the plan's current step 1 (5%)",
+            ),
+            (
+                r#"{"version":1,"strategy":"canary","control":"m","candidates":[{"model":"a","percent":5},{"model":"b","percent":5}],"plan":{"steps":[{"canary_percent":5,"bake_ms":0,"min_sample":1,"max_ms":1},{"canary_percent":60,"bake_ms":0,"min_sample":1,"max_ms":1}],"step_started_at":1}}"#,
+                "widest step gives each of 2 candidates 60%",
+            ),
+            (
+                r#"{"version":1,"strategy":"canary","control":"m","candidates":[{"model":"a","percent":5},{"model":"b","percent":5}],"plan":{"steps":[{"canary_percent":5,"bake_ms":0,"min_sample":1,"max_ms":1}],"guards":["disagreement"],"step_started_at":1}}"#,
+                "the disagreement guard take a single candidate",
+            ),
         ];
         for (json, reason) in cases {
             let err = parse(json).expect_err(json).to_string();
@@ -656,8 +694,8 @@ mod tests {
     fn the_written_form_is_pinned() {
         let cases = [
             (
-                r#"{"version":5,"strategy":"canary","control":"a","candidate":"b","canary_percent":10,"shadow_percent":50,"active":"candidate","mirror":["c"],"salt":"s","timeout_ms":700,"fallback":"0.1","overrides":{"u":"candidate"},"rules":[{"attribute":"country","values":["DE"],"side":"control"}],"quality":{"task":"regression","score":{"json_field":"p"},"threshold":0.3},"plan":{"steps":[{"canary_percent":10,"bake_ms":1,"min_sample":2,"max_ms":3}],"guards":["error_rate","quality","coverage"],"alpha":0.1,"quality_guard":{"loss":"brier","margin":0.01,"tau":0.5,"coverage_wait_ms":9},"latency_threshold_ms":44,"on_alarm":"pause","on_end":"hold","step":0,"step_started_at":77,"state":"paused"},"probation":{"started_at":1,"duration_ms":2,"quality_guard":{"loss":"log_loss"},"alpha":0.2},"change":{"actor":"guard:x","reason":"why","figures":{"step":2,"users":[3,4],"guards":[{"guard":"paired_quality","e_value":1.5,"threshold":20.0,"control":{"n":1,"bad":0},"candidate":{"n":2,"bad":1},"latency_ms":5,"mean_loss":[0.1,0.2]}]}}}"#,
-                r#"{"version":5,"strategy":"canary","control":"a","candidate":"b","canary_percent":10.0,"shadow_percent":50.0,"active":"candidate","mirror":["c"],"salt":"s","timeout_ms":700,"fallback":"0.1","overrides":{"u":"candidate"},"rules":[{"attribute":"country","values":["DE"],"side":"control"}],"quality":{"task":"regression","score":{"json_field":"p"},"threshold":0.3},"plan":{"steps":[{"canary_percent":10.0,"bake_ms":1,"min_sample":2,"max_ms":3}],"guards":["error_rate","quality","coverage"],"alpha":0.1,"quality_guard":{"loss":"brier","margin":0.01,"tau":0.5,"coverage_wait_ms":9},"latency_threshold_ms":44,"on_alarm":"pause","on_end":"hold","step":0,"step_started_at":77,"state":"paused"},"probation":{"started_at":1,"duration_ms":2,"quality_guard":{"loss":"log_loss","margin":0.0,"tau":0.02,"coverage_wait_ms":60000},"alpha":0.2},"change":{"actor":"guard:x","reason":"why","figures":{"step":2,"users":[3,4],"guards":[{"guard":"paired_quality","e_value":1.5,"threshold":20.0,"control":{"n":1,"bad":0},"candidate":{"n":2,"bad":1},"latency_ms":5,"mean_loss":[0.1,0.2]}]}}}"#,
+                r#"{"version":5,"strategy":"canary","control":"a","candidate":"b","canary_percent":10,"candidates":[{"model":"x","percent":5,"buckets":[[0,500]]}],"shadow_percent":50,"active":"candidate","mirror":["c"],"salt":"s","timeout_ms":700,"fallback":"0.1","overrides":{"u":"candidate"},"rules":[{"attribute":"country","values":["DE"],"side":"control"}],"quality":{"task":"regression","score":{"json_field":"p"},"threshold":0.3},"plan":{"steps":[{"canary_percent":10,"bake_ms":1,"min_sample":2,"max_ms":3}],"guards":["error_rate","quality","coverage"],"alpha":0.1,"quality_guard":{"loss":"brier","margin":0.01,"tau":0.5,"coverage_wait_ms":9},"latency_threshold_ms":44,"on_alarm":"pause","on_end":"hold","step":0,"step_started_at":77,"state":"paused","candidates":3},"probation":{"started_at":1,"duration_ms":2,"quality_guard":{"loss":"log_loss"},"alpha":0.2},"change":{"actor":"guard:x","reason":"why","figures":{"candidate":"x","step":2,"users":[3,4],"guards":[{"guard":"paired_quality","e_value":1.5,"threshold":20.0,"control":{"n":1,"bad":0},"candidate":{"n":2,"bad":1},"latency_ms":5,"mean_loss":[0.1,0.2]}]},"arms":[{"step":1,"users":[1,1],"guards":[]}]}}"#,
+                r#"{"version":5,"strategy":"canary","control":"a","candidate":"b","canary_percent":10.0,"candidates":[{"model":"x","percent":5.0,"buckets":[[0,500]]}],"shadow_percent":50.0,"active":"candidate","mirror":["c"],"salt":"s","timeout_ms":700,"fallback":"0.1","overrides":{"u":"candidate"},"rules":[{"attribute":"country","values":["DE"],"side":"control"}],"quality":{"task":"regression","score":{"json_field":"p"},"threshold":0.3},"plan":{"steps":[{"canary_percent":10.0,"bake_ms":1,"min_sample":2,"max_ms":3}],"guards":["error_rate","quality","coverage"],"alpha":0.1,"quality_guard":{"loss":"brier","margin":0.01,"tau":0.5,"coverage_wait_ms":9},"latency_threshold_ms":44,"on_alarm":"pause","on_end":"hold","step":0,"step_started_at":77,"state":"paused","candidates":3},"probation":{"started_at":1,"duration_ms":2,"quality_guard":{"loss":"log_loss","margin":0.0,"tau":0.02,"coverage_wait_ms":60000},"alpha":0.2},"change":{"actor":"guard:x","reason":"why","figures":{"candidate":"x","step":2,"users":[3,4],"guards":[{"guard":"paired_quality","e_value":1.5,"threshold":20.0,"control":{"n":1,"bad":0},"candidate":{"n":2,"bad":1},"latency_ms":5,"mean_loss":[0.1,0.2]}]},"arms":[{"step":1,"users":[1,1],"guards":[]}]}}"#,
             ),
             (
                 r#"{"version":1,"strategy":"blue_green","control":"a","candidate":"b","quality":{},"plan":{"steps":[{"canary_percent":10,"bake_ms":1,"min_sample":2,"max_ms":3}]},"probation":{"started_at":1,"duration_ms":2}}"#,

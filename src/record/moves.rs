@@ -136,6 +136,14 @@ pub fn advance(current: &DeploymentSpec, version: u64, index: usize, now: Millis
     Ok(next)
 }
 
+/// A/B/n: `model` takes over (becomes control of a `single` deployment); the other candidates stop.
+pub fn promote_candidate(current: &DeploymentSpec, version: u64, model: &str) -> Result<DeploymentSpec, MoveError> {
+    let chosen = current.candidates.iter().find(|c| c.model == model).ok_or(MoveError::NotACandidate(model.into()))?;
+    let mut only = current.clone();
+    only.candidates = vec![chosen.clone()];
+    promote(&only, version)
+}
+
 /// An A/B/n candidate leaves (its guard fired): its buckets go back to control, the others keep theirs,
 /// and a running plan's step starts again `now` for them (the split changed under its evidence).
 pub fn cut(current: &DeploymentSpec, version: u64, model: &str, now: Millis) -> Result<DeploymentSpec, MoveError> {
@@ -311,6 +319,8 @@ mod tests {
         let last = cut(&cut(&cut_b, 6, "a", 300).unwrap(), 7, "c", 400).unwrap();
         assert_eq!((last.plan, last.candidates.len()), (None, 1), "cutting the last candidate rolls back");
         let one = cut(&cut_b, 6, "a", 300).unwrap();
+        assert_eq!(promote_candidate(&cut_b, 7, "c").unwrap(), promote(&one, 7).unwrap());
+        assert!(promote_candidate(&cut_b, 7, "b").is_err(), "b was cut");
         let promoted = promote(&one, 7).unwrap();
         assert_eq!((promoted.strategy, promoted.control.as_str(), promoted.candidates.len()), (Strategy::Single, "c", 0));
         promoted.clone().validate("d").unwrap();

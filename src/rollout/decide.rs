@@ -160,7 +160,7 @@ fn abn_record(deployment: &Deployment, evidence: &PlanEvidence, now: Millis, ver
                 format!(
                     "last step passed for every candidate ({}): plan done, split held{}",
                     passed(),
-                    if spec.candidates.len() > 1 { " (several candidates passed: promote one by cutting the others)" } else { "" }
+                    if spec.candidates.len() > 1 { " (several candidates passed: choose one with `switchyard promote --candidate`)" } else { "" }
                 ),
             ),
         }
