@@ -139,9 +139,14 @@ async fn blue_green_switches_and_switches_back() {
     for (phase, expect_model) in [("blue", "v1"), ("green", "v2"), ("back", "v1")] {
         match phase {
             "green" => drop(
-                switchyard::control::ops::apply_move(&config, "pricing", switchyard::control::ops::Move::Promote(None), None)
-                    .await
-                    .unwrap(),
+                switchyard::control::ops::apply_move(
+                    &config,
+                    "pricing",
+                    switchyard::control::ops::Move::Promote(None),
+                    None,
+                )
+                .await
+                .unwrap(),
             ),
             "back" => drop(
                 switchyard::control::ops::apply_move(

@@ -302,7 +302,8 @@ async fn an_abn_canary_cuts_its_failing_candidate_and_the_others_go_on() {
     let failing = change.arms.iter().find(|f| f.candidate.as_deref() == Some("failing")).unwrap();
     let error = &failing.guards[0];
     assert!(error.e_value >= error.threshold && error.candidate.bad > 0 && error.control.bad == 0, "{error:?}");
-    let done = wait_for(&env, "abn", limit, |d| d.spec.plan.as_ref().is_some_and(|p| p.state != PlanState::Running)).await;
+    let done =
+        wait_for(&env, "abn", limit, |d| d.spec.plan.as_ref().is_some_and(|p| p.state != PlanState::Running)).await;
     let plan = done.spec.plan.as_ref().unwrap();
     assert_eq!((plan.state, plan.step), (PlanState::Done, 1), "{:?}", done.spec.change);
     assert!(done.spec.candidates.iter().all(|c| c.percent == 20.0));
@@ -339,7 +340,10 @@ async fn an_abn_canary_cuts_its_failing_candidate_and_the_others_go_on() {
     let (ok, text, err) = env.cli(&["history", "abn"]);
     assert!(ok, "{err}");
     eprintln!("{text}");
-    assert!(text.contains("candidate failing: guard error_rate fired") && text.contains("candidate good-b users"), "{text}");
+    assert!(
+        text.contains("candidate failing: guard error_rate fired") && text.contains("candidate good-b users"),
+        "{text}"
+    );
     let (ok, text, err) = env.cli(&["promote", "abn", "--candidate", "good-b"]);
     assert!(ok, "{err}");
     assert!(text.contains("100.00% -> good-b (control)"), "{text}");

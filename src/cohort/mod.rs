@@ -82,7 +82,11 @@ pub fn route<'a>(deployment: &'a Deployment, user_id: &str, attributes: &HashMap
     let cohort = match spec.strategy {
         Strategy::Single | Strategy::Shadow => Side::Control,
         Strategy::Canary if !deployment.arms.is_empty() => {
-            if arm.is_some() { Side::Candidate } else { Side::Control }
+            if arm.is_some() {
+                Side::Candidate
+            } else {
+                Side::Control
+            }
         }
         Strategy::Canary => {
             pinned.unwrap_or(if bucket < deployment.canary_threshold { Side::Candidate } else { Side::Control })

@@ -34,7 +34,10 @@ pub fn layout(candidates: &[Candidate]) -> Result<Vec<Ranges>, String> {
         let mut width = 0u32;
         for &[start, end] in &c.buckets {
             if start >= end || u32::from(end) > BUCKETS {
-                return Err(format!("candidate {}: bucket range [{start}, {end}) is empty or beyond {BUCKETS}", c.model));
+                return Err(format!(
+                    "candidate {}: bucket range [{start}, {end}) is empty or beyond {BUCKETS}",
+                    c.model
+                ));
             }
             for b in start..end {
                 if std::mem::replace(&mut taken[b as usize], true) {
@@ -167,11 +170,10 @@ mod tests {
     #[test]
     fn a_cut_frees_its_buckets_and_growth_takes_the_lowest_free_ones() {
         let start = reassign(&[], &wanted(&[("a", 10.0), ("b", 10.0), ("c", 10.0)])).unwrap();
-        assert_eq!(start.iter().map(|c| c.buckets.clone()).collect::<Vec<_>>(), [
-            vec![[0, 1000]],
-            vec![[1000, 2000]],
-            vec![[2000, 3000]]
-        ]);
+        assert_eq!(
+            start.iter().map(|c| c.buckets.clone()).collect::<Vec<_>>(),
+            [vec![[0, 1000]], vec![[1000, 2000]], vec![[2000, 3000]]]
+        );
         let cut = reassign(&start, &wanted(&[("a", 10.0), ("c", 10.0)])).unwrap();
         assert_eq!((cut[0].buckets.clone(), cut[1].buckets.clone()), (vec![[0, 1000]], vec![[2000, 3000]]));
         let grown = reassign(&cut, &wanted(&[("a", 20.0), ("c", 20.0)])).unwrap();

@@ -466,7 +466,10 @@ impl DeploymentSpec {
         }
         let fail = |why: String| Err(InvalidDeployment::Candidates(why));
         if self.strategy != Strategy::Canary {
-            return fail(format!("several candidates make an A/B/n canary: strategy must be canary, not {}", self.strategy));
+            return fail(format!(
+                "several candidates make an A/B/n canary: strategy must be canary, not {}",
+                self.strategy
+            ));
         }
         if self.candidate.is_some() || self.canary_percent != 0.0 {
             return fail("they replace candidate and canary_percent: set one or the other".into());
@@ -488,15 +491,20 @@ impl DeploymentSpec {
         if self.hedge {
             return fail("hedge takes a single candidate".into());
         }
-        if self.overrides.values().any(|side| *side != Side::Control) || self.rules.iter().any(|r| r.side != Side::Control)
+        if self.overrides.values().any(|side| *side != Side::Control)
+            || self.rules.iter().any(|r| r.side != Side::Control)
         {
-            return fail("overrides and rules may pin users to control only (which candidate would \"candidate\" be?)".into());
+            return fail(
+                "overrides and rules may pin users to control only (which candidate would \"candidate\" be?)".into(),
+            );
         }
         if let Some(plan) = &self.plan {
             if plan.bandit.is_some() || plan.guards.contains(&super::plan::GuardKind::Disagreement) {
-                return fail("a plan judges them with the error, timeout, latency, sample-ratio, quality and coverage guards; \
+                return fail(
+                    "a plan judges them with the error, timeout, latency, sample-ratio, quality and coverage guards; \
                              the bandit and the disagreement guard take a single candidate"
-                    .into());
+                        .into(),
+                );
             }
             let widest = plan.steps.iter().map(|s| threshold(s.canary_percent)).max().unwrap_or(0);
             if u32::from(widest) * self.candidates.len() as u32 > BUCKETS {
@@ -507,7 +515,9 @@ impl DeploymentSpec {
                 ));
             }
             if plan.candidates.is_some_and(|k| k < self.candidates.len()) {
-                return fail("plan.candidates counts the candidates the plan started with: not fewer than are left".into());
+                return fail(
+                    "plan.candidates counts the candidates the plan started with: not fewer than are left".into(),
+                );
             }
         }
         super::arms::layout(&self.candidates).map_err(InvalidDeployment::Candidates)
@@ -618,7 +628,10 @@ mod tests {
             ),
             (r#"{"version":1,"strategy":"single","control":"m","quality":{"threshold":1.5}}"#, "quality.threshold"),
             (r#"{"version":1,"strategy":"single","control":"m","quality":{"task":"ranking"}}"#, "unknown variant"),
-            (r#"{"version":1,"strategy":"shadow","control":"m","candidates":[{"model":"a","percent":1}]}"#, "strategy must be canary"),
+            (
+                r#"{"version":1,"strategy":"shadow","control":"m","candidates":[{"model":"a","percent":1}]}"#,
+                "strategy must be canary",
+            ),
             (
                 r#"{"version":1,"strategy":"canary","control":"m","candidate":"n","candidates":[{"model":"a","percent":1}]}"#,
                 "replace candidate and canary_percent",
@@ -627,7 +640,10 @@ mod tests {
                 r#"{"version":1,"strategy":"canary","control":"m","candidates":[{"model":"a","percent":1},{"model":"a","percent":1}]}"#,
                 "listed twice",
             ),
-            (r#"{"version":1,"strategy":"canary","control":"m","candidates":[{"model":"m","percent":1}]}"#, "also control"),
+            (
+                r#"{"version":1,"strategy":"canary","control":"m","candidates":[{"model":"m","percent":1}]}"#,
+                "also control",
+            ),
             (
                 r#"{"version":1,"strategy":"canary","control":"m","candidates":[{"model":"a","percent":60},{"model":"b","percent":50}]}"#,
                 "add up to 110%",

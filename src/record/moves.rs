@@ -300,11 +300,10 @@ mod tests {
         assert_eq!(validated.plan.as_ref().unwrap().candidates, Some(3), "validation counts the candidates");
         let buckets = |s: &DeploymentSpec| s.candidates.iter().map(|c| c.buckets.clone()).collect::<Vec<_>>();
         let next = advance(&validated, 4, 1, 99).unwrap();
-        assert_eq!(buckets(&next), [
-            vec![[0, 500], [1500, 3000]],
-            vec![[500, 1000], [3000, 4500]],
-            vec![[1000, 1500], [4500, 6000]]
-        ]);
+        assert_eq!(
+            buckets(&next),
+            [vec![[0, 500], [1500, 3000]], vec![[500, 1000], [3000, 4500]], vec![[1000, 1500], [4500, 6000]]]
+        );
         next.clone().validate("d").unwrap();
         let cut_b = cut(&next, 5, "b", 200).unwrap();
         assert_eq!(buckets(&cut_b), [vec![[0, 500], [1500, 3000]], vec![[1000, 1500], [4500, 6000]]]);
@@ -322,7 +321,10 @@ mod tests {
         assert_eq!(promote_candidate(&cut_b, 7, "c").unwrap(), promote(&one, 7).unwrap());
         assert!(promote_candidate(&cut_b, 7, "b").is_err(), "b was cut");
         let promoted = promote(&one, 7).unwrap();
-        assert_eq!((promoted.strategy, promoted.control.as_str(), promoted.candidates.len()), (Strategy::Single, "c", 0));
+        assert_eq!(
+            (promoted.strategy, promoted.control.as_str(), promoted.candidates.len()),
+            (Strategy::Single, "c", 0)
+        );
         promoted.clone().validate("d").unwrap();
     }
 

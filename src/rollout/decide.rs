@@ -29,7 +29,12 @@ pub fn next_record(
 }
 
 /// A two-arm canary's next record.
-fn two_arm_record(deployment: &Deployment, evidence: &StepEvidence, now: Millis, version: u64) -> Option<DeploymentSpec> {
+fn two_arm_record(
+    deployment: &Deployment,
+    evidence: &StepEvidence,
+    now: Millis,
+    version: u64,
+) -> Option<DeploymentSpec> {
     let plan = deployment.spec.plan.as_ref()?;
     let figures = evidence.figures(plan.step);
     let (control, candidate) = evidence.scored();
@@ -105,7 +110,11 @@ fn abn_record(deployment: &Deployment, evidence: &PlanEvidence, now: Millis, ver
         })
         .collect();
     let passed = || {
-        verdicts.iter().map(|(m, _, (c, k))| format!("{m}: {c} control, {k} candidate users")).collect::<Vec<_>>().join("; ")
+        verdicts
+            .iter()
+            .map(|(m, _, (c, k))| format!("{m}: {c} control, {k} candidate users"))
+            .collect::<Vec<_>>()
+            .join("; ")
     };
     let alarm = verdicts.iter().find_map(|(m, v, _)| match v {
         Verdict::Alarm { guard, reason } => Some((*m, *guard, reason)),
@@ -125,13 +134,20 @@ fn abn_record(deployment: &Deployment, evidence: &PlanEvidence, now: Millis, ver
                 format!(
                     "candidate {model}: {reason}: cut, its users back to control; step {} starts again for {}",
                     plan.step + 1,
-                    spec.candidates.iter().filter(|c| c.model != model).map(|c| c.model.as_str()).collect::<Vec<_>>().join(", ")
+                    spec.candidates
+                        .iter()
+                        .filter(|c| c.model != model)
+                        .map(|c| c.model.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             ),
             OnAlarm::Rollback => {
                 (moves::rollback(spec, version).ok()?, actor, format!("candidate {model}: {reason}: rolled back"))
             }
-            OnAlarm::Pause => (moves::pause(spec, version).ok()?, actor, format!("candidate {model}: {reason}: paused")),
+            OnAlarm::Pause => {
+                (moves::pause(spec, version).ok()?, actor, format!("candidate {model}: {reason}: paused"))
+            }
         }
     } else if let Some((model, reason)) = pause {
         (moves::pause(spec, version).ok()?, "plan".to_string(), format!("candidate {model}: {reason}: paused"))
@@ -160,7 +176,11 @@ fn abn_record(deployment: &Deployment, evidence: &PlanEvidence, now: Millis, ver
                 format!(
                     "last step passed for every candidate ({}): plan done, split held{}",
                     passed(),
-                    if spec.candidates.len() > 1 { " (several candidates passed: choose one with `switchyard promote --candidate`)" } else { "" }
+                    if spec.candidates.len() > 1 {
+                        " (several candidates passed: choose one with `switchyard promote --candidate`)"
+                    } else {
+                        ""
+                    }
                 ),
             ),
         }
@@ -407,7 +427,11 @@ mod tests {
         let change = cut.change.as_ref().unwrap();
         assert_eq!(change.actor, "guard:error_rate");
         assert!(change.reason.starts_with("candidate c: guard error_rate fired"), "{}", change.reason);
-        assert!(change.reason.contains("alpha 0.05 over 36 tests: 3 guards x 3 candidates x 4 steps"), "{}", change.reason);
+        assert!(
+            change.reason.contains("alpha 0.05 over 36 tests: 3 guards x 3 candidates x 4 steps"),
+            "{}",
+            change.reason
+        );
         assert!(change.reason.contains("step 1 starts again for b, d"), "{}", change.reason);
         assert_eq!(change.arms.iter().map(|f| f.candidate.clone().unwrap()).collect::<Vec<_>>(), ["b", "c", "d"]);
         let kept: Vec<_> = cut.candidates.iter().map(|c| (c.model.as_str(), c.buckets.clone())).collect();
@@ -418,7 +442,11 @@ mod tests {
         assert_eq!(d.canary_threshold, 2000);
         // The healthy two: the step passes for both, then the last one holds with two left.
         let next = next_record(&d, &abn(&d, 20_000, None), 1_400_000, 6).unwrap();
-        assert!(next.change.as_ref().unwrap().reason.contains("step 1 passed for every candidate"), "{:?}", next.change);
+        assert!(
+            next.change.as_ref().unwrap().reason.contains("step 1 passed for every candidate"),
+            "{:?}",
+            next.change
+        );
         assert_eq!(next.candidates.iter().map(|c| c.percent).collect::<Vec<_>>(), [20.0, 20.0]);
         let d = next.validate("fraud").unwrap();
         let end = next_record(&d, &abn(&d, 20_000, None), 1_700_000, 7).unwrap();

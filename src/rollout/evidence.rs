@@ -617,7 +617,15 @@ mod tests {
     }
 
     fn obs(user: &str, arm: Side, status: DecisionStatus, latency_ms: i64, sent_at: Millis) -> Observation {
-        Observation { request_id: format!("{user}-{sent_at}"), user: user.into(), arm, candidate: None, status, latency_ms, sent_at }
+        Observation {
+            request_id: format!("{user}-{sent_at}"),
+            user: user.into(),
+            arm,
+            candidate: None,
+            status,
+            latency_ms,
+            sent_at,
+        }
     }
 
     #[test]
@@ -1003,6 +1011,76 @@ mod simulation {
              {total} false alarms in {runs} rollouts {alarms:?}"
         );
         assert!(total as f64 <= 0.05 * runs as f64, "{total} false alarms in {runs}: {alarms:?}");
+    }
+
+    /// A/B/n A/A: control and three candidates at 10% each, all equally good, Zipf users. Each candidate's
+    /// evidence, checked after every 200 requests against the whole of one step's budget for a single
+    /// candidate (alpha 0.05 over its four guards — stricter than the plan's split over candidates),
+    /// raises false alarms at most alpha of the time: its sample-ratio guard expects the candidate's
+    /// users against control's alone in the ratio 10 : 70, and the other candidates' users are not
+    /// counted.
+    #[test]
+    fn abn_equal_arms_raise_false_alarms_at_most_alpha_per_candidate() {
+        let d = DeploymentSpec::from_json(
+            br#"{"version":1,"strategy":"canary","control":"a",
+                 "candidates":[{"model":"b","percent":10},{"model":"c","percent":10},{"model":"d","percent":10}],
+                 "plan":{"steps":[{"canary_percent":10,"bake_ms":0,"min_sample":1,"max_ms":1}],"step_started_at":1}}"#,
+        )
+        .unwrap()
+        .validate("sim")
+        .unwrap();
+        let one_candidate = crate::rollout::guard::Budget { candidates: 1, ..d.spec.plan.as_ref().unwrap().budget() };
+        let log_threshold = one_candidate.log_threshold();
+        let mut rng = StdRng::seed_from_u64(31);
+        let mut population = Population::new(&mut rng, 20_000, 0.0);
+        let (runs, requests) = (400, 10_000);
+        let mut alarms: BTreeMap<(String, GuardKind), usize> = BTreeMap::new();
+        for _ in 0..runs {
+            population.reassign(&mut rng, 0.0);
+            let arm: Vec<Option<usize>> = (0..population.ids.len())
+                .map(|_| {
+                    let x = rng.random::<f64>();
+                    (x < 0.3).then(|| (x / 0.1) as usize)
+                })
+                .collect();
+            let mut e = PlanEvidence::new(&d).unwrap();
+            let mut fired = [false; 3];
+            for i in 0..requests {
+                let u = population.draw(&mut rng);
+                let status = if rng.random::<f64>() < population.risk[u] {
+                    DecisionStatus::ModelError
+                } else {
+                    DecisionStatus::Ok
+                };
+                let sent_at = 1 + (i as i64) * 5;
+                e.add(Observation {
+                    request_id: String::new(),
+                    user: population.ids[u].clone(),
+                    arm: if arm[u].is_some() { Side::Candidate } else { Side::Control },
+                    candidate: arm[u].map(|k| ["b", "c", "d"][k].to_string()),
+                    status,
+                    latency_ms: 20 + (-(rng.random::<f64>().max(1e-12)).ln() * 15.0) as i64,
+                    sent_at,
+                });
+                if i % 200 == 199 {
+                    e.score_until(sent_at + GRACE_MS);
+                    for (k, arm) in e.arms.iter().enumerate() {
+                        if let Some(r) = arm.readings().into_iter().find(|r| r.log_e >= log_threshold)
+                            && !std::mem::replace(&mut fired[k], true)
+                        {
+                            *alarms.entry((arm.judged.clone().unwrap(), r.guard)).or_insert(0) += 1;
+                        }
+                    }
+                }
+            }
+        }
+        eprintln!("A/B/n A/A, 3 candidates at 10%, {runs} rollouts of {requests} requests: false alarms {alarms:?}");
+        for model in ["b", "c", "d"] {
+            let n: usize = alarms.iter().filter(|((m, _), _)| m == model).map(|(_, n)| n).sum();
+            assert!(n as f64 <= 0.05 * runs as f64, "{model}: {n} false alarms in {runs}: {alarms:?}");
+        }
+        let users: Vec<u64> = PlanEvidence::new(&d).unwrap().arms.iter().map(|a| a.users().1).collect();
+        assert_eq!(users, [0, 0, 0]);
     }
 
     #[test]

@@ -62,7 +62,12 @@ pub fn judge(plan: &Plan, samples: (u64, u64), readings: &[Reading], now: Millis
     if let Some(fired) = readings.iter().find(|r| r.log_e >= log_threshold) {
         let split = match budget.candidates {
             1 => format!("{} guards and {} steps", plan.guards.len(), plan.steps.len()),
-            k => format!("{} tests: {} guards x {k} candidates x {} steps", budget.tests(), plan.guards.len(), plan.steps.len() + k - 1),
+            k => format!(
+                "{} tests: {} guards x {k} candidates x {} steps",
+                budget.tests(),
+                plan.guards.len(),
+                plan.steps.len() + k - 1
+            ),
         };
         return Verdict::Alarm {
             guard: fired.guard,

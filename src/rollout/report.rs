@@ -205,7 +205,10 @@ fn describe_evidence(plan: &Plan, evidence: &PlanEvidence) -> String {
         plan.steps.len(),
         match budget.candidates {
             1 => String::new(),
-            k => format!(", for each of {k} candidates (up to {} steps each, counting restarts after a cut)", plan.steps.len() + k - 1),
+            k => format!(
+                ", for each of {k} candidates (up to {} steps each, counting restarts after a cut)",
+                plan.steps.len() + k - 1
+            ),
         },
         budget.log_threshold().exp()
     );
