@@ -350,6 +350,87 @@ async fn an_abn_canary_cuts_its_failing_candidate_and_the_others_go_on() {
     env.stop().await;
 }
 
+/// An A/B/n bandit: control and a steady candidate that never fail, and a shaky one failing 20% of its
+/// requests, from 10% each. Every interval the shares move toward the arms likelier to be best: the shaky
+/// one goes down to its floor (5%). Between any two versions a user changes arm only when its arm's
+/// share shrank (control's included), and every decision carries its arm's share under its version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abn_bandit_moves_traffic_off_the_worse_candidate_and_keeps_users_where_their_arm_grows() {
+    let Some(mut env) = Env::new("abn-bandit").await else { return };
+    env.start_service();
+    env.start_model("v1", 2, 0.0, 0.0);
+    env.start_model("steady", 2, 0.0, 0.0);
+    env.start_model("shaky", 2, 0.2, 0.0);
+    let json = format!(
+        r#"{{"version":1,"strategy":"canary","control":"v1","timeout_ms":2000,
+            "candidates":[{{"model":"steady","percent":10}},{{"model":"shaky","percent":10}}],
+            "plan":{{"steps":[{{"canary_percent":10,"bake_ms":0,"min_sample":1,"max_ms":300000}}],
+                     "guards":["timeout_rate"],"step_started_at":{},
+                     "bandit":{{"interval_ms":2000,"floor_percent":5,"max_change_percent":30}}}}}}"#,
+        clock::now_millis()
+    );
+    let spec = DeploymentSpec::from_json(json.as_bytes()).unwrap();
+    switchyard::control::ops::deploy(&env.config, "abn-bandit", spec).await.expect("deploy");
+    let stop = traffic(&env, &["abn-bandit"], 150, 3000);
+    let shaky = |d: &Deployment| d.spec.candidates.iter().find(|c| c.model == "shaky").map_or(100.0, |c| c.percent);
+    let done = wait_for(&env, "abn-bandit", Duration::from_secs(120), |d| shaky(d) <= 5.0).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.send(true).unwrap();
+    assert_eq!(done.spec.plan.as_ref().unwrap().state, PlanState::Running, "{:?}", done.spec.change);
+
+    let records: Vec<DeploymentSpec> = read_all(&env, &env.config.topics.deployments)
+        .await
+        .into_iter()
+        .filter(|(_, key, _)| key == "abn-bandit")
+        .map(|(_, _, v)| DeploymentSpec::from_json(&v.unwrap()).unwrap())
+        .collect();
+    // Each version's share per arm, in percent: control, steady, shaky.
+    let share = |spec: &DeploymentSpec, cohort: &str| -> f64 {
+        let candidates: f64 = spec.candidates.iter().map(|c| c.percent).sum();
+        match cohort.strip_prefix("candidate:") {
+            Some(model) => spec.candidates.iter().find(|c| c.model == model).map_or(0.0, |c| c.percent),
+            None => 100.0 - candidates,
+        }
+    };
+    let trail: Vec<String> =
+        records.iter().map(|r| format!("{}/{}", share(r, "candidate:steady"), share(r, "candidate:shaky"))).collect();
+    eprintln!("abn-bandit: steady/shaky shares by version {trail:?}");
+    assert!(records.len() >= 3, "the bandit moved: {trail:?}");
+    assert!(records[1..].iter().all(|r| r.change.as_ref().unwrap().reason.starts_with("bandit (errors reward)")));
+    let decisions =
+        env.read::<Decision>(&env.config.topics.decisions, 1, Duration::from_secs(30), Duration::from_secs(3)).await;
+    let mut by_version: BTreeMap<i64, HashMap<String, String>> = BTreeMap::new();
+    for d in decisions.iter().map(|r| &r.value).filter(|d| d.deployment == "abn-bandit") {
+        let spec = &records[d.config_version as usize - 1];
+        let want = share(spec, &d.cohort) / 100.0;
+        let off = (d.propensity.expect("randomised") - want).abs();
+        assert!(
+            off < 1e-9,
+            "{}: propensity {:?} under v{}, its arm's share {want}",
+            d.cohort,
+            d.propensity,
+            d.config_version
+        );
+        by_version.entry(d.config_version).or_default().insert(d.user_id.clone(), d.cohort.clone());
+    }
+    let mut moved = 0;
+    for ((&v, before), (&w, after)) in by_version.iter().zip(by_version.iter().skip(1)) {
+        let (old, new) = (&records[v as usize - 1], &records[w as usize - 1]);
+        for (user, was) in before {
+            let Some(is) = after.get(user).filter(|is| *is != was) else { continue };
+            moved += 1;
+            assert!(
+                share(new, was) < share(old, was) && share(new, is) > share(old, is),
+                "v{v} -> v{w}: {user} moved from {was} to {is}, but {was}'s share went {} -> {}",
+                share(old, was),
+                share(new, was)
+            );
+        }
+    }
+    assert!(moved > 0, "some users moved as the shares did");
+    env.stop().await;
+}
+
 /// Safe canaries: a candidate failing 30% of its requests, and one that never answers in time, each
 /// hedged by control. Their users get control's answer (HEDGED) instead of an error or a timeout: not one
 /// MODEL_ERROR or TIMEOUT decision. The error-rate guard still sees the failures and rolls both back.

@@ -499,12 +499,25 @@ impl DeploymentSpec {
             );
         }
         if let Some(plan) = &self.plan {
-            if plan.bandit.is_some() || plan.guards.contains(&super::plan::GuardKind::Disagreement) {
-                return fail(
-                    "a plan judges them with the error, timeout, latency, sample-ratio, quality and coverage guards; \
-                             the bandit and the disagreement guard take a single candidate"
-                        .into(),
-                );
+            if plan.guards.contains(&super::plan::GuardKind::Disagreement) {
+                return fail("the disagreement guard takes a single candidate".into());
+            }
+            if let Some(bandit) = &plan.bandit {
+                // Every arm, control included, keeps its floor (control's is checked with the total).
+                let floor = threshold(bandit.floor_percent);
+                if u32::from(floor) * (self.candidates.len() as u32 + 1) > BUCKETS {
+                    return fail(format!(
+                        "a bandit's floor of {}% for each of {} arms is more than 100%",
+                        bandit.floor_percent,
+                        self.candidates.len() + 1
+                    ));
+                }
+                if let Some(c) = self.candidates.iter().find(|c| threshold(c.percent) < floor) {
+                    return fail(format!(
+                        "{} serves {}%, below the bandit's floor of {}%",
+                        c.model, c.percent, bandit.floor_percent
+                    ));
+                }
             }
             let widest = plan.steps.iter().map(|s| threshold(s.canary_percent)).max().unwrap_or(0);
             if u32::from(widest) * self.candidates.len() as u32 > BUCKETS {
@@ -670,7 +683,15 @@ mod tests {
             ),
             (
                 r#"{"version":1,"strategy":"canary","control":"m","candidates":[{"model":"a","percent":5},{"model":"b","percent":5}],"plan":{"steps":[{"canary_percent":5,"bake_ms":0,"min_sample":1,"max_ms":1}],"guards":["disagreement"],"step_started_at":1}}"#,
-                "the disagreement guard take a single candidate",
+                "the disagreement guard takes a single candidate",
+            ),
+            (
+                r#"{"version":1,"strategy":"canary","control":"m","candidates":[{"model":"a","percent":5},{"model":"b","percent":4}],"plan":{"steps":[{"canary_percent":5,"bake_ms":0,"min_sample":1,"max_ms":1}],"guards":["error_rate"],"step_started_at":1,"bandit":{}}}"#,
+                "b serves 4%, below the bandit's floor of 5%",
+            ),
+            (
+                r#"{"version":1,"strategy":"canary","control":"m","candidates":[{"model":"a","percent":30},{"model":"b","percent":30}],"plan":{"steps":[{"canary_percent":5,"bake_ms":0,"min_sample":1,"max_ms":1}],"guards":["error_rate"],"step_started_at":1,"bandit":{"floor_percent":40}}}"#,
+                "floor of 40% for each of 3 arms",
             ),
         ];
         for (json, reason) in cases {

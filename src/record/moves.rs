@@ -120,6 +120,21 @@ pub fn reallocate(
     Ok(next)
 }
 
+/// An A/B/n bandit gives the candidates the shares `percents` (in list order) at `now`; their buckets
+/// move as little as the shares allow, and the plan stays in its step.
+pub fn reallocate_candidates(
+    current: &DeploymentSpec,
+    version: u64,
+    percents: &[f64],
+    now: Millis,
+) -> Result<DeploymentSpec, MoveError> {
+    let mut next = reallocate(current, version, 0.0, now)?;
+    next.candidates = reshare(current, |model, _| {
+        current.candidates.iter().position(|c| c.model == model).and_then(|i| percents.get(i).copied())
+    })?;
+    Ok(next)
+}
+
 /// The plan goes to step `index` (started `now`) and the canary to that step's share.
 pub fn advance(current: &DeploymentSpec, version: u64, index: usize, now: Millis) -> Result<DeploymentSpec, MoveError> {
     let mut next = next_of(current, version);

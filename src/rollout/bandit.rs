@@ -71,6 +71,113 @@ pub fn next_share(current: f64, control: Counts, candidate: Counts, limits: Limi
     (share * 10_000.0).round() / 10_000.0
 }
 
+/// Posterior probability that each arm's rate of good outcomes is the highest, for any number of arms
+/// (an A/B/n bandit: control first, then the candidates); the probabilities add up to 1.
+///
+/// The same posteriors as [`p_candidate_better`] (priors centred on the pooled rate, normal
+/// approximations); P(arm i is best) = ∫ f_i(x) Π_{j≠i} F_j(x) dx is integrated by Simpson's rule on a
+/// fixed grid — no random draws, so a new controller leader computes the same shares. For two arms it
+/// agrees with the closed form (tested).
+pub fn p_best(arms: &[Counts]) -> Vec<f64> {
+    let good: f64 = arms.iter().map(|c| c.good as f64).sum();
+    let all = good + arms.iter().map(|c| c.bad as f64).sum::<f64>();
+    let pooled = (good + 1.0) / (all + 2.0);
+    let moments: Vec<(f64, f64)> = arms
+        .iter()
+        .map(|c| {
+            let (a, b) = (PRIOR_WEIGHT * pooled + c.good as f64, PRIOR_WEIGHT * (1.0 - pooled) + c.bad as f64);
+            (a / (a + b), (a * b / ((a + b) * (a + b) * (a + b + 1.0))).sqrt())
+        })
+        .collect();
+    const STEPS: usize = 800; // even, for Simpson's rule
+    let p: Vec<f64> = moments
+        .iter()
+        .enumerate()
+        .map(|(i, &(m, sd))| {
+            let (from, width) = (m - 10.0 * sd, 20.0 * sd / STEPS as f64);
+            (0..=STEPS)
+                .map(|k| {
+                    let x = from + k as f64 * width;
+                    let z = (x - m) / sd;
+                    let density = (-0.5 * z * z).exp() / (sd * (2.0 * std::f64::consts::PI).sqrt());
+                    let others: f64 = moments
+                        .iter()
+                        .enumerate()
+                        .filter(|(j, _)| *j != i)
+                        .map(|(_, &(mj, sj))| phi((x - mj) / sj))
+                        .product();
+                    let weight = if k == 0 || k == STEPS {
+                        1.0
+                    } else if k % 2 == 1 {
+                        4.0
+                    } else {
+                        2.0
+                    };
+                    weight * density * others
+                })
+                .sum::<f64>()
+                * width
+                / 3.0
+        })
+        .collect();
+    let total: f64 = p.iter().sum();
+    p.into_iter().map(|x| x / total).collect()
+}
+
+/// The shares of every arm for the next interval (control first), from `current` and the evidence so
+/// far, or None when no share would move by [`MIN_MOVE`]. The target is [`p_best`] with every arm raised
+/// to the floor (the others' shares scaled down to make room); the shares move toward it in a straight
+/// line, no arm's by more than `max_change`, so they keep adding up to 1 and stay above the floor.
+pub fn next_shares(current: &[f64], arms: &[Counts], limits: Limits) -> Option<Vec<f64>> {
+    let target = with_floor(&p_best(arms), limits.floor);
+    let furthest = target.iter().zip(current).map(|(t, c)| (t - c).abs()).fold(0.0, f64::max);
+    if furthest < MIN_MOVE {
+        return None;
+    }
+    let t = (limits.max_change / furthest).min(1.0);
+    // Shares travel in the record as percents with two decimals (buckets of 1/10,000): the candidates'
+    // are rounded, none below the floor, and control takes what is left — the largest candidate gives
+    // back what rounding took from control's floor.
+    let floor = (limits.floor * 10_000.0).round() as i64;
+    let mut buckets: Vec<i64> =
+        current.iter().zip(&target).map(|(c, g)| (((c + t * (g - c)) * 10_000.0).round() as i64).max(floor)).collect();
+    let deficit = floor - (10_000 - buckets[1..].iter().sum::<i64>());
+    if deficit > 0 {
+        let largest = (1..buckets.len()).max_by_key(|i| buckets[*i]).expect("a candidate");
+        buckets[largest] -= deficit;
+    }
+    buckets[0] = 10_000 - buckets[1..].iter().sum::<i64>();
+    Some(buckets.into_iter().map(|b| b as f64 / 10_000.0).collect())
+}
+
+/// `p` (adding up to 1) with every arm at least `floor`: arms under it are raised to it, the others
+/// scaled down in proportion (repeated until none is under). Needs `floor × arms ≤ 1`.
+fn with_floor(p: &[f64], floor: f64) -> Vec<f64> {
+    let mut raised = vec![false; p.len()];
+    loop {
+        let free = 1.0 - floor * raised.iter().filter(|r| **r).count() as f64;
+        let mass: f64 = p.iter().zip(&raised).filter(|(_, r)| !**r).map(|(x, _)| x).sum();
+        let shares: Vec<f64> = p
+            .iter()
+            .zip(&raised)
+            .map(|(x, r)| {
+                if *r {
+                    floor
+                } else if mass > 0.0 {
+                    x / mass * free
+                } else {
+                    free
+                }
+            })
+            .collect();
+        let under: Vec<usize> = (0..p.len()).filter(|i| !raised[*i] && shares[*i] < floor).collect();
+        if under.is_empty() {
+            return shares;
+        }
+        under.into_iter().for_each(|i| raised[i] = true);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,6 +203,139 @@ mod tests {
         let p = p_candidate_better(big, small);
         assert!((0.45..0.55).contains(&p), "no failures on either arm: no reason to prefer the bigger ({p})");
         assert_eq!(next_share(0.5, big, small, LIMITS), 0.5, "a move under a point is not made");
+    }
+
+    #[test]
+    fn p_best_agrees_with_the_two_arm_closed_form_and_is_symmetric() {
+        for (a, b) in [((900, 100), (850, 150)), ((5, 0), (50, 3)), ((0, 0), (0, 0)), ((120, 4), (118, 6))] {
+            let (a, b) = (Counts { good: a.0, bad: a.1 }, Counts { good: b.0, bad: b.1 });
+            let p = p_best(&[a, b]);
+            assert!((p[1] - p_candidate_better(a, b)).abs() < 1e-6, "{p:?} against {}", p_candidate_better(a, b));
+        }
+        let even = Counts { good: 900, bad: 100 };
+        let p = p_best(&[even, even, even]);
+        assert!(p.iter().all(|x| (x - 1.0 / 3.0).abs() < 1e-9), "{p:?}");
+        let worse = Counts { good: 850, bad: 150 };
+        let p = p_best(&[even, even, worse]);
+        assert!((p[0] - p[1]).abs() < 1e-9 && p[2] < 0.001, "{p:?}");
+    }
+
+    #[test]
+    fn the_shares_move_toward_the_best_within_floor_and_step_and_add_up_to_one() {
+        let (even, worse) = (Counts { good: 900, bad: 100 }, Counts { good: 850, bad: 150 });
+        let next = next_shares(&[0.7, 0.1, 0.1, 0.1], &[even, even, even, worse], LIMITS).unwrap();
+        assert!((next.iter().sum::<f64>() - 1.0).abs() < 1e-9, "{next:?}");
+        assert!(next.iter().zip([0.7, 0.1, 0.1, 0.1]).all(|(n, c)| (n - c).abs() <= 0.1 + 1e-9), "{next:?}");
+        assert!(next[3] < 0.1 && next[1] > 0.1 && next[2] > 0.1 && next[0] < 0.7, "{next:?}");
+        let mut shares = vec![0.7, 0.1, 0.1, 0.1];
+        for _ in 0..20 {
+            shares = next_shares(&shares, &[even, even, even, worse], LIMITS).unwrap_or(shares);
+        }
+        assert_eq!(shares[3], 0.05, "the worse arm at the floor: {shares:?}");
+        assert!(
+            shares[..3].iter().all(|s| (s - 0.95 / 3.0).abs() < 0.011),
+            "the equal ones share the rest: {shares:?}"
+        );
+        assert_eq!(next_shares(&shares, &[even, even, even, worse], LIMITS), None, "there: no move");
+        assert_eq!(with_floor(&[0.98, 0.01, 0.01], 0.05), vec![0.9, 0.05, 0.05]);
+    }
+
+    /// One A/B/n run: control and candidates with bad-outcome `rates` (control first), each user on an
+    /// arm drawn with the shares in force, the shares moved by [`next_shares`] every `interval` users. Each
+    /// candidate's rate guard sees control's users and its own in blocks of [`CHUNK`] control users, as a
+    /// step's evidence per candidate does. Returns (per candidate: whether its guard fired at α = 0.05,
+    /// shares after each interval, bad outcomes).
+    fn run_arms(seed: u64, users: usize, interval: usize, rates: &[f64]) -> (Vec<bool>, Vec<Vec<f64>>, usize) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let k = rates.len();
+        let mut shares = vec![0.1; k];
+        shares[0] = 1.0 - 0.1 * (k - 1) as f64;
+        let mut counts = vec![Counts::default(); k];
+        let mut guards = vec![RateGuard::default(); k];
+        let mut blocks = vec![Block::default(); k];
+        let (mut history, mut bad_total) = (Vec::new(), 0);
+        // Each candidate's guard at the whole of alpha 0.05 (stricter than a plan, which splits it).
+        let threshold = (1.0f64 / 0.05).ln();
+        let mut fired = vec![false; k];
+        for u in 0..users {
+            let x = rng.random::<f64>();
+            let arm = shares
+                .iter()
+                .scan(0.0, |acc, s| {
+                    *acc += s;
+                    Some(*acc)
+                })
+                .position(|c| x < c)
+                .unwrap_or(k - 1);
+            let bad = rng.random_bool(rates[arm]);
+            bad_total += usize::from(bad);
+            counts[arm].good += u64::from(!bad);
+            counts[arm].bad += u64::from(bad);
+            blocks[arm].n += 1;
+            blocks[arm].bad += u64::from(bad);
+            if blocks[0].n as usize == CHUNK {
+                for i in 1..k {
+                    guards[i].observe(blocks[0], blocks[i]);
+                    fired[i] |= guards[i].log_e() >= threshold;
+                }
+                blocks = vec![Block::default(); k];
+            }
+            if (u + 1) % interval == 0 {
+                shares = next_shares(&shares, &counts, LIMITS).unwrap_or(shares);
+                history.push(shares.clone());
+            }
+        }
+        (fired[1..].to_vec(), history, bad_total)
+    }
+
+    /// A/B/n under adaptive allocation: control and two candidates all equal (2% errors), 400 runs of
+    /// 20,000 users with the shares moving every 500: each candidate's error guard, at the whole of α, fires
+    /// in at most α of them.
+    #[test]
+    fn an_abn_bandit_keeps_each_guards_alpha_on_equal_arms() {
+        let runs = 400;
+        let mut alarms = [0usize; 2];
+        for seed in 0..runs {
+            let (fired, _, _) = run_arms(50_000 + seed, 20_000, 500, &[0.02, 0.02, 0.02]);
+            for (a, f) in alarms.iter_mut().zip(fired) {
+                *a += usize::from(f);
+            }
+        }
+        eprintln!("A/B/n A/A under adaptive allocation: false alarms per candidate {alarms:?} in {runs} runs");
+        assert!(alarms.iter().all(|a| *a <= runs as usize / 20), "{alarms:?}");
+    }
+
+    /// Control and one candidate equally good (10% bad), one candidate 5 points worse (15%): the worse one
+    /// goes to the floor and the two good ones share the rest. Reports the users until the worse one is
+    /// within a point of the floor, and the regret against the best fixed split (the worse arm at the
+    /// floor).
+    #[test]
+    fn an_abn_bandit_sends_the_worse_candidate_to_its_floor_within_a_few_thousand_labels() {
+        let runs = 200;
+        let (mut until, mut regret, mut good_share) = (Vec::new(), 0.0, Vec::new());
+        let rates = [0.10, 0.10, 0.15];
+        for seed in 0..runs {
+            let (_, history, bad) = run_arms(70_000 + seed, 20_000, 500, &rates);
+            let first =
+                history.iter().position(|s| s[2] < LIMITS.floor + MIN_MOVE).map_or(usize::MAX, |i| (i + 1) * 500);
+            until.push(first);
+            good_share.push(history.last().unwrap()[0] + history.last().unwrap()[1]);
+            // The best fixed split: the worse arm at the floor, 10% bad elsewhere.
+            let best = 20_000.0 * (0.10 * (1.0 - LIMITS.floor) + 0.15 * LIMITS.floor);
+            regret += bad as f64 - best;
+        }
+        until.sort_unstable();
+        good_share.sort_by(f64::total_cmp);
+        let (median, p90) = (until[until.len() / 2], until[until.len() * 9 / 10]);
+        eprintln!(
+            "A/B/n bandit, a candidate 5 points worse: at its floor after {median} users (median), {p90} (90th \
+             percentile); the two good arms' final share, median {:.3}; regret against the best fixed split {:.0} \
+             bad outcomes per 20,000 users",
+            good_share[good_share.len() / 2],
+            regret / runs as f64
+        );
+        assert!(median <= 5_000 && p90 <= 10_000, "{median} / {p90}");
+        assert!(good_share[good_share.len() / 10] >= 0.9, "{good_share:?}");
     }
 
     /// One simulated run: `users` users arrive in intervals of `interval`, each lands on the candidate

@@ -151,6 +151,8 @@ fn abn_record(deployment: &Deployment, evidence: &PlanEvidence, now: Millis, ver
         }
     } else if let Some((model, reason)) = pause {
         (moves::pause(spec, version).ok()?, "plan".to_string(), format!("candidate {model}: {reason}: paused"))
+    } else if let Some(bandit) = &plan.bandit {
+        abn_reallocation(deployment, bandit, evidence, now, version)?
     } else if all(|v| matches!(v, Verdict::Advance(_))) {
         let index = plan.step + 1;
         (
@@ -227,6 +229,52 @@ fn reallocation(
         deployment.spec.canary_percent
     );
     Some((moves::reallocate(&deployment.spec, version, percent, now).ok()?, "plan".to_string(), reason))
+}
+
+/// An A/B/n bandit's next move, once its interval has passed since the last: every arm's share toward
+/// the probability that it is the best ([`bandit::next_shares`]); None when none would move.
+fn abn_reallocation(
+    deployment: &Deployment,
+    spec: &Bandit,
+    evidence: &PlanEvidence,
+    now: Millis,
+    version: u64,
+) -> Option<(DeploymentSpec, String, String)> {
+    let plan = deployment.spec.plan.as_ref()?;
+    if now - plan.allocated_at.unwrap_or(plan.step_started_at) < spec.interval_ms as i64 {
+        return None;
+    }
+    // Control first (every arm's evidence holds the same control users), then each candidate.
+    let mut counts = vec![evidence.arms.first()?.bandit_counts(spec.reward).0];
+    counts.extend(evidence.arms.iter().map(|e| e.bandit_counts(spec.reward).1));
+    let candidates = &deployment.spec.candidates;
+    let mut current: Vec<f64> = candidates.iter().map(|c| c.percent / 100.0).collect();
+    current.insert(0, 1.0 - current.iter().sum::<f64>());
+    let limits = bandit::Limits { floor: spec.floor_percent / 100.0, max_change: spec.max_change_percent / 100.0 };
+    let next = bandit::next_shares(&current, &counts, limits)?;
+    let percents: Vec<f64> = next[1..].iter().map(|s| (s * 10_000.0).round() / 100.0).collect();
+    let names: Vec<&str> =
+        std::iter::once(deployment.spec.control.as_str()).chain(candidates.iter().map(|c| c.model.as_str())).collect();
+    let p_best = bandit::p_best(&counts);
+    let evidence = names
+        .iter()
+        .zip(&counts)
+        .zip(&p_best)
+        .map(|((name, c), p)| format!("{name} {}/{} good, P(best) {p:.3}", c.good, c.good + c.bad))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let moved = candidates
+        .iter()
+        .zip(&percents)
+        .map(|(c, p)| format!("{} {}% -> {p}%", c.model, c.percent))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let reward = match spec.reward {
+        BanditReward::Errors => "errors",
+        BanditReward::Quality => "quality",
+    };
+    let reason = format!("bandit ({reward} reward): {evidence}: {moved}");
+    Some((moves::reallocate_candidates(&deployment.spec, version, &percents, now).ok()?, "plan".to_string(), reason))
 }
 
 /// The record the controller writes next for a deployment on probation (as `version`), or None to wait:
@@ -455,6 +503,53 @@ mod tests {
         // One healthy candidate failing to reach its sample holds the others.
         let waiting = next_record(&d, &abn(&d, 150, None), 1_700_000, 7);
         assert_eq!(waiting, None);
+    }
+
+    /// An A/B/n bandit over control and two candidates, one of them failing one user in five: each
+    /// interval every share moves toward the arm likelier to be best, the failing one's down to its floor,
+    /// users stay on arms that grow, and the versions continue one step.
+    #[test]
+    fn an_abn_bandit_moves_the_shares_away_from_the_failing_candidate() {
+        let d = deployment(
+            r#"{"version":4,"strategy":"canary","control":"a",
+                "candidates":[{"model":"b","percent":10},{"model":"c","percent":10}],
+                "plan":{"steps":[{"canary_percent":10,"bake_ms":0,"min_sample":1,"max_ms":600000}],
+                        "guards":["timeout_rate"],"step_started_at":1000000,
+                        "bandit":{"interval_ms":1000,"floor_percent":5,"max_change_percent":20}}}"#,
+        );
+        let mut e = PlanEvidence::new(&d).unwrap();
+        for i in 0..3000 {
+            let bucket = crate::cohort::hash::bucket(&d.salt, &format!("u{i}"));
+            let arm = crate::record::arms::arm_of(&d.arms, bucket);
+            let candidate = arm.map(|k| d.spec.candidates[k].model.clone());
+            let fails = candidate.as_deref() == Some("c") && i % 5 == 0;
+            e.add(Observation {
+                request_id: format!("r{i}"),
+                user: format!("u{i}"),
+                arm: if arm.is_some() { Side::Candidate } else { Side::Control },
+                candidate,
+                status: if fails { DecisionStatus::ModelError } else { DecisionStatus::Ok },
+                latency_ms: 4,
+                sent_at: 1_000_000 + i * 10,
+            });
+        }
+        e.score_until(1_000_000 + 30_000 + 1_000 + GRACE_MS);
+        assert_eq!(next_record(&d, &e, 1_000_999, 5), None, "the interval has not passed");
+        let next = next_record(&d, &e, 1_040_000, 5).unwrap();
+        let shares: Vec<f64> = next.candidates.iter().map(|c| c.percent).collect();
+        assert!(shares[0] > 10.0 && shares[1] < 10.0, "{shares:?}: {:?}", next.change);
+        let change = next.change.as_ref().unwrap();
+        assert!(
+            change.reason.starts_with("bandit (errors reward): a ") && change.reason.contains("b 10% -> 30%"),
+            "{}",
+            change.reason
+        );
+        assert_eq!(next.candidates[0].buckets[0], [0, 1000], "b keeps its users as it grows");
+        let plan = next.plan.as_ref().unwrap();
+        assert_eq!((plan.step_version, plan.allocated_at), (Some(4), Some(1_040_000)));
+        let d5 = next.validate("fraud").unwrap();
+        assert!(e.covers(&d5), "version 5 continues the step of version 4");
+        assert_eq!(next_record(&d5, &e, 1_040_500, 6), None, "the next interval has not passed");
     }
 
     #[test]
