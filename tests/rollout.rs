@@ -550,9 +550,20 @@ async fn a_controller_killed_mid_plan_hands_over_and_writes_each_step_once() {
     }
     env.start_model("v1", 2, 0.0, 0.0);
     env.start_model("v2", 2, 0.0, 0.0);
+    env.start_model("v3", 2, 0.0, 0.0);
     tokio::time::sleep(Duration::from_secs(3)).await;
     deploy_plan(&env, "fraud", ("v1", "v2"), &[5.0, 10.0, 20.0, 40.0], 4000, 120_000, "").await;
-    let stop = traffic(&env, &["fraud"], 200, 4000);
+    // An A/B/n plan of two candidates as good as control beside it: the new leader rebuilds each
+    // candidate's evidence, and no guard fires on equal models.
+    let mut abn = plan_spec("abn", ("v1", "v2"), &[5.0, 10.0, 20.0], 4000, 120_000, "");
+    abn.candidate = None;
+    abn.canary_percent = 0.0;
+    abn.candidates = ["v2", "v3"]
+        .iter()
+        .map(|m| switchyard::record::deployment::Candidate { model: m.to_string(), percent: 5.0, buckets: Vec::new() })
+        .collect();
+    switchyard::control::ops::deploy(&env.config, "abn", abn).await.expect("deploy");
+    let stop = traffic(&env, &["fraud", "abn"], 150, 4000);
 
     // Once the plan is past its first step, kill the leader.
     wait_for(&env, "fraud", Duration::from_secs(90), |d| d.spec.plan.as_ref().is_none_or(|p| p.step >= 1)).await;
@@ -561,6 +572,9 @@ async fn a_controller_killed_mid_plan_hands_over_and_writes_each_step_once() {
         log.rfind("this instance is the rollout controller") > log.rfind("handed over")
     };
     let leader = ["a", "b"].into_iter().find(|id| leads(id)).expect("one instance leads");
+    let registry = watcher::snapshot(&env.config).await.unwrap();
+    let abn_at_kill = registry.get("abn").and_then(|d| d.spec.plan.clone()).expect("abn has its plan");
+    assert_eq!(abn_at_kill.state, PlanState::Running, "the A/B/n plan is mid-way when its leader dies");
     let mut killed = instances.remove(leader).unwrap();
     killed.kill().unwrap(); // SIGKILL
     killed.wait().unwrap();
@@ -569,7 +583,25 @@ async fn a_controller_killed_mid_plan_hands_over_and_writes_each_step_once() {
     let promoted = wait_for(&env, "fraud", Duration::from_secs(150), |d| d.strategy() == Strategy::Single).await;
     eprintln!("killed controller {leader}; plan completed {:.1} s later", killed_at.elapsed().as_secs_f64());
     assert_eq!(promoted.spec.control, "v2");
+    let abn_done = |d: &Deployment| d.spec.plan.as_ref().is_none_or(|p| p.state != PlanState::Running);
+    let abn = wait_for(&env, "abn", Duration::from_secs(150), abn_done).await;
+    eprintln!("abn at the kill: step {}; at the end: {:?}", abn_at_kill.step + 1, abn.spec.change);
     stop.send(true).unwrap();
+    let abn_records: Vec<DeploymentSpec> = read_all(&env, &env.config.topics.deployments)
+        .await
+        .into_iter()
+        .filter_map(|(_, key, value)| (key == "abn").then(|| DeploymentSpec::from_json(&value.unwrap()).unwrap()))
+        .collect();
+    let abn_steps: Vec<(usize, usize, PlanState)> = abn_records
+        .iter()
+        .map(|r| (r.candidates.len(), r.plan.as_ref().unwrap().step, r.plan.as_ref().unwrap().state))
+        .collect();
+    assert_eq!(
+        abn_steps,
+        [(2, 0, PlanState::Running), (2, 1, PlanState::Running), (2, 2, PlanState::Running), (2, 2, PlanState::Done)],
+        "each step written once, no candidate cut: {abn_records:#?}"
+    );
+    assert!(abn_records[1..].iter().all(|r| r.change.as_ref().unwrap().actor == "plan"));
 
     let records: Vec<DeploymentSpec> = read_all(&env, &env.config.topics.deployments)
         .await
