@@ -155,8 +155,13 @@ fn abn_record(deployment: &Deployment, evidence: &PlanEvidence, now: Millis, ver
         abn_reallocation(deployment, bandit, evidence, now, version)?
     } else if all(|v| matches!(v, Verdict::Advance(_))) {
         let index = plan.step + 1;
+        let mut next = moves::advance(spec, version, index, now).ok()?;
+        // Later steps judge latency against the threshold this step fixed (control's: the same in every arm).
+        let threshold = evidence.arms.first().and_then(StepEvidence::latency_threshold);
+        let next_plan = next.plan.as_mut().expect("advanced");
+        next_plan.latency_threshold_ms = next_plan.latency_threshold_ms.or(threshold.map(|ms| ms.max(1) as u64));
         (
-            moves::advance(spec, version, index, now).ok()?,
+            next,
             "plan".to_string(),
             format!(
                 "step {} passed for every candidate ({}; scored by every guard, none fired): each candidate to {}%",

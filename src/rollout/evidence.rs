@@ -543,12 +543,12 @@ pub struct PlanEvidence {
 
 impl PlanEvidence {
     pub fn new(deployment: &crate::record::Deployment) -> Option<PlanEvidence> {
-        let arms: Option<Vec<_>> = if deployment.arms.is_empty() {
-            vec![StepEvidence::judging(deployment, None)].into_iter().collect()
+        let arms = if deployment.arms.is_empty() {
+            vec![StepEvidence::judging(deployment, None)?]
         } else {
-            (0..deployment.arms.len()).map(|i| StepEvidence::judging(deployment, Some(i))).collect()
+            (0..deployment.arms.len()).map(|i| StepEvidence::judging(deployment, Some(i))).collect::<Option<_>>()?
         };
-        arms.map(|arms| PlanEvidence { arms })
+        Some(PlanEvidence { arms })
     }
 
     pub fn covers(&self, deployment: &crate::record::Deployment) -> bool {
