@@ -292,14 +292,16 @@ impl Leader {
             }
             let plan = d.spec.plan.as_ref().expect("running");
             self.reported.insert(d.name.clone());
-            telemetry::rollout(&d.name, plan.step, &e.figures(plan.step), e.late());
+            let candidate = d.spec.candidate.as_deref().unwrap_or_default();
+            telemetry::rollout(&d.name, candidate, plan.step, &e.figures(plan.step), e.late());
             let next = decide::next_record(d, e, now, self.registry.next_version(&d.name));
             self.write_change(d, next, out);
         }
         for d in &on_probation {
             let Some(e) = self.probations.get(&d.name) else { continue };
             self.reported.insert(d.name.clone());
-            telemetry::rollout(&d.name, 0, &[e.figures()], 0);
+            let candidate = d.spec.candidate.as_deref().unwrap_or_default();
+            telemetry::rollout(&d.name, candidate, 0, &[e.figures()], 0);
             let next = decide::probation_record(d, e, now, self.registry.next_version(&d.name));
             self.write_change(d, next, out);
         }

@@ -217,15 +217,16 @@ pub fn consumer_lag(topic: &str, partition: i32, lag: i64) {
 }
 
 /// A running plan's step and evidence, as the controller last judged it: one set of figures per
-/// candidate judged (A/B/n: each labelled with its candidate; its arm `candidate:<model>`).
-pub fn rollout(deployment: &str, step: usize, arms: &[crate::record::figures::Figures], late: u64) {
+/// candidate judged, each labelled with its candidate model (`candidate`, the deployment's for two arms);
+/// an A/B/n candidate's arm is `candidate:<model>`.
+pub fn rollout(deployment: &str, candidate: &str, step: usize, arms: &[crate::record::figures::Figures], late: u64) {
     let d = deployment.to_string();
     gauge!("switchyard_rollout_step", "deployment" => d.clone()).set((step + 1) as f64);
     gauge!("switchyard_rollout_late_decisions", "deployment" => d.clone()).set(late as f64);
     for figures in arms {
         let arm = figures.candidate.as_ref().map_or("candidate".to_string(), |m| format!("candidate:{m}"));
-        let mut labels = vec![("deployment", d.clone())];
-        labels.extend(figures.candidate.as_ref().map(|m| ("candidate", m.clone())));
+        let model = figures.candidate.as_deref().unwrap_or(candidate);
+        let labels = [("deployment", d.clone()), ("candidate", model.to_string())];
         let with = |extra: &[(&'static str, String)]| {
             labels.iter().chain(extra).map(|(k, v)| metrics::Label::new(*k, v.clone())).collect::<Vec<_>>()
         };
