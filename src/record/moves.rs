@@ -30,7 +30,7 @@ pub enum MoveError {
     NoPlan(&'static str),
     #[error("the plan is {state}; only a {want} plan can be {verb}")]
     PlanState { state: &'static str, want: &'static str, verb: &'static str },
-    #[error("an A/B/n canary with {0} candidates: only one can be promoted, once the others are cut")]
+    #[error("an A/B/n canary with {0} candidates: name the one to promote (`promote --candidate MODEL`)")]
     SeveralCandidates(usize),
     #[error("{0:?} is not one of the candidates")]
     NotACandidate(String),
