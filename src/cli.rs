@@ -89,13 +89,17 @@ pub enum Command {
     /// Every change of a deployment (or of all), accepted or rejected: by whom, why, with the evidence.
     History { deployment: Option<String> },
     /// Estimate what another split would have given, from the decisions of the last `--minutes` and
-    /// their scored labels: failure rate and loss under `--candidate-percent`, doubly robust and inverse
-    /// propensity, with 95% intervals.
+    /// their scored labels: failure rate and loss under `--candidate-percent` (A/B/n: `--share`), doubly
+    /// robust and inverse propensity, with 95% intervals.
     Evaluate {
         deployment: String,
         /// The split to evaluate: the candidate's share of users, 0–100.
-        #[arg(long, value_parser = parse_percent)]
-        candidate_percent: f64,
+        #[arg(long, value_parser = parse_percent, required_unless_present = "share", conflicts_with = "share")]
+        candidate_percent: Option<f64>,
+        /// A/B/n: MODEL=PERCENT, a candidate's share in the split to evaluate (repeat; control gets the
+        /// rest, a candidate not named none).
+        #[arg(long, value_parser = parse_share_of)]
+        share: Vec<(String, f64)>,
         /// How far back to read decisions.
         #[arg(long, default_value_t = 60)]
         minutes: u64,
@@ -231,6 +235,26 @@ fn parse_share(s: &str) -> std::result::Result<f64, String> {
 fn parse_percent(s: &str) -> std::result::Result<f64, String> {
     let x: f64 = s.parse().map_err(|e| format!("{e}"))?;
     if (0.0..=100.0).contains(&x) { Ok(x) } else { Err(format!("{x} is not a percentage between 0 and 100")) }
+}
+
+fn parse_share_of(s: &str) -> std::result::Result<(String, f64), String> {
+    let (model, percent) = s.split_once('=').ok_or("expected MODEL=PERCENT")?;
+    Ok((parse_model_name(model)?, parse_percent(percent)?))
+}
+
+/// The split `evaluate` judges: a two-arm canary's candidate share, or A/B/n candidates' shares with
+/// control taking the rest.
+fn evaluation_split(candidate_percent: Option<f64>, shares: &[(String, f64)]) -> Result<Vec<(String, f64)>> {
+    if let Some(percent) = candidate_percent {
+        return Ok(rollout::offline::two_arm(percent / 100.0));
+    }
+    let total: f64 = shares.iter().map(|(_, p)| p).sum();
+    if total > 100.0 + 1e-9 {
+        return Err(Error::Usage(format!("--share: the candidates' shares add up to {total}%, above 100%")));
+    }
+    let mut split: Vec<(String, f64)> = shares.iter().map(|(m, p)| (format!("candidate:{m}"), p / 100.0)).collect();
+    split.push(("control".to_string(), 1.0 - total / 100.0));
+    Ok(split)
 }
 
 fn parse_model_name(s: &str) -> std::result::Result<String, String> {
@@ -427,10 +451,10 @@ pub async fn run(cli: Cli) -> Result<()> {
             print!("{}", rollout::report::render_history(&entries));
             Ok(())
         }
-        Command::Evaluate { deployment, candidate_percent, minutes, loss } => {
+        Command::Evaluate { deployment, candidate_percent, share, minutes, loss } => {
             let since = clock::now_millis() - (minutes * 60_000) as i64;
-            let text =
-                rollout::report::evaluate(&config, &codec, &deployment, candidate_percent / 100.0, since, loss).await?;
+            let split = evaluation_split(candidate_percent, &share)?;
+            let text = rollout::report::evaluate(&config, &codec, &deployment, &split, since, loss).await?;
             print!("{text}");
             Ok(())
         }
@@ -488,4 +512,23 @@ async fn status(config: &Config, codec: &Codec, deployment: Option<&str>) -> Res
     out.push_str(&rollout::report::controller_status(config));
     println!("{out}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn evaluate_takes_a_candidate_share_or_each_ab_n_candidates_share() {
+        let two = evaluation_split(Some(30.0), &[]).unwrap();
+        assert_eq!(two, [("control".to_string(), 0.7), ("candidate".to_string(), 0.3)]);
+        let shares = [parse_share_of("v2=50").unwrap(), parse_share_of("v3=12.5").unwrap()];
+        let abn = evaluation_split(None, &shares).unwrap();
+        assert_eq!(
+            abn,
+            [("candidate:v2".to_string(), 0.5), ("candidate:v3".to_string(), 0.125), ("control".to_string(), 0.375)]
+        );
+        assert!(evaluation_split(None, &[("a".into(), 60.0), ("b".into(), 50.0)]).is_err());
+        assert!(parse_share_of("v2").is_err() && parse_share_of("v 2=5").is_err() && parse_share_of("v2=101").is_err());
+    }
 }

@@ -344,6 +344,23 @@ async fn an_abn_canary_cuts_its_failing_candidate_and_the_others_go_on() {
         text.contains("candidate failing: guard error_rate fired") && text.contains("candidate good-b users"),
         "{text}"
     );
+    // Offline, from what was logged: a split without the failing candidate would have failed nobody,
+    // one giving it half the users about 15% of requests.
+    let (ok, text, err) =
+        env.cli(&["evaluate", "abn", "--share", "good-a=25", "--share", "good-b=25", "--minutes", "10"]);
+    assert!(ok, "{err}");
+    eprintln!("{text}");
+    assert!(text.contains("target split: candidate:good-a 25.00%, candidate:good-b 25.00%, control 50.00%"), "{text}");
+    assert!(text.contains("failure rate: DR 0.0000 [0.0000, 0.0000]"), "{text}");
+    assert!(
+        ["candidate:failing", "candidate:good-a", "candidate:good-b", "control"].iter().all(|a| text.contains(a)),
+        "{text}"
+    );
+    let (ok, text, err) = env.cli(&["evaluate", "abn", "--share", "failing=50", "--minutes", "10"]);
+    assert!(ok, "{err}");
+    let line = text.lines().find(|l| l.contains("failure rate")).unwrap();
+    let dr: f64 = line.split("DR ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    assert!((0.05..0.3).contains(&dr), "half the users on a candidate failing 30%: {line}");
     let (ok, text, err) = env.cli(&["promote", "abn", "--candidate", "good-b"]);
     assert!(ok, "{err}");
     assert!(text.contains("100.00% -> good-b (control)"), "{text}");

@@ -349,21 +349,20 @@ pub async fn probation_status(config: &Config, codec: &Codec, d: &Deployment) ->
     Ok(out)
 }
 
-/// `switchyard evaluate`: what a split giving the candidate `candidate_share` (0..=1) would have given
-/// over the decisions of `name` since `since`, estimated from the splits that ran (see
+/// `switchyard evaluate`: what `split` (each arm's share) would have given over the decisions of `name`
+/// since `since`, estimated from the splits that ran (see
 /// [`super::offline`]): the failure rate (decisions not OK) from every decision with a propensity, and
 /// the `loss` from those with a scored label.
 pub async fn evaluate(
     config: &Config,
     codec: &Codec,
     name: &str,
-    candidate_share: f64,
+    split: &super::offline::Split,
     since: crate::codec::Millis,
     loss: crate::record::plan::Loss,
 ) -> Result<String> {
     use super::offline::{self, Logged};
     use crate::codec::DecisionStatus;
-    use crate::record::Side;
     use std::collections::HashMap;
 
     let mut decisions: HashMap<String, (Logged, bool)> = HashMap::new();
@@ -378,11 +377,8 @@ pub async fn evaluate(
             if d.deployment != name || d.decided_at < since {
                 return;
             }
-            let arm = match d.cohort.as_str() {
-                "control" => Some(Side::Control),
-                "candidate" => Some(Side::Candidate),
-                _ => None,
-            };
+            // Randomised arms only: a cohort chosen by a rule is not (`candidate:rule:<attribute>`).
+            let arm = super::evidence::arm_of(&d.cohort).map(|_| d.cohort.clone());
             match (arm, d.propensity.filter(|p| *p > 0.0)) {
                 (Some(arm), Some(propensity)) => {
                     let failed = f64::from(u8::from(d.status != DecisionStatus::Ok));
@@ -419,7 +415,8 @@ pub async fn evaluate(
         failures.len(),
         not_randomised
     );
-    let _ = writeln!(out, "  target split: candidate {:.2}%", candidate_share * 100.0);
+    let shares: Vec<String> = split.iter().map(|(arm, share)| format!("{arm} {:.2}%", share * 100.0)).collect();
+    let _ = writeln!(out, "  target split: {}", shares.join(", "));
     let estimate = |e: Option<offline::Estimate>| match e {
         Some(e) => format!("{:.4} [{:.4}, {:.4}]", e.value, e.low, e.high),
         None => "not estimable (an arm the split uses was never served)".to_string(),
@@ -432,8 +429,8 @@ pub async fn evaluate(
     let _ = writeln!(
         out,
         "  failure rate: DR {}; IPS {}; logged by arm: {}",
-        estimate(offline::doubly_robust(&failures, candidate_share)),
-        estimate(offline::ips(&failures, candidate_share)),
+        estimate(offline::doubly_robust(&failures, split)),
+        estimate(offline::ips(&failures, split)),
         arms(&failures)
     );
     // Only answered, labelled decisions have a loss: not a sample of decisions as logged, so no IPS.
@@ -441,7 +438,7 @@ pub async fn evaluate(
         out,
         "  {} loss of answered requests: DR {}; logged by arm: {}",
         loss.as_str(),
-        estimate(offline::doubly_robust(&losses, candidate_share)),
+        estimate(offline::doubly_robust(&losses, split)),
         arms(&losses)
     );
     Ok(out)
