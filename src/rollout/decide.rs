@@ -199,6 +199,25 @@ fn abn_record(deployment: &Deployment, evidence: &PlanEvidence, now: Millis, ver
     Some(next)
 }
 
+/// Whether a bandit's interval has passed since its last move (its step's start before the first).
+fn bandit_due(deployment: &Deployment, spec: &Bandit, now: Millis) -> bool {
+    deployment
+        .spec
+        .plan
+        .as_ref()
+        .is_some_and(|plan| now - plan.allocated_at.unwrap_or(plan.step_started_at) >= spec.interval_ms as i64)
+}
+
+/// A bandit's limits as fractions, and the name of its reward.
+fn bandit_terms(spec: &Bandit) -> (bandit::Limits, &'static str) {
+    let limits = bandit::Limits { floor: spec.floor_percent / 100.0, max_change: spec.max_change_percent / 100.0 };
+    let reward = match spec.reward {
+        BanditReward::Errors => "errors",
+        BanditReward::Quality => "quality",
+    };
+    (limits, reward)
+}
+
 /// A bandit's next move, once its interval has passed since the last: the canary's share toward the
 /// probability that the candidate is better ([`bandit::next_share`]); None when it would not change.
 fn reallocation(
@@ -208,12 +227,11 @@ fn reallocation(
     now: Millis,
     version: u64,
 ) -> Option<(DeploymentSpec, String, String)> {
-    let plan = deployment.spec.plan.as_ref()?;
-    if now - plan.allocated_at.unwrap_or(plan.step_started_at) < spec.interval_ms as i64 {
+    if !bandit_due(deployment, spec, now) {
         return None;
     }
     let (control, candidate) = evidence.bandit_counts(spec.reward);
-    let limits = bandit::Limits { floor: spec.floor_percent / 100.0, max_change: spec.max_change_percent / 100.0 };
+    let (limits, reward) = bandit_terms(spec);
     let current = deployment.spec.canary_percent / 100.0;
     let share = bandit::next_share(current, control, candidate, limits);
     if threshold(share * 100.0) == deployment.canary_threshold {
@@ -221,11 +239,7 @@ fn reallocation(
     }
     let percent = (share * 10_000.0).round() / 100.0;
     let reason = format!(
-        "bandit ({} reward): P(candidate better) = {:.3} from {}/{} control and {}/{} candidate users good: canary {}% -> {percent}%",
-        match spec.reward {
-            BanditReward::Errors => "errors",
-            BanditReward::Quality => "quality",
-        },
+        "bandit ({reward} reward): P(candidate better) = {:.3} from {}/{} control and {}/{} candidate users good: canary {}% -> {percent}%",
         bandit::p_candidate_better(control, candidate),
         control.good,
         control.good + control.bad,
@@ -245,8 +259,7 @@ fn abn_reallocation(
     now: Millis,
     version: u64,
 ) -> Option<(DeploymentSpec, String, String)> {
-    let plan = deployment.spec.plan.as_ref()?;
-    if now - plan.allocated_at.unwrap_or(plan.step_started_at) < spec.interval_ms as i64 {
+    if !bandit_due(deployment, spec, now) {
         return None;
     }
     // Control first (every arm's evidence holds the same control users), then each candidate.
@@ -255,7 +268,7 @@ fn abn_reallocation(
     let candidates = &deployment.spec.candidates;
     let mut current: Vec<f64> = candidates.iter().map(|c| c.percent / 100.0).collect();
     current.insert(0, 1.0 - current.iter().sum::<f64>());
-    let limits = bandit::Limits { floor: spec.floor_percent / 100.0, max_change: spec.max_change_percent / 100.0 };
+    let (limits, reward) = bandit_terms(spec);
     let next = bandit::next_shares(&current, &counts, limits)?;
     let percents: Vec<f64> = next[1..].iter().map(|s| (s * 10_000.0).round() / 100.0).collect();
     let names: Vec<&str> =
@@ -274,10 +287,6 @@ fn abn_reallocation(
         .map(|(c, p)| format!("{} {}% -> {p}%", c.model, c.percent))
         .collect::<Vec<_>>()
         .join(", ");
-    let reward = match spec.reward {
-        BanditReward::Errors => "errors",
-        BanditReward::Quality => "quality",
-    };
     let reason = format!("bandit ({reward} reward): {evidence}: {moved}");
     Some((moves::reallocate_candidates(&deployment.spec, version, &percents, now).ok()?, "plan".to_string(), reason))
 }

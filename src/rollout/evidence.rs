@@ -566,9 +566,17 @@ impl PlanEvidence {
         self.arms[0].accepts(version)
     }
 
+    /// A candidate's observation goes to the arm judging that candidate; control's to every arm.
     pub fn add(&mut self, observation: Observation) {
-        for e in &mut self.arms {
-            e.add(observation.clone());
+        if observation.arm == Side::Candidate {
+            if let Some(e) = self.arms.iter_mut().find(|e| e.judged == observation.candidate) {
+                e.add(observation);
+            }
+        } else if let Some((last, rest)) = self.arms.split_last_mut() {
+            for e in rest {
+                e.add(observation.clone());
+            }
+            last.add(observation);
         }
     }
 
